@@ -1,0 +1,595 @@
+"""The command line. The only module that prints or decides exit codes.
+
+Heavy imports (asyncssh, wasmtime, the build and transport modules) happen inside the
+commands that need them, so `sshwasm jobs` starts in a fraction of the time `run` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from . import __version__, paths
+from .errors import CompileError, SshwasmError, UsageError
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .jobs import Handlers
+    from .store import Job, JobStore
+
+PROG = "sshwasm"
+DEFAULT_CPUS = 1
+DEFAULT_MEMORY_MB = 256
+
+
+class ExitStatus(IntEnum):
+    """Exit codes of sshwasm itself; a foreground job's own code passes through as it is."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    TIMEOUT = 124
+    INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with sshwasm's one-line error format."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see '{self.prog} --help')"
+        self.exit(ExitStatus.USAGE, f"{PROG}: error: {message}{hint}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"'{text}' is not of the form NAME=VALUE")
+    return name, value
+
+
+def build_parser() -> ArgumentParser:
+    """The full argument parser (every command has help)."""
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Run WebAssembly jobs on the machines you can reach over SSH.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default: see README)")
+    parser.add_argument("--db", metavar="FILE", help="jobs file (default: $SSHWASM_DB or data dir)")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the Python traceback of an error"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        help="compile a source file and run it on the best-fitting host",
+        description="Compile SOURCE (.rs or .wasm) to wasm32-wasi, place it on the host that "
+        "fits best, run it there and stream its output. Exits with the job's exit code.",
+    )
+    run.add_argument("source", metavar="SOURCE", help="a .rs file or a ready .wasm module")
+    run.add_argument("args", nargs="*", metavar="ARG", help="arguments for the job (after --)")
+    run.add_argument(
+        "--cpus", type=_positive_int, default=DEFAULT_CPUS, help="cpus to reserve (default 1)"
+    )
+    run.add_argument(
+        "--memory-mb",
+        type=_positive_int,
+        default=DEFAULT_MEMORY_MB,
+        help=f"memory limit and reservation in MB (default {DEFAULT_MEMORY_MB})",
+    )
+    run.add_argument("--job-name", metavar="NAME", help="a name to show in `sshwasm jobs`")
+    run.add_argument(
+        "--time-limit",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="end the job as `timeout` (exit 124) after this long",
+    )
+    run.add_argument("--host", metavar="NAME", help="run on this host only")
+    run.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set an environment variable for the job (repeatable); nothing else is passed",
+    )
+    run.add_argument("--stdin", metavar="FILE", help="feed this file to the job's stdin")
+    run.add_argument("--detach", action="store_true", help="print the job id and return at once")
+    run.add_argument(
+        "--json", action="store_true", help="print the job record as JSON instead of its output"
+    )
+
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--json", action="store_true", help="print a JSON array of job records")
+    jobs.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N jobs")
+    jobs.add_argument("--state", choices=_states(), help="only jobs in this state")
+
+    status = commands.add_parser("status", help="show one job (refreshed from its host)")
+    status.add_argument("job_id", type=_positive_int, metavar="ID")
+    status.add_argument("--json", action="store_true", help="print the job record as JSON")
+
+    logs = commands.add_parser("logs", help="print a job's output")
+    logs.add_argument("job_id", type=_positive_int, metavar="ID")
+    logs.add_argument("--stderr", action="store_true", help="print its stderr instead of stdout")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
+
+    cancel = commands.add_parser("cancel", help="stop queued or running jobs")
+    cancel.add_argument("job_ids", type=_positive_int, nargs="+", metavar="ID")
+
+    wasm = commands.add_parser("wasm", help="save the exact module a job ran")
+    wasm.add_argument("job_id", type=_positive_int, metavar="ID")
+    wasm.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write it")
+
+    hosts = commands.add_parser("hosts", help="list the cluster's hosts and their free capacity")
+    hosts.add_argument("--json", action="store_true", help="print a JSON array")
+    hosts.add_argument("--check", action="store_true", help="connect to each host and report")
+
+    drive = commands.add_parser("_drive", help=argparse.SUPPRESS)
+    drive.add_argument("job_id", type=int)
+    return parser
+
+
+def _states() -> tuple[str, ...]:
+    from .store import STATES
+
+    return STATES
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+class _Context:
+    """What every command shares: parsed global options, opened lazily."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.db_path = paths.jobs_db(args.db)
+        self._store: JobStore | None = None
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            from .store import JobStore
+
+            self._store = JobStore(self.db_path)
+        return self._store
+
+    def cluster(self) -> Cluster:
+        from .cluster import load_cluster
+
+        path = paths.cluster_file(self.args.cluster)
+        return load_cluster(path)
+
+    def cluster_path(self) -> Path | None:
+        path = paths.cluster_file(self.args.cluster)
+        return path.resolve() if path is not None else None
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def _write_out(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _write_err(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def _notice(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _handlers(show_output: bool, show_notices: bool) -> Handlers:
+    from .jobs import Handlers
+
+    handlers = Handlers()
+    if show_output:
+        handlers.stdout = _write_out
+        handlers.stderr = _write_err
+    if show_notices:
+        handlers.notice = _notice
+    return handlers
+
+
+def job_exit_status(job: Job) -> int:
+    """The exit code `run` returns for a finished job."""
+    if job.state == "succeeded":
+        return 0
+    if job.state == "timeout":
+        return ExitStatus.TIMEOUT
+    if job.state == "cancelled":
+        return ExitStatus.INTERRUPTED
+    code = job.exit_code
+    return code if isinstance(code, int) and 0 < code < 256 else ExitStatus.ERROR
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _local_time(iso: str | None) -> str:
+    if not iso:
+        return ""
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _runtime(job: Job) -> str:
+    seconds = job.run_s
+    if seconds is None and job.state == "running" and job.started_at:
+        seconds = time.time() - datetime.fromisoformat(job.started_at).timestamp()
+    if seconds is None:
+        return ""
+    return f"{seconds:.2f}s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_run(ctx: _Context) -> int:
+    """`sshwasm run`: submit, then follow in the foreground or detach."""
+    from .build import build
+    from .schedule import Request, check_feasible
+    from .store import JobSpec
+
+    args = ctx.args
+    source = Path(args.source)
+    cluster = ctx.cluster()
+    check_feasible(cluster.hosts, Request(args.cpus, args.memory_mb, args.host))
+    stdin_data: bytes | None = None
+    if args.stdin is not None:
+        try:
+            stdin_data = Path(args.stdin).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--stdin {args.stdin}: {exc.strerror or exc}") from exc
+    interactive = sys.stderr.isatty() and not args.json
+    if interactive:
+        _notice(f"compiling {source} ...")
+    artifact = build(source)
+    needed_mb = -(-artifact.info.initial_memory_bytes // (1 << 20))
+    if needed_mb > args.memory_mb:
+        raise UsageError(
+            f"{source} needs at least {needed_mb} MB of memory at start; "
+            f"--memory-mb {args.memory_mb} is too small"
+        )
+    spec = JobSpec(
+        name=args.job_name,
+        cpus=args.cpus,
+        memory_mb=args.memory_mb,
+        time_limit_s=args.time_limit,
+        source=str(source.resolve()),
+        language=artifact.language,
+        wasm_sha256=artifact.sha256,
+        wasm_bytes=artifact.size,
+        wasm_path=str(artifact.path),
+        compile_s=round(artifact.compile_s, 6),
+        argv=(source.stem, *args.args),
+        env=tuple(args.env),
+        pinned_host=args.host,
+    )
+    store = ctx.store
+    job_id = store.submit(spec)
+    if stdin_data is not None:
+        # A copy, so the job reads what was there at submission even if it starts later.
+        stdin_copy = paths.job_output_dir(store.path, job_id) / "stdin"
+        stdin_copy.parent.mkdir(parents=True, exist_ok=True)
+        stdin_copy.write_bytes(stdin_data)
+        store.update(job_id, stdin_path=str(stdin_copy))
+    if args.detach:
+        _spawn_driver(ctx, job_id)
+        print(job_id)
+        return ExitStatus.OK
+    job = _drive(ctx, job_id, _handlers(show_output=not args.json, show_notices=interactive))
+    if args.json:
+        _print_json(job.record())
+    elif job.state not in ("succeeded", "failed") and job.error:
+        _notice(f"job {job.id} {job.state}: {job.error}")
+    return job_exit_status(job)
+
+
+def _drive(ctx: _Context, job_id: int, handlers: Handlers) -> Job:
+    from .jobs import Coordinator
+    from .transport import TransportPool
+
+    cluster = ctx.cluster()
+
+    async def go() -> Job:
+        async with TransportPool() as pool:
+            return await Coordinator(ctx.store, cluster.hosts, pool, handlers).drive(job_id)
+
+    try:
+        return asyncio.run(go())
+    except KeyboardInterrupt:
+        _notice(
+            f"interrupted; job {job_id} goes on where it was placed: "
+            f"`{PROG} cancel {job_id}` stops it, `{PROG} status {job_id}` collects it"
+        )
+        raise
+
+
+def _spawn_driver(ctx: _Context, job_id: int) -> None:
+    command = [sys.executable, "-m", "sshwasm", "--db", str(ctx.db_path.resolve())]
+    cluster_path = ctx.cluster_path()
+    if cluster_path is not None:
+        command += ["--cluster", str(cluster_path)]
+    command += ["_drive", str(job_id)]
+    log = paths.job_output_dir(ctx.db_path, job_id) / "coordinator.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as log_file:
+        driver = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,  # survives this terminal closing
+        )
+    ctx.store.heartbeat_as(job_id, driver.pid)
+
+
+def cmd_drive(ctx: _Context) -> int:
+    """Hidden: the detached coordinator of `run --detach`."""
+    job = _drive(ctx, ctx.args.job_id, _handlers(show_output=False, show_notices=True))
+    return job_exit_status(job)
+
+
+def _refresh(ctx: _Context, jobs: Sequence[Job]) -> list[Job]:
+    """Refresh unfinished jobs whose coordinator is gone; others are returned as they are."""
+    from .jobs import coordinator_alive
+
+    orphans = [job for job in jobs if not job.is_final and not coordinator_alive(job)]
+    if not orphans:
+        return list(jobs)
+    from .jobs import refresh_job
+    from .transport import TransportPool
+
+    async def go() -> dict[int, Job]:
+        async with TransportPool() as pool:
+            fresh = await asyncio.gather(*(refresh_job(ctx.store, job, pool) for job in orphans))
+        return {job.id: job for job in fresh}
+
+    updated = asyncio.run(go())
+    return [updated.get(job.id, job) for job in jobs]
+
+
+def cmd_jobs(ctx: _Context) -> int:
+    """`sshwasm jobs`: a table (or JSON array) of jobs, newest first."""
+    from tabulate import tabulate
+
+    args = ctx.args
+    jobs = _refresh(ctx, ctx.store.list_jobs(limit=args.limit, state=args.state))
+    if args.state is not None:
+        jobs = [job for job in jobs if job.state == args.state]
+    if args.json:
+        _print_json([job.record() for job in jobs])
+        return ExitStatus.OK
+    rows = [
+        [
+            job.id,
+            job.name or "",
+            job.state,
+            job.host or "",
+            job.cpus,
+            job.memory_mb,
+            _local_time(job.submitted_at),
+            _runtime(job),
+            "" if job.exit_code is None else job.exit_code,
+        ]
+        for job in jobs
+    ]
+    headers = ["ID", "NAME", "STATE", "HOST", "CPUS", "MEM_MB", "SUBMITTED", "RUNTIME", "EXIT"]
+    print(tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True))
+    return ExitStatus.OK
+
+
+def cmd_status(ctx: _Context) -> int:
+    """`sshwasm status ID`: one job, refreshed from its host if nobody else follows it."""
+    job = _refresh(ctx, [ctx.store.get(ctx.args.job_id)])[0]
+    record = job.record()
+    if ctx.args.json:
+        _print_json(record)
+        return ExitStatus.OK
+    for key, value in record.items():
+        if key in ("stdout", "stderr"):
+            continue
+        if value is not None:
+            print(f"{key}: {value}")
+    return ExitStatus.OK
+
+
+def cmd_logs(ctx: _Context) -> int:
+    """`sshwasm logs ID`: the job's full output from the local copy."""
+    args = ctx.args
+    store = ctx.store
+    job = store.get(args.job_id)
+    stream = "stderr" if args.stderr else "stdout"
+    path = paths.job_output_dir(store.path, job.id) / stream
+    write = _write_err if args.stderr else _write_out
+    offset = 0
+    while True:
+        if path.exists():
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                while chunk := handle.read(1 << 20):
+                    write(chunk)
+                    offset += len(chunk)
+        if not args.follow:
+            break
+        job = _refresh(ctx, [store.get(job.id)])[0]
+        if job.is_final and (not path.exists() or path.stat().st_size == offset):
+            break
+        time.sleep(0.2)
+    return ExitStatus.OK
+
+
+def cmd_cancel(ctx: _Context) -> int:
+    """`sshwasm cancel ID...`: stop queued or running jobs."""
+    from .jobs import cancel_jobs
+    from .transport import TransportPool
+
+    store = ctx.store
+    jobs = [store.get(job_id) for job_id in ctx.args.job_ids]
+
+    async def go() -> list[tuple[Job, str | None]]:
+        async with TransportPool() as pool:
+            return await cancel_jobs(store, jobs, pool)
+
+    status = ExitStatus.OK
+    for job, problem in asyncio.run(go()):
+        if problem is None:
+            print(f"job {job.id}: {job.state}")
+        else:
+            status = ExitStatus.ERROR
+            print(f"{PROG}: error: job {job.id}: {problem}", file=sys.stderr)
+    return status
+
+
+def cmd_wasm(ctx: _Context) -> int:
+    """`sshwasm wasm ID -o FILE`: the exact module the job ran."""
+    import hashlib
+
+    job = ctx.store.get(ctx.args.job_id)
+    module = Path(job.wasm_path or "")
+    try:
+        data = module.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"the module of job {job.id} is no longer cached ({exc})") from exc
+    if hashlib.sha256(data).hexdigest() != job.wasm_sha256:
+        raise UsageError(f"the cached module of job {job.id} changed since it ran")
+    output = Path(ctx.args.output)
+    try:
+        shutil.copyfile(module, output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    print(f"{output}: {len(data)} bytes, sha256 {job.wasm_sha256}")
+    return ExitStatus.OK
+
+
+def cmd_hosts(ctx: _Context) -> int:
+    """`sshwasm hosts`: each host with its capacity and what this jobs file holds there."""
+    from tabulate import tabulate
+
+    cluster = ctx.cluster()
+    usage = ctx.store.usage()
+    running = ctx.store.running_counts()
+    rows: list[dict[str, Any]] = []
+    for host in cluster.hosts:
+        used = usage.get(host.name)
+        rows.append(
+            {
+                "name": host.name,
+                "address": host.address,
+                "cpus": host.cpus,
+                "memory_mb": host.memory_mb,
+                "cpus_free": host.cpus - (used.cpus if used else 0),
+                "memory_free_mb": host.memory_mb - (used.memory_mb if used else 0),
+                "running": running.get(host.name, 0),
+                "labels": list(host.labels),
+            }
+        )
+    if ctx.args.check:
+        from .jobs import check_hosts
+
+        for row, report in zip(rows, asyncio.run(check_hosts(cluster.hosts)), strict=True):
+            row.update(report)
+    if ctx.args.json:
+        _print_json(rows)
+        return ExitStatus.OK
+    table = [{**row, "labels": ",".join(row["labels"])} for row in rows]
+    print(tabulate(table, headers="keys", tablefmt="plain", disable_numparse=True))
+    return ExitStatus.OK
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "jobs": cmd_jobs,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "cancel": cmd_cancel,
+    "wasm": cmd_wasm,
+    "hosts": cmd_hosts,
+    "_drive": cmd_drive,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status instead of exiting."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` belongs to the job. argparse alone cannot take
+    # `run SOURCE --env K=V -- ARG...` (its positionals are consumed before the options).
+    job_args: list[str] = []
+    if "--" in raw:
+        split = raw.index("--")
+        raw, job_args = raw[:split], raw[split + 1 :]
+    args = build_parser().parse_args(raw)
+    if job_args:
+        if args.command != "run":
+            build_parser().error("only `run` takes job arguments after `--`")
+        args.args = [*args.args, *job_args]
+    ctx = _Context(args)
+    try:
+        return COMMANDS[args.command](ctx)
+    except CompileError as exc:
+        sys.stderr.write(
+            exc.diagnostics if exc.diagnostics.endswith("\n") else exc.diagnostics + "\n"
+        )
+        return _fail(args, exc)
+    except SshwasmError as exc:
+        return _fail(args, exc)
+    except KeyboardInterrupt:
+        return ExitStatus.INTERRUPTED
+    except BrokenPipeError:
+        # `sshwasm jobs | head`: the reader left; nothing to report.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitStatus.OK
+    finally:
+        ctx.close()
+
+
+def _fail(args: argparse.Namespace, exc: BaseException) -> int:
+    if args.traceback:
+        import traceback
+
+        traceback.print_exception(exc)
+    print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+    return ExitStatus.ERROR
+
+
+def entry_point() -> NoReturn:
+    """Console script entry."""
+    sys.exit(main())

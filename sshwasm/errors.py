@@ -1,0 +1,128 @@
+"""Errors sshwasm raises. Each carries its facts; only the CLI turns them into text."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class SshwasmError(Exception):
+    """Root of every error sshwasm reports to the user as one line."""
+
+
+class UsageError(SshwasmError):
+    """A command-line value is malformed (e.g. `--env` without '=')."""
+
+
+class ClusterError(SshwasmError):
+    """The cluster file is malformed or incomplete; names the file and line."""
+
+    def __init__(self, path: str, line: int | None, message: str) -> None:
+        self.path = path
+        self.line = line
+        self.message = message
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {message}")
+
+
+class BuildError(SshwasmError):
+    """A source could not be turned into a wasm module."""
+
+
+class ToolchainMissing(BuildError):
+    """No compiler for the language is installed; says how to get one."""
+
+    def __init__(self, language: str, hint: str) -> None:
+        self.language = language
+        self.hint = hint
+        super().__init__(f"no {language} toolchain for wasm32-wasi found: {hint}")
+
+
+class CompileError(BuildError):
+    """The compiler rejected the source; its diagnostics are in `diagnostics`."""
+
+    def __init__(self, source: str, diagnostics: str) -> None:
+        self.source = source
+        self.diagnostics = diagnostics
+        super().__init__(f"compilation of {source} failed")
+
+
+class InvalidModule(BuildError):
+    """A `.wasm` file is not a runnable WASI command module."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a host offers (or a job asks for)."""
+
+    cpus: int
+    memory_mb: int
+
+
+class NoHostFits(SshwasmError):
+    """No host in the cluster could ever hold the request, even when idle."""
+
+    def __init__(self, request: Capacity, largest: Mapping[str, Capacity], why: str = "") -> None:
+        self.request = request
+        self.largest = dict(largest)
+        offers = ", ".join(
+            f"{name} has {cap.cpus} cpus and {cap.memory_mb} MB" for name, cap in largest.items()
+        )
+        text = f"no host can fit {request.cpus} cpus and {request.memory_mb} MB"
+        if why:
+            text += f" ({why})"
+        if offers:
+            text += f"; the largest: {offers}"
+        super().__init__(text)
+
+
+class HostUnreachable(SshwasmError):
+    """A host could not be reached or refused us; `reason` says why."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        self.host = host
+        self.reason = reason
+        super().__init__(f"host '{host}': {reason}")
+
+
+class NoHostReachable(SshwasmError):
+    """Every host that could take the job failed; lists each with its reason."""
+
+    def __init__(self, failures: Mapping[str, str]) -> None:
+        self.failures = dict(failures)
+        detail = "; ".join(f"{host}: {reason}" for host, reason in self.failures.items())
+        super().__init__(f"no host could run the job ({detail})")
+
+
+class RemoteError(SshwasmError):
+    """The runner on a host reported a problem it cannot recover from."""
+
+    def __init__(self, host: str, message: str) -> None:
+        self.host = host
+        self.message = message
+        super().__init__(f"host '{host}': {message}")
+
+
+class StoreError(SshwasmError):
+    """The jobs file cannot be used (not SQLite, newer schema, unwritable)."""
+
+
+class JobNotFound(SshwasmError):
+    """No job with that id in the jobs file."""
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id}")
+
+
+class HostKeyUntrusted(HostUnreachable):
+    """The host's key is not in known_hosts (or differs): we never trust it silently."""
+
+    def __init__(self, host: str, address: str, port: int | None, known_hosts: str) -> None:
+        port_flag = f"-p {port} " if port and port != 22 else ""
+        super().__init__(
+            host,
+            f"host key of {address} is not trusted (not in {known_hosts}, or changed); "
+            f"if this is the right machine, add it with: "
+            f"ssh-keyscan {port_flag}{address} >> {known_hosts}",
+        )

@@ -1,0 +1,443 @@
+"""One job end to end: wait for a place, launch on the host, stream output, record the result.
+
+The job row exists before this module runs (the CLI submits it), and every step updates it,
+so whatever fails later, the jobs file says how far the job got. The runner on the host is
+detached and writes its result to disk first, so a dropped connection or a killed
+coordinator costs a re-attach (`refresh_job`), not the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .cluster import Host
+from .errors import HostUnreachable, NoHostReachable, RemoteError, SshwasmError
+from .schedule import candidate_hosts
+from .store import Job, JobStore
+from .transport import TransportPool
+from .worker import LaunchSpec, StreamOutcome, WorkerClient
+
+POLL_INITIAL_S = 0.05
+POLL_MAX_S = 1.0
+HEARTBEAT_S = 3.0
+# A coordinator silent for this long is taken for dead (its pid is also checked).
+COORDINATOR_STALE_S = 30.0
+# After a dropped connection the foreground run retries this long before leaving the job
+# to `sshwasm status`; the job itself keeps running on its host meanwhile.
+RECONNECT_WINDOW_S = 60.0
+# How much of each stream the job record keeps; the full output stays in files.
+RECORD_HEAD_BYTES = 64 * 1024
+RECORD_TAIL_BYTES = 64 * 1024
+
+Notify = Callable[[str], None]
+
+
+def _ignore(_: bytes) -> None:
+    return None
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+@dataclass
+class Handlers:
+    """Where a coordinator sends live output and notices (the CLI decides what to show)."""
+
+    stdout: Callable[[bytes], None] = _ignore
+    stderr: Callable[[bytes], None] = _ignore
+    notice: Notify = _quiet
+
+
+class OutputSink:
+    """Appends one stream of a job to its local file and keeps a head and tail for the record."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+        self.size = self._file.tell()
+        self._head = bytearray()
+        self._tail = bytearray()
+        if self.size:
+            with open(path, "rb") as existing:
+                self._head += existing.read(RECORD_HEAD_BYTES)
+                if self.size > RECORD_HEAD_BYTES:
+                    existing.seek(max(RECORD_HEAD_BYTES, self.size - RECORD_TAIL_BYTES))
+                    self._tail += existing.read()
+
+    def write(self, data: bytes) -> None:
+        """Keep a chunk (flushed at once: its size is the re-attach offset)."""
+        self._file.write(data)
+        self._file.flush()
+        self.size += len(data)
+        room = RECORD_HEAD_BYTES - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+            data = data[room:]
+        if data:
+            self._tail += data
+            if len(self._tail) > 2 * RECORD_TAIL_BYTES:
+                del self._tail[: len(self._tail) - RECORD_TAIL_BYTES]
+
+    def text(self) -> str:
+        """The stream for the job record: whole, or head and tail around a marker."""
+        tail = bytes(self._tail[-RECORD_TAIL_BYTES:])
+        omitted = self.size - len(self._head) - len(tail)
+        if omitted <= 0:
+            return (bytes(self._head) + tail).decode(errors="replace")
+        marker = f"\n[sshwasm: {omitted} bytes omitted here; full output in {self.path}]\n"
+        return bytes(self._head).decode(errors="replace") + marker + tail.decode(errors="replace")
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+@dataclass
+class JobOutput:
+    """Both streams of one job."""
+
+    stdout: OutputSink
+    stderr: OutputSink
+
+    @classmethod
+    def open(cls, store: JobStore, job_id: int) -> JobOutput:
+        """Open (for appending) the local output files of a job."""
+        directory = paths.job_output_dir(store.path, job_id)
+        return cls(OutputSink(directory / "stdout"), OutputSink(directory / "stderr"))
+
+    def fields(self) -> dict[str, Any]:
+        """Record columns describing the output."""
+        return {
+            "stdout": self.stdout.text(),
+            "stderr": self.stderr.text(),
+            "stdout_bytes": self.stdout.size,
+            "stderr_bytes": self.stderr.size,
+        }
+
+    def close(self) -> None:
+        """Close both files."""
+        self.stdout.close()
+        self.stderr.close()
+
+
+def result_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """Record columns from the runner's result.json."""
+    return {
+        "exit_code": result.get("exit_code"),
+        "error": result.get("error"),
+        "run_s": result.get("run_s"),
+        "cpu_s": result.get("cpu_s"),
+        "peak_memory_bytes": result.get("peak_memory_bytes"),
+        "finished_at": result.get("finished_at"),
+    }
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def coordinator_alive(job: Job) -> bool:
+    """Whether some sshwasm process is still looking after this job."""
+    if job.coordinator_pid == os.getpid():
+        return True
+    fresh = job.heartbeat_ts is not None and time.time() - job.heartbeat_ts < COORDINATOR_STALE_S
+    return fresh and pid_alive(job.coordinator_pid)
+
+
+class Coordinator:
+    """Drives jobs of one jobs file over one pool of connections."""
+
+    def __init__(
+        self, store: JobStore, hosts: Sequence[Host], pool: TransportPool, handlers: Handlers
+    ) -> None:
+        self.store = store
+        self.hosts = hosts
+        self.pool = pool
+        self.handlers = handlers
+
+    async def drive(self, job_id: int) -> Job:
+        """Run a submitted job to its final state (or until its host is out of reach)."""
+        heartbeat = asyncio.create_task(self._heartbeat(job_id))
+        try:
+            return await self._drive(job_id)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _heartbeat(self, job_id: int) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            # On the loop itself: the store's connection belongs to this thread, and the
+            # write is one short transaction.
+            self.store.heartbeat(job_id)
+
+    async def _drive(self, job_id: int) -> Job:
+        excluded: dict[str, str] = {}
+        delay = POLL_INITIAL_S
+        announced_wait = False
+        while True:
+            host = self.store.try_place(job_id, self.hosts, list(excluded))
+            if host is None:
+                job = self.store.get(job_id)
+                if job.state != "queued":
+                    return job  # cancelled or finished by someone else meanwhile
+                if not candidate_hosts(self.hosts, job.request, excluded):
+                    error = NoHostReachable(excluded)
+                    self.store.finish(job_id, "failed", error=str(error))
+                    raise error
+                if not announced_wait:
+                    announced_wait = True
+                    self.handlers.notice(f"job {job_id} queued: waiting for a host with room")
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, POLL_MAX_S)
+                continue
+            try:
+                return await self._run_on(job_id, host)
+            except HostUnreachable as exc:
+                # The job never started there: give the capacity back and try elsewhere.
+                self.store.release(job_id)
+                await self.pool.drop(host)
+                excluded[host.name] = exc.reason
+                self.handlers.notice(f"skipping host '{host.name}': {exc.reason}")
+
+    async def _run_on(self, job_id: int, host: Host) -> Job:
+        job = self.store.get(job_id)
+        self.handlers.notice(f"job {job_id} running on {host.name}")
+        transport = await self.pool.get(host)
+        client = WorkerClient(transport)
+        stdin = await asyncio.to_thread(Path(job.stdin_path).read_bytes) if job.stdin_path else None
+        spec = LaunchSpec(
+            wasm_sha256=job.wasm_sha256,
+            argv=job.argv_list,
+            env=job.env_pairs,
+            memory_mb=job.memory_mb,
+            time_limit_s=job.time_limit_s,
+        )
+        output = JobOutput.open(self.store, job_id)
+        try:
+            outcome, stats = await client.launch(
+                job.remote_key,
+                spec,
+                stdin,
+                Path(job.wasm_path),
+                self._tee(output.stdout, self.handlers.stdout),
+                self._tee(output.stderr, self.handlers.stderr),
+            )
+            self.store.update(job_id, upload_bytes=stats.upload_bytes, upload_s=stats.upload_s)
+            outcome = await self._until_result(job, host, client, output, outcome)
+            return self._record_outcome(job_id, host, outcome, output)
+        except RemoteError as exc:
+            self.store.finish(job_id, "failed", error=str(exc), **output.fields())
+            raise
+        finally:
+            output.close()
+
+    @staticmethod
+    def _tee(sink: OutputSink, show: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        def both(data: bytes) -> None:
+            sink.write(data)
+            show(data)
+
+        return both
+
+    async def _until_result(
+        self,
+        job: Job,
+        host: Host,
+        client: WorkerClient,
+        output: JobOutput,
+        outcome: StreamOutcome,
+    ) -> StreamOutcome:
+        """Re-attach after dropped connections until the runner sends the result."""
+        deadline = time.monotonic() + RECONNECT_WINDOW_S
+        delay = 0.5
+        while outcome.result is None and outcome.error is None:
+            if not outcome.connection_lost:
+                done = outcome.completed
+                stderr = done.stderr.decode(errors="replace").strip() if done else ""
+                raise RemoteError(host.name, f"the runner ended without a result: {stderr}")
+            self.handlers.notice(f"connection to '{host.name}' lost; re-attaching to job {job.id}")
+            while True:
+                await self.pool.drop(host)
+                if time.monotonic() > deadline:
+                    raise HostUnreachable(
+                        host.name,
+                        f"lost the connection for {RECONNECT_WINDOW_S:g}s; job {job.id} "
+                        f"keeps running there: `sshwasm status {job.id}` collects it later",
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+                try:
+                    client = WorkerClient(await self.pool.get(host))
+                    outcome = await client.attach(
+                        job.remote_key,
+                        output.stdout.size,
+                        output.stderr.size,
+                        self._tee(output.stdout, self.handlers.stdout),
+                        self._tee(output.stderr, self.handlers.stderr),
+                    )
+                    break
+                except HostUnreachable:
+                    continue
+        return outcome
+
+    def _record_outcome(
+        self, job_id: int, host: Host, outcome: StreamOutcome, output: JobOutput
+    ) -> Job:
+        if outcome.error is not None:
+            message = outcome.error.get("error", "the runner failed")
+            if outcome.error.get("kind") == "missing":
+                self.store.finish(
+                    job_id, "lost", error=f"host '{host.name}' has no trace of the job"
+                )
+            else:
+                self.store.finish(
+                    job_id, "failed", error=f"host '{host.name}': {message}", **output.fields()
+                )
+            return self.store.get(job_id)
+        assert outcome.result is not None
+        result = outcome.result
+        self.store.finish(
+            job_id, str(result.get("state", "failed")), **result_fields(result), **output.fields()
+        )
+        return self.store.get(job_id)
+
+
+async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
+    """Bring an unfinished job whose coordinator is gone up to date from its host."""
+    if job.is_final or coordinator_alive(job):
+        return job
+    if not store.claim(job):
+        return store.get(job.id)  # another process took it over just now
+    if job.state == "queued":
+        store.finish(job.id, "lost", error="its coordinator exited before the job was placed")
+        return store.get(job.id)
+    host = job.host_snapshot
+    if host is None:
+        store.finish(job.id, "lost", error="no record of the host the job was placed on")
+        return store.get(job.id)
+    output = JobOutput.open(store, job.id)
+    try:
+        client = WorkerClient(await pool.get(host))
+        outcome = await client.poll(
+            job.remote_key,
+            output.stdout.size,
+            output.stderr.size,
+            output.stdout.write,
+            output.stderr.write,
+        )
+    except SshwasmError as exc:
+        store.update(job.id, error=f"cannot reach host to refresh: {exc}", **output.fields())
+        return store.get(job.id)
+    finally:
+        output.close()
+    if outcome.result is not None:
+        store.finish(
+            job.id,
+            str(outcome.result.get("state", "failed")),
+            **result_fields(outcome.result),
+            **output.fields(),
+        )
+    elif outcome.error is not None and outcome.error.get("kind") == "missing":
+        store.finish(
+            job.id, "lost", error=f"host '{host.name}' has no trace of the job", **output.fields()
+        )
+    elif outcome.alive is False:
+        store.finish(
+            job.id, "lost", error="the runner on the host died without a result", **output.fields()
+        )
+    else:
+        store.update(job.id, **output.fields())
+    return store.get(job.id)
+
+
+CANCEL_WAIT_S = 10.0
+
+
+async def cancel_jobs(
+    store: JobStore, jobs: Sequence[Job], pool: TransportPool
+) -> list[tuple[Job, str | None]]:
+    """Cancel each job; returns each job as it ends up, with a problem text or None."""
+    results: list[tuple[Job, str | None]] = []
+    for job in jobs:
+        if job.is_final:
+            results.append((job, None))
+            continue
+        if job.state == "queued" and store.finish(
+            job.id, "cancelled", exit_code=143, error="cancelled before it started"
+        ):
+            results.append((store.get(job.id), None))
+            continue
+        job = store.get(job.id)
+        host = job.host_snapshot
+        if job.is_final or host is None:
+            results.append((job, None))
+            continue
+        try:
+            await WorkerClient(await pool.get(host)).cancel(job.remote_key)
+        except SshwasmError as exc:
+            results.append((job, str(exc)))
+            continue
+        # A live coordinator records the runner's final result with the job's output;
+        # otherwise collect it here.
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while coordinator_alive(job) and not job.is_final and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            job = store.get(job.id)
+        if not job.is_final:
+            job = await refresh_job(store, job, pool)
+        results.append((job, None))
+    return results
+
+
+HOST_CHECK_TIMEOUT_S = 15.0
+
+
+async def check_hosts(hosts: Sequence[Host]) -> list[dict[str, Any]]:
+    """Connect to every host at once and report what its runner says (bounded time each)."""
+
+    async def check(host: Host, pool: TransportPool) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "reachable": False,
+            "runner_version": None,
+            "wasmtime_version": None,
+            "error": None,
+        }
+        try:
+            transport = await asyncio.wait_for(pool.get(host), HOST_CHECK_TIMEOUT_S)
+            report["reachable"] = True
+            info = await asyncio.wait_for(WorkerClient(transport).info(), HOST_CHECK_TIMEOUT_S)
+        except SshwasmError as exc:
+            report["error"] = str(exc)
+            return report
+        except (TimeoutError, asyncio.TimeoutError):
+            report["error"] = f"no answer within {HOST_CHECK_TIMEOUT_S:g}s"
+            return report
+        report["runner_version"] = info.get("runner_version")
+        report["wasmtime_version"] = info.get("wasmtime_version")
+        if info.get("wasmtime_error"):
+            report["error"] = f"wasmtime not importable: {info['wasmtime_error']}"
+        return report
+
+    async with TransportPool() as pool:
+        return list(await asyncio.gather(*(check(host, pool) for host in hosts)))

@@ -1,0 +1,452 @@
+"""The jobs file: SQLite schema, migrations, atomic capacity reservation and queries.
+
+Several `sshwasm` processes share one jobs file, so every write is a short transaction and
+placement reads free capacity and reserves it inside one `BEGIN IMMEDIATE` transaction:
+two coordinators can never both see the same free slot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .cluster import Host
+from .errors import JobNotFound, StoreError
+from .schedule import Request, Usage, plan
+
+SCHEMA_VERSION = 1
+
+STATES = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "timeout",
+    "out_of_memory",
+    "cancelled",
+    "lost",
+)
+FINAL_STATES = frozenset(STATES[2:])
+
+# The job record contract (DESIGN.md), in order.
+RECORD_FIELDS = (
+    "id",
+    "name",
+    "state",
+    "exit_code",
+    "host",
+    "cpus",
+    "memory_mb",
+    "time_limit_s",
+    "source",
+    "language",
+    "wasm_sha256",
+    "wasm_bytes",
+    "upload_bytes",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+    "queue_s",
+    "compile_s",
+    "upload_s",
+    "run_s",
+    "cpu_s",
+    "peak_memory_bytes",
+    "stdout",
+    "stderr",
+    "error",
+)
+
+# A queued job whose coordinator has not been heard from for this long no longer holds its
+# place in line (its coordinator was killed); it cannot take capacity without one anyway.
+QUEUE_STALE_S = 30.0
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT,
+        state TEXT NOT NULL,
+        exit_code INTEGER,
+        host TEXT,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        time_limit_s REAL,
+        source TEXT,
+        language TEXT,
+        wasm_sha256 TEXT,
+        wasm_bytes INTEGER,
+        upload_bytes INTEGER,
+        submitted_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        queue_s REAL,
+        compile_s REAL,
+        upload_s REAL,
+        run_s REAL,
+        cpu_s REAL,
+        peak_memory_bytes INTEGER,
+        stdout TEXT,
+        stderr TEXT,
+        error TEXT,
+        -- internal columns, not part of the record contract
+        wasm_path TEXT,
+        argv TEXT NOT NULL DEFAULT '[]',
+        env TEXT NOT NULL DEFAULT '[]',
+        stdin_path TEXT,
+        pinned_host TEXT,
+        host_config TEXT,
+        submitted_ts REAL NOT NULL,
+        placed_ts REAL,
+        heartbeat_ts REAL,
+        coordinator_pid INTEGER,
+        stdout_bytes INTEGER NOT NULL DEFAULT 0,
+        stderr_bytes INTEGER NOT NULL DEFAULT 0,
+        remote_key TEXT
+    );
+    CREATE INDEX jobs_state ON jobs(state);
+    CREATE INDEX jobs_host_state ON jobs(host, state);
+    """,
+}
+
+
+def utc_now() -> str:
+    """Now as ISO 8601 UTC, millisecond precision."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a job is submitted with."""
+
+    name: str | None
+    cpus: int
+    memory_mb: int
+    time_limit_s: float | None
+    source: str
+    language: str
+    wasm_sha256: str
+    wasm_bytes: int
+    wasm_path: str
+    compile_s: float
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    stdin_path: str | None = None
+    pinned_host: str | None = None
+
+    @property
+    def request(self) -> Request:
+        """The placement request of this job."""
+        return Request(self.cpus, self.memory_mb, self.pinned_host)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the jobs file."""
+
+    row: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.row[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the job reached a final state."""
+        return self.row["state"] in FINAL_STATES
+
+    @property
+    def argv_list(self) -> list[str]:
+        """The guest's argv (argv[0] included)."""
+        return list(json.loads(self.row["argv"]))
+
+    @property
+    def env_pairs(self) -> list[tuple[str, str]]:
+        """The guest's environment."""
+        return [(k, v) for k, v in json.loads(self.row["env"])]
+
+    @property
+    def host_snapshot(self) -> Host | None:
+        """The host's settings as they were when the job was placed."""
+        raw = self.row["host_config"]
+        return Host.from_dict(json.loads(raw)) if raw else None
+
+    @property
+    def request(self) -> Request:
+        """The placement request of this job."""
+        return Request(self.row["cpus"], self.row["memory_mb"], self.row["pinned_host"])
+
+    def record(self) -> dict[str, Any]:
+        """The public job record (DESIGN.md contract)."""
+        return {field: self.row[field] for field in RECORD_FIELDS}
+
+
+class JobStore:
+    """A jobs file opened for reading and writing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout = 60000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+            self._column_names = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"jobs file {path} cannot be used: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"jobs file {path} cannot be opened: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so a read-then-write sequence inside
+        # cannot be interleaved with another process's.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"jobs file {self.path} comes from a newer sshwasm "
+                f"(schema {version}, this one knows up to {SCHEMA_VERSION}); upgrade sshwasm"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        with self._transaction() as db:
+            # Read again under the lock: another process may have migrated meanwhile.
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+
+    # -- writing -------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> int:
+        """Insert a new queued job; returns its id. Written before any network I/O."""
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                """INSERT INTO jobs (name, state, cpus, memory_mb, time_limit_s, source, language,
+                       wasm_sha256, wasm_bytes, compile_s, submitted_at, submitted_ts, wasm_path,
+                       argv, env, stdin_path, pinned_host, heartbeat_ts, coordinator_pid)
+                   VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    spec.name,
+                    spec.cpus,
+                    spec.memory_mb,
+                    spec.time_limit_s,
+                    spec.source,
+                    spec.language,
+                    spec.wasm_sha256,
+                    spec.wasm_bytes,
+                    spec.compile_s,
+                    utc_now(),
+                    now,
+                    spec.wasm_path,
+                    json.dumps(list(spec.argv)),
+                    json.dumps([list(pair) for pair in spec.env]),
+                    spec.stdin_path,
+                    spec.pinned_host,
+                    now,
+                    os.getpid(),
+                ),
+            )
+            job_id = cursor.lastrowid
+            assert job_id is not None
+            # Names the job's directory on hosts. The random part keeps two jobs files that
+            # share a host workdir (two users, two --db) from colliding on the same id.
+            db.execute(
+                "UPDATE jobs SET remote_key = ? WHERE id = ?",
+                (f"{job_id}-{secrets.token_hex(4)}", job_id),
+            )
+        return job_id
+
+    def try_place(
+        self, job_id: int, hosts: Sequence[Host], excluded: Sequence[str] = ()
+    ) -> Host | None:
+        """Reserve capacity for a queued job if its turn has come and a host has room.
+
+        Reads what running jobs hold and which older jobs still wait, plans, and marks the
+        job running on its host, all in one transaction. Also counts as a heartbeat.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            job = self._get(db, job_id)
+            if job.state != "queued":
+                return None
+            db.execute("UPDATE jobs SET heartbeat_ts = ? WHERE id = ?", (now, job_id))
+            usage = self._usage(db)
+            waiting = db.execute(
+                """SELECT id, cpus, memory_mb, pinned_host FROM jobs
+                   WHERE state = 'queued' AND (id = ? OR heartbeat_ts >= ?) ORDER BY id""",
+                (job_id, now - QUEUE_STALE_S),
+            ).fetchall()
+            queue = [
+                (r["id"], Request(r["cpus"], r["memory_mb"], r["pinned_host"])) for r in waiting
+            ]
+            placement = plan(hosts, usage, queue, {job_id: excluded})
+            name = placement.get(job_id)
+            if name is None:
+                return None
+            host = next(h for h in hosts if h.name == name)
+            db.execute(
+                """UPDATE jobs SET state = 'running', host = ?, host_config = ?, started_at = ?,
+                       placed_ts = ?, queue_s = ? WHERE id = ?""",
+                (
+                    host.name,
+                    json.dumps(host.to_dict()),
+                    utc_now(),
+                    now,
+                    round(now - job.submitted_ts, 6),
+                    job_id,
+                ),
+            )
+            return host
+
+    def release(self, job_id: int) -> None:
+        """Give back a reservation whose host failed before the job started; queue it again."""
+        with self._transaction() as db:
+            db.execute(
+                """UPDATE jobs SET state = 'queued', host = NULL, host_config = NULL,
+                       started_at = NULL, placed_ts = NULL, queue_s = NULL, heartbeat_ts = ?
+                   WHERE id = ? AND state = 'running'""",
+                (time.time(), job_id),
+            )
+
+    def claim(self, job: Job) -> bool:
+        """Become the coordinator of a job whose coordinator is gone; False if another was first.
+
+        Compare-and-set on the coordinator fields as `job` saw them, so two `status` calls
+        cannot both take over and write the same output twice.
+        """
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE jobs SET coordinator_pid = ?, heartbeat_ts = ?
+                   WHERE id = ? AND coordinator_pid IS ? AND heartbeat_ts IS ?""",
+                (os.getpid(), time.time(), job.id, job.coordinator_pid, job.heartbeat_ts),
+            )
+            return cursor.rowcount == 1
+
+    def heartbeat(self, job_id: int) -> None:
+        """Say that this process, the job's coordinator, is alive."""
+        self.heartbeat_as(job_id, os.getpid())
+
+    def heartbeat_as(self, job_id: int, pid: int) -> None:
+        """Record `pid` as the job's live coordinator."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET heartbeat_ts = ?, coordinator_pid = ? WHERE id = ?",
+                (time.time(), pid, job_id),
+            )
+
+    def update(self, job_id: int, **fields: Any) -> None:
+        """Set columns of a job (names are checked against the schema)."""
+        if not fields:
+            return
+        columns = self._columns()
+        unknown = set(fields) - columns
+        if unknown:
+            raise ValueError(f"unknown job columns: {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._transaction() as db:
+            db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
+
+    def finish(self, job_id: int, state: str, **fields: Any) -> bool:
+        """Move a job to a final state unless it already has one; True if this call did."""
+        if state not in FINAL_STATES:
+            raise ValueError(f"not a final state: {state}")
+        fields.setdefault("finished_at", utc_now())
+        columns = self._columns()
+        unknown = set(fields) - columns
+        if unknown:
+            raise ValueError(f"unknown job columns: {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        placeholders = ", ".join("?" for _ in FINAL_STATES)
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"UPDATE jobs SET state = ?, {assignments} WHERE id = ? "
+                f"AND state NOT IN ({placeholders})",
+                (state, *fields.values(), job_id, *sorted(FINAL_STATES)),
+            )
+            return cursor.rowcount == 1
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job:
+        """One job; raises JobNotFound."""
+        return self._get(self._db, job_id)
+
+    def list_jobs(self, limit: int | None = None, state: str | None = None) -> list[Job]:
+        """Jobs, newest first."""
+        sql = "SELECT * FROM jobs"
+        params: list[Any] = []
+        if state is not None:
+            sql += " WHERE state = ?"
+            params.append(state)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [Job(dict(row)) for row in self._db.execute(sql, params)]
+
+    def usage(self) -> dict[str, Usage]:
+        """Capacity held per host by jobs placed there and not finished."""
+        return self._usage(self._db)
+
+    def running_counts(self) -> dict[str, int]:
+        """Number of unfinished placed jobs per host."""
+        rows = self._db.execute(
+            "SELECT host, COUNT(*) FROM jobs WHERE state = 'running' GROUP BY host"
+        )
+        return {host: count for host, count in rows}
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, job_id: int) -> Job:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return Job(dict(row))
+
+    @staticmethod
+    def _usage(db: sqlite3.Connection) -> dict[str, Usage]:
+        rows = db.execute(
+            """SELECT host, SUM(cpus), SUM(memory_mb) FROM jobs
+               WHERE state = 'running' AND host IS NOT NULL GROUP BY host"""
+        )
+        return {host: Usage(int(cpus), int(memory)) for host, cpus, memory in rows}
+
+    def _columns(self) -> set[str]:
+        return self._column_names

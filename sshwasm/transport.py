@@ -1,0 +1,381 @@
+"""How commands reach a host: asyncssh for remote hosts, a subprocess for `address: local`.
+
+Commands are argv lists. For SSH they are joined with `shlex.join`, so no word a user typed is
+ever interpreted by the remote shell; the only unquoted text is a leading `"$HOME"/` that
+stands for a `~/` workdir (the remote home is not known here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import runner
+from .cluster import Host
+from .errors import HostKeyUntrusted, HostUnreachable
+
+if TYPE_CHECKING:
+    import asyncssh
+
+CONNECT_TIMEOUT_S = 10.0
+# A silent host is declared gone after interval * count seconds instead of TCP's minutes.
+KEEPALIVE_INTERVAL_S = 5.0
+KEEPALIVE_COUNT_MAX = 3
+
+RUNNER_FILE = Path(runner.__file__).resolve()
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A finished command. `exit_status` None means the connection was lost."""
+
+    exit_status: int | None
+    stdout: bytes
+    stderr: bytes
+
+
+def remote_path(workdir: str, *parts: str) -> str:
+    """A shell word for a path under a host's workdir: quoted, with `~/` as `"$HOME"/`."""
+    tail = "/".join((workdir.rstrip("/"), *parts)) if parts else workdir
+    if tail == "~":
+        return '"$HOME"'
+    if tail.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(tail[2:])
+    return shlex.quote(tail)
+
+
+class RunnerProcess(ABC):
+    """A running runner command: write its stdin, read its stdout, wait for its exit."""
+
+    @abstractmethod
+    async def send(self, data: bytes, *, close: bool = True) -> None:
+        """Write to its stdin (and close it)."""
+
+    @abstractmethod
+    async def read(self, size: int = 65536) -> bytes:
+        """Next stdout bytes; b'' at end of stream."""
+
+    @abstractmethod
+    async def finish(self) -> Completed:
+        """Wait for the exit status and collect stderr (stdout must have been read)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Stop reading (the job on the host is unaffected)."""
+
+
+class Transport(ABC):
+    """A way to start runner commands on one host."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the connection; raises HostUnreachable."""
+
+    @abstractmethod
+    async def start_runner(self, args: Sequence[str]) -> RunnerProcess:
+        """Start `sshwasm-exec ARGS...` on the host."""
+
+    @abstractmethod
+    async def run_shell(self, argv: Sequence[str], stdin: bytes = b"") -> Completed:
+        """Run a plain command (argv, quoted for the shell) on the host."""
+
+    @abstractmethod
+    async def install_runner(self) -> None:
+        """Install this coordinator's runner as `<workdir>/bin/sshwasm-exec`."""
+
+    @property
+    @abstractmethod
+    def is_connected(self) -> bool:
+        """Whether the connection is open."""
+
+    async def close(self) -> None:  # noqa: B027 - only connections need closing
+        """Close the connection."""
+
+    async def run_runner(self, args: Sequence[str], stdin: bytes = b"") -> Completed:
+        """Run a runner command to completion."""
+        process = await self.start_runner(args)
+        await process.send(stdin)
+        chunks = []
+        while chunk := await process.read():
+            chunks.append(chunk)
+        done = await process.finish()
+        return Completed(done.exit_status, b"".join(chunks), done.stderr)
+
+
+# -- local ---------------------------------------------------------------------------------
+
+
+class _LocalProcess(RunnerProcess):
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+
+    async def send(self, data: bytes, *, close: bool = True) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        try:
+            stdin.write(data)
+            await stdin.drain()
+            if close:
+                stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the runner exited early; its frames say why
+
+    async def read(self, size: int = 65536) -> bytes:
+        assert self._process.stdout is not None
+        return await self._process.stdout.read(size)
+
+    async def finish(self) -> Completed:
+        assert self._process.stderr is not None
+        stderr = await self._process.stderr.read()
+        status = await self._process.wait()
+        return Completed(status, b"", stderr)
+
+    def abort(self) -> None:
+        if self._process.returncode is None:
+            self._process.kill()
+
+
+class LocalTransport(Transport):
+    """Runs the runner as a subprocess of this machine: the same protocol, no SSH."""
+
+    async def connect(self) -> None:
+        return None
+
+    @property
+    def is_connected(self) -> bool:
+        return True
+
+    async def start_runner(self, args: Sequence[str]) -> RunnerProcess:
+        process = await asyncio.create_subprocess_exec(
+            self.host.python,
+            str(RUNNER_FILE),
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return _LocalProcess(process)
+
+    async def run_shell(self, argv: Sequence[str], stdin: bytes = b"") -> Completed:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate(stdin)
+        return Completed(process.returncode, out, err)
+
+    async def install_runner(self) -> None:
+        return None  # the local host runs the package's own runner file
+
+
+# -- SSH -----------------------------------------------------------------------------------
+
+
+class _SshProcess(RunnerProcess):
+    def __init__(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
+        self._process = process
+
+    async def send(self, data: bytes, *, close: bool = True) -> None:
+        import asyncssh
+
+        try:
+            self._process.stdin.write(data)
+            await self._process.stdin.drain()
+            if close:
+                self._process.stdin.write_eof()
+        except (asyncssh.Error, BrokenPipeError, ConnectionResetError):
+            pass  # the channel ended early: finish() reports how
+
+    async def read(self, size: int = 65536) -> bytes:
+        import asyncssh
+
+        try:
+            return await self._process.stdout.read(size)
+        except (asyncssh.Error, ConnectionError):
+            return b""
+
+    async def finish(self) -> Completed:
+        import asyncssh
+
+        try:
+            result = await self._process.wait()
+        except (asyncssh.Error, ConnectionError):
+            return Completed(None, b"", b"")
+        stderr = result.stderr if isinstance(result.stderr, bytes) else b""
+        # asyncssh reports a dropped session as exit_status None without raising.
+        return Completed(result.exit_status, b"", stderr)
+
+    def abort(self) -> None:
+        self._process.close()
+
+
+class SshTransport(Transport):
+    """One asyncssh connection to a host, reused for every command."""
+
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self._connection: asyncssh.SSHClientConnection | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        connection = self._connection
+        return connection is not None and not connection.is_closed()
+
+    def _connect_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "keepalive_interval": KEEPALIVE_INTERVAL_S,
+            "keepalive_count_max": KEEPALIVE_COUNT_MAX,
+        }
+        host = self.host
+        if host.port is not None:
+            options["port"] = host.port
+        if host.user is not None:
+            options["username"] = host.user
+        if host.identity_file is not None:
+            options["client_keys"] = [host.identity_file]
+        # Left unset, asyncssh verifies against ~/.ssh/known_hosts; it is never None here.
+        if host.known_hosts is not None:
+            options["known_hosts"] = host.known_hosts
+        return options
+
+    async def connect(self) -> None:
+        if self.is_connected:
+            return
+        import asyncssh
+
+        host = self.host
+        try:
+            self._connection = await asyncssh.connect(host.address, **self._connect_options())
+        except asyncssh.HostKeyNotVerifiable as exc:
+            known = host.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+            raise HostKeyUntrusted(host.name, host.address, host.port, known) from exc
+        except asyncssh.PermissionDenied as exc:
+            raise HostUnreachable(
+                host.name, f"permission denied for user {host.user or 'default'}: {exc.reason}"
+            ) from exc
+        except asyncssh.DisconnectError as exc:
+            raise HostUnreachable(host.name, f"ssh: {exc.reason}") from exc
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            raise HostUnreachable(
+                host.name, f"no answer from {host.address} within {CONNECT_TIMEOUT_S:g}s"
+            ) from exc
+        except ConnectionRefusedError as exc:
+            raise HostUnreachable(host.name, f"connection refused by {host.address}") from exc
+        except OSError as exc:
+            raise HostUnreachable(host.name, f"cannot connect to {host.address}: {exc}") from exc
+        except asyncssh.Error as exc:
+            raise HostUnreachable(host.name, f"ssh: {exc.reason}") from exc
+
+    def _runner_command(self, args: Sequence[str]) -> str:
+        script = remote_path(self.host.workdir, "bin", "sshwasm-exec")
+        return f"{shlex.quote(self.host.python)} {script} {shlex.join(args)}"
+
+    async def _open(self, command: str) -> asyncssh.SSHClientProcess[bytes]:
+        import asyncssh
+
+        await self.connect()
+        assert self._connection is not None
+        try:
+            return await self._connection.create_process(command, encoding=None)
+        except (asyncssh.Error, ConnectionError) as exc:
+            self._connection = None
+            raise HostUnreachable(self.host.name, f"cannot open a channel: {exc}") from exc
+
+    async def start_runner(self, args: Sequence[str]) -> RunnerProcess:
+        return _SshProcess(await self._open(self._runner_command(args)))
+
+    async def run_shell(self, argv: Sequence[str], stdin: bytes = b"") -> Completed:
+        process = _SshProcess(await self._open(shlex.join(argv)))
+        await process.send(stdin)
+        out = b""
+        while chunk := await process.read():
+            out += chunk
+        done = await process.finish()
+        return Completed(done.exit_status, out, done.stderr)
+
+    async def install_runner(self) -> None:
+        workdir = self.host.workdir
+        bin_dir = remote_path(workdir, "bin")
+        target = remote_path(workdir, "bin", "sshwasm-exec")
+        temp = remote_path(workdir, "bin", ".sshwasm-exec.tmp") + ".$$"
+        # umask first: the workdir holds job output, private to the SSH user.
+        command = (
+            f"umask 077 && mkdir -p {bin_dir} && cat > {temp} && chmod 700 {temp} "
+            f"&& mv -f {temp} {target}"
+        )
+        process = _SshProcess(await self._open(command))
+        await process.send(RUNNER_FILE.read_bytes())
+        while await process.read():
+            pass
+        done = await process.finish()
+        if done.exit_status is None:
+            raise HostUnreachable(self.host.name, "connection lost while installing the runner")
+        if done.exit_status != 0:
+            reason = done.stderr.decode(errors="replace").strip().splitlines()
+            raise HostUnreachable(
+                self.host.name,
+                f"cannot install the runner in {workdir}: {reason[-1] if reason else 'failed'}",
+            )
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+            await connection.wait_closed()
+
+
+def transport_for(host: Host) -> Transport:
+    """The transport a host needs."""
+    return LocalTransport(host) if host.is_local else SshTransport(host)
+
+
+class TransportPool:
+    """One transport (connection) per host, opened on first use and closed together."""
+
+    def __init__(self) -> None:
+        self._transports: dict[str, Transport] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, host: Host) -> Transport:
+        """The connected transport for `host`; raises HostUnreachable."""
+        lock = self._locks.setdefault(host.name, asyncio.Lock())
+        async with lock:  # one handshake per host even when many jobs ask at once
+            transport = self._transports.get(host.name)
+            if transport is None or transport.host != host:
+                transport = transport_for(host)
+                self._transports[host.name] = transport
+            await transport.connect()
+            return transport
+
+    async def drop(self, host: Host) -> None:
+        """Forget a host's connection (it failed); the next get() reconnects."""
+        transport = self._transports.pop(host.name, None)
+        if transport is not None:
+            # Closing a connection that already broke may fail too; it is gone either way.
+            with contextlib.suppress(Exception):
+                await transport.close()
+
+    async def close(self) -> None:
+        """Close every connection."""
+        for transport in list(self._transports.values()):
+            await transport.close()
+        self._transports.clear()
+
+    async def __aenter__(self) -> TransportPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

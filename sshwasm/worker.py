@@ -1,0 +1,216 @@
+"""The coordinator's side of the runner protocol: launch, attach, poll, cancel, put-module.
+
+The runner (`sshwasm-exec`, see runner.py) answers on stdout in frames; this module turns
+them into callbacks and outcomes. It installs the runner or uploads the module only when the
+runner says it needs them, so a warm job costs one remote command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import HostUnreachable, RemoteError
+from .runner import FrameDecoder, runner_version
+from .transport import Completed, RunnerProcess, Transport
+
+OutputCallback = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What the runner needs to start a job (user words travel here, never in argv)."""
+
+    wasm_sha256: str
+    argv: Sequence[str]
+    env: Sequence[tuple[str, str]]
+    memory_mb: int
+    time_limit_s: float | None
+
+    def encode(self, stdin: bytes | None) -> bytes:
+        """The launch command's stdin: one JSON line, then the job's stdin bytes."""
+        header = {
+            "runner_version": runner_version(),
+            "wasm_sha256": self.wasm_sha256,
+            "argv": list(self.argv),
+            "env": [list(pair) for pair in self.env],
+            "memory_mb": self.memory_mb,
+            "time_limit_s": self.time_limit_s,
+            "has_stdin": stdin is not None,
+        }
+        return json.dumps(header).encode() + b"\n" + (stdin or b"")
+
+
+@dataclass
+class StreamOutcome:
+    """What one runner command reported before its stream ended."""
+
+    result: dict[str, Any] | None = None
+    need: str | None = None
+    error: dict[str, Any] | None = None
+    alive: bool | None = None
+    pid: int | None = None
+    frames: int = 0
+    completed: Completed | None = None
+
+    @property
+    def connection_lost(self) -> bool:
+        """The stream ended without a final frame because the connection dropped."""
+        done = self.completed
+        return self.result is None and done is not None and done.exit_status is None
+
+
+@dataclass
+class UploadStats:
+    """What launching had to send besides the launch itself."""
+
+    upload_bytes: int = 0
+    upload_s: float = 0.0
+    runner_installed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+async def read_frames(
+    process: RunnerProcess, on_stdout: OutputCallback, on_stderr: OutputCallback
+) -> StreamOutcome:
+    """Consume a runner's frames until its stdout ends."""
+    outcome = StreamOutcome()
+    decoder = FrameDecoder()
+    while chunk := await process.read():
+        for kind, payload in decoder.feed(chunk):
+            outcome.frames += 1
+            if kind == b"O":
+                on_stdout(payload)
+            elif kind == b"E":
+                on_stderr(payload)
+            elif kind == b"R":
+                outcome.result = json.loads(payload)
+            elif kind == b"S":
+                outcome.pid = json.loads(payload).get("pid")
+            elif kind == b"N":
+                outcome.need = json.loads(payload).get("need")
+            elif kind == b"X":
+                outcome.error = json.loads(payload)
+            elif kind == b"A":
+                outcome.alive = bool(json.loads(payload).get("alive"))
+    outcome.completed = await process.finish()
+    return outcome
+
+
+def _last_line(data: bytes) -> str:
+    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+class WorkerClient:
+    """Runner commands on one host."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.host = transport.host
+
+    async def launch(
+        self,
+        job_id: int,
+        spec: LaunchSpec,
+        stdin: bytes | None,
+        module: Path,
+        on_stdout: OutputCallback,
+        on_stderr: OutputCallback,
+    ) -> tuple[StreamOutcome, UploadStats]:
+        """Start the job and stream it until it ends or the connection drops."""
+        stats = UploadStats()
+        payload = spec.encode(stdin)
+        for _attempt in range(4):
+            process = await self.transport.start_runner(["launch", self.host.workdir, str(job_id)])
+            await process.send(payload)
+            outcome = await read_frames(process, on_stdout, on_stderr)
+            if outcome.need == "runner" or (
+                outcome.frames == 0 and outcome.completed and outcome.completed.exit_status
+            ):
+                if stats.runner_installed:
+                    stderr = outcome.completed.stderr if outcome.completed else b""
+                    raise RemoteError(
+                        self.host.name,
+                        f"the runner cannot start with '{self.host.python}': {_last_line(stderr)}",
+                    )
+                await self.transport.install_runner()
+                stats.runner_installed = True
+                stats.notes.append("installed the runner")
+                continue
+            if outcome.need == "module":
+                started_at = time.monotonic()
+                stats.upload_bytes += await self.put_module(spec.wasm_sha256, module)
+                stats.upload_s += time.monotonic() - started_at
+                continue
+            return outcome, stats
+        raise RemoteError(self.host.name, "the runner kept asking for setup; giving up")
+
+    async def put_module(self, sha256: str, module: Path) -> int:
+        """Upload a module to the host's cache; the runner checks its hash. Returns bytes sent."""
+        data = module.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise RemoteError(self.host.name, f"local module {module} does not match its hash")
+        done = await self.transport.run_runner(["put-module", self.host.workdir, sha256], data)
+        if done.exit_status is None:
+            raise HostUnreachable(self.host.name, "connection lost while uploading the module")
+        if done.exit_status != 0:
+            raise RemoteError(self.host.name, f"cannot store the module: {_last_line(done.stderr)}")
+        return len(data)
+
+    async def attach(
+        self,
+        job_id: int,
+        stdout_offset: int,
+        stderr_offset: int,
+        on_stdout: OutputCallback,
+        on_stderr: OutputCallback,
+    ) -> StreamOutcome:
+        """Stream a launched job's output from the given offsets until it ends."""
+        process = await self.transport.start_runner(
+            ["attach", self.host.workdir, str(job_id), str(stdout_offset), str(stderr_offset)]
+        )
+        await process.send(b"")
+        return await read_frames(process, on_stdout, on_stderr)
+
+    async def poll(
+        self,
+        job_id: int,
+        stdout_offset: int,
+        stderr_offset: int,
+        on_stdout: OutputCallback,
+        on_stderr: OutputCallback,
+    ) -> StreamOutcome:
+        """Collect what a job has produced so far, and its result if it has ended."""
+        process = await self.transport.start_runner(
+            ["poll", self.host.workdir, str(job_id), str(stdout_offset), str(stderr_offset)]
+        )
+        await process.send(b"")
+        return await read_frames(process, on_stdout, on_stderr)
+
+    async def cancel(self, job_id: int) -> dict[str, Any]:
+        """Kill a job on its host; returns the runner's answer."""
+        done = await self.transport.run_runner(["cancel", self.host.workdir, str(job_id)])
+        if done.exit_status is None:
+            raise HostUnreachable(self.host.name, "connection lost while cancelling")
+        if done.exit_status != 0:
+            raise RemoteError(
+                self.host.name, f"cannot cancel job {job_id}: {_last_line(done.stderr)}"
+            )
+        answer: dict[str, Any] = json.loads(done.stdout)
+        return answer
+
+    async def info(self) -> dict[str, Any]:
+        """The runner's view of the host (versions, cores, memory)."""
+        done = await self.transport.run_runner(["info"])
+        if done.exit_status is None:
+            raise HostUnreachable(self.host.name, "connection lost")
+        if done.exit_status != 0:
+            raise RemoteError(self.host.name, f"runner does not start: {_last_line(done.stderr)}")
+        answer: dict[str, Any] = json.loads(done.stdout)
+        return answer

@@ -1,0 +1,179 @@
+"""Shared fixtures: a private home for every test, and real sshd servers on loopback.
+
+Helpers live in `tests/sshd.py` (`SshKit`, `SshServer`, `write_cluster`); they are
+re-exported here so a test may import them from either module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sshd import (
+    HostSpec,
+    SshHarnessError,
+    SshKit,
+    SshServer,
+    check_prerequisites,
+    pid_alive,
+    write_cluster,
+)
+
+__all__ = ["SshKit", "SshServer", "write_cluster"]
+
+SESSION_HOSTS = {"alpha": "127.0.0.2", "beta": "127.0.0.3", "gamma": "127.0.0.4"}
+
+# The session hosts once started, so each test can find them healthy without starting them.
+_session_hosts: dict[str, SshServer] = {}
+
+
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One compiled-module cache for the whole run: rustc costs about 1 s per program, and
+    the cache is content-addressed, so sharing it cannot leak one test's state into another."""
+    return tmp_path_factory.mktemp("sshwasm-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, shared_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep every test away from the developer's home, agent, config and working directory."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    # platformdirs honours XDG_* before HOME; a developer's own values would leak through.
+    for variable, relative in (
+        ("XDG_CONFIG_HOME", ".config"),
+        ("XDG_DATA_HOME", ".local/share"),
+        ("XDG_CACHE_HOME", ".cache"),
+        ("XDG_STATE_HOME", ".local/state"),
+    ):
+        monkeypatch.setenv(variable, str(home / relative))
+    # An agent would offer the developer's keys to the test servers.
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.delenv("SSH_AGENT_PID", raising=False)
+    # Any SSHWASM_* setting of the developer's shell would change what the tests see;
+    # SSHWASM_TEST_* is left for switches meant for the tests themselves.
+    for variable in list(os.environ):
+        if variable.startswith("SSHWASM_") and not variable.startswith("SSHWASM_TEST_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("SSHWASM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SSHWASM_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("SSHWASM_CACHE_DIR", str(shared_cache_dir))
+    # A stray ./cluster.yaml in the directory pytest was started from must not be found.
+    monkeypatch.chdir(tmp_path)
+    return home
+
+
+@pytest.fixture(scope="session")
+def ssh_kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshKit]:
+    """Client key, authorized_keys and known_hosts for every test server of the session."""
+    try:
+        check_prerequisites()
+        kit = SshKit.create(tmp_path_factory.mktemp("ssh"))
+    except SshHarnessError as exc:
+        # Never skip: CI must not go green by running none of the SSH tests.
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield kit
+    finally:
+        _stop_and_verify(kit.servers)
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts(ssh_kit: SshKit) -> Iterator[dict[str, SshServer]]:
+    """Three running sshd servers: alpha 127.0.0.2, beta 127.0.0.3, gamma 127.0.0.4.
+
+    Shared by the whole session: to kill, pause or restart a host use `fresh_host`. Should a
+    test do it anyway, the next test finds the three running again.
+    """
+    try:
+        for name, address in SESSION_HOSTS.items():
+            _session_hosts[name] = ssh_kit.server(name, address)
+    except SshHarnessError as exc:
+        _stop_and_verify(_session_hosts.values())
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield dict(_session_hosts)
+    finally:
+        try:
+            _stop_and_verify(_session_hosts.values())
+        finally:
+            _session_hosts.clear()
+
+
+@pytest.fixture(autouse=True)
+def _heal_session_hosts() -> None:
+    """Bring back a session host an earlier test stopped or paused, so order does not matter."""
+    for server in _session_hosts.values():
+        server.resume()
+        server.start()
+
+
+@pytest.fixture
+def fresh_host(ssh_kit: SshKit) -> Iterator[Callable[..., SshServer]]:
+    """Factory for servers a test owns, to stop, restart or pause: `fresh_host("delta")`.
+
+    They share the session kit (same client key and known_hosts as `ssh_hosts`) and are
+    stopped, by PID, when the test ends.
+    """
+    started: list[SshServer] = []
+
+    def start(name: str = "delta", address: str = "127.0.0.5") -> SshServer:
+        server = ssh_kit.server(name, address)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        _stop_and_verify(started)
+
+
+@pytest.fixture
+def make_cluster(
+    request: pytest.FixtureRequest, ssh_kit: SshKit, tmp_path: Path
+) -> Callable[..., Path]:
+    """Factory writing `tmp_path/cluster.yaml` (see `write_cluster`) and returning its path.
+
+    `make_cluster({"alpha": (2, 1024)})` uses the session hosts; pass `servers=` to list
+    others (e.g. from `fresh_host`). Workdirs go to `tmp_path/workers/<name>`.
+    """
+
+    def make(
+        hosts_spec: Mapping[str, HostSpec] | None = None,
+        *,
+        servers: Mapping[str, SshServer] | list[SshServer] | None = None,
+        path: Path | None = None,
+        **options: Any,
+    ) -> Path:
+        if servers is None:
+            servers = request.getfixturevalue("ssh_hosts")
+        return write_cluster(
+            path or tmp_path / "cluster.yaml",
+            servers,
+            ssh_kit,
+            hosts_spec,
+            tmp_path / "workers",
+            **options,
+        )
+
+    return make
+
+
+def _stop_and_verify(servers: Iterable[SshServer]) -> None:
+    """Stop each server by PID, then fail loudly if any sshd process outlived it."""
+    servers = list(servers)  # walked twice: to stop, then to check
+    errors: list[str] = []
+    for server in servers:
+        try:
+            server.stop()
+        except Exception as exc:  # stop the rest before reporting
+            errors.append(f"{server.name}: {exc}")
+    survivors = [server.pid for server in servers if server.pid and pid_alive(server.pid)]
+    if survivors:
+        errors.append(f"sshd pids still alive after stop: {survivors}")
+    if errors:
+        raise SshHarnessError("; ".join(errors))

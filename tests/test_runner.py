@@ -1,0 +1,906 @@
+"""The worker-side runner (sshwasm-exec), driven as a real subprocess with a real wasmtime."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sshwasm.runner import (
+    CHUNK_BYTES,
+    RESULT_KEYS,
+    RUNNER_VERSION,
+    FrameDecoder,
+    FrameError,
+    encode_frame,
+    looks_out_of_memory,
+    runner_version,
+)
+
+RUNNER = Path(__file__).resolve().parents[1] / "sshwasm" / "runner.py"
+SYSTEM_RUSTC = Path("/usr/bin/rustc")
+# Put into the runner's own environment; a guest must never see it.
+LEAK_MARKER = ("SSHWASM_TEST_WORKER_SECRET", "worker-only")
+
+# One guest with a mode per behaviour, so the session compiles a single module.
+GUEST_SOURCE = r"""
+use std::io::{Read, Write};
+
+fn spin() -> u64 {
+    let mut x: u64 = 1;
+    loop {
+        let y = unsafe { std::ptr::read_volatile(&x) };
+        let z = y.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        unsafe { std::ptr::write_volatile(&mut x, z) };
+        if z == 0 {
+            return z;
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).map(|s| s.as_str()).unwrap_or("hello");
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match mode {
+        "hello" => {
+            out.write_all(b"hello from wasm\n").unwrap();
+        }
+        "echo" => {
+            for a in &args {
+                out.write_all(a.as_bytes()).unwrap();
+                out.write_all(b"\0").unwrap();
+            }
+            out.write_all(b"\x01").unwrap();
+            for (k, v) in std::env::vars() {
+                out.write_all(k.as_bytes()).unwrap();
+                out.write_all(b"\0").unwrap();
+                out.write_all(v.as_bytes()).unwrap();
+                out.write_all(b"\0").unwrap();
+            }
+            out.write_all(b"\x01").unwrap();
+            let mut data = Vec::new();
+            std::io::stdin().read_to_end(&mut data).unwrap();
+            out.write_all(&data).unwrap();
+        }
+        "exit" => {
+            std::process::exit(args[2].parse().unwrap());
+        }
+        "panic" => {
+            panic!("boom from the guest");
+        }
+        "alloc" => {
+            let mut blocks: Vec<Vec<u8>> = Vec::new();
+            loop {
+                let block = vec![7u8; 1 << 20];
+                let first = unsafe { std::ptr::read_volatile(&block[0]) };
+                if first != 7 {
+                    break;
+                }
+                blocks.push(block);
+            }
+            println!("{}", blocks.len());
+        }
+        "spin" => {
+            println!("{}", spin());
+        }
+        "sleep" => {
+            out.write_all(b"start\n").unwrap();
+            out.flush().unwrap();
+            let secs: u64 = args[2].parse().unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(secs));
+            out.write_all(b"end\n").unwrap();
+        }
+        "read" => match std::fs::read(&args[2]) {
+            Ok(data) => {
+                out.write_all(&data).unwrap();
+            }
+            Err(e) => {
+                eprintln!("cannot read {}: {}", args[2], e);
+                std::process::exit(5);
+            }
+        },
+        "output" => {
+            let n: usize = args[2].parse().unwrap();
+            let m: usize = args[3].parse().unwrap();
+            let text: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+            out.write_all(&text).unwrap();
+            out.flush().unwrap();
+            let err: Vec<u8> = (0..m).map(|i| b'0' + (i % 10) as u8).collect();
+            std::io::stderr().write_all(&err).unwrap();
+        }
+        _ => std::process::exit(99),
+    }
+}
+"""
+
+
+@dataclass(frozen=True)
+class Guest:
+    """The compiled probe module."""
+
+    data: bytes
+    sha256: str
+
+
+@dataclass
+class Outcome:
+    """What one frame-speaking runner command sent back."""
+
+    returncode: int
+    frames: list[tuple[bytes, bytes]]
+    stderr: bytes
+
+    def payloads(self, kind: bytes) -> list[bytes]:
+        return [payload for frame_kind, payload in self.frames if frame_kind == kind]
+
+    def stdout(self) -> bytes:
+        return b"".join(self.payloads(b"O"))
+
+    def stderr_stream(self) -> bytes:
+        return b"".join(self.payloads(b"E"))
+
+    def json_of(self, kind: bytes) -> dict[str, object]:
+        (payload,) = self.payloads(kind)
+        value = json.loads(payload)
+        assert isinstance(value, dict)
+        return value
+
+    def result(self) -> dict[str, object]:
+        assert self.frames, f"no frames; stderr: {self.stderr!r}"
+        kind, payload = self.frames[-1]
+        assert kind == b"R", self.frames
+        value = json.loads(payload)
+        assert isinstance(value, dict)
+        return value
+
+
+@pytest.fixture(autouse=True)
+def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A private HOME: the runner expands `~` in WORKDIR and must never touch the real one."""
+    path = tmp_path / "home"
+    path.mkdir(exist_ok=True)
+    monkeypatch.setenv("HOME", str(path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    if not SYSTEM_RUSTC.exists():
+        pytest.skip("needs /usr/bin/rustc with the wasm32-wasi target")
+    build = tmp_path_factory.mktemp("guest")
+    source = build / "probe.rs"
+    source.write_text(GUEST_SOURCE)
+    output = build / "probe.wasm"
+    subprocess.run(
+        [
+            str(SYSTEM_RUSTC),
+            "--edition",
+            "2021",
+            "--target",
+            "wasm32-wasi",
+            "-O",
+            "-C",
+            "strip=symbols",
+            "-o",
+            str(output),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    data = output.read_bytes()
+    return Guest(data, hashlib.sha256(data).hexdigest())
+
+
+def runner_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env[LEAK_MARKER[0]] = LEAK_MARKER[1]
+    return env
+
+
+def run_runner(
+    *args: str, stdin: bytes = b"", python: list[str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    command = [*(python or [sys.executable]), str(RUNNER), *args]
+    return subprocess.run(
+        command, input=stdin, capture_output=True, timeout=timeout, env=runner_env()
+    )
+
+
+def decode(stream: bytes) -> list[tuple[bytes, bytes]]:
+    decoder = FrameDecoder()
+    frames = decoder.feed(stream)
+    assert decoder.pending == 0, "the stream ended inside a frame"
+    return frames
+
+
+def run_frames(*args: str, stdin: bytes = b"", python: list[str] | None = None) -> Outcome:
+    done = run_runner(*args, stdin=stdin, python=python)
+    return Outcome(done.returncode, decode(done.stdout), done.stderr)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, guest: Guest) -> Path:
+    path = tmp_path / "wd"
+    done = run_runner("put-module", str(path), guest.sha256, stdin=guest.data)
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def make_spec(
+    guest: Guest,
+    argv: list[str],
+    *,
+    env: list[list[str]] | None = None,
+    memory_mb: int = 64,
+    time_limit_s: float | None = None,
+    stdin: bytes | None = None,
+    version: str = RUNNER_VERSION,
+) -> bytes:
+    spec = {
+        "runner_version": version,
+        "wasm_sha256": guest.sha256,
+        "argv": argv,
+        "env": env or [],
+        "memory_mb": memory_mb,
+        "time_limit_s": time_limit_s,
+        "has_stdin": stdin is not None,
+    }
+    return json.dumps(spec).encode() + b"\n" + (stdin or b"")
+
+
+def launch(
+    workdir: Path,
+    job_id: str,
+    guest: Guest,
+    argv: list[str],
+    *,
+    env: list[list[str]] | None = None,
+    memory_mb: int = 64,
+    time_limit_s: float | None = None,
+    stdin: bytes | None = None,
+    version: str = RUNNER_VERSION,
+) -> Outcome:
+    spec = make_spec(
+        guest,
+        argv,
+        env=env,
+        memory_mb=memory_mb,
+        time_limit_s=time_limit_s,
+        stdin=stdin,
+        version=version,
+    )
+    outcome = run_frames("launch", str(workdir), job_id, stdin=spec)
+    assert outcome.returncode == 0, outcome.stderr
+    return outcome
+
+
+class LiveLauncher:
+    """A launch whose frames are read as they come, so the test can act mid-job."""
+
+    def __init__(self, workdir: Path, job_id: str, spec: bytes) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(RUNNER), "launch", str(workdir), job_id],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=runner_env(),
+        )
+        assert self.process.stdin is not None
+        self.process.stdin.write(spec)
+        self.process.stdin.close()
+        self.decoder = FrameDecoder()
+        self.frames: list[tuple[bytes, bytes]] = []
+        self.job_dir = workdir / "jobs" / job_id
+
+    def read_until(self, kind: bytes, timeout: float = 30) -> dict[str, object]:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for frame_kind, payload in self.frames:
+                if frame_kind == kind:
+                    value = json.loads(payload)
+                    assert isinstance(value, dict)
+                    return value
+            data = os.read(self.process.stdout.fileno(), 65536)
+            if not data:
+                break
+            self.frames += self.decoder.feed(data)
+        raise AssertionError(f"no {kind!r} frame; got {self.frames}")
+
+    def close_stdout(self) -> None:
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+    def finish(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def live_launchers() -> Iterator[Callable[[Path, str, bytes], LiveLauncher]]:
+    started: list[LiveLauncher] = []
+
+    def start(workdir: Path, job_id: str, spec: bytes) -> LiveLauncher:
+        launcher = LiveLauncher(workdir, job_id, spec)
+        started.append(launcher)
+        return launcher
+
+    yield start
+    for launcher in started:
+        launcher.finish()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def process_gone(pid: int) -> bool:
+    """True when pid no longer runs; a zombie waiting for its reaper counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            fields = stat_file.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] in ("Z", "X")
+
+
+def holds(path: Path, expected: bytes) -> bool:
+    """True once `path` exists with exactly `expected` in it."""
+    try:
+        return path.read_bytes() == expected
+    except FileNotFoundError:
+        return False
+
+
+def read_result(job_dir: Path) -> dict[str, object]:
+    value = json.loads((job_dir / "result.json").read_text())
+    assert isinstance(value, dict)
+    return value
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+@given(
+    frames=st.lists(
+        st.tuples(st.binary(min_size=1, max_size=1), st.binary(max_size=300)), max_size=20
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=40),
+)
+def test_any_chunking_of_a_frame_stream_decodes_to_the_same_frames(
+    frames: list[tuple[bytes, bytes]], cuts: list[int]
+) -> None:
+    stream = b"".join(encode_frame(kind, payload) for kind, payload in frames)
+    points = sorted({cut % (len(stream) + 1) for cut in cuts})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    decoder = FrameDecoder()
+    decoded: list[tuple[bytes, bytes]] = []
+    fed = 0
+    for piece in pieces:
+        decoded += decoder.feed(piece)
+        fed += len(piece)
+        consumed = sum(5 + len(payload) for _, payload in decoded)
+        assert decoder.pending == fed - consumed
+    assert decoded == frames
+    assert decoder.pending == 0
+
+
+def test_frame_layout_is_kind_then_big_endian_length() -> None:
+    assert encode_frame(b"O", b"abc") == b"O\x00\x00\x00\x03abc"
+    with pytest.raises(ValueError):
+        encode_frame(b"OK", b"")
+
+
+def test_decoder_rejects_text_that_is_not_frames() -> None:
+    with pytest.raises(FrameError, match="login script"):
+        FrameDecoder().feed(b"Welcome to the cluster!\n")
+
+
+# ------------------------------------------------------------------- version, modules
+
+
+def test_runner_version_is_a_hash_of_the_file_bytes(tmp_path: Path) -> None:
+    expected = hashlib.sha256(RUNNER.read_bytes()).hexdigest()[:16]
+    assert RUNNER_VERSION == runner_version() == expected
+    edited = tmp_path / "sshwasm-exec"
+    edited.write_bytes(RUNNER.read_bytes() + b"# edited\n")
+    same = json.loads(run_runner("info").stdout)
+    other = json.loads(
+        subprocess.run(
+            [sys.executable, str(edited), "info"], capture_output=True, check=True
+        ).stdout
+    )
+    assert same["runner_version"] == RUNNER_VERSION
+    assert other["runner_version"] != RUNNER_VERSION
+
+
+def test_launch_with_another_runner_version_needs_the_runner(workdir: Path, guest: Guest) -> None:
+    outcome = launch(workdir, "1", guest, ["probe"], version="0000000000000000")
+    assert outcome.frames == [(b"N", b'{"need": "runner"}')]
+    assert not (workdir / "jobs" / "1").exists()
+
+
+def test_launch_of_an_unknown_module_needs_the_module(tmp_path: Path, guest: Guest) -> None:
+    outcome = launch(tmp_path / "empty", "1", guest, ["probe"])
+    assert outcome.frames == [(b"N", b'{"need": "module"}')]
+    assert not (tmp_path / "empty" / "jobs" / "1").exists()
+
+
+def test_put_module_keeps_verified_bytes_under_their_hash(tmp_path: Path, guest: Guest) -> None:
+    done = run_runner("put-module", str(tmp_path / "wd"), guest.sha256, stdin=guest.data)
+    assert done.returncode == 0, done.stderr
+    stored = tmp_path / "wd" / "wasm" / f"{guest.sha256}.wasm"
+    assert stored.read_bytes() == guest.data
+    assert os.listdir(stored.parent) == [stored.name]
+
+
+def test_put_module_refuses_bytes_of_another_hash(tmp_path: Path, guest: Guest) -> None:
+    done = run_runner(
+        "put-module", str(tmp_path / "wd"), guest.sha256, stdin=guest.data + b"tampered"
+    )
+    assert done.returncode == 1
+    assert done.stderr.decode().count("\n") == 1
+    assert guest.sha256 in done.stderr.decode()
+    assert os.listdir(tmp_path / "wd" / "wasm") == []
+
+
+@pytest.mark.parametrize("bad", ["../../../etc/passwd", "ABCDEF" + "0" * 58, "0" * 63, ""])
+def test_put_module_refuses_a_malformed_hash(tmp_path: Path, bad: str) -> None:
+    done = run_runner("put-module", str(tmp_path / "wd"), bad, stdin=b"\0asm")
+    assert done.returncode != 0
+    assert b"sha256" in done.stderr
+    assert not (tmp_path / "wd").exists()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def test_hello_streams_its_output_then_the_result(workdir: Path, guest: Guest) -> None:
+    outcome = launch(workdir, "7", guest, ["probe", "hello"])
+    kinds = [kind for kind, _ in outcome.frames]
+    assert kinds[0] == b"S" and kinds[-1] == b"R" and b"O" in kinds
+    started = outcome.json_of(b"S")
+    assert started["job_dir"] == str(workdir / "jobs" / "7")
+    assert isinstance(started["pid"], int)
+    assert outcome.stdout() == b"hello from wasm\n"
+    result = outcome.result()
+    assert tuple(result) == RESULT_KEYS
+    assert result["state"] == "succeeded"
+    assert result["exit_code"] == 0
+    assert result["error"] is None
+    assert result["wasmtime_version"] == importlib.metadata.version("wasmtime")
+    assert isinstance(result["peak_memory_bytes"], int) and result["peak_memory_bytes"] > 0
+    assert isinstance(result["run_s"], float) and isinstance(result["cpu_s"], float)
+    started_at = datetime.fromisoformat(str(result["started_at"]))
+    finished_at = datetime.fromisoformat(str(result["finished_at"]))
+    assert started_at.utcoffset() is not None and started_at <= finished_at
+    assert (workdir / "jobs" / "7" / "result.json").read_bytes() == outcome.frames[-1][1]
+
+
+def test_guest_sees_exactly_its_argv_env_and_stdin(workdir: Path, guest: Guest) -> None:
+    argv = ["probe", "echo", "two words", "ünïcode", "--flag=x", ""]
+    env = [["GREETING", "a=b=c"], ["EMPTY", ""], ["SPACES", " x y "]]
+    stdin = b"first line\nsecond\n\xff\x00binary\n"
+    outcome = launch(workdir, "1", guest, argv, env=env, stdin=stdin)
+    assert outcome.result()["state"] == "succeeded"
+    seen_argv, seen_env, seen_stdin = outcome.stdout().split(b"\x01", 2)
+    assert seen_argv.decode().split("\0")[:-1] == argv
+    words = seen_env.decode().split("\0")[:-1]
+    assert [list(pair) for pair in zip(words[::2], words[1::2], strict=True)] == env
+    assert seen_stdin == stdin
+    # Nothing of the worker's own environment leaks in.
+    assert "HOME" not in words and "PATH" not in words and LEAK_MARKER[0] not in words
+
+
+def test_without_stdin_the_guest_reads_end_of_file(workdir: Path, guest: Guest) -> None:
+    outcome = launch(workdir, "1", guest, ["probe", "echo"])
+    assert outcome.stdout().split(b"\x01", 2)[2] == b""
+    assert not (workdir / "jobs" / "1" / "stdin").exists()
+
+
+def test_a_nonzero_exit_is_failed_with_that_code(workdir: Path, guest: Guest) -> None:
+    result = launch(workdir, "1", guest, ["probe", "exit", "3"]).result()
+    assert (result["state"], result["exit_code"], result["error"]) == ("failed", 3, None)
+
+
+def test_an_exit_status_wasi_cannot_carry_fails_with_1(workdir: Path, guest: Guest) -> None:
+    result = launch(workdir, "1", guest, ["probe", "exit", "200"]).result()
+    assert (result["state"], result["exit_code"]) == ("failed", 1)
+    assert "exit status" in str(result["error"])
+
+
+def test_a_panic_fails_with_134_and_keeps_the_panic_text(workdir: Path, guest: Guest) -> None:
+    outcome = launch(workdir, "1", guest, ["probe", "panic"])
+    result = outcome.result()
+    assert (result["state"], result["exit_code"]) == ("failed", 134)
+    error = str(result["error"])
+    assert "unreachable" in error.lower()
+    assert "\n" not in error and "backtrace" not in error
+    assert b"boom from the guest" in outcome.stderr_stream()
+
+
+def test_allocating_past_the_memory_limit_is_out_of_memory(workdir: Path, guest: Guest) -> None:
+    outcome = launch(workdir, "1", guest, ["probe", "alloc"], memory_mb=16)
+    result = outcome.result()
+    assert result["state"] == "out_of_memory"
+    assert result["exit_code"] == 134
+    assert "16 MiB" in str(result["error"])
+    peak = result["peak_memory_bytes"]
+    assert isinstance(peak, int) and 8 << 20 < peak <= 16 << 20
+    assert b"memory allocation of" in outcome.stderr_stream()
+
+
+def test_a_limit_below_the_module_minimum_is_out_of_memory(workdir: Path, guest: Guest) -> None:
+    result = launch(workdir, "1", guest, ["probe", "hello"], memory_mb=1).result()
+    assert result["state"] == "out_of_memory"
+    assert "needs at least 2 MiB" in str(result["error"])
+
+
+def test_out_of_memory_classification() -> None:
+    limit = 64 << 20
+    assert looks_out_of_memory(limit - (512 << 10), limit, b"")
+    assert looks_out_of_memory(1 << 20, limit, b"memory allocation of 4096 bytes failed\n")
+    assert looks_out_of_memory(None, limit, b"fatal error: Out Of Memory")
+    assert not looks_out_of_memory(1 << 20, limit, b"thread 'main' panicked at 'boom'")
+    assert not looks_out_of_memory(None, limit, b"")
+
+
+def test_a_busy_loop_is_stopped_at_the_time_limit(workdir: Path, guest: Guest) -> None:
+    started = time.monotonic()
+    result = launch(workdir, "1", guest, ["probe", "spin"], time_limit_s=1).result()
+    assert time.monotonic() - started < 10
+    assert (result["state"], result["exit_code"]) == ("timeout", 124)
+    assert isinstance(result["run_s"], float) and result["run_s"] >= 1.0
+
+
+def test_a_sleeping_guest_is_ended_by_the_watchdog(workdir: Path, guest: Guest) -> None:
+    started = time.monotonic()
+    outcome = launch(workdir, "1", guest, ["probe", "sleep", "30"], time_limit_s=1)
+    assert time.monotonic() - started < 10
+    result = outcome.result()
+    assert (result["state"], result["exit_code"]) == ("timeout", 124)
+    assert outcome.stdout() == b"start\n"
+    pid = outcome.json_of(b"S")["pid"]
+    assert isinstance(pid, int)
+    wait_for(lambda: process_gone(pid), timeout=5)
+
+
+def test_the_guest_cannot_read_host_files(tmp_path: Path, workdir: Path, guest: Guest) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the host's secret")
+    for job_id, path in (("1", str(secret)), ("2", "/etc/hostname"), ("3", "spec.json")):
+        outcome = launch(workdir, job_id, guest, ["probe", "read", path])
+        assert (outcome.result()["state"], outcome.result()["exit_code"]) == ("failed", 5)
+        assert outcome.stdout() == b""
+        assert b"pre-opened" in outcome.stderr_stream()
+
+
+# ------------------------------------------------------------- detachment, attach, poll
+
+
+def test_the_job_outlives_a_launcher_whose_reader_left(
+    workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
+) -> None:
+    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "3"]))
+    launcher.read_until(b"S")
+    launcher.close_stdout()
+    # The launcher notices its reader is gone even though the job prints nothing meanwhile.
+    assert launcher.process.wait(timeout=30) == 0
+    assert not (launcher.job_dir / "result.json").exists()
+    wait_for(lambda: (launcher.job_dir / "result.json").exists())
+    assert read_result(launcher.job_dir)["state"] == "succeeded"
+    assert (launcher.job_dir / "stdout").read_bytes() == b"start\nend\n"
+    assert launcher.process.stderr is not None and launcher.process.stderr.read() == b""
+
+
+def test_attach_sends_exactly_the_bytes_after_the_offsets(workdir: Path, guest: Guest) -> None:
+    first = launch(workdir, "1", guest, ["probe", "output", "200000", "70000"])
+    full_out, full_err = first.stdout(), first.stderr_stream()
+    assert (len(full_out), len(full_err)) == (200000, 70000)
+    assert all(len(chunk) <= CHUNK_BYTES for chunk in first.payloads(b"O") + first.payloads(b"E"))
+    again = run_frames("attach", str(workdir), "1", "100001", "5")
+    assert again.stdout() == full_out[100001:]
+    assert again.stderr_stream() == full_err[5:]
+    assert again.result() == first.result()
+    beyond = run_frames("attach", str(workdir), "1", "200000", "999999")
+    assert [kind for kind, _ in beyond.frames] == [b"R"]
+
+
+def test_attach_follows_a_running_job_to_its_end(
+    workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
+) -> None:
+    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "2"]))
+    launcher.read_until(b"S")
+    launcher.close_stdout()
+    outcome = run_frames("attach", str(workdir), "1", "0", "0")
+    assert outcome.stdout() == b"start\nend\n"
+    assert outcome.result()["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("command", ["attach", "poll"])
+def test_attach_and_poll_report_a_missing_job(tmp_path: Path, command: str) -> None:
+    outcome = run_frames(command, str(tmp_path / "wd"), "404", "0", "0")
+    assert outcome.returncode == 0
+    error = outcome.json_of(b"X")
+    assert error["kind"] == "missing"
+
+
+def test_poll_reports_progress_then_the_result(
+    workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
+) -> None:
+    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "2"]))
+    launcher.read_until(b"S")
+    launcher.close_stdout()
+    wait_for(lambda: holds(launcher.job_dir / "stdout", b"start\n"))
+    running = run_frames("poll", str(workdir), "1", "0", "0")
+    assert running.stdout() == b"start\n"
+    assert running.frames[-1][0] == b"A"
+    assert running.json_of(b"A") == {"alive": True}
+    wait_for(lambda: (launcher.job_dir / "result.json").exists())
+    finished = run_frames("poll", str(workdir), "1", "6", "0")
+    assert finished.stdout() == b"end\n"
+    assert finished.result()["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("command", ["attach", "poll"])
+def test_an_executor_that_died_gets_a_failed_result(
+    workdir: Path,
+    guest: Guest,
+    live_launchers: Callable[[Path, str, bytes], LiveLauncher],
+    command: str,
+) -> None:
+    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "30"]))
+    pid = launcher.read_until(b"S")["pid"]
+    assert isinstance(pid, int)
+    launcher.close_stdout()
+    assert launcher.process.wait(timeout=30) == 0
+    wait_for(lambda: holds(launcher.job_dir / "stdout", b"start\n"))
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: process_gone(pid))
+    outcome = run_frames(command, str(workdir), "1", "0", "0")
+    assert outcome.stdout() == b"start\n"
+    result = outcome.result()
+    assert result["state"] == "failed"
+    assert str(result["error"]).startswith("runner process died without a result")
+    assert read_result(launcher.job_dir) == result
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def test_cancel_kills_a_running_job(
+    workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
+) -> None:
+    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "30"]))
+    pid = launcher.read_until(b"S")["pid"]
+    assert isinstance(pid, int)
+    wait_for(lambda: holds(launcher.job_dir / "stdout", b"start\n"))
+    started = time.monotonic()
+    done = run_runner("cancel", str(workdir), "1")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"state": "cancelled"}
+    assert process_gone(pid)
+    # The launcher still streaming sees the cancellation as the job's result.
+    result = launcher.read_until(b"R")
+    assert time.monotonic() - started < 10
+    assert (result["state"], result["exit_code"]) == ("cancelled", 143)
+    assert read_result(launcher.job_dir) == result
+    again = run_runner("cancel", str(workdir), "1")
+    assert json.loads(again.stdout) == {"state": "cancelled", "already_finished": True}
+
+
+def test_cancel_of_a_finished_job_changes_nothing(workdir: Path, guest: Guest) -> None:
+    launch(workdir, "1", guest, ["probe", "hello"])
+    before = (workdir / "jobs" / "1" / "result.json").read_bytes()
+    done = run_runner("cancel", str(workdir), "1")
+    assert json.loads(done.stdout) == {"state": "succeeded", "already_finished": True}
+    assert (workdir / "jobs" / "1" / "result.json").read_bytes() == before
+
+
+def test_cancel_of_a_missing_job_fails(tmp_path: Path) -> None:
+    done = run_runner("cancel", str(tmp_path / "wd"), "404")
+    assert done.returncode == 1
+    assert done.stderr.decode().count("\n") == 1
+
+
+# ----------------------------------------------------------------- files and caching
+
+
+def test_everything_written_is_private_and_tilde_is_expanded(home: Path, guest: Guest) -> None:
+    done = run_runner("put-module", "~/private", guest.sha256, stdin=guest.data)
+    assert done.returncode == 0, done.stderr
+    spec = make_spec(guest, ["probe", "output", "10", "10"], stdin=b"in")
+    outcome = run_frames("launch", "~/private", "1", stdin=spec)
+    assert outcome.result()["state"] == "succeeded"
+    root = home / "private"
+    assert outcome.json_of(b"S")["job_dir"] == str(root / "jobs" / "1")
+    seen = {path.relative_to(root).as_posix() for path in root.rglob("*")}
+    assert {"wasm", "cache", "jobs/1/stdin", "jobs/1/stdout", "jobs/1/result.json"} <= seen
+    for path in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), f"{path}: {oct(mode)}"
+
+
+def test_the_second_run_uses_the_precompiled_module(workdir: Path, guest: Guest) -> None:
+    first = launch(workdir, "1", guest, ["probe", "hello"]).result()
+    second = launch(workdir, "2", guest, ["probe", "hello"]).result()
+    assert first["module_cached"] is False
+    assert isinstance(first["module_compile_s"], float) and first["module_compile_s"] > 0
+    assert second["module_cached"] is True and second["module_compile_s"] == 0
+    version = importlib.metadata.version("wasmtime")
+    assert (workdir / "cache" / f"{guest.sha256}-{version}-noepoch.cwasm").is_file()
+    # Epoch interruption changes the machine code, so it has its own cache entry.
+    timed = launch(workdir, "3", guest, ["probe", "hello"], time_limit_s=30).result()
+    assert timed["module_cached"] is False and timed["state"] == "succeeded"
+    assert (workdir / "cache" / f"{guest.sha256}-{version}-epoch.cwasm").is_file()
+
+
+def test_an_unusable_precompiled_module_is_rebuilt(workdir: Path, guest: Guest) -> None:
+    launch(workdir, "1", guest, ["probe", "hello"])
+    (cached,) = (workdir / "cache").iterdir()
+    cached.write_bytes(b"not an ELF file")
+    outcome = launch(workdir, "2", guest, ["probe", "hello"])
+    assert outcome.stdout() == b"hello from wasm\n"
+    assert outcome.result()["module_cached"] is False
+    assert launch(workdir, "3", guest, ["probe", "hello"]).result()["module_cached"] is True
+
+
+# ------------------------------------------------------------------- setup failures
+
+
+def test_launching_an_existing_job_id_is_refused(workdir: Path, guest: Guest) -> None:
+    launch(workdir, "1", guest, ["probe", "hello"])
+    before = (workdir / "jobs" / "1" / "result.json").read_bytes()
+    outcome = launch(workdir, "1", guest, ["probe", "exit", "3"])
+    assert outcome.json_of(b"X")["kind"] == "exists"
+    assert [kind for kind, _ in outcome.frames] == [b"X"]
+    assert (workdir / "jobs" / "1" / "result.json").read_bytes() == before
+
+
+def test_an_unwritable_workdir_is_an_io_error(workdir: Path, guest: Guest) -> None:
+    (workdir / "jobs").write_text("a file where the jobs directory should be")
+    outcome = launch(workdir, "1", guest, ["probe", "hello"])
+    error = outcome.json_of(b"X")
+    assert error["kind"] == "io"
+    assert "\n" not in str(error["error"])
+
+
+def test_a_malformed_spec_is_reported(workdir: Path, guest: Guest) -> None:
+    spec = json.loads(make_spec(guest, ["probe"]))
+    spec["memory_mb"] = "lots"
+    outcome = run_frames("launch", str(workdir), "1", stdin=json.dumps(spec).encode() + b"\n")
+    error = outcome.json_of(b"X")
+    assert error["kind"] == "spec" and "memory_mb" in str(error["error"])
+    assert not (workdir / "jobs" / "1").exists()
+
+
+@pytest.mark.parametrize("args", [[], ["explode"], ["launch", "wd"], ["launch", "wd", "../escape"]])
+def test_bad_arguments_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), *args], capture_output=True, cwd=cwd, input=b""
+    )
+    assert done.returncode == 2
+    assert done.stdout == b""
+    assert done.stderr.startswith(b"usage:") or done.stderr.startswith(b"sshwasm-exec: error:")
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_host_without_wasmtime_says_so(workdir: Path, guest: Guest) -> None:
+    # -S leaves site-packages off the path: this interpreter cannot import wasmtime.
+    python = [sys.executable, "-S", "-I"]
+    info = json.loads(run_runner("info", python=python).stdout)
+    assert info["wasmtime_version"] is None
+    assert "wasmtime" in str(info["wasmtime_error"])
+    spec = make_spec(guest, ["probe", "hello"])
+    outcome = run_frames("launch", str(workdir), "1", stdin=spec, python=python)
+    error = outcome.json_of(b"X")
+    assert error["kind"] == "no_wasmtime" and "wasmtime" in str(error["error"])
+    assert not (workdir / "jobs" / "1").exists()
+
+
+# ----------------------------------------------------------------- info, packaging
+
+
+def test_info_describes_the_host() -> None:
+    done = run_runner("info")
+    assert done.returncode == 0
+    assert done.stdout.count(b"\n") == 1
+    info = json.loads(done.stdout)
+    assert info == {
+        "runner_version": RUNNER_VERSION,
+        "python": sys.version.split()[0],
+        "wasmtime_version": importlib.metadata.version("wasmtime"),
+        "wasmtime_error": None,
+        "cpus": os.cpu_count(),
+        "memory_mb": info["memory_mb"],
+    }
+    assert isinstance(info["memory_mb"], int) and info["memory_mb"] > 0
+
+
+@pytest.mark.parametrize(
+    "command", [["info"], ["cancel", "wd", "1"], ["poll", "wd", "1", "0", "0"]]
+)
+def test_commands_other_than_execute_do_not_import_wasmtime(
+    tmp_path: Path, command: list[str]
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", str(RUNNER), *command],
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.decode().splitlines()]
+    assert "sys" in imported or "json" in imported  # importtime did report
+    assert not [name for name in imported if name.split(".")[0] == "wasmtime"]
+
+
+def test_the_runner_ships_as_one_file_needing_only_the_stdlib() -> None:
+    tree = ast.parse(RUNNER.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] in sys.stdlib_module_names, name
+    imported_anywhere = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not [name for name in imported_anywhere if name and name.startswith("sshwasm")]
+    assert "wasmtime" in imported_anywhere
+
+
+def test_the_runner_runs_from_any_copy(tmp_path: Path, guest: Guest) -> None:
+    installed = tmp_path / "wd" / "bin" / "sshwasm-exec"
+    installed.parent.mkdir(parents=True)
+    shutil.copyfile(RUNNER, installed)
+    workdir = tmp_path / "wd"
+    put = subprocess.run(
+        [sys.executable, str(installed), "put-module", str(workdir), guest.sha256],
+        input=guest.data,
+        capture_output=True,
+    )
+    assert put.returncode == 0, put.stderr
+    done = subprocess.run(
+        [sys.executable, str(installed), "launch", str(workdir), "1"],
+        input=make_spec(guest, ["probe", "hello"]),
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    frames = decode(done.stdout)
+    assert frames[-1][0] == b"R"
+    assert json.loads(frames[-1][1])["state"] == "succeeded"
