@@ -219,7 +219,7 @@ def _notice(message: str) -> None:
 def _handlers(show_output: bool, show_notices: bool) -> Handlers:
     from .jobs import Handlers
 
-    handlers = Handlers()
+    handlers = Handlers(warning=_notice)
     if show_output:
         handlers.stdout = _write_out
         handlers.stderr = _write_err
@@ -556,10 +556,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in raw:
         split = raw.index("--")
         raw, job_args = raw[:split], raw[split + 1 :]
-    args = build_parser().parse_args(raw)
+    try:
+        args = build_parser().parse_args(raw)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else ExitStatus.USAGE
     if job_args:
         if args.command != "run":
-            build_parser().error("only `run` takes job arguments after `--`")
+            print(f"{PROG}: error: only `run` takes job arguments after `--`", file=sys.stderr)
+            return ExitStatus.USAGE
         args.args = [*args.args, *job_args]
     ctx = _Context(args)
     try:

@@ -33,6 +33,9 @@ COORDINATOR_STALE_S = 30.0
 # After a dropped connection the foreground run retries this long before leaving the job
 # to `sshwasm status`; the job itself keeps running on its host meanwhile.
 RECONNECT_WINDOW_S = 60.0
+# A job whose host stays unreachable this long after its coordinator is gone becomes `lost`
+# (the next `status` or `jobs` past that time decides); reaching the host again resets it.
+LOST_AFTER_UNREACHABLE_S = 900.0
 # How much of each stream the job record keeps; the full output stays in files.
 RECORD_HEAD_BYTES = 64 * 1024
 RECORD_TAIL_BYTES = 64 * 1024
@@ -54,7 +57,8 @@ class Handlers:
 
     stdout: Callable[[bytes], None] = _ignore
     stderr: Callable[[bytes], None] = _ignore
-    notice: Notify = _quiet
+    notice: Notify = _quiet  # progress: compiling, queued, running on a host
+    warning: Notify = _quiet  # something went wrong and was worked around
 
 
 class OutputSink:
@@ -218,7 +222,7 @@ class Coordinator:
                 self.store.release(job_id)
                 await self.pool.drop(host)
                 excluded[host.name] = exc.reason
-                self.handlers.notice(f"skipping host '{host.name}': {exc.reason}")
+                self.handlers.warning(f"skipping host '{host.name}': {exc.reason}")
 
     async def _run_on(self, job_id: int, host: Host) -> Job:
         job = self.store.get(job_id)
@@ -276,7 +280,7 @@ class Coordinator:
                 done = outcome.completed
                 stderr = done.stderr.decode(errors="replace").strip() if done else ""
                 raise RemoteError(host.name, f"the runner ended without a result: {stderr}")
-            self.handlers.notice(f"connection to '{host.name}' lost; re-attaching to job {job.id}")
+            self.handlers.warning(f"connection to '{host.name}' lost; re-attaching to job {job.id}")
             while True:
                 await self.pool.drop(host)
                 if time.monotonic() > deadline:
@@ -347,7 +351,18 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
             output.stderr.write,
         )
     except SshwasmError as exc:
-        store.update(job.id, error=f"cannot reach host to refresh: {exc}", **output.fields())
+        now = time.time()
+        since = job.unreachable_since or now
+        if now - since > LOST_AFTER_UNREACHABLE_S:
+            store.finish(
+                job.id,
+                "lost",
+                error=f"host '{host.name}' unreachable for over "
+                f"{LOST_AFTER_UNREACHABLE_S:g}s: {exc}",
+                **output.fields(),
+            )
+        else:
+            store.update(job.id, error=f"cannot reach its host: {exc}", unreachable_since=since)
         return store.get(job.id)
     finally:
         output.close()
@@ -367,7 +382,7 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
             job.id, "lost", error="the runner on the host died without a result", **output.fields()
         )
     else:
-        store.update(job.id, **output.fields())
+        store.update(job.id, unreachable_since=None, error=None, **output.fields())
     return store.get(job.id)
 
 

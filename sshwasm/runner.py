@@ -28,6 +28,7 @@ import math
 import os
 import re
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -415,29 +416,25 @@ class _Tail:
         self._kind = kind
         self._fd: int | None = None
 
-    def _open(self) -> bool:
+    def _opened(self) -> int | None:
         if self._fd is None:
             try:
                 self._fd = os.open(self._path, os.O_RDONLY)
             except FileNotFoundError:
-                return False  # the executor has not created it yet
-        return True
+                return None  # the executor has not created it yet
+        return self._fd
 
     def available(self) -> int:
         """Bytes written beyond the offset so far."""
-        if not self._open():
-            return 0
-        assert self._fd is not None
-        return max(0, os.fstat(self._fd).st_size - self.offset)
+        fd = self._opened()
+        return 0 if fd is None else max(0, os.fstat(fd).st_size - self.offset)
 
     def pump(self, writer: _FrameWriter, budget: int = 16 * CHUNK_BYTES) -> int:
         """Send up to `budget` new bytes; return how many were sent."""
-        if not self._open():
-            return 0
-        assert self._fd is not None
+        fd = self._opened()
         sent = 0
-        while sent < budget:
-            chunk = os.pread(self._fd, min(CHUNK_BYTES, budget - sent), self.offset)
+        while fd is not None and sent < budget:
+            chunk = os.pread(fd, min(CHUNK_BYTES, budget - sent), self.offset)
             if not chunk:
                 break
             writer.send(self._kind, chunk)
@@ -648,8 +645,6 @@ def _cmd_launch(writer: _FrameWriter, workdir_argument: str, job_id: str) -> int
         executor = _spawn_executor(job_dir)
     except OSError as exc:
         # Nothing runs yet: remove the half-made job so that a retry can launch it.
-        import shutil
-
         shutil.rmtree(job_dir, ignore_errors=True)
         writer.send_error("io", exc)
         return 0

@@ -111,7 +111,8 @@ _MIGRATIONS: dict[int, str] = {
         coordinator_pid INTEGER,
         stdout_bytes INTEGER NOT NULL DEFAULT 0,
         stderr_bytes INTEGER NOT NULL DEFAULT 0,
-        remote_key TEXT
+        remote_key TEXT,
+        unreachable_since REAL
     );
     CREATE INDEX jobs_state ON jobs(state);
     CREATE INDEX jobs_host_state ON jobs(host, state);

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,11 @@ CONNECT_TIMEOUT_S = 10.0
 # A silent host is declared gone after interval * count seconds instead of TCP's minutes.
 KEEPALIVE_INTERVAL_S = 5.0
 KEEPALIVE_COUNT_MAX = 3
+# Handshakes dropped by sshd's MaxStartups and refused channels are retried this often.
+CONNECT_ATTEMPTS = 5
+CHANNEL_ATTEMPTS = 6
+# Channels one connection keeps open at most (below OpenSSH's default MaxSessions of 10).
+MAX_CHANNELS = 8
 
 RUNNER_FILE = Path(runner.__file__).resolve()
 
@@ -49,6 +55,14 @@ def remote_path(workdir: str, *parts: str) -> str:
     if tail.startswith("~/"):
         return '"$HOME"/' + shlex.quote(tail[2:])
     return shlex.quote(tail)
+
+
+class _TransientFailure(Exception):
+    """A connection attempt failed in a way that may pass (sshd busy)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class RunnerProcess(ABC):
@@ -184,8 +198,16 @@ class LocalTransport(Transport):
 
 
 class _SshProcess(RunnerProcess):
-    def __init__(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
+    def __init__(
+        self, process: asyncssh.SSHClientProcess[bytes], release: Callable[[], None]
+    ) -> None:
         self._process = process
+        self._release: Callable[[], None] | None = release
+
+    def _give_back_channel(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     async def send(self, data: bytes, *, close: bool = True) -> None:
         import asyncssh
@@ -213,12 +235,21 @@ class _SshProcess(RunnerProcess):
             result = await self._process.wait()
         except (asyncssh.Error, ConnectionError):
             return Completed(None, b"", b"")
+        finally:
+            self._give_back_channel()
         stderr = result.stderr if isinstance(result.stderr, bytes) else b""
         # asyncssh reports a dropped session as exit_status None without raising.
         return Completed(result.exit_status, b"", stderr)
 
     def abort(self) -> None:
         self._process.close()
+        self._give_back_channel()
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before retry `attempt` (1, 2, ...): doubling, with jitter so that many
+    coordinators refused at once do not come back at once."""
+    return min(0.2 * 2.0 ** (attempt - 1), 3.0) * random.uniform(0.5, 1.5)
 
 
 class SshTransport(Transport):
@@ -227,6 +258,8 @@ class SshTransport(Transport):
     def __init__(self, host: Host) -> None:
         super().__init__(host)
         self._connection: asyncssh.SSHClientConnection | None = None
+        # OpenSSH refuses channels past MaxSessions (10 by default): queue here instead.
+        self._channels = asyncio.Semaphore(MAX_CHANNELS)
 
     @property
     def is_connected(self) -> bool:
@@ -254,6 +287,16 @@ class SshTransport(Transport):
     async def connect(self) -> None:
         if self.is_connected:
             return
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                await self._connect_once()
+                return
+            except _TransientFailure as failure:
+                if attempt == CONNECT_ATTEMPTS:
+                    raise HostUnreachable(self.host.name, failure.reason) from failure
+                await asyncio.sleep(_backoff(attempt))
+
+    async def _connect_once(self) -> None:
         import asyncssh
 
         host = self.host
@@ -266,6 +309,9 @@ class SshTransport(Transport):
             raise HostUnreachable(
                 host.name, f"permission denied for user {host.user or 'default'}: {exc.reason}"
             ) from exc
+        except (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError) as exc:
+            # What sshd does to handshakes past MaxStartups: worth another try shortly.
+            raise _TransientFailure(f"connection dropped during the handshake: {exc}") from exc
         except asyncssh.DisconnectError as exc:
             raise HostUnreachable(host.name, f"ssh: {exc.reason}") from exc
         except (TimeoutError, asyncio.TimeoutError) as exc:
@@ -283,22 +329,38 @@ class SshTransport(Transport):
         script = remote_path(self.host.workdir, "bin", "sshwasm-exec")
         return f"{shlex.quote(self.host.python)} {script} {shlex.join(args)}"
 
-    async def _open(self, command: str) -> asyncssh.SSHClientProcess[bytes]:
+    async def _open(self, command: str) -> _SshProcess:
         import asyncssh
 
-        await self.connect()
-        assert self._connection is not None
+        await self._channels.acquire()
         try:
-            return await self._connection.create_process(command, encoding=None)
-        except (asyncssh.Error, ConnectionError) as exc:
-            self._connection = None
-            raise HostUnreachable(self.host.name, f"cannot open a channel: {exc}") from exc
+            for attempt in range(1, CHANNEL_ATTEMPTS + 1):
+                await self.connect()
+                assert self._connection is not None
+                try:
+                    process = await self._connection.create_process(command, encoding=None)
+                    return _SshProcess(process, self._channels.release)
+                except asyncssh.ChannelOpenError as exc:
+                    # Refused (MaxSessions) on a live connection: wait and retry.
+                    if attempt == CHANNEL_ATTEMPTS or not self.is_connected:
+                        self._connection = None
+                        raise HostUnreachable(
+                            self.host.name, f"cannot open a channel: {exc.reason}"
+                        ) from exc
+                    await asyncio.sleep(_backoff(attempt))
+                except (asyncssh.Error, ConnectionError) as exc:
+                    self._connection = None
+                    raise HostUnreachable(self.host.name, f"cannot open a channel: {exc}") from exc
+            raise AssertionError("unreachable")
+        except BaseException:
+            self._channels.release()
+            raise
 
     async def start_runner(self, args: Sequence[str]) -> RunnerProcess:
-        return _SshProcess(await self._open(self._runner_command(args)))
+        return await self._open(self._runner_command(args))
 
     async def run_shell(self, argv: Sequence[str], stdin: bytes = b"") -> Completed:
-        process = _SshProcess(await self._open(shlex.join(argv)))
+        process = await self._open(shlex.join(argv))
         await process.send(stdin)
         out = b""
         while chunk := await process.read():
@@ -316,7 +378,7 @@ class SshTransport(Transport):
             f"umask 077 && mkdir -p {bin_dir} && cat > {temp} && chmod 700 {temp} "
             f"&& mv -f {temp} {target}"
         )
-        process = _SshProcess(await self._open(command))
+        process = await self._open(command)
         await process.send(RUNNER_FILE.read_bytes())
         while await process.read():
             pass

@@ -904,3 +904,35 @@ def test_the_runner_runs_from_any_copy(tmp_path: Path, guest: Guest) -> None:
     frames = decode(done.stdout)
     assert frames[-1][0] == b"R"
     assert json.loads(frames[-1][1])["state"] == "succeeded"
+
+
+def test_the_runner_parses_as_python_3_8() -> None:
+    # Worker hosts may run an older Python than the coordinator.
+    ast.parse(RUNNER.read_text(), feature_version=(3, 8))
+
+
+OLD_PYTHONS = sorted(Path(sys.base_prefix).parent.glob("3.[89].*/bin/python3"))
+
+
+@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.8 or 3.9 installed beside this one")
+@pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
+def test_the_light_commands_work_on_older_pythons(
+    tmp_path: Path, guest: Guest, python: Path
+) -> None:
+    info = json.loads(run_runner("info", python=[str(python)]).stdout)
+    assert info["runner_version"] == RUNNER_VERSION
+    assert info["python"].startswith(python.parent.parent.name[:3])
+    workdir = tmp_path / "wd"
+    put = run_runner(
+        "put-module", str(workdir), guest.sha256, stdin=guest.data, python=[str(python)]
+    )
+    assert put.returncode == 0, put.stderr
+    outcome = run_frames(
+        "launch", str(workdir), "1", stdin=make_spec(guest, ["probe"]), python=[str(python)]
+    )
+    if info["wasmtime_error"]:
+        # Without wasmtime there, the launch must say so rather than crash.
+        assert [kind for kind, _ in outcome.frames] == [b"X"]
+        assert outcome.json_of(b"X")["kind"] == "no_wasmtime"
+    else:
+        assert outcome.result()["state"] == "succeeded"

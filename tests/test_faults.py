@@ -1,0 +1,214 @@
+"""Faults injected for real: killed coordinators, dropped connections, hosts down, load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sshd import SshServer
+from test_cli_e2e import EXAMPLES, PROGRAMS, moment, no_traceback, record_of, sshwasm
+
+
+def wait_for_state(job_id: int, states: set[str], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = record_of(sshwasm("status", str(job_id), "--json"))
+        if record["state"] in states:
+            return record
+        assert time.monotonic() < deadline, record
+        time.sleep(0.2)
+
+
+def session_children(server: SshServer) -> list[int]:
+    """The per-connection sshd processes under a server's listener."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == server.pid:
+            children.append(int(entry.name))
+    return children
+
+
+def test_killed_coordinator_then_status_collects_the_true_result(
+    make_cluster: Callable[..., Path],
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
+         str(PROGRAMS / "sleep.rs"), "--", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,  # readline() must not read ahead of what communicate() gets
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"start\n"  # the job is running on alpha
+    process.kill()
+    process.wait()
+    record = wait_for_state(1, {"succeeded", "failed", "lost"})
+    assert record["state"] == "succeeded", record
+    assert record["stdout"] == "start\nend\n"
+    assert sshwasm("logs", "1").stdout == "start\nend\n"
+
+
+def test_status_says_lost_when_the_host_has_no_trace(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
+         str(PROGRAMS / "sleep.rs"), "--", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,  # readline() must not read ahead of what communicate() gets
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"start\n"
+    process.kill()
+    process.wait()
+    # The host forgets the job, as a reinstalled machine would.
+    (job_dir,) = (cluster.parent / "workers" / "alpha" / "jobs").iterdir()
+    os.kill(int((job_dir / "pid").read_text()), signal.SIGKILL)
+    shutil.rmtree(job_dir)
+    record = record_of(sshwasm("status", "1", "--json"))
+    assert record["state"] == "lost", record
+    assert "no trace" in record["error"]
+
+
+def test_dropped_connection_reattaches_without_gaps_or_repeats(
+    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
+) -> None:
+    server = fresh_host("delta", "127.0.0.5")
+    cluster = make_cluster({"delta": (2, 1024)}, servers=[server])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
+         str(PROGRAMS / "trickle.rs"), "--", "300", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,  # readline() must not read ahead of what communicate() gets
+    )  # fmt: skip
+    assert process.stdout is not None
+    first = process.stdout.readline()
+    assert first == b"line 1\n"
+    for pid in session_children(server):
+        os.kill(pid, signal.SIGKILL)  # the connection drops; the job goes on on the host
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    expected = "".join(f"line {i}\n" for i in range(1, 301))
+    assert (first + out).decode() == expected
+    assert b"re-attaching" in err or b"lost" in err
+
+
+def test_host_down_at_placement_goes_to_the_next_best_fit(
+    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path], ssh_hosts: Any
+) -> None:
+    down = fresh_host("delta", "127.0.0.5")
+    down.stop()
+    cluster = make_cluster(
+        {"delta": (1, 512), "alpha": (8, 8192)}, servers={**ssh_hosts, "delta": down}
+    )
+    result = sshwasm(
+        "--cluster", str(cluster), "run", str(EXAMPLES / "hello.rs"), "--json",
+        "--env", "HELLO_SLEEP_S=0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert record_of(result)["host"] == "alpha"
+    assert "skipping host 'delta'" in result.stderr
+
+
+def test_no_host_reachable_names_each_host_and_why(
+    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
+) -> None:
+    first, second = fresh_host("delta", "127.0.0.5"), fresh_host("epsilon", "127.0.0.6")
+    first.stop()
+    second.stop()
+    cluster = make_cluster({"delta": (1, 512), "epsilon": (2, 512)}, servers=[first, second])
+    result = sshwasm("--cluster", str(cluster), "run", str(EXAMPLES / "hello.rs"))
+    no_traceback(result)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("sshwasm: error: no host could run the job")
+    assert "delta: connection refused" in last and "epsilon: connection refused" in last
+    assert record_of(sshwasm("status", "1", "--json"))["state"] == "failed"
+
+
+def test_big_and_binary_output_arrives_whole(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    lines = 400_000
+    result = subprocess.run(
+        [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
+         str(PROGRAMS / "bigout.rs"), "--", str(lines)],
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = "".join(f"line {i}\n" for i in range(1, lines + 1)).encode()
+    assert result.stdout == expected
+    logs = subprocess.run(
+        [sys.executable, "-m", "sshwasm", "logs", "1"], capture_output=True, timeout=60
+    )
+    assert logs.stdout == expected
+    record = record_of(sshwasm("status", "1", "--json"))
+    assert "bytes omitted here" in record["stdout"]
+    assert len(record["stdout"]) < 200_000
+    assert record["stdout"].startswith("line 1\n") and record["stdout"].endswith(f"{lines}\n")
+
+
+def test_fifty_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": (2, 1024), "beta": (1, 1024), "gamma": (3, 1024)})
+    sleep = str(PROGRAMS / "sleep.rs")
+    warm = sshwasm("--cluster", str(cluster), "run", sleep, "--", "0")
+    assert warm.returncode == 0, warm.stderr
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sshwasm",
+                "--cluster",
+                str(cluster),
+                "run",
+                sleep,
+                "--memory-mb",
+                "300",
+                "--json",
+                "--",
+                "0.2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(50)
+    ]
+    records = []
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+        assert "database is locked" not in err
+        records.append(json.loads(out))
+    assert len({r["id"] for r in records}) == 50
+    listed = json.loads(sshwasm("jobs", "--json").stdout)
+    assert len(listed) == 51 and all(r["state"] == "succeeded" for r in listed)
+    capacity = {"alpha": (2, 1024), "beta": (1, 1024), "gamma": (3, 1024)}
+    events: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
+    for r in records:
+        events[r["host"]].append((moment(r["started_at"]), r["cpus"], r["memory_mb"]))
+        events[r["host"]].append((moment(r["finished_at"]), -r["cpus"], -r["memory_mb"]))
+    for host, timeline in events.items():
+        cpus = memory = 0
+        for _, d_cpus, d_memory in sorted(timeline, key=lambda e: (e[0], e[1])):
+            cpus += d_cpus
+            memory += d_memory
+            assert cpus <= capacity[host][0] and memory <= capacity[host][1], host
