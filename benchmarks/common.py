@@ -275,7 +275,9 @@ class Bench:
             check=False,
         )
         if check and completed.returncode != 0:
-            raise BenchError(f"ssh {name} {' '.join(remote)} exited {completed.returncode}", completed)
+            raise BenchError(
+                f"ssh {name} {' '.join(remote)} exited {completed.returncode}", completed
+            )
         return completed
 
     def workdir(self, name: str) -> Path:

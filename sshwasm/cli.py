@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
@@ -127,7 +127,17 @@ def build_parser() -> ArgumentParser:
         help="set an environment variable for the job (repeatable); nothing else is passed",
     )
     run.add_argument("--stdin", metavar="FILE", help="feed this file to the job's stdin")
-    run.add_argument("--detach", action="store_true", help="print the job id and return at once")
+    run.add_argument(
+        "--array",
+        type=_positive_int,
+        metavar="N",
+        help="run N tasks of the module; task i sees SSHWASM_ARRAY_TASK_ID=i "
+        "and SSHWASM_ARRAY_TASK_COUNT=N",
+    )
+    run.add_argument(
+        "--tag", action="store_true", help="with --array: prefix each output line with its task"
+    )
+    run.add_argument("--detach", action="store_true", help="print the job id(s) and return at once")
     run.add_argument(
         "--json", action="store_true", help="print the job record as JSON instead of its output"
     )
@@ -136,6 +146,7 @@ def build_parser() -> ArgumentParser:
     jobs.add_argument("--json", action="store_true", help="print a JSON array of job records")
     jobs.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N jobs")
     jobs.add_argument("--state", choices=_states(), help="only jobs in this state")
+    jobs.add_argument("--fold", action="store_true", help="one row per array instead of per task")
 
     status = commands.add_parser("status", help="show one job (refreshed from its host)")
     status.add_argument("job_id", type=_positive_int, metavar="ID")
@@ -158,7 +169,7 @@ def build_parser() -> ArgumentParser:
     hosts.add_argument("--check", action="store_true", help="connect to each host and report")
 
     drive = commands.add_parser("_drive", help=argparse.SUPPRESS)
-    drive.add_argument("job_id", type=int)
+    drive.add_argument("job_ids", type=int, nargs="+")
     return parser
 
 
@@ -302,25 +313,76 @@ def cmd_run(ctx: _Context) -> int:
         argv=(source.stem, *args.args),
         env=tuple(args.env),
         pinned_host=args.host,
+        array_size=args.array,
     )
     store = ctx.store
-    job_id = store.submit(spec)
+    job_ids = store.submit_tasks(spec)
     if stdin_data is not None:
         # A copy, so the job reads what was there at submission even if it starts later.
-        stdin_copy = paths.job_output_dir(store.path, job_id) / "stdin"
+        stdin_copy = paths.job_output_dir(store.path, job_ids[0]) / "stdin"
         stdin_copy.parent.mkdir(parents=True, exist_ok=True)
         stdin_copy.write_bytes(stdin_data)
-        store.update(job_id, stdin_path=str(stdin_copy))
+        for job_id in job_ids:
+            store.update(job_id, stdin_path=str(stdin_copy))
     if args.detach:
-        _spawn_driver(ctx, job_id)
-        print(job_id)
+        _spawn_driver(ctx, job_ids)
+        print("\n".join(str(job_id) for job_id in job_ids))
         return ExitStatus.OK
+    if args.array:
+        return _run_array(ctx, job_ids, interactive)
+    (job_id,) = job_ids
     job = _drive(ctx, job_id, _handlers(show_output=not args.json, show_notices=interactive))
     if args.json:
         _print_json(job.record())
     elif job.state not in ("succeeded", "failed") and job.error:
         _notice(f"job {job.id} {job.state}: {job.error}")
     return job_exit_status(job)
+
+
+def _run_array(ctx: _Context, job_ids: list[int], interactive: bool) -> int:
+    """Run an array's tasks side by side, printing each task's output whole as it ends."""
+    from .jobs import Coordinator
+    from .transport import TransportPool
+
+    args = ctx.args
+    cluster = ctx.cluster()
+    handlers = _handlers(show_output=False, show_notices=interactive)
+
+    def show(job: Job) -> None:
+        if args.json:
+            return
+        directory = paths.job_output_dir(ctx.store.path, job.id)
+        prefix = f"{job.array_task}\t".encode() if args.tag else None
+        for stream, write in (("stdout", _write_out), ("stderr", _write_err)):
+            _copy_output(directory / stream, write, prefix)
+        if job.state not in ("succeeded", "failed") and job.error:
+            _notice(f"task {job.array_task} (job {job.id}) {job.state}: {job.error}")
+
+    async def go() -> list[Job]:
+        async with TransportPool() as pool:
+            coordinator = Coordinator(ctx.store, cluster.hosts, pool, handlers)
+            return await coordinator.drive_tasks(job_ids, on_done=show)
+
+    jobs = asyncio.run(go())
+    if args.json:
+        _print_json([job.record() for job in jobs])
+    failed = [job for job in jobs if job.state != "succeeded"]
+    if not failed:
+        return ExitStatus.OK
+    return job_exit_status(failed[0]) or ExitStatus.ERROR
+
+
+def _copy_output(path: Path, write: Callable[[bytes], None], prefix: bytes | None) -> None:
+    """Write a task's saved output, line by line with `prefix` when tagging."""
+    if not path.exists():
+        return
+    with open(path, "rb") as handle:
+        if prefix is None:
+            while chunk := handle.read(1 << 20):
+                write(chunk)
+            return
+        for line in handle:
+            write(prefix + line)
 
 
 def _drive(ctx: _Context, job_id: int, handlers: Handlers) -> Job:
@@ -343,13 +405,13 @@ def _drive(ctx: _Context, job_id: int, handlers: Handlers) -> Job:
         raise
 
 
-def _spawn_driver(ctx: _Context, job_id: int) -> None:
+def _spawn_driver(ctx: _Context, job_ids: list[int]) -> None:
     command = [sys.executable, "-m", "sshwasm", "--db", str(ctx.db_path.resolve())]
     cluster_path = ctx.cluster_path()
     if cluster_path is not None:
         command += ["--cluster", str(cluster_path)]
-    command += ["_drive", str(job_id)]
-    log = paths.job_output_dir(ctx.db_path, job_id) / "coordinator.log"
+    command += ["_drive", *map(str, job_ids)]
+    log = paths.job_output_dir(ctx.db_path, job_ids[0]) / "coordinator.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as log_file:
         driver = subprocess.Popen(
@@ -359,13 +421,25 @@ def _spawn_driver(ctx: _Context, job_id: int) -> None:
             stderr=log_file,
             start_new_session=True,  # survives this terminal closing
         )
-    ctx.store.heartbeat_as(job_id, driver.pid)
+    for job_id in job_ids:
+        ctx.store.heartbeat_as(job_id, driver.pid)
 
 
 def cmd_drive(ctx: _Context) -> int:
     """Hidden: the detached coordinator of `run --detach`."""
-    job = _drive(ctx, ctx.args.job_id, _handlers(show_output=False, show_notices=True))
-    return job_exit_status(job)
+    from .jobs import Coordinator
+    from .transport import TransportPool
+
+    cluster = ctx.cluster()
+    handlers = _handlers(show_output=False, show_notices=True)
+
+    async def go() -> list[Job]:
+        async with TransportPool() as pool:
+            coordinator = Coordinator(ctx.store, cluster.hosts, pool, handlers)
+            return await coordinator.drive_tasks(ctx.args.job_ids)
+
+    jobs = asyncio.run(go())
+    return max((job_exit_status(job) for job in jobs), default=ExitStatus.OK)
 
 
 def _refresh(ctx: _Context, jobs: Sequence[Job]) -> list[Job]:
@@ -398,23 +472,63 @@ def cmd_jobs(ctx: _Context) -> int:
     if args.json:
         _print_json([job.record() for job in jobs])
         return ExitStatus.OK
-    rows = [
-        [
-            job.id,
-            job.name or "",
-            job.state,
-            job.host or "",
-            job.cpus,
-            job.memory_mb,
-            _local_time(job.submitted_at),
-            _runtime(job),
-            "" if job.exit_code is None else job.exit_code,
-        ]
-        for job in jobs
-    ]
+    rows = _folded_rows(jobs) if args.fold else [_job_row(job) for job in jobs]
     headers = ["ID", "NAME", "STATE", "HOST", "CPUS", "MEM_MB", "SUBMITTED", "RUNTIME", "EXIT"]
     print(tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True))
     return ExitStatus.OK
+
+
+def _job_row(job: Job) -> list[Any]:
+    name = job.name or ""
+    if job.array_task is not None:
+        name = f"{name}[{job.array_task}]"
+    return [
+        job.id,
+        name,
+        job.state,
+        job.host or "",
+        job.cpus,
+        job.memory_mb,
+        _local_time(job.submitted_at),
+        _runtime(job),
+        "" if job.exit_code is None else job.exit_code,
+    ]
+
+
+def _folded_rows(jobs: Sequence[Job]) -> list[list[Any]]:
+    """One row per array (the array's id, a count per state), plain jobs as they are."""
+    rows: list[list[Any]] = []
+    arrays: dict[int, list[Job]] = {}
+    for job in jobs:
+        if job.array_id is None:
+            rows.append(_job_row(job))
+        elif job.array_id not in arrays:
+            arrays[job.array_id] = [job]
+            rows.append([job.array_id])  # filled in below, keeping the newest-first order
+        else:
+            arrays[job.array_id].append(job)
+    for row in rows:
+        tasks = arrays.get(row[0]) if len(row) == 1 else None
+        if tasks is None:
+            continue
+        first = tasks[0]
+        states: dict[str, int] = {}
+        for task in tasks:
+            states[task.state] = states.get(task.state, 0) + 1
+        hosts = {task.host for task in tasks if task.host}
+        codes = [task.exit_code for task in tasks if task.exit_code is not None]
+        total_s = sum(task.run_s or 0.0 for task in tasks)
+        row[1:] = [
+            f"{first.name or ''}[{len(tasks)} tasks]",
+            ", ".join(f"{count} {state}" for state, count in sorted(states.items())),
+            hosts.pop() if len(hosts) == 1 else f"{len(hosts)} hosts" if hosts else "",
+            first.cpus,
+            first.memory_mb,
+            _local_time(first.submitted_at),
+            f"{total_s:.2f}s" if total_s else "",
+            max(codes) if codes else "",
+        ]
+    return rows
 
 
 def cmd_status(ctx: _Context) -> int:

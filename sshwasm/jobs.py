@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,23 +177,71 @@ class Coordinator:
         self.hosts = hosts
         self.pool = pool
         self.handlers = handlers
+        self._active: set[int] = set()
+        # Set (and replaced) whenever one of our jobs frees capacity, so our own queued
+        # jobs start at once instead of at their next poll.
+        self._room_freed = asyncio.Event()
 
     async def drive(self, job_id: int) -> Job:
         """Run a submitted job to its final state (or until its host is out of reach)."""
-        heartbeat = asyncio.create_task(self._heartbeat(job_id))
-        try:
-            return await self._drive(job_id)
-        finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+        async with self._heartbeating():
+            return await self._drive_and_signal(job_id)
 
-    async def _heartbeat(self, job_id: int) -> None:
+    async def drive_tasks(
+        self, job_ids: Sequence[int], on_done: Callable[[Job], None] | None = None
+    ) -> list[Job]:
+        """Run the tasks of an array side by side; a task's failure does not stop the rest."""
+
+        async def one(job_id: int) -> Job:
+            try:
+                job = await self._drive_and_signal(job_id)
+            except SshwasmError as exc:
+                job = self.store.get(job_id)
+                # A running task whose host went away stays running for `status` to
+                # collect; one that never started failed for good.
+                if job.state == "queued":
+                    self.store.finish(job_id, "failed", error=str(exc))
+                    job = self.store.get(job_id)
+            if on_done is not None:
+                on_done(job)
+            return job
+
+        async with self._heartbeating():
+            return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+
+    @contextlib.asynccontextmanager
+    async def _heartbeating(self) -> AsyncIterator[None]:
+        task = asyncio.create_task(self._heartbeat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             # On the loop itself: the store's connection belongs to this thread, and the
-            # write is one short transaction.
-            self.store.heartbeat(job_id)
+            # write is one short transaction for all our jobs.
+            if self._active:
+                self.store.heartbeat_many(sorted(self._active))
+
+    async def _drive_and_signal(self, job_id: int) -> Job:
+        self._active.add(job_id)
+        try:
+            return await self._drive(job_id)
+        finally:
+            self._active.discard(job_id)
+            self._signal_room()
+
+    def _signal_room(self) -> None:
+        freed, self._room_freed = self._room_freed, asyncio.Event()
+        freed.set()
+
+    async def _wait_for_room(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._room_freed.wait(), seconds)
 
     async def _drive(self, job_id: int) -> Job:
         excluded: dict[str, str] = {}
@@ -212,7 +260,8 @@ class Coordinator:
                 if not announced_wait:
                     announced_wait = True
                     self.handlers.notice(f"job {job_id} queued: waiting for a host with room")
-                await asyncio.sleep(delay)
+                # Other processes' jobs free room too; only polling sees those.
+                await self._wait_for_room(delay)
                 delay = min(delay * 1.5, POLL_MAX_S)
                 continue
             try:
@@ -220,6 +269,7 @@ class Coordinator:
             except HostUnreachable as exc:
                 # The job never started there: give the capacity back and try elsewhere.
                 self.store.release(job_id)
+                self._signal_room()
                 await self.pool.drop(host)
                 excluded[host.name] = exc.reason
                 self.handlers.warning(f"skipping host '{host.name}': {exc.reason}")

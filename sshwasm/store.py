@@ -64,6 +64,9 @@ RECORD_FIELDS = (
     "stdout",
     "stderr",
     "error",
+    # extensions of the contract
+    "array_id",
+    "array_task",
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its
@@ -112,8 +115,11 @@ _MIGRATIONS: dict[int, str] = {
         stdout_bytes INTEGER NOT NULL DEFAULT 0,
         stderr_bytes INTEGER NOT NULL DEFAULT 0,
         remote_key TEXT,
-        unreachable_since REAL
+        unreachable_since REAL,
+        array_id INTEGER,
+        array_task INTEGER
     );
+    CREATE INDEX jobs_array ON jobs(array_id);
     CREATE INDEX jobs_state ON jobs(state);
     CREATE INDEX jobs_host_state ON jobs(host, state);
     """,
@@ -143,6 +149,7 @@ class JobSpec:
     env: tuple[tuple[str, str], ...]
     stdin_path: str | None = None
     pinned_host: str | None = None
+    array_size: int | None = None  # set: submit this many tasks sharing one array id
 
     @property
     def request(self) -> Request:
@@ -257,43 +264,69 @@ class JobStore:
 
     def submit(self, spec: JobSpec) -> int:
         """Insert a new queued job; returns its id. Written before any network I/O."""
+        return self.submit_tasks(spec)[0]
+
+    def submit_tasks(self, spec: JobSpec) -> list[int]:
+        """Insert a job, or every task of an array, in one transaction; returns the ids.
+
+        Task i of an array gets `SSHWASM_ARRAY_TASK_ID=i` and `SSHWASM_ARRAY_TASK_COUNT=N`
+        added to its environment; the array's id is the id of its task 0.
+        """
         now = time.time()
+        submitted_at = utc_now()
+        ids: list[int] = []
+        tasks = range(spec.array_size) if spec.array_size else [None]
         with self._transaction() as db:
-            cursor = db.execute(
-                """INSERT INTO jobs (name, state, cpus, memory_mb, time_limit_s, source, language,
-                       wasm_sha256, wasm_bytes, compile_s, submitted_at, submitted_ts, wasm_path,
-                       argv, env, stdin_path, pinned_host, heartbeat_ts, coordinator_pid)
-                   VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    spec.name,
-                    spec.cpus,
-                    spec.memory_mb,
-                    spec.time_limit_s,
-                    spec.source,
-                    spec.language,
-                    spec.wasm_sha256,
-                    spec.wasm_bytes,
-                    spec.compile_s,
-                    utc_now(),
-                    now,
-                    spec.wasm_path,
-                    json.dumps(list(spec.argv)),
-                    json.dumps([list(pair) for pair in spec.env]),
-                    spec.stdin_path,
-                    spec.pinned_host,
-                    now,
-                    os.getpid(),
-                ),
-            )
-            job_id = cursor.lastrowid
-            assert job_id is not None
-            # Names the job's directory on hosts. The random part keeps two jobs files that
-            # share a host workdir (two users, two --db) from colliding on the same id.
-            db.execute(
-                "UPDATE jobs SET remote_key = ? WHERE id = ?",
-                (f"{job_id}-{secrets.token_hex(4)}", job_id),
-            )
-        return job_id
+            for task in tasks:
+                env = list(spec.env)
+                if task is not None:
+                    env += [
+                        ("SSHWASM_ARRAY_TASK_ID", str(task)),
+                        ("SSHWASM_ARRAY_TASK_COUNT", str(spec.array_size)),
+                    ]
+                cursor = db.execute(
+                    """INSERT INTO jobs (name, state, cpus, memory_mb, time_limit_s, source,
+                           language, wasm_sha256, wasm_bytes, compile_s, submitted_at,
+                           submitted_ts, wasm_path, argv, env, stdin_path, pinned_host,
+                           heartbeat_ts, coordinator_pid, array_task)
+                       VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                               ?)""",
+                    (
+                        spec.name,
+                        spec.cpus,
+                        spec.memory_mb,
+                        spec.time_limit_s,
+                        spec.source,
+                        spec.language,
+                        spec.wasm_sha256,
+                        spec.wasm_bytes,
+                        spec.compile_s,
+                        submitted_at,
+                        now,
+                        spec.wasm_path,
+                        json.dumps(list(spec.argv)),
+                        json.dumps([list(pair) for pair in env]),
+                        spec.stdin_path,
+                        spec.pinned_host,
+                        now,
+                        os.getpid(),
+                        task,
+                    ),
+                )
+                job_id = cursor.lastrowid
+                assert job_id is not None
+                ids.append(job_id)
+                # Names the job's directory on hosts. The random part keeps two jobs files
+                # that share a host workdir (two users, two --db) from colliding on an id.
+                db.execute(
+                    "UPDATE jobs SET remote_key = ?, array_id = ? WHERE id = ?",
+                    (
+                        f"{job_id}-{secrets.token_hex(4)}",
+                        ids[0] if task is not None else None,
+                        job_id,
+                    ),
+                )
+        return ids
 
     def try_place(
         self, job_id: int, hosts: Sequence[Host], excluded: Sequence[str] = ()
@@ -364,6 +397,15 @@ class JobStore:
     def heartbeat(self, job_id: int) -> None:
         """Say that this process, the job's coordinator, is alive."""
         self.heartbeat_as(job_id, os.getpid())
+
+    def heartbeat_many(self, job_ids: Sequence[int]) -> None:
+        """Say that this process is alive and coordinating all these jobs."""
+        marks = ", ".join("?" for _ in job_ids)
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE jobs SET heartbeat_ts = ?, coordinator_pid = ? WHERE id IN ({marks})",
+                (time.time(), os.getpid(), *job_ids),
+            )
 
     def heartbeat_as(self, job_id: int, pid: int) -> None:
         """Record `pid` as the job's live coordinator."""

@@ -90,6 +90,11 @@ class Transport(ABC):
 
     def __init__(self, host: Host) -> None:
         self.host = host
+        # Concurrent jobs on one host (array tasks) install the runner and upload a module
+        # once between them, not once each.
+        self.setup_lock = asyncio.Lock()
+        self.modules_sent: set[str] = set()
+        self.runner_sent = False
 
     @abstractmethod
     async def connect(self) -> None:

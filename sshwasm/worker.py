@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HostUnreachable, RemoteError
-from .runner import FrameDecoder, runner_version
+from .runner import FrameDecoder, FrameError, runner_version
 from .transport import Completed, RunnerProcess, Transport
 
 OutputCallback = Callable[[bytes], None]
@@ -76,13 +76,18 @@ class UploadStats:
 
 
 async def read_frames(
-    process: RunnerProcess, on_stdout: OutputCallback, on_stderr: OutputCallback
+    host: str, process: RunnerProcess, on_stdout: OutputCallback, on_stderr: OutputCallback
 ) -> StreamOutcome:
     """Consume a runner's frames until its stdout ends."""
     outcome = StreamOutcome()
     decoder = FrameDecoder()
     while chunk := await process.read():
-        for kind, payload in decoder.feed(chunk):
+        try:
+            frames = decoder.feed(chunk)
+        except FrameError as exc:
+            process.abort()
+            raise RemoteError(host, f"garbled answer from the runner: {exc}") from exc
+        for kind, payload in frames:
             outcome.frames += 1
             if kind == b"O":
                 on_stdout(payload)
@@ -129,7 +134,7 @@ class WorkerClient:
         for _attempt in range(4):
             process = await self.transport.start_runner(["launch", self.host.workdir, str(job_id)])
             await process.send(payload)
-            outcome = await read_frames(process, on_stdout, on_stderr)
+            outcome = await read_frames(self.host.name, process, on_stdout, on_stderr)
             if outcome.need == "runner" or (
                 outcome.frames == 0 and outcome.completed and outcome.completed.exit_status
             ):
@@ -139,14 +144,20 @@ class WorkerClient:
                         self.host.name,
                         f"the runner cannot start with '{self.host.python}': {_last_line(stderr)}",
                     )
-                await self.transport.install_runner()
+                async with self.transport.setup_lock:
+                    if not self.transport.runner_sent:
+                        await self.transport.install_runner()
+                        self.transport.runner_sent = True
+                        stats.notes.append("installed the runner")
                 stats.runner_installed = True
-                stats.notes.append("installed the runner")
                 continue
             if outcome.need == "module":
-                started_at = time.monotonic()
-                stats.upload_bytes += await self.put_module(spec.wasm_sha256, module)
-                stats.upload_s += time.monotonic() - started_at
+                async with self.transport.setup_lock:
+                    if spec.wasm_sha256 not in self.transport.modules_sent:
+                        started_at = time.monotonic()
+                        stats.upload_bytes += await self.put_module(spec.wasm_sha256, module)
+                        stats.upload_s += time.monotonic() - started_at
+                        self.transport.modules_sent.add(spec.wasm_sha256)
                 continue
             return outcome, stats
         raise RemoteError(self.host.name, "the runner kept asking for setup; giving up")
@@ -176,7 +187,7 @@ class WorkerClient:
             ["attach", self.host.workdir, str(job_id), str(stdout_offset), str(stderr_offset)]
         )
         await process.send(b"")
-        return await read_frames(process, on_stdout, on_stderr)
+        return await read_frames(self.host.name, process, on_stdout, on_stderr)
 
     async def poll(
         self,
@@ -191,7 +202,7 @@ class WorkerClient:
             ["poll", self.host.workdir, str(job_id), str(stdout_offset), str(stderr_offset)]
         )
         await process.send(b"")
-        return await read_frames(process, on_stdout, on_stderr)
+        return await read_frames(self.host.name, process, on_stdout, on_stderr)
 
     async def cancel(self, job_id: int) -> dict[str, Any]:
         """Kill a job on its host; returns the runner's answer."""

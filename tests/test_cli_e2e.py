@@ -117,7 +117,7 @@ def test_json_record_and_warm_run_uploads_nothing(cluster: Path) -> None:
         "id", "name", "state", "exit_code", "host", "cpus", "memory_mb", "time_limit_s",
         "source", "language", "wasm_sha256", "wasm_bytes", "upload_bytes", "submitted_at",
         "started_at", "finished_at", "queue_s", "compile_s", "upload_s", "run_s", "cpu_s",
-        "peak_memory_bytes", "stdout", "stderr", "error",
+        "peak_memory_bytes", "stdout", "stderr", "error", "array_id", "array_task",
     }  # fmt: skip
     assert first["state"] == second["state"] == "succeeded"
     assert second["stdout"] == "job done, hello!\n"
@@ -365,3 +365,34 @@ def test_jobs_filters(cluster: Path) -> None:
     failed = json.loads(sshwasm("jobs", "--json", "--state", "failed").stdout)
     assert [j["id"] for j in failed] == [2]
     assert len(json.loads(sshwasm("jobs", "--json", "--limit", "1").stdout)) == 1
+
+
+def test_array_tasks_spread_over_hosts_with_whole_outputs(cluster: Path) -> None:
+    result = sshwasm(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "task.rs"), "--array", "12",
+        "--cpus", "2", "--tag",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 36
+    for index in range(0, 36, 3):  # each task's three lines together, never interleaved
+        task = lines[index].split("\t")[0]
+        assert lines[index : index + 3] == [f"{task}\ttask {task} of 12 line {n}" for n in range(3)]
+    assert sorted(int(lines[i].split("\t")[0]) for i in range(0, 36, 3)) == list(range(12))
+    records = json.loads(sshwasm("jobs", "--json").stdout)
+    assert len(records) == 12 and {r["array_id"] for r in records} == {1}
+    assert sorted(r["array_task"] for r in records) == list(range(12))
+    assert len({r["host"] for r in records}) >= 2  # 2-cpu tasks spread over the hosts
+    folded = sshwasm("jobs", "--fold").stdout.splitlines()
+    assert len(folded) == 2 and "12 succeeded" in folded[1]
+
+
+def test_array_exit_code_is_zero_only_if_every_task_succeeded(cluster: Path) -> None:
+    result = sshwasm(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "task.rs"), "--array", "4",
+        "--json", "--", "2",
+    )  # fmt: skip
+    assert result.returncode == 5
+    records = json.loads(result.stdout)
+    states = {r["array_task"]: r["state"] for r in records}
+    assert states == {0: "succeeded", 1: "succeeded", 2: "failed", 3: "succeeded"}

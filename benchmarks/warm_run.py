@@ -1,0 +1,242 @@
+"""Warm `sshwasm run tiny.rs` against bare `ssh host true` (OpenSSH), on one loopback host.
+
+Warm means the module is compiled and cached locally, already on the host, and its machine
+code precompiled there: what is left is the CLI start-up, one SSH connection and one remote
+command. Both sides run interleaved, median of --runs each. Then a breakdown of where a warm
+run's time goes: the CLI traced in-process (benchmarks/trace_cli.py), `-X importtime`, and
+the pieces measured alone (interpreter start, imports, handshake, remote commands).
+
+Target (issue 5): warm run <= 1.5x `ssh host true`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    Bench,
+    BenchError,
+    banner,
+    median,
+    print_table,
+    program,
+    run_main,
+    summary,
+    verdict,
+)
+
+TARGET_RATIO = 1.5
+TRACE_SCRIPT = Path(__file__).resolve().parent / "trace_cli.py"
+HOST = "alpha"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15, help="timed runs of each (default 15)")
+    parser.add_argument("--traces", type=int, default=5, help="traced runs (default 5)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser.parse_args(argv)
+
+
+def time_process(
+    argv: Sequence[str], bench: Bench
+) -> tuple[float, subprocess.CompletedProcess[bytes]]:
+    """Wall seconds from spawn to exit of one process in the bench's environment."""
+    started = time.perf_counter()
+    completed = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, env=bench.env, cwd=bench.root
+    )
+    return time.perf_counter() - started, completed
+
+
+def warm_up(bench: Bench, tiny: Path) -> dict[str, Any]:
+    """Run tiny twice (compile, install runner, upload, precompile); return the warm record."""
+    bench.sshwasm("run", str(tiny), check=True)
+    record: dict[str, Any] = json.loads(
+        bench.sshwasm("run", str(tiny), "--json", check=True).stdout
+    )
+    if record["compile_s"] != 0 or record["upload_bytes"] != 0:
+        print(f"note: the second run still compiled or uploaded: {record}")
+    return record
+
+
+def compare(bench: Bench, tiny: Path, runs: int) -> tuple[list[float], list[float]]:
+    """Interleaved timings of the warm sshwasm run and of `ssh host true`."""
+    sshwasm_times: list[float] = []
+    ssh_times: list[float] = []
+    for _ in range(runs):
+        seconds, completed = time_process(bench.sshwasm_argv("run", str(tiny)), bench)
+        if completed.returncode != 0 or completed.stdout != b"tiny -\n":
+            raise BenchError("warm sshwasm run failed", completed)
+        sshwasm_times.append(seconds)
+        seconds, completed = time_process(bench.ssh_argv(HOST, "true"), bench)
+        if completed.returncode != 0:
+            raise BenchError("ssh host true failed", completed)
+        ssh_times.append(seconds)
+    return sshwasm_times, ssh_times
+
+
+# -- breakdown --------------------------------------------------------------------------------
+
+
+def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
+    """One traced warm run: phase name -> seconds (first occurrence of each span)."""
+    out = bench.root / "trace.json"
+    spawned = time.time()
+    completed = subprocess.run(
+        [sys.executable, str(TRACE_SCRIPT), str(out), "run", str(tiny)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=bench.env,
+        cwd=bench.root,
+    )
+    exited = time.time()
+    if completed.returncode != 0:
+        raise BenchError("traced run failed", completed)
+    trace = json.loads(out.read_text())
+    marks: dict[str, float] = trace["marks"]
+    spans: dict[str, tuple[float, float]] = {}
+    for name, began, ended in trace["spans"]:
+        spans.setdefault(name, (began, ended))
+
+    def length(name: str) -> float:
+        began, ended = spans.get(name, (0.0, 0.0))
+        return ended - began
+
+    channel_open = spans["open channel + exec request"][1]
+    phases = {
+        "interpreter start (until trace_cli's first line)": marks["child_start"] - spawned,
+        "import sshwasm.cli": length("import sshwasm.cli"),
+        "import build/store/jobs/transport": length(
+            "import build/store/jobs/transport (lazy in the CLI)"
+        ),
+        "cluster + build cache + jobs file + submit": (
+            length("load cluster file")
+            + length("build (cache lookup)")
+            + length("open jobs file")
+            + length("store.submit")
+        ),
+        "store.try_place": length("store.try_place"),
+        "import asyncssh": length("import asyncssh"),
+        "ssh connect (tcp + kex + auth)": length("ssh connect (tcp + kex + auth)"),
+        "open channel + exec request": length("open channel + exec request"),
+        "remote: login shell + runner start -> S frame": marks["first frame S"] - channel_open,
+        "remote: executor (python + wasmtime + run) -> R frame": (
+            marks["first frame R"] - marks["first frame S"]
+        ),
+        "after R: exit status, store.finish, close": marks["main_end"] - marks["first frame R"],
+        "interpreter exit": exited - marks["main_end"],
+        "total (spawn to exit)": exited - spawned,
+    }
+    return phases
+
+
+def importtime(bench: Bench, tiny: Path) -> tuple[float, list[tuple[str, float]]]:
+    """`-X importtime` of one warm run: total seconds and the biggest top-level imports."""
+    completed = bench.sshwasm("run", str(tiny), python_flags=("-X", "importtime"))
+    top: list[tuple[str, float]] = []
+    pattern = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( +)(\S+)")
+    for line in completed.stderr.decode(errors="replace").splitlines():
+        match = pattern.match(line)
+        if match and len(match.group(3)) == 1:
+            top.append((match.group(4), int(match.group(2)) / 1e6))
+    total = sum(seconds for _, seconds in top)
+    top.sort(key=lambda item: item[1], reverse=True)
+    return total, top[:8]
+
+
+def local_piece(bench: Bench, code: str, runs: int = 7) -> float:
+    """Median seconds of `python -c CODE` here."""
+    return median([time_process([sys.executable, "-c", code], bench)[0] for _ in range(runs)])
+
+
+async def remote_pieces(bench: Bench, runs: int = 7) -> dict[str, float]:
+    """Medians of the SSH pieces on their own, with asyncssh like the coordinator uses."""
+    import asyncssh
+
+    python = sys.executable
+    kwargs = bench.connect_kwargs(HOST)
+    connects: list[float] = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        connection = await asyncssh.connect(**kwargs)
+        connects.append(time.perf_counter() - started)
+        connection.close()
+        await connection.wait_closed()
+    pieces = {"asyncssh connect (tcp + kex + auth)": median(connects)}
+    commands = {
+        "remote `true` on an open connection (login shell)": "true",
+        "remote `python -c pass`": f"{python} -c pass",
+        "remote `python -c 'import wasmtime'`": f"{python} -c 'import wasmtime'",
+    }
+    async with asyncssh.connect(**kwargs) as connection:
+        for label, command in commands.items():
+            times: list[float] = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                result = await connection.run(command, check=True)
+                times.append(time.perf_counter() - started)
+                assert result.exit_status == 0
+            pieces[label] = median(times)
+    return pieces
+
+
+def breakdown(bench: Bench, tiny: Path, traces: int) -> None:
+    """Print where a warm run's time goes."""
+    runs = [trace_once(bench, tiny) for _ in range(traces)]
+    print(f"\nbreakdown of a warm run (in-process trace, median of {traces}):")
+    print_table(
+        (phase, f"{median([run[phase] for run in runs]) * 1000:7.1f} ms") for phase in runs[0]
+    )
+
+    total, top = importtime(bench, tiny)
+    print(f"\n-X importtime of a warm run: {total * 1000:.0f} ms of imports; biggest:")
+    print_table((name, f"{seconds * 1000:7.1f} ms") for name, seconds in top)
+
+    print("\npieces measured alone (median of 7):")
+    local = {
+        "local `python -c pass`": local_piece(bench, "pass"),
+        "local `import sshwasm.cli`": local_piece(bench, "import sshwasm.cli"),
+        "local `import asyncssh`": local_piece(bench, "import asyncssh"),
+        "local `import asyncssh, sshwasm.jobs`": local_piece(
+            bench, "import asyncssh, sshwasm.jobs"
+        ),
+    }
+    remote = asyncio.run(remote_pieces(bench))
+    print_table(
+        (label, f"{seconds * 1000:7.1f} ms") for label, seconds in {**local, **remote}.items()
+    )
+
+
+def main() -> int:
+    """Run the benchmark and print its report."""
+    args = parse_args()
+    tiny = program("tiny.rs")
+    banner("warm `sshwasm run tiny.rs` vs `ssh host true` (one loopback host)")
+    with Bench(1, keep=args.keep) as bench:
+        record = warm_up(bench, tiny)
+        print(
+            f"warm record: compile_s={record['compile_s']} upload_bytes={record['upload_bytes']} "
+            f"queue_s={record['queue_s']} run_s={record['run_s']}"
+        )
+        sshwasm_times, ssh_times = compare(bench, tiny, args.runs)
+        ratio = median(sshwasm_times) / median(ssh_times)
+        print(f"sshwasm run (warm):   {summary(sshwasm_times)}")
+        print(f"ssh host true:        {summary(ssh_times)}")
+        print(f"ratio: {ratio:.2f}x  (target <= {TARGET_RATIO}x: {verdict(ratio <= TARGET_RATIO)})")
+        breakdown(bench, tiny, args.traces)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
