@@ -26,6 +26,7 @@ from .errors import CompileError, SshwasmError, UsageError
 if TYPE_CHECKING:
     from .cluster import Cluster
     from .jobs import Handlers
+    from .schedule import Request
     from .store import Job, JobStore
 
 PROG = "sshwasm"
@@ -119,6 +120,19 @@ def build_parser() -> ArgumentParser:
     )
     run.add_argument("--host", metavar="NAME", help="run on this host only")
     run.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only on hosts carrying this label (repeatable: all of them)",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show which host would be chosen and why not the others, then exit",
+    )
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    run.add_argument(
         "--env",
         type=_env_pair,
         action="append",
@@ -167,6 +181,13 @@ def build_parser() -> ArgumentParser:
     hosts = commands.add_parser("hosts", help="list the cluster's hosts and their free capacity")
     hosts.add_argument("--json", action="store_true", help="print a JSON array")
     hosts.add_argument("--check", action="store_true", help="connect to each host and report")
+    hosts_commands = hosts.add_subparsers(
+        dest="hosts_command", metavar="install", parser_class=ArgumentParser
+    )
+    install = hosts_commands.add_parser(
+        "install", help="install the runner, and wasmtime if missing, on hosts (default: all)"
+    )
+    install.add_argument("names", nargs="*", metavar="NAME")
 
     drive = commands.add_parser("_drive", help=argparse.SUPPRESS)
     drive.add_argument("job_ids", type=int, nargs="+")
@@ -282,14 +303,17 @@ def cmd_run(ctx: _Context) -> int:
     args = ctx.args
     source = Path(args.source)
     cluster = ctx.cluster()
-    check_feasible(cluster.hosts, Request(args.cpus, args.memory_mb, args.host))
+    request = Request(args.cpus, args.memory_mb, args.host, tuple(args.label))
+    if args.dry_run:
+        return _dry_run(ctx, cluster, request)
+    check_feasible(cluster.hosts, request)
     stdin_data: bytes | None = None
     if args.stdin is not None:
         try:
             stdin_data = Path(args.stdin).read_bytes()
         except OSError as exc:
             raise UsageError(f"--stdin {args.stdin}: {exc.strerror or exc}") from exc
-    interactive = sys.stderr.isatty() and not args.json
+    interactive = sys.stderr.isatty() and not args.json and not args.quiet
     if interactive:
         _notice(f"compiling {source} ...")
     artifact = build(source)
@@ -314,6 +338,7 @@ def cmd_run(ctx: _Context) -> int:
         env=tuple(args.env),
         pinned_host=args.host,
         array_size=args.array,
+        labels=tuple(args.label),
     )
     store = ctx.store
     job_ids = store.submit_tasks(spec)
@@ -337,6 +362,38 @@ def cmd_run(ctx: _Context) -> int:
     elif job.state not in ("succeeded", "failed") and job.error:
         _notice(f"job {job.id} {job.state}: {job.error}")
     return job_exit_status(job)
+
+
+def _dry_run(ctx: _Context, cluster: Cluster, request: Request) -> int:
+    """`run --dry-run`: the placement decision, host by host, without running anything."""
+    from tabulate import tabulate
+
+    from .build import detect_language
+    from .hosts import check_hosts
+    from .schedule import check_feasible, explain
+
+    source = Path(ctx.args.source)
+    detect_language(source)
+    if not source.exists():
+        raise UsageError(f"no such file: {source}")
+    reports = asyncio.run(check_hosts(cluster.hosts))
+    unreachable = {
+        host.name: report["error"] or "unreachable"
+        for host, report in zip(cluster.hosts, reports, strict=True)
+        if not report["reachable"]
+    }
+    chosen, reasons = explain(cluster.hosts, ctx.store.usage(), request, unreachable)
+    print(tabulate(sorted(reasons.items()), headers=["HOST", "VERDICT"], tablefmt="plain"))
+    if chosen is not None:
+        print(f"would run on {chosen.name}")
+        return ExitStatus.OK
+    try:
+        check_feasible([h for h in cluster.hosts if h.name not in unreachable], request)
+    except SshwasmError as exc:
+        print(f"would not run: {exc}")
+        return ExitStatus.ERROR
+    print("would wait in the queue until a host has room")
+    return ExitStatus.OK
 
 
 def _run_array(ctx: _Context, job_ids: list[int], interactive: bool) -> int:
@@ -618,6 +675,8 @@ def cmd_hosts(ctx: _Context) -> int:
     """`sshwasm hosts`: each host with its capacity and what this jobs file holds there."""
     from tabulate import tabulate
 
+    if ctx.args.hosts_command == "install":
+        return cmd_hosts_install(ctx)
     cluster = ctx.cluster()
     usage = ctx.store.usage()
     running = ctx.store.running_counts()
@@ -636,17 +695,48 @@ def cmd_hosts(ctx: _Context) -> int:
                 "labels": list(host.labels),
             }
         )
+    status = ExitStatus.OK
     if ctx.args.check:
-        from .jobs import check_hosts
+        from .hosts import check_hosts
 
         for row, report in zip(rows, asyncio.run(check_hosts(cluster.hosts)), strict=True):
             row.update(report)
+            if report.get("error"):
+                status = ExitStatus.ERROR
     if ctx.args.json:
         _print_json(rows)
-        return ExitStatus.OK
-    table = [{**row, "labels": ",".join(row["labels"])} for row in rows]
+        return status
+    shown = ("warnings", "host_cpus", "host_memory_mb", "python_version")
+    table = [
+        {**{k: v for k, v in row.items() if k not in shown}, "labels": ",".join(row["labels"])}
+        for row in rows
+    ]
     print(tabulate(table, headers="keys", tablefmt="plain", disable_numparse=True))
-    return ExitStatus.OK
+    for row in rows:
+        for warning in row.get("warnings", []):
+            print(f"{PROG}: warning: {row['name']}: {warning}", file=sys.stderr)
+    return status
+
+
+def cmd_hosts_install(ctx: _Context) -> int:
+    """`sshwasm hosts install [NAME...]`: runner and wasmtime on each host."""
+    from .hosts import for_each_host, install_host
+
+    cluster = ctx.cluster()
+    names = ctx.args.names
+    unknown = [name for name in names if cluster.host(name) is None]
+    if unknown:
+        raise UsageError(f"no host named {', '.join(unknown)} in {cluster.source}")
+    hosts = [h for h in cluster.hosts if not names or h.name in names]
+    status = ExitStatus.OK
+    for host, result in zip(hosts, asyncio.run(for_each_host(hosts, install_host)), strict=True):
+        if isinstance(result, SshwasmError):
+            status = ExitStatus.ERROR
+            print(f"{PROG}: error: {result}", file=sys.stderr)
+        else:
+            for line in result:
+                print(f"{host.name}: {line}")
+    return status
 
 
 COMMANDS = {

@@ -28,6 +28,7 @@ from .worker import LaunchSpec, StreamOutcome, WorkerClient
 POLL_INITIAL_S = 0.05
 POLL_MAX_S = 1.0
 HEARTBEAT_S = 3.0
+CANCEL_POLL_S = 0.3
 # A coordinator silent for this long is taken for dead (its pid is also checked).
 COORDINATOR_STALE_S = 30.0
 # After a dropped connection the foreground run retries this long before leaving the job
@@ -178,6 +179,8 @@ class Coordinator:
         self.pool = pool
         self.handlers = handlers
         self._active: set[int] = set()
+        self._launched: dict[int, Host] = {}  # jobs whose launch was sent, by host
+        self._cancellers: dict[int, asyncio.Task[None]] = {}
         # Set (and replaced) whenever one of our jobs frees capacity, so our own queued
         # jobs start at once instead of at their next poll.
         self._room_freed = asyncio.Event()
@@ -211,13 +214,46 @@ class Coordinator:
 
     @contextlib.asynccontextmanager
     async def _heartbeating(self) -> AsyncIterator[None]:
-        task = asyncio.create_task(self._heartbeat())
+        tasks = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._watch_cancellations()),
+        ]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in (*tasks, *self._cancellers.values()):
+                task.cancel()
+            for task in (*tasks, *self._cancellers.values()):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _watch_cancellations(self) -> None:
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            if not self._active:
+                continue
+            for job_id in self.store.cancel_requested(sorted(self._active)):
+                if job_id not in self._cancellers:
+                    self._cancellers[job_id] = asyncio.create_task(self._cancel(job_id))
+
+    async def _cancel(self, job_id: int) -> None:
+        """Stop one of our jobs: in the queue, or on its host (retried until it ends)."""
+        while True:
+            job = self.store.get(job_id)
+            if job.is_final:
+                return
+            if job.state == "queued":
+                self.store.finish(
+                    job_id, "cancelled", exit_code=143, error="cancelled before it started"
+                )
+                self._signal_room()  # wakes its waiting loop, which then sees the state
+                continue
+            host = self._launched.get(job_id)
+            if host is not None:
+                # The runner records `cancelled`; our stream then delivers that result.
+                with contextlib.suppress(SshwasmError):
+                    await WorkerClient(await self.pool.get(host)).cancel(job.remote_key)
+            await asyncio.sleep(CANCEL_POLL_S)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -287,7 +323,13 @@ class Coordinator:
             memory_mb=job.memory_mb,
             time_limit_s=job.time_limit_s,
         )
+        if self.store.cancel_requested([job_id]):
+            self.store.finish(
+                job_id, "cancelled", exit_code=143, error="cancelled before it started"
+            )
+            return self.store.get(job_id)
         output = JobOutput.open(self.store, job_id)
+        self._launched[job_id] = host
         try:
             outcome, stats = await client.launch(
                 job.remote_key,
@@ -304,6 +346,7 @@ class Coordinator:
             self.store.finish(job_id, "failed", error=str(exc), **output.fields())
             raise
         finally:
+            self._launched.pop(job_id, None)
             output.close()
 
     @staticmethod
@@ -436,73 +479,45 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
     return store.get(job.id)
 
 
-CANCEL_WAIT_S = 10.0
+CANCEL_WAIT_S = 15.0
 
 
 async def cancel_jobs(
     store: JobStore, jobs: Sequence[Job], pool: TransportPool
 ) -> list[tuple[Job, str | None]]:
-    """Cancel each job; returns each job as it ends up, with a problem text or None."""
+    """Cancel each job; returns each job as it ends up, with a problem text or None.
+
+    A job with a live coordinator is cancelled by that coordinator (it owns the job's
+    connection and output); this only asks and waits. Otherwise it is done here.
+    """
     results: list[tuple[Job, str | None]] = []
     for job in jobs:
-        if job.is_final:
-            results.append((job, None))
-            continue
+        job = store.get(job.id)
         if job.state == "queued" and store.finish(
             job.id, "cancelled", exit_code=143, error="cancelled before it started"
         ):
-            results.append((store.get(job.id), None))
-            continue
-        job = store.get(job.id)
-        host = job.host_snapshot
-        if job.is_final or host is None:
+            job = store.get(job.id)
+        if job.is_final:
             results.append((job, None))
+            continue
+        if coordinator_alive(job):
+            store.request_cancel(job.id)
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while not job.is_final and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                job = store.get(job.id)
+            problem = None if job.is_final else "its coordinator did not confirm in time"
+            results.append((job, problem))
+            continue
+        host = job.host_snapshot
+        if host is None:
+            store.finish(job.id, "cancelled", exit_code=143, error="cancelled")
+            results.append((store.get(job.id), None))
             continue
         try:
             await WorkerClient(await pool.get(host)).cancel(job.remote_key)
         except SshwasmError as exc:
             results.append((job, str(exc)))
             continue
-        # A live coordinator records the runner's final result with the job's output;
-        # otherwise collect it here.
-        deadline = time.monotonic() + CANCEL_WAIT_S
-        while coordinator_alive(job) and not job.is_final and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            job = store.get(job.id)
-        if not job.is_final:
-            job = await refresh_job(store, job, pool)
-        results.append((job, None))
+        results.append((await refresh_job(store, job, pool), None))
     return results
-
-
-HOST_CHECK_TIMEOUT_S = 15.0
-
-
-async def check_hosts(hosts: Sequence[Host]) -> list[dict[str, Any]]:
-    """Connect to every host at once and report what its runner says (bounded time each)."""
-
-    async def check(host: Host, pool: TransportPool) -> dict[str, Any]:
-        report: dict[str, Any] = {
-            "reachable": False,
-            "runner_version": None,
-            "wasmtime_version": None,
-            "error": None,
-        }
-        try:
-            transport = await asyncio.wait_for(pool.get(host), HOST_CHECK_TIMEOUT_S)
-            report["reachable"] = True
-            info = await asyncio.wait_for(WorkerClient(transport).info(), HOST_CHECK_TIMEOUT_S)
-        except SshwasmError as exc:
-            report["error"] = str(exc)
-            return report
-        except (TimeoutError, asyncio.TimeoutError):
-            report["error"] = f"no answer within {HOST_CHECK_TIMEOUT_S:g}s"
-            return report
-        report["runner_version"] = info.get("runner_version")
-        report["wasmtime_version"] = info.get("wasmtime_version")
-        if info.get("wasmtime_error"):
-            report["error"] = f"wasmtime not importable: {info['wasmtime_error']}"
-        return report
-
-    async with TransportPool() as pool:
-        return list(await asyncio.gather(*(check(host, pool) for host in hosts)))

@@ -24,6 +24,7 @@ class Request:
     cpus: int
     memory_mb: int
     host: str | None = None
+    labels: tuple[str, ...] = ()  # the host must carry every one of these
 
 
 @dataclass(frozen=True)
@@ -54,36 +55,44 @@ def fits_now(host: Host, used: Usage, request: Request) -> bool:
     )
 
 
+def eligible(host: Host, request: Request) -> bool:
+    """Whether the request may go to this host at all (pinning and labels)."""
+    return (request.host is None or host.name == request.host) and set(request.labels) <= set(
+        host.labels
+    )
+
+
 def candidate_hosts(
     hosts: Sequence[Host], request: Request, excluded: Iterable[str] = ()
 ) -> list[Host]:
-    """Hosts that could ever take the request (pinning and exclusions applied)."""
+    """Hosts that could ever take the request (pinning, labels and exclusions applied)."""
     skip = set(excluded)
     return [
         host
         for host in hosts
-        if host.name not in skip
-        and (request.host is None or host.name == request.host)
-        and could_ever_fit(host, request)
+        if host.name not in skip and eligible(host, request) and could_ever_fit(host, request)
     ]
 
 
 def check_feasible(hosts: Sequence[Host], request: Request) -> None:
     """Raise NoHostFits when no host of the cluster could ever take the request."""
-    pool = [h for h in hosts if request.host is None or h.name == request.host]
+    pool = [h for h in hosts if eligible(h, request)]
     if candidate_hosts(pool, request):
         return
-    why = ""
+    asked = Capacity(request.cpus, request.memory_mb)
+    if request.host is not None and not any(h.name == request.host for h in hosts):
+        names = ", ".join(sorted(h.name for h in hosts))
+        raise NoHostFits(asked, {}, f"there is no host named '{request.host}'; hosts: {names}")
+    if not pool:
+        wanted = ", ".join(request.labels)
+        where = f"host '{request.host}' does not" if request.host else "no host does"
+        raise NoHostFits(asked, {}, f"{where} carry the label(s) {wanted}")
+    why = []
     if request.host is not None:
-        if not pool:
-            names = ", ".join(sorted(h.name for h in hosts))
-            raise NoHostFits(
-                Capacity(request.cpus, request.memory_mb),
-                {},
-                f"there is no host named '{request.host}'; hosts: {names}",
-            )
-        why = f"pinned to host '{request.host}'"
-    raise NoHostFits(Capacity(request.cpus, request.memory_mb), largest_hosts(pool), why)
+        why.append(f"pinned to host '{request.host}'")
+    if request.labels:
+        why.append(f"with label(s) {', '.join(request.labels)}")
+    raise NoHostFits(asked, largest_hosts(pool), "; ".join(why))
 
 
 def largest_hosts(hosts: Sequence[Host]) -> dict[str, Capacity]:
@@ -149,3 +158,35 @@ def plan(
         placed[job_id] = host.name
         held[host.name] = held.get(host.name, NO_USAGE).plus(request)
     return placed
+
+
+def explain(
+    hosts: Sequence[Host],
+    usage: Mapping[str, Usage],
+    request: Request,
+    unreachable: Mapping[str, str],
+) -> tuple[Host | None, dict[str, str]]:
+    """Where the request would go now, and for every host why it is or is not the one."""
+    chosen = choose_host(hosts, usage, request, excluded=unreachable)
+    reasons: dict[str, str] = {}
+    for host in hosts:
+        used = usage.get(host.name, NO_USAGE)
+        missing = sorted(set(request.labels) - set(host.labels))
+        if request.host is not None and host.name != request.host:
+            reasons[host.name] = f"not the pinned host '{request.host}'"
+        elif missing:
+            reasons[host.name] = f"lacks label(s) {', '.join(missing)}"
+        elif not could_ever_fit(host, request):
+            reasons[host.name] = f"too small ({host.cpus} cpus, {host.memory_mb} MB)"
+        elif host.name in unreachable:
+            reasons[host.name] = f"unreachable: {unreachable[host.name]}"
+        elif not fits_now(host, used, request):
+            reasons[host.name] = (
+                f"no room now ({host.cpus - used.cpus} cpus, "
+                f"{host.memory_mb - used.memory_mb} MB free)"
+            )
+        elif chosen is not None and host.name == chosen.name:
+            reasons[host.name] = "chosen: the best fit"
+        else:
+            reasons[host.name] = "fits, but leaves more spare capacity than the chosen one"
+    return chosen, reasons

@@ -117,13 +117,21 @@ _MIGRATIONS: dict[int, str] = {
         remote_key TEXT,
         unreachable_since REAL,
         array_id INTEGER,
-        array_task INTEGER
+        array_task INTEGER,
+        labels TEXT NOT NULL DEFAULT '[]',
+        cancel_requested INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX jobs_array ON jobs(array_id);
     CREATE INDEX jobs_state ON jobs(state);
     CREATE INDEX jobs_host_state ON jobs(host, state);
     """,
 }
+
+
+def request_of(row: Mapping[str, Any]) -> Request:
+    """The placement request stored in a job row."""
+    labels = tuple(json.loads(row["labels"])) if row["labels"] else ()
+    return Request(row["cpus"], row["memory_mb"], row["pinned_host"], labels)
 
 
 def utc_now() -> str:
@@ -150,11 +158,12 @@ class JobSpec:
     stdin_path: str | None = None
     pinned_host: str | None = None
     array_size: int | None = None  # set: submit this many tasks sharing one array id
+    labels: tuple[str, ...] = ()
 
     @property
     def request(self) -> Request:
         """The placement request of this job."""
-        return Request(self.cpus, self.memory_mb, self.pinned_host)
+        return Request(self.cpus, self.memory_mb, self.pinned_host, self.labels)
 
 
 @dataclass(frozen=True)
@@ -193,7 +202,7 @@ class Job:
     @property
     def request(self) -> Request:
         """The placement request of this job."""
-        return Request(self.row["cpus"], self.row["memory_mb"], self.row["pinned_host"])
+        return request_of(self.row)
 
     def record(self) -> dict[str, Any]:
         """The public job record (DESIGN.md contract)."""
@@ -288,9 +297,9 @@ class JobStore:
                     """INSERT INTO jobs (name, state, cpus, memory_mb, time_limit_s, source,
                            language, wasm_sha256, wasm_bytes, compile_s, submitted_at,
                            submitted_ts, wasm_path, argv, env, stdin_path, pinned_host,
-                           heartbeat_ts, coordinator_pid, array_task)
+                           heartbeat_ts, coordinator_pid, array_task, labels)
                        VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                               ?)""",
+                               ?, ?)""",
                     (
                         spec.name,
                         spec.cpus,
@@ -311,6 +320,7 @@ class JobStore:
                         now,
                         os.getpid(),
                         task,
+                        json.dumps(list(spec.labels)),
                     ),
                 )
                 job_id = cursor.lastrowid
@@ -344,13 +354,11 @@ class JobStore:
             db.execute("UPDATE jobs SET heartbeat_ts = ? WHERE id = ?", (now, job_id))
             usage = self._usage(db)
             waiting = db.execute(
-                """SELECT id, cpus, memory_mb, pinned_host FROM jobs
+                """SELECT id, cpus, memory_mb, pinned_host, labels FROM jobs
                    WHERE state = 'queued' AND (id = ? OR heartbeat_ts >= ?) ORDER BY id""",
                 (job_id, now - QUEUE_STALE_S),
             ).fetchall()
-            queue = [
-                (r["id"], Request(r["cpus"], r["memory_mb"], r["pinned_host"])) for r in waiting
-            ]
+            queue = [(row["id"], request_of(row)) for row in waiting]
             placement = plan(hosts, usage, queue, {job_id: excluded})
             name = placement.get(job_id)
             if name is None:
@@ -397,6 +405,19 @@ class JobStore:
     def heartbeat(self, job_id: int) -> None:
         """Say that this process, the job's coordinator, is alive."""
         self.heartbeat_as(job_id, os.getpid())
+
+    def request_cancel(self, job_id: int) -> None:
+        """Ask the job's live coordinator to cancel it."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+
+    def cancel_requested(self, job_ids: Sequence[int]) -> list[int]:
+        """Which of these unfinished jobs someone asked to cancel."""
+        marks = ", ".join("?" for _ in job_ids)
+        rows = self._db.execute(
+            f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", tuple(job_ids)
+        )
+        return [row[0] for row in rows]
 
     def heartbeat_many(self, job_ids: Sequence[int]) -> None:
         """Say that this process is alive and coordinating all these jobs."""

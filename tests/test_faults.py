@@ -21,10 +21,12 @@ from test_cli_e2e import EXAMPLES, PROGRAMS, moment, no_traceback, record_of, ss
 def wait_for_state(job_id: int, states: set[str], timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        record = record_of(sshwasm("status", str(job_id), "--json"))
-        if record["state"] in states:
-            return record
-        assert time.monotonic() < deadline, record
+        result = sshwasm("status", str(job_id), "--json")
+        if result.returncode == 0:  # else not submitted yet (still compiling)
+            record = record_of(result)
+            if record["state"] in states:
+                return record
+        assert time.monotonic() < deadline, result.stdout + result.stderr
         time.sleep(0.2)
 
 

@@ -1,0 +1,153 @@
+"""A compute-bound job under sshwasm vs the same Rust source built natively and run directly.
+
+tests/programs/nbody.rs (std only) takes its step count from argv. Native: `/usr/bin/rustc -O`,
+wall time of the process. sshwasm: the job record's `run_s` (instantiation and `_start` on
+the host, module precompiled there by a warm-up run), without `--time-limit` (no epoch
+checks) and with one (epoch interruption on). For reference, the same module run in this
+process with wasmtime's defaults, to tell codegen from runner overhead. Every run's output
+(the energies) must equal the native one.
+
+Target (issue 5): `run_s` <= 1.15x the native time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    SYSTEM_RUSTC,
+    Bench,
+    BenchError,
+    HostShape,
+    banner,
+    median,
+    program,
+    run_main,
+    verdict,
+)
+
+TARGET_RATIO = 1.15
+TIME_LIMIT_S = "3600"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--steps", type=int, default=20_000_000, help="n-body steps (default 20,000,000)"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each (median)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser.parse_args(argv)
+
+
+def build_native(bench: Bench, source: Path) -> Path:
+    """The program compiled for this machine with `rustc -O`."""
+    binary = bench.root / "nbody-native"
+    completed = subprocess.run(
+        [str(SYSTEM_RUSTC), "--edition", "2021", "-O", "-o", str(binary), str(source)],
+        capture_output=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise BenchError("rustc could not build the native n-body", completed)
+    return binary
+
+
+def run_native(binary: Path, steps: int) -> tuple[float, str]:
+    """Wall seconds of one native run, and its output."""
+    started = time.perf_counter()
+    completed = subprocess.run([str(binary), str(steps)], capture_output=True, check=True)
+    return time.perf_counter() - started, completed.stdout.decode()
+
+
+def run_sshwasm(bench: Bench, source: Path, steps: int, *options: str) -> dict[str, Any]:
+    """The job record of one `sshwasm run nbody.rs --json`."""
+    completed = bench.sshwasm("run", str(source), "--json", "--memory-mb", "64", *options,
+                              "--", str(steps))  # fmt: skip
+    if completed.returncode != 0:
+        raise BenchError(f"sshwasm run nbody.rs {' '.join(options)} failed", completed)
+    record: dict[str, Any] = json.loads(completed.stdout)
+    return record
+
+
+def run_in_process(module: Path, steps: int, scratch: Path) -> tuple[float, str]:
+    """Seconds of instantiate + `_start` with wasmtime's default Config here, and the output."""
+    import wasmtime
+
+    engine = wasmtime.Engine()
+    compiled = wasmtime.Module.from_file(engine, str(module))
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    store = wasmtime.Store(engine)
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = ["nbody", str(steps)]
+    out = scratch / "in-process.out"
+    wasi.stdout_file = str(out)
+    store.set_wasi(wasi)
+    started = time.perf_counter()
+    instance = linker.instantiate(store, compiled)
+    instance.exports(store)["_start"](store)
+    seconds = time.perf_counter() - started
+    return seconds, out.read_text()
+
+
+def main() -> int:
+    """Run the benchmark and print its report."""
+    args = parse_args()
+    source = program("nbody.rs")
+    banner(f"n-body, {args.steps:,} steps: sshwasm run_s vs native (rustc -O)")
+    with Bench(1, HostShape(cpus=2, memory_mb=2048), keep=args.keep) as bench:
+        binary = build_native(bench, source)
+        # Warm-up: compile, install the runner, upload, precompile both engine variants.
+        warm = run_sshwasm(bench, source, 1000)
+        run_sshwasm(bench, source, 1000, "--time-limit", TIME_LIMIT_S)
+        module = bench.root / "nbody.wasm"
+        bench.sshwasm("wasm", str(warm["id"]), "-o", str(module), check=True)
+
+        native: list[float] = []
+        plain: list[float] = []
+        epoch: list[float] = []
+        local: list[float] = []
+        expected: str | None = None
+        for _ in range(args.repeat):
+            seconds, output = run_native(binary, args.steps)
+            native.append(seconds)
+            expected = expected or output
+            for times, options in ((plain, ()), (epoch, ("--time-limit", TIME_LIMIT_S))):
+                record = run_sshwasm(bench, source, args.steps, *options)
+                if record["stdout"] != expected:
+                    raise BenchError(f"sshwasm output {record['stdout']!r} != {expected!r}")
+                times.append(float(record["run_s"]))
+            seconds, output = run_in_process(module, args.steps, bench.root)
+            if output != expected:
+                raise BenchError(f"in-process output {output!r} != {expected!r}")
+            local.append(seconds)
+
+        base = median(native)
+        print(f"energies (all runs agree): {' '.join((expected or '').split())}")
+        print(f"native (rustc -O), wall:                       {base:.3f} s")
+        print(
+            f"wasmtime in this process, default Config:      {median(local):.3f} s  "
+            f"{median(local) / base:.2f}x"
+        )
+        for label, times in (
+            ("sshwasm run_s", plain),
+            ("sshwasm run_s, --time-limit (epoch)", epoch),
+        ):
+            ratio = median(times) / base
+            print(
+                f"{(label + ':').ljust(46)} {median(times):.3f} s  {ratio:.2f}x  "
+                f"(target <= {TARGET_RATIO}x: {verdict(ratio <= TARGET_RATIO)})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,183 @@
+"""Operator commands on hosts: check what each one has, install the runner and wasmtime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from .cluster import Host
+from .errors import HostUnreachable, SshwasmError
+from .runner import runner_version
+from .transport import Completed, Transport, TransportPool
+
+HOST_CHECK_TIMEOUT_S = 15.0
+INSTALL_TIMEOUT_S = 300.0
+
+T = TypeVar("T")
+
+
+def _last_line(data: bytes) -> str:
+    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+# Facts about a host from its `python`, whether or not the runner is installed there.
+# Kept to what any Python 3 has; the output has the keys of the runner's `info`.
+_PROBE = """
+import json, os, sys
+try:
+    from importlib.metadata import version
+    wasmtime, error = version("wasmtime"), None
+    __import__("wasmtime")
+except Exception as exc:
+    wasmtime, error = None, f"{type(exc).__name__}: {exc}"
+pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+print(json.dumps({"python": sys.version.split()[0], "wasmtime_version": wasmtime,
+                  "wasmtime_error": error, "cpus": os.cpu_count(), "memory_mb": pages >> 20}))
+"""
+
+
+async def _current_runner_info(transport: Transport) -> dict[str, Any]:
+    """What the host's python can do: its version, wasmtime, cores and memory."""
+    done = await transport.run_shell([transport.host.python, "-c", _PROBE])
+    _require_success(transport.host, done, "cannot run Python")
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+def _require_success(host: Host, done: Completed, what: str) -> None:
+    if done.exit_status is None:
+        raise HostUnreachable(host.name, "connection lost")
+    if done.exit_status != 0:
+        raise SshwasmError(
+            f"host '{host.name}': {what} ('{host.python}'): {_last_line(done.stderr)}"
+        )
+
+
+async def _installed_runner_version(transport: Transport) -> str | None:
+    if transport.host.is_local:
+        return runner_version()
+    done = await transport.run_runner(["info"])
+    if done.exit_status != 0:
+        return None
+    try:
+        version = json.loads(done.stdout).get("runner_version")
+    except ValueError:
+        return None
+    return str(version) if version else None
+
+
+def _warnings(host: Host, info: dict[str, Any]) -> list[str]:
+    found = []
+    cpus, memory_mb = info.get("cpus"), info.get("memory_mb")
+    if isinstance(cpus, int) and host.cpus > cpus:
+        found.append(f"the cluster file promises {host.cpus} cpus, the host has {cpus}")
+    if isinstance(memory_mb, int) and host.memory_mb > memory_mb:
+        found.append(f"the cluster file promises {host.memory_mb} MB, the host has {memory_mb} MB")
+    return found
+
+
+async def _bounded(step: Awaitable[T], seconds: float) -> T:
+    try:
+        return await asyncio.wait_for(step, seconds)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise SshwasmError(f"no answer within {seconds:g}s") from None
+
+
+async def check_host(host: Host, pool: TransportPool) -> dict[str, Any]:
+    """One host's report: reachable, versions, real size, warnings, error."""
+    report: dict[str, Any] = {
+        "reachable": False,
+        "runner_version": None,
+        "wasmtime_version": None,
+        "python_version": None,
+        "host_cpus": None,
+        "host_memory_mb": None,
+        "warnings": [],
+        "error": None,
+    }
+    try:
+        transport = await _bounded(pool.get(host), HOST_CHECK_TIMEOUT_S)
+        report["reachable"] = True
+        report["runner_version"] = await _bounded(
+            _installed_runner_version(transport), HOST_CHECK_TIMEOUT_S
+        )
+        info = await _bounded(_current_runner_info(transport), HOST_CHECK_TIMEOUT_S)
+    except SshwasmError as exc:
+        report["error"] = str(exc)
+        return report
+    report["wasmtime_version"] = info.get("wasmtime_version")
+    report["python_version"] = info.get("python")
+    report["host_cpus"] = info.get("cpus")
+    report["host_memory_mb"] = info.get("memory_mb")
+    report["warnings"] = _warnings(host, info)
+    if info.get("wasmtime_error"):
+        report["error"] = (
+            f"'{host.python}' cannot import wasmtime ({info['wasmtime_error']}); "
+            f"`sshwasm hosts install {host.name}` installs it"
+        )
+    elif report["runner_version"] != runner_version():
+        report["warnings"].append("the runner is missing or of another version (installed on use)")
+    return report
+
+
+async def install_host(host: Host, pool: TransportPool) -> list[str]:
+    """Install this runner on a host and make sure its python can import wasmtime.
+
+    Returns what was done, one line each; raises SshwasmError when it cannot be done.
+    """
+    done: list[str] = []
+    transport = await pool.get(host)
+    if not host.is_local:
+        await transport.install_runner()
+        done.append(f"installed the runner {runner_version()} in {host.workdir}/bin")
+    info = await _current_runner_info(transport)
+    if info.get("wasmtime_error"):
+        command = [host.python, "-m", "pip", "install", "--user", "--quiet", "wasmtime"]
+        result = await asyncio.wait_for(transport.run_shell(command), INSTALL_TIMEOUT_S)
+        if result.exit_status != 0:
+            raise SshwasmError(
+                f"host '{host.name}': `{shlex.join(command)}` failed: {_last_line(result.stderr)}"
+            )
+        info = await _current_runner_info(transport)
+        if info.get("wasmtime_error"):
+            raise SshwasmError(
+                f"host '{host.name}': wasmtime still not importable after pip: "
+                f"{info['wasmtime_error']}"
+            )
+        done.append(f"installed wasmtime {info.get('wasmtime_version')} for {host.python}")
+    else:
+        done.append(f"wasmtime {info.get('wasmtime_version')} is importable by {host.python}")
+    return done
+
+
+async def for_each_host(
+    hosts: Sequence[Host], action: Callable[[Host, TransportPool], Awaitable[T]]
+) -> list[T | SshwasmError]:
+    """Run `action` on every host at once; a host's failure is returned in its place."""
+
+    async def guarded(host: Host, pool: TransportPool) -> T | SshwasmError:
+        try:
+            return await action(host, pool)
+        except SshwasmError as exc:
+            return exc
+        except (TimeoutError, asyncio.TimeoutError):
+            return SshwasmError(f"host '{host.name}': timed out")
+
+    async with TransportPool() as pool:
+        return list(await asyncio.gather(*(guarded(host, pool) for host in hosts)))
+
+
+async def check_hosts(hosts: Sequence[Host]) -> list[dict[str, Any]]:
+    """Reports for every host, checked in parallel with a bounded time each."""
+    results = await for_each_host(hosts, check_host)
+    reports = []
+    for result in results:
+        if isinstance(result, SshwasmError):
+            reports.append({"reachable": False, "error": str(result), "warnings": []})
+        else:
+            reports.append(result)
+    return reports
