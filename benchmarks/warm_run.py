@@ -114,6 +114,7 @@ def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
         return ended - began
 
     channel_open = spans["open channel + exec request"][1]
+    remote = remote_stamps(bench)
     phases = {
         "interpreter start (until trace_cli's first line)": marks["child_start"] - spawned,
         "import sshwasm.cli": length("import sshwasm.cli"),
@@ -130,15 +131,38 @@ def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
         "import asyncssh": length("import asyncssh"),
         "ssh connect (tcp + kex + auth)": length("ssh connect (tcp + kex + auth)"),
         "open channel + exec request": length("open channel + exec request"),
-        "remote: login shell + runner start -> S frame": marks["first frame S"] - channel_open,
-        "remote: executor (python + wasmtime + run) -> R frame": (
-            marks["first frame R"] - marks["first frame S"]
+        "remote: login shell, runner start -> spec.json written": (
+            remote["spec.json"] - channel_open
+        ),
+        "remote: spawn executor -> S frame here": marks["first frame S"] - remote["spec.json"],
+        "remote: executor interpreter start -> pid written": remote["pid"] - remote["spec.json"],
+        "remote: import wasmtime, load module -> stdout opened": remote["stdout"] - remote["pid"],
+        "remote: instantiate + run + result -> result.json": remote["result.json"]
+        - remote["stdout"],
+        "remote: result.json -> R frame here (launch's polling)": (
+            marks["first frame R"] - remote["result.json"]
         ),
         "after R: exit status, store.finish, close": marks["main_end"] - marks["first frame R"],
         "interpreter exit": exited - marks["main_end"],
         "total (spawn to exit)": exited - spawned,
     }
     return phases
+
+
+def remote_stamps(bench: Bench) -> dict[str, float]:
+    """Modification times of the newest job's files on the host (loopback: same disk, clock).
+
+    spec.json is written by the launch command just before it spawns the executor; pid by
+    the executor once its interpreter is up; stdout when the WASI context opens it (after
+    wasmtime is imported and the module loaded); result.json when the run is over. File
+    times are coarse (one kernel tick, a few ms).
+    """
+    jobs = bench.workdir(HOST) / "jobs"
+    job_dir = max(jobs.iterdir(), key=lambda path: path.stat().st_mtime_ns)
+    return {
+        name: (job_dir / name).stat().st_mtime_ns / 1e9
+        for name in ("spec.json", "pid", "stdout", "result.json")
+    }
 
 
 def importtime(bench: Bench, tiny: Path) -> tuple[float, list[tuple[str, float]]]:
@@ -180,6 +204,8 @@ async def remote_pieces(bench: Bench, runs: int = 7) -> dict[str, float]:
         "remote `python -c 'import wasmtime'`": f"{python} -c 'import wasmtime'",
     }
     async with asyncssh.connect(**kwargs) as connection:
+        # The first channel of a connection waits ~45 ms for sshd's post-auth setup.
+        await connection.run("true")
         for label, command in commands.items():
             times: list[float] = []
             for _ in range(runs):

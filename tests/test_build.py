@@ -260,19 +260,29 @@ def importing_module() -> bytes:
 
 @pytest.mark.parametrize(
     ("name", "language"),
-    [("hello.rs", "rust"), ("HELLO.RS", "rust"), ("a.b.wasm", "wasm"), ("x.WASM", "wasm")],
+    [
+        ("hello.rs", "rust"),
+        ("HELLO.RS", "rust"),
+        ("a.b.wasm", "wasm"),
+        ("x.WASM", "wasm"),
+        ("main.c", "c"),
+        ("main.cc", "c++"),
+        ("main.cpp", "c++"),
+        ("main.CXX", "c++"),
+        ("main.go", "go"),
+    ],
 )
 def test_detect_language_by_extension(name: str, language: str) -> None:
     assert detect_language(Path(name)) == language
 
 
-@pytest.mark.parametrize("name", ["hello.py", "hello", "hello.rs.txt", "main.c"])
+@pytest.mark.parametrize("name", ["hello.py", "hello", "hello.rs.txt", "main.h", "main.c++"])
 def test_detect_language_rejects_others_naming_the_supported_ones(name: str) -> None:
     with pytest.raises(UsageError) as caught:
         detect_language(Path(name))
     assert name in str(caught.value)
-    assert ".rs" in str(caught.value)
-    assert ".wasm" in str(caught.value)
+    for supported in (".rs", ".c", ".cpp", ".go", ".wasm", "Cargo.toml", "go.mod"):
+        assert supported in str(caught.value)
 
 
 # --- toolchain discovery -----------------------------------------------------------------
@@ -626,7 +636,7 @@ def test_missing_source(tmp_path: Path) -> None:
 
 
 def test_directory_source(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="is a directory"):
+    with pytest.raises(UsageError, match="is a directory without Cargo.toml or go.mod"):
         build(tmp_path, tmp_path / "cache")
 
 
@@ -634,7 +644,7 @@ def test_unsupported_extension(tmp_path: Path) -> None:
     source = tmp_path / "job.py"
     source.write_text("print('hi')\n")
 
-    with pytest.raises(UsageError, match=r"job\.py.*\.rs, \.wasm"):
+    with pytest.raises(UsageError, match=r"job\.py.*\.rs, \.c, .*\.go, \.wasm"):
         build(source, tmp_path / "cache")
 
 
