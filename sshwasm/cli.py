@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -314,9 +315,16 @@ def cmd_run(ctx: _Context) -> int:
         except OSError as exc:
             raise UsageError(f"--stdin {args.stdin}: {exc.strerror or exc}") from exc
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
+    # Say so only when compiling takes a while (a cache hit takes milliseconds).
+    slow_compile = threading.Timer(0.5, _notice, [f"compiling {source} ..."])
     if interactive:
-        _notice(f"compiling {source} ...")
-    artifact = build(source)
+        slow_compile.start()
+    try:
+        artifact = build(source)
+    finally:
+        slow_compile.cancel()
+    if interactive and not artifact.cached:
+        _notice(f"compiled {source} in {artifact.compile_s:.1f}s ({artifact.size} bytes)")
     needed_mb = -(-artifact.info.initial_memory_bytes // (1 << 20))
     if needed_mb > args.memory_mb:
         raise UsageError(

@@ -20,7 +20,7 @@ from typing import Any
 from . import paths
 from .cluster import Host
 from .errors import HostUnreachable, NoHostReachable, RemoteError, SshwasmError
-from .schedule import candidate_hosts
+from .schedule import candidate_hosts, explain
 from .store import Job, JobStore
 from .transport import TransportPool
 from .worker import LaunchSpec, StreamOutcome, WorkerClient
@@ -295,7 +295,7 @@ class Coordinator:
                     raise error
                 if not announced_wait:
                     announced_wait = True
-                    self.handlers.notice(f"job {job_id} queued: waiting for a host with room")
+                    self.handlers.notice(f"job {job_id} queued: {self._why_waiting(job)}")
                 # Other processes' jobs free room too; only polling sees those.
                 await self._wait_for_room(delay)
                 delay = min(delay * 1.5, POLL_MAX_S)
@@ -309,6 +309,11 @@ class Coordinator:
                 await self.pool.drop(host)
                 excluded[host.name] = exc.reason
                 self.handlers.warning(f"skipping host '{host.name}': {exc.reason}")
+
+    def _why_waiting(self, job: Job) -> str:
+        _, reasons = explain(self.hosts, self.store.usage(), job.request, {})
+        busy = [f"{name} {why}" for name, why in reasons.items() if why.startswith("no room")]
+        return "; ".join(busy) if busy else "waiting for a host with room"
 
     async def _run_on(self, job_id: int, host: Host) -> Job:
         job = self.store.get(job_id)
@@ -338,6 +343,7 @@ class Coordinator:
                 Path(job.wasm_path),
                 self._tee(output.stdout, self.handlers.stdout),
                 self._tee(output.stderr, self.handlers.stderr),
+                notice=self.handlers.notice,
             )
             self.store.update(job_id, upload_bytes=stats.upload_bytes, upload_s=stats.upload_s)
             outcome = await self._until_result(job, host, client, output, outcome)

@@ -127,6 +127,7 @@ class WorkerClient:
         module: Path,
         on_stdout: OutputCallback,
         on_stderr: OutputCallback,
+        notice: Callable[[str], None] | None = None,
     ) -> tuple[StreamOutcome, UploadStats]:
         """Start the job and stream it until it ends or the connection drops."""
         stats = UploadStats()
@@ -146,6 +147,8 @@ class WorkerClient:
                     )
                 async with self.transport.setup_lock:
                     if not self.transport.runner_sent:
+                        if notice is not None:
+                            notice(f"installing the runner on {self.host.name}")
                         await self.transport.install_runner()
                         self.transport.runner_sent = True
                         stats.notes.append("installed the runner")
@@ -154,6 +157,9 @@ class WorkerClient:
             if outcome.need == "module":
                 async with self.transport.setup_lock:
                     if spec.wasm_sha256 not in self.transport.modules_sent:
+                        if notice is not None:
+                            size = module.stat().st_size
+                            notice(f"uploading the module to {self.host.name} ({size} bytes)")
                         started_at = time.monotonic()
                         stats.upload_bytes += await self.put_module(spec.wasm_sha256, module)
                         stats.upload_s += time.monotonic() - started_at

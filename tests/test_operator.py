@@ -207,3 +207,47 @@ def test_ssh_config_alias_works_as_for_ssh(
 def test_status_of_unknown_job() -> None:
     result = sshwasm("status", "99")
     assert result.returncode == 1 and result.stderr == "sshwasm: error: no job with id 99\n"
+
+
+def _run_with_terminal_stderr(*args: str) -> tuple[int, str, str]:
+    """Run sshwasm with stderr on a pseudo-terminal, as a person at a shell would."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sshwasm", *args],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+    )
+    os.close(follower)
+    out, _ = process.communicate(timeout=120)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return process.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_on_a_terminal_and_quiet(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    hello = str(EXAMPLES / "hello.rs")
+    code, out, err = _run_with_terminal_stderr(
+        "--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0"
+    )
+    assert code == 0 and out == "job done, hello!\n"
+    assert "installing the runner on alpha" in err
+    assert "uploading the module to alpha" in err and "running on alpha" in err
+    code, out, err = _run_with_terminal_stderr(
+        "--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0", "--quiet"
+    )
+    assert code == 0 and out == "job done, hello!\n" and err == ""
+    piped = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
+    assert piped.stderr == ""  # not a terminal: no progress
