@@ -6,6 +6,9 @@ Three timings over the same seeded hosts and requests:
 - `plan()` over the whole queue at once (what `JobStore.try_place` calls);
 - the baseline: the same loop doing a trivial first-fit in pure Python.
 
+For reference it also times the same best-fit rule done with hosts kept sorted by spare
+capacity (not sshwasm code) and says how many of its choices match sshwasm's.
+
 Prints seconds, microseconds per job and the ratio to the baseline; when a timing misses
 the target it profiles it (cProfile) and names the functions that dominate.
 
@@ -15,6 +18,7 @@ Target (issue 5): < 1 s for 10,000 jobs on 1,000 hosts.
 from __future__ import annotations
 
 import argparse
+import bisect
 import cProfile
 import io
 import pstats
@@ -64,52 +68,91 @@ def make_requests(count: int, rng: random.Random) -> list[Request]:
     return [Request(rng.choice(JOB_CPUS), rng.choice(JOB_MEMORY_MB)) for _ in range(count)]
 
 
-def place_with_choose_host(hosts: Sequence[Host], requests: Sequence[Request]) -> int:
-    """sshwasm's best fit, one job at a time; returns how many were placed."""
+Assignment = list[str | None]
+"""The host each job went to, in submission order (None: it did not fit)."""
+
+
+def place_with_choose_host(hosts: Sequence[Host], requests: Sequence[Request]) -> Assignment:
+    """sshwasm's best fit, one job at a time, with the coordinator's usage bookkeeping."""
     usage: dict[str, Usage] = {}
-    placed = 0
+    chosen: Assignment = []
     for request in requests:
         host = choose_host(hosts, usage, request)
-        if host is None:
-            continue
-        usage[host.name] = usage.get(host.name, NO_USAGE).plus(request)
-        placed += 1
-    return placed
+        if host is not None:
+            usage[host.name] = usage.get(host.name, NO_USAGE).plus(request)
+        chosen.append(None if host is None else host.name)
+    return chosen
 
 
-def place_with_plan(hosts: Sequence[Host], requests: Sequence[Request]) -> int:
-    """sshwasm's `plan()` over the whole queue; returns how many were placed."""
-    return len(plan(hosts, {}, list(enumerate(requests))))
+def place_with_plan(hosts: Sequence[Host], requests: Sequence[Request]) -> Assignment:
+    """sshwasm's `plan()` over the whole queue."""
+    placement = plan(hosts, {}, list(enumerate(requests)))
+    return [placement.get(index) for index in range(len(requests))]
 
 
-def place_first_fit(hosts: Sequence[Host], requests: Sequence[Request]) -> int:
-    """The baseline: first host with room takes the job; returns how many were placed."""
+def place_first_fit(hosts: Sequence[Host], requests: Sequence[Request]) -> Assignment:
+    """The baseline: the first host with room takes the job."""
     free = [[host.cpus, host.memory_mb] for host in hosts]
-    placed = 0
+    chosen: Assignment = []
     for request in requests:
-        for room in free:
+        for index, room in enumerate(free):
             if room[0] >= request.cpus and room[1] >= request.memory_mb:
                 room[0] -= request.cpus
                 room[1] -= request.memory_mb
-                placed += 1
+                chosen.append(hosts[index].name)
                 break
-    return placed
+        else:
+            chosen.append(None)
+    return chosen
 
 
-Placer = Callable[[Sequence[Host], Sequence[Request]], int]
+def place_sorted_best_fit(hosts: Sequence[Host], requests: Sequence[Request]) -> Assignment:
+    """A reference, not sshwasm: the same best-fit rule with hosts kept sorted by spare.
+
+    spare-after-placing = spare-now - (a constant for the request), so the best fit is the
+    fitting host with the least spare *now*: scan hosts in that order, take the first with
+    room, and move only that host in the order. Spare is kept as an exact integer
+    (free_cpus * max_memory + free_memory * max_cpus), ties broken by name as sshwasm does.
+    """
+    scale_cpus = max(host.cpus for host in hosts)
+    scale_memory = max(host.memory_mb for host in hosts)
+    free = {host.name: [host.cpus, host.memory_mb] for host in hosts}
+    order = sorted((h.cpus * scale_memory + h.memory_mb * scale_cpus, h.name) for h in hosts)
+    chosen: Assignment = []
+    for request in requests:
+        for index, (_spare, name) in enumerate(order):
+            room = free[name]
+            if room[0] >= request.cpus and room[1] >= request.memory_mb:
+                room[0] -= request.cpus
+                room[1] -= request.memory_mb
+                del order[index]
+                bisect.insort(order, (room[0] * scale_memory + room[1] * scale_cpus, name))
+                chosen.append(name)
+                break
+        else:
+            chosen.append(None)
+    return chosen
+
+
+Placer = Callable[[Sequence[Host], Sequence[Request]], Assignment]
 
 
 def best_time(
     placer: Placer, hosts: Sequence[Host], requests: Sequence[Request], repeat: int
-) -> tuple[float, int]:
-    """The fastest of `repeat` runs, in seconds, and how many jobs were placed."""
+) -> tuple[float, Assignment]:
+    """The fastest of `repeat` runs, in seconds, and where the jobs went."""
     best = float("inf")
-    placed = 0
+    chosen: Assignment = []
     for _ in range(repeat):
         started = time.perf_counter()
-        placed = placer(hosts, requests)
+        chosen = placer(hosts, requests)
         best = min(best, time.perf_counter() - started)
-    return best, placed
+    return best, chosen
+
+
+def placed(chosen: Assignment) -> int:
+    """How many jobs found a host."""
+    return sum(name is not None for name in chosen)
 
 
 def profile(placer: Placer, hosts: Sequence[Host], requests: Sequence[Request]) -> str:
@@ -137,25 +180,34 @@ def main() -> int:
         f"capacity {sum(h.cpus for h in hosts):,} cpus / {sum(h.memory_mb for h in hosts):,} MB; "
         f"asked {sum(r.cpus for r in requests):,} cpus / {sum(r.memory_mb for r in requests):,} MB"
     )
-    baseline_s, baseline_placed = best_time(place_first_fit, hosts, requests, args.repeat)
+    baseline_s, baseline = best_time(place_first_fit, hosts, requests, args.repeat)
     print(
         f"baseline first-fit (pure Python): {baseline_s:.3f} s, "
-        f"{baseline_s / args.jobs * 1e6:.1f} us/job, {baseline_placed:,} placed"
+        f"{baseline_s / args.jobs * 1e6:.1f} us/job, {placed(baseline):,} placed"
     )
     slow: list[tuple[str, Placer]] = []
+    sshwasm_choice: Assignment = []
     for label, placer in (
         ("choose_host + Usage.plus", place_with_choose_host),
         ("plan() over the queue", place_with_plan),
     ):
-        seconds, placed = best_time(placer, hosts, requests, args.repeat)
+        seconds, chosen = best_time(placer, hosts, requests, args.repeat)
+        sshwasm_choice = sshwasm_choice or chosen
         ok = seconds < TARGET_S
         print(
             f"sshwasm {label}: {seconds:.3f} s, {seconds / args.jobs * 1e6:.1f} us/job, "
-            f"{placed:,} placed; {seconds / baseline_s:.1f}x the baseline "
+            f"{placed(chosen):,} placed; {seconds / baseline_s:.1f}x the baseline "
             f"(target < {TARGET_S:g} s: {verdict(ok)})"
         )
         if not ok:
             slow.append((label, placer))
+    seconds, reference = best_time(place_sorted_best_fit, hosts, requests, args.repeat)
+    same = sum(a == b for a, b in zip(reference, sshwasm_choice, strict=True))
+    print(
+        f"reference (not sshwasm): same best fit, hosts kept sorted by spare: {seconds:.3f} s, "
+        f"{seconds / baseline_s:.1f}x the baseline; same host as choose_host for "
+        f"{same:,} of {args.jobs:,} jobs"
+    )
     for label, placer in slow:
         print(f"\nwhere `{label}` spends its time (cProfile, by own time):")
         print(profile(placer, hosts, requests))

@@ -63,8 +63,16 @@ def _wrapped(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def wrap(owner: Any, attribute: str, name: str) -> None:
-    """Replace `owner.attribute` by a version that records a span called `name`."""
-    setattr(owner, attribute, _wrapped(name, getattr(owner, attribute)))
+    """Replace `owner.attribute` by a version that records a span called `name`.
+
+    A function that no longer exists is skipped (its phase then reads n/a), so the trace
+    survives refactoring of the package.
+    """
+    function = getattr(owner, attribute, None)
+    if function is None:
+        print(f"trace_cli: no {owner.__name__}.{attribute} to trace", file=sys.stderr)
+        return
+    setattr(owner, attribute, _wrapped(name, function))
 
 
 def install() -> None:
@@ -82,7 +90,9 @@ def install() -> None:
     wrap(cluster, "load_cluster", "load cluster file")
     wrap(build, "build", "build (cache lookup)")
     wrap(store.JobStore, "__init__", "open jobs file")
-    wrap(store.JobStore, "submit", "store.submit")
+    for submit in ("submit", "submit_tasks"):
+        if hasattr(store.JobStore, submit):
+            wrap(store.JobStore, submit, "store.submit")
     wrap(store.JobStore, "try_place", "store.try_place")
     wrap(store.JobStore, "update", "store.update")
     wrap(store.JobStore, "finish", "store.finish")

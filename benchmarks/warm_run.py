@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -89,6 +92,16 @@ def compare(bench: Bench, tiny: Path, runs: int) -> tuple[list[float], list[floa
 # -- breakdown --------------------------------------------------------------------------------
 
 
+def median_or_nan(values: Sequence[float]) -> float:
+    """The median, or NaN when any value is missing (NaN)."""
+    return float("nan") if any(math.isnan(value) for value in values) else median(values)
+
+
+def milliseconds(seconds: float) -> str:
+    """`  12.3 ms`, or `n/a` for a phase that could not be measured."""
+    return "    n/a" if math.isnan(seconds) else f"{seconds * 1000:7.1f} ms"
+
+
 def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
     """One traced warm run: phase name -> seconds (first occurrence of each span)."""
     out = bench.root / "trace.json"
@@ -104,28 +117,28 @@ def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
     if completed.returncode != 0:
         raise BenchError("traced run failed", completed)
     trace = json.loads(out.read_text())
-    marks: dict[str, float] = trace["marks"]
+    nan = float("nan")
+    # A missing stamp (a wrapped function renamed since) shows as n/a, not as an error.
+    marks: dict[str, float] = collections.defaultdict(lambda: nan, trace["marks"])
     spans: dict[str, tuple[float, float]] = {}
     for name, began, ended in trace["spans"]:
         spans.setdefault(name, (began, ended))
 
-    def length(name: str) -> float:
-        began, ended = spans.get(name, (0.0, 0.0))
-        return ended - began
+    def length(*names: str) -> float:
+        return sum(
+            spans.get(name, (nan, nan))[1] - spans.get(name, (nan, nan))[0] for name in names
+        )
 
-    channel_open = spans["open channel + exec request"][1]
-    remote = remote_stamps(bench)
-    phases = {
+    channel_open = spans.get("open channel + exec request", (nan, nan))[1]
+    remote: dict[str, float] = collections.defaultdict(lambda: nan, remote_stamps(bench))
+    return {
         "interpreter start (until trace_cli's first line)": marks["child_start"] - spawned,
         "import sshwasm.cli": length("import sshwasm.cli"),
         "import build/store/jobs/transport": length(
             "import build/store/jobs/transport (lazy in the CLI)"
         ),
-        "cluster + build cache + jobs file + submit": (
-            length("load cluster file")
-            + length("build (cache lookup)")
-            + length("open jobs file")
-            + length("store.submit")
+        "cluster + build cache + jobs file + submit": length(
+            "load cluster file", "build (cache lookup)", "open jobs file", "store.submit"
         ),
         "store.try_place": length("store.try_place"),
         "import asyncssh": length("import asyncssh"),
@@ -137,8 +150,9 @@ def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
         "remote: spawn executor -> S frame here": marks["first frame S"] - remote["spec.json"],
         "remote: executor interpreter start -> pid written": remote["pid"] - remote["spec.json"],
         "remote: import wasmtime, load module -> stdout opened": remote["stdout"] - remote["pid"],
-        "remote: instantiate + run + result -> result.json": remote["result.json"]
-        - remote["stdout"],
+        "remote: instantiate + run + result -> result.json": (
+            remote["result.json"] - remote["stdout"]
+        ),
         "remote: result.json -> R frame here (launch's polling)": (
             marks["first frame R"] - remote["result.json"]
         ),
@@ -146,7 +160,6 @@ def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
         "interpreter exit": exited - marks["main_end"],
         "total (spawn to exit)": exited - spawned,
     }
-    return phases
 
 
 def remote_stamps(bench: Bench) -> dict[str, float]:
@@ -159,10 +172,11 @@ def remote_stamps(bench: Bench) -> dict[str, float]:
     """
     jobs = bench.workdir(HOST) / "jobs"
     job_dir = max(jobs.iterdir(), key=lambda path: path.stat().st_mtime_ns)
-    return {
-        name: (job_dir / name).stat().st_mtime_ns / 1e9
-        for name in ("spec.json", "pid", "stdout", "result.json")
-    }
+    stamps: dict[str, float] = {}
+    for name in ("spec.json", "pid", "stdout", "result.json"):
+        with contextlib.suppress(OSError):
+            stamps[name] = (job_dir / name).stat().st_mtime_ns / 1e9
+    return stamps
 
 
 def importtime(bench: Bench, tiny: Path) -> tuple[float, list[tuple[str, float]]]:
@@ -222,7 +236,7 @@ def breakdown(bench: Bench, tiny: Path, traces: int) -> None:
     runs = [trace_once(bench, tiny) for _ in range(traces)]
     print(f"\nbreakdown of a warm run (in-process trace, median of {traces}):")
     print_table(
-        (phase, f"{median([run[phase] for run in runs]) * 1000:7.1f} ms") for phase in runs[0]
+        (phase, milliseconds(median_or_nan([run[phase] for run in runs]))) for phase in runs[0]
     )
 
     total, top = importtime(bench, tiny)

@@ -65,8 +65,6 @@ WASI_SYSROOTS: tuple[str, ...] = ("/usr/share/wasi-sysroot", "/opt/wasi-sdk/shar
 C_TARGET = "wasm32-wasi"
 GO_TARGET = "wasip1/wasm"
 GO_MINIMUM = (1, 21)  # the first Go with GOOS=wasip1
-# The module path of the throwaway module a single .go file is built in.
-GO_SINGLE_FILE_MODULE = "job"
 
 TOOLCHAIN_CACHE_NAME = "toolchains.json"
 _TOOLCHAIN_CACHE_FORMAT = 1
@@ -519,19 +517,24 @@ def _go_command(
 ) -> _Invocation:
     output = work / f"out{WASM_SUFFIX}"
     if source.is_dir():
-        directory = source
+        directory, package = source, "."
     else:
         # A lone file builds as the only file of a throwaway module, in the language
-        # version of the toolchain (loop variables changed meaning in Go 1.22).
+        # version of the toolchain (loop variables changed meaning in Go 1.22). Named on
+        # the command line, as with `go build hello.go`, so a name like hello_linux.go is
+        # not excluded by its suffix; names go would skip altogether are renamed.
         directory = work / "module"
         directory.mkdir()
-        shutil.copyfile(source, directory / f"{source.stem}.go")
+        stem = source.stem
+        if stem.startswith(("_", ".")) or stem.endswith("_test"):
+            stem = "main"
+        package = f"./{stem}.go"
+        shutil.copyfile(source, directory / package)
         (directory / "go.mod").write_text(
-            f"module {GO_SINGLE_FILE_MODULE}\n\ngo {_go_language_version(toolchain.version)}\n",
-            encoding="utf-8",
+            f"module job\n\ngo {_go_language_version(toolchain.version)}\n", encoding="utf-8"
         )
     return _Invocation(
-        argv=(str(toolchain.compiler), *flags, "-o", str(output), "."),
+        argv=(str(toolchain.compiler), *flags, "-o", str(output), package),
         cwd=directory,
         output=output,
         env=_go_env(toolchain),

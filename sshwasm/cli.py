@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__, paths
-from .errors import CompileError, SshwasmError, UsageError
+from .errors import CompileError, SshwasmError, StoreError, UsageError
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -787,6 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, exc)
     except SshwasmError as exc:
         return _fail(args, exc)
+    except sqlite3.Error as exc:  # a damaged or foreign jobs file, found past opening it
+        return _fail(args, StoreError(f"jobs file {ctx.db_path}: {exc}"))
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED
     except BrokenPipeError:

@@ -94,6 +94,18 @@ class NoHostReachable(SshwasmError):
         super().__init__(f"no host could run the job ({detail})")
 
 
+class ContactLost(SshwasmError):
+    """The connection to a running job's host could not be restored; the job goes on there."""
+
+    def __init__(self, host: str, job_id: int, seconds: float) -> None:
+        self.host = host
+        self.job_id = job_id
+        super().__init__(
+            f"lost the connection to host '{host}' for {seconds:g}s; job {job_id} keeps "
+            f"running there: `sshwasm status {job_id}` collects it later"
+        )
+
+
 class RemoteError(SshwasmError):
     """The runner on a host reported a problem it cannot recover from."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import paths
 from .cluster import Host
-from .errors import HostUnreachable, NoHostReachable, RemoteError, SshwasmError
+from .errors import ContactLost, HostUnreachable, NoHostReachable, RemoteError, SshwasmError
 from .schedule import candidate_hosts, explain
 from .store import Job, JobStore
 from .transport import TransportPool
@@ -383,11 +383,8 @@ class Coordinator:
             while True:
                 await self.pool.drop(host)
                 if time.monotonic() > deadline:
-                    raise HostUnreachable(
-                        host.name,
-                        f"lost the connection for {RECONNECT_WINDOW_S:g}s; job {job.id} "
-                        f"keeps running there: `sshwasm status {job.id}` collects it later",
-                    )
+                    # Not HostUnreachable: that would put the job back in the queue.
+                    raise ContactLost(host.name, job.id, RECONNECT_WINDOW_S)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 8.0)
                 try:

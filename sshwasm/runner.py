@@ -3,16 +3,61 @@
 
 Commands (argv never carries user-controlled words; those come as JSON on stdin):
 
-    launch WORKDIR JOB_ID            stdin: a spec JSON line, then the job's stdin bytes
+    launch WORKDIR JOB_ID            stdin: a spec JSON line, then the job's stdin and input
+    serve WORKDIR                    stdin: request frames; runs many jobs as forks of itself
     attach WORKDIR JOB_ID OUT ERR    stream output from byte offsets until the result
     poll WORKDIR JOB_ID OUT ERR      send the output there is now, then the result or liveness
+    fetch-output WORKDIR JOB_ID      stdout: the job's /output directory as a tar stream
     put-module WORKDIR SHA256        stdin: module bytes, kept as WORKDIR/wasm/SHA256.wasm
     cancel WORKDIR JOB_ID            kill a running job and record it as cancelled
     info                             one JSON line describing this host
     execute JOB_DIR                  internal: the detached process that runs the module
 
-launch, attach and poll answer in frames (1 byte kind, 4 bytes big-endian length, payload);
-put-module, cancel and info answer in plain text. Usage errors exit 2.
+launch, serve, attach and poll answer in frames (1 byte kind, 4 bytes big-endian length,
+payload); fetch-output answers with a raw tar stream; put-module, cancel and info in plain
+text. Usage errors exit 2. Only execute and serve import wasmtime.
+
+Launch spec (launch's first stdin line, one JSON object): runner_version, wasm_sha256,
+argv, env ([name, value] pairs), memory_mb, time_limit_s (number or null), and optionally:
+
+    stdin_bytes: int        exactly this many bytes of job stdin follow the spec line
+    has_stdin: bool         older form: job stdin is everything up to EOF (or the L frame's end)
+    input_tar_bytes: int    after the stdin bytes, this many bytes of an uncompressed tar
+                            (regular files and directories only), extracted to the job's
+                            input/ and seen read-only by the job at /input
+    output: bool            the job gets an empty writable /output (fetch it with fetch-output)
+
+Absent fields mean false or 0, so a spec without them runs as before: no stdin (EOF), and
+no filesystem at all. input_tar_bytes with has_stdin needs stdin_bytes. A refused input
+tar (absolute or '..' names, links, devices, fifos, sparse files) is an X frame of kind
+"input" and leaves no job directory.
+
+serve protocol. The coordinator writes frames on serve's stdin; serve answers in frames.
+
+    -> H {"runner_version": str}          first; answered by exactly one of:
+    <- N {"need": "runner"}               another version: serve exits
+    <- H {"pid": int, "wasmtime_version": str|null, "error": str|null}
+                                          error set: wasmtime is unusable and serve exits
+    -> L SPEC_LINE \\n STDIN INPUT_TAR     launch's stdin bytes; the spec has "key": JOB_ID
+
+Replies about a task carry payload JOB_ID + b"\\n" + body, in this order:
+
+    N {"need": "module"}     nothing launched: put-module over another channel, resend L
+    N {"need": "runner"}     the spec's runner_version differs: nothing launched
+    X {"error", "kind"}      not launched (kinds as launch: spec, exists, io, input)
+    S {"pid", "job_dir"}     launched; later, once it ended and result.json is on disk:
+    O <chunk>...             its whole stdout, chunks of at most 64 KiB
+    E <chunk>...             its whole stderr
+    R <result.json bytes>    the last frame about the task
+
+Frames of different tasks may interleave; a task's own O and E frames are sent only after
+it ended. An X frame whose key is empty (payload starting with b"\\n") concerns no task:
+kind "spec" for an L whose spec or key is unreadable, "protocol" for a stream that is not
+frames or a request out of order (serve then accepts nothing more). On EOF serve accepts
+nothing more, sends the results of the tasks still running, and exits 0. If its stdout
+breaks, it leaves the tasks running (each writes its result to its job directory; use
+attach, poll or cancel per task) and exits once all have ended. Requests larger than
+SERVE_MAX_REQUEST_BYTES are a protocol error: launch such tasks with launch instead.
 
 Hosts may have an older Python than the coordinator: keep this file to Python 3.8 syntax
 and APIs (annotations are never evaluated, thanks to the __future__ import).
@@ -23,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -30,6 +76,7 @@ import re
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -47,17 +94,23 @@ KIND_STDERR = b"E"
 KIND_RESULT = b"R"
 KIND_ERROR = b"X"
 KIND_ALIVE = b"A"
+KIND_HELLO = b"H"
+KIND_LAUNCH = b"L"
 
 CHUNK_BYTES = 64 * 1024
 # Far above any real frame (output chunks are 64 KiB): a bigger length means the stream is
 # not ours, e.g. a login shell printed a banner before the runner started.
 MAX_FRAME_BYTES = 16 << 20
+# An L frame holds a task's stdin and input tar in memory; bigger tasks go through launch.
+SERVE_MAX_REQUEST_BYTES = 64 << 20
 GRACE_S = 1.0
 DEAD_GRACE_S = 0.5
 STARTUP_GRACE_S = 10.0
 POLL_MIN_S = 0.002
 POLL_MAX_S = 0.05
 KILL_WAIT_S = 2.0
+# fetch-output keeps one descriptor open per level it descends; deeper entries are skipped.
+MAX_OUTPUT_DEPTH = 64
 
 RESULT_KEYS = (
     "state",
@@ -180,6 +233,10 @@ class _FrameWriter:
     def send_error(self, kind: str, message: object) -> None:
         self.send_json(KIND_ERROR, {"error": _one_line(str(message)), "kind": kind})
 
+    def send_keyed(self, kind: bytes, key: str, body: bytes) -> None:
+        """A serve reply about one task: its job id, a newline, then the body."""
+        self.send(kind, key.encode() + b"\n" + body)
+
     def reader_gone(self) -> bool:
         """True when nobody can read our stdout any more, found without writing to it."""
         # While a job is quiet nothing is written, so a broken pipe would go unnoticed
@@ -297,17 +354,50 @@ def _create_atomically(path: str, data: bytes) -> bool:
         _unlink_quietly(temp)
 
 
-def _read_pid(job_dir: str) -> int | None:
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of `pid` from /proc; None when it does not exist there."""
+    with open(f"/proc/{pid}/stat", "rb") as stat_file:
+        raw = stat_file.read()
+    # The command name (field 2) may hold spaces and parentheses; the rest follows the last ')'.
+    fields = raw.rsplit(b")", 1)[-1].split()
+    if len(fields) < 20:
+        return None
+    # fields[0] is field 3 (state); field 22, starttime, counts clock ticks since boot.
+    return fields[0].decode(), fields[19].decode()
+
+
+def _start_time(pid: int) -> str | None:
+    """When `pid` was created, as the kernel says: a reused pid has another start time."""
+    try:
+        found = _proc_stat(pid)
+    except OSError:
+        return None
+    return None if found is None else found[1]
+
+
+def _write_pid_file(job_dir: str, pid: int) -> None:
+    """Record the job's process as 'PID START_TIME' (just 'PID' without procfs)."""
+    started = _start_time(pid)
+    line = f"{pid} {started}\n" if started else f"{pid}\n"
+    _replace_atomically(os.path.join(job_dir, "pid"), line.encode())
+
+
+def _read_pid(job_dir: str) -> tuple[int, str | None] | None:
+    """(pid, start time or None) from the job's pid file."""
     try:
         with open(os.path.join(job_dir, "pid"), "rb") as pid_file:
-            pid = int(pid_file.read().strip())
-    except (OSError, ValueError):
+            words = pid_file.read().decode("ascii").split()
+        pid = int(words[0])
+    except (OSError, ValueError, IndexError):
         return None
-    return pid if pid > 0 else None
+    if pid <= 0:
+        return None
+    return pid, (words[1] if len(words) > 1 else None)
 
 
-def _is_executor(pid: int, job_dir: str) -> bool:
-    """True when `pid` is alive and is the executor of `job_dir`, not a zombie or reused pid."""
+def _is_executor(process: tuple[int, str | None], job_dir: str) -> bool:
+    """True when the pid file's process is alive and still the job's, not a zombie or reused pid."""
+    pid, started = process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -316,6 +406,16 @@ def _is_executor(pid: int, job_dir: str) -> bool:
         return False  # another user's process: the pid was reused
     if not os.path.isdir("/proc/self"):
         return True  # no procfs (e.g. macOS): kill(0) is all there is
+    if started is not None:
+        # A job forked by serve has serve's cmdline; its start time identifies it instead.
+        try:
+            found = _proc_stat(pid)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return found is not None and found[0] not in ("Z", "X") and found[1] == started
+    # A pid file without a start time (an older runner's): the executor's cmdline names it.
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             raw = cmdline.read()
@@ -337,8 +437,8 @@ def _is_executor(pid: int, job_dir: str) -> bool:
 
 def _executor_death(job_dir: str) -> str | None:
     """None while the job's executor may still write a result; else why it never will."""
-    pid = _read_pid(job_dir)
-    if pid is None:
+    process = _read_pid(job_dir)
+    if process is None:
         try:
             born = os.stat(os.path.join(job_dir, "spec.json")).st_mtime
         except OSError:
@@ -349,7 +449,7 @@ def _executor_death(job_dir: str) -> str | None:
         if time.time() - born < STARTUP_GRACE_S:
             return None
         return "runner process never started"
-    if _is_executor(pid, job_dir):
+    if _is_executor(process, job_dir):
         return None
     return "runner process died without a result"
 
@@ -521,6 +621,226 @@ def _stream_job(
             tail.close()
 
 
+# --------------------------------------------------------------------------- staging
+
+
+class UnsafeArchive(ValueError):
+    """A tar stream holds something other than plain files and directories under its root."""
+
+
+class _LimitedReader(io.RawIOBase):
+    """Reads at most `limit` bytes of `source`, so a tar reader cannot run past its part."""
+
+    def __init__(self, source: BinaryIO, limit: int) -> None:
+        super().__init__()
+        self._source = source
+        self.remaining = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), self.remaining)
+        if wanted <= 0:
+            return 0
+        data = self._source.read(wanted)
+        view[: len(data)] = data
+        self.remaining -= len(data)
+        return len(data)
+
+    def drain(self) -> None:
+        """Read and drop what is left of the part (a tar's trailing padding)."""
+        while self.remaining > 0:
+            chunk = self._source.read(min(self.remaining, 1 << 20))
+            if not chunk:
+                break
+            self.remaining -= len(chunk)
+
+
+def _member_parts(name: str) -> list[str]:
+    """The path components of a tar member name, refusing any that could leave the root."""
+    if "\0" in name:
+        raise UnsafeArchive(f"member name {name!r} holds a NUL byte")
+    if name.startswith("/"):
+        raise UnsafeArchive(f"member {name!r} has an absolute name")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchive(f"member {name!r} has a '..' component")
+    return parts
+
+
+def _member_kind(member: Any) -> str:
+    if member.issym():
+        return "symbolic link"
+    if member.islnk():
+        return "hard link"
+    if member.ischr() or member.isblk():
+        return "device"
+    if member.isfifo():
+        return "fifo"
+    if member.issparse():
+        return "sparse file"
+    return f"member of type {member.type!r}"
+
+
+def _make_directory(path: str) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        # Only this extraction writes here and it never makes links: lstat is the truth.
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise UnsafeArchive(f"{path!r} is both a file and a directory") from None
+
+
+def extract_tar_safely(source: BinaryIO, destination: str) -> int:
+    """Extract an uncompressed tar stream into the existing directory `destination`.
+
+    Accepts only regular files and directories whose names stay inside; refuses the whole
+    archive (UnsafeArchive) at the first absolute name, '..' component, link, device, fifo
+    or sparse file. Tar modes and owners are ignored: files are 0600, directories 0700.
+    Checks each member itself, so it is safe on every Python without tarfile's filters.
+    Returns the number of members extracted.
+    """
+    import tarfile
+
+    count = 0
+    try:
+        with tarfile.open(fileobj=source, mode="r|") as archive:
+            for member in archive:
+                parts = _member_parts(member.name)
+                is_file = member.isreg() and not member.issparse()
+                if not (is_file or member.isdir()):
+                    raise UnsafeArchive(
+                        f"{member.name!r} is a {_member_kind(member)}: only regular files "
+                        f"and directories can be staged"
+                    )
+                if not parts:
+                    if is_file:
+                        raise UnsafeArchive(f"file member {member.name!r} has no name")
+                    continue  # the root itself, as in `tar -C dir -cf - .`
+                path = destination
+                for part in parts[:-1]:
+                    path = os.path.join(path, part)
+                    _make_directory(path)
+                path = os.path.join(path, parts[-1])
+                if member.isdir():
+                    _make_directory(path)
+                else:
+                    _extract_file(archive, member, path)
+                count += 1
+    except tarfile.TarError as exc:
+        raise UnsafeArchive(f"not a readable tar stream: {exc}") from exc
+    return count
+
+
+def _extract_file(archive: Any, member: Any, path: str) -> None:
+    data = archive.extractfile(member)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise UnsafeArchive(f"{member.name!r} appears twice in the archive") from None
+    try:
+        left = member.size
+        while left > 0:
+            chunk = data.read(min(left, 1 << 20))
+            if not chunk:
+                raise UnsafeArchive(f"the archive ends inside {member.name!r}")
+            left -= len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+class _SizedReader(io.RawIOBase):
+    """Reads exactly `size` bytes of an open file: cut if it grew, zero-padded if it shrank,
+    so a file a running job is still writing cannot corrupt the tar stream around it."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), self._left)
+        filled = 0
+        while filled < wanted:
+            data = os.read(self._fd, wanted - filled)
+            if not data:
+                view[filled:wanted] = bytes(wanted - filled)
+                filled = wanted
+                break
+            view[filled : filled + len(data)] = data
+            filled += len(data)
+        self._left -= filled
+        return filled
+
+
+def write_tree_as_tar(root: str, sink: BinaryIO) -> int:
+    """Write the regular files and directories under `root` to `sink` as an uncompressed tar.
+
+    Symbolic links are never followed nor included, nor is anything but regular files and
+    directories, nor what lies deeper than MAX_OUTPUT_DEPTH: a job may have made any of
+    them. Each directory is opened relative to its parent with O_NOFOLLOW, so a running job
+    swapping a directory for a link cannot redirect the walk. Member modes are 0600/0700.
+    Returns the number of entries skipped.
+    """
+    import tarfile
+
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    directory_flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow
+    file_flags = os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0)
+    skipped = 0
+    root_fd = os.open(root, directory_flags)
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        # Depth-first with an explicit stack of (directory fd, member prefix, names left).
+        stack: list[tuple[int, str, list[str]]] = [(root_fd, "", sorted(os.listdir(root_fd)))]
+        try:
+            while stack:
+                dir_fd, prefix, names = stack[-1]
+                if not names:
+                    os.close(dir_fd)
+                    stack.pop()
+                    continue
+                name = names.pop(0)
+                try:
+                    fd = os.open(name, file_flags, dir_fd=dir_fd)
+                except OSError:
+                    skipped += 1  # a symlink (ELOOP), vanished, or unreadable
+                    continue
+                info = os.fstat(fd)
+                member = tarfile.TarInfo(prefix + name)
+                member.mtime = int(info.st_mtime)
+                if stat.S_ISDIR(info.st_mode) and len(stack) <= MAX_OUTPUT_DEPTH:
+                    member.type, member.mode = tarfile.DIRTYPE, 0o700
+                    archive.addfile(member)
+                    try:
+                        children = sorted(os.listdir(fd))
+                    except OSError:
+                        children = []
+                    stack.append((fd, member.name + "/", children))
+                    continue
+                try:
+                    if stat.S_ISREG(info.st_mode):
+                        member.mode, member.size = 0o600, info.st_size
+                        archive.addfile(member, _SizedReader(fd, info.st_size))
+                    else:
+                        skipped += 1
+                finally:
+                    os.close(fd)
+        finally:
+            for dir_fd, _, _ in stack:
+                os.close(dir_fd)
+    return skipped
+
+
 # -------------------------------------------------------------------------- commands
 
 
@@ -529,6 +849,9 @@ def _validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
 
     def is_text(value: object) -> bool:
         return isinstance(value, str) and "\0" not in value
+
+    def is_count(value: object) -> bool:
+        return type(value) is int and value >= 0
 
     sha = raw.get("wasm_sha256")
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
@@ -555,9 +878,20 @@ def _validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
         type(limit) not in (int, float) or not math.isfinite(limit) or limit <= 0
     ):
         raise ValueError("time_limit_s must be a positive number or null")
-    has_stdin = raw.get("has_stdin")
+    has_stdin = raw.get("has_stdin", False)
     if not isinstance(has_stdin, bool):
         raise ValueError("has_stdin must be true or false")
+    stdin_bytes = raw.get("stdin_bytes")
+    if stdin_bytes is not None and not is_count(stdin_bytes):
+        raise ValueError("stdin_bytes must be a non-negative integer")
+    input_tar_bytes = raw.get("input_tar_bytes", 0)
+    if not is_count(input_tar_bytes):
+        raise ValueError("input_tar_bytes must be a non-negative integer")
+    if input_tar_bytes and has_stdin and stdin_bytes is None:
+        raise ValueError("input_tar_bytes with has_stdin needs stdin_bytes")
+    output = raw.get("output", False)
+    if not isinstance(output, bool):
+        raise ValueError("output must be true or false")
     return {
         "runner_version": raw["runner_version"],
         "wasm_sha256": sha,
@@ -565,19 +899,112 @@ def _validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
         "env": env,
         "memory_mb": memory_mb,
         "time_limit_s": None if limit is None else float(limit),
-        "has_stdin": has_stdin,
+        "has_stdin": has_stdin or stdin_bytes is not None,
+        "stdin_bytes": stdin_bytes,
+        "input": input_tar_bytes > 0,
+        "input_tar_bytes": input_tar_bytes,
+        "output": output,
     }
 
 
-def _copy_to_file(source: BinaryIO, path: str) -> None:
+class _LaunchRefused(Exception):
+    """A launch that started nothing, answered by one N or X frame."""
+
+    def __init__(self, frame_kind: bytes, answer: dict[str, Any]) -> None:
+        super().__init__(answer)
+        self.frame_kind = frame_kind
+        self.answer = answer
+
+    @classmethod
+    def need(cls, what: str) -> _LaunchRefused:
+        return cls(KIND_NEED, {"need": what})
+
+    @classmethod
+    def error(cls, kind: str, message: object) -> _LaunchRefused:
+        return cls(KIND_ERROR, {"error": _one_line(str(message)), "kind": kind})
+
+
+def _copy_to_file(source: BinaryIO, path: str, size: int | None = None) -> None:
+    """Copy `size` bytes of `source` (all of it when None) to the new file `path`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        while chunk := source.read(1 << 20):
+        left = size
+        while left is None or left > 0:
+            chunk = source.read(1 << 20 if left is None else min(left, 1 << 20))
+            if not chunk:
+                if left is not None:
+                    raise _LaunchRefused.error(
+                        "spec", f"the launch stream ended {left} bytes short of stdin_bytes"
+                    )
+                break
+            if left is not None:
+                left -= len(chunk)
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+
+
+def _stage_input(source: BinaryIO, size: int, destination: str) -> None:
+    os.mkdir(destination, 0o700)
+    part = _LimitedReader(source, size)
+    try:
+        extract_tar_safely(part, destination)  # type: ignore[arg-type]
+    except UnsafeArchive as exc:
+        raise _LaunchRefused.error("input", f"input refused: {exc}") from exc
+    part.drain()
+    if part.remaining:
+        raise _LaunchRefused.error(
+            "spec", f"the launch stream ended {part.remaining} bytes short of input_tar_bytes"
+        )
+
+
+def _set_up_job(
+    workdir: str, job_dir: str, raw: dict[str, Any], source: BinaryIO, *, check_wasmtime: bool
+) -> dict[str, Any]:
+    """Check a launch spec and make the job directory; raises _LaunchRefused if it cannot.
+
+    The directory gets spec.json, then stdin, input/ and output/ as the spec asks, read
+    from `source` (what follows the spec line). Nothing is left behind on refusal.
+    """
+    if raw.get("runner_version") != runner_version():
+        raise _LaunchRefused.need("runner")
+    try:
+        spec = _validate_spec(raw)
+    except ValueError as exc:
+        raise _LaunchRefused.error("spec", f"invalid launch spec: {exc}") from exc
+    if not os.path.isfile(os.path.join(workdir, "wasm", f"{spec['wasm_sha256']}.wasm")):
+        raise _LaunchRefused.need("module")
+    if check_wasmtime:
+        problem = _wasmtime_problem()
+        if problem is not None:
+            raise _LaunchRefused.error("no_wasmtime", problem)
+    try:
+        os.makedirs(os.path.join(workdir, "jobs"), mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise _LaunchRefused.error("io", exc) from exc
+    try:
+        os.mkdir(job_dir, 0o700)
+    except FileExistsError as exc:
+        raise _LaunchRefused.error("exists", f"job directory {job_dir} already exists") from exc
+    except OSError as exc:
+        raise _LaunchRefused.error("io", exc) from exc
+    try:
+        _write_new_file(os.path.join(job_dir, "spec.json"), _json_bytes(spec))
+        if spec["has_stdin"]:
+            _copy_to_file(source, os.path.join(job_dir, "stdin"), spec["stdin_bytes"])
+        if spec["input"]:
+            _stage_input(source, spec["input_tar_bytes"], os.path.join(job_dir, "input"))
+        if spec["output"]:
+            os.mkdir(os.path.join(job_dir, "output"), 0o700)
+    except BaseException as exc:
+        # Nothing runs yet: remove the half-made job so that a retry can launch it.
+        shutil.rmtree(job_dir, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _LaunchRefused.error("io", exc) from exc
+        raise
+    return spec
 
 
 def _spawn_executor(job_dir: str) -> subprocess.Popen[bytes]:
@@ -610,47 +1037,19 @@ def _cmd_launch(writer: _FrameWriter, workdir_argument: str, job_id: str) -> int
     except ValueError as exc:
         writer.send_error("spec", f"unreadable launch spec: {exc}")
         return 0
-    if raw.get("runner_version") != runner_version():
-        writer.send_json(KIND_NEED, {"need": "runner"})
-        return 0
     try:
-        spec = _validate_spec(raw)
-    except ValueError as exc:
-        writer.send_error("spec", f"invalid launch spec: {exc}")
-        return 0
-    if not os.path.isfile(os.path.join(workdir, "wasm", f"{spec['wasm_sha256']}.wasm")):
-        writer.send_json(KIND_NEED, {"need": "module"})
-        return 0
-    problem = _wasmtime_problem()
-    if problem is not None:
-        writer.send_error("no_wasmtime", problem)
-        return 0
-    try:
-        os.makedirs(os.path.join(workdir, "jobs"), mode=0o700, exist_ok=True)
-    except OSError as exc:
-        writer.send_error("io", exc)
-        return 0
-    try:
-        os.mkdir(job_dir, 0o700)
-    except FileExistsError:
-        writer.send_error("exists", f"job directory {job_dir} already exists")
-        return 0
-    except OSError as exc:
-        writer.send_error("io", exc)
-        return 0
-    try:
-        _write_new_file(os.path.join(job_dir, "spec.json"), _json_bytes(spec))
-        if spec["has_stdin"]:
-            _copy_to_file(stdin, os.path.join(job_dir, "stdin"))
+        _set_up_job(workdir, job_dir, raw, stdin, check_wasmtime=True)
         executor = _spawn_executor(job_dir)
+    except _LaunchRefused as refused:
+        writer.send_json(refused.frame_kind, refused.answer)
+        return 0
     except OSError as exc:
-        # Nothing runs yet: remove the half-made job so that a retry can launch it.
         shutil.rmtree(job_dir, ignore_errors=True)
         writer.send_error("io", exc)
         return 0
     with contextlib.suppress(OSError):
         # The executor writes it too; writing it here closes the window before it starts.
-        _replace_atomically(os.path.join(job_dir, "pid"), f"{executor.pid}\n".encode())
+        _write_pid_file(job_dir, executor.pid)
     writer.send_json(KIND_STARTED, {"pid": executor.pid, "job_dir": job_dir})
 
     def death() -> str | None:
@@ -678,6 +1077,26 @@ def _cmd_poll(writer: _FrameWriter, workdir: str, job_id: str, out: str, err: st
         writer.send_error("missing", f"no job directory {job_dir}")
         return 0
     _stream_job(writer, job_dir, offsets, lambda: _executor_death(job_dir), follow=False)
+    return 0
+
+
+def _cmd_fetch_output(workdir: str, job_id: str) -> int:
+    job_dir = _job_dir(workdir, job_id)
+    if not os.path.isdir(job_dir):
+        print(f"sshwasm-exec: error: no job directory {job_dir}", file=sys.stderr)
+        return 1
+    output = os.path.join(job_dir, "output")
+    if not os.path.isdir(output) or os.path.islink(output):
+        print(f"sshwasm-exec: error: job {job_id} has no output directory", file=sys.stderr)
+        return 1
+    skipped = write_tree_as_tar(output, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+    if skipped:
+        print(
+            f"sshwasm-exec: skipped {skipped} entries of the output that are not regular "
+            f"files or directories (or nest deeper than {MAX_OUTPUT_DEPTH} levels)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -713,11 +1132,12 @@ def _cmd_put_module(workdir_argument: str, sha256: str) -> int:
 
 
 def _kill_executor(job_dir: str) -> None:
-    pid = _read_pid(job_dir)
-    if pid is None or not _is_executor(pid, job_dir):
+    process = _read_pid(job_dir)
+    if process is None or not _is_executor(process, job_dir):
         return
+    pid = process[0]
     try:
-        # start_new_session made it a group leader; the group takes anything it spawned.
+        # A new session made it a group leader; the group takes anything it spawned.
         if os.getpgid(pid) == pid:
             os.killpg(pid, signal.SIGKILL)
         else:
@@ -725,7 +1145,7 @@ def _kill_executor(job_dir: str) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + KILL_WAIT_S
-    while _is_executor(pid, job_dir) and time.monotonic() < deadline:
+    while _is_executor(process, job_dir) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -851,17 +1271,23 @@ def _watchdog(execution: _Execution, limit: float) -> None:
         os._exit(124)
 
 
+def _log_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def _load_module(
-    wasmtime: Any, engine: Any, module_path: str, cache_path: str
+    wasmtime: Any,
+    engine: Any,
+    module_path: str,
+    cache_path: str,
+    log: Callable[[str], None] = _log_to_stderr,
 ) -> tuple[Any, float, bool]:
     """The compiled module, from the precompiled cache when it can; (module, compile_s, hit)."""
     if os.path.isfile(cache_path):
         try:
             return wasmtime.Module.deserialize_file(engine, cache_path), 0.0, True
         except wasmtime.WasmtimeError as exc:
-            print(
-                f"precompiled cache unusable, recompiling: {_one_line(str(exc))}", file=sys.stderr
-            )
+            log(f"precompiled cache unusable, recompiling: {_one_line(str(exc))}")
     with open(module_path, "rb") as module_file:
         wasm = module_file.read()
     started = time.monotonic()
@@ -873,8 +1299,58 @@ def _load_module(
         _replace_atomically(cache_path, bytes(module.serialize()), durable=True)
     except OSError as exc:
         # The cache only saves time: a full disk must not fail the job.
-        print(f"cannot write precompiled cache: {exc}", file=sys.stderr)
+        log(f"cannot write precompiled cache: {exc}")
     return module, compile_s, False
+
+
+class _LoadedModule:
+    """A compiled module, the engine it belongs to, and what loading it cost this job."""
+
+    def __init__(self, engine: Any, module: Any, compile_s: float, cached: bool) -> None:
+        self.engine = engine
+        self.module = module
+        self.compile_s = compile_s
+        self.cached = cached
+
+
+class _Runtime:
+    """wasmtime, imported: one Engine per epoch setting, and the host's module caches."""
+
+    def __init__(self, wasmtime: Any, workdir: str) -> None:
+        self.wasmtime = wasmtime
+        self.workdir = workdir
+        self.version = _wasmtime_version() or "unknown"
+        self._engines: dict[bool, Any] = {}
+
+    def config(self, epoch: bool) -> Any:
+        config = self.wasmtime.Config()
+        # Epoch checks cost up to 17% on loops, so only pay for them with a time limit.
+        config.epoch_interruption = epoch
+        return config
+
+    def engine(self, epoch: bool) -> Any:
+        engine = self._engines.get(epoch)
+        if engine is None:
+            engine = self._engines[epoch] = self.wasmtime.Engine(self.config(epoch))
+        return engine
+
+    def module_paths(self, sha: str, epoch: bool) -> tuple[str, str]:
+        """(uploaded .wasm, precompiled .cwasm keyed by wasmtime version and engine flags)."""
+        flags = "epoch" if epoch else "noepoch"
+        safe_version = re.sub(r"[^A-Za-z0-9.+_-]", "_", self.version)
+        cache = os.path.join(self.workdir, "cache", f"{sha}-{safe_version}-{flags}.cwasm")
+        return os.path.join(self.workdir, "wasm", f"{sha}.wasm"), cache
+
+    def load(
+        self, sha: str, epoch: bool, log: Callable[[str], None] = _log_to_stderr
+    ) -> _LoadedModule:
+        """The module of hash `sha` for an engine with or without epoch interruption."""
+        module_path, cache_path = self.module_paths(sha, epoch)
+        engine = self.engine(epoch)
+        module, compile_s, cached = _load_module(
+            self.wasmtime, engine, module_path, cache_path, log
+        )
+        return _LoadedModule(engine, module, compile_s, cached)
 
 
 def _linear_memory_bytes(wasmtime: Any, instance: Any, store: Any) -> int | None:
@@ -906,36 +1382,17 @@ def looks_out_of_memory(peak_bytes: int | None, limit_bytes: int, stderr_tail: b
     return _OOM_STDERR_RE.search(stderr_tail.lower()) is not None
 
 
-def _run_job(execution: _Execution) -> None:
+def _run_module(
+    execution: _Execution, runtime: _Runtime, loaded: _LoadedModule, spec: dict[str, Any]
+) -> None:
+    """Run the job's module once in this process and write its result: the part of a job
+    that execute and serve share."""
     job_dir = execution.job_dir
-    with open(os.path.join(job_dir, "spec.json"), "rb") as spec_file:
-        spec = json.loads(spec_file.read())
-    workdir = os.path.dirname(os.path.dirname(job_dir))
-    try:
-        import wasmtime
-    except ImportError as exc:
-        execution.finish("failed", 1, f"cannot import wasmtime with {sys.executable}: {exc}")
-        return
-    version = _wasmtime_version() or "unknown"
-    execution.facts["wasmtime_version"] = version
+    wasmtime = runtime.wasmtime
+    engine = loaded.engine
     limit: float | None = spec["time_limit_s"]
     memory_mb: int = spec["memory_mb"]
-    sha = spec["wasm_sha256"]
-
-    config = wasmtime.Config()
-    # Epoch checks cost up to 17% on loops, so only pay for them with a time limit.
-    config.epoch_interruption = limit is not None
-    engine = wasmtime.Engine(config)
-    flags = "epoch" if limit is not None else "noepoch"
-    safe_version = re.sub(r"[^A-Za-z0-9.+_-]", "_", version)
-    cache_path = os.path.join(workdir, "cache", f"{sha}-{safe_version}-{flags}.cwasm")
-    module_path = os.path.join(workdir, "wasm", f"{sha}.wasm")
-    try:
-        module, compile_s, cached = _load_module(wasmtime, engine, module_path, cache_path)
-    except (wasmtime.WasmtimeError, OSError) as exc:
-        execution.finish("failed", 1, f"cannot load the module: {_one_line(str(exc))}")
-        return
-    execution.facts.update(module_compile_s=round(compile_s, 6), module_cached=cached)
+    execution.facts.update(module_compile_s=round(loaded.compile_s, 6), module_cached=loaded.cached)
 
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
@@ -951,6 +1408,11 @@ def _run_job(execution: _Execution) -> None:
         wasi.stdin_file = stdin_path
     wasi.stdout_file = os.path.join(job_dir, "stdout")
     wasi.stderr_file = os.path.join(job_dir, "stderr")
+    # Only what was staged: without these the guest sees no filesystem at all.
+    if spec.get("input"):
+        wasi.preopen_dir(os.path.join(job_dir, "input"), "/input", False)
+    if spec.get("output"):
+        wasi.preopen_dir(os.path.join(job_dir, "output"), "/output", True)
     store.set_wasi(wasi)
 
     timer: threading.Timer | None = None
@@ -966,7 +1428,7 @@ def _run_job(execution: _Execution) -> None:
     instance = None
     state, exit_code, error = "succeeded", 0, None
     try:
-        instance = linker.instantiate(store, module)
+        instance = linker.instantiate(store, loaded.module)
         start = instance.exports(store).get("_start")
         if not isinstance(start, wasmtime.Func):
             state, exit_code, error = "failed", 1, "the module has no _start: not a WASI command"
@@ -1010,36 +1472,430 @@ def _run_job(execution: _Execution) -> None:
     execution.finish(state, exit_code, error, peak_memory_bytes=peak, **measures)
 
 
-def _cmd_execute(job_dir_argument: str) -> NoReturn:
-    job_dir = os.path.abspath(job_dir_argument)
+def _run_job(execution: _Execution) -> None:
+    """execute's job: import wasmtime, load the module, run it."""
+    job_dir = execution.job_dir
+    with open(os.path.join(job_dir, "spec.json"), "rb") as spec_file:
+        spec = json.loads(spec_file.read())
     try:
-        _replace_atomically(os.path.join(job_dir, "pid"), f"{os.getpid()}\n".encode())
+        import wasmtime
+    except ImportError as exc:
+        execution.finish("failed", 1, f"cannot import wasmtime with {sys.executable}: {exc}")
+        return
+    runtime = _Runtime(wasmtime, os.path.dirname(os.path.dirname(job_dir)))
+    execution.facts["wasmtime_version"] = runtime.version
+    try:
+        loaded = runtime.load(spec["wasm_sha256"], spec["time_limit_s"] is not None)
+    except (wasmtime.WasmtimeError, OSError) as exc:
+        execution.finish("failed", 1, f"cannot load the module: {_one_line(str(exc))}")
+        return
+    _run_module(execution, runtime, loaded, spec)
+
+
+def _execute(job_dir: str, run: Callable[[_Execution], None]) -> NoReturn:
+    """Be the job's process: record the pid, run, make sure of a result, and exit at once."""
+    try:
+        _write_pid_file(job_dir, os.getpid())
     except OSError:
         traceback.print_exc()
     execution = _Execution(job_dir)
     try:
         # A cancel that came before we started has written the result already.
         if not os.path.exists(execution.result_path):
-            _run_job(execution)
+            run(execution)
     except BaseException as exc:
         traceback.print_exc()
         error = _one_line(f"runner error: {type(exc).__name__}: {exc}")
         execution.finish("failed", 1, error, **execution.measures())
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
         # Skips interpreter teardown, where wasmtime's tokio threads can panic (pitfall 5).
         os._exit(0)
+
+
+def _cmd_execute(job_dir_argument: str) -> NoReturn:
+    _execute(os.path.abspath(job_dir_argument), _run_job)
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def _log_appender(path: str) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        with contextlib.suppress(OSError), open(path, "a") as log_file:
+            log_file.write(line + "\n")
+
+    return log
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A Python-level handler, so that the signal reaches the wakeup fd."""
+
+
+class _ServeRuntime(_Runtime):
+    """serve's runtime: wasmtime imported once, engines and modules kept across tasks.
+
+    serve forks a child per task, and a child inherits none of its parent's threads, only
+    their bookkeeping: it hangs at the first use of a thread pool whose threads existed in
+    the parent. Measured with wasmtime-py 50: running a guest starts a tokio pool (forked
+    children then hang in WASI calls), compiling starts a compile pool, while importing,
+    creating engines and deserializing start no thread. So this process only deserializes;
+    a module missing from the precompiled cache is compiled by a short-lived forked helper
+    (in parallel, as execute does) that writes the cache; guests run only in the children.
+    """
+
+    def __init__(self, wasmtime: Any, workdir: str) -> None:
+        super().__init__(wasmtime, workdir)
+        self._modules: dict[tuple[str, bool], _LoadedModule] = {}
+
+    def config(self, epoch: bool) -> Any:
+        config = super().config(epoch)
+        # Compiling here happens only if the helper could not fill the cache: then serially,
+        # so that no thread pool is left behind.
+        config.parallel_compilation = False
+        return config
+
+    def load_for_task(self, sha: str, epoch: bool, log_path: str) -> _LoadedModule:
+        """The module for a task, loaded once per serve; what loading cost goes to the first."""
+        known = self._modules.get((sha, epoch))
+        if known is not None:
+            return _LoadedModule(known.engine, known.module, 0.0, True)
+        module_path, cache_path = self.module_paths(sha, epoch)
+        helper_s = 0.0
+        if not os.path.isfile(cache_path):
+            helper_s = self._compile_in_helper(epoch, module_path, cache_path, log_path)
+        loaded = self.load(sha, epoch, _log_appender(log_path))
+        if helper_s and loaded.cached:
+            loaded = _LoadedModule(loaded.engine, loaded.module, helper_s, False)
+        self._modules[(sha, epoch)] = loaded
+        return loaded
+
+    def _compile_in_helper(
+        self, epoch: bool, module_path: str, cache_path: str, log_path: str
+    ) -> float:
+        started = time.monotonic()
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.dup2(log_fd, 2)
+                    engine = self.wasmtime.Engine(_Runtime.config(self, epoch))
+                    _load_module(self.wasmtime, engine, module_path, cache_path)
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    os._exit(0)
+        finally:
+            os.close(log_fd)
+        os.waitpid(pid, 0)
+        return time.monotonic() - started
+
+
+class _ServeTask:
+    """A task serve forked, until its result has been sent."""
+
+    def __init__(self, key: str, job_dir: str) -> None:
+        self.key = key
+        self.job_dir = job_dir
+        self.status = 0
+        self.ended_at = 0.0
+
+
+def _describe_wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+class _Server:
+    """The serve command: launch requests in, one forked child per task, results out."""
+
+    def __init__(self, writer: _FrameWriter, workdir: str, stdin_fd: int) -> None:
+        self.writer = writer
+        self.workdir = workdir
+        self.stdin_fd = stdin_fd
+        self.runtime: _ServeRuntime | None = None
+        self.accepting = True
+        self.coordinator_gone = False
+        self.running: dict[int, _ServeTask] = {}
+        self.ended: list[_ServeTask] = []
+        self.decoder = FrameDecoder(SERVE_MAX_REQUEST_BYTES)
+        self._wake_r, self._wake_w = os.pipe()
+
+    def serve(self) -> int:
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        # SIGCHLD writes a byte to the pipe, so select() wakes when a task ends.
+        previous = signal.signal(signal.SIGCHLD, _ignore_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        try:
+            while self.accepting or self.running or self.ended:
+                readable = [self._wake_r] + ([self.stdin_fd] if self.accepting else [])
+                ready, _, _ = select.select(readable, [], [], self._settle_timeout())
+                if self._wake_r in ready:
+                    with contextlib.suppress(OSError):
+                        while os.read(self._wake_r, 4096):
+                            pass
+                try:
+                    self._reap()
+                    if self.stdin_fd in ready:
+                        self._read_requests()
+                    self._settle()
+                except _CoordinatorGone:
+                    self._lose_coordinator()
+        finally:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, previous)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        return 0
+
+    # -- requests
+
+    def _read_requests(self) -> None:
+        try:
+            data = os.read(self.stdin_fd, 1 << 16)
+        except OSError:
+            data = b""
+        if not data:
+            self.accepting = False  # EOF: finish what runs, then exit
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as exc:
+            self._refuse_session("protocol", exc)
+            return
+        for kind, payload in frames:
+            if not self.accepting:
+                return
+            if kind == KIND_HELLO:
+                self._hello(payload)
+            elif kind == KIND_LAUNCH and self.runtime is not None:
+                self._launch(payload)
+            elif kind == KIND_LAUNCH:
+                self._refuse_session("protocol", "an L request came before the H handshake")
+            else:
+                self._refuse_session("protocol", f"unknown request kind {kind!r}")
+
+    def _refuse_session(self, kind: str, message: object) -> None:
+        """An X frame about no task (empty key); after a protocol error, accept nothing more."""
+        self.writer.send_keyed(KIND_ERROR, "", _error_json(kind, message))
+        if kind == "protocol":
+            self.accepting = False
+
+    def _hello(self, payload: bytes) -> None:
+        if self.runtime is not None:
+            self._refuse_session("protocol", "a second H handshake")
+            return
+        try:
+            value = json.loads(payload)
+            if not isinstance(value, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            self._refuse_session("protocol", f"unreadable H handshake: {exc}")
+            return
+        if value.get("runner_version") != runner_version():
+            self.writer.send_json(KIND_NEED, {"need": "runner"})
+            self.accepting = False
+            return
+        try:
+            import wasmtime
+        except Exception as exc:
+            error = _one_line(f"cannot import wasmtime with {sys.executable}: {exc}")
+            self._send_hello(_wasmtime_version(), error)
+            self.accepting = False
+            return
+        self.runtime = _ServeRuntime(wasmtime, self.workdir)
+        self._send_hello(self.runtime.version, None)
+
+    def _send_hello(self, version: str | None, error: str | None) -> None:
+        hello = {"pid": os.getpid(), "wasmtime_version": version, "error": error}
+        self.writer.send_json(KIND_HELLO, hello)
+
+    def _launch(self, payload: bytes) -> None:
+        runtime = self.runtime
+        assert runtime is not None
+        line, _, rest = payload.partition(b"\n")
+        try:
+            raw = json.loads(line)
+            if not isinstance(raw, dict):
+                raise ValueError("the spec is not a JSON object")
+        except ValueError as exc:
+            self._refuse_session("spec", f"unreadable launch spec: {exc}")
+            return
+        key = raw.get("key")
+        if not isinstance(key, str) or not _JOB_ID_RE.fullmatch(key):
+            self._refuse_session("spec", f"invalid key {key!r}: the job id of the task")
+            return
+        job_dir = os.path.join(self.workdir, "jobs", key)
+        try:
+            spec = _set_up_job(self.workdir, job_dir, raw, io.BytesIO(rest), check_wasmtime=False)
+        except _LaunchRefused as refused:
+            self.writer.send_keyed(refused.frame_kind, key, json.dumps(refused.answer).encode())
+            return
+        log_path = os.path.join(job_dir, "runner.log")
+        loaded: _LoadedModule | str
+        try:
+            loaded = runtime.load_for_task(
+                spec["wasm_sha256"], spec["time_limit_s"] is not None, log_path
+            )
+        except (runtime.wasmtime.WasmtimeError, OSError) as exc:
+            # As under execute: the task runs and fails with this as its result.
+            loaded = f"cannot load the module: {_one_line(str(exc))}"
+        try:
+            pid = self._fork_task(job_dir, spec, loaded, log_path)
+        except OSError as exc:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            self.writer.send_keyed(KIND_ERROR, key, _error_json("io", exc))
+            return
+        self.running[pid] = _ServeTask(key, job_dir)
+        started = {"pid": pid, "job_dir": job_dir}
+        self.writer.send_keyed(KIND_STARTED, key, json.dumps(started).encode())
+
+    # -- tasks
+
+    def _fork_task(
+        self, job_dir: str, spec: dict[str, Any], loaded: _LoadedModule | str, log_path: str
+    ) -> int:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                self._become_task(job_dir, spec, loaded, log_fd)
+        finally:
+            os.close(log_fd)
+        with contextlib.suppress(OSError):
+            # The child writes it too; writing it here means it exists once S is sent.
+            _write_pid_file(job_dir, pid)
+        return pid
+
+    def _become_task(
+        self, job_dir: str, spec: dict[str, Any], loaded: _LoadedModule | str, log_fd: int
+    ) -> NoReturn:
+        """In the forked child: detach from serve's session and streams, then run the task
+        exactly as execute would. Never returns into serve's loop."""
+        runtime = self.runtime
+        try:
+            # A new session: cancel kills its group, and serve's end does not reach it.
+            os.setsid()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            # Serve's frames are not ours to read or write: stdin and stdout become
+            # /dev/null, stderr the job's runner.log, as for an execute process.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(log_fd, 2)
+            os.close(devnull)
+            os.close(log_fd)
+            os.chdir("/")
+        except BaseException:
+            os._exit(1)
+
+        def run(execution: _Execution) -> None:
+            assert runtime is not None
+            execution.facts["wasmtime_version"] = runtime.version
+            if isinstance(loaded, str):
+                execution.finish("failed", 1, loaded)
+            else:
+                _run_module(execution, runtime, loaded, spec)
+
+        _execute(job_dir, run)
+
+    def _reap(self) -> None:
+        while self.running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            task = self.running.pop(pid, None)
+            if task is not None:
+                task.status, task.ended_at = status, time.monotonic()
+                self.ended.append(task)
+
+    def _settle_timeout(self) -> float | None:
+        if not self.ended:
+            return None
+        first = min(task.ended_at for task in self.ended)
+        return max(0.01, first + DEAD_GRACE_S - time.monotonic())
+
+    def _settle(self) -> None:
+        """Send the outcome of every ended task whose result is on disk."""
+        now = time.monotonic()
+        for task in list(self.ended):
+            result_path = os.path.join(task.job_dir, "result.json")
+            if not os.path.exists(result_path):
+                # A cancel kills first and writes its result next: give it that moment.
+                if now - task.ended_at < DEAD_GRACE_S:
+                    continue
+                reason = "runner process died without a result"
+                with contextlib.suppress(OSError):
+                    _write_died_result(
+                        task.job_dir, f"{reason} ({_describe_wait_status(task.status)})"
+                    )
+            self.ended.remove(task)
+            if not self.coordinator_gone:
+                self._send_outcome(task, result_path)
+
+    def _send_outcome(self, task: _ServeTask, result_path: str) -> None:
+        for name, kind in (("stdout", KIND_STDOUT), ("stderr", KIND_STDERR)):
+            self._send_file(kind, task.key, os.path.join(task.job_dir, name))
+        try:
+            result = _read_result(result_path)
+        except OSError as exc:
+            result = _make_result("failed", None, f"cannot read the result: {exc}")
+        self.writer.send_keyed(KIND_RESULT, task.key, result)
+
+    def _send_file(self, kind: bytes, key: str, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # the task ended before its output files were made
+        try:
+            offset = 0
+            while True:
+                chunk = os.pread(fd, CHUNK_BYTES, offset)
+                if not chunk:
+                    return
+                self.writer.send_keyed(kind, key, chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+
+    def _lose_coordinator(self) -> None:
+        # The tasks keep running and write their results to disk; serve stays only to reap.
+        self.coordinator_gone = True
+        self.accepting = False
+        _detach_stdout()
+
+
+def _error_json(kind: str, message: object) -> bytes:
+    return json.dumps({"error": _one_line(str(message)), "kind": kind}).encode()
+
+
+def _cmd_serve(writer: _FrameWriter, workdir_argument: str) -> int:
+    return _Server(writer, _workdir(workdir_argument), sys.stdin.fileno()).serve()
 
 
 # ------------------------------------------------------------------------------ main
 
 _FRAME_COMMANDS: dict[str, tuple[str, Callable[..., int]]] = {
     "launch": ("WORKDIR JOB_ID", _cmd_launch),
+    "serve": ("WORKDIR", _cmd_serve),
     "attach": ("WORKDIR JOB_ID STDOUT_OFFSET STDERR_OFFSET", _cmd_attach),
     "poll": ("WORKDIR JOB_ID STDOUT_OFFSET STDERR_OFFSET", _cmd_poll),
 }
 _TEXT_COMMANDS: dict[str, tuple[str, Callable[..., int]]] = {
+    "fetch-output": ("WORKDIR JOB_ID", _cmd_fetch_output),
     "put-module": ("WORKDIR SHA256", _cmd_put_module),
     "cancel": ("WORKDIR JOB_ID", _cmd_cancel),
     "info": ("", _cmd_info),

@@ -636,7 +636,7 @@ def test_missing_source(tmp_path: Path) -> None:
 
 
 def test_directory_source(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="is a directory without Cargo.toml or go.mod"):
+    with pytest.raises(UsageError, match=r"is a directory without Cargo\.toml or go\.mod"):
         build(tmp_path, tmp_path / "cache")
 
 

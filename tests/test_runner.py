@@ -182,33 +182,44 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+# Compiled programs by source text: the session compiles each once, however many test
+# modules ask for it (each module importing a session fixture gets its own instance).
+_COMPILED: dict[str, Guest] = {}
+
+
+def compile_guest(source_text: str, build: Path) -> Guest:
+    """Compile Rust source to wasm32-wasi with the system rustc, once per session."""
     if not SYSTEM_RUSTC.exists():
         pytest.skip("needs /usr/bin/rustc with the wasm32-wasi target")
-    build = tmp_path_factory.mktemp("guest")
-    source = build / "probe.rs"
-    source.write_text(GUEST_SOURCE)
-    output = build / "probe.wasm"
-    subprocess.run(
-        [
-            str(SYSTEM_RUSTC),
-            "--edition",
-            "2021",
-            "--target",
-            "wasm32-wasi",
-            "-O",
-            "-C",
-            "strip=symbols",
-            "-o",
-            str(output),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    data = output.read_bytes()
-    return Guest(data, hashlib.sha256(data).hexdigest())
+    if source_text not in _COMPILED:
+        source = build / "guest.rs"
+        source.write_text(source_text)
+        output = build / "guest.wasm"
+        subprocess.run(
+            [
+                str(SYSTEM_RUSTC),
+                "--edition",
+                "2021",
+                "--target",
+                "wasm32-wasi",
+                "-O",
+                "-C",
+                "strip=symbols",
+                "-o",
+                str(output),
+                str(source),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        data = output.read_bytes()
+        _COMPILED[source_text] = Guest(data, hashlib.sha256(data).hexdigest())
+    return _COMPILED[source_text]
+
+
+@pytest.fixture(scope="session")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    return compile_guest(GUEST_SOURCE, tmp_path_factory.mktemp("guest"))
 
 
 def runner_env() -> dict[str, str]:
@@ -848,7 +859,8 @@ def test_info_describes_the_host() -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [["info"], ["cancel", "wd", "1"], ["poll", "wd", "1", "0", "0"]]
+    "command",
+    [["info"], ["cancel", "wd", "1"], ["poll", "wd", "1", "0", "0"], ["fetch-output", "wd", "1"]],
 )
 def test_commands_other_than_execute_do_not_import_wasmtime(
     tmp_path: Path, command: list[str]
