@@ -184,6 +184,8 @@ class Coordinator:
         # Set (and replaced) whenever one of our jobs frees capacity, so our own queued
         # jobs start at once instead of at their next poll.
         self._room_freed = asyncio.Event()
+        # Jobs waiting for a host: their waiter and the hosts excluded for them (with why).
+        self._waiting: dict[int, tuple[asyncio.Future[Host | None], dict[str, str]]] = {}
 
     async def drive(self, job_id: int) -> Job:
         """Run a submitted job to its final state (or until its host is out of reach)."""
@@ -217,6 +219,7 @@ class Coordinator:
         tasks = [
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._watch_cancellations()),
+            asyncio.create_task(self._place_waiting_jobs()),
         ]
         try:
             yield
@@ -275,31 +278,21 @@ class Coordinator:
         freed, self._room_freed = self._room_freed, asyncio.Event()
         freed.set()
 
-    async def _wait_for_room(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-            await asyncio.wait_for(self._room_freed.wait(), seconds)
+    async def _wait_for_room(self, seconds: float | None) -> None:
+        # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that
+        # arrives as the event is set, and the placer would then never stop.
+        woken = asyncio.ensure_future(self._room_freed.wait())
+        try:
+            await asyncio.wait({woken}, timeout=seconds)
+        finally:
+            woken.cancel()
 
     async def _drive(self, job_id: int) -> Job:
         excluded: dict[str, str] = {}
-        delay = POLL_INITIAL_S
-        announced_wait = False
         while True:
-            host = self.store.try_place(job_id, self.hosts, list(excluded))
+            host = await self._placement(job_id, excluded)
             if host is None:
-                job = self.store.get(job_id)
-                if job.state != "queued":
-                    return job  # cancelled or finished by someone else meanwhile
-                if not candidate_hosts(self.hosts, job.request, excluded):
-                    error = NoHostReachable(excluded)
-                    self.store.finish(job_id, "failed", error=str(error))
-                    raise error
-                if not announced_wait:
-                    announced_wait = True
-                    self.handlers.notice(f"job {job_id} queued: {self._why_waiting(job)}")
-                # Other processes' jobs free room too; only polling sees those.
-                await self._wait_for_room(delay)
-                delay = min(delay * 1.5, POLL_MAX_S)
-                continue
+                return self.store.get(job_id)  # cancelled or finished elsewhere meanwhile
             try:
                 return await self._run_on(job_id, host)
             except HostUnreachable as exc:
@@ -309,6 +302,61 @@ class Coordinator:
                 await self.pool.drop(host)
                 excluded[host.name] = exc.reason
                 self.handlers.warning(f"skipping host '{host.name}': {exc.reason}")
+
+    async def _placement(self, job_id: int, excluded: dict[str, str]) -> Host | None:
+        """Wait until the placer reserves a host for the job (None: it left the queue)."""
+        waiter: asyncio.Future[Host | None] = asyncio.get_running_loop().create_future()
+        self._waiting[job_id] = (waiter, excluded)
+        self._signal_room()
+        return await waiter
+
+    async def _place_waiting_jobs(self) -> None:
+        """One placement pass for all our waiting jobs per wake-up (not one per job).
+
+        Woken when one of our jobs frees room or joins the queue; polls with backoff for
+        room that other processes' jobs free.
+        """
+        delay = POLL_INITIAL_S
+        announced: set[int] = set()
+        while True:
+            if not self._waiting:
+                await self._wait_for_room(None)
+                delay = POLL_INITIAL_S
+                continue
+            waiting = dict(self._waiting)
+            placed, gone = self.store.place_waiting(
+                sorted(waiting),
+                self.hosts,
+                {job_id: list(excluded) for job_id, (_, excluded) in waiting.items()},
+            )
+            for job_id, (waiter, excluded) in waiting.items():
+                outcome: Host | SshwasmError | None
+                if job_id in placed:
+                    outcome = placed[job_id]
+                elif job_id in gone:
+                    outcome = None
+                else:
+                    job = self.store.get(job_id)
+                    if candidate_hosts(self.hosts, job.request, excluded):
+                        if job_id not in announced:
+                            announced.add(job_id)
+                            self.handlers.notice(f"job {job_id} queued: {self._why_waiting(job)}")
+                        continue
+                    outcome = NoHostReachable(excluded)
+                    self.store.finish(job_id, "failed", error=str(outcome))
+                del self._waiting[job_id]
+                if waiter.done():
+                    continue
+                if isinstance(outcome, SshwasmError):
+                    waiter.set_exception(outcome)
+                else:
+                    waiter.set_result(outcome)
+            if placed:
+                delay = POLL_INITIAL_S
+                continue  # others may fit too, now that the plan changed
+            # Other processes' jobs free room too; only polling sees those.
+            await self._wait_for_room(delay)
+            delay = min(delay * 1.5, POLL_MAX_S)
 
     def _why_waiting(self, job: Job) -> str:
         _, reasons = explain(self.hosts, self.store.usage(), job.request, {})
@@ -374,6 +422,7 @@ class Coordinator:
         """Re-attach after dropped connections until the runner sends the result."""
         deadline = time.monotonic() + RECONNECT_WINDOW_S
         delay = 0.5
+        confirmed = outcome.pid is not None or outcome.frames > 0
         while outcome.result is None and outcome.error is None:
             if not outcome.connection_lost:
                 done = outcome.completed
@@ -399,6 +448,11 @@ class Coordinator:
                     break
                 except HostUnreachable:
                     continue
+            confirmed = confirmed or outcome.frames > 0
+        if not confirmed and outcome.error is not None and outcome.error.get("kind") == "missing":
+            # The connection dropped before the host confirmed the launch, and the host has no
+            # trace of it: it never started, so it may be placed again (HostUnreachable).
+            raise HostUnreachable(host.name, "connection lost before the job started")
         return outcome
 
     def _record_outcome(

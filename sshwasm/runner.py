@@ -51,13 +51,19 @@ Replies about a task carry payload JOB_ID + b"\\n" + body, in this order:
     R <result.json bytes>    the last frame about the task
 
 Frames of different tasks may interleave; a task's own O and E frames are sent only after
-it ended. An X frame whose key is empty (payload starting with b"\\n") concerns no task:
+it ended. A task whose module cannot be loaded still gets S, then an R "failed", as under
+execute. An X frame whose key is empty (payload starting with b"\\n") concerns no task:
 kind "spec" for an L whose spec or key is unreadable, "protocol" for a stream that is not
-frames or a request out of order (serve then accepts nothing more). On EOF serve accepts
-nothing more, sends the results of the tasks still running, and exits 0. If its stdout
-breaks, it leaves the tasks running (each writes its result to its job directory; use
-attach, poll or cancel per task) and exits once all have ended. Requests larger than
-SERVE_MAX_REQUEST_BYTES are a protocol error: launch such tasks with launch instead.
+frames or a request out of order (serve then accepts nothing more), "io" if serve itself
+fails. On EOF serve accepts nothing more, sends the results of the tasks still running,
+and exits 0. If its stdout breaks, it leaves the tasks running (each writes its result to
+its job directory; use attach, poll or cancel per task) and exits once all have ended.
+Requests larger than SERVE_MAX_REQUEST_BYTES are a protocol error: launch such tasks with
+launch instead.
+
+Every job dir holds "pid" (the job process's pid) and, where there is procfs, "pid-start"
+("PID START_TIME", field 22 of /proc/PID/stat): a serve task's cmdline is serve's, so
+attach, poll and cancel tell the job's process from a reused pid by its start time.
 
 Hosts may have an older Python than the coordinator: keep this file to Python 3.8 syntax
 and APIs (annotations are never evaluated, thanks to the __future__ import).
@@ -109,7 +115,8 @@ STARTUP_GRACE_S = 10.0
 POLL_MIN_S = 0.002
 POLL_MAX_S = 0.05
 KILL_WAIT_S = 2.0
-# fetch-output keeps one descriptor open per level it descends; deeper entries are skipped.
+# fetch-output walks directories down to this many levels below the output directory (one
+# open descriptor per level) and skips what lies deeper.
 MAX_OUTPUT_DEPTH = 64
 
 RESULT_KEYS = (
@@ -376,23 +383,35 @@ def _start_time(pid: int) -> str | None:
 
 
 def _write_pid_file(job_dir: str, pid: int) -> None:
-    """Record the job's process as 'PID START_TIME' (just 'PID' without procfs)."""
+    """Record the job's process: 'PID' in pid, and 'PID START_TIME' in pid-start.
+
+    pid-start comes first, so that whoever finds pid finds pid-start too (on procfs hosts);
+    pid keeps its one-number form for whoever reads it.
+    """
     started = _start_time(pid)
-    line = f"{pid} {started}\n" if started else f"{pid}\n"
-    _replace_atomically(os.path.join(job_dir, "pid"), line.encode())
+    if started:
+        _replace_atomically(os.path.join(job_dir, "pid-start"), f"{pid} {started}\n".encode())
+    _replace_atomically(os.path.join(job_dir, "pid"), f"{pid}\n".encode())
 
 
 def _read_pid(job_dir: str) -> tuple[int, str | None] | None:
-    """(pid, start time or None) from the job's pid file."""
-    try:
-        with open(os.path.join(job_dir, "pid"), "rb") as pid_file:
-            words = pid_file.read().decode("ascii").split()
-        pid = int(words[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    if pid <= 0:
-        return None
-    return pid, (words[1] if len(words) > 1 else None)
+    """(pid, start time or None) from the job's pid-start file, else from its pid file."""
+    for name in ("pid-start", "pid"):
+        try:
+            with open(os.path.join(job_dir, name), "rb") as pid_file:
+                words = pid_file.read().decode("ascii").split()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        try:
+            pid = int(words[0])
+        except (ValueError, IndexError):
+            return None
+        if pid <= 0:
+            return None
+        return pid, (words[1] if len(words) > 1 else None)
+    return None
 
 
 def _is_executor(process: tuple[int, str | None], job_dir: str) -> bool:
@@ -1883,7 +1902,12 @@ def _error_json(kind: str, message: object) -> bytes:
 
 
 def _cmd_serve(writer: _FrameWriter, workdir_argument: str) -> int:
-    return _Server(writer, _workdir(workdir_argument), sys.stdin.fileno()).serve()
+    try:
+        return _Server(writer, _workdir(workdir_argument), sys.stdin.fileno()).serve()
+    except OSError as exc:
+        # Tasks already forked run on and write their results; attach collects them.
+        writer.send_keyed(KIND_ERROR, "", _error_json("io", exc))
+        return 0
 
 
 # ------------------------------------------------------------------------------ main

@@ -10,6 +10,7 @@ busy hosts first and keep big hosts free for big jobs.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -109,6 +110,17 @@ def _reverse_name(host: Host) -> tuple[int, ...]:
     return tuple(-ord(c) for c in host.name)
 
 
+def _scales(hosts: Sequence[Host]) -> tuple[int, int]:
+    return max(h.cpus for h in hosts), max(h.memory_mb for h in hosts)
+
+
+def _spare_key(free_cpus: int, free_memory: int, scales: tuple[int, int]) -> int:
+    # spare_cpus / largest_cpus + spare_memory / largest_memory, times both largest values:
+    # the same order, in exact integers.
+    largest_cpus, largest_memory = scales
+    return free_cpus * largest_memory + free_memory * largest_cpus
+
+
 def choose_host(
     hosts: Sequence[Host],
     usage: Mapping[str, Usage],
@@ -116,21 +128,26 @@ def choose_host(
     excluded: Iterable[str] = (),
 ) -> Host | None:
     """The best-fitting host with room now, or None when the job must wait."""
-    candidates = candidate_hosts(hosts, request, excluded)
-    if not candidates:
+    if not hosts:
         return None
-    scale_cpus = max(h.cpus for h in hosts)
-    scale_memory = max(h.memory_mb for h in hosts)
-    best: tuple[float, str] | None = None
+    skip = set(excluded)
+    scales = _scales(hosts)
+    best: tuple[int, str] | None = None
     chosen: Host | None = None
-    for host in candidates:
+    for host in hosts:
         used = usage.get(host.name, NO_USAGE)
-        if not fits_now(host, used, request):
+        free_cpus = host.cpus - used.cpus
+        free_memory = host.memory_mb - used.memory_mb
+        if (
+            free_cpus < request.cpus
+            or free_memory < request.memory_mb
+            or host.name in skip
+            or not eligible(host, request)
+        ):
             continue
-        spare = (host.cpus - used.cpus - request.cpus) / scale_cpus + (
-            host.memory_mb - used.memory_mb - request.memory_mb
-        ) / scale_memory
-        key = (spare, host.name)
+        # Placing the request takes the same amount from every host, so the host with the
+        # least spare now is the one left with the least spare after.
+        key = (_spare_key(free_cpus, free_memory, scales), host.name)
         if best is None or key < best:
             best, chosen = key, host
     return chosen
@@ -147,16 +164,38 @@ def plan(
     Older jobs are placed first and what they take counts against younger ones, so a younger
     job never takes room an older one could use now. A job too big for the room left does not
     hold back smaller ones behind it (backfill); it starts when enough room frees at once.
+    Each job gets exactly what `choose_host` would give it; hosts are kept ordered by spare
+    capacity so that a long queue over many hosts costs little more than a scan per job.
     """
-    held = dict(usage)
+    if not hosts or not queue:
+        return {}
+    scales = _scales(hosts)
+    free: dict[str, list[int]] = {}
+    order: list[tuple[int, str]] = []  # (spare key, name), least spare first
+    by_name = {host.name: host for host in hosts}
+    for host in hosts:
+        used = usage.get(host.name, NO_USAGE)
+        room = [host.cpus - used.cpus, host.memory_mb - used.memory_mb]
+        free[host.name] = room
+        if room[0] > 0 and room[1] > 0:
+            order.append((_spare_key(room[0], room[1], scales), host.name))
+    order.sort()
     placed: dict[int, str] = {}
     for job_id, request in queue:
-        skip = excluded.get(job_id, ()) if excluded else ()
-        host = choose_host(hosts, held, request, skip)
-        if host is None:
-            continue
-        placed[job_id] = host.name
-        held[host.name] = held.get(host.name, NO_USAGE).plus(request)
+        skip = set(excluded.get(job_id, ())) if excluded else set()
+        for position, (_, name) in enumerate(order):
+            room = free[name]
+            if room[0] < request.cpus or room[1] < request.memory_mb:
+                continue
+            if name in skip or not eligible(by_name[name], request):
+                continue
+            placed[job_id] = name
+            room[0] -= request.cpus
+            room[1] -= request.memory_mb
+            del order[position]
+            if room[0] > 0 and room[1] > 0:  # a full host never fits again: drop it
+                bisect.insort(order, (_spare_key(room[0], room[1], scales), name))
+            break
     return placed
 
 

@@ -341,42 +341,68 @@ class JobStore:
     def try_place(
         self, job_id: int, hosts: Sequence[Host], excluded: Sequence[str] = ()
     ) -> Host | None:
-        """Reserve capacity for a queued job if its turn has come and a host has room.
+        """Reserve capacity for one queued job if its turn has come and a host has room."""
+        placed, _ = self.place_waiting([job_id], hosts, {job_id: excluded})
+        return placed.get(job_id)
+
+    def place_waiting(
+        self,
+        job_ids: Sequence[int],
+        hosts: Sequence[Host],
+        excluded: Mapping[int, Sequence[str]] | None = None,
+    ) -> tuple[dict[int, Host], set[int]]:
+        """Reserve capacity for those of `job_ids` whose turn has come and that fit now.
 
         Reads what running jobs hold and which older jobs still wait, plans, and marks the
-        job running on its host, all in one transaction. Also counts as a heartbeat.
+        placed jobs running on their hosts, all in one transaction; also a heartbeat for all
+        of `job_ids`. Returns the placed jobs' hosts, and the ids no longer queued at all
+        (cancelled or finished by another process).
         """
+        if not job_ids:
+            return {}, set()
         now = time.time()
+        marks = ", ".join("?" for _ in job_ids)
+        by_name = {host.name: host for host in hosts}
         with self._transaction() as db:
-            job = self._get(db, job_id)
-            if job.state != "queued":
-                return None
-            db.execute("UPDATE jobs SET heartbeat_ts = ? WHERE id = ?", (now, job_id))
+            rows = db.execute(
+                f"SELECT id, state, submitted_ts FROM jobs WHERE id IN ({marks})", tuple(job_ids)
+            ).fetchall()
+            submitted = {row["id"]: row["submitted_ts"] for row in rows}
+            gone = {row["id"] for row in rows if row["state"] != "queued"}
+            gone |= set(job_ids) - set(submitted)
+            db.execute(
+                f"UPDATE jobs SET heartbeat_ts = ?, coordinator_pid = ? WHERE id IN ({marks})",
+                (now, os.getpid(), *job_ids),
+            )
             usage = self._usage(db)
             waiting = db.execute(
                 """SELECT id, cpus, memory_mb, pinned_host, labels FROM jobs
-                   WHERE state = 'queued' AND (id = ? OR heartbeat_ts >= ?) ORDER BY id""",
-                (job_id, now - QUEUE_STALE_S),
+                   WHERE state = 'queued' AND heartbeat_ts >= ? ORDER BY id""",
+                (now - QUEUE_STALE_S,),
             ).fetchall()
             queue = [(row["id"], request_of(row)) for row in waiting]
-            placement = plan(hosts, usage, queue, {job_id: excluded})
-            name = placement.get(job_id)
-            if name is None:
-                return None
-            host = next(h for h in hosts if h.name == name)
-            db.execute(
-                """UPDATE jobs SET state = 'running', host = ?, host_config = ?, started_at = ?,
-                       placed_ts = ?, queue_s = ? WHERE id = ?""",
-                (
-                    host.name,
-                    json.dumps(host.to_dict()),
-                    utc_now(),
-                    now,
-                    round(now - job.submitted_ts, 6),
-                    job_id,
-                ),
-            )
-            return host
+            placement = plan(hosts, usage, queue, excluded)
+            placed: dict[int, Host] = {}
+            started_at = utc_now()
+            for job_id in job_ids:
+                name = placement.get(job_id)
+                if name is None or job_id in gone:
+                    continue
+                host = by_name[name]
+                db.execute(
+                    """UPDATE jobs SET state = 'running', host = ?, host_config = ?,
+                           started_at = ?, placed_ts = ?, queue_s = ? WHERE id = ?""",
+                    (
+                        host.name,
+                        json.dumps(host.to_dict()),
+                        started_at,
+                        now,
+                        round(now - submitted[job_id], 6),
+                        job_id,
+                    ),
+                )
+                placed[job_id] = host
+            return placed, gone
 
     def release(self, job_id: int) -> None:
         """Give back a reservation whose host failed before the job started; queue it again."""

@@ -704,6 +704,26 @@ def test_an_executor_that_died_gets_a_failed_result(
     assert read_result(launcher.job_dir) == result
 
 
+def test_the_pid_file_names_the_process_and_its_start_time(workdir: Path, guest: Guest) -> None:
+    outcome = launch(workdir, "1", guest, ["probe", "hello"])
+    pid = outcome.json_of(b"S")["pid"]
+    assert (workdir / "jobs" / "1" / "pid").read_text() == f"{pid}\n"
+    named, started = (workdir / "jobs" / "1" / "pid-start").read_text().split()
+    assert int(named) == pid and started.isdigit()
+
+
+def test_a_reused_pid_is_not_taken_for_the_executor(workdir: Path, guest: Guest) -> None:
+    job_dir = workdir / "jobs" / "1"
+    job_dir.mkdir(parents=True)
+    (job_dir / "spec.json").write_bytes(make_spec(guest, ["probe"]).split(b"\n")[0])
+    # A live process, but not the one that was started for the job.
+    (job_dir / "pid-start").write_text(f"{os.getpid()} 1\n")
+    (job_dir / "pid").write_text(f"{os.getpid()}\n")
+    outcome = run_frames("poll", str(workdir), "1", "0", "0")
+    result = outcome.result()
+    assert str(result["error"]).startswith("runner process died without a result")
+
+
 # --------------------------------------------------------------------------- cancel
 
 

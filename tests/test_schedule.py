@@ -126,3 +126,43 @@ def test_plan_never_overcommits_and_keeps_best_fit(
     for h in hosts:
         usage = held.get(h.name, Usage())
         assert usage.cpus <= h.cpus and usage.memory_mb <= h.memory_mb
+
+
+labelled_hosts_strategy = st.lists(
+    st.tuples(st.integers(1, 16), st.integers(1, 4096), st.sampled_from([(), ("a",), ("a", "b")])),
+    min_size=1,
+    max_size=10,
+).map(
+    lambda specs: [
+        Host(name=f"h{i % 4}{i}", address="x", cpus=c, memory_mb=m, labels=labels)
+        for i, (c, m, labels) in enumerate(specs)
+    ]
+)
+queue_strategy = st.lists(
+    st.tuples(
+        st.integers(1, 16),
+        st.integers(1, 4096),
+        st.sampled_from([(), ("a",), ("b",)]),
+        st.sampled_from([None, "h00", "h11"]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hosts=labelled_hosts_strategy, queue=queue_strategy, used=st.integers(0, 3))
+def test_plan_gives_each_job_what_choose_host_would(
+    hosts: list[Host], queue: list[tuple[int, int, tuple[str, ...], str | None]], used: int
+) -> None:
+    """The fast batch planner and the one-job chooser agree job by job."""
+    usage = {h.name: Usage(min(used, h.cpus), min(used * 100, h.memory_mb)) for h in hosts}
+    requests = [(i, Request(c, m, pin, labels)) for i, (c, m, labels, pin) in enumerate(queue)]
+    excluded = {i: ["h00"] for i in range(0, len(requests), 3)}
+    expected: dict[int, str] = {}
+    held = dict(usage)
+    for job_id, request in requests:
+        chosen = choose_host(hosts, held, request, excluded.get(job_id, ()))
+        if chosen is not None:
+            expected[job_id] = chosen.name
+            held[chosen.name] = held.get(chosen.name, Usage()).plus(request)
+    assert plan(hosts, usage, requests, excluded) == expected
