@@ -99,10 +99,15 @@ def build_parser() -> ArgumentParser:
     run = commands.add_parser(
         "run",
         help="compile a source file and run it on the best-fitting host",
-        description="Compile SOURCE (.rs or .wasm) to wasm32-wasi, place it on the host that "
-        "fits best, run it there and stream its output. Exits with the job's exit code.",
+        description="Compile SOURCE to wasm32-wasi, place it on the host that fits best, run "
+        "it there and stream its output. Exits with the job's exit code.",
     )
-    run.add_argument("source", metavar="SOURCE", help="a .rs file or a ready .wasm module")
+    run.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a .rs, .c, .cc/.cpp/.cxx or .go file, a Cargo or Go module directory, "
+        "or a ready .wasm module",
+    )
     run.add_argument("args", nargs="*", metavar="ARG", help="arguments for the job (after --)")
     run.add_argument(
         "--cpus", type=_positive_int, default=DEFAULT_CPUS, help="cpus to reserve (default 1)"
@@ -343,7 +348,7 @@ def cmd_run(ctx: _Context) -> int:
         wasm_bytes=artifact.size,
         wasm_path=str(artifact.path),
         compile_s=round(artifact.compile_s, 6),
-        argv=(source.stem, *args.args),
+        argv=(_program_name(source), *args.args),
         env=tuple(args.env),
         pinned_host=args.host,
         array_size=args.array,
@@ -371,6 +376,11 @@ def cmd_run(ctx: _Context) -> int:
     elif job.state not in ("succeeded", "failed") and job.error:
         _notice(f"job {job.id} {job.state}: {job.error}")
     return job_exit_status(job)
+
+
+def _program_name(source: Path) -> str:
+    """argv[0] of the job: the source's name without its extension (or the project's)."""
+    return source.resolve().stem or "main"
 
 
 def _dry_run(ctx: _Context, cluster: Cluster, request: Request) -> int:
