@@ -21,6 +21,7 @@ from . import paths
 from .cluster import Host
 from .errors import ContactLost, HostUnreachable, NoHostReachable, RemoteError, SshwasmError
 from .schedule import candidate_hosts, explain
+from .staging import pack_input, unpack_output
 from .store import Job, JobStore
 from .transport import TransportPool
 from .worker import LaunchSpec, StreamOutcome, WorkerClient
@@ -34,6 +35,9 @@ COORDINATOR_STALE_S = 30.0
 # After a dropped connection the foreground run retries this long before leaving the job
 # to `sshwasm status`; the job itself keeps running on its host meanwhile.
 RECONNECT_WINDOW_S = 60.0
+# Jobs given no --time-limit end after this long (24 h), so a forgotten loop cannot hold a
+# host forever. Enforced by the runner's watchdog alone: no epoch checks slow the guest.
+DEFAULT_WALL_LIMIT_S = 24 * 3600.0
 # A job whose host stays unreachable this long after its coordinator is gone becomes `lost`
 # (the next `status` or `jobs` past that time decides); reaching the host again resets it.
 LOST_AFTER_UNREACHABLE_S = 900.0
@@ -133,6 +137,41 @@ class JobOutput:
         """Close both files."""
         self.stdout.close()
         self.stderr.close()
+
+
+def launch_spec(job: Job) -> LaunchSpec:
+    """What the runner is told about a job."""
+    return LaunchSpec(
+        wasm_sha256=job.wasm_sha256,
+        argv=job.argv_list,
+        env=job.env_pairs,
+        memory_mb=job.memory_mb,
+        time_limit_s=job.time_limit_s,
+        # Without --time-limit, a cap that costs nothing while the guest runs (no epochs).
+        wall_limit_s=None if job.time_limit_s is not None else DEFAULT_WALL_LIMIT_S,
+        output=bool(job.output_dir),
+    )
+
+
+async def collect_output(store: JobStore, job: Job, client: WorkerClient) -> str | None:
+    """Fetch a finished job's /output into its --output directory; a problem, or None."""
+    started = time.monotonic()
+    try:
+        data = await client.fetch_output(job.remote_key)
+        size = await asyncio.to_thread(unpack_output, data, Path(job.output_dir))
+    except (SshwasmError, OSError) as exc:
+        return f"output of job {job.id} not fetched into {job.output_dir}: {exc}"
+    store.update(job.id, output_bytes=size, stage_out_s=round(time.monotonic() - started, 6))
+    return None
+
+
+def note_problem(store: JobStore, job_id: int, problem: str | None) -> Job:
+    """Add a problem to a finished job's record unless it already says what went wrong."""
+    job = store.get(job_id)
+    if problem and not job.error:
+        store.update(job_id, error=problem)
+        job = store.get(job_id)
+    return job
 
 
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
@@ -369,13 +408,16 @@ class Coordinator:
         transport = await self.pool.get(host)
         client = WorkerClient(transport)
         stdin = await asyncio.to_thread(Path(job.stdin_path).read_bytes) if job.stdin_path else None
-        spec = LaunchSpec(
-            wasm_sha256=job.wasm_sha256,
-            argv=job.argv_list,
-            env=job.env_pairs,
-            memory_mb=job.memory_mb,
-            time_limit_s=job.time_limit_s,
-        )
+        spec = launch_spec(job)
+        input_tar = b""
+        if job.input_path:
+            started = time.monotonic()
+            input_tar = await asyncio.to_thread(pack_input, Path(job.input_path))
+            self.store.update(
+                job_id,
+                input_bytes=len(input_tar),
+                stage_in_s=round(time.monotonic() - started, 6),
+            )
         if self.store.cancel_requested([job_id]):
             self.store.finish(
                 job_id, "cancelled", exit_code=143, error="cancelled before it started"
@@ -392,10 +434,17 @@ class Coordinator:
                 self._tee(output.stdout, self.handlers.stdout),
                 self._tee(output.stderr, self.handlers.stderr),
                 notice=self.handlers.notice,
+                input_tar=input_tar,
             )
             self.store.update(job_id, upload_bytes=stats.upload_bytes, upload_s=stats.upload_s)
             outcome = await self._until_result(job, host, client, output, outcome)
-            return self._record_outcome(job_id, host, outcome, output)
+            problem = None
+            if job.output_dir and outcome.result is not None:
+                problem = await collect_output(self.store, job, client)
+                if problem:
+                    self.handlers.warning(problem)
+            self._record_outcome(job_id, host, outcome, output)
+            return note_problem(self.store, job_id, problem)
         except RemoteError as exc:
             self.store.finish(job_id, "failed", error=str(exc), **output.fields())
             raise
@@ -517,12 +566,14 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
     finally:
         output.close()
     if outcome.result is not None:
+        problem = await collect_output(store, job, client) if job.output_dir else None
         store.finish(
             job.id,
             str(outcome.result.get("state", "failed")),
             **result_fields(outcome.result),
             **output.fields(),
         )
+        note_problem(store, job.id, problem)
     elif outcome.error is not None and outcome.error.get("kind") == "missing":
         store.finish(
             job.id, "lost", error=f"host '{host.name}' has no trace of the job", **output.fields()

@@ -18,7 +18,9 @@ payload); fetch-output answers with a raw tar stream; put-module, cancel and inf
 text. Usage errors exit 2. Only execute and serve import wasmtime.
 
 Launch spec (launch's first stdin line, one JSON object): runner_version, wasm_sha256,
-argv, env ([name, value] pairs), memory_mb, time_limit_s (number or null), and optionally:
+argv, env ([name, value] pairs), memory_mb, time_limit_s (number or null: enforced by epoch
+interruption plus a watchdog), and optionally wall_limit_s (a cap enforced by the watchdog
+alone, at no cost to the running guest; used when time_limit_s is null), and optionally:
 
     stdin_bytes: int        exactly this many bytes of job stdin follow the spec line
     has_stdin: bool         older form: job stdin is everything up to EOF (or the L frame's end)
@@ -897,6 +899,11 @@ def _validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
         type(limit) not in (int, float) or not math.isfinite(limit) or limit <= 0
     ):
         raise ValueError("time_limit_s must be a positive number or null")
+    wall_limit = raw.get("wall_limit_s")
+    if wall_limit is not None and (
+        type(wall_limit) not in (int, float) or not math.isfinite(wall_limit) or wall_limit <= 0
+    ):
+        raise ValueError("wall_limit_s must be a positive number or null")
     has_stdin = raw.get("has_stdin", False)
     if not isinstance(has_stdin, bool):
         raise ValueError("has_stdin must be true or false")
@@ -918,6 +925,7 @@ def _validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
         "env": env,
         "memory_mb": memory_mb,
         "time_limit_s": None if limit is None else float(limit),
+        "wall_limit_s": None if wall_limit is None else float(wall_limit),
         "has_stdin": has_stdin or stdin_bytes is not None,
         "stdin_bytes": stdin_bytes,
         "input": input_tar_bytes > 0,
@@ -1279,12 +1287,14 @@ class _Execution:
                 return False
 
 
-def _watchdog(execution: _Execution, limit: float) -> None:
+def _watchdog(execution: _Execution, limit: float, grace: float = GRACE_S) -> None:
     # Epoch interruption cannot reach a guest blocked in a host call (sleep, read):
-    # after a grace period, record the timeout and end the whole process.
-    if execution.done.wait(limit + GRACE_S):
+    # after a grace period, record the timeout and end the whole process. Alone (grace 0),
+    # it is the default wall-clock cap, which costs the guest nothing while it runs.
+    if execution.done.wait(limit + grace):
         return
-    message = f"time limit of {limit:g} s exceeded (ended while blocked in a host call)"
+    how = "ended while blocked in a host call" if grace else "ended by the watchdog"
+    message = f"time limit of {limit:g} s exceeded ({how})"
     if execution.finish("timeout", 124, message, **execution.measures()):
         sys.stderr.flush()
         os._exit(124)
@@ -1443,6 +1453,9 @@ def _run_module(
     if timer is not None and limit is not None:
         timer.start()
         threading.Thread(target=_watchdog, args=(execution, limit), daemon=True).start()
+    elif spec.get("wall_limit_s") is not None:
+        cap = spec["wall_limit_s"]
+        threading.Thread(target=_watchdog, args=(execution, cap, 0.0), daemon=True).start()
 
     instance = None
     state, exit_code, error = "succeeded", 0, None

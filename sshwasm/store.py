@@ -67,6 +67,10 @@ RECORD_FIELDS = (
     # extensions of the contract
     "array_id",
     "array_task",
+    "input_bytes",
+    "output_bytes",
+    "stage_in_s",
+    "stage_out_s",
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its
@@ -119,7 +123,13 @@ _MIGRATIONS: dict[int, str] = {
         array_id INTEGER,
         array_task INTEGER,
         labels TEXT NOT NULL DEFAULT '[]',
-        cancel_requested INTEGER NOT NULL DEFAULT 0
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        input_path TEXT,
+        output_dir TEXT,
+        input_bytes INTEGER,
+        output_bytes INTEGER,
+        stage_in_s REAL,
+        stage_out_s REAL
     );
     CREATE INDEX jobs_array ON jobs(array_id);
     CREATE INDEX jobs_state ON jobs(state);
@@ -159,6 +169,8 @@ class JobSpec:
     pinned_host: str | None = None
     array_size: int | None = None  # set: submit this many tasks sharing one array id
     labels: tuple[str, ...] = ()
+    input_path: str | None = None
+    output_dir: str | None = None
 
     @property
     def request(self) -> Request:
@@ -297,9 +309,10 @@ class JobStore:
                     """INSERT INTO jobs (name, state, cpus, memory_mb, time_limit_s, source,
                            language, wasm_sha256, wasm_bytes, compile_s, submitted_at,
                            submitted_ts, wasm_path, argv, env, stdin_path, pinned_host,
-                           heartbeat_ts, coordinator_pid, array_task, labels)
+                           heartbeat_ts, coordinator_pid, array_task, labels, input_path,
+                           output_dir)
                        VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                               ?, ?)""",
+                               ?, ?, ?, ?)""",
                     (
                         spec.name,
                         spec.cpus,
@@ -321,6 +334,11 @@ class JobStore:
                         os.getpid(),
                         task,
                         json.dumps(list(spec.labels)),
+                        spec.input_path,
+                        # Each task of an array gets its own subdirectory of the output.
+                        spec.output_dir
+                        if spec.output_dir is None or task is None
+                        else os.path.join(spec.output_dir, str(task)),
                     ),
                 )
                 job_id = cursor.lastrowid

@@ -31,19 +31,27 @@ class LaunchSpec:
     env: Sequence[tuple[str, str]]
     memory_mb: int
     time_limit_s: float | None
+    wall_limit_s: float | None = None
+    output: bool = False
 
-    def encode(self, stdin: bytes | None) -> bytes:
-        """The launch command's stdin: one JSON line, then the job's stdin bytes."""
-        header = {
+    def encode(self, stdin: bytes | None, input_tar: bytes = b"", key: str | None = None) -> bytes:
+        """The launch command's stdin: one JSON line, the job's stdin, then the input tar."""
+        header: dict[str, Any] = {
             "runner_version": runner_version(),
             "wasm_sha256": self.wasm_sha256,
             "argv": list(self.argv),
             "env": [list(pair) for pair in self.env],
             "memory_mb": self.memory_mb,
             "time_limit_s": self.time_limit_s,
-            "has_stdin": stdin is not None,
+            "wall_limit_s": self.wall_limit_s,
+            "input_tar_bytes": len(input_tar),
+            "output": self.output,
         }
-        return json.dumps(header).encode() + b"\n" + (stdin or b"")
+        if stdin is not None:
+            header["stdin_bytes"] = len(stdin)
+        if key is not None:
+            header["key"] = key
+        return json.dumps(header).encode() + b"\n" + (stdin or b"") + input_tar
 
 
 @dataclass
@@ -128,10 +136,11 @@ class WorkerClient:
         on_stdout: OutputCallback,
         on_stderr: OutputCallback,
         notice: Callable[[str], None] | None = None,
+        input_tar: bytes = b"",
     ) -> tuple[StreamOutcome, UploadStats]:
         """Start the job and stream it until it ends or the connection drops."""
         stats = UploadStats()
-        payload = spec.encode(stdin)
+        payload = spec.encode(stdin, input_tar)
         for _attempt in range(4):
             process = await self.transport.start_runner(["launch", self.host.workdir, str(job_id)])
             await process.send(payload)
@@ -221,6 +230,15 @@ class WorkerClient:
             )
         answer: dict[str, Any] = json.loads(done.stdout)
         return answer
+
+    async def fetch_output(self, job_id: str) -> bytes:
+        """The job's /output as a tar stream (partial if the job is still running)."""
+        done = await self.transport.run_runner(["fetch-output", self.host.workdir, job_id])
+        if done.exit_status is None:
+            raise HostUnreachable(self.host.name, "connection lost while fetching the output")
+        if done.exit_status != 0:
+            raise RemoteError(self.host.name, f"cannot fetch the output: {_last_line(done.stderr)}")
+        return done.stdout
 
     async def info(self) -> dict[str, Any]:
         """The runner's view of the host (versions, cores, memory)."""
