@@ -23,8 +23,14 @@ from .errors import ContactLost, HostUnreachable, NoHostReachable, RemoteError, 
 from .schedule import candidate_hosts, explain
 from .staging import pack_input, unpack_output
 from .store import Job, JobStore
-from .transport import TransportPool
-from .worker import LaunchSpec, StreamOutcome, WorkerClient
+from .transport import Transport, TransportPool
+from .worker import (
+    SERVE_MAX_PAYLOAD_BYTES,
+    LaunchSpec,
+    ServeSession,
+    StreamOutcome,
+    WorkerClient,
+)
 
 POLL_INITIAL_S = 0.05
 POLL_MAX_S = 1.0
@@ -219,6 +225,8 @@ class Coordinator:
         self.handlers = handlers
         self._active: set[int] = set()
         self._launched: dict[int, Host] = {}  # jobs whose launch was sent, by host
+        # Array tasks go through one serve session per host (None: launch each job alone).
+        self._serve: dict[str, ServeSession] | None = None
         self._cancellers: dict[int, asyncio.Task[None]] = {}
         # Set (and replaced) whenever one of our jobs frees capacity, so our own queued
         # jobs start at once instead of at their next poll.
@@ -250,8 +258,15 @@ class Coordinator:
                 on_done(job)
             return job
 
-        async with self._heartbeating():
-            return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+        if len(job_ids) > 1:
+            self._serve = {}
+        try:
+            async with self._heartbeating():
+                return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+        finally:
+            sessions, self._serve = self._serve or {}, None
+            for session in sessions.values():
+                await session.close()
 
     @contextlib.asynccontextmanager
     async def _heartbeating(self) -> AsyncIterator[None]:
@@ -426,16 +441,30 @@ class Coordinator:
         output = JobOutput.open(self.store, job_id)
         self._launched[job_id] = host
         try:
-            outcome, stats = await client.launch(
-                job.remote_key,
-                spec,
-                stdin,
-                Path(job.wasm_path),
-                self._tee(output.stdout, self.handlers.stdout),
-                self._tee(output.stderr, self.handlers.stderr),
-                notice=self.handlers.notice,
-                input_tar=input_tar,
-            )
+            session = self._serve_session(host, transport, len(stdin or b"") + len(input_tar))
+            if session is not None:
+                outcome, stats = await client.launch_served(
+                    session,
+                    job.remote_key,
+                    spec,
+                    stdin,
+                    Path(job.wasm_path),
+                    self._tee(output.stdout, self.handlers.stdout),
+                    self._tee(output.stderr, self.handlers.stderr),
+                    notice=self.handlers.notice,
+                    input_tar=input_tar,
+                )
+            else:
+                outcome, stats = await client.launch(
+                    job.remote_key,
+                    spec,
+                    stdin,
+                    Path(job.wasm_path),
+                    self._tee(output.stdout, self.handlers.stdout),
+                    self._tee(output.stderr, self.handlers.stderr),
+                    notice=self.handlers.notice,
+                    input_tar=input_tar,
+                )
             self.store.update(job_id, upload_bytes=stats.upload_bytes, upload_s=stats.upload_s)
             outcome = await self._until_result(job, host, client, output, outcome)
             problem = None
@@ -451,6 +480,17 @@ class Coordinator:
         finally:
             self._launched.pop(job_id, None)
             output.close()
+
+    def _serve_session(
+        self, host: Host, transport: Transport, payload_bytes: int
+    ) -> ServeSession | None:
+        """The host's serve session for array tasks; None to launch the job on its own."""
+        if self._serve is None or payload_bytes > SERVE_MAX_PAYLOAD_BYTES:
+            return None
+        session = self._serve.get(host.name)
+        if session is None or session.broken or session.transport is not transport:
+            session = self._serve[host.name] = ServeSession(transport)
+        return session
 
     @staticmethod
     def _tee(sink: OutputSink, show: Callable[[bytes], None]) -> Callable[[bytes], None]:

@@ -7,6 +7,8 @@ runner says it needs them, so a warm job costs one remote command.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HostUnreachable, RemoteError
-from .runner import FrameDecoder, FrameError, runner_version
+from .runner import FrameDecoder, FrameError, encode_frame, runner_version
 from .transport import Completed, RunnerProcess, Transport
 
 OutputCallback = Callable[[bytes], None]
@@ -164,18 +166,51 @@ class WorkerClient:
                 stats.runner_installed = True
                 continue
             if outcome.need == "module":
-                async with self.transport.setup_lock:
-                    if spec.wasm_sha256 not in self.transport.modules_sent:
-                        if notice is not None:
-                            size = module.stat().st_size
-                            notice(f"uploading the module to {self.host.name} ({size} bytes)")
-                        started_at = time.monotonic()
-                        stats.upload_bytes += await self.put_module(spec.wasm_sha256, module)
-                        stats.upload_s += time.monotonic() - started_at
-                        self.transport.modules_sent.add(spec.wasm_sha256)
+                await self._upload_once(spec.wasm_sha256, module, stats, notice)
                 continue
             return outcome, stats
         raise RemoteError(self.host.name, "the runner kept asking for setup; giving up")
+
+    async def launch_served(
+        self,
+        session: ServeSession,
+        job_id: str,
+        spec: LaunchSpec,
+        stdin: bytes | None,
+        module: Path,
+        on_stdout: OutputCallback,
+        on_stderr: OutputCallback,
+        notice: Callable[[str], None] | None = None,
+        input_tar: bytes = b"",
+    ) -> tuple[StreamOutcome, UploadStats]:
+        """Like `launch`, through the host's serve session (for array tasks)."""
+        stats = UploadStats()
+        payload = spec.encode(stdin, input_tar, key=job_id)
+        for _attempt in range(3):
+            outcome = await session.run_task(job_id, payload, on_stdout, on_stderr)
+            if outcome.need == "module":
+                await self._upload_once(spec.wasm_sha256, module, stats, notice)
+                continue
+            return outcome, stats
+        raise RemoteError(self.host.name, "the runner kept asking for the module; giving up")
+
+    async def _upload_once(
+        self,
+        sha256: str,
+        module: Path,
+        stats: UploadStats,
+        notice: Callable[[str], None] | None,
+    ) -> None:
+        """Upload a module unless a sibling job already did (one upload per host)."""
+        async with self.transport.setup_lock:
+            if sha256 in self.transport.modules_sent:
+                return
+            if notice is not None:
+                notice(f"uploading the module to {self.host.name} ({module.stat().st_size} bytes)")
+            started_at = time.monotonic()
+            stats.upload_bytes += await self.put_module(sha256, module)
+            stats.upload_s += time.monotonic() - started_at
+            self.transport.modules_sent.add(sha256)
 
     async def put_module(self, sha256: str, module: Path) -> int:
         """Upload a module to the host's cache; the runner checks its hash. Returns bytes sent."""
@@ -249,3 +284,152 @@ class WorkerClient:
             raise RemoteError(self.host.name, f"runner does not start: {_last_line(done.stderr)}")
         answer: dict[str, Any] = json.loads(done.stdout)
         return answer
+
+
+# Requests above this go through `launch` instead (serve refuses very large requests).
+SERVE_MAX_PAYLOAD_BYTES = 32 << 20
+SERVE_START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class _ServeTask:
+    on_stdout: OutputCallback
+    on_stderr: OutputCallback
+    done: asyncio.Future[StreamOutcome]
+    outcome: StreamOutcome = field(default_factory=StreamOutcome)
+
+
+class ServeSession:
+    """One `sshwasm-exec serve` on a host: array tasks launched over a single channel.
+
+    A task costs the host a fork of a process that already has wasmtime and the module
+    loaded, instead of a login shell and two interpreters. Each task still runs detached and
+    writes its result to disk before it is reported, so a dropped session falls back to
+    `attach` per task, as for `launch`.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.host = transport.host
+        self._process: RunnerProcess | None = None
+        self._tasks: dict[str, _ServeTask] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._start_lock = asyncio.Lock()
+        self.broken = False
+
+    async def _ensure_started(self) -> RunnerProcess:
+        async with self._start_lock:
+            if self._process is not None and not self.broken:
+                return self._process
+            for _attempt in range(2):
+                process = await self.transport.start_runner(["serve", self.host.workdir])
+                hello = json.dumps({"runner_version": runner_version()}).encode()
+                await process.send(encode_frame(b"H", hello), close=False)
+                decoder = FrameDecoder()
+                reply: tuple[bytes, bytes] | None = None
+                frames: list[tuple[bytes, bytes]] = []
+                while reply is None:
+                    chunk = await asyncio.wait_for(process.read(), SERVE_START_TIMEOUT_S)
+                    if not chunk:
+                        break
+                    frames.extend(decoder.feed(chunk))
+                    if frames:
+                        reply = frames.pop(0)
+                if reply is not None and reply[0] == b"N":
+                    process.abort()
+                    async with self.transport.setup_lock:
+                        await self.transport.install_runner()
+                        self.transport.runner_sent = True
+                    continue
+                if reply is None or reply[0] != b"H":
+                    done = await process.finish()
+                    if reply is None and not self.transport.runner_sent:
+                        async with self.transport.setup_lock:
+                            await self.transport.install_runner()
+                            self.transport.runner_sent = True
+                        continue
+                    raise RemoteError(
+                        self.host.name,
+                        f"the runner's serve did not start: {_last_line(done.stderr)}",
+                    )
+                answer = json.loads(reply[1])
+                if answer.get("error"):
+                    process.abort()
+                    raise RemoteError(self.host.name, f"serve cannot run jobs: {answer['error']}")
+                self._process, self.broken = process, False
+                self._reader = asyncio.create_task(self._read(process, decoder, frames))
+                return process
+            raise RemoteError(self.host.name, "the runner kept asking to be installed")
+
+    async def _read(
+        self, process: RunnerProcess, decoder: FrameDecoder, early: list[tuple[bytes, bytes]]
+    ) -> None:
+        try:
+            for kind, payload in early:
+                self._dispatch(kind, payload)
+            while chunk := await process.read():
+                for kind, payload in decoder.feed(chunk):
+                    self._dispatch(kind, payload)
+        except FrameError:
+            process.abort()
+        finally:
+            self.broken = True
+            completed = await process.finish()
+            lost = Completed(None, b"", completed.stderr)
+            for key, task in list(self._tasks.items()):
+                # Unanswered tasks are treated as a dropped connection: the caller re-attaches.
+                task.outcome.completed = lost
+                if not task.done.done():
+                    task.done.set_result(task.outcome)
+                self._tasks.pop(key, None)
+
+    def _dispatch(self, kind: bytes, payload: bytes) -> None:
+        key_bytes, _, body = payload.partition(b"\n")
+        task = self._tasks.get(key_bytes.decode(errors="replace"))
+        if task is None:
+            return  # a frame about no task of ours (an empty-key protocol note)
+        outcome = task.outcome
+        outcome.frames += 1
+        if kind == b"O":
+            task.on_stdout(body)
+        elif kind == b"E":
+            task.on_stderr(body)
+        elif kind == b"S":
+            outcome.pid = json.loads(body).get("pid")
+            return
+        elif kind == b"R":
+            outcome.result = json.loads(body)
+        elif kind == b"N":
+            outcome.need = json.loads(body).get("need")
+        elif kind == b"X":
+            outcome.error = json.loads(body)
+        if kind in (b"R", b"N", b"X"):
+            self._tasks.pop(key_bytes.decode(errors="replace"), None)
+            if not task.done.done():
+                task.done.set_result(outcome)
+
+    async def run_task(
+        self, key: str, payload: bytes, on_stdout: OutputCallback, on_stderr: OutputCallback
+    ) -> StreamOutcome:
+        """Launch one task and wait for its end (or for serve to be lost)."""
+        process = await self._ensure_started()
+        done: asyncio.Future[StreamOutcome] = asyncio.get_running_loop().create_future()
+        self._tasks[key] = _ServeTask(on_stdout, on_stderr, done)
+        await process.send(encode_frame(b"L", payload), close=False)
+        if self.broken and not done.done():
+            self._tasks.pop(key, None)
+            outcome = StreamOutcome(completed=Completed(None, b"", b""))
+            return outcome
+        return await done
+
+    async def close(self) -> None:
+        """Let serve finish what runs and exit (EOF on its stdin)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        with contextlib.suppress(Exception):
+            await process.send(b"", close=True)
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+            self._reader.cancel()
