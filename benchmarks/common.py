@@ -196,6 +196,9 @@ class Bench:
             for key, value in os.environ.items()
             if not key.startswith("SSHWASM_") and key not in ("SSH_AUTH_SOCK", "SSH_AGENT_PID")
         }
+        # Users' interpreters cache bytecode; a shell that turned that off would make every
+        # run pay for compiling sshwasm's modules (~30 ms) and skew the figures.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["HOME"] = str(self.home)
         for variable, relative in (
             ("XDG_CONFIG_HOME", ".config"),
