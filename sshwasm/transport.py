@@ -12,6 +12,8 @@ import contextlib
 import os
 import random
 import shlex
+import shutil
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +38,13 @@ CHANNEL_ATTEMPTS = 6
 MAX_CHANNELS = 8
 
 RUNNER_FILE = Path(runner.__file__).resolve()
+# What `<workdir>/bin/sshwasm-exec` holds: it runs the runner module installed beside it.
+RUNNER_STUB = """\
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sshwasm_exec import main
+sys.exit(main())
+"""
 
 
 @dataclass(frozen=True)
@@ -175,9 +184,17 @@ class LocalTransport(Transport):
         return True
 
     async def start_runner(self, args: Sequence[str]) -> RunnerProcess:
+        # Our own interpreter runs the runner as a module (its bytecode is cached; a script's
+        # is compiled on every run); another one gets the file, which needs only the stdlib.
+        runner_argv = (
+            ["-m", "sshwasm.runner"]
+            if os.path.realpath(shutil.which(self.host.python) or self.host.python)
+            == os.path.realpath(sys.executable)
+            else [str(RUNNER_FILE)]
+        )
         process = await asyncio.create_subprocess_exec(
             self.host.python,
-            str(RUNNER_FILE),
+            *runner_argv,
             *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -376,12 +393,18 @@ class SshTransport(Transport):
     async def install_runner(self) -> None:
         workdir = self.host.workdir
         bin_dir = remote_path(workdir, "bin")
+        module = remote_path(workdir, "bin", "sshwasm_exec.py")
+        module_temp = remote_path(workdir, "bin", ".sshwasm_exec.py.tmp") + ".$$"
         target = remote_path(workdir, "bin", "sshwasm-exec")
-        temp = remote_path(workdir, "bin", ".sshwasm-exec.tmp") + ".$$"
+        target_temp = remote_path(workdir, "bin", ".sshwasm-exec.tmp") + ".$$"
+        # The runner goes in as a module with a small script in front of it: Python caches
+        # a module's bytecode but compiles a script anew on every run (~13 ms for this one).
         # umask first: the workdir holds job output, private to the SSH user.
         command = (
-            f"umask 077 && mkdir -p {bin_dir} && cat > {temp} && chmod 700 {temp} "
-            f"&& mv -f {temp} {target}"
+            f"umask 077 && mkdir -p {bin_dir} && cat > {module_temp} "
+            f"&& mv -f {module_temp} {module} "
+            f"&& printf %s {shlex.quote(RUNNER_STUB)} > {target_temp} "
+            f"&& chmod 700 {target_temp} && mv -f {target_temp} {target}"
         )
         process = await self._open(command)
         await process.send(RUNNER_FILE.read_bytes())
