@@ -121,8 +121,8 @@ def fresh_host(ssh_kit: SshKit) -> Iterator[Callable[..., SshServer]]:
     """
     started: list[SshServer] = []
 
-    def start(name: str = "delta", address: str = "127.0.0.5") -> SshServer:
-        server = ssh_kit.server(name, address)
+    def start(name: str = "delta", address: str = "127.0.0.5", extra_config: str = "") -> SshServer:
+        server = ssh_kit.server(name, address, extra_config)
         started.append(server)
         return server
 

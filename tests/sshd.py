@@ -259,8 +259,12 @@ class SshKit:
         """The login user on every server: whoever runs the tests."""
         return current_user()
 
-    def server(self, name: str, address: str = "127.0.0.2") -> SshServer:
-        """Start a new sshd on a free port of loopback `address` and trust its host key."""
+    def server(self, name: str, address: str = "127.0.0.2", extra_config: str = "") -> SshServer:
+        """Start a new sshd on a free port of loopback `address` and trust its host key.
+
+        `extra_config` lines replace the default lines of the same keywords (for example
+        "MaxStartups 2"): sshd is not consistent about which of two values wins.
+        """
         if not ipaddress.ip_address(address).is_loopback:
             raise ValueError(f"test servers listen on loopback only, not {address}")
         _ensure_privsep_dir()
@@ -285,11 +289,14 @@ class SshKit:
         for attempt in range(PORT_ATTEMPTS):
             server.port = _free_port(address)
             server.config_path.write_text(
-                _SSHD_CONFIG.format(
-                    address=address,
-                    port=server.port,
-                    host_key=host_key,
-                    authorized_keys=self.authorized_keys.resolve(),
+                _with_overrides(
+                    _SSHD_CONFIG.format(
+                        address=address,
+                        port=server.port,
+                        host_key=host_key,
+                        authorized_keys=self.authorized_keys.resolve(),
+                    ),
+                    extra_config,
                 )
             )
             try:
@@ -415,6 +422,17 @@ def write_cluster(
     path = Path(path)
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+def _with_overrides(config: str, overrides: str) -> str:
+    """`config` with each keyword of `overrides` set to the override's value instead."""
+    replaced = {line.split()[0].lower() for line in overrides.splitlines() if line.strip()}
+    kept = [
+        line
+        for line in config.splitlines()
+        if not line.strip() or line.split()[0].lower() not in replaced
+    ]
+    return overrides + "\n".join(kept) + "\n"
 
 
 def pid_alive(pid: int) -> bool:

@@ -6,8 +6,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -214,3 +216,27 @@ def test_fifty_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path
             cpus += d_cpus
             memory += d_memory
             assert cpus <= capacity[host][0] and memory <= capacity[host][1], host
+
+
+def test_a_busy_sshd_dropping_handshakes_costs_retries_not_jobs(
+    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
+) -> None:
+    # MaxStartups 1: while one handshake is pending, sshd drops every other connection.
+    server = fresh_host("delta", "127.0.0.5", extra_config="MaxStartups 1\n")
+    cluster = make_cluster({"delta": (2, 1024)}, servers=[server])
+    hello = str(EXAMPLES / "hello.rs")
+    warm = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
+    assert warm.returncode == 0, warm.stderr
+    # A client that connects and never finishes its handshake holds the only startup slot
+    # for a second, as a crowd of coordinators would.
+    squatter = socket.create_connection((server.address, server.port))
+    release = threading.Timer(1.0, squatter.close)
+    release.start()
+    try:
+        result = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
+    finally:
+        release.cancel()
+        squatter.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "job done, hello!\n"
+    assert "MaxStartups" in server.log_text()  # sshd really dropped us before the retry
