@@ -441,30 +441,17 @@ class Coordinator:
         output = JobOutput.open(self.store, job_id)
         self._launched[job_id] = host
         try:
-            session = self._serve_session(host, transport, len(stdin or b"") + len(input_tar))
-            if session is not None:
-                outcome, stats = await client.launch_served(
-                    session,
-                    job.remote_key,
-                    spec,
-                    stdin,
-                    Path(job.wasm_path),
-                    self._tee(output.stdout, self.handlers.stdout),
-                    self._tee(output.stderr, self.handlers.stderr),
-                    notice=self.handlers.notice,
-                    input_tar=input_tar,
-                )
-            else:
-                outcome, stats = await client.launch(
-                    job.remote_key,
-                    spec,
-                    stdin,
-                    Path(job.wasm_path),
-                    self._tee(output.stdout, self.handlers.stdout),
-                    self._tee(output.stderr, self.handlers.stderr),
-                    notice=self.handlers.notice,
-                    input_tar=input_tar,
-                )
+            outcome, stats = await client.launch(
+                job.remote_key,
+                spec,
+                stdin,
+                Path(job.wasm_path),
+                self._tee(output.stdout, self.handlers.stdout),
+                self._tee(output.stderr, self.handlers.stderr),
+                notice=self.handlers.notice,
+                input_tar=input_tar,
+                session=self._serve_session(host, transport, len(stdin or b"") + len(input_tar)),
+            )
             self.store.update(job_id, upload_bytes=stats.upload_bytes, upload_s=stats.upload_s)
             outcome = await self._until_result(job, host, client, output, outcome)
             problem = None

@@ -131,7 +131,7 @@ class WorkerClient:
 
     async def launch(
         self,
-        job_id: int,
+        job_id: str,
         spec: LaunchSpec,
         stdin: bytes | None,
         module: Path,
@@ -139,12 +139,21 @@ class WorkerClient:
         on_stderr: OutputCallback,
         notice: Callable[[str], None] | None = None,
         input_tar: bytes = b"",
+        session: ServeSession | None = None,
     ) -> tuple[StreamOutcome, UploadStats]:
-        """Start the job and stream it until it ends or the connection drops."""
+        """Start the job and stream it until it ends or the connection drops.
+
+        With a serve `session` (array tasks) the job goes through it instead, and its
+        output arrives whole when it ends.
+        """
+        if session is not None:
+            return await self._launch_served(
+                session, job_id, spec, stdin, module, on_stdout, on_stderr, notice, input_tar
+            )
         stats = UploadStats()
         payload = spec.encode(stdin, input_tar)
         for _attempt in range(4):
-            process = await self.transport.start_runner(["launch", self.host.workdir, str(job_id)])
+            process = await self.transport.start_runner(["launch", self.host.workdir, job_id])
             await process.send(payload)
             outcome = await read_frames(self.host.name, process, on_stdout, on_stderr)
             if outcome.need == "runner" or (
@@ -171,7 +180,7 @@ class WorkerClient:
             return outcome, stats
         raise RemoteError(self.host.name, "the runner kept asking for setup; giving up")
 
-    async def launch_served(
+    async def _launch_served(
         self,
         session: ServeSession,
         job_id: str,
@@ -180,10 +189,9 @@ class WorkerClient:
         module: Path,
         on_stdout: OutputCallback,
         on_stderr: OutputCallback,
-        notice: Callable[[str], None] | None = None,
-        input_tar: bytes = b"",
+        notice: Callable[[str], None] | None,
+        input_tar: bytes,
     ) -> tuple[StreamOutcome, UploadStats]:
-        """Like `launch`, through the host's serve session (for array tasks)."""
         stats = UploadStats()
         payload = spec.encode(stdin, input_tar, key=job_id)
         for _attempt in range(3):
