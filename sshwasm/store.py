@@ -446,10 +446,6 @@ class JobStore:
             )
             return cursor.rowcount == 1
 
-    def heartbeat(self, job_id: int) -> None:
-        """Say that this process, the job's coordinator, is alive."""
-        self.heartbeat_as(job_id, os.getpid())
-
     def request_cancel(self, job_id: int) -> None:
         """Ask the job's live coordinator to cancel it."""
         with self._transaction() as db:

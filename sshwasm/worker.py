@@ -82,7 +82,6 @@ class UploadStats:
     upload_bytes: int = 0
     upload_s: float = 0.0
     runner_installed: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 async def read_frames(
@@ -171,7 +170,6 @@ class WorkerClient:
                             notice(f"installing the runner on {self.host.name}")
                         await self.transport.install_runner()
                         self.transport.runner_sent = True
-                        stats.notes.append("installed the runner")
                 stats.runner_installed = True
                 continue
             if outcome.need == "module":
