@@ -452,7 +452,9 @@ class Coordinator:
                 input_tar=input_tar,
                 session=self._serve_session(host, transport, len(stdin or b"") + len(input_tar)),
             )
-            self.store.update(job_id, upload_bytes=stats.upload_bytes, upload_s=stats.upload_s)
+            self.store.update(
+                job_id, upload_bytes=stats.upload_bytes, upload_s=round(stats.upload_s, 6)
+            )
             outcome = await self._until_result(job, host, client, output, outcome)
             problem = None
             if job.output_dir and outcome.result is not None:
