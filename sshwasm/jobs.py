@@ -47,6 +47,8 @@ DEFAULT_WALL_LIMIT_S = 24 * 3600.0
 # A job whose host stays unreachable this long after its coordinator is gone becomes `lost`
 # (the next `status` or `jobs` past that time decides); reaching the host again resets it.
 LOST_AFTER_UNREACHABLE_S = 900.0
+# How long `status`/`jobs` wait for a host when refreshing a job from it.
+REFRESH_TIMEOUT_S = 20.0
 # How much of each stream the job record keeps; the full output stays in files.
 RECORD_HEAD_BYTES = 64 * 1024
 RECORD_TAIL_BYTES = 64 * 1024
@@ -569,7 +571,8 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
         store.finish(job.id, "lost", error="no record of the host the job was placed on")
         return store.get(job.id)
     output = JobOutput.open(store, job.id)
-    try:
+
+    async def ask_host() -> tuple[WorkerClient, StreamOutcome]:
         client = WorkerClient(await pool.get(host))
         outcome = await client.poll(
             job.remote_key,
@@ -578,6 +581,14 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
             output.stdout.write,
             output.stderr.write,
         )
+        return client, outcome
+
+    try:
+        try:
+            # Bounded: `jobs` must not hang on a host that went silent.
+            client, outcome = await asyncio.wait_for(ask_host(), REFRESH_TIMEOUT_S)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise HostUnreachable(host.name, f"no answer within {REFRESH_TIMEOUT_S:g}s") from None
     except SshwasmError as exc:
         now = time.time()
         since = job.unreachable_since or now
