@@ -538,9 +538,9 @@ def cmd_drive(ctx: _Context) -> int:
 
 def _refresh(ctx: _Context, jobs: Sequence[Job]) -> list[Job]:
     """Refresh unfinished jobs whose coordinator is gone; others are returned as they are."""
-    from .jobs import coordinator_alive
+    from .jobs import needs_refresh
 
-    orphans = [job for job in jobs if not job.is_final and not coordinator_alive(job)]
+    orphans = [job for job in jobs if needs_refresh(job)]
     if not orphans:
         return list(jobs)
     from .jobs import refresh_job
@@ -641,10 +641,13 @@ def cmd_status(ctx: _Context) -> int:
 
 
 def cmd_logs(ctx: _Context) -> int:
-    """`sshwasm logs ID`: the job's full output from the local copy."""
+    """`sshwasm logs ID`: the job's full output, from the local copy (brought up to date
+    from the host first when nobody else follows the job)."""
+    from .jobs import needs_refresh
+
     args = ctx.args
     store = ctx.store
-    job = store.get(args.job_id)
+    job = _refresh(ctx, [store.get(args.job_id)])[0]
     stream = "stderr" if args.stderr else "stdout"
     path = paths.job_output_dir(store.path, job.id) / stream
     write = _write_err if args.stderr else _write_out
@@ -658,10 +661,14 @@ def cmd_logs(ctx: _Context) -> int:
                     offset += len(chunk)
         if not args.follow:
             break
-        job = _refresh(ctx, [store.get(job.id)])[0]
+        job = store.get(job.id)
+        # A live coordinator appends to the local copy; else ask the host, less often.
+        orphan = needs_refresh(job)
+        if orphan:
+            job = _refresh(ctx, [job])[0]
         if job.is_final and (not path.exists() or path.stat().st_size == offset):
             break
-        time.sleep(0.2)
+        time.sleep(1.0 if orphan else 0.2)
     return ExitStatus.OK
 
 

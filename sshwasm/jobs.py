@@ -209,10 +209,16 @@ def pid_alive(pid: int | None) -> bool:
 
 def coordinator_alive(job: Job) -> bool:
     """Whether some sshwasm process is still looking after this job."""
-    if job.coordinator_pid == os.getpid():
-        return True
     fresh = job.heartbeat_ts is not None and time.time() - job.heartbeat_ts < COORDINATOR_STALE_S
     return fresh and pid_alive(job.coordinator_pid)
+
+
+def needs_refresh(job: Job) -> bool:
+    """Whether this process should bring the job up to date from its host: it is unfinished
+    and no other process follows it (this one may have taken it over by an earlier refresh)."""
+    if job.is_final:
+        return False
+    return job.coordinator_pid == os.getpid() or not coordinator_alive(job)
 
 
 class Coordinator:
@@ -559,7 +565,7 @@ class Coordinator:
 
 async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
     """Bring an unfinished job whose coordinator is gone up to date from its host."""
-    if job.is_final or coordinator_alive(job):
+    if not needs_refresh(job):
         return job
     if not store.claim(job):
         return store.get(job.id)  # another process took it over just now
@@ -648,7 +654,7 @@ async def cancel_jobs(
         if job.is_final:
             results.append((job, None))
             continue
-        if coordinator_alive(job):
+        if not needs_refresh(job):  # another live process follows it: ask that one
             store.request_cancel(job.id)
             deadline = time.monotonic() + CANCEL_WAIT_S
             while not job.is_final and time.monotonic() < deadline:

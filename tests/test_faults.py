@@ -240,3 +240,23 @@ def test_a_busy_sshd_dropping_handshakes_costs_retries_not_jobs(
     assert result.returncode == 0, result.stderr
     assert result.stdout == "job done, hello!\n"
     assert "MaxStartups" in server.log_text()  # sshd really dropped us before the retry
+
+
+def test_logs_follow_a_job_whose_coordinator_was_killed(
+    make_cluster: Callable[..., Path],
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
+         str(PROGRAMS / "trickle.rs"), "--", "30", "100"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"line 1\n"
+    process.kill()
+    process.wait()
+    follow = sshwasm("logs", "1", "--follow", timeout=120)
+    assert follow.stdout == "".join(f"line {i}\n" for i in range(1, 31))
+    assert record_of(sshwasm("status", "1", "--json"))["state"] == "succeeded"
