@@ -12,16 +12,12 @@ from .cluster import Host
 from .errors import HostUnreachable, SshwasmError
 from .runner import runner_version
 from .transport import Completed, Transport, TransportPool
+from .worker import WorkerClient, last_line
 
 HOST_CHECK_TIMEOUT_S = 15.0
 INSTALL_TIMEOUT_S = 300.0
 
 T = TypeVar("T")
-
-
-def _last_line(data: bytes) -> str:
-    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no output"
 
 
 # Facts about a host from its `python`, whether or not the runner is installed there.
@@ -53,19 +49,16 @@ def _require_success(host: Host, done: Completed, what: str) -> None:
         raise HostUnreachable(host.name, "connection lost")
     if done.exit_status != 0:
         raise SshwasmError(
-            f"host '{host.name}': {what} ('{host.python}'): {_last_line(done.stderr)}"
+            f"host '{host.name}': {what} ('{host.python}'): {last_line(done.stderr)}"
         )
 
 
 async def _installed_runner_version(transport: Transport) -> str | None:
     if transport.host.is_local:
         return runner_version()
-    done = await transport.run_runner(["info"])
-    if done.exit_status != 0:
-        return None
     try:
-        version = json.loads(done.stdout).get("runner_version")
-    except ValueError:
+        version = (await WorkerClient(transport).info()).get("runner_version")
+    except (SshwasmError, ValueError):  # not installed, or not answering as a runner
         return None
     return str(version) if version else None
 
@@ -140,7 +133,7 @@ async def install_host(host: Host, pool: TransportPool) -> list[str]:
         result = await asyncio.wait_for(transport.run_shell(command), INSTALL_TIMEOUT_S)
         if result.exit_status != 0:
             raise SshwasmError(
-                f"host '{host.name}': `{shlex.join(command)}` failed: {_last_line(result.stderr)}"
+                f"host '{host.name}': `{shlex.join(command)}` failed: {last_line(result.stderr)}"
             )
         info = await _current_runner_info(transport)
         if info.get("wasmtime_error"):

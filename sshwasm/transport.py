@@ -129,6 +129,16 @@ class Transport(ABC):
     async def close(self) -> None:  # noqa: B027 - only connections need closing
         """Close the connection."""
 
+    async def install_runner_once(self, notice: Callable[[str], None] | None = None) -> None:
+        """Install the runner unless a job on this connection already did."""
+        async with self.setup_lock:
+            if self.runner_sent:
+                return
+            if notice is not None:
+                notice(f"installing the runner on {self.host.name}")
+            await self.install_runner()
+            self.runner_sent = True
+
     async def run_runner(self, args: Sequence[str], stdin: bytes = b"") -> Completed:
         """Run a runner command to completion."""
         process = await self.start_runner(args)

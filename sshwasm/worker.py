@@ -116,7 +116,8 @@ async def read_frames(
     return outcome
 
 
-def _last_line(data: bytes) -> str:
+def last_line(data: bytes) -> str:
+    """The last non-empty line of a command's output: what a one-line error should quote."""
     lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
     return lines[-1].strip() if lines else "no output"
 
@@ -162,14 +163,9 @@ class WorkerClient:
                     stderr = outcome.completed.stderr if outcome.completed else b""
                     raise RemoteError(
                         self.host.name,
-                        f"the runner cannot start with '{self.host.python}': {_last_line(stderr)}",
+                        f"the runner cannot start with '{self.host.python}': {last_line(stderr)}",
                     )
-                async with self.transport.setup_lock:
-                    if not self.transport.runner_sent:
-                        if notice is not None:
-                            notice(f"installing the runner on {self.host.name}")
-                        await self.transport.install_runner()
-                        self.transport.runner_sent = True
+                await self.transport.install_runner_once(notice)
                 stats.runner_installed = True
                 continue
             if outcome.need == "module":
@@ -227,7 +223,7 @@ class WorkerClient:
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost while uploading the module")
         if done.exit_status != 0:
-            raise RemoteError(self.host.name, f"cannot store the module: {_last_line(done.stderr)}")
+            raise RemoteError(self.host.name, f"cannot store the module: {last_line(done.stderr)}")
         return len(data)
 
     async def attach(
@@ -267,7 +263,7 @@ class WorkerClient:
             raise HostUnreachable(self.host.name, "connection lost while cancelling")
         if done.exit_status != 0:
             raise RemoteError(
-                self.host.name, f"cannot cancel job {job_id}: {_last_line(done.stderr)}"
+                self.host.name, f"cannot cancel job {job_id}: {last_line(done.stderr)}"
             )
         answer: dict[str, Any] = json.loads(done.stdout)
         return answer
@@ -278,7 +274,7 @@ class WorkerClient:
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost while fetching the output")
         if done.exit_status != 0:
-            raise RemoteError(self.host.name, f"cannot fetch the output: {_last_line(done.stderr)}")
+            raise RemoteError(self.host.name, f"cannot fetch the output: {last_line(done.stderr)}")
         return done.stdout
 
     async def info(self) -> dict[str, Any]:
@@ -287,7 +283,7 @@ class WorkerClient:
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost")
         if done.exit_status != 0:
-            raise RemoteError(self.host.name, f"runner does not start: {_last_line(done.stderr)}")
+            raise RemoteError(self.host.name, f"runner does not start: {last_line(done.stderr)}")
         answer: dict[str, Any] = json.loads(done.stdout)
         return answer
 
@@ -338,25 +334,27 @@ class ServeSession:
                     chunk = await asyncio.wait_for(process.read(), SERVE_START_TIMEOUT_S)
                     if not chunk:
                         break
-                    frames.extend(decoder.feed(chunk))
+                    try:
+                        frames.extend(decoder.feed(chunk))
+                    except FrameError as exc:
+                        process.abort()
+                        raise RemoteError(
+                            self.host.name, f"garbled answer from serve: {exc}"
+                        ) from exc
                     if frames:
                         reply = frames.pop(0)
                 if reply is not None and reply[0] == b"N":
                     process.abort()
-                    async with self.transport.setup_lock:
-                        await self.transport.install_runner()
-                        self.transport.runner_sent = True
+                    await self.transport.install_runner_once()
                     continue
                 if reply is None or reply[0] != b"H":
                     done = await process.finish()
                     if reply is None and not self.transport.runner_sent:
-                        async with self.transport.setup_lock:
-                            await self.transport.install_runner()
-                            self.transport.runner_sent = True
+                        await self.transport.install_runner_once()
                         continue
                     raise RemoteError(
                         self.host.name,
-                        f"the runner's serve did not start: {_last_line(done.stderr)}",
+                        f"the runner's serve did not start: {last_line(done.stderr)}",
                     )
                 answer = json.loads(reply[1])
                 if answer.get("error"):
