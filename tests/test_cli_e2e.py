@@ -43,6 +43,17 @@ def start_sshwasm(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def start_streaming(*args: str) -> subprocess.Popen[bytes]:
+    """Start sshwasm with unbuffered binary pipes: a test may readline() what has arrived so
+    far and then communicate() without losing what was read ahead."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sshwasm", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+
+
 def record_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert result.stdout.strip(), result.stderr
     record: dict[str, Any] = json.loads(result.stdout)

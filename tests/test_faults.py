@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from sshd import SshServer
-from test_cli_e2e import EXAMPLES, PROGRAMS, moment, no_traceback, record_of, sshwasm
+from test_cli_e2e import (
+    EXAMPLES,
+    PROGRAMS,
+    moment,
+    no_traceback,
+    record_of,
+    sshwasm,
+    start_streaming,
+)
 
 
 def wait_for_state(job_id: int, states: set[str], timeout: float = 60) -> dict[str, Any]:
@@ -51,13 +59,9 @@ def test_killed_coordinator_then_status_collects_the_true_result(
     make_cluster: Callable[..., Path],
 ) -> None:
     cluster = make_cluster({"alpha": (2, 1024)})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
-         str(PROGRAMS / "sleep.rs"), "--", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,  # readline() must not read ahead of what communicate() gets
-    )  # fmt: skip
+    process = start_streaming(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "sleep.rs"), "--", "2"
+    )
     assert process.stdout is not None
     assert process.stdout.readline() == b"start\n"  # the job is running on alpha
     process.kill()
@@ -70,13 +74,9 @@ def test_killed_coordinator_then_status_collects_the_true_result(
 
 def test_status_says_lost_when_the_host_has_no_trace(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (2, 1024)})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
-         str(PROGRAMS / "sleep.rs"), "--", "30"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,  # readline() must not read ahead of what communicate() gets
-    )  # fmt: skip
+    process = start_streaming(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "sleep.rs"), "--", "30"
+    )
     assert process.stdout is not None
     assert process.stdout.readline() == b"start\n"
     process.kill()
@@ -95,13 +95,9 @@ def test_dropped_connection_reattaches_without_gaps_or_repeats(
 ) -> None:
     server = fresh_host("delta", "127.0.0.5")
     cluster = make_cluster({"delta": (2, 1024)}, servers=[server])
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
-         str(PROGRAMS / "trickle.rs"), "--", "300", "5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,  # readline() must not read ahead of what communicate() gets
-    )  # fmt: skip
+    process = start_streaming(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "trickle.rs"), "--", "300", "5"
+    )
     assert process.stdout is not None
     first = process.stdout.readline()
     assert first == b"line 1\n"
@@ -246,13 +242,9 @@ def test_logs_follow_a_job_whose_coordinator_was_killed(
     make_cluster: Callable[..., Path],
 ) -> None:
     cluster = make_cluster({"alpha": (2, 1024)})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
-         str(PROGRAMS / "trickle.rs"), "--", "30", "100"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-    )  # fmt: skip
+    process = start_streaming(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "trickle.rs"), "--", "30", "100"
+    )
     assert process.stdout is not None
     assert process.stdout.readline() == b"line 1\n"
     process.kill()
