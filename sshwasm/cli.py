@@ -228,6 +228,7 @@ class _Context:
         self.args = args
         self.db_path = paths.jobs_db(args.db)
         self._store: JobStore | None = None
+        self._cluster: Cluster | None = None
 
     @property
     def store(self) -> JobStore:
@@ -238,10 +239,12 @@ class _Context:
         return self._store
 
     def cluster(self) -> Cluster:
-        from .cluster import load_cluster
+        """The cluster file, read and checked once per command."""
+        if self._cluster is None:
+            from .cluster import load_cluster
 
-        path = paths.cluster_file(self.args.cluster)
-        return load_cluster(path)
+            self._cluster = load_cluster(paths.cluster_file(self.args.cluster))
+        return self._cluster
 
     def cluster_path(self) -> Path | None:
         path = paths.cluster_file(self.args.cluster)
@@ -433,14 +436,29 @@ def _dry_run(ctx: _Context, cluster: Cluster, request: Request) -> int:
     return ExitStatus.OK
 
 
-def _run_array(ctx: _Context, job_ids: list[int], interactive: bool) -> int:
-    """Run an array's tasks side by side, printing each task's output whole as it ends."""
+def _drive_tasks(
+    ctx: _Context,
+    job_ids: Sequence[int],
+    handlers: Handlers,
+    on_done: Callable[[Job], None] | None = None,
+) -> list[Job]:
+    """Coordinate several jobs (an array's tasks) in this process until each has ended."""
     from .jobs import Coordinator
     from .transport import TransportPool
 
-    args = ctx.args
     cluster = ctx.cluster()
-    handlers = _handlers(show_output=False, show_notices=interactive)
+
+    async def go() -> list[Job]:
+        async with TransportPool() as pool:
+            coordinator = Coordinator(ctx.store, cluster.hosts, pool, handlers)
+            return await coordinator.drive_tasks(job_ids, on_done=on_done)
+
+    return asyncio.run(go())
+
+
+def _run_array(ctx: _Context, job_ids: list[int], interactive: bool) -> int:
+    """Run an array's tasks side by side, printing each task's output whole as it ends."""
+    args = ctx.args
 
     def show(job: Job) -> None:
         if args.json:
@@ -452,12 +470,8 @@ def _run_array(ctx: _Context, job_ids: list[int], interactive: bool) -> int:
         if job.state not in ("succeeded", "failed") and job.error:
             _notice(f"task {job.array_task} (job {job.id}) {job.state}: {job.error}")
 
-    async def go() -> list[Job]:
-        async with TransportPool() as pool:
-            coordinator = Coordinator(ctx.store, cluster.hosts, pool, handlers)
-            return await coordinator.drive_tasks(job_ids, on_done=show)
-
-    jobs = asyncio.run(go())
+    handlers = _handlers(show_output=False, show_notices=interactive)
+    jobs = _drive_tasks(ctx, job_ids, handlers, on_done=show)
     if args.json:
         _print_json([job.record() for job in jobs])
     failed = [job for job in jobs if job.state != "succeeded"]
@@ -521,18 +535,8 @@ def _spawn_driver(ctx: _Context, job_ids: list[int]) -> None:
 
 def cmd_drive(ctx: _Context) -> int:
     """Hidden: the detached coordinator of `run --detach`."""
-    from .jobs import Coordinator
-    from .transport import TransportPool
-
-    cluster = ctx.cluster()
     handlers = _handlers(show_output=False, show_notices=True)
-
-    async def go() -> list[Job]:
-        async with TransportPool() as pool:
-            coordinator = Coordinator(ctx.store, cluster.hosts, pool, handlers)
-            return await coordinator.drive_tasks(ctx.args.job_ids)
-
-    jobs = asyncio.run(go())
+    jobs = _drive_tasks(ctx, ctx.args.job_ids, handlers)
     return max((job_exit_status(job) for job in jobs), default=ExitStatus.OK)
 
 
