@@ -173,15 +173,6 @@ async def collect_output(store: JobStore, job: Job, client: WorkerClient) -> str
     return None
 
 
-def note_problem(store: JobStore, job_id: int, problem: str | None) -> Job:
-    """Add a problem to a finished job's record unless it already says what went wrong."""
-    job = store.get(job_id)
-    if problem and not job.error:
-        store.update(job_id, error=problem)
-        job = store.get(job_id)
-    return job
-
-
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
     """Record columns from the runner's result.json."""
     return {
@@ -464,13 +455,10 @@ class Coordinator:
                 job_id, upload_bytes=stats.upload_bytes, upload_s=round(stats.upload_s, 6)
             )
             outcome = await self._until_result(job, host, client, output, outcome)
-            problem = None
-            if job.output_dir and outcome.result is not None:
-                problem = await collect_output(self.store, job, client)
-                if problem:
-                    self.handlers.warning(problem)
-            self._record_outcome(job_id, host, outcome, output)
-            return note_problem(self.store, job_id, problem)
+            problem = await record_end(self.store, job, host, client, outcome, output)
+            if problem:
+                self.handlers.warning(problem)
+            return self.store.get(job_id)
         except RemoteError as exc:
             self.store.finish(job_id, "failed", error=str(exc), **output.fields())
             raise
@@ -541,26 +529,38 @@ class Coordinator:
             raise HostUnreachable(host.name, "connection lost before the job started")
         return outcome
 
-    def _record_outcome(
-        self, job_id: int, host: Host, outcome: StreamOutcome, output: JobOutput
-    ) -> Job:
-        if outcome.error is not None:
+
+async def record_end(
+    store: JobStore,
+    job: Job,
+    host: Host,
+    client: WorkerClient,
+    outcome: StreamOutcome,
+    output: JobOutput,
+) -> str | None:
+    """Record how a job ended, from its runner's final answer (fetching its /output first).
+
+    Returns a problem worth a warning (output not fetched), or None. Does nothing when the
+    answer is not final (the job is still running).
+    """
+    if outcome.result is not None:
+        problem = await collect_output(store, job, client) if job.output_dir else None
+        state = str(outcome.result.get("state", "failed"))
+        fields = result_fields(outcome.result)
+        if problem and not fields["error"]:
+            fields["error"] = problem  # the record says what went wrong, if nothing else did
+        store.finish(job.id, state, **fields, **output.fields())
+        return problem
+    if outcome.error is not None:
+        if outcome.error.get("kind") == "missing":
+            error = f"host '{host.name}' has no trace of the job"
+            store.finish(job.id, "lost", error=error, **output.fields())
+        else:
             message = outcome.error.get("error", "the runner failed")
-            if outcome.error.get("kind") == "missing":
-                self.store.finish(
-                    job_id, "lost", error=f"host '{host.name}' has no trace of the job"
-                )
-            else:
-                self.store.finish(
-                    job_id, "failed", error=f"host '{host.name}': {message}", **output.fields()
-                )
-            return self.store.get(job_id)
-        assert outcome.result is not None
-        result = outcome.result
-        self.store.finish(
-            job_id, str(result.get("state", "failed")), **result_fields(result), **output.fields()
-        )
-        return self.store.get(job_id)
+            store.finish(
+                job.id, "failed", error=f"host '{host.name}': {message}", **output.fields()
+            )
+    return None
 
 
 async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
@@ -611,25 +611,11 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
         return store.get(job.id)
     finally:
         output.close()
-    if outcome.result is not None:
-        problem = await collect_output(store, job, client) if job.output_dir else None
-        store.finish(
-            job.id,
-            str(outcome.result.get("state", "failed")),
-            **result_fields(outcome.result),
-            **output.fields(),
-        )
-        note_problem(store, job.id, problem)
-    elif outcome.error is not None and outcome.error.get("kind") == "missing":
-        store.finish(
-            job.id, "lost", error=f"host '{host.name}' has no trace of the job", **output.fields()
-        )
-    elif outcome.alive is False:
-        store.finish(
-            job.id, "lost", error="the runner on the host died without a result", **output.fields()
-        )
-    else:
+    if outcome.result is None and outcome.error is None:
+        # Still running there (the runner records a dead job's end itself, as a result).
         store.update(job.id, unreachable_since=None, error=None, **output.fields())
+    else:
+        await record_end(store, job, host, client, outcome, output)
     return store.get(job.id)
 
 
