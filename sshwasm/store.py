@@ -480,11 +480,7 @@ class JobStore:
         """Set columns of a job (names are checked against the schema)."""
         if not fields:
             return
-        columns = self._columns()
-        unknown = set(fields) - columns
-        if unknown:
-            raise ValueError(f"unknown job columns: {sorted(unknown)}")
-        assignments = ", ".join(f"{name} = ?" for name in fields)
+        assignments = self._assignments(fields)
         with self._transaction() as db:
             db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
 
@@ -493,11 +489,7 @@ class JobStore:
         if state not in FINAL_STATES:
             raise ValueError(f"not a final state: {state}")
         fields.setdefault("finished_at", utc_now())
-        columns = self._columns()
-        unknown = set(fields) - columns
-        if unknown:
-            raise ValueError(f"unknown job columns: {sorted(unknown)}")
-        assignments = ", ".join(f"{name} = ?" for name in fields)
+        assignments = self._assignments(fields)
         placeholders = ", ".join("?" for _ in FINAL_STATES)
         with self._transaction() as db:
             cursor = db.execute(
@@ -552,5 +544,9 @@ class JobStore:
         )
         return {host: Usage(int(cpus), int(memory)) for host, cpus, memory in rows}
 
-    def _columns(self) -> set[str]:
-        return self._column_names
+    def _assignments(self, fields: Mapping[str, Any]) -> str:
+        """`a = ?, b = ?` for an UPDATE; names are checked, since they become SQL text."""
+        unknown = set(fields) - self._column_names
+        if unknown:
+            raise ValueError(f"unknown job columns: {sorted(unknown)}")
+        return ", ".join(f"{name} = ?" for name in fields)

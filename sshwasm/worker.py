@@ -63,7 +63,6 @@ class StreamOutcome:
     result: dict[str, Any] | None = None
     need: str | None = None
     error: dict[str, Any] | None = None
-    alive: bool | None = None
     pid: int | None = None
     frames: int = 0
     completed: Completed | None = None
@@ -110,8 +109,7 @@ async def read_frames(
                 outcome.need = json.loads(payload).get("need")
             elif kind == b"X":
                 outcome.error = json.loads(payload)
-            elif kind == b"A":
-                outcome.alive = bool(json.loads(payload).get("alive"))
+            # b"A" (still running, from poll) needs nothing: no result means the same.
     outcome.completed = await process.finish()
     return outcome
 
