@@ -96,22 +96,36 @@ async def read_frames(
             process.abort()
             raise RemoteError(host, f"garbled answer from the runner: {exc}") from exc
         for kind, payload in frames:
-            outcome.frames += 1
-            if kind == b"O":
-                on_stdout(payload)
-            elif kind == b"E":
-                on_stderr(payload)
-            elif kind == b"R":
-                outcome.result = json.loads(payload)
-            elif kind == b"S":
-                outcome.pid = json.loads(payload).get("pid")
-            elif kind == b"N":
-                outcome.need = json.loads(payload).get("need")
-            elif kind == b"X":
-                outcome.error = json.loads(payload)
-            # b"A" (still running, from poll) needs nothing: no result means the same.
+            apply_frame(outcome, kind, payload, on_stdout, on_stderr)
     outcome.completed = await process.finish()
     return outcome
+
+
+FINAL_KINDS = (b"R", b"N", b"X")  # after these the runner says nothing more about a job
+
+
+def apply_frame(
+    outcome: StreamOutcome,
+    kind: bytes,
+    payload: bytes,
+    on_stdout: OutputCallback,
+    on_stderr: OutputCallback,
+) -> None:
+    """Take one frame about a job into its outcome (output goes to the callbacks)."""
+    outcome.frames += 1
+    if kind == b"O":
+        on_stdout(payload)
+    elif kind == b"E":
+        on_stderr(payload)
+    elif kind == b"R":
+        outcome.result = json.loads(payload)
+    elif kind == b"S":
+        outcome.pid = json.loads(payload).get("pid")
+    elif kind == b"N":
+        outcome.need = json.loads(payload).get("need")
+    elif kind == b"X":
+        outcome.error = json.loads(payload)
+    # b"A" (still running, from poll) needs nothing: no result means the same.
 
 
 def last_line(data: bytes) -> str:
@@ -390,25 +404,11 @@ class ServeSession:
         task = self._tasks.get(key_bytes.decode(errors="replace"))
         if task is None:
             return  # a frame about no task of ours (an empty-key protocol note)
-        outcome = task.outcome
-        outcome.frames += 1
-        if kind == b"O":
-            task.on_stdout(body)
-        elif kind == b"E":
-            task.on_stderr(body)
-        elif kind == b"S":
-            outcome.pid = json.loads(body).get("pid")
-            return
-        elif kind == b"R":
-            outcome.result = json.loads(body)
-        elif kind == b"N":
-            outcome.need = json.loads(body).get("need")
-        elif kind == b"X":
-            outcome.error = json.loads(body)
-        if kind in (b"R", b"N", b"X"):
+        apply_frame(task.outcome, kind, body, task.on_stdout, task.on_stderr)
+        if kind in FINAL_KINDS:
             self._tasks.pop(key_bytes.decode(errors="replace"), None)
             if not task.done.done():
-                task.done.set_result(outcome)
+                task.done.set_result(task.outcome)
 
     async def run_task(
         self, key: str, payload: bytes, on_stdout: OutputCallback, on_stderr: OutputCallback
