@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cli_e2e import PROGRAMS, no_traceback, record_of, sshwasm
 
+from sshwasm.cli import printable
 from sshwasm.runner import (
     RESULT_KEYS,
     FrameDecoder,
@@ -144,6 +145,59 @@ def test_array_skips_a_host_whose_serve_cannot_start(make_cluster: Callable[...,
     assert {job["host"] for job in jobs} == {"alpha"}
 
 
+def test_array_tasks_that_no_host_can_start_each_say_so(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": {"cpus": 2, "memory_mb": 2048, "python": "/usr/bin/python3"}})
+    for extra in ([], ["--json"]):
+        result = sshwasm("--cluster", str(cluster), "run", TINY, "--array", "2", *extra)
+        no_traceback(result)
+        assert result.returncode == 1
+        lines = error_lines(result.stderr)
+        assert len(lines) == 2, result.stderr
+        assert all("failed: no host could run the job" in line for line in lines)
+
+
+def test_a_trap_is_said_on_stderr(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": (2, 2048)})
+    result = sshwasm("--cluster", str(cluster), "run", str(PROGRAMS / "panic.rs"))
+    no_traceback(result)
+    assert result.returncode == 134
+    assert "sshwasm: job 1 failed: UNREACHABLE" in result.stderr, result.stderr
+
+
+def test_a_job_ending_without_its_own_exit_code_is_an_error_line(
+    make_cluster: Callable[..., Path],
+) -> None:
+    cluster = make_cluster({"alpha": (2, 2048)})
+    # The runner refuses the launch (as for a full disk): the job never had an exit code.
+    install_fake_runner(
+        cluster,
+        "alpha",
+        """
+        frame(b"X", json.dumps({"error": "no space left on device", "kind": "io"}).encode())
+        """,
+    )
+    for extra in ([], ["--json"]):
+        result = sshwasm("--cluster", str(cluster), "run", TINY, *extra)
+        no_traceback(result)
+        assert result.returncode == 1
+        (line,) = error_lines(result.stderr)
+        assert "failed: host 'alpha': no space left on device" in line
+
+
+def test_detached_run_failure_is_in_the_coordinator_log(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": {"cpus": 2, "memory_mb": 2048, "python": "/usr/bin/python3"}})
+    result = sshwasm("--cluster", str(cluster), "run", TINY, "--detach")
+    assert result.returncode == 0, result.stderr
+    assert wait_final(1)["state"] == "failed"
+    log = Path(os.environ["SSHWASM_DATA_DIR"]) / "jobs-output" / "1" / "coordinator.log"
+    deadline = time.monotonic() + 30
+    while "sshwasm: error:" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the driver writes its last line after the record
+    text = log.read_text()
+    assert "sshwasm: error: job 1 failed: no host could run the job" in text, text
+    assert "Traceback" not in text
+
+
 # -- item 11: what a host sends is checked before it is believed or stored -----------------
 
 
@@ -183,6 +237,27 @@ def test_broken_answer_fails_the_job_and_never_crashes_later_commands(
     assert record["state"] == "failed", record
     assert "broken answer from the runner" in record["error"]
     assert record["run_s"] is None and record["exit_code"] is None
+
+
+def test_broken_serve_hello_fails_array_tasks_with_one_line_each(
+    make_cluster: Callable[..., Path],
+) -> None:
+    cluster = make_cluster({"alpha": (2, 2048)})
+    install_fake_runner(
+        cluster,
+        "alpha",
+        """
+        read_frame()
+        frame(b"H", b'{"pid": "x", "wasmtime_version": null, "error": null}')
+        """,
+    )
+    result = sshwasm("--cluster", str(cluster), "run", TINY, "--array", "2")
+    no_traceback(result)
+    assert result.returncode == 1
+    lines = error_lines(result.stderr)
+    assert len(lines) == 2, result.stderr
+    assert all("broken answer from the runner" in line for line in lines)
+    assert sshwasm("jobs").returncode == 0
 
 
 def test_runner_stderr_is_not_kept_whole(make_cluster: Callable[..., Path], tmp_path: Path) -> None:
@@ -294,3 +369,38 @@ def test_the_runner_own_answers_pass_its_parsers() -> None:
         apply_frame(outcome, b"R", b"[" * 100_000, print, print)
     with pytest.raises(FrameError):
         FrameDecoder(max_payload=4).feed(encode_frame(b"O", b"12345"))
+
+
+# -- item 12: control characters in names and host texts are shown escaped ----------------
+
+
+def test_printable_escapes_control_characters() -> None:
+    assert printable("\x1b[31mred\x9b2J\x7f\n\tok é") == "\\x1b[31mred\\x9b2J\\x7f\\n\\tok é"
+
+
+def test_job_name_with_escapes_is_shown_escaped(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": (2, 2048)})
+    name = "\x1b[31mred\x1b]0;title\x07"
+    assert sshwasm("--cluster", str(cluster), "run", TINY, "--job-name", name).returncode == 0
+    for command in (["jobs"], ["jobs", "--fold"], ["status", "1"]):
+        shown = sshwasm(*command)
+        assert "\\x1b[31mred\\x1b]0;title\\x07" in shown.stdout, shown.stdout
+        assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert record_of(sshwasm("status", "1", "--json"))["name"] == name  # JSON stays exact
+
+
+def test_host_error_with_escapes_is_shown_escaped(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": (2, 2048)})
+    install_fake_runner(
+        cluster,
+        "alpha",
+        r"""
+        error = "\x1b[2J\x1b]0;pwned\x07 gone\x9b"
+        frame(b"X", json.dumps({"error": error, "kind": "io"}).encode())
+        """,
+    )
+    result = sshwasm("--cluster", str(cluster), "run", TINY)
+    assert result.returncode == 1
+    assert "\\x1b[2J\\x1b]0;pwned\\x07 gone\\x9b" in result.stderr, result.stderr
+    for text in (result.stderr, sshwasm("status", "1").stdout, sshwasm("jobs").stdout):
+        assert not any(c in text for c in "\x1b\x07\x9b"), text
