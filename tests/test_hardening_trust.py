@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cli_e2e import PROGRAMS, no_traceback, record_of, sshwasm
+from test_cli_e2e import PROGRAMS, no_traceback, record_of, sshwasm, start_streaming
 
 from sshwasm.cli import printable
 from sshwasm.runner import (
@@ -237,6 +238,44 @@ def test_broken_answer_fails_the_job_and_never_crashes_later_commands(
     assert record["state"] == "failed", record
     assert "broken answer from the runner" in record["error"]
     assert record["run_s"] is None and record["exit_code"] is None
+
+
+def test_broken_answers_to_cancel_and_refresh_are_one_line_and_fail_the_job(
+    make_cluster: Callable[..., Path],
+) -> None:
+    cluster = make_cluster({"alpha": (2, 2048)})
+    process = start_streaming(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "sleep.rs"), "--", "30"
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"start\n"  # running on alpha
+    process.kill()
+    process.wait()
+    (job_dir,) = (cluster.parent / "workers" / "alpha" / "jobs").iterdir()
+    os.kill(int((job_dir / "pid").read_text()), signal.SIGKILL)  # no guest left behind
+    # The host's runner is now something else, which answers garbage to everything.
+    install_fake_runner(
+        cluster,
+        "alpha",
+        """
+        if command == "cancel":
+            out.write(b"{not json\\n")
+        else:
+            frame(b"R", b'{"state": "exploded"}')
+        """,
+    )
+    cancel = sshwasm("cancel", "1")
+    no_traceback(cancel)
+    assert cancel.returncode == 1
+    (line,) = error_lines(cancel.stderr)
+    assert "job 1: host 'alpha': broken answer from the runner: cancel answer" in line, line
+    for command in (["status", "1"], ["jobs"]):
+        later = sshwasm(*command)
+        no_traceback(later)
+        assert later.returncode == 0, later.stderr
+    record = record_of(sshwasm("status", "1", "--json"))
+    assert record["state"] == "failed", record
+    assert "broken answer from the runner: result has an invalid 'state'" in record["error"]
 
 
 def test_broken_serve_hello_fails_array_tasks_with_one_line_each(
