@@ -39,6 +39,8 @@ MAX_CHANNELS = 8
 # What is kept of a runner command's stderr: its end, which says why it failed. A host
 # could send gigabytes; the rest is read and dropped.
 STDERR_KEEP_BYTES = 64 * 1024
+# What a plain command on a host (the facts probe, pip) may print on stdout at most.
+SHELL_STDOUT_MAX_BYTES = 1 << 20
 
 RUNNER_FILE = Path(runner.__file__).resolve()
 # What `<workdir>/bin/sshwasm-exec` holds: it runs the runner module installed beside it.
@@ -436,11 +438,17 @@ class SshTransport(Transport):
     async def run_shell(self, argv: Sequence[str], stdin: bytes = b"") -> Completed:
         process = await self._open(shlex.join(argv))
         await process.send(stdin)
-        out = b""
+        out = bytearray()
         while chunk := await process.read():
             out += chunk
+            if len(out) > SHELL_STDOUT_MAX_BYTES:  # our commands print a line or two
+                process.abort()
+                raise RemoteError(
+                    self.host.name,
+                    f"`{argv[0]} ...` printed more than {SHELL_STDOUT_MAX_BYTES} bytes",
+                )
         done = await process.finish()
-        return Completed(done.exit_status, out, done.stderr)
+        return Completed(done.exit_status, bytes(out), done.stderr)
 
     async def install_runner(self) -> None:
         workdir = self.host.workdir

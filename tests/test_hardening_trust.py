@@ -443,3 +443,17 @@ def test_host_error_with_escapes_is_shown_escaped(make_cluster: Callable[..., Pa
     assert "\\x1b[2J\\x1b]0;pwned\\x07 gone\\x9b" in result.stderr, result.stderr
     for text in (result.stderr, sshwasm("status", "1").stdout, sshwasm("jobs").stdout):
         assert not any(c in text for c in "\x1b\x07\x9b"), text
+
+
+def test_host_probe_printing_too_much_is_one_error(
+    make_cluster: Callable[..., Path], tmp_path: Path
+) -> None:
+    chatty = tmp_path / "chatty-python"
+    chatty.write_text("#!/bin/sh\nhead -c 3000000 /dev/zero\n")
+    chatty.chmod(0o755)
+    cluster = make_cluster({"alpha": {"cpus": 2, "memory_mb": 2048, "python": str(chatty)}})
+    result = sshwasm("--cluster", str(cluster), "hosts", "--check", "--json")
+    no_traceback(result)
+    assert result.returncode == 1
+    (report,) = json.loads(result.stdout)
+    assert "printed more than 1048576 bytes" in report["error"], report
