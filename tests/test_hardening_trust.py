@@ -457,3 +457,24 @@ def test_host_probe_printing_too_much_is_one_error(
     assert result.returncode == 1
     (report,) = json.loads(result.stdout)
     assert "printed more than 1048576 bytes" in report["error"], report
+
+
+def test_hosts_table_shows_a_host_message_escaped(
+    make_cluster: Callable[..., Path], tmp_path: Path
+) -> None:
+    facts = {
+        "python": "3.11.2",
+        "wasmtime_version": None,
+        "wasmtime_error": "\x1b]0;owned\x07\x1b[2J gone",
+        "cpus": 2,
+        "memory_mb": 2048,
+    }
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' '{json.dumps(facts)}'\n")
+    fake.chmod(0o755)
+    cluster = make_cluster({"alpha": {"cpus": 2, "memory_mb": 2048, "python": str(fake)}})
+    result = sshwasm("--cluster", str(cluster), "hosts", "--check")
+    no_traceback(result)
+    assert result.returncode == 1
+    assert "\\x1b]0;owned\\x07\\x1b[2J gone" in result.stdout, result.stdout
+    assert "\x1b" not in result.stdout + result.stderr and "\x07" not in result.stdout
