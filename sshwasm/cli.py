@@ -35,6 +35,8 @@ PROG = "sshwasm"
 DEFAULT_CPUS = 1
 DEFAULT_MEMORY_MB = 256
 DEFAULT_MAX_OUTPUT_MB = 1024
+# 1 PiB: far past any disk, and its byte count still fits every rlimit and file offset.
+MAX_OUTPUT_MB_LIMIT = 1 << 30
 
 
 class ExitStatus(IntEnum):
@@ -62,6 +64,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _output_mb(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_OUTPUT_MB_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_OUTPUT_MB_LIMIT}, got {value}")
     return value
 
 
@@ -169,7 +178,7 @@ def build_parser() -> ArgumentParser:
     )
     run.add_argument(
         "--max-output-mb",
-        type=_positive_int,
+        type=_output_mb,
         default=DEFAULT_MAX_OUTPUT_MB,
         metavar="N",
         help=f"end the job as failed once its stdout, stderr and /output together pass N MB "

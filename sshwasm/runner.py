@@ -1427,8 +1427,8 @@ class _OutputLimit:
         signal.signal(signal.SIGXFSZ, _ignore_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        soft = self.max_bytes if hard == resource.RLIM_INFINITY else min(self.max_bytes, hard)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        if self.max_bytes < (hard if hard != resource.RLIM_INFINITY else 1 << 62):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_bytes, hard))
         threading.Thread(target=self._monitor, daemon=True).start()
 
     def used(self) -> int:

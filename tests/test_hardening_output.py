@@ -316,7 +316,7 @@ def test_serve_tasks_are_capped_too(make_cluster: Callable[..., Path]) -> None:
         assert record["error"] == LIMIT_ERROR.format(1)
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "1.5", "lots"])
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "lots", str((1 << 30) + 1)])
 def test_max_output_mb_must_be_a_positive_integer(value: str) -> None:
     done = sshwasm("run", WRITEOUT, "--max-output-mb", value)
     assert done.returncode == 2
