@@ -97,6 +97,8 @@ def lived_in(tmp_path: Path) -> tuple[Path, Path]:
     (results / "clash" / "inside.txt").write_text("mine")
     (results / "file-here").write_text("mine")
     (results / "link").symlink_to(outside)
+    (outside / "precious.txt").write_text("precious")
+    (results / "file-link").symlink_to(outside / "precious.txt")
     (results / ".git").mkdir()
     (results / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     return results, outside
@@ -109,6 +111,7 @@ JOB_WRITES = (
     "write:clash:a file",  # a file where the user has a directory
     "write:file-here/x.txt:deep",  # a directory where the user has a file
     "write:link/pwned:evil",  # through the user's link to a directory outside
+    "write:file-link:evil",  # through the user's link to a file outside
     "write:.git/config:evil",  # into .git, whose files must all survive
     "write:fresh/n.txt:new",
 )
@@ -135,15 +138,16 @@ def test_output_never_deletes_or_overwrites_the_users_files(
     assert after["clash.sshwasm-1"] == "a file"
     assert after["file-here.sshwasm-1/x.txt"] == "deep"
     assert after["link.sshwasm-1/pwned"] == "evil"
-    assert list(outside.iterdir()) == []
+    assert after["file-link.sshwasm-1"] == "evil"
+    assert tree(outside) == {"precious.txt": "precious"}
     assert "same.txt.sshwasm-1" not in after
     assert not any(name.startswith(".sshwasm-output-") for name in after)
     # One warning line says how many and where; the record keeps the count.
     warnings = [line for line in done.stderr.splitlines() if "beside" in line]
     assert len(warnings) == 1, done.stderr
-    assert "4 of its output files" in warnings[0] and str(results) in warnings[0]
+    assert "5 of its output files" in warnings[0] and str(results) in warnings[0]
     record = record_of(sshwasm("status", "1", "--json"))
-    assert record["state"] == "succeeded" and record["output_conflicts"] == 4
+    assert record["state"] == "succeeded" and record["output_conflicts"] == 5
 
 
 def test_overwrite_replaces_files_only(
@@ -162,9 +166,12 @@ def test_overwrite_replaces_files_only(
     assert after["clash"] == "dir" and after["clash/inside.txt"] == "mine"
     assert after["clash.sshwasm-1"] == "a file"
     assert after["file-here"] == "mine" and after["file-here.sshwasm-1/x.txt"] == "deep"
-    assert after["link"] == f"link -> {outside}" and list(outside.iterdir()) == []
+    assert after["link"] == f"link -> {outside}"
+    assert after["file-link"] == f"link -> {outside / 'precious.txt'}"
+    assert after["file-link.sshwasm-1"] == "evil"
+    assert tree(outside) == {"precious.txt": "precious"}
     assert after["keep/a.txt"] == "mine" and after[".git/HEAD"] == "ref: refs/heads/main\n"
-    assert record_of(sshwasm("status", "1", "--json"))["output_conflicts"] == 3
+    assert record_of(sshwasm("status", "1", "--json"))["output_conflicts"] == 4
 
 
 def test_array_tasks_merge_into_their_own_dirs(
