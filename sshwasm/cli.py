@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 PROG = "sshwasm"
 DEFAULT_CPUS = 1
 DEFAULT_MEMORY_MB = 256
+DEFAULT_MAX_OUTPUT_MB = 1024
+# 1 PiB: far past any disk, and its byte count still fits every rlimit and file offset.
+MAX_OUTPUT_MB_LIMIT = 1 << 30
 
 
 class ExitStatus(IntEnum):
@@ -98,6 +101,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _output_mb(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_OUTPUT_MB_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_OUTPUT_MB_LIMIT}, got {value}")
     return value
 
 
@@ -194,7 +204,22 @@ def build_parser() -> ArgumentParser:
         "--output",
         metavar="DIR",
         help="give the job an empty writable /output, copied back into DIR when it ends "
-        "(DIR/<task> for array tasks)",
+        "(DIR/<task> for array tasks); nothing in DIR is deleted or overwritten: a file "
+        "that differs is written beside it as NAME.sshwasm-ID",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --output: the job's files replace different files of the same name "
+        "(never a directory, never deleting anything)",
+    )
+    run.add_argument(
+        "--max-output-mb",
+        type=_output_mb,
+        default=DEFAULT_MAX_OUTPUT_MB,
+        metavar="N",
+        help=f"end the job as failed once its stdout, stderr and /output together pass N MB "
+        f"(default {DEFAULT_MAX_OUTPUT_MB})",
     )
     run.add_argument(
         "--array",
@@ -446,6 +471,8 @@ def cmd_run(ctx: _Context) -> int:
         labels=tuple(args.label),
         input_path=str(Path(args.input).resolve()) if args.input is not None else None,
         output_dir=str(Path(args.output).resolve()) if args.output is not None else None,
+        max_output_mb=args.max_output_mb,
+        output_overwrite=args.overwrite,
     )
     store = ctx.store
     job_ids = store.submit_tasks(spec)
@@ -549,16 +576,31 @@ def _run_array(ctx: _Context, job_ids: list[int], interactive: bool) -> int:
 
 
 def _copy_output(path: Path, write: Callable[[bytes], None], prefix: bytes | None) -> None:
-    """Write a task's saved output, line by line with `prefix` when tagging."""
+    """Write a task's saved output, with `prefix` at the start of each line when tagging.
+
+    Read in chunks, never by line: a stream without newlines is not held in memory whole.
+    """
     if not path.exists():
         return
+    at_line_start = True
     with open(path, "rb") as handle:
-        if prefix is None:
-            while chunk := handle.read(1 << 20):
-                write(chunk)
-            return
-        for line in handle:
-            write(prefix + line)
+        while chunk := handle.read(1 << 20):
+            if prefix is not None:
+                chunk, at_line_start = _tag_lines(chunk, prefix, at_line_start)
+            write(chunk)
+
+
+def _tag_lines(chunk: bytes, prefix: bytes, at_line_start: bool) -> tuple[bytes, bool]:
+    """`prefix` before each line that starts in `chunk`; and whether the next chunk starts
+    a line (a prefix at the very end waits for a line that may never come)."""
+    first, *rest = chunk.split(b"\n")
+    pieces = [(prefix if at_line_start else b"") + first]
+    if rest:
+        *middle, last = rest
+        pieces += [prefix + line for line in middle]
+        pieces.append(prefix + last if last else b"")
+        return b"\n".join(pieces), not last
+    return pieces[0], False
 
 
 def _drive(ctx: _Context, job_id: int, handlers: Handlers) -> Job:

@@ -23,7 +23,7 @@ from .cluster import Host
 from .errors import JobNotFound, StoreError
 from .schedule import Request, Usage, plan
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STATES = (
     "queued",
@@ -71,6 +71,8 @@ RECORD_FIELDS = (
     "output_bytes",
     "stage_in_s",
     "stage_out_s",
+    "max_output_mb",
+    "output_conflicts",
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its
@@ -135,6 +137,12 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX jobs_state ON jobs(state);
     CREATE INDEX jobs_host_state ON jobs(host, state);
     """,
+    # --max-output-mb and --overwrite; jobs from before had neither (no cap, no overwrite).
+    2: """
+    ALTER TABLE jobs ADD COLUMN max_output_mb INTEGER;
+    ALTER TABLE jobs ADD COLUMN output_overwrite INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN output_conflicts INTEGER;
+    """,
 }
 
 
@@ -171,6 +179,8 @@ class JobSpec:
     labels: tuple[str, ...] = ()
     input_path: str | None = None
     output_dir: str | None = None
+    max_output_mb: int | None = None  # stdout + stderr + /output together; None: no cap
+    output_overwrite: bool = False
 
     @property
     def request(self) -> Request:
@@ -310,9 +320,9 @@ class JobStore:
                            language, wasm_sha256, wasm_bytes, compile_s, submitted_at,
                            submitted_ts, wasm_path, argv, env, stdin_path, pinned_host,
                            heartbeat_ts, coordinator_pid, array_task, labels, input_path,
-                           output_dir)
+                           output_dir, max_output_mb, output_overwrite)
                        VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                               ?, ?, ?, ?)""",
+                               ?, ?, ?, ?, ?, ?)""",
                     (
                         spec.name,
                         spec.cpus,
@@ -339,6 +349,8 @@ class JobStore:
                         spec.output_dir
                         if spec.output_dir is None or task is None
                         else os.path.join(spec.output_dir, str(task)),
+                        spec.max_output_mb,
+                        int(spec.output_overwrite),
                     ),
                 )
                 job_id = cursor.lastrowid
