@@ -1,7 +1,7 @@
 """Hardening, trust: no silent `run`, nothing a host sends believed unchecked, no raw escapes.
 
-Hosts are real sshd servers; a broken host is a fake runner script written into the host's
-workdir (`<workdir>/bin/sshwasm-exec`, which the coordinator runs as `python SCRIPT ...`),
+Hosts are real sshd servers; a broken host is a fake runner module written into the host's
+workdir (`<workdir>/bin/sshwasm_exec.py`, the module the coordinator's command runs),
 answering garbage where the real runner answers frames.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,11 +49,16 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def install_fake_runner(cluster: Path, host: str, body: str) -> None:
-    """Put a fake `sshwasm-exec` on a host: `body` runs with `frame(kind, payload)`,
-    `spec` (launch's JSON line) and `read_frame()` (for serve) defined."""
+    """Put a fake runner on a host: `body` runs with `frame(kind, payload)`, `command`,
+    `spec` (launch's JSON line) and `read_frame()` (for serve) defined.
+
+    It is installed as the runner module, `<workdir>/bin/sshwasm_exec.py` (whose `main` the
+    installed runner's entry imports and calls), so the coordinator finds a runner there
+    and installs nothing.
+    """
     bin_dir = cluster.parent / "workers" / host / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    prelude = textwrap.dedent(
+    module = textwrap.dedent(
         """\
         import json, os, struct, sys
         out = sys.stdout.buffer
@@ -63,13 +69,27 @@ def install_fake_runner(cluster: Path, host: str, body: str) -> None:
             header = sys.stdin.buffer.read(5)
             kind, length = struct.unpack(">cI", header)
             return kind, sys.stdin.buffer.read(length)
-        command = sys.argv[1]
-        spec = json.loads(sys.stdin.buffer.readline()) if command == "launch" else None
+        def main(argv=None):
+            global command, spec
+            command = (sys.argv[1:] if argv is None else list(argv))[0]
+            spec = json.loads(sys.stdin.buffer.readline()) if command == "launch" else None
+            exec(compile(BODY, "fake-runner", "exec"), globals())
+            return 0
         """
     )
-    script = bin_dir / "sshwasm-exec"
-    script.write_text(prelude + textwrap.dedent(body))
-    script.chmod(0o700)
+    (bin_dir / "sshwasm_exec.py").write_text(module + f"BODY = {textwrap.dedent(body)!r}\n")
+    (bin_dir / "sshwasm_exec.py").chmod(0o600)
+    shutil.rmtree(bin_dir / "__pycache__", ignore_errors=True)
+    # The entry script of this layout (transport.RUNNER_STUB); unused where the runner is
+    # started by other means, which import the module all the same.
+    stub = bin_dir / "sshwasm-exec"
+    stub.write_text(
+        "import os, sys\n"
+        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
+        "from sshwasm_exec import main\n"
+        "sys.exit(main())\n"
+    )
+    stub.chmod(0o700)
 
 
 def result_json(**changes: Any) -> bytes:
