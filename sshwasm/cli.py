@@ -207,7 +207,8 @@ def build_parser() -> ArgumentParser:
     )
     install.add_argument("names", nargs="*", metavar="NAME")
 
-    drive = commands.add_parser("_drive", help=argparse.SUPPRESS)
+    # No help=: argparse would list a suppressed choice as "_drive ==SUPPRESS==".
+    drive = commands.add_parser("_drive")
     drive.add_argument("job_ids", type=int, nargs="+")
     return parser
 

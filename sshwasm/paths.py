@@ -32,9 +32,16 @@ def config_dir() -> Path:
 
 def jobs_db(explicit: str | None = None) -> Path:
     """The jobs file: `--db`, else `$SSHWASM_DB`, else `<data dir>/jobs.sqlite`."""
+    # Absolute: paths derived from it (output files, stdin copies) are stored in the jobs
+    # file and must name the same files for a process started from another directory.
     if explicit:
-        return Path(explicit).expanduser()
-    return _from_env("SSHWASM_DB") or data_dir() / "jobs.sqlite"
+        return Path(explicit).expanduser().absolute()
+    return (_from_env("SSHWASM_DB") or data_dir() / "jobs.sqlite").absolute()
+
+
+def job_outputs_root(db_path: Path) -> Path:
+    """The directory holding every job's output directory for this jobs file."""
+    return db_path.parent / f"{db_path.stem}-output"
 
 
 def job_output_dir(db_path: Path, job_id: int) -> Path:
