@@ -130,11 +130,14 @@ class JobNotFound(SshwasmError):
 class HostKeyUntrusted(HostUnreachable):
     """The host's key is not in known_hosts (or differs): we never trust it silently."""
 
-    def __init__(self, host: str, address: str, port: int | None, known_hosts: str) -> None:
+    def __init__(
+        self, host: str, address: str, port: int | None, known_hosts: str, jump: bool = False
+    ) -> None:
         port_flag = f"-p {port} " if port and port != 22 else ""
+        what = f"jump host {address}" if jump else address
         super().__init__(
             host,
-            f"host key of {address} is not trusted (not in {known_hosts}, or changed); "
+            f"host key of {what} is not trusted (not in {known_hosts}, or changed); "
             f"if this is the right machine, add it with: "
             f"ssh-keyscan {port_flag}{address} >> {known_hosts}",
         )
