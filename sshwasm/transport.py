@@ -311,21 +311,43 @@ class SshTransport(Transport):
             options["client_keys"] = [host.identity_file]
         return options
 
-    def _known_hosts(self) -> str:
-        """The known_hosts file every hop's key is checked against; refused when missing.
+    def _ssh_config(
+        self, address: str, port: int | None, user: str | None
+    ) -> asyncssh.SSHClientConnectionOptions:
+        """What ~/.ssh/config says for `address` (HostName, Port, ProxyJump, known hosts)."""
+        import asyncssh
 
-        Always passed explicitly: left to asyncssh, `UserKnownHostsFile none` in
-        ~/.ssh/config (or a config naming no file that exists) turns checking off.
+        try:
+            # config=(): ~/.ssh/config, as connect() reads it (the default here is none).
+            return asyncssh.SSHClientConnectionOptions(
+                config=(), host=address, port=port if port is not None else (), username=user or ()
+            )
+        except (OSError, ValueError, asyncssh.Error) as exc:
+            raise HostUnreachable(self.host.name, f"ssh config for {address}: {exc}") from exc
+
+    def _known_hosts(self, config: asyncssh.SSHClientConnectionOptions) -> list[str]:
+        """The known_hosts files every hop's key is checked against; refused when none exist.
+
+        The cluster's `known_hosts`, else the files `UserKnownHostsFile` of ~/.ssh/config
+        names, else ~/.ssh/known_hosts. Always passed to asyncssh explicitly: left to it,
+        `UserKnownHostsFile none` in the config turns checking off.
         """
-        path = os.path.expanduser(self.host.known_hosts or "~/.ssh/known_hosts")
-        if not os.path.isfile(path):
+        if self.host.known_hosts is not None:
+            candidates = [self.host.known_hosts]
+        elif isinstance(config.known_hosts, list) and config.known_hosts:
+            candidates = [str(path) for path in config.known_hosts]
+        else:
+            candidates = ["~/.ssh/known_hosts"]
+        files = [os.path.expanduser(path) for path in candidates]
+        present = [path for path in files if os.path.isfile(path)]
+        if not present:
             raise HostUnreachable(
                 self.host.name,
-                f"cannot verify host keys: known_hosts file {path} does not exist "
-                f"(add the host's key with ssh-keyscan after checking it, or set "
+                f"cannot verify host keys: known_hosts file {' or '.join(files)} does not "
+                f"exist (add the host's key with ssh-keyscan after checking it, or set "
                 f"known_hosts: in the cluster file)",
             )
-        return path
+        return present
 
     async def connect(self) -> None:
         if self.is_connected:
@@ -341,8 +363,9 @@ class SshTransport(Transport):
 
     async def _connect_once(self) -> None:
         host = self.host
-        known_hosts = self._known_hosts()
-        jump = await self._open_jump_hosts(host.address, host.port, host.user, known_hosts)
+        config = self._ssh_config(host.address, host.port, host.user)
+        known_hosts = self._known_hosts(config)
+        jump = await self._open_jump_hosts(config.tunnel, known_hosts)
         try:
             connection = await self._connect_hop(
                 host.address,
@@ -361,24 +384,14 @@ class SshTransport(Transport):
         self._connection = connection
 
     async def _open_jump_hosts(
-        self, address: str, port: int | None, user: str | None, known_hosts: str, depth: int = 0
+        self, chain: object, known_hosts: list[str], depth: int = 0
     ) -> asyncssh.SSHClientConnection | None:
-        """Open the `ProxyJump` chain ~/.ssh/config gives `address`, or None if it has none.
+        """Open a `ProxyJump` chain of ~/.ssh/config (`a,user@b:port`), or None if none.
 
         Opened here rather than by asyncssh, which connects to jump hosts with only what the
         config says: `UserKnownHostsFile none` there would leave their keys unchecked. Each
         hop is checked against the same known_hosts as the host itself.
         """
-        import asyncssh
-
-        try:
-            # config=(): ~/.ssh/config, as connect() reads it (the default here is none).
-            options = asyncssh.SSHClientConnectionOptions(
-                config=(), host=address, port=port if port is not None else (), username=user or ()
-            )
-        except (OSError, ValueError, asyncssh.Error) as exc:
-            raise HostUnreachable(self.host.name, f"ssh config for {address}: {exc}") from exc
-        chain = options.tunnel
         if not chain or not isinstance(chain, str):
             return None
         if depth >= MAX_JUMP_DEPTH:
@@ -397,7 +410,9 @@ class SshTransport(Transport):
                     raise HostUnreachable(self.host.name, f"ProxyJump {hop!r}: bad port") from None
             try:
                 tunnel = connection or await self._open_jump_hosts(
-                    hop_host, hop_port, hop_user or None, known_hosts, depth + 1
+                    self._ssh_config(hop_host, hop_port, hop_user or None).tunnel,
+                    known_hosts,
+                    depth + 1,
                 )
                 hop_connection = await self._connect_hop(
                     hop_host,
@@ -421,7 +436,7 @@ class SshTransport(Transport):
         address: str,
         port: int | None,
         user: str | None,
-        known_hosts: str,
+        known_hosts: list[str],
         tunnel: asyncssh.SSHClientConnection | None,
         jump: bool = False,
         **options: Any,
@@ -448,7 +463,7 @@ class SshTransport(Transport):
                     config=(), host=address, port=port if port is not None else ()
                 )
                 address, port = resolved.host, resolved.port
-            raise HostKeyUntrusted(host.name, address, port, known_hosts, jump) from exc
+            raise HostKeyUntrusted(host.name, address, port, known_hosts[0], jump) from exc
         except asyncssh.PermissionDenied as exc:
             raise HostUnreachable(
                 host.name,
