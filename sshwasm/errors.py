@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -117,6 +117,23 @@ class RemoteError(SshwasmError):
 
 class StoreError(SshwasmError):
     """The jobs file cannot be used (not SQLite, newer schema, unwritable)."""
+
+
+class CoordinatorFailed(SshwasmError):
+    """A background task of the coordinator (placer, heartbeat, cancel watcher) failed."""
+
+    def __init__(self, task: str, reason: str, job_ids: Sequence[int]) -> None:
+        self.task = task
+        self.reason = reason
+        self.job_ids = list(job_ids)
+        ids = ", ".join(map(str, self.job_ids[:5])) + (" ..." if len(self.job_ids) > 5 else "")
+        after = (
+            f"; jobs already placed keep running on their hosts: "
+            f"`sshwasm status ID` collects them (jobs {ids})"
+            if self.job_ids
+            else ""
+        )
+        super().__init__(f"the coordinator's {task} failed: {reason}{after}")
 
 
 class JobNotFound(SshwasmError):
