@@ -247,6 +247,45 @@ def test_proxy_jump_hosts_are_verified_with_the_same_known_hosts(
     assert "Accepted publickey" in jump.log_text()[jump_log:]
 
 
+def test_every_hop_of_a_proxy_jump_chain_is_verified(
+    make_cluster: Callable[..., Path],
+    ssh_hosts: dict[str, SshServer],
+    ssh_kit: SshKit,
+    isolated_home: Path,
+    tmp_path: Path,
+) -> None:
+    first, second, target = ssh_hosts["alpha"], ssh_hosts["gamma"], ssh_hosts["beta"]
+    (isolated_home / ".ssh" / "config").write_text(
+        f"Host far\n"
+        f"    HostName {target.address}\n"
+        f"    Port {target.port}\n"
+        f"    ProxyJump {ssh_kit.user}@{first.address}:{first.port},"
+        f"{ssh_kit.user}@{second.address}:{second.port}\n"
+        f"Host *\n"
+        f"    IdentityFile {ssh_kit.client_key}\n"
+        f"    UserKnownHostsFile none\n"
+    )
+    far = {"name": "far", "address": "far", "cpus": 2, "memory_mb": 2048,
+           "workdir": str(tmp_path / "workers" / "far")}  # fmt: skip
+    hello = str(EXAMPLES / "hello.rs")
+    without_second = tmp_path / "known_some"
+    without_second.write_text(f"{target.known_hosts_line}\n{first.known_hosts_line}\n")
+    cluster = make_cluster({}, extra_hosts=[far], defaults={"known_hosts": str(without_second)})
+    refused = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert f"host key of jump host {second.address} is not trusted" in refused.stderr
+
+    every = tmp_path / "known_every"
+    every.write_text(without_second.read_text() + second.known_hosts_line + "\n")
+    logs = {server.name: len(server.log_text()) for server in (first, second)}
+    cluster = make_cluster({}, extra_hosts=[far], defaults={"known_hosts": str(every)})
+    through = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
+    assert through.returncode == 0, through.stderr
+    assert through.stdout == "job done, hello!\n"
+    for server in (first, second):
+        assert "Accepted publickey" in server.log_text()[logs[server.name] :], server.name
+
+
 # -- item 9: background tasks, the jobs file lock, one follower per job ----------------------
 
 
