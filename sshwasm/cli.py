@@ -37,6 +37,9 @@ DEFAULT_MEMORY_MB = 256
 DEFAULT_MAX_OUTPUT_MB = 1024
 # 1 PiB: far past any disk, and its byte count still fits every rlimit and file offset.
 MAX_OUTPUT_MB_LIMIT = 1 << 30
+# Tasks one `run --array` may submit: their rows are written in one transaction (about a
+# second for the cap), and a coordinator follows them all.
+MAX_ARRAY_TASKS = 100_000
 
 
 class ExitStatus(IntEnum):
@@ -118,6 +121,13 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _array_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_ARRAY_TASKS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_ARRAY_TASKS} tasks, got {value}")
     return value
 
 
@@ -223,10 +233,10 @@ def build_parser() -> ArgumentParser:
     )
     run.add_argument(
         "--array",
-        type=_positive_int,
+        type=_array_size,
         metavar="N",
-        help="run N tasks of the module; task i sees SSHWASM_ARRAY_TASK_ID=i "
-        "and SSHWASM_ARRAY_TASK_COUNT=N",
+        help=f"run N tasks of the module (N <= {MAX_ARRAY_TASKS}); task i sees "
+        "SSHWASM_ARRAY_TASK_ID=i and SSHWASM_ARRAY_TASK_COUNT=N",
     )
     run.add_argument(
         "--tag", action="store_true", help="with --array: prefix each output line with its task"
@@ -269,7 +279,8 @@ def build_parser() -> ArgumentParser:
     )
     install.add_argument("names", nargs="*", metavar="NAME")
 
-    drive = commands.add_parser("_drive", help=argparse.SUPPRESS)
+    # No help=: argparse would list a suppressed choice as "_drive ==SUPPRESS==".
+    drive = commands.add_parser("_drive")
     drive.add_argument("job_ids", type=int, nargs="+")
     return parser
 
@@ -291,13 +302,15 @@ class _Context:
         self.db_path = paths.jobs_db(args.db)
         self._store: JobStore | None = None
         self._cluster: Cluster | None = None
+        self._cluster_path: Path | None = None
+        self._cluster_found = False
 
     @property
     def store(self) -> JobStore:
         if self._store is None:
             from .store import JobStore
 
-            self._store = JobStore(self.db_path)
+            self._store = JobStore(self.db_path, on_wait=_warn)
         return self._store
 
     def cluster(self) -> Cluster:
@@ -305,12 +318,24 @@ class _Context:
         if self._cluster is None:
             from .cluster import load_cluster
 
-            self._cluster = load_cluster(paths.cluster_file(self.args.cluster))
+            self._cluster = load_cluster(self._find_cluster())
         return self._cluster
 
     def cluster_path(self) -> Path | None:
-        path = paths.cluster_file(self.args.cluster)
+        path = self._find_cluster()
         return path.resolve() if path is not None else None
+
+    def _find_cluster(self) -> Path | None:
+        """The cluster file's path, warning once about implicit ones not trusted."""
+        if not self._cluster_found:
+            self._cluster_path, ignored = paths.find_cluster_file(self.args.cluster)
+            self._cluster_found = True
+            for skipped in ignored:
+                _warn(
+                    f"ignoring cluster file {skipped.path}: {skipped.reason} "
+                    f"(name it with --cluster or $SSHWASM_CLUSTER to use it anyway)"
+                )
+        return self._cluster_path
 
     def close(self) -> None:
         if self._store is not None:
@@ -359,6 +384,10 @@ def _report_end(job: Job) -> None:
         _error(f"{what}: {job.error or f'exit code {code}'}")
     elif job.error:
         _notice(f"{what}: {job.error}")
+
+
+def _warn(message: str) -> None:
+    _notice(f"warning: {message}")
 
 
 def _handlers(show_output: bool, show_notices: bool) -> Handlers:
@@ -478,11 +507,10 @@ def cmd_run(ctx: _Context) -> int:
     job_ids = store.submit_tasks(spec)
     if stdin_data is not None:
         # A copy, so the job reads what was there at submission even if it starts later.
-        stdin_copy = paths.job_output_dir(store.path, job_ids[0]) / "stdin"
-        stdin_copy.parent.mkdir(parents=True, exist_ok=True)
-        stdin_copy.write_bytes(stdin_data)
-        for job_id in job_ids:
-            store.update(job_id, stdin_path=str(stdin_copy))
+        stdin_copy = paths.make_job_output_dir(store.path, job_ids[0]) / "stdin"
+        with paths.open_private(stdin_copy, "wb") as copy:
+            copy.write(stdin_data)
+        store.update_many(job_ids, stdin_path=str(stdin_copy))
     if args.detach:
         _spawn_driver(ctx, job_ids)
         print("\n".join(str(job_id) for job_id in job_ids))
@@ -629,9 +657,8 @@ def _spawn_driver(ctx: _Context, job_ids: list[int]) -> None:
     if cluster_path is not None:
         command += ["--cluster", str(cluster_path)]
     command += ["_drive", *map(str, job_ids)]
-    log = paths.job_output_dir(ctx.db_path, job_ids[0]) / "coordinator.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as log_file:
+    log = paths.make_job_output_dir(ctx.db_path, job_ids[0]) / "coordinator.log"
+    with paths.open_private(log) as log_file:
         driver = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -639,8 +666,7 @@ def _spawn_driver(ctx: _Context, job_ids: list[int]) -> None:
             stderr=log_file,
             start_new_session=True,  # survives this terminal closing
         )
-    for job_id in job_ids:
-        ctx.store.heartbeat_as(job_id, driver.pid)
+    ctx.store.heartbeat_as(job_ids, driver.pid)
 
 
 def cmd_drive(ctx: _Context) -> int:

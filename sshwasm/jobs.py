@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import paths
 from .cluster import Host
-from .errors import ContactLost, HostUnreachable, NoHostReachable, RemoteError, SshwasmError
+from .errors import (
+    ContactLost,
+    CoordinatorFailed,
+    HostUnreachable,
+    NoHostReachable,
+    RemoteError,
+    SshwasmError,
+)
 from .schedule import candidate_hosts, explain
 from .staging import merge_output, output_scratch, pack_input
 from .store import Job, JobStore
@@ -58,6 +67,7 @@ _CUT_MARKER_END = b"the rest of this stream was dropped]\n"
 BESIDE_NAMED = 3
 
 Notify = Callable[[str], None]
+_T = TypeVar("_T")
 
 
 def _ignore(_: bytes) -> None:
@@ -110,10 +120,9 @@ class OutputSink:
     """
 
     def __init__(self, path: Path, budget: OutputBudget | None = None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.budget = budget or OutputBudget(None, 0)
-        self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+        self._file = paths.open_private(path)  # closed in close()
         self.size = self._file.tell()
         self._head = bytearray()
         self._tail = bytearray()
@@ -179,7 +188,7 @@ class JobOutput:
     @classmethod
     def open(cls, store: JobStore, job: Job) -> JobOutput:
         """Open (for appending) the local output files of a job, held to its output cap."""
-        directory = paths.job_output_dir(store.path, job.id)
+        directory = paths.make_job_output_dir(store.path, job.id)
         sizes = 0
         for name in ("stdout", "stderr"):
             with contextlib.suppress(OSError):
@@ -294,10 +303,38 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def is_sshwasm_process(pid: int) -> bool | None:
+    """Whether the process `pid` runs sshwasm (its command line says so); None: cannot tell."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except FileNotFoundError:
+        # No procfs at all, or the process just exited: only the first is "cannot tell".
+        return None if not os.path.isdir("/proc/self") else False
+    except OSError:
+        return None
+    # `sshwasm ...` (the console script, run by its interpreter) or `python -m sshwasm ...`.
+    head = argv[:4]
+    if any(os.path.basename(arg) == b"sshwasm" for arg in head):
+        return True
+    return any(a == b"-m" and b == b"sshwasm" for a, b in itertools.pairwise(head))
+
+
 def coordinator_alive(job: Job) -> bool:
-    """Whether some sshwasm process is still looking after this job."""
-    fresh = job.heartbeat_ts is not None and time.time() - job.heartbeat_ts < COORDINATOR_STALE_S
-    return fresh and pid_alive(job.coordinator_pid)
+    """Whether some sshwasm process is still looking after this job.
+
+    A live sshwasm process is never taken for dead, however stale its heartbeat: one that
+    is only slow (a lock held by another process, a stopped terminal) would otherwise be
+    taken over, and the job followed by two processes, its output written twice. The
+    heartbeat decides only for a live pid that is no sshwasm command (a program using the
+    API, or a pid that was reused).
+    """
+    pid = job.coordinator_pid
+    if not pid_alive(pid):
+        return False
+    if is_sshwasm_process(pid) is not False:
+        return True
+    return job.heartbeat_ts is not None and time.time() - job.heartbeat_ts < COORDINATOR_STALE_S
 
 
 def needs_refresh(job: Job) -> bool:
@@ -332,8 +369,7 @@ class Coordinator:
 
     async def drive(self, job_id: int) -> Job:
         """Run a submitted job to its final state (or until its host is out of reach)."""
-        async with self._heartbeating():
-            return await self._drive_and_signal(job_id)
+        return await self._supervised(self._drive_and_signal(job_id))
 
     async def drive_tasks(
         self, job_ids: Sequence[int], on_done: Callable[[Job], None] | None = None
@@ -346,10 +382,13 @@ class Coordinator:
             except SshwasmError as exc:
                 job = self.store.get(job_id)
                 # A running task whose host went away stays running for `status` to
-                # collect; one that never started failed for good.
+                # collect (this process no longer follows it: say so, or no other
+                # process would while this one lives); one that never started failed.
                 if job.state == "queued":
                     self.store.finish(job_id, "failed", error=str(exc))
                     job = self.store.get(job_id)
+                elif not job.is_final:
+                    self.store.disown(job_id)
             if on_done is not None:
                 on_done(job)
             return job
@@ -357,32 +396,59 @@ class Coordinator:
         if len(job_ids) > 1:
             self._serve = {}
         try:
-            async with self._heartbeating():
-                return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+            return list(
+                await self._supervised(asyncio.gather(*(one(job_id) for job_id in job_ids)))
+            )
         finally:
             sessions, self._serve = self._serve or {}, None
             for session in sessions.values():
                 await session.close()
 
-    @contextlib.asynccontextmanager
-    async def _heartbeating(self) -> AsyncIterator[None]:
-        tasks = [
-            asyncio.create_task(self._heartbeat()),
-            asyncio.create_task(self._watch_cancellations()),
-            asyncio.create_task(self._place_waiting_jobs()),
-        ]
+    async def _supervised(self, work: Awaitable[_T]) -> _T:
+        """Run `work` beside the background tasks every job needs; if one of those fails,
+        the whole run fails with CoordinatorFailed (never a hang waiting for it)."""
+        main = asyncio.ensure_future(work)
+        background = {
+            asyncio.create_task(self._heartbeat()): "heartbeat",
+            asyncio.create_task(self._watch_cancellations()): "cancel watcher",
+            asyncio.create_task(self._place_waiting_jobs()): "placer",
+        }
         try:
-            yield
+            await asyncio.wait({main, *background}, return_when=asyncio.FIRST_COMPLETED)
+            if main.done():
+                return main.result()
+            failed = next(task for task in background if task.done())
+            problem = None if failed.cancelled() else failed.exception()
+            placed = sorted(self._launched)
+            raise CoordinatorFailed(
+                background[failed], self._describe(problem), placed
+            ) from problem
         finally:
-            for task in (*tasks, *self._cancellers.values()):
+            tasks = (main, *background, *self._cancellers.values())
+            for task in tasks:
                 task.cancel()
-            for task in (*tasks, *self._cancellers.values()):
-                with contextlib.suppress(asyncio.CancelledError):
+            for task in tasks:
+                # Their failures are reported above (or the run's own is on its way).
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    def _describe(self, problem: BaseException | None) -> str:
+        if problem is None:
+            return "it stopped"
+        text = str(problem) or type(problem).__name__
+        if isinstance(problem, sqlite3.Error):
+            return f"jobs file {self.store.path}: {text}"
+        return text
 
     async def _watch_cancellations(self) -> None:
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
+            for canceller in self._cancellers.values():
+                # A canceller that failed would leave its job uncancelled and nobody told.
+                if canceller.done() and not canceller.cancelled():
+                    problem = canceller.exception()
+                    if problem is not None:
+                        raise problem
             if not self._active:
                 continue
             for job_id in self.store.cancel_requested(sorted(self._active)):
