@@ -52,12 +52,49 @@ class ExitStatus(IntEnum):
     INTERRUPTED = 130
 
 
+# Control characters (C0, DEL, C1): a job name or a host's message holding ESC sequences
+# could recolour, retitle or rewrite the user's terminal, or fake a line of ours.
+_READABLE_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_PRINTABLE = str.maketrans(
+    {
+        code: _READABLE_ESCAPES.get(chr(code), f"\\x{code:02x}")
+        for code in (*range(0x20), *range(0x7F, 0xA0))
+    }
+)
+
+
+def printable(text: object) -> str:
+    """`text` safe to show on a terminal: control characters appear as escapes (`\\x1b`)."""
+    return str(text).translate(_PRINTABLE)
+
+
+def _say(text: object) -> None:
+    """One line of a command's result on stdout, escaped."""
+    print(printable(text))
+
+
+def _table(rows: Sequence[Sequence[Any]] | Sequence[dict[str, Any]], headers: Any) -> None:
+    """A plain table on stdout, every cell escaped."""
+    from tabulate import tabulate
+
+    def cell(value: Any) -> str:
+        return "" if value is None else printable(value)  # tabulate's own missing value
+
+    cells: list[Any] = [
+        {key: cell(value) for key, value in row.items()}
+        if isinstance(row, dict)
+        else [cell(value) for value in row]
+        for row in rows
+    ]
+    print(tabulate(cells, headers=headers, tablefmt="plain", disable_numparse=True))
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with sshwasm's one-line error format."""
 
     def error(self, message: str) -> NoReturn:
         hint = f" (see '{self.prog} --help')"
-        self.exit(ExitStatus.USAGE, f"{PROG}: error: {message}{hint}\n")
+        self.exit(ExitStatus.USAGE, f"{PROG}: error: {printable(message)}{hint}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -316,7 +353,37 @@ def _write_err(data: bytes) -> None:
 
 
 def _notice(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def _error(message: object) -> None:
+    print(f"{PROG}: error: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def _label(job: Job) -> str:
+    """How `run` names a job in its messages."""
+    if job.array_task is None:
+        return f"job {job.id}"
+    return f"task {job.array_task} (job {job.id})"
+
+
+def _report_end(job: Job) -> None:
+    """Say on stderr how a job ended, unless its own exit code says all there is.
+
+    Every `run` that does not exit with the job's own code says why in an error line; a job
+    that has its own code and an error text (timeout, trap, cancelled) gets a notice.
+    """
+    if job.state == "succeeded":
+        return
+    what = f"{_label(job)} {job.state}"
+    code = job.exit_code
+    if not job.is_final:
+        detail = f" ({job.error})" if job.error else ""
+        _error(f"{what}{detail}; `{PROG} status {job.id}` collects it later")
+    elif code is None or (job.state == "failed" and not 0 < code < 256):
+        _error(f"{what}: {job.error or f'exit code {code}'}")
+    elif job.error:
+        _notice(f"{what}: {job.error}")
 
 
 def _warn(message: str) -> None:
@@ -354,11 +421,16 @@ def _print_json(value: Any) -> None:
 def _local_time(iso: str | None) -> str:
     if not iso:
         return ""
-    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError):  # a row written before host results were checked
+        return str(iso)
 
 
 def _runtime(job: Job) -> str:
     seconds = job.run_s
+    if not isinstance(seconds, (int, float)):  # a row written before results were checked
+        seconds = None
     if seconds is None and job.state == "running" and job.started_at:
         seconds = time.time() - datetime.fromisoformat(job.started_at).timestamp()
     if seconds is None:
@@ -449,8 +521,7 @@ def cmd_run(ctx: _Context) -> int:
     job = _drive(ctx, job_id, _handlers(show_output=not args.json, show_notices=interactive))
     if args.json:
         _print_json(job.record())
-    elif job.state not in ("succeeded", "failed") and job.error:
-        _notice(f"job {job.id} {job.state}: {job.error}")
+    _report_end(job)
     return job_exit_status(job)
 
 
@@ -461,7 +532,6 @@ def _program_name(source: Path) -> str:
 
 def _dry_run(ctx: _Context, cluster: Cluster, request: Request) -> int:
     """`run --dry-run`: the placement decision, host by host, without running anything."""
-    from tabulate import tabulate
 
     from .build import detect_language
     from .hosts import check_hosts
@@ -478,14 +548,14 @@ def _dry_run(ctx: _Context, cluster: Cluster, request: Request) -> int:
         if not report["reachable"]
     }
     chosen, reasons = explain(cluster.hosts, ctx.store.usage(), request, unreachable)
-    print(tabulate(sorted(reasons.items()), headers=["HOST", "VERDICT"], tablefmt="plain"))
+    _table(sorted(reasons.items()), headers=["HOST", "VERDICT"])
     if chosen is not None:
-        print(f"would run on {chosen.name}")
+        _say(f"would run on {chosen.name}")
         return ExitStatus.OK
     try:
         check_feasible([h for h in cluster.hosts if h.name not in unreachable], request)
     except SshwasmError as exc:
-        print(f"would not run: {exc}")
+        _say(f"would not run: {exc}")
         return ExitStatus.ERROR
     print("would wait in the queue until a host has room")
     return ExitStatus.OK
@@ -516,14 +586,12 @@ def _run_array(ctx: _Context, job_ids: list[int], interactive: bool) -> int:
     args = ctx.args
 
     def show(job: Job) -> None:
-        if args.json:
-            return
-        directory = paths.job_output_dir(ctx.store.path, job.id)
-        prefix = f"{job.array_task}\t".encode() if args.tag else None
-        for stream, write in (("stdout", _write_out), ("stderr", _write_err)):
-            _copy_output(directory / stream, write, prefix)
-        if job.state not in ("succeeded", "failed") and job.error:
-            _notice(f"task {job.array_task} (job {job.id}) {job.state}: {job.error}")
+        if not args.json:
+            directory = paths.job_output_dir(ctx.store.path, job.id)
+            prefix = f"{job.array_task}\t".encode() if args.tag else None
+            for stream, write in (("stdout", _write_out), ("stderr", _write_err)):
+                _copy_output(directory / stream, write, prefix)
+        _report_end(job)
 
     handlers = _handlers(show_output=False, show_notices=interactive)
     jobs = _drive_tasks(ctx, job_ids, handlers, on_done=show)
@@ -604,7 +672,8 @@ def _spawn_driver(ctx: _Context, job_ids: list[int]) -> None:
 def cmd_drive(ctx: _Context) -> int:
     """Hidden: the detached coordinator of `run --detach`."""
     handlers = _handlers(show_output=False, show_notices=True)
-    jobs = _drive_tasks(ctx, ctx.args.job_ids, handlers)
+    # Its stderr is the coordinator.log beside the job's output: how each job ended goes there.
+    jobs = _drive_tasks(ctx, ctx.args.job_ids, handlers, on_done=_report_end)
     return max((job_exit_status(job) for job in jobs), default=ExitStatus.OK)
 
 
@@ -629,7 +698,6 @@ def _refresh(ctx: _Context, jobs: Sequence[Job]) -> list[Job]:
 
 def cmd_jobs(ctx: _Context) -> int:
     """`sshwasm jobs`: a table (or JSON array) of jobs, newest first."""
-    from tabulate import tabulate
 
     args = ctx.args
     jobs = _refresh(ctx, ctx.store.list_jobs(limit=args.limit, state=args.state))
@@ -640,7 +708,7 @@ def cmd_jobs(ctx: _Context) -> int:
         return ExitStatus.OK
     rows = _folded_rows(jobs) if args.fold else [_job_row(job) for job in jobs]
     headers = ["ID", "NAME", "STATE", "HOST", "CPUS", "MEM_MB", "SUBMITTED", "RUNTIME", "EXIT"]
-    print(tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True))
+    _table(rows, headers=headers)
     return ExitStatus.OK
 
 
@@ -708,7 +776,7 @@ def cmd_status(ctx: _Context) -> int:
         if key in ("stdout", "stderr"):
             continue
         if value is not None:
-            print(f"{key}: {value}")
+            _say(f"{key}: {value}")
     return ExitStatus.OK
 
 
@@ -759,10 +827,10 @@ def cmd_cancel(ctx: _Context) -> int:
     status = ExitStatus.OK
     for job, problem in asyncio.run(go()):
         if problem is None:
-            print(f"job {job.id}: {job.state}")
+            _say(f"job {job.id}: {job.state}")
         else:
             status = ExitStatus.ERROR
-            print(f"{PROG}: error: job {job.id}: {problem}", file=sys.stderr)
+            _error(f"job {job.id}: {problem}")
     return status
 
 
@@ -783,13 +851,12 @@ def cmd_wasm(ctx: _Context) -> int:
         shutil.copyfile(module, output)
     except OSError as exc:
         raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
-    print(f"{output}: {len(data)} bytes, sha256 {job.wasm_sha256}")
+    _say(f"{output}: {len(data)} bytes, sha256 {job.wasm_sha256}")
     return ExitStatus.OK
 
 
 def cmd_hosts(ctx: _Context) -> int:
     """`sshwasm hosts`: each host with its capacity and what this jobs file holds there."""
-    from tabulate import tabulate
 
     if ctx.args.hosts_command == "install":
         return cmd_hosts_install(ctx)
@@ -827,10 +894,10 @@ def cmd_hosts(ctx: _Context) -> int:
         {**{k: v for k, v in row.items() if k not in shown}, "labels": ",".join(row["labels"])}
         for row in rows
     ]
-    print(tabulate(table, headers="keys", tablefmt="plain", disable_numparse=True))
+    _table(table, headers="keys")
     for row in rows:
         for warning in row.get("warnings", []):
-            print(f"{PROG}: warning: {row['name']}: {warning}", file=sys.stderr)
+            _notice(f"warning: {row['name']}: {warning}")
     return status
 
 
@@ -848,10 +915,10 @@ def cmd_hosts_install(ctx: _Context) -> int:
     for host, result in zip(hosts, asyncio.run(for_each_host(hosts, install_host)), strict=True):
         if isinstance(result, SshwasmError):
             status = ExitStatus.ERROR
-            print(f"{PROG}: error: {result}", file=sys.stderr)
+            _error(result)
         else:
             for line in result:
-                print(f"{host.name}: {line}")
+                _say(f"{host.name}: {line}")
     return status
 
 
@@ -912,7 +979,7 @@ def _fail(args: argparse.Namespace, exc: BaseException) -> int:
         import traceback
 
         traceback.print_exception(exc)
-    print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+    _error(exc)
     return ExitStatus.ERROR
 
 

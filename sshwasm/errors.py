@@ -85,6 +85,19 @@ class HostUnreachable(SshwasmError):
         super().__init__(f"host '{host}': {reason}")
 
 
+class RunnerUnavailable(HostUnreachable):
+    """The host is reachable but its runner cannot start there (no wasmtime, no python).
+
+    A HostUnreachable, so placement skips the host and tries the next best fit.
+    """
+
+    def __init__(self, host: str, problem: str, hint: str | None = None) -> None:
+        self.problem = problem
+        if hint is None:
+            hint = f"`sshwasm hosts install {host}` installs it"
+        super().__init__(host, f"{problem}; {hint}")
+
+
 class NoHostReachable(SshwasmError):
     """Every host that could take the job failed; lists each with its reason."""
 

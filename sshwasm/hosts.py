@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shlex
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from .cluster import Host
 from .errors import HostUnreachable, SshwasmError
-from .runner import runner_version
+from .runner import ProtocolError, parse_info, runner_version
 from .transport import Completed, Transport, TransportPool
-from .worker import WorkerClient, last_line
+from .worker import WorkerClient, broken_answer, last_line
 
 HOST_CHECK_TIMEOUT_S = 15.0
 INSTALL_TIMEOUT_S = 300.0
@@ -40,8 +39,10 @@ async def _current_runner_info(transport: Transport) -> dict[str, Any]:
     """What the host's python can do: its version, wasmtime, cores and memory."""
     done = await transport.run_shell([transport.host.python, "-c", _PROBE])
     _require_success(transport.host, done, "cannot run Python")
-    answer: dict[str, Any] = json.loads(done.stdout)
-    return answer
+    try:
+        return parse_info(done.stdout, "the host's python facts")
+    except ProtocolError as exc:
+        raise broken_answer(transport.host.name, exc) from exc
 
 
 def _require_success(host: Host, done: Completed, what: str) -> None:

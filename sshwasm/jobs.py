@@ -365,6 +365,7 @@ class Coordinator:
         self._room_freed = asyncio.Event()
         # Jobs waiting for a host: their waiter and the hosts excluded for them (with why).
         self._waiting: dict[int, tuple[asyncio.Future[Host | None], dict[str, str]]] = {}
+        self._skips_said: set[str] = set()
 
     async def drive(self, job_id: int) -> Job:
         """Run a submitted job to its final state (or until its host is out of reach)."""
@@ -516,7 +517,10 @@ class Coordinator:
                 self._signal_room()
                 await self.pool.drop(host)
                 excluded[host.name] = exc.reason
-                self.handlers.warning(f"skipping host '{host.name}': {exc.reason}")
+                warning = f"skipping host '{host.name}': {exc.reason}"
+                if warning not in self._skips_said:  # once, not once per array task
+                    self._skips_said.add(warning)
+                    self.handlers.warning(warning)
 
     async def _placement(self, job_id: int, excluded: dict[str, str]) -> Host | None:
         """Wait until the placer reserves a host for the job (None: it left the queue)."""
@@ -764,6 +768,10 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
             client, outcome = await asyncio.wait_for(ask_host(), REFRESH_TIMEOUT_S)
         except (TimeoutError, asyncio.TimeoutError):
             raise HostUnreachable(host.name, f"no answer within {REFRESH_TIMEOUT_S:g}s") from None
+    except RemoteError as exc:
+        # The host answered, outside the protocol: asking again would not make it true.
+        store.finish(job.id, "failed", error=str(exc), **output.fields())
+        return store.get(job.id)
     except SshwasmError as exc:
         now = time.time()
         since = job.unreachable_since or now

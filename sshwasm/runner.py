@@ -71,6 +71,10 @@ its job directory; use attach, poll or cancel per task) and exits once all have 
 Requests larger than SERVE_MAX_REQUEST_BYTES are a protocol error: launch such tasks with
 launch instead.
 
+The coordinator believes none of these answers unchecked: parse_result (R, result.json),
+parse_frame_json (S, N, X, A, H), parse_cancel_answer and parse_info below define what each
+may hold and raise ProtocolError for anything else.
+
 Every job dir holds "pid" (the job process's pid) and, where there is procfs, "pid-start"
 ("PID START_TIME", field 22 of /proc/PID/stat): a serve task's cmdline is serve's, so
 attach, poll and cancel tell the job's process from a reused pid by its start time.
@@ -100,7 +104,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 KIND_NEED = b"N"
 KIND_STARTED = b"S"
@@ -182,7 +186,11 @@ def encode_frame(kind: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(kind, len(payload)) + payload
 
 
-class FrameError(ValueError):
+class ProtocolError(ValueError):
+    """A message from the other side does not follow the protocol (bad JSON, key or value)."""
+
+
+class FrameError(ProtocolError):
     """The byte stream does not consist of sshwasm-exec frames."""
 
 
@@ -220,6 +228,184 @@ class FrameDecoder:
             start = end
         del buffer[:start]
         return frames
+
+
+# -------------------------------------------------------------------------- messages
+#
+# What the coordinator believes of a host is checked here first: the JSON of R, S, N, X and
+# H frames and of `cancel` and `info`. A host that sends something else is broken (or not
+# ours), and every parser below says so with a ProtocolError instead of letting a bad value
+# reach the jobs file.
+
+# States a job's result.json may hold (a job the runner cannot vouch for is `failed`).
+RESULT_STATES = ("succeeded", "failed", "timeout", "out_of_memory", "cancelled")
+# X frame kinds in use: spec, exists, io, input, no_wasmtime, missing, protocol. The
+# coordinator acts on some and reports the rest as they are, so a kind is only checked to
+# be a short identifier: a newer runner may add one.
+_ERROR_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+NEEDS = ("runner", "module")
+# Far above anything this runner writes (its messages are cut to 500 characters).
+MAX_MESSAGE_CHARS = 16 * 1024
+MAX_SHORT_CHARS = 256
+MAX_MESSAGE_BYTES = 1 << 20
+# Exit codes as WASI and wasmtime can report them (a u32, or a signed i32).
+_EXIT_CODE_RANGE = (-(1 << 31), (1 << 32) - 1)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_seconds(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _is_iso_time(value: object) -> bool:
+    if not isinstance(value, str) or len(value) > 64:
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _text(limit: int) -> Callable[[object], bool]:
+    def check(value: object) -> bool:
+        return isinstance(value, str) and len(value) <= limit
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[object], bool]:
+    def check(value: object) -> bool:
+        return isinstance(value, str) and value in choices
+
+    return check
+
+
+def _in_range(low: int, high: int) -> Callable[[object], bool]:
+    def check(value: object) -> bool:
+        return _is_int(value) and low <= value <= high  # type: ignore[operator]
+
+    return check
+
+
+def _optional(check: Callable[[object], bool]) -> Callable[[object], bool]:
+    def either(value: object) -> bool:
+        return value is None or check(value)
+
+    return either
+
+
+if TYPE_CHECKING:  # Python 3.8 cannot subscript dict at run time
+    _Schema = dict[str, Callable[[object], bool]]
+
+RESULT_SCHEMA: _Schema = {
+    "state": _one_of(RESULT_STATES),
+    "exit_code": _optional(_in_range(*_EXIT_CODE_RANGE)),
+    "error": _optional(_text(MAX_MESSAGE_CHARS)),
+    "run_s": _optional(_is_seconds),
+    "cpu_s": _optional(_is_seconds),
+    "peak_memory_bytes": _optional(_in_range(0, 1 << 62)),
+    "started_at": _optional(_is_iso_time),
+    "finished_at": _optional(_is_iso_time),
+    "module_compile_s": _optional(_is_seconds),
+    "module_cached": _optional(lambda value: isinstance(value, bool)),
+    "wasmtime_version": _optional(_text(MAX_SHORT_CHARS)),
+}
+_PID = _in_range(1, (1 << 31) - 1)
+_MESSAGE_SCHEMAS: dict[bytes, _Schema] = {
+    KIND_STARTED: {"pid": _PID, "job_dir": _text(4096)},
+    KIND_NEED: {"need": _one_of(NEEDS)},
+    KIND_ERROR: {
+        "error": _text(MAX_MESSAGE_CHARS),
+        "kind": lambda value: isinstance(value, str) and bool(_ERROR_KIND_RE.fullmatch(value)),
+    },
+    KIND_ALIVE: {"alive": lambda value: value is True},
+    KIND_HELLO: {
+        "pid": _PID,
+        "wasmtime_version": _optional(_text(MAX_SHORT_CHARS)),
+        "error": _optional(_text(MAX_MESSAGE_CHARS)),
+    },
+}
+CANCEL_SCHEMA: _Schema = {
+    "state": _one_of((*RESULT_STATES, "unknown")),
+    "already_finished": _optional(lambda value: isinstance(value, bool)),
+}
+INFO_SCHEMA: _Schema = {
+    "runner_version": _text(MAX_SHORT_CHARS),
+    "python": _text(MAX_SHORT_CHARS),
+    "wasmtime_version": _optional(_text(MAX_SHORT_CHARS)),
+    "wasmtime_error": _optional(_text(MAX_MESSAGE_CHARS)),
+    "cpus": _optional(_in_range(1, 1 << 24)),
+    "memory_mb": _optional(_in_range(0, 1 << 40)),
+}
+
+
+def parse_message(
+    payload: bytes, schema: _Schema, what: str, optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Decode one JSON object and check it against `schema`; unknown keys are dropped.
+
+    Every key of the schema is required, but those in `optional`, which mean None if absent.
+    """
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"{what} of {len(payload)} bytes is too large")
+    try:
+        value = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{what} is not JSON: {_preview(payload)}") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} is not a JSON object: {_preview(payload)}")
+    checked: dict[str, Any] = {}
+    for key, check in schema.items():
+        if key not in value:
+            if key in optional:
+                checked[key] = None
+                continue
+            raise ProtocolError(f"{what} lacks {key!r}")
+        if not check(value[key]):
+            raise ProtocolError(f"{what} has an invalid {key!r}: {_preview(value[key])}")
+        checked[key] = value[key]
+    return checked
+
+
+def parse_result(payload: bytes) -> dict[str, Any]:
+    """A job's result.json (R frame) as the coordinator may believe it; raises ProtocolError."""
+    return parse_message(payload, RESULT_SCHEMA, "result")
+
+
+def parse_cancel_answer(payload: bytes) -> dict[str, Any]:
+    """What `cancel` printed, checked; raises ProtocolError."""
+    return parse_message(payload, CANCEL_SCHEMA, "cancel answer", frozenset({"already_finished"}))
+
+
+def parse_info(payload: bytes, what: str = "info answer") -> dict[str, Any]:
+    """What `info` (or a probe of the host's python) printed, checked; raises ProtocolError.
+
+    Only what is there is checked: an older runner's `info` has fewer keys.
+    """
+    return parse_message(payload, INFO_SCHEMA, what, frozenset(INFO_SCHEMA))
+
+
+def parse_frame_json(kind: bytes, payload: bytes) -> dict[str, Any]:
+    """The JSON body of an S, N, X, A or H frame, checked; raises ProtocolError."""
+    schema = _MESSAGE_SCHEMAS.get(kind)
+    if schema is None:
+        raise ProtocolError(f"unexpected frame kind {kind!r}")
+    return parse_message(payload, schema, f"{kind.decode('latin-1')} frame")
+
+
+def _preview(value: object, limit: int = 60) -> str:
+    """A short, printable rendering of a bad value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _CoordinatorGone(Exception):

@@ -15,14 +15,14 @@ import shlex
 import shutil
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import runner
 from .cluster import Host
-from .errors import HostKeyUntrusted, HostUnreachable
+from .errors import HostKeyUntrusted, HostUnreachable, RemoteError
 
 if TYPE_CHECKING:
     import asyncssh
@@ -36,6 +36,11 @@ CONNECT_ATTEMPTS = 5
 CHANNEL_ATTEMPTS = 6
 # Channels one connection keeps open at most (below OpenSSH's default MaxSessions of 10).
 MAX_CHANNELS = 8
+# What is kept of a runner command's stderr: its end, which says why it failed. A host
+# could send gigabytes; the rest is read and dropped.
+STDERR_KEEP_BYTES = 64 * 1024
+# What a plain command on a host (the facts probe, pip) may print on stdout at most.
+SHELL_STDOUT_MAX_BYTES = 1 << 20
 # ProxyJump hosts that are themselves reached through ProxyJump, at most this deep.
 MAX_JUMP_DEPTH = 8
 
@@ -47,6 +52,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sshwasm_exec import main
 sys.exit(main())
 """
+
+
+async def keep_tail(read: Callable[[int], Awaitable[bytes]], keep: int) -> bytes:
+    """Read a stream to its end and return at most its last `keep` bytes."""
+    kept = bytearray()
+    while True:
+        try:
+            chunk = await read(65536)
+        except (OSError, EOFError, asyncio.IncompleteReadError):
+            break
+        except Exception as exc:  # asyncssh's errors, imported lazily elsewhere
+            if type(exc).__module__.startswith("asyncssh"):
+                break
+            raise
+        if not chunk:
+            break
+        kept += chunk
+        if len(kept) > 2 * keep:
+            del kept[:-keep]
+    return bytes(kept[-keep:])
 
 
 @dataclass(frozen=True)
@@ -141,13 +166,22 @@ class Transport(ABC):
             await self.install_runner()
             self.runner_sent = True
 
-    async def run_runner(self, args: Sequence[str], stdin: bytes = b"") -> Completed:
-        """Run a runner command to completion."""
+    async def run_runner(
+        self, args: Sequence[str], stdin: bytes = b"", max_stdout: int | None = None
+    ) -> Completed:
+        """Run a runner command to completion; more than `max_stdout` bytes is a RemoteError."""
         process = await self.start_runner(args)
         await process.send(stdin)
         chunks = []
+        size = 0
         while chunk := await process.read():
             chunks.append(chunk)
+            size += len(chunk)
+            if max_stdout is not None and size > max_stdout:
+                process.abort()
+                raise RemoteError(
+                    self.host.name, f"the runner's answer to {args[0]} exceeds {max_stdout} bytes"
+                )
         done = await process.finish()
         return Completed(done.exit_status, b"".join(chunks), done.stderr)
 
@@ -158,6 +192,9 @@ class Transport(ABC):
 class _LocalProcess(RunnerProcess):
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process
+        assert process.stderr is not None
+        # Read all along, so a chatty stderr neither blocks the runner nor fills our memory.
+        self._stderr = asyncio.ensure_future(keep_tail(process.stderr.read, STDERR_KEEP_BYTES))
 
     async def send(self, data: bytes, *, close: bool = True) -> None:
         stdin = self._process.stdin
@@ -175,14 +212,14 @@ class _LocalProcess(RunnerProcess):
         return await self._process.stdout.read(size)
 
     async def finish(self) -> Completed:
-        assert self._process.stderr is not None
-        stderr = await self._process.stderr.read()
+        stderr = await self._stderr
         status = await self._process.wait()
         return Completed(status, b"", stderr)
 
     def abort(self) -> None:
         if self._process.returncode is None:
             self._process.kill()
+        self._stderr.cancel()
 
 
 class LocalTransport(Transport):
@@ -237,6 +274,8 @@ class _SshProcess(RunnerProcess):
     ) -> None:
         self._process = process
         self._release: Callable[[], None] | None = release
+        # Read all along: asyncssh would otherwise collect the whole of it in memory.
+        self._stderr = asyncio.ensure_future(keep_tail(process.stderr.read, STDERR_KEEP_BYTES))
 
     def _give_back_channel(self) -> None:
         release, self._release = self._release, None
@@ -267,16 +306,21 @@ class _SshProcess(RunnerProcess):
 
         try:
             result = await self._process.wait()
+            kept = await self._stderr
         except (asyncssh.Error, ConnectionError):
+            self._stderr.cancel()
             return Completed(None, b"", b"")
         finally:
             self._give_back_channel()
-        stderr = result.stderr if isinstance(result.stderr, bytes) else b""
+        # What the reader had not taken yet, wait() collected: it comes last.
+        rest = result.stderr if isinstance(result.stderr, bytes) else b""
+        stderr = (kept + rest)[-STDERR_KEEP_BYTES:]
         # asyncssh reports a dropped session as exit_status None without raising.
         return Completed(result.exit_status, b"", stderr)
 
     def abort(self) -> None:
         self._process.close()
+        self._stderr.cancel()
         self._give_back_channel()
 
 
@@ -522,11 +566,17 @@ class SshTransport(Transport):
     async def run_shell(self, argv: Sequence[str], stdin: bytes = b"") -> Completed:
         process = await self._open(shlex.join(argv))
         await process.send(stdin)
-        out = b""
+        out = bytearray()
         while chunk := await process.read():
             out += chunk
+            if len(out) > SHELL_STDOUT_MAX_BYTES:  # our commands print a line or two
+                process.abort()
+                raise RemoteError(
+                    self.host.name,
+                    f"`{argv[0]} ...` printed more than {SHELL_STDOUT_MAX_BYTES} bytes",
+                )
         done = await process.finish()
-        return Completed(done.exit_status, out, done.stderr)
+        return Completed(done.exit_status, bytes(out), done.stderr)
 
     async def install_runner(self) -> None:
         workdir = self.host.workdir

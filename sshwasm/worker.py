@@ -17,14 +17,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import HostUnreachable, RemoteError
+from .cluster import Host
+from .errors import HostUnreachable, RemoteError, RunnerUnavailable
 from .runner import (
     FETCH_STOPPED_AT_LIMIT,
+    KIND_ALIVE,
+    KIND_ERROR,
+    KIND_HELLO,
+    KIND_NEED,
+    KIND_RESULT,
+    KIND_STARTED,
+    KIND_STDERR,
+    KIND_STDOUT,
+    MAX_MESSAGE_BYTES,
     ArchiveTooLarge,
     FrameDecoder,
-    FrameError,
+    ProtocolError,
     UnsafeArchive,
     encode_frame,
+    parse_cancel_answer,
+    parse_frame_json,
+    parse_info,
+    parse_result,
     runner_version,
 )
 from .staging import TarExtractor
@@ -105,17 +119,22 @@ async def read_frames(
     decoder = FrameDecoder()
     while chunk := await process.read():
         try:
-            frames = decoder.feed(chunk)
-        except FrameError as exc:
+            for kind, payload in decoder.feed(chunk):
+                apply_frame(outcome, kind, payload, on_stdout, on_stderr)
+        except ProtocolError as exc:
             process.abort()
-            raise RemoteError(host, f"garbled answer from the runner: {exc}") from exc
-        for kind, payload in frames:
-            apply_frame(outcome, kind, payload, on_stdout, on_stderr)
+            raise broken_answer(host, exc) from exc
     outcome.completed = await process.finish()
     return outcome
 
 
-FINAL_KINDS = (b"R", b"N", b"X")  # after these the runner says nothing more about a job
+def broken_answer(host: str, problem: ProtocolError) -> RemoteError:
+    """The error for a host whose runner answered outside the protocol."""
+    return RemoteError(host, f"broken answer from the runner: {problem}")
+
+
+# After these the runner says nothing more about a job.
+FINAL_KINDS = (KIND_RESULT, KIND_NEED, KIND_ERROR)
 
 
 def apply_frame(
@@ -125,27 +144,44 @@ def apply_frame(
     on_stdout: OutputCallback,
     on_stderr: OutputCallback,
 ) -> None:
-    """Take one frame about a job into its outcome (output goes to the callbacks)."""
-    outcome.frames += 1
-    if kind == b"O":
+    """Take one frame about a job into its outcome (output goes to the callbacks).
+
+    Raises ProtocolError for a frame no runner sends: nothing of it is believed.
+    """
+    if kind == KIND_STDOUT:
         on_stdout(payload)
-    elif kind == b"E":
+    elif kind == KIND_STDERR:
         on_stderr(payload)
-    elif kind == b"R":
-        outcome.result = json.loads(payload)
-    elif kind == b"S":
-        outcome.pid = json.loads(payload).get("pid")
-    elif kind == b"N":
-        outcome.need = json.loads(payload).get("need")
-    elif kind == b"X":
-        outcome.error = json.loads(payload)
-    # b"A" (still running, from poll) needs nothing: no result means the same.
+    elif kind == KIND_RESULT:
+        outcome.result = parse_result(payload)
+    elif kind in (KIND_STARTED, KIND_NEED, KIND_ERROR, KIND_ALIVE):
+        message = parse_frame_json(kind, payload)
+        if kind == KIND_STARTED:
+            outcome.pid = message["pid"]
+        elif kind == KIND_NEED:
+            outcome.need = message["need"]
+        elif kind == KIND_ERROR:
+            outcome.error = message
+        # A (still running, from poll) needs nothing: no result means the same.
+    else:
+        raise ProtocolError(f"unexpected frame kind {kind!r}")
+    outcome.frames += 1
 
 
 def last_line(data: bytes) -> str:
     """The last non-empty line of a command's output: what a one-line error should quote."""
     lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
     return lines[-1].strip() if lines else "no output"
+
+
+def cannot_start(host: Host, stderr: bytes) -> RunnerUnavailable:
+    """The error for a runner that exits without a word even after being installed."""
+    return RunnerUnavailable(
+        host.name,
+        f"the runner cannot start with '{host.python}': {last_line(stderr)}",
+        f"check `python:` of host '{host.name}' in the cluster file; "
+        f"`sshwasm hosts install {host.name}` installs wasmtime for it",
+    )
 
 
 class WorkerClient:
@@ -182,15 +218,14 @@ class WorkerClient:
             process = await self.transport.start_runner(["launch", self.host.workdir, job_id])
             await process.send(payload)
             outcome = await read_frames(self.host.name, process, on_stdout, on_stderr)
+            if outcome.error is not None and outcome.error["kind"] == "no_wasmtime":
+                raise RunnerUnavailable(self.host.name, outcome.error["error"])
             if outcome.need == "runner" or (
                 outcome.frames == 0 and outcome.completed and outcome.completed.exit_status
             ):
                 if stats.runner_installed:
                     stderr = outcome.completed.stderr if outcome.completed else b""
-                    raise RemoteError(
-                        self.host.name,
-                        f"the runner cannot start with '{self.host.python}': {last_line(stderr)}",
-                    )
+                    raise cannot_start(self.host, stderr)
                 await self.transport.install_runner_once(notice)
                 stats.runner_installed = True
                 continue
@@ -284,15 +319,19 @@ class WorkerClient:
 
     async def cancel(self, job_id: int) -> dict[str, Any]:
         """Kill a job on its host; returns the runner's answer."""
-        done = await self.transport.run_runner(["cancel", self.host.workdir, str(job_id)])
+        done = await self.transport.run_runner(
+            ["cancel", self.host.workdir, str(job_id)], max_stdout=MAX_MESSAGE_BYTES
+        )
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost while cancelling")
         if done.exit_status != 0:
             raise RemoteError(
                 self.host.name, f"cannot cancel job {job_id}: {last_line(done.stderr)}"
             )
-        answer: dict[str, Any] = json.loads(done.stdout)
-        return answer
+        try:
+            return parse_cancel_answer(done.stdout)
+        except ProtocolError as exc:
+            raise broken_answer(self.host.name, exc) from exc
 
     async def fetch_output(self, job_id: str, scratch: Path, max_bytes: int | None) -> bool:
         """Extract the job's /output into the empty directory `scratch` as it arrives.
@@ -346,13 +385,15 @@ class WorkerClient:
 
     async def info(self) -> dict[str, Any]:
         """The runner's view of the host (versions, cores, memory)."""
-        done = await self.transport.run_runner(["info"])
+        done = await self.transport.run_runner(["info"], max_stdout=MAX_MESSAGE_BYTES)
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost")
         if done.exit_status != 0:
             raise RemoteError(self.host.name, f"runner does not start: {last_line(done.stderr)}")
-        answer: dict[str, Any] = json.loads(done.stdout)
-        return answer
+        try:
+            return parse_info(done.stdout)
+        except ProtocolError as exc:
+            raise broken_answer(self.host.name, exc) from exc
 
 
 # Requests above this go through `launch` instead (serve refuses very large requests).
@@ -385,6 +426,7 @@ class ServeSession:
         self._reader: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
         self.broken = False
+        self._broken_answer: RemoteError | None = None
 
     async def _ensure_started(self) -> RunnerProcess:
         async with self._start_lock:
@@ -393,7 +435,7 @@ class ServeSession:
             for _attempt in range(2):
                 process = await self.transport.start_runner(["serve", self.host.workdir])
                 hello = json.dumps({"runner_version": runner_version()}).encode()
-                await process.send(encode_frame(b"H", hello), close=False)
+                await process.send(encode_frame(KIND_HELLO, hello), close=False)
                 decoder = FrameDecoder()
                 reply: tuple[bytes, bytes] | None = None
                 frames: list[tuple[bytes, bytes]] = []
@@ -403,30 +445,27 @@ class ServeSession:
                         break
                     try:
                         frames.extend(decoder.feed(chunk))
-                    except FrameError as exc:
+                        if frames:
+                            reply = frames.pop(0)
+                            if reply[0] not in (KIND_HELLO, KIND_NEED):
+                                raise ProtocolError(f"serve answered {reply[0]!r} to its hello")
+                            answer = parse_frame_json(*reply)
+                    except ProtocolError as exc:
                         process.abort()
-                        raise RemoteError(
-                            self.host.name, f"garbled answer from serve: {exc}"
-                        ) from exc
-                    if frames:
-                        reply = frames.pop(0)
-                if reply is not None and reply[0] == b"N":
+                        raise broken_answer(self.host.name, exc) from exc
+                if reply is None:
+                    done = await process.finish()
+                    if not self.transport.runner_sent:
+                        await self.transport.install_runner_once()
+                        continue
+                    raise cannot_start(self.host, done.stderr)
+                if reply[0] == KIND_NEED:
                     process.abort()
                     await self.transport.install_runner_once()
                     continue
-                if reply is None or reply[0] != b"H":
-                    done = await process.finish()
-                    if reply is None and not self.transport.runner_sent:
-                        await self.transport.install_runner_once()
-                        continue
-                    raise RemoteError(
-                        self.host.name,
-                        f"the runner's serve did not start: {last_line(done.stderr)}",
-                    )
-                answer = json.loads(reply[1])
-                if answer.get("error"):
+                if answer["error"]:
                     process.abort()
-                    raise RemoteError(self.host.name, f"serve cannot run jobs: {answer['error']}")
+                    raise RunnerUnavailable(self.host.name, answer["error"])
                 self._process, self.broken = process, False
                 self._reader = asyncio.create_task(self._read(process, decoder, frames))
                 return process
@@ -441,17 +480,22 @@ class ServeSession:
             while chunk := await process.read():
                 for kind, payload in decoder.feed(chunk):
                     self._dispatch(kind, payload)
-        except FrameError:
+        except ProtocolError as exc:
             process.abort()
+            self._broken_answer = broken_answer(self.host.name, exc)
         finally:
             self.broken = True
             completed = await process.finish()
             lost = Completed(None, b"", completed.stderr)
             for key, task in list(self._tasks.items()):
-                # Unanswered tasks are treated as a dropped connection: the caller re-attaches.
+                # Unanswered tasks are treated as a dropped connection: the caller re-attaches,
+                # unless serve broke the protocol: then nothing more of it is believed.
                 task.outcome.completed = lost
                 if not task.done.done():
-                    task.done.set_result(task.outcome)
+                    if self._broken_answer is not None:
+                        task.done.set_exception(self._broken_answer)
+                    else:
+                        task.done.set_result(task.outcome)
                 self._tasks.pop(key, None)
 
     def _dispatch(self, kind: bytes, payload: bytes) -> None:
