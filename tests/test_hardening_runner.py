@@ -1,0 +1,206 @@
+"""Hardening of the runner (issue 8, items 7, 13 and 16), through `sshwasm run` on real sshd
+hosts, real wasmtime and real SQLite: what a guest can allocate and for how long, and which
+workdirs a runner accepts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import wasmtime
+from test_cli_e2e import no_traceback, sshwasm
+from test_runner import Guest, guest, run_frames, run_runner
+
+from sshwasm.runner import RUNNER_VERSION
+
+__all__ = ["guest"]  # a fixture shared with test_runner
+
+
+def write_wat(path: Path, wat: str) -> Path:
+    """A `.wasm` file (a valid SOURCE for `sshwasm run`) made from WebAssembly text."""
+    path.write_bytes(wasmtime.wat2wasm(wat))
+    return path
+
+
+def run_json(cluster: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    """`sshwasm --cluster CLUSTER run ARGS... --json`: exit status, job record, stderr."""
+    result = sshwasm("--cluster", str(cluster), "run", *args, "--json")
+    no_traceback(result)
+    assert result.stdout.strip(), result.stderr
+    record: dict[str, Any] = json.loads(result.stdout)
+    return result.returncode, record, result.stderr
+
+
+# -- item 7: memory limits hold for everything a guest can allocate -------------------------
+
+# Four memories grown to 40 MiB each (160 MiB under a 64 MiB limit), touching the last page
+# of every one; prints "escaped" only if all of that worked.
+MULTI_MEMORY = """(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory $a 1) (memory $b 1) (memory $c 1) (memory $d 1)
+  (export "memory" (memory $a))
+  (data $a (i32.const 16) "escaped\\n")
+  (func $grow_and_touch (param $grown i32)
+    (if (i32.eq (local.get $grown) (i32.const -1)) (then unreachable)))
+  (func (export "_start")
+    (call $grow_and_touch (memory.grow $a (i32.const 639)))
+    (call $grow_and_touch (memory.grow $b (i32.const 639)))
+    (call $grow_and_touch (memory.grow $c (i32.const 639)))
+    (call $grow_and_touch (memory.grow $d (i32.const 639)))
+    (i32.store $a (i32.const 41943036) (i32.const 1))
+    (i32.store $b (i32.const 41943036) (i32.const 1))
+    (i32.store $c (i32.const 41943036) (i32.const 1))
+    (i32.store $d (i32.const 41943036) (i32.const 1))
+    (i32.store $a (i32.const 0) (i32.const 16))
+    (i32.store $a (i32.const 4) (i32.const 8))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"""
+
+# One funcref table grown to 2^25 elements: 256 MiB of table under a 64 MiB limit.
+BIG_TABLE = """(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (table $t 1 funcref)
+  (data (i32.const 16) "escaped\\n")
+  (func (export "_start")
+    (if (i32.eq (table.grow $t (ref.null func) (i32.const 33554432)) (i32.const -1))
+      (then unreachable))
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 8))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"""
+
+# Eight tables of 4 million elements each: 256 MiB again, each table under a per-table cap.
+MANY_TABLES = (
+    "(module"
+    ' (import "wasi_snapshot_preview1" "fd_write"'
+    " (func $fd_write (param i32 i32 i32 i32) (result i32)))"
+    ' (memory (export "memory") 1)'
+    + "".join(f" (table $t{i} 1 funcref)" for i in range(8))
+    + ' (data (i32.const 16) "escaped\\n")'
+    ' (func (export "_start")'
+    + "".join(
+        f" (if (i32.eq (table.grow $t{i} (ref.null func) (i32.const 4000000)) (i32.const -1))"
+        " (then unreachable))"
+        for i in range(8)
+    )
+    + " (i32.store (i32.const 0) (i32.const 16))"
+    " (i32.store (i32.const 4) (i32.const 8))"
+    " (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"
+)
+
+
+@pytest.mark.parametrize(
+    ("wat", "reason"),
+    [
+        (MULTI_MEMORY, "memory count"),
+        (BIG_TABLE, "UNREACHABLE"),
+        (MANY_TABLES, "table count"),
+    ],
+    ids=["four-memories", "table-of-2^25", "eight-tables"],
+)
+def test_memory_limit_holds_for_every_memory_and_table(
+    make_cluster: Callable[..., Path], tmp_path: Path, wat: str, reason: str
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    module = write_wat(tmp_path / "hostile.wasm", wat)
+    code, record, _ = run_json(cluster, str(module), "--memory-mb", "64")
+    assert record["state"] in ("out_of_memory", "failed"), record
+    assert code != 0 and record["stdout"] == ""
+    assert reason in record["error"], record["error"]
+
+
+def test_the_limits_name_what_a_job_may_have(
+    make_cluster: Callable[..., Path], tmp_path: Path
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    module = write_wat(tmp_path / "hostile.wasm", MULTI_MEMORY)
+    _, record, _ = run_json(cluster, str(module), "--memory-mb", "64")
+    assert record["state"] == "out_of_memory"
+    assert "one linear memory of up to 64 MiB" in record["error"]
+
+
+# -- item 7: compile time counts against the time limit -------------------------------------
+
+
+def compile_bomb(depth: int = 40000) -> str:
+    """One function of `depth` nested blocks and a br_table to each: a few hundred KiB of
+    wasm that takes Cranelift seconds to compile (3.5-6 s measured at this depth on the
+    2-core test machine; the time grows with the square of the depth)."""
+    body = f"(br_table {' '.join(str(i) for i in range(depth))} (local.get 0))"
+    for i in range(depth):
+        body = f"(block {body} (local.set 0 (i32.add (local.get 0) (i32.const {i}))))"
+    return (
+        f'(module (memory (export "memory") 1) (func (param i32) {body}) (func (export "_start")))'
+    )
+
+
+@pytest.fixture(scope="module")
+def bomb_wasm(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return bytes(wasmtime.wat2wasm(compile_bomb()))
+
+
+def test_compiling_counts_against_the_time_limit(
+    make_cluster: Callable[..., Path], tmp_path: Path, bomb_wasm: bytes
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    module = tmp_path / "bomb.wasm"
+    module.write_bytes(bomb_wasm)
+    code, record, _ = run_json(cluster, str(module), "--time-limit", "0.5")
+    assert (code, record["state"], record["exit_code"]) == (124, "timeout", 124), record
+    assert "time limit of 0.5 s exceeded" in record["error"]
+
+
+def test_a_compile_bomb_cannot_hold_serve(
+    make_cluster: Callable[..., Path], tmp_path: Path, bomb_wasm: bytes
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    module = tmp_path / "bomb.wasm"
+    module.write_bytes(bomb_wasm)
+    result = sshwasm(
+        "--cluster", str(cluster), "run", str(module), "--array", "2", "--time-limit", "0.5",
+        "--json",
+    )  # fmt: skip
+    no_traceback(result)
+    assert result.returncode == 124, result.stderr
+    tasks = json.loads(result.stdout)
+    assert [(task["state"], task["exit_code"]) for task in tasks] == [("timeout", 124)] * 2
+    assert all("while compiling the module" in task["error"] for task in tasks), tasks
+
+
+# -- item 13: time limits are bounded ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", ["1e10", "31536001", "inf"])
+def test_a_time_limit_beyond_365_days_is_a_usage_error(limit: str) -> None:
+    result = sshwasm("run", "nothing.rs", "--time-limit", limit)
+    no_traceback(result)
+    assert result.returncode == 2
+    assert result.stderr.startswith("sshwasm: error: argument --time-limit:")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field", ["time_limit_s", "wall_limit_s"])
+def test_the_runner_refuses_a_limit_its_watchdog_cannot_keep(
+    tmp_path: Path, guest: Guest, field: str
+) -> None:
+    workdir = tmp_path / "wd"
+    put = run_runner("put-module", str(workdir), guest.sha256, stdin=guest.data)
+    assert put.returncode == 0, put.stderr
+    spec = {
+        "runner_version": RUNNER_VERSION,
+        "wasm_sha256": guest.sha256,
+        "argv": ["probe", "hello"],
+        "env": [],
+        "memory_mb": 64,
+        "time_limit_s": None,
+        field: 1e10,
+    }
+    outcome = run_frames("launch", str(workdir), "1", stdin=json.dumps(spec).encode() + b"\n")
+    assert [kind for kind, _ in outcome.frames] == [b"X"], outcome.frames
+    refusal = outcome.json_of(b"X")
+    assert refusal["kind"] == "spec" and field in str(refusal["error"])
+    assert not (workdir / "jobs" / "1").exists()
