@@ -17,6 +17,14 @@ launch, serve, attach and poll answer in frames (1 byte kind, 4 bytes big-endian
 payload); fetch-output answers with a raw tar stream; put-module, cancel and info in plain
 text. Usage errors exit 2. Only execute and serve import wasmtime.
 
+Every command with a WORKDIR first checks it (workdir_problem): the workdir and its bin,
+wasm, cache and jobs directories must be no symbolic links, owned by this user and not
+group- or world-writable. If not, nothing is done: frame commands answer one X frame of
+kind "workdir" (serve's with an empty key), the others a line on stderr, and the exit
+status is UNSAFE_WORKDIR_EXIT. Over SSH the coordinator runs this file through a bootstrap
+(transport.RUNNER_BOOTSTRAP) that checks bin/ and this file the same way before importing
+it, and refuses with a stderr line and the same exit status.
+
 Launch spec (launch's first stdin line, one JSON object): runner_version, wasm_sha256,
 argv, env ([name, value] pairs), memory_mb (caps the guest's one memory, its one table
 takes at most an eighth more: see guest_limits), time_limit_s (number or null: enforced by
@@ -312,6 +320,55 @@ def _json_bytes(value: dict[str, Any]) -> bytes:
 
 def _workdir(argument: str) -> str:
     return os.path.abspath(os.path.expanduser(argument))
+
+
+# Exit status of a command refused for an unsafe workdir, by the runner or its bootstrap
+# (sysexits' EX_NOPERM): the coordinator then says why instead of reinstalling the runner.
+UNSAFE_WORKDIR_EXIT = 77
+# The workdir's subdirectories the runner reads code or results from.
+WORKDIR_SUBDIRS = ("bin", "wasm", "cache", "jobs")
+
+
+def path_problem(path: str) -> str | None:
+    """Why the runner must not trust `path`, or None (also when it does not exist).
+
+    Trusted means: not a symbolic link, owned by this user (the effective uid), and not
+    group- or world-writable, so that nobody else can put code or results there. Checked
+    with lstat, before anything in the path is read. Needs only `os` and `stat`: the SSH
+    bootstrap (transport.RUNNER_BOOTSTRAP) carries this function's source.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path} cannot be checked ({exc.strerror})"
+    if stat.S_ISLNK(info.st_mode):
+        return f"{path} is a symbolic link"
+    if info.st_uid != os.geteuid():
+        return f"{path} is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def workdir_problem(workdir: str) -> str | None:
+    """Why the runner must not use `workdir`: its own or its subdirectories' path_problem,
+    as one line; None when it is safe (or does not exist yet)."""
+    for path in (workdir, *(os.path.join(workdir, name) for name in WORKDIR_SUBDIRS)):
+        problem = path_problem(path)
+        if problem is not None:
+            return unsafe_workdir_message(problem)
+    return None
+
+
+def unsafe_workdir_message(problem: str) -> str:
+    """The one line that refuses a workdir for `problem` (shared with the bootstrap)."""
+    return (
+        f"unsafe workdir: {problem}; the runner uses only a workdir, and bin, wasm, cache "
+        f"and jobs in it, that belong to the SSH user, are no links and that no one else "
+        f"can write"
+    )
 
 
 def _job_dir(workdir_argument: str, job_id: str) -> str:
@@ -2155,6 +2212,27 @@ _TEXT_COMMANDS: dict[str, tuple[str, Callable[..., int]]] = {
 }
 
 
+def _refuse_unsafe_workdir(name: str, params: list[str]) -> int | None:
+    """Refuse a command whose workdir (its first argument) is unsafe: an X frame of kind
+    "workdir" for a frame command, else a line on stderr; returns the exit status then."""
+    arg_names = {**_FRAME_COMMANDS, **_TEXT_COMMANDS}[name][0].split()
+    if not arg_names or arg_names[0] != "WORKDIR":
+        return None
+    problem = workdir_problem(_workdir(params[0]))
+    if problem is None:
+        return None
+    if name in _FRAME_COMMANDS:
+        writer = _FrameWriter(sys.stdout.buffer)
+        with contextlib.suppress(_CoordinatorGone):
+            if name == "serve":
+                writer.send_keyed(KIND_ERROR, "", _error_json("workdir", problem))
+            else:
+                writer.send_error("workdir", problem)
+    else:
+        print(f"sshwasm-exec: error: {problem}", file=sys.stderr)
+    return UNSAFE_WORKDIR_EXIT
+
+
 def _usage() -> str:
     commands = {**_FRAME_COMMANDS, **_TEXT_COMMANDS}
     return "\n".join(
@@ -2176,6 +2254,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(params) != len(arg_names.split()):
         print(f"usage: sshwasm-exec {name} {arg_names}".rstrip(), file=sys.stderr)
         return 2
+    refusal = _refuse_unsafe_workdir(name, params)
+    if refusal is not None:
+        return refusal
     try:
         if is_frame_command:
             writer = _FrameWriter(sys.stdout.buffer)

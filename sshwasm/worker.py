@@ -18,8 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HostUnreachable, RemoteError
-from .runner import FrameDecoder, FrameError, encode_frame, runner_version
-from .transport import Completed, RunnerProcess, Transport
+from .runner import (
+    UNSAFE_WORKDIR_EXIT,
+    FrameDecoder,
+    FrameError,
+    encode_frame,
+    runner_version,
+)
+from .transport import Completed, RunnerProcess, Transport, runner_refusal
 
 OutputCallback = Callable[[bytes], None]
 
@@ -128,6 +134,16 @@ def apply_frame(
     # b"A" (still running, from poll) needs nothing: no result means the same.
 
 
+def raise_if_refused(host: str, outcome: StreamOutcome) -> None:
+    """Raise RemoteError if the runner (or its bootstrap) refused an unsafe workdir: nothing
+    ran, and neither installing the runner nor retrying can help."""
+    if outcome.error is not None and outcome.error.get("kind") == "workdir":
+        raise RemoteError(host, str(outcome.error.get("error")))
+    done = outcome.completed
+    if outcome.frames == 0 and done is not None and done.exit_status == UNSAFE_WORKDIR_EXIT:
+        raise RemoteError(host, runner_refusal(done.stderr))
+
+
 def last_line(data: bytes) -> str:
     """The last non-empty line of a command's output: what a one-line error should quote."""
     lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
@@ -168,6 +184,7 @@ class WorkerClient:
             process = await self.transport.start_runner(["launch", self.host.workdir, job_id])
             await process.send(payload)
             outcome = await read_frames(self.host.name, process, on_stdout, on_stderr)
+            raise_if_refused(self.host.name, outcome)
             if outcome.need == "runner" or (
                 outcome.frames == 0 and outcome.completed and outcome.completed.exit_status
             ):
@@ -361,6 +378,12 @@ class ServeSession:
                     continue
                 if reply is None or reply[0] != b"H":
                     done = await process.finish()
+                    refused = StreamOutcome(completed=done, frames=0 if reply is None else 1)
+                    if reply is not None and reply[0] == b"X":
+                        with contextlib.suppress(ValueError):
+                            answer = json.loads(reply[1].partition(b"\n")[2])
+                            refused.error = answer if isinstance(answer, dict) else None
+                    raise_if_refused(self.host.name, refused)
                     if reply is None and not self.transport.runner_sent:
                         await self.transport.install_runner_once()
                         continue

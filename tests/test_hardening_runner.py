@@ -4,17 +4,22 @@ workdirs a runner accepts."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import pwd
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import wasmtime
-from test_cli_e2e import no_traceback, sshwasm
-from test_runner import Guest, guest, run_frames, run_runner
+from test_cli_e2e import EXAMPLES, no_traceback, sshwasm
+from test_runner import RUNNER, Guest, guest, run_frames, run_runner
 
 from sshwasm.runner import RUNNER_VERSION
+from sshwasm.transport import RUNNER_BOOTSTRAP
 
 __all__ = ["guest"]  # a fixture shared with test_runner
 
@@ -204,3 +209,138 @@ def test_the_runner_refuses_a_limit_its_watchdog_cannot_keep(
     refusal = outcome.json_of(b"X")
     assert refusal["kind"] == "spec" and field in str(refusal["error"])
     assert not (workdir / "jobs" / "1").exists()
+
+
+# -- item 16: the runner trusts only a workdir that is the SSH user's own ---------------------
+
+HELLO = EXAMPLES / "hello.rs"
+NOBODY = pwd.getpwnam("nobody").pw_uid
+
+
+def hello(cluster: Path) -> subprocess.CompletedProcess[str]:
+    return sshwasm("--cluster", str(cluster), "run", str(HELLO), "--env", "HELLO_SLEEP_S=0")
+
+
+def job_dirs(workdir: Path) -> list[str]:
+    jobs = workdir / "jobs"
+    return sorted(os.listdir(jobs)) if jobs.is_dir() else []
+
+
+def make_world_writable(path: Path) -> Path:
+    path.chmod(0o777)
+    return path
+
+
+def make_group_writable(path: Path) -> Path:
+    path.chmod(0o770)
+    return path
+
+
+def give_to_nobody(path: Path) -> Path:
+    os.chown(path, NOBODY, -1)
+    return path
+
+
+def make_symlink(path: Path) -> Path:
+    real = path.with_name(path.name + "-real")
+    path.rename(real)
+    path.symlink_to(real)
+    return path
+
+
+TAMPERINGS: list[tuple[str, Callable[[Path], Path], str]] = [
+    (".", make_world_writable, "is writable by others (mode 0777)"),
+    (".", make_group_writable, "is writable by others (mode 0770)"),
+    (".", give_to_nobody, f"is owned by uid {NOBODY}"),
+    (".", make_symlink, "is a symbolic link"),
+    ("bin", make_world_writable, "is writable by others"),
+    ("bin", give_to_nobody, f"is owned by uid {NOBODY}"),
+    ("bin/__pycache__", make_world_writable, "is writable by others"),
+    ("bin/sshwasm_exec.py", give_to_nobody, f"is owned by uid {NOBODY}"),
+    ("cache", make_world_writable, "is writable by others"),
+    ("cache", make_symlink, "is a symbolic link"),
+    ("wasm", give_to_nobody, f"is owned by uid {NOBODY}"),
+    ("jobs", make_group_writable, "is writable by others"),
+]
+
+
+@pytest.mark.parametrize(
+    ("where", "tamper", "problem"),
+    TAMPERINGS,
+    ids=[f"{where}-{tamper.__name__}" for where, tamper, _ in TAMPERINGS],
+)
+def test_an_unsafe_workdir_is_refused_and_nothing_runs(
+    make_cluster: Callable[..., Path],
+    where: str,
+    tamper: Callable[[Path], Path],
+    problem: str,
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    workdir = cluster.parent / "workers" / "alpha"
+    first = hello(cluster)  # installs the runner, uploads and precompiles the module
+    assert first.returncode == 0, first.stderr
+    (workdir / "jobs").mkdir(exist_ok=True)
+    before = job_dirs(workdir)
+    target = tamper(workdir / where if where != "." else workdir)
+    result = hello(cluster)
+    no_traceback(result)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"sshwasm: error: host 'alpha': unsafe workdir: {target} {problem}")
+    assert job_dirs(workdir) == before  # nothing was launched
+    (failed,) = [job for job in json.loads(sshwasm("jobs", "--json").stdout) if job["id"] == 2]
+    assert failed["state"] == "failed" and "unsafe workdir" in failed["error"]
+
+
+def test_install_refuses_an_unsafe_workdir_and_writes_nothing(
+    make_cluster: Callable[..., Path],
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    workdir = cluster.parent / "workers" / "alpha"
+    workdir.mkdir(parents=True)
+    workdir.chmod(0o777)
+    for command in (["hosts", "install", "alpha"], ["run", str(HELLO)]):
+        result = sshwasm("--cluster", str(cluster), *command)
+        no_traceback(result)
+        assert result.returncode == 1
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"sshwasm: error: host 'alpha': unsafe workdir: {workdir} ")
+        assert os.listdir(workdir) == []
+
+
+def test_the_local_host_checks_its_workdir_too(tmp_path: Path) -> None:
+    workdir = tmp_path / "local-workdir"
+    workdir.mkdir()
+    (workdir / "cache").mkdir(mode=0o777)
+    (workdir / "cache").chmod(0o777)
+    cluster = tmp_path / "local.yaml"
+    cluster.write_text(
+        "hosts:\n"
+        f"  - {{name: here, address: local, cpus: 2, memory_mb: 1024, workdir: '{workdir}'}}\n"
+    )
+    result = hello(cluster)
+    no_traceback(result)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"sshwasm: error: host 'here': unsafe workdir: {workdir}/cache ")
+    (workdir / "cache").chmod(0o700)
+    assert hello(cluster).returncode == 0
+
+
+def test_a_stale_runner_is_still_replaced(make_cluster: Callable[..., Path]) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    installed = cluster.parent / "workers" / "alpha" / "bin" / "sshwasm_exec.py"
+    assert hello(cluster).returncode == 0
+    assert list((installed.parent / "__pycache__").glob("sshwasm_exec.*.pyc"))
+    with installed.open("ab") as runner_file:
+        runner_file.write(b"# an older runner\n")  # another version: the launch asks for ours
+    result = hello(cluster)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "job done, hello!\n"
+    assert installed.read_bytes() == RUNNER.read_bytes()
+
+
+def test_the_bootstrap_parses_as_python_3_8() -> None:
+    # It runs on the host's python, which may be older than the coordinator's.
+    ast.parse(RUNNER_BOOTSTRAP, feature_version=(3, 8))
+    assert "import sshwasm" not in RUNNER_BOOTSTRAP
