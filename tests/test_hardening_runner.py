@@ -19,7 +19,6 @@ from test_cli_e2e import EXAMPLES, no_traceback, sshwasm
 from test_runner import RUNNER, Guest, guest, run_frames, run_runner
 
 from sshwasm.runner import RUNNER_VERSION
-from sshwasm.transport import RUNNER_BOOTSTRAP
 
 __all__ = ["guest"]  # a fixture shared with test_runner
 
@@ -341,6 +340,28 @@ def test_a_stale_runner_is_still_replaced(make_cluster: Callable[..., Path]) -> 
 
 
 def test_the_bootstrap_parses_as_python_3_8() -> None:
+    from sshwasm.transport import RUNNER_BOOTSTRAP
+
     # It runs on the host's python, which may be older than the coordinator's.
     ast.parse(RUNNER_BOOTSTRAP, feature_version=(3, 8))
     assert "import sshwasm" not in RUNNER_BOOTSTRAP
+
+
+@pytest.mark.parametrize("where", ["bin", "cache"])
+def test_an_array_on_an_unsafe_workdir_runs_nothing(
+    make_cluster: Callable[..., Path], where: str
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    workdir = cluster.parent / "workers" / "alpha"
+    assert hello(cluster).returncode == 0
+    (workdir / "jobs").mkdir(exist_ok=True)
+    before = job_dirs(workdir)
+    make_world_writable(workdir / where)
+    result = sshwasm("--cluster", str(cluster), "run", str(HELLO), "--array", "2")
+    no_traceback(result)
+    # What `run --array` prints about failed tasks is issue 8's item 1; here: nothing ran.
+    assert result.returncode == 1 and result.stdout == ""
+    assert job_dirs(workdir) == before
+    tasks = [job for job in json.loads(sshwasm("jobs", "--json").stdout) if job["id"] > 1]
+    assert [task["state"] for task in tasks] == ["failed", "failed"]
+    assert all(f"unsafe workdir: {workdir / where} " in task["error"] for task in tasks)
