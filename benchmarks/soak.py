@@ -1,16 +1,26 @@
-"""Soak: 300 short jobs over three loopback hosts while one sshd is killed and restarted.
+"""Soak: 300 short jobs over three loopback hosts, with faults injected along the way.
 
-Checks that every job reaches a final state, that every `succeeded` job's output is exact,
-and that no host was ever over-committed; prints counts and throughput. Runs on demand
-(a few minutes on 2 cores), not in the test suite:
+The faults: one sshd is killed mid-way and restarted 3 s later; a fourth host (declared
+first in line) has a `python` that cannot import wasmtime, so every job must skip it; one
+job in 50 fills /output with a 2 GiB sparse file and one in 50 prints past
+`--max-output-mb 1` (both must end `failed` naming the limit); and another process holds
+the jobs file's write lock for 70 s a third of the way in.
 
-    python -m benchmarks.soak [--jobs 300] [--parallel 12]
+Checks that every job reaches a final state, that every `succeeded` job's output is exact
+(a job followed twice would show its output twice), that the capped jobs failed for their
+cap, that no host was ever over-committed and that no command printed a traceback; prints
+counts, throughput and the coordinators' peak RSS. Runs on demand (a few minutes on 2
+cores), not in the test suite:
+
+    python -m benchmarks.soak [--jobs 300] [--parallel 12] [--lock-s 70]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
@@ -18,17 +28,42 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
-from benchmarks.common import REPO, Bench, HostShape, banner, print_table, run_main
+import yaml
+
+from benchmarks.common import REPO, Bench, HostShape, banner, print_table, program, run_main
 
 ECHO = REPO / "examples" / "echo.rs"
+# A host whose runner cannot start: a Python without wasmtime. Its name sorts first, so
+# best fit tries it first whenever hosts tie, and every such job must skip it.
+BROKEN_HOST = "aardvark"
+NO_WASMTIME_PYTHON = "/usr/bin/python3"
+SPARSE_EVERY, SPARSE_AT = 50, 7  # job i with i % 50 == 7 writes a 2 GiB sparse file
+OVER_CAP_EVERY, OVER_CAP_AT = 50, 17  # job i with i % 50 == 17 prints past its 1 MB cap
+
+
+def job_kind(index: int) -> str:
+    """Which fault job `index` carries: 'sparse', 'over_cap' or 'plain'."""
+    if index % SPARSE_EVERY == SPARSE_AT:
+        return "sparse"
+    if index % OVER_CAP_EVERY == OVER_CAP_AT:
+        return "over_cap"
+    return "plain"
 
 
 def run_one(bench: Bench, index: int) -> tuple[int, dict[str, Any] | None, str]:
     """One foreground `sshwasm run --json`; returns exit code, record, stderr."""
-    completed = bench.sshwasm(
-        "run", str(ECHO), "--json", "--job-name", f"soak-{index}", "--", f"token-{index}",
-        timeout=600,
-    )  # fmt: skip
+    name = ["--job-name", f"soak-{index}"]
+    kind = job_kind(index)
+    if kind == "sparse":
+        output = bench.root / "outputs" / str(index)
+        argv = ["run", str(program("writeout.rs")), "--json", *name, "--output", str(output),
+                "--", "sparse:big:2147483648"]  # fmt: skip
+    elif kind == "over_cap":
+        argv = ["run", str(program("writeout.rs")), "--json", *name, "--max-output-mb", "1",
+                "--", "print:3000000"]  # fmt: skip
+    else:
+        argv = ["run", str(ECHO), "--json", *name, "--", f"token-{index}"]
+    completed = bench.sshwasm(*argv, timeout=600)
     stderr = completed.stderr.decode(errors="replace")
     try:
         record = json.loads(completed.stdout)
@@ -59,19 +94,53 @@ def overcommitted(records: list[dict[str, Any]], shape: HostShape) -> list[str]:
     return bad
 
 
+def add_broken_host(bench: Bench) -> None:
+    """Declare a host whose runner cannot start: the first host's sshd, a Python without
+    wasmtime, its own workdir."""
+    document = yaml.safe_load(bench.cluster_path.read_text())
+    first = dict(document["hosts"][0])
+    first.update(
+        name=BROKEN_HOST,
+        python=NO_WASMTIME_PYTHON,
+        workdir=str(bench.workers.absolute() / BROKEN_HOST),
+    )
+    document["hosts"].insert(0, first)
+    bench.cluster_path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def hold_write_lock(database: str, seconds: float, held: list[float]) -> None:
+    """Hold the jobs file's write lock as another process would (`BEGIN IMMEDIATE`)."""
+    connection = sqlite3.connect(database, timeout=600, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        began = time.monotonic()
+        time.sleep(seconds)
+        connection.execute("ROLLBACK")
+        held.append(time.monotonic() - began)
+    finally:
+        connection.close()
+
+
 def main() -> int:
     """Run the soak and print what it found."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--parallel", type=int, default=12)
+    parser.add_argument("--lock-s", type=float, default=70.0, help="how long the lock is held")
     options = parser.parse_args()
     shape = HostShape(cpus=2, memory_mb=2048)
-    banner(f"soak: {options.jobs} jobs, {options.parallel} at a time, 3 hosts, one restarted")
+    banner(
+        f"soak: {options.jobs} jobs, {options.parallel} at a time, 3 hosts (one restarted) "
+        f"+ one without wasmtime, sparse and over-cap jobs, jobs file locked {options.lock_s:g} s"
+    )
     with Bench(hosts=3, shape=shape) as bench:
-        warm = bench.sshwasm("run", str(ECHO), "--", "warm-up")
-        if warm.returncode != 0:
-            print(warm.stderr.decode(errors="replace"))
-            return 1
+        add_broken_host(bench)
+        # Compiled once before the clock starts, as the soak is about running, not building.
+        for warm_up, argument in ((ECHO, "warm-up"), (program("writeout.rs"), "print:1")):
+            warm = bench.sshwasm("run", str(warm_up), "--", argument)
+            if warm.returncode != 0:
+                print(warm.stderr.decode(errors="replace"))
+                return 1
         victim = bench.servers[bench.names[1]]
         results: list[tuple[int, dict[str, Any] | None, str]] = []
         lock = threading.Lock()
@@ -81,9 +150,19 @@ def main() -> int:
             with lock:
                 results.append(outcome)
 
+        held: list[float] = []
+        locker = threading.Thread(
+            target=hold_write_lock,
+            args=(str(bench.root / "data" / "jobs.sqlite"), options.lock_s, held),
+        )
         started = time.monotonic()
         with ThreadPoolExecutor(options.parallel) as pool:
             futures = [pool.submit(job, index) for index in range(options.jobs)]
+            # A third of the way in, another process holds the jobs file's write lock.
+            while sum(future.done() for future in futures) < options.jobs // 3:
+                time.sleep(0.2)
+            locker.start()
+            lock_at = time.monotonic() - started
             # Mid-way, the second host's sshd dies (with every session under it) and
             # comes back three seconds later.
             while sum(future.done() for future in futures) < options.jobs // 2:
@@ -94,33 +173,54 @@ def main() -> int:
             victim.start()
             for future in futures:
                 future.result()
+        locker.join()
         elapsed = time.monotonic() - started
+        # ru_maxrss of the largest waited-for child: every `sshwasm run` coordinator (KiB).
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         listing = json.loads(bench.sshwasm("jobs", "--json", check=True).stdout)
         records = [record for _, record, _ in results if record is not None]
         states = Counter(job["state"] for job in listing if (job["name"] or "").startswith("soak-"))
+        plain = [r for r in records if job_kind(int(r["name"].split("-")[1])) == "plain"]
+        capped = [r for r in records if job_kind(int(r["name"].split("-")[1])) != "plain"]
         wrong_output = [
             record["id"]
-            for record in records
-            if record["state"] == "succeeded"
-            and record["stdout"]
+            for record in plain
+            if record["state"] != "succeeded"
+            or record["stdout"]
             != f"arg[1]={record['name'].replace('soak-', 'token-')}\nstdin lines: 0\nsum: 0\n"
         ]
+        cap_missed = [
+            record["id"]
+            for record in capped
+            if record["state"] != "failed" or "output limit" not in (record["error"] or "")
+        ]
+        on_broken = [record["id"] for record in records if record["host"] == BROKEN_HOST]
+        skip_warned = sum(f"skipping host '{BROKEN_HOST}'" in err for _, _, err in results)
         unfinished = [job["id"] for job in listing if job["state"] in ("queued", "running")]
         tracebacks = sum("Traceback" in stderr for _, _, stderr in results)
         print_table(
             [
                 ("jobs run", str(len(results))),
                 ("elapsed", f"{elapsed:.1f} s ({len(results) / elapsed:.1f} jobs/s)"),
+                ("jobs file locked at", f"{lock_at:.1f} s, for {sum(held):.1f} s"),
                 ("sshd killed at", f"{kill_at:.1f} s, back 3 s later"),
                 ("final states", ", ".join(f"{n} {s}" for s, n in sorted(states.items()))),
                 ("unfinished", str(unfinished or "none")),
-                ("succeeded with wrong output", str(wrong_output or "none")),
+                ("plain jobs not exact", str(wrong_output or "none")),
+                (
+                    "capped jobs (sparse, over cap)",
+                    f"{len(capped)}, missed: {cap_missed or 'none'}",
+                ),
+                ("jobs run on the broken host", str(on_broken or "none")),
+                ("runs that warned of skipping it", str(skip_warned)),
                 ("over-committed hosts", str(overcommitted(records, shape) or "none")),
                 ("tracebacks", str(tracebacks)),
+                ("coordinator peak RSS", f"{peak_rss_mib:.1f} MiB (largest of all runs)"),
             ]
         )
-        ok = not unfinished and not wrong_output and not tracebacks
-        ok = ok and len(listing) == options.jobs + 1
+        ok = not unfinished and not wrong_output and not tracebacks and not cap_missed
+        ok = ok and not on_broken and len(records) == options.jobs
+        ok = ok and len(listing) == options.jobs + 2
         print("soak: PASS" if ok else "soak: FAIL")
         return 0 if ok else 1
 

@@ -318,7 +318,8 @@ def _cargo_command(
     toolchain: Toolchain, flags: tuple[str, ...], project: Path, work: Path
 ) -> _Invocation:
     env = _cargo_env(toolchain, project)
-    manifest = project / "Cargo.toml"
+    # Absolute: cargo runs inside the project, where `proj/Cargo.toml` names nothing.
+    manifest = project.absolute() / "Cargo.toml"
     completed = _run_tool(
         (
             str(toolchain.compiler),

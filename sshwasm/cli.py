@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 PROG = "sshwasm"
 DEFAULT_CPUS = 1
 DEFAULT_MEMORY_MB = 256
+DEFAULT_MAX_OUTPUT_MB = 1024
+# 1 PiB: far past any disk, and its byte count still fits every rlimit and file offset.
+MAX_OUTPUT_MB_LIMIT = 1 << 30
+# Tasks one `run --array` may submit: their rows are written in one transaction (about a
+# second for the cap), and a coordinator follows them all.
+MAX_ARRAY_TASKS = 100_000
 
 
 class ExitStatus(IntEnum):
@@ -64,6 +70,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _output_mb(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_OUTPUT_MB_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_OUTPUT_MB_LIMIT}, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -83,6 +96,13 @@ def _time_limit(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"must be at most {MAX_TIME_LIMIT_S} seconds (365 days), got {text}"
         )
+    return value
+
+
+def _array_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_ARRAY_TASKS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_ARRAY_TASKS} tasks, got {value}")
     return value
 
 
@@ -169,14 +189,29 @@ def build_parser() -> ArgumentParser:
         "--output",
         metavar="DIR",
         help="give the job an empty writable /output, copied back into DIR when it ends "
-        "(DIR/<task> for array tasks)",
+        "(DIR/<task> for array tasks); nothing in DIR is deleted or overwritten: a file "
+        "that differs is written beside it as NAME.sshwasm-ID",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --output: the job's files replace different files of the same name "
+        "(never a directory, never deleting anything)",
+    )
+    run.add_argument(
+        "--max-output-mb",
+        type=_output_mb,
+        default=DEFAULT_MAX_OUTPUT_MB,
+        metavar="N",
+        help=f"end the job as failed once its stdout, stderr and /output together pass N MB "
+        f"(default {DEFAULT_MAX_OUTPUT_MB})",
     )
     run.add_argument(
         "--array",
-        type=_positive_int,
+        type=_array_size,
         metavar="N",
-        help="run N tasks of the module; task i sees SSHWASM_ARRAY_TASK_ID=i "
-        "and SSHWASM_ARRAY_TASK_COUNT=N",
+        help=f"run N tasks of the module (N <= {MAX_ARRAY_TASKS}); task i sees "
+        "SSHWASM_ARRAY_TASK_ID=i and SSHWASM_ARRAY_TASK_COUNT=N",
     )
     run.add_argument(
         "--tag", action="store_true", help="with --array: prefix each output line with its task"
@@ -219,7 +254,8 @@ def build_parser() -> ArgumentParser:
     )
     install.add_argument("names", nargs="*", metavar="NAME")
 
-    drive = commands.add_parser("_drive", help=argparse.SUPPRESS)
+    # No help=: argparse would list a suppressed choice as "_drive ==SUPPRESS==".
+    drive = commands.add_parser("_drive")
     drive.add_argument("job_ids", type=int, nargs="+")
     return parser
 
@@ -241,13 +277,15 @@ class _Context:
         self.db_path = paths.jobs_db(args.db)
         self._store: JobStore | None = None
         self._cluster: Cluster | None = None
+        self._cluster_path: Path | None = None
+        self._cluster_found = False
 
     @property
     def store(self) -> JobStore:
         if self._store is None:
             from .store import JobStore
 
-            self._store = JobStore(self.db_path)
+            self._store = JobStore(self.db_path, on_wait=_warn)
         return self._store
 
     def cluster(self) -> Cluster:
@@ -255,12 +293,24 @@ class _Context:
         if self._cluster is None:
             from .cluster import load_cluster
 
-            self._cluster = load_cluster(paths.cluster_file(self.args.cluster))
+            self._cluster = load_cluster(self._find_cluster())
         return self._cluster
 
     def cluster_path(self) -> Path | None:
-        path = paths.cluster_file(self.args.cluster)
+        path = self._find_cluster()
         return path.resolve() if path is not None else None
+
+    def _find_cluster(self) -> Path | None:
+        """The cluster file's path, warning once about implicit ones not trusted."""
+        if not self._cluster_found:
+            self._cluster_path, ignored = paths.find_cluster_file(self.args.cluster)
+            self._cluster_found = True
+            for skipped in ignored:
+                _warn(
+                    f"ignoring cluster file {skipped.path}: {skipped.reason} "
+                    f"(name it with --cluster or $SSHWASM_CLUSTER to use it anyway)"
+                )
+        return self._cluster_path
 
     def close(self) -> None:
         if self._store is not None:
@@ -279,6 +329,10 @@ def _write_err(data: bytes) -> None:
 
 def _notice(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _warn(message: str) -> None:
+    _notice(f"warning: {message}")
 
 
 def _handlers(show_output: bool, show_notices: bool) -> Handlers:
@@ -386,16 +440,17 @@ def cmd_run(ctx: _Context) -> int:
         labels=tuple(args.label),
         input_path=str(Path(args.input).resolve()) if args.input is not None else None,
         output_dir=str(Path(args.output).resolve()) if args.output is not None else None,
+        max_output_mb=args.max_output_mb,
+        output_overwrite=args.overwrite,
     )
     store = ctx.store
     job_ids = store.submit_tasks(spec)
     if stdin_data is not None:
         # A copy, so the job reads what was there at submission even if it starts later.
-        stdin_copy = paths.job_output_dir(store.path, job_ids[0]) / "stdin"
-        stdin_copy.parent.mkdir(parents=True, exist_ok=True)
-        stdin_copy.write_bytes(stdin_data)
-        for job_id in job_ids:
-            store.update(job_id, stdin_path=str(stdin_copy))
+        stdin_copy = paths.make_job_output_dir(store.path, job_ids[0]) / "stdin"
+        with paths.open_private(stdin_copy, "wb") as copy:
+            copy.write(stdin_data)
+        store.update_many(job_ids, stdin_path=str(stdin_copy))
     if args.detach:
         _spawn_driver(ctx, job_ids)
         print("\n".join(str(job_id) for job_id in job_ids))
@@ -493,16 +548,31 @@ def _run_array(ctx: _Context, job_ids: list[int], interactive: bool) -> int:
 
 
 def _copy_output(path: Path, write: Callable[[bytes], None], prefix: bytes | None) -> None:
-    """Write a task's saved output, line by line with `prefix` when tagging."""
+    """Write a task's saved output, with `prefix` at the start of each line when tagging.
+
+    Read in chunks, never by line: a stream without newlines is not held in memory whole.
+    """
     if not path.exists():
         return
+    at_line_start = True
     with open(path, "rb") as handle:
-        if prefix is None:
-            while chunk := handle.read(1 << 20):
-                write(chunk)
-            return
-        for line in handle:
-            write(prefix + line)
+        while chunk := handle.read(1 << 20):
+            if prefix is not None:
+                chunk, at_line_start = _tag_lines(chunk, prefix, at_line_start)
+            write(chunk)
+
+
+def _tag_lines(chunk: bytes, prefix: bytes, at_line_start: bool) -> tuple[bytes, bool]:
+    """`prefix` before each line that starts in `chunk`; and whether the next chunk starts
+    a line (a prefix at the very end waits for a line that may never come)."""
+    first, *rest = chunk.split(b"\n")
+    pieces = [(prefix if at_line_start else b"") + first]
+    if rest:
+        *middle, last = rest
+        pieces += [prefix + line for line in middle]
+        pieces.append(prefix + last if last else b"")
+        return b"\n".join(pieces), not last
+    return pieces[0], False
 
 
 def _drive(ctx: _Context, job_id: int, handlers: Handlers) -> Job:
@@ -531,9 +601,8 @@ def _spawn_driver(ctx: _Context, job_ids: list[int]) -> None:
     if cluster_path is not None:
         command += ["--cluster", str(cluster_path)]
     command += ["_drive", *map(str, job_ids)]
-    log = paths.job_output_dir(ctx.db_path, job_ids[0]) / "coordinator.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as log_file:
+    log = paths.make_job_output_dir(ctx.db_path, job_ids[0]) / "coordinator.log"
+    with paths.open_private(log) as log_file:
         driver = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -541,8 +610,7 @@ def _spawn_driver(ctx: _Context, job_ids: list[int]) -> None:
             stderr=log_file,
             start_new_session=True,  # survives this terminal closing
         )
-    for job_id in job_ids:
-        ctx.store.heartbeat_as(job_id, driver.pid)
+    ctx.store.heartbeat_as(job_ids, driver.pid)
 
 
 def cmd_drive(ctx: _Context) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -119,6 +119,23 @@ class StoreError(SshwasmError):
     """The jobs file cannot be used (not SQLite, newer schema, unwritable)."""
 
 
+class CoordinatorFailed(SshwasmError):
+    """A background task of the coordinator (placer, heartbeat, cancel watcher) failed."""
+
+    def __init__(self, task: str, reason: str, job_ids: Sequence[int]) -> None:
+        self.task = task
+        self.reason = reason
+        self.job_ids = list(job_ids)
+        ids = ", ".join(map(str, self.job_ids[:5])) + (" ..." if len(self.job_ids) > 5 else "")
+        after = (
+            f"; jobs already placed keep running on their hosts: "
+            f"`sshwasm status ID` collects them (jobs {ids})"
+            if self.job_ids
+            else ""
+        )
+        super().__init__(f"the coordinator's {task} failed: {reason}{after}")
+
+
 class JobNotFound(SshwasmError):
     """No job with that id in the jobs file."""
 
@@ -130,11 +147,14 @@ class JobNotFound(SshwasmError):
 class HostKeyUntrusted(HostUnreachable):
     """The host's key is not in known_hosts (or differs): we never trust it silently."""
 
-    def __init__(self, host: str, address: str, port: int | None, known_hosts: str) -> None:
+    def __init__(
+        self, host: str, address: str, port: int | None, known_hosts: str, jump: bool = False
+    ) -> None:
         port_flag = f"-p {port} " if port and port != 22 else ""
+        what = f"jump host {address}" if jump else address
         super().__init__(
             host,
-            f"host key of {address} is not trusted (not in {known_hosts}, or changed); "
+            f"host key of {what} is not trusted (not in {known_hosts}, or changed); "
             f"if this is the right machine, add it with: "
             f"ssh-keyscan {port_flag}{address} >> {known_hosts}",
         )

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import paths
 from .cluster import Host
-from .errors import ContactLost, HostUnreachable, NoHostReachable, RemoteError, SshwasmError
+from .errors import (
+    ContactLost,
+    CoordinatorFailed,
+    HostUnreachable,
+    NoHostReachable,
+    RemoteError,
+    SshwasmError,
+)
 from .schedule import candidate_hosts, explain
-from .staging import pack_input, unpack_output
+from .staging import merge_output, output_scratch, pack_input
 from .store import Job, JobStore
 from .transport import Transport, TransportPool
 from .worker import (
@@ -52,8 +61,13 @@ REFRESH_TIMEOUT_S = 20.0
 # How much of each stream the job record keeps; the full output stays in files.
 RECORD_HEAD_BYTES = 64 * 1024
 RECORD_TAIL_BYTES = 64 * 1024
+# How a stream cut at the output cap ends (the whole line is in OutputSink.write).
+_CUT_MARKER_END = b"the rest of this stream was dropped]\n"
+# How many of the files written beside existing ones a warning names.
+BESIDE_NAMED = 3
 
 Notify = Callable[[str], None]
+_T = TypeVar("_T")
 
 
 def _ignore(_: bytes) -> None:
@@ -74,13 +88,41 @@ class Handlers:
     warning: Notify = _quiet  # something went wrong and was worked around
 
 
-class OutputSink:
-    """Appends one stream of a job to its local file and keeps a head and tail for the record."""
+def output_limit_error(max_output_mb: int) -> str:
+    """A job's error when it went past --max-output-mb (the runner says the same)."""
+    return f"output limit of {max_output_mb} MB exceeded (stdout, stderr and /output together)"
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+class OutputBudget:
+    """What a job may still bring back: its stdout, stderr and /output share one cap."""
+
+    def __init__(self, max_output_mb: int | None, used: int) -> None:
+        self.max_output_mb = max_output_mb
+        self.left = None if max_output_mb is None else max(0, (max_output_mb << 20) - used)
+        self.exceeded = False
+
+    def take(self, size: int) -> int:
+        """How many of `size` new bytes may be kept (they are counted as spent)."""
+        if self.left is None:
+            return size
+        allowed = min(size, self.left)
+        self.left -= allowed
+        if allowed < size:
+            self.exceeded = True
+        return allowed
+
+
+class OutputSink:
+    """Appends one stream of a job to its local file and keeps a head and tail for the record.
+
+    Never writes past the job's output budget: the first byte over it is replaced by one
+    marker line, and nothing more is written.
+    """
+
+    def __init__(self, path: Path, budget: OutputBudget | None = None) -> None:
         self.path = path
-        self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+        self.budget = budget or OutputBudget(None, 0)
+        self._file = paths.open_private(path)  # closed in close()
         self.size = self._file.tell()
         self._head = bytearray()
         self._tail = bytearray()
@@ -90,9 +132,26 @@ class OutputSink:
                 if self.size > RECORD_HEAD_BYTES:
                     existing.seek(max(RECORD_HEAD_BYTES, self.size - RECORD_TAIL_BYTES))
                     self._tail += existing.read()
+        # Cut by an earlier coordinator of this job: the marker is the file's last line.
+        self.cut = (bytes(self._tail) or bytes(self._head)).endswith(_CUT_MARKER_END)
 
-    def write(self, data: bytes) -> None:
-        """Keep a chunk (flushed at once: its size is the re-attach offset)."""
+    def write(self, data: bytes) -> bytes:
+        """Keep a chunk (flushed at once: its size is the re-attach offset); returns what
+        was kept, for showing: all of it, or what fit in the budget and the marker."""
+        if self.cut:
+            return b""
+        allowed = self.budget.take(len(data))
+        if allowed < len(data):
+            self.cut = True
+            mb = self.budget.max_output_mb
+            data = data[:allowed] + (
+                f"\n[sshwasm: output limit of {mb} MB reached; the rest of this stream was "
+                f"dropped]\n".encode()
+            )
+        self._append(data)
+        return data
+
+    def _append(self, data: bytes) -> None:
         self._file.write(data)
         self._file.flush()
         self.size += len(data)
@@ -127,10 +186,24 @@ class JobOutput:
     stderr: OutputSink
 
     @classmethod
-    def open(cls, store: JobStore, job_id: int) -> JobOutput:
-        """Open (for appending) the local output files of a job."""
-        directory = paths.job_output_dir(store.path, job_id)
-        return cls(OutputSink(directory / "stdout"), OutputSink(directory / "stderr"))
+    def open(cls, store: JobStore, job: Job) -> JobOutput:
+        """Open (for appending) the local output files of a job, held to its output cap."""
+        directory = paths.make_job_output_dir(store.path, job.id)
+        sizes = 0
+        for name in ("stdout", "stderr"):
+            with contextlib.suppress(OSError):
+                sizes += (directory / name).stat().st_size
+        budget = OutputBudget(job.max_output_mb, sizes)
+        output = cls(
+            OutputSink(directory / "stdout", budget), OutputSink(directory / "stderr", budget)
+        )
+        budget.exceeded = output.stdout.cut or output.stderr.cut
+        return output
+
+    @property
+    def budget(self) -> OutputBudget:
+        """The budget both streams (and /output) share."""
+        return self.stdout.budget
 
     def fields(self) -> dict[str, Any]:
         """Record columns describing the output."""
@@ -158,19 +231,51 @@ def launch_spec(job: Job) -> LaunchSpec:
         # Without --time-limit, a cap that costs nothing while the guest runs (no epochs).
         wall_limit_s=None if job.time_limit_s is not None else DEFAULT_WALL_LIMIT_S,
         output=bool(job.output_dir),
+        max_output_bytes=None if job.max_output_mb is None else job.max_output_mb << 20,
     )
 
 
-async def collect_output(store: JobStore, job: Job, client: WorkerClient) -> str | None:
-    """Fetch a finished job's /output into its --output directory; a problem, or None."""
+@dataclass
+class OutputCollected:
+    """How fetching a job's /output went: a problem for the record, a warning only."""
+
+    problem: str | None = None
+    warning: str | None = None
+
+
+async def collect_output(
+    store: JobStore, job: Job, client: WorkerClient, budget: OutputBudget
+) -> OutputCollected:
+    """Fetch a finished job's /output into its --output directory, streamed and held to
+    what is left of the job's output budget, and merge it there without loss."""
     started = time.monotonic()
+    destination = Path(job.output_dir)
     try:
-        data = await client.fetch_output(job.remote_key)
-        size = await asyncio.to_thread(unpack_output, data, Path(job.output_dir))
+        with output_scratch(destination) as scratch:
+            cut = await client.fetch_output(job.remote_key, scratch, budget.left)
+            merged = await asyncio.to_thread(
+                merge_output, scratch, destination, job.id, bool(job.output_overwrite)
+            )
     except (SshwasmError, OSError) as exc:
-        return f"output of job {job.id} not fetched into {job.output_dir}: {exc}"
-    store.update(job.id, output_bytes=size, stage_out_s=round(time.monotonic() - started, 6))
-    return None
+        return OutputCollected(f"output of job {job.id} not fetched into {destination}: {exc}")
+    budget.take(merged.size)
+    budget.exceeded = budget.exceeded or cut
+    store.update(
+        job.id,
+        output_bytes=merged.size,
+        stage_out_s=round(time.monotonic() - started, 6),
+        output_conflicts=len(merged.beside),
+    )
+    if not merged.beside:
+        return OutputCollected()
+    count = len(merged.beside)
+    named = ", ".join(merged.beside[:BESIDE_NAMED])
+    more = f" and {count - BESIDE_NAMED} more" if count > BESIDE_NAMED else ""
+    return OutputCollected(
+        warning=f"job {job.id}: {count} of its output files differ from what was already in "
+        f"{destination}, which was left as it was; the job's versions are beside them as "
+        f"NAME.sshwasm-{job.id}: {named}{more}"
+    )
 
 
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
@@ -198,10 +303,38 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def is_sshwasm_process(pid: int) -> bool | None:
+    """Whether the process `pid` runs sshwasm (its command line says so); None: cannot tell."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except FileNotFoundError:
+        # No procfs at all, or the process just exited: only the first is "cannot tell".
+        return None if not os.path.isdir("/proc/self") else False
+    except OSError:
+        return None
+    # `sshwasm ...` (the console script, run by its interpreter) or `python -m sshwasm ...`.
+    head = argv[:4]
+    if any(os.path.basename(arg) == b"sshwasm" for arg in head):
+        return True
+    return any(a == b"-m" and b == b"sshwasm" for a, b in itertools.pairwise(head))
+
+
 def coordinator_alive(job: Job) -> bool:
-    """Whether some sshwasm process is still looking after this job."""
-    fresh = job.heartbeat_ts is not None and time.time() - job.heartbeat_ts < COORDINATOR_STALE_S
-    return fresh and pid_alive(job.coordinator_pid)
+    """Whether some sshwasm process is still looking after this job.
+
+    A live sshwasm process is never taken for dead, however stale its heartbeat: one that
+    is only slow (a lock held by another process, a stopped terminal) would otherwise be
+    taken over, and the job followed by two processes, its output written twice. The
+    heartbeat decides only for a live pid that is no sshwasm command (a program using the
+    API, or a pid that was reused).
+    """
+    pid = job.coordinator_pid
+    if not pid_alive(pid):
+        return False
+    if is_sshwasm_process(pid) is not False:
+        return True
+    return job.heartbeat_ts is not None and time.time() - job.heartbeat_ts < COORDINATOR_STALE_S
 
 
 def needs_refresh(job: Job) -> bool:
@@ -235,8 +368,7 @@ class Coordinator:
 
     async def drive(self, job_id: int) -> Job:
         """Run a submitted job to its final state (or until its host is out of reach)."""
-        async with self._heartbeating():
-            return await self._drive_and_signal(job_id)
+        return await self._supervised(self._drive_and_signal(job_id))
 
     async def drive_tasks(
         self, job_ids: Sequence[int], on_done: Callable[[Job], None] | None = None
@@ -249,10 +381,13 @@ class Coordinator:
             except SshwasmError as exc:
                 job = self.store.get(job_id)
                 # A running task whose host went away stays running for `status` to
-                # collect; one that never started failed for good.
+                # collect (this process no longer follows it: say so, or no other
+                # process would while this one lives); one that never started failed.
                 if job.state == "queued":
                     self.store.finish(job_id, "failed", error=str(exc))
                     job = self.store.get(job_id)
+                elif not job.is_final:
+                    self.store.disown(job_id)
             if on_done is not None:
                 on_done(job)
             return job
@@ -260,32 +395,59 @@ class Coordinator:
         if len(job_ids) > 1:
             self._serve = {}
         try:
-            async with self._heartbeating():
-                return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+            return list(
+                await self._supervised(asyncio.gather(*(one(job_id) for job_id in job_ids)))
+            )
         finally:
             sessions, self._serve = self._serve or {}, None
             for session in sessions.values():
                 await session.close()
 
-    @contextlib.asynccontextmanager
-    async def _heartbeating(self) -> AsyncIterator[None]:
-        tasks = [
-            asyncio.create_task(self._heartbeat()),
-            asyncio.create_task(self._watch_cancellations()),
-            asyncio.create_task(self._place_waiting_jobs()),
-        ]
+    async def _supervised(self, work: Awaitable[_T]) -> _T:
+        """Run `work` beside the background tasks every job needs; if one of those fails,
+        the whole run fails with CoordinatorFailed (never a hang waiting for it)."""
+        main = asyncio.ensure_future(work)
+        background = {
+            asyncio.create_task(self._heartbeat()): "heartbeat",
+            asyncio.create_task(self._watch_cancellations()): "cancel watcher",
+            asyncio.create_task(self._place_waiting_jobs()): "placer",
+        }
         try:
-            yield
+            await asyncio.wait({main, *background}, return_when=asyncio.FIRST_COMPLETED)
+            if main.done():
+                return main.result()
+            failed = next(task for task in background if task.done())
+            problem = None if failed.cancelled() else failed.exception()
+            placed = sorted(self._launched)
+            raise CoordinatorFailed(
+                background[failed], self._describe(problem), placed
+            ) from problem
         finally:
-            for task in (*tasks, *self._cancellers.values()):
+            tasks = (main, *background, *self._cancellers.values())
+            for task in tasks:
                 task.cancel()
-            for task in (*tasks, *self._cancellers.values()):
-                with contextlib.suppress(asyncio.CancelledError):
+            for task in tasks:
+                # Their failures are reported above (or the run's own is on its way).
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    def _describe(self, problem: BaseException | None) -> str:
+        if problem is None:
+            return "it stopped"
+        text = str(problem) or type(problem).__name__
+        if isinstance(problem, sqlite3.Error):
+            return f"jobs file {self.store.path}: {text}"
+        return text
 
     async def _watch_cancellations(self) -> None:
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
+            for canceller in self._cancellers.values():
+                # A canceller that failed would leave its job uncancelled and nobody told.
+                if canceller.done() and not canceller.cancelled():
+                    problem = canceller.exception()
+                    if problem is not None:
+                        raise problem
             if not self._active:
                 continue
             for job_id in self.store.cancel_requested(sorted(self._active)):
@@ -437,7 +599,7 @@ class Coordinator:
                 job_id, "cancelled", exit_code=143, error="cancelled before it started"
             )
             return self.store.get(job_id)
-        output = JobOutput.open(self.store, job_id)
+        output = JobOutput.open(self.store, job)
         self._launched[job_id] = host
         try:
             outcome, stats = await client.launch(
@@ -455,9 +617,8 @@ class Coordinator:
                 job_id, upload_bytes=stats.upload_bytes, upload_s=round(stats.upload_s, 6)
             )
             outcome = await self._until_result(job, host, client, output, outcome)
-            problem = await record_end(self.store, job, host, client, outcome, output)
-            if problem:
-                self.handlers.warning(problem)
+            for warning in await record_end(self.store, job, host, client, outcome, output):
+                self.handlers.warning(warning)
             return self.store.get(job_id)
         except RemoteError as exc:
             self.store.finish(job_id, "failed", error=str(exc), **output.fields())
@@ -480,8 +641,9 @@ class Coordinator:
     @staticmethod
     def _tee(sink: OutputSink, show: Callable[[bytes], None]) -> Callable[[bytes], None]:
         def both(data: bytes) -> None:
-            sink.write(data)
-            show(data)
+            kept = sink.write(data)
+            if kept:
+                show(kept)
 
         return both
 
@@ -537,20 +699,27 @@ async def record_end(
     client: WorkerClient,
     outcome: StreamOutcome,
     output: JobOutput,
-) -> str | None:
+) -> list[str]:
     """Record how a job ended, from its runner's final answer (fetching its /output first).
 
-    Returns a problem worth a warning (output not fetched), or None. Does nothing when the
-    answer is not final (the job is still running).
+    Returns what is worth a warning (output not fetched, or written beside existing
+    files). Does nothing when the answer is not final (the job is still running).
     """
     if outcome.result is not None:
-        problem = await collect_output(store, job, client) if job.output_dir else None
+        collected = OutputCollected()
+        if job.output_dir:
+            collected = await collect_output(store, job, client, output.budget)
         state = str(outcome.result.get("state", "failed"))
         fields = result_fields(outcome.result)
-        if problem and not fields["error"]:
-            fields["error"] = problem  # the record says what went wrong, if nothing else did
+        if collected.problem and not fields["error"]:
+            # The record says what went wrong, if nothing else did.
+            fields["error"] = collected.problem
+        if output.budget.exceeded and job.max_output_mb is not None:
+            # Held here too, whatever the host said: the job ends as over its cap.
+            state, fields["exit_code"] = "failed", None
+            fields["error"] = output_limit_error(job.max_output_mb)
         store.finish(job.id, state, **fields, **output.fields())
-        return problem
+        return [text for text in (collected.problem, collected.warning) if text]
     if outcome.error is not None:
         if outcome.error.get("kind") == "missing":
             error = f"host '{host.name}' has no trace of the job"
@@ -560,7 +729,7 @@ async def record_end(
             store.finish(
                 job.id, "failed", error=f"host '{host.name}': {message}", **output.fields()
             )
-    return None
+    return []
 
 
 async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
@@ -576,7 +745,7 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
     if host is None:
         store.finish(job.id, "lost", error="no record of the host the job was placed on")
         return store.get(job.id)
-    output = JobOutput.open(store, job.id)
+    output = JobOutput.open(store, job)
 
     async def ask_host() -> tuple[WorkerClient, StreamOutcome]:
         client = WorkerClient(await pool.get(host))

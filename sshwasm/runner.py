@@ -7,7 +7,10 @@ Commands (argv never carries user-controlled words; those come as JSON on stdin)
     serve WORKDIR                    stdin: request frames; runs many jobs as forks of itself
     attach WORKDIR JOB_ID OUT ERR    stream output from byte offsets until the result
     poll WORKDIR JOB_ID OUT ERR      send the output there is now, then the result or liveness
-    fetch-output WORKDIR JOB_ID      stdout: the job's /output directory as a tar stream
+    fetch-output WORKDIR JOB_ID [MAX_BYTES]
+                                     stdout: the job's /output directory as a tar stream;
+                                     with MAX_BYTES, stops before a file that would take the
+                                     files' total past it, and exits 3
     put-module WORKDIR SHA256        stdin: module bytes, kept as WORKDIR/wasm/SHA256.wasm
     cancel WORKDIR JOB_ID            kill a running job and record it as cancelled
     info                             one JSON line describing this host
@@ -39,6 +42,11 @@ the runner got the launch, so loading and compiling the module count too.
                             (regular files and directories only), extracted to the job's
                             input/ and seen read-only by the job at /input
     output: bool            the job gets an empty writable /output (fetch it with fetch-output)
+    max_output_bytes: int   a cap on stdout + stderr + /output (apparent sizes) together:
+                            each file the job writes is held to it (RLIMIT_FSIZE), and a
+                            monitor thread ends the job when the sum passes it; either way
+                            the result is "failed" with exit_code null and an error naming
+                            the limit (null or absent: no cap)
 
 Absent fields mean false or 0, so a spec without them runs as before: no stdin (EOF), and
 no filesystem at all. input_tar_bytes with has_stdin needs stdin_bytes. A refused input
@@ -144,6 +152,10 @@ TABLE_SHARE_OF_MEMORY = 8
 # fetch-output walks directories down to this many levels below the output directory (one
 # open descriptor per level) and skips what lies deeper.
 MAX_OUTPUT_DEPTH = 64
+# How often the output monitor sums a capped job's output sizes.
+OUTPUT_CHECK_S = 0.05
+# fetch-output's exit status when it stopped at its MAX_BYTES argument.
+FETCH_STOPPED_AT_LIMIT = 3
 
 RESULT_KEYS = (
     "state",
@@ -732,6 +744,18 @@ class UnsafeArchive(ValueError):
     """A tar stream holds something other than plain files and directories under its root."""
 
 
+class ArchiveTooLarge(UnsafeArchive):
+    """A tar stream's files add up to more than the bytes allowed; what fit is extracted."""
+
+
+class OutputLimitReached(Exception):
+    """write_tree_as_tar stopped before a file that would pass its max_bytes."""
+
+    def __init__(self, skipped: int) -> None:
+        super().__init__(skipped)
+        self.skipped = skipped
+
+
 class _LimitedReader(io.RawIOBase):
     """Reads at most `limit` bytes of `source`, so a tar reader cannot run past its part."""
 
@@ -762,7 +786,7 @@ class _LimitedReader(io.RawIOBase):
             self.remaining -= len(chunk)
 
 
-def _member_parts(name: str) -> list[str]:
+def member_parts(name: str) -> list[str]:
     """The path components of a tar member name, refusing any that could leave the root."""
     if "\0" in name:
         raise UnsafeArchive(f"member name {name!r} holds a NUL byte")
@@ -788,7 +812,8 @@ def _member_kind(member: Any) -> str:
     return f"member of type {member.type!r}"
 
 
-def _make_directory(path: str) -> None:
+def make_extraction_directory(path: str) -> None:
+    """Make a directory of an archive being extracted (0700); fine if it is one already."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -797,22 +822,25 @@ def _make_directory(path: str) -> None:
             raise UnsafeArchive(f"{path!r} is both a file and a directory") from None
 
 
-def extract_tar_safely(source: BinaryIO, destination: str) -> int:
+def extract_tar_safely(source: BinaryIO, destination: str, max_bytes: int | None = None) -> int:
     """Extract an uncompressed tar stream into the existing directory `destination`.
 
     Accepts only regular files and directories whose names stay inside; refuses the whole
     archive (UnsafeArchive) at the first absolute name, '..' component, link, device, fifo
     or sparse file. Tar modes and owners are ignored: files are 0600, directories 0700.
     Checks each member itself, so it is safe on every Python without tarfile's filters.
+    With `max_bytes`, stops (ArchiveTooLarge) before a file that would take the files'
+    total past it, judged by the size its header claims, so it is never written.
     Returns the number of members extracted.
     """
     import tarfile
 
     count = 0
+    left = max_bytes
     try:
         with tarfile.open(fileobj=source, mode="r|") as archive:
             for member in archive:
-                parts = _member_parts(member.name)
+                parts = member_parts(member.name)
                 is_file = member.isreg() and not member.issparse()
                 if not (is_file or member.isdir()):
                     raise UnsafeArchive(
@@ -826,11 +854,18 @@ def extract_tar_safely(source: BinaryIO, destination: str) -> int:
                 path = destination
                 for part in parts[:-1]:
                     path = os.path.join(path, part)
-                    _make_directory(path)
+                    make_extraction_directory(path)
                 path = os.path.join(path, parts[-1])
                 if member.isdir():
-                    _make_directory(path)
+                    make_extraction_directory(path)
                 else:
+                    if left is not None:
+                        if member.size > left:
+                            raise ArchiveTooLarge(
+                                f"{member.name!r} ({member.size} bytes) would pass the limit "
+                                f"of {max_bytes} bytes"
+                            )
+                        left -= member.size
                     _extract_file(archive, member, path)
                 count += 1
     except tarfile.TarError as exc:
@@ -887,17 +922,22 @@ class _SizedReader(io.RawIOBase):
         return filled
 
 
-def write_tree_as_tar(root: str, sink: BinaryIO) -> int:
+def write_tree_as_tar(root: str, sink: BinaryIO, max_bytes: int | None = None) -> int:
     """Write the regular files and directories under `root` to `sink` as an uncompressed tar.
 
     Symbolic links are never followed nor included, nor is anything but regular files and
     directories, nor what lies deeper than MAX_OUTPUT_DEPTH: a job may have made any of
     them. Each directory is opened relative to its parent with O_NOFOLLOW, so a running job
     swapping a directory for a link cannot redirect the walk. Member modes are 0600/0700.
-    Returns the number of entries skipped.
+    With `max_bytes`, the archive ends (well-formed) before the first file that would take
+    the files' total past it, and OutputLimitReached is raised after it is written: a
+    sparse file counts by its apparent size, so it never travels. Returns the number of
+    entries skipped.
     """
     import tarfile
 
+    left = max_bytes
+    stopped = False
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     directory_flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow
     file_flags = os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0)
@@ -933,6 +973,11 @@ def write_tree_as_tar(root: str, sink: BinaryIO) -> int:
                     continue
                 try:
                     if stat.S_ISREG(info.st_mode):
+                        if left is not None and info.st_size > left:
+                            stopped = True
+                            break
+                        if left is not None:
+                            left -= info.st_size
                         member.mode, member.size = 0o600, info.st_size
                         archive.addfile(member, _SizedReader(fd, info.st_size))
                     else:
@@ -942,6 +987,8 @@ def write_tree_as_tar(root: str, sink: BinaryIO) -> int:
         finally:
             for dir_fd, _, _ in stack:
                 os.close(dir_fd)
+    if stopped:
+        raise OutputLimitReached(skipped)
     return skipped
 
 
@@ -1011,6 +1058,9 @@ def _validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
     output = raw.get("output", False)
     if not isinstance(output, bool):
         raise ValueError("output must be true or false")
+    max_output_bytes = raw.get("max_output_bytes")
+    if max_output_bytes is not None and not (is_count(max_output_bytes) and max_output_bytes):
+        raise ValueError("max_output_bytes must be a positive integer or null")
     return {
         "runner_version": raw["runner_version"],
         "wasm_sha256": sha,
@@ -1024,6 +1074,7 @@ def _validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
         "input": input_tar_bytes > 0,
         "input_tar_bytes": input_tar_bytes,
         "output": output,
+        "max_output_bytes": max_output_bytes,
     }
 
 
@@ -1226,8 +1277,9 @@ def _cmd_poll(writer: _FrameWriter, workdir: str, job_id: str, out: str, err: st
     return 0
 
 
-def _cmd_fetch_output(workdir: str, job_id: str) -> int:
+def _cmd_fetch_output(workdir: str, job_id: str, max_bytes: str | None = None) -> int:
     job_dir = _job_dir(workdir, job_id)
+    limit = None if max_bytes is None else _offset(max_bytes)
     if not os.path.isdir(job_dir):
         print(f"sshwasm-exec: error: no job directory {job_dir}", file=sys.stderr)
         return 1
@@ -1235,7 +1287,15 @@ def _cmd_fetch_output(workdir: str, job_id: str) -> int:
     if not os.path.isdir(output) or os.path.islink(output):
         print(f"sshwasm-exec: error: job {job_id} has no output directory", file=sys.stderr)
         return 1
-    skipped = write_tree_as_tar(output, sys.stdout.buffer)
+    status = 0
+    try:
+        skipped = write_tree_as_tar(output, sys.stdout.buffer, limit)
+    except OutputLimitReached as reached:
+        skipped, status = reached.skipped, FETCH_STOPPED_AT_LIMIT
+        print(
+            f"sshwasm-exec: the output passes the limit of {limit} bytes: the rest was not sent",
+            file=sys.stderr,
+        )
     sys.stdout.buffer.flush()
     if skipped:
         print(
@@ -1243,7 +1303,7 @@ def _cmd_fetch_output(workdir: str, job_id: str) -> int:
             f"files or directories (or nest deeper than {MAX_OUTPUT_DEPTH} levels)",
             file=sys.stderr,
         )
-    return 0
+    return status
 
 
 def _cmd_put_module(workdir_argument: str, sha256: str) -> int:
@@ -1483,6 +1543,112 @@ class _Watchdog:
                 os._exit(1)
 
 
+class _OutputLimit:
+    """Holds a job to its max_output_bytes: stdout + stderr + /output, apparent sizes.
+
+    Each file is held to the cap by RLIMIT_FSIZE, with SIGXFSZ caught (not fatal: the
+    write fails with EFBIG) and reported through a wakeup pipe, so a write refused in any
+    thread is seen at once. A monitor thread also sums the sizes, for a total spread over
+    several files. Past the cap the job's result is written, then the process ends, as
+    the watchdog does; the disk holds at most about the cap.
+    """
+
+    def __init__(self, execution: _Execution, max_bytes: int, output_dir: str | None) -> None:
+        self.execution = execution
+        self.max_bytes = max_bytes
+        self.output_dir = output_dir
+        self.hit = False
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+
+    @property
+    def message(self) -> str:
+        """The job's error once over the cap."""
+        return (
+            f"output limit of {_format_mb(self.max_bytes)} MB exceeded "
+            f"(stdout, stderr and /output together)"
+        )
+
+    def start(self) -> None:
+        """Apply the file size limit and start the monitor; call in the main thread."""
+        import resource
+
+        signal.signal(signal.SIGXFSZ, _ignore_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if self.max_bytes < (hard if hard != resource.RLIM_INFINITY else 1 << 62):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_bytes, hard))
+        threading.Thread(target=self._monitor, daemon=True).start()
+
+    def used(self) -> int:
+        """Apparent bytes of the job's stdout, stderr and /output so far."""
+        job_dir = self.execution.job_dir
+        total = 0
+        for name in ("stdout", "stderr"):
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(job_dir, name)).st_size
+        if self.output_dir is not None:
+            total += _tree_bytes(self.output_dir, self.max_bytes - total)
+        return total
+
+    def exceeded(self) -> bool:
+        """Whether the job went past the cap (a refused write or a total over it)."""
+        if not self.hit:
+            self.hit = self._write_refused() or self.used() > self.max_bytes
+        return self.hit
+
+    def _write_refused(self) -> bool:
+        """Whether SIGXFSZ came (the wakeup pipe carries the numbers of caught signals)."""
+        try:
+            if signal.SIGXFSZ in os.read(self._wake_r, 4096):
+                self.hit = True
+        except BlockingIOError:
+            pass
+        return self.hit
+
+    def _monitor(self) -> None:
+        pause = OUTPUT_CHECK_S
+        while not self.execution.done.is_set():
+            select.select([self._wake_r], [], [], pause)
+            if self.execution.done.is_set():
+                return
+            started = time.monotonic()
+            over = self._write_refused() or self.used() > self.max_bytes
+            # A job with many files makes the sum slow: look less often rather than
+            # spend the host's cpu on it.
+            pause = max(OUTPUT_CHECK_S, 4 * (time.monotonic() - started))
+            if over:
+                self.hit = True
+                if self.execution.finish("failed", None, self.message, **self.execution.measures()):
+                    sys.stderr.flush()
+                    os._exit(1)
+                return
+
+
+def _format_mb(size: int) -> str:
+    return f"{size / (1 << 20):g}"
+
+
+def _tree_bytes(root: str, stop_above: int) -> int:
+    """Apparent size of the regular files under `root` (links not followed); stops early
+    once past `stop_above`, since the caller only needs to know that."""
+    total = 0
+    pending = [root]
+    while pending and total <= stop_above:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
 def _log_to_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
@@ -1649,9 +1815,15 @@ def _run_module(
         if watchdog is not None:
             # At the time left of the limit, which loading the module has used up in part.
             watchdog.interrupt_with(engine)
+    output_limit: _OutputLimit | None = None
+    if spec.get("max_output_bytes"):
+        output_dir = os.path.join(job_dir, "output") if spec.get("output") else None
+        output_limit = _OutputLimit(execution, spec["max_output_bytes"], output_dir)
+        output_limit.start()
     execution.begin_run()
 
     instance = None
+    exit_code: int | None
     state, exit_code, error = "succeeded", 0, None
     try:
         instance = linker.instantiate(store, loaded.module)
@@ -1696,7 +1868,9 @@ def _run_module(
         execution.done.set()
     measures = execution.measures()
     peak = _linear_memory_bytes(wasmtime, instance, store)
-    if state == "failed" and looks_out_of_memory(peak, limit_bytes, _stderr_tail(job_dir)):
+    if output_limit is not None and output_limit.exceeded():
+        state, exit_code, error = "failed", None, output_limit.message
+    elif state == "failed" and looks_out_of_memory(peak, limit_bytes, _stderr_tail(job_dir)):
         state = "out_of_memory"
         cause = error or f"exit code {exit_code}"
         error = f"out of memory (limit {memory_mb} MiB): {cause}"
@@ -2204,7 +2378,7 @@ _FRAME_COMMANDS: dict[str, tuple[str, Callable[..., int]]] = {
     "poll": ("WORKDIR JOB_ID STDOUT_OFFSET STDERR_OFFSET", _cmd_poll),
 }
 _TEXT_COMMANDS: dict[str, tuple[str, Callable[..., int]]] = {
-    "fetch-output": ("WORKDIR JOB_ID", _cmd_fetch_output),
+    "fetch-output": ("WORKDIR JOB_ID [MAX_BYTES]", _cmd_fetch_output),
     "put-module": ("WORKDIR SHA256", _cmd_put_module),
     "cancel": ("WORKDIR JOB_ID", _cmd_cancel),
     "info": ("", _cmd_info),
@@ -2251,7 +2425,9 @@ def main(argv: list[str] | None = None) -> int:
     name, params = args[0], args[1:]
     is_frame_command = name in _FRAME_COMMANDS
     arg_names, handler = (_FRAME_COMMANDS if is_frame_command else _TEXT_COMMANDS)[name]
-    if len(params) != len(arg_names.split()):
+    words = arg_names.split()
+    required = [word for word in words if not word.startswith("[")]
+    if not len(required) <= len(params) <= len(words):
         print(f"usage: sshwasm-exec {name} {arg_names}".rstrip(), file=sys.stderr)
         return 2
     refusal = _refuse_unsafe_workdir(name, params)

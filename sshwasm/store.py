@@ -12,18 +12,19 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from . import paths
 from .cluster import Host
 from .errors import JobNotFound, StoreError
 from .schedule import Request, Usage, plan
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STATES = (
     "queued",
@@ -71,11 +72,19 @@ RECORD_FIELDS = (
     "output_bytes",
     "stage_in_s",
     "stage_out_s",
+    "max_output_mb",
+    "output_conflicts",
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its
 # place in line (its coordinator was killed); it cannot take capacity without one anyway.
 QUEUE_STALE_S = 30.0
+# One wait for another process's lock on the jobs file; longer waits are retried without
+# bound, with a warning every LOCK_WARN_EVERY_S.
+LOCK_ATTEMPT_S = 2.0
+LOCK_WARN_EVERY_S = 15.0
+
+_T = TypeVar("_T")
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -135,6 +144,12 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX jobs_state ON jobs(state);
     CREATE INDEX jobs_host_state ON jobs(host, state);
     """,
+    # --max-output-mb and --overwrite; jobs from before had neither (no cap, no overwrite).
+    2: """
+    ALTER TABLE jobs ADD COLUMN max_output_mb INTEGER;
+    ALTER TABLE jobs ADD COLUMN output_overwrite INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN output_conflicts INTEGER;
+    """,
 }
 
 
@@ -171,6 +186,8 @@ class JobSpec:
     labels: tuple[str, ...] = ()
     input_path: str | None = None
     output_dir: str | None = None
+    max_output_mb: int | None = None  # stdout + stderr + /output together; None: no cap
+    output_overwrite: bool = False
 
     @property
     def request(self) -> Request:
@@ -221,20 +238,59 @@ class Job:
         return {field: self.row[field] for field in RECORD_FIELDS}
 
 
-class JobStore:
-    """A jobs file opened for reading and writing."""
+def _prepare_private(path: Path) -> None:
+    """Make the jobs file and what sits beside it private to the user before SQLite opens it.
 
-    def __init__(self, path: Path) -> None:
+    The file holds --env values. SQLite creates its -wal and -shm files with the jobs
+    file's own mode, so creating that one 0600 covers them; files an older version made
+    0644 are tightened. The data dir and the output dir are sshwasm's own (0700); a
+    directory the user chose for --db is left as it is.
+    """
+    if not path.parent.exists():
+        paths.make_private_dir(path.parent)
+    elif path.parent == paths.data_dir().absolute():
+        paths.tighten(path.parent, paths.PRIVATE_DIR_MODE)
+    outputs = paths.job_outputs_root(path)
+    if outputs.is_dir():
+        paths.tighten(outputs, paths.PRIVATE_DIR_MODE)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, paths.PRIVATE_FILE_MODE))
+    for companion in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        paths.tighten(companion, paths.PRIVATE_FILE_MODE)
+
+
+def _is_lock_wait(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite gave up waiting for a lock another connection holds (BUSY, LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (5, 6)
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _ignore_wait(_: str) -> None:
+    return None
+
+
+class JobStore:
+    """A jobs file opened for reading and writing.
+
+    A lock held by another process is waited for without bound: each attempt waits
+    `LOCK_ATTEMPT_S`, and `on_wait` hears about it now and then (another process may hold
+    the lock for minutes; giving up would leave this one's jobs without a coordinator).
+    """
+
+    def __init__(self, path: Path, on_wait: Callable[[str], None] = _ignore_wait) -> None:
         self.path = path
+        self._on_wait = on_wait
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+            _prepare_private(path)
+            self._db = sqlite3.connect(path, timeout=LOCK_ATTEMPT_S, isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA busy_timeout = 60000")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute(f"PRAGMA busy_timeout = {int(LOCK_ATTEMPT_S * 1000)}")
+            self._read("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
-            self._column_names = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            self._column_names = {row[1] for row in self._read("PRAGMA table_info(jobs)")}
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"jobs file {path} cannot be used: {exc}") from exc
         except OSError as exc:
@@ -250,21 +306,47 @@ class JobStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _retrying(self, attempt: Callable[[], _T]) -> _T:
+        """Run `attempt` until no other process's lock stands in its way."""
+        waited_since: float | None = None
+        next_warning = 0.0
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as exc:
+                if not _is_lock_wait(exc):
+                    raise
+            now = time.monotonic()
+            if waited_since is None:
+                waited_since = now - LOCK_ATTEMPT_S
+            waited = now - waited_since
+            if waited >= next_warning:
+                self._on_wait(
+                    f"jobs file {self.path} is locked by another process; "
+                    f"still waiting ({waited:.0f}s so far)"
+                )
+                next_warning = waited + LOCK_WARN_EVERY_S
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """All rows of a query (waiting out a lock like a write)."""
+        return self._retrying(lambda: self._db.execute(sql, params).fetchall())
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front, so a read-then-write sequence inside
         # cannot be interleaved with another process's.
-        self._db.execute("BEGIN IMMEDIATE")
+        self._retrying(lambda: self._db.execute("BEGIN IMMEDIATE"))
         try:
             yield self._db
+            # A busy COMMIT leaves the transaction open: trying again is safe.
+            self._retrying(lambda: self._db.execute("COMMIT"))
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        else:
-            self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        version = int(self._read("PRAGMA user_version")[0][0])
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"jobs file {self.path} comes from a newer sshwasm "
@@ -295,65 +377,77 @@ class JobStore:
         """
         now = time.time()
         submitted_at = utc_now()
-        ids: list[int] = []
-        tasks = range(spec.array_size) if spec.array_size else [None]
-        with self._transaction() as db:
-            for task in tasks:
-                env = list(spec.env)
-                if task is not None:
-                    env += [
-                        ("SSHWASM_ARRAY_TASK_ID", str(task)),
-                        ("SSHWASM_ARRAY_TASK_COUNT", str(spec.array_size)),
-                    ]
-                cursor = db.execute(
-                    """INSERT INTO jobs (name, state, cpus, memory_mb, time_limit_s, source,
-                           language, wasm_sha256, wasm_bytes, compile_s, submitted_at,
-                           submitted_ts, wasm_path, argv, env, stdin_path, pinned_host,
-                           heartbeat_ts, coordinator_pid, array_task, labels, input_path,
-                           output_dir)
-                       VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                               ?, ?, ?, ?)""",
-                    (
-                        spec.name,
-                        spec.cpus,
-                        spec.memory_mb,
-                        spec.time_limit_s,
-                        spec.source,
-                        spec.language,
-                        spec.wasm_sha256,
-                        spec.wasm_bytes,
-                        spec.compile_s,
-                        submitted_at,
-                        now,
-                        spec.wasm_path,
-                        json.dumps(list(spec.argv)),
-                        json.dumps([list(pair) for pair in env]),
-                        spec.stdin_path,
-                        spec.pinned_host,
-                        now,
-                        os.getpid(),
-                        task,
-                        json.dumps(list(spec.labels)),
-                        spec.input_path,
-                        # Each task of an array gets its own subdirectory of the output.
-                        spec.output_dir
-                        if spec.output_dir is None or task is None
-                        else os.path.join(spec.output_dir, str(task)),
-                    ),
-                )
-                job_id = cursor.lastrowid
-                assert job_id is not None
-                ids.append(job_id)
+        tasks: Sequence[int | None] = range(spec.array_size) if spec.array_size else [None]
+        argv = json.dumps(list(spec.argv))
+        labels = json.dumps(list(spec.labels))
+        pid = os.getpid()
+        # Built once and pieced together per task: 100,000 json.dumps and token_hex calls
+        # would cost more than the inserts themselves.
+        env_items = [json.dumps(list(pair)) for pair in spec.env]
+        count_item = json.dumps(["SSHWASM_ARRAY_TASK_COUNT", str(spec.array_size)])
+        random_hex = secrets.token_hex(4 * len(tasks))
+
+        def env_json(task: int | None) -> str:
+            if task is None:
+                return "[" + ", ".join(env_items) + "]"
+            task_item = json.dumps(["SSHWASM_ARRAY_TASK_ID", str(task)])
+            return "[" + ", ".join([*env_items, task_item, count_item]) + "]"
+
+        def row(index: int, job_id: int, task: int | None, array_id: int | None) -> tuple[Any, ...]:
+            return (
+                job_id,
+                spec.name,
+                spec.cpus,
+                spec.memory_mb,
+                spec.time_limit_s,
+                spec.source,
+                spec.language,
+                spec.wasm_sha256,
+                spec.wasm_bytes,
+                spec.compile_s,
+                submitted_at,
+                now,
+                spec.wasm_path,
+                argv,
+                env_json(task),
+                spec.stdin_path,
+                spec.pinned_host,
+                now,
+                pid,
+                task,
+                labels,
+                spec.input_path,
+                # Each task of an array gets its own subdirectory of the output.
+                spec.output_dir
+                if spec.output_dir is None or task is None
+                else os.path.join(spec.output_dir, str(task)),
+                spec.max_output_mb,
+                int(spec.output_overwrite),
                 # Names the job's directory on hosts. The random part keeps two jobs files
                 # that share a host workdir (two users, two --db) from colliding on an id.
-                db.execute(
-                    "UPDATE jobs SET remote_key = ?, array_id = ? WHERE id = ?",
-                    (
-                        f"{job_id}-{secrets.token_hex(4)}",
-                        ids[0] if task is not None else None,
-                        job_id,
-                    ),
-                )
+                f"{job_id}-{random_hex[8 * index : 8 * index + 8]}",
+                array_id,
+            )
+
+        with self._transaction() as db:
+            # The ids are taken here, under the write lock, so no other process can take
+            # one in between: the rows go in with one executemany (100,000 in about a
+            # second), not a statement and a round trip each.
+            last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+            top = db.execute("SELECT MAX(id) FROM jobs").fetchone()[0]
+            first = max(last[0] if last else 0, top or 0) + 1
+            ids = [first + index for index in range(len(tasks))]
+            array_id = first if spec.array_size else None
+            db.executemany(
+                """INSERT INTO jobs (id, name, state, cpus, memory_mb, time_limit_s, source,
+                       language, wasm_sha256, wasm_bytes, compile_s, submitted_at,
+                       submitted_ts, wasm_path, argv, env, stdin_path, pinned_host,
+                       heartbeat_ts, coordinator_pid, array_task, labels, input_path,
+                       output_dir, max_output_mb, output_overwrite, remote_key, array_id)
+                   VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                           ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (row(index, first + index, task, array_id) for index, task in enumerate(tasks)),
+            )
         return ids
 
     def try_place(
@@ -446,6 +540,15 @@ class JobStore:
             )
             return cursor.rowcount == 1
 
+    def disown(self, job_id: int) -> None:
+        """Stop being the job's coordinator (this process no longer follows it), so that
+        `status` may take it over while this process lives on."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET coordinator_pid = NULL WHERE id = ? AND coordinator_pid = ?",
+                (job_id, os.getpid()),
+            )
+
     def request_cancel(self, job_id: int) -> None:
         """Ask the job's live coordinator to cancel it."""
         with self._transaction() as db:
@@ -454,7 +557,7 @@ class JobStore:
     def cancel_requested(self, job_ids: Sequence[int]) -> list[int]:
         """Which of these unfinished jobs someone asked to cancel."""
         marks = ", ".join("?" for _ in job_ids)
-        rows = self._db.execute(
+        rows = self._read(
             f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", tuple(job_ids)
         )
         return [row[0] for row in rows]
@@ -468,12 +571,13 @@ class JobStore:
                 (time.time(), os.getpid(), *job_ids),
             )
 
-    def heartbeat_as(self, job_id: int, pid: int) -> None:
-        """Record `pid` as the job's live coordinator."""
+    def heartbeat_as(self, job_ids: Sequence[int], pid: int) -> None:
+        """Record `pid` as the live coordinator of these jobs (one transaction)."""
+        now = time.time()
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "UPDATE jobs SET heartbeat_ts = ?, coordinator_pid = ? WHERE id = ?",
-                (time.time(), pid, job_id),
+                ((now, pid, job_id) for job_id in job_ids),
             )
 
     def update(self, job_id: int, **fields: Any) -> None:
@@ -483,6 +587,18 @@ class JobStore:
         assignments = self._assignments(fields)
         with self._transaction() as db:
             db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
+
+    def update_many(self, job_ids: Sequence[int], **fields: Any) -> None:
+        """Set the same columns of many jobs in one transaction."""
+        if not fields:
+            return
+        assignments = self._assignments(fields)
+        values = tuple(fields.values())
+        with self._transaction() as db:
+            db.executemany(
+                f"UPDATE jobs SET {assignments} WHERE id = ?",
+                ((*values, job_id) for job_id in job_ids),
+            )
 
     def finish(self, job_id: int, state: str, **fields: Any) -> bool:
         """Move a job to a final state unless it already has one; True if this call did."""
@@ -503,7 +619,10 @@ class JobStore:
 
     def get(self, job_id: int) -> Job:
         """One job; raises JobNotFound."""
-        return self._get(self._db, job_id)
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise JobNotFound(job_id)
+        return Job(dict(rows[0]))
 
     def list_jobs(self, limit: int | None = None, state: str | None = None) -> list[Job]:
         """Jobs, newest first."""
@@ -516,25 +635,16 @@ class JobStore:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [Job(dict(row)) for row in self._db.execute(sql, params)]
+        return [Job(dict(row)) for row in self._read(sql, params)]
 
     def usage(self) -> dict[str, Usage]:
         """Capacity held per host by jobs placed there and not finished."""
-        return self._usage(self._db)
+        return self._retrying(lambda: self._usage(self._db))
 
     def running_counts(self) -> dict[str, int]:
         """Number of unfinished placed jobs per host."""
-        rows = self._db.execute(
-            "SELECT host, COUNT(*) FROM jobs WHERE state = 'running' GROUP BY host"
-        )
+        rows = self._read("SELECT host, COUNT(*) FROM jobs WHERE state = 'running' GROUP BY host")
         return {host: count for host, count in rows}
-
-    @staticmethod
-    def _get(db: sqlite3.Connection, job_id: int) -> Job:
-        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise JobNotFound(job_id)
-        return Job(dict(row))
 
     @staticmethod
     def _usage(db: sqlite3.Connection) -> dict[str, Usage]:

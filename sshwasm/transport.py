@@ -37,6 +37,8 @@ CONNECT_ATTEMPTS = 5
 CHANNEL_ATTEMPTS = 6
 # Channels one connection keeps open at most (below OpenSSH's default MaxSessions of 10).
 MAX_CHANNELS = 8
+# ProxyJump hosts that are themselves reached through ProxyJump, at most this deep.
+MAX_JUMP_DEPTH = 8
 
 RUNNER_FILE = Path(runner.__file__).resolve()
 # The installed runner: a module, so that Python caches its bytecode (in bin/__pycache__).
@@ -354,16 +356,47 @@ class SshTransport(Transport):
             "keepalive_count_max": KEEPALIVE_COUNT_MAX,
         }
         host = self.host
-        if host.port is not None:
-            options["port"] = host.port
-        if host.user is not None:
-            options["username"] = host.user
         if host.identity_file is not None:
             options["client_keys"] = [host.identity_file]
-        # Left unset, asyncssh verifies against ~/.ssh/known_hosts; it is never None here.
-        if host.known_hosts is not None:
-            options["known_hosts"] = host.known_hosts
         return options
+
+    def _ssh_config(
+        self, address: str, port: int | None, user: str | None
+    ) -> asyncssh.SSHClientConnectionOptions:
+        """What ~/.ssh/config says for `address` (HostName, Port, ProxyJump, known hosts)."""
+        import asyncssh
+
+        try:
+            # config=(): ~/.ssh/config, as connect() reads it (the default here is none).
+            return asyncssh.SSHClientConnectionOptions(
+                config=(), host=address, port=port if port is not None else (), username=user or ()
+            )
+        except (OSError, ValueError, asyncssh.Error) as exc:
+            raise HostUnreachable(self.host.name, f"ssh config for {address}: {exc}") from exc
+
+    def _known_hosts(self, config: asyncssh.SSHClientConnectionOptions) -> list[str]:
+        """The known_hosts files every hop's key is checked against; refused when none exist.
+
+        The cluster's `known_hosts`, else the files `UserKnownHostsFile` of ~/.ssh/config
+        names, else ~/.ssh/known_hosts. Always passed to asyncssh explicitly: left to it,
+        `UserKnownHostsFile none` in the config turns checking off.
+        """
+        if self.host.known_hosts is not None:
+            candidates = [self.host.known_hosts]
+        elif isinstance(config.known_hosts, list) and config.known_hosts:
+            candidates = [str(path) for path in config.known_hosts]
+        else:
+            candidates = ["~/.ssh/known_hosts"]
+        files = [os.path.expanduser(path) for path in candidates]
+        present = [path for path in files if os.path.isfile(path)]
+        if not present:
+            raise HostUnreachable(
+                self.host.name,
+                f"cannot verify host keys: known_hosts file {' or '.join(files)} does not "
+                f"exist (add the host's key with ssh-keyscan after checking it, or set "
+                f"known_hosts: in the cluster file)",
+            )
+        return present
 
     async def connect(self) -> None:
         if self.is_connected:
@@ -378,33 +411,128 @@ class SshTransport(Transport):
                 await asyncio.sleep(_backoff(attempt))
 
     async def _connect_once(self) -> None:
+        host = self.host
+        config = self._ssh_config(host.address, host.port, host.user)
+        known_hosts = self._known_hosts(config)
+        jump = await self._open_jump_hosts(config.tunnel, known_hosts)
+        try:
+            connection = await self._connect_hop(
+                host.address,
+                host.port,
+                host.user,
+                known_hosts,
+                jump,
+                **self._connect_options(),
+            )
+        except BaseException:
+            if jump is not None:
+                jump.close()
+            raise
+        # Closing the connection then closes the jump hosts' too.
+        connection.set_tunnel(jump)
+        self._connection = connection
+
+    async def _open_jump_hosts(
+        self, chain: object, known_hosts: list[str], depth: int = 0
+    ) -> asyncssh.SSHClientConnection | None:
+        """Open a `ProxyJump` chain of ~/.ssh/config (`a,user@b:port`), or None if none.
+
+        Opened here rather than by asyncssh, which connects to jump hosts with only what the
+        config says: `UserKnownHostsFile none` there would leave their keys unchecked. Each
+        hop is checked against the same known_hosts as the host itself.
+        """
+        if not chain or not isinstance(chain, str):
+            return None
+        if depth >= MAX_JUMP_DEPTH:
+            raise HostUnreachable(
+                self.host.name, f"ProxyJump chain longer than {MAX_JUMP_DEPTH} hosts"
+            )
+        connection: asyncssh.SSHClientConnection | None = None
+        for hop in chain.split(","):
+            hop_user, _, hop_host = hop.strip().rpartition("@")
+            hop_port: int | None = None
+            if ":" in hop_host:
+                hop_host, _, port_text = hop_host.rpartition(":")
+                try:
+                    hop_port = int(port_text)
+                except ValueError:
+                    raise HostUnreachable(self.host.name, f"ProxyJump {hop!r}: bad port") from None
+            try:
+                tunnel = connection or await self._open_jump_hosts(
+                    self._ssh_config(hop_host, hop_port, hop_user or None).tunnel,
+                    known_hosts,
+                    depth + 1,
+                )
+                hop_connection = await self._connect_hop(
+                    hop_host,
+                    hop_port,
+                    hop_user or None,
+                    known_hosts,
+                    tunnel,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    jump=True,
+                )
+            except BaseException:
+                if connection is not None:
+                    connection.close()
+                raise
+            hop_connection.set_tunnel(connection)
+            connection = hop_connection
+        return connection
+
+    async def _connect_hop(
+        self,
+        address: str,
+        port: int | None,
+        user: str | None,
+        known_hosts: list[str],
+        tunnel: asyncssh.SSHClientConnection | None,
+        jump: bool = False,
+        **options: Any,
+    ) -> asyncssh.SSHClientConnection:
+        """One SSH connection (the host, or one of its jump hosts), errors made ours."""
         import asyncssh
 
         host = self.host
+        if port is not None:
+            options["port"] = port
+        if user is not None:
+            options["username"] = user
+        what = f"jump host {address}" if jump else address
         try:
-            self._connection = await asyncssh.connect(host.address, **self._connect_options())
+            # tunnel=None rather than left out: asyncssh would otherwise open the config's
+            # ProxyJump itself, its keys unchecked.
+            return await asyncssh.connect(
+                address, known_hosts=known_hosts, tunnel=tunnel, **options
+            )
         except asyncssh.HostKeyNotVerifiable as exc:
-            known = host.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
-            raise HostKeyUntrusted(host.name, host.address, host.port, known) from exc
+            # ssh-keyscan reads no ssh config: name the real address and port in its hint.
+            with contextlib.suppress(OSError, ValueError, asyncssh.Error):
+                resolved = asyncssh.SSHClientConnectionOptions(
+                    config=(), host=address, port=port if port is not None else ()
+                )
+                address, port = resolved.host, resolved.port
+            raise HostKeyUntrusted(host.name, address, port, known_hosts[0], jump) from exc
         except asyncssh.PermissionDenied as exc:
             raise HostUnreachable(
-                host.name, f"permission denied for user {host.user or 'default'}: {exc.reason}"
+                host.name,
+                f"permission denied by {what} for user {user or 'default'}: {exc.reason}",
             ) from exc
         except (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError) as exc:
             # What sshd does to handshakes past MaxStartups: worth another try shortly.
             raise _TransientFailure(f"connection dropped during the handshake: {exc}") from exc
         except asyncssh.DisconnectError as exc:
-            raise HostUnreachable(host.name, f"ssh: {exc.reason}") from exc
+            raise HostUnreachable(host.name, f"ssh ({what}): {exc.reason}") from exc
         except (TimeoutError, asyncio.TimeoutError) as exc:
             raise HostUnreachable(
-                host.name, f"no answer from {host.address} within {CONNECT_TIMEOUT_S:g}s"
+                host.name, f"no answer from {what} within {CONNECT_TIMEOUT_S:g}s"
             ) from exc
         except ConnectionRefusedError as exc:
-            raise HostUnreachable(host.name, f"connection refused by {host.address}") from exc
+            raise HostUnreachable(host.name, f"connection refused by {what}") from exc
         except OSError as exc:
-            raise HostUnreachable(host.name, f"cannot connect to {host.address}: {exc}") from exc
+            raise HostUnreachable(host.name, f"cannot connect to {what}: {exc}") from exc
         except asyncssh.Error as exc:
-            raise HostUnreachable(host.name, f"ssh: {exc.reason}") from exc
+            raise HostUnreachable(host.name, f"ssh ({what}): {exc.reason}") from exc
 
     def _runner_command(self, args: Sequence[str]) -> str:
         python, workdir = shlex.quote(self.host.python), remote_path(self.host.workdir)

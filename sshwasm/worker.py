@@ -19,15 +19,21 @@ from typing import Any
 
 from .errors import HostUnreachable, RemoteError
 from .runner import (
+    FETCH_STOPPED_AT_LIMIT,
     UNSAFE_WORKDIR_EXIT,
+    ArchiveTooLarge,
     FrameDecoder,
     FrameError,
+    UnsafeArchive,
     encode_frame,
     runner_version,
 )
+from .staging import TarExtractor
 from .transport import Completed, RunnerProcess, Transport, runner_refusal
 
-OutputCallback = Callable[[bytes], None]
+OutputCallback = Callable[[bytes], object]
+# What fetch-output may send after its archive's end (tar pads to 10 KiB records).
+TRAILING_BYTES_MAX = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class LaunchSpec:
     time_limit_s: float | None
     wall_limit_s: float | None = None
     output: bool = False
+    max_output_bytes: int | None = None
 
     def encode(self, stdin: bytes | None, input_tar: bytes = b"", key: str | None = None) -> bytes:
         """The launch command's stdin: one JSON line, the job's stdin, then the input tar."""
@@ -55,6 +62,8 @@ class LaunchSpec:
             "input_tar_bytes": len(input_tar),
             "output": self.output,
         }
+        if self.max_output_bytes is not None:
+            header["max_output_bytes"] = self.max_output_bytes
         if stdin is not None:
             header["stdin_bytes"] = len(stdin)
         if key is not None:
@@ -297,14 +306,55 @@ class WorkerClient:
         answer: dict[str, Any] = json.loads(done.stdout)
         return answer
 
-    async def fetch_output(self, job_id: str) -> bytes:
-        """The job's /output as a tar stream (partial if the job is still running)."""
-        done = await self.transport.run_runner(["fetch-output", self.host.workdir, job_id])
+    async def fetch_output(self, job_id: str, scratch: Path, max_bytes: int | None) -> bool:
+        """Extract the job's /output into the empty directory `scratch` as it arrives.
+
+        Memory stays bounded whatever the size: the tar stream goes from the channel to
+        the files chunk by chunk. With `max_bytes`, the host stops before the file that
+        would pass it, and so does this side (whatever a host sends). Returns whether the
+        output was cut at `max_bytes`; what fit is in `scratch` either way.
+        """
+        args = ["fetch-output", self.host.workdir, job_id]
+        if max_bytes is not None:
+            args.append(str(max_bytes))
+        process = await self.transport.start_runner(args)
+        await process.send(b"")
+        cut = False
+        extractor = TarExtractor(str(scratch), max_bytes)
+        try:
+            # Each chunk is written out before the next is read, in this thread: asyncssh
+            # then never buffers more than a read's worth (its flow control lets a slow
+            # reader's backlog grow without bound), and neither does this side.
+            after_end = 0
+            while chunk := await process.read():
+                extractor.feed(chunk)
+                if extractor.ended:
+                    # Past the archive's end only padding may follow: never read forever.
+                    after_end += len(chunk)
+                    if after_end > TRAILING_BYTES_MAX:
+                        process.abort()
+                        break
+            extractor.close()
+        except ArchiveTooLarge:
+            cut = True
+            process.abort()
+        except UnsafeArchive as exc:
+            process.abort()
+            await process.finish()
+            raise RemoteError(self.host.name, f"refused the job's output: {exc}") from exc
+        except BaseException:
+            process.abort()
+            raise
+        finally:
+            extractor.abandon()
+        done = await process.finish()
+        if cut or done.exit_status == FETCH_STOPPED_AT_LIMIT:
+            return True
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost while fetching the output")
         if done.exit_status != 0:
             raise RemoteError(self.host.name, f"cannot fetch the output: {last_line(done.stderr)}")
-        return done.stdout
+        return False
 
     async def info(self) -> dict[str, Any]:
         """The runner's view of the host (versions, cores, memory)."""

@@ -129,7 +129,8 @@ def test_json_record_and_warm_run_uploads_nothing(cluster: Path) -> None:
         "source", "language", "wasm_sha256", "wasm_bytes", "upload_bytes", "submitted_at",
         "started_at", "finished_at", "queue_s", "compile_s", "upload_s", "run_s", "cpu_s",
         "peak_memory_bytes", "stdout", "stderr", "error", "array_id", "array_task",
-        "input_bytes", "output_bytes", "stage_in_s", "stage_out_s",
+        "input_bytes", "output_bytes", "stage_in_s", "stage_out_s", "max_output_mb",
+        "output_conflicts",
     }  # fmt: skip
     assert first["state"] == second["state"] == "succeeded"
     assert second["stdout"] == "job done, hello!\n"
