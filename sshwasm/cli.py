@@ -124,6 +124,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _time_limit(text: str) -> float:
+    # The runner defines the bound (it refuses more in a spec); imported only when needed.
+    from .runner import MAX_TIME_LIMIT_S
+
+    value = _positive_float(text)
+    if value > MAX_TIME_LIMIT_S:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_TIME_LIMIT_S} seconds (365 days), got {text}"
+        )
+    return value
+
+
 def _array_size(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_ARRAY_TASKS:
@@ -178,9 +190,9 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--job-name", metavar="NAME", help="a name to show in `sshwasm jobs`")
     run.add_argument(
         "--time-limit",
-        type=_positive_float,
+        type=_time_limit,
         metavar="SECONDS",
-        help="end the job as `timeout` (exit 124) after this long",
+        help="end the job as `timeout` (exit 124) after this long (at most 365 days)",
     )
     run.add_argument("--host", metavar="NAME", help="run on this host only")
     run.add_argument(

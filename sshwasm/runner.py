@@ -20,10 +20,21 @@ launch, serve, attach and poll answer in frames (1 byte kind, 4 bytes big-endian
 payload); fetch-output answers with a raw tar stream; put-module, cancel and info in plain
 text. Usage errors exit 2. Only execute and serve import wasmtime.
 
+Every command with a WORKDIR first checks it (workdir_problem): the workdir and its bin,
+wasm, cache and jobs directories must be no symbolic links, owned by this user and not
+group- or world-writable. If not, nothing is done: frame commands answer one X frame of
+kind "workdir" (serve's with an empty key), the others a line on stderr, and the exit
+status is UNSAFE_WORKDIR_EXIT. Over SSH the coordinator runs this file through a bootstrap
+(transport.RUNNER_BOOTSTRAP) that checks bin/ and this file the same way before importing
+it, and refuses with a stderr line and the same exit status.
+
 Launch spec (launch's first stdin line, one JSON object): runner_version, wasm_sha256,
-argv, env ([name, value] pairs), memory_mb, time_limit_s (number or null: enforced by epoch
-interruption plus a watchdog), and optionally wall_limit_s (a cap enforced by the watchdog
-alone, at no cost to the running guest; used when time_limit_s is null), and optionally:
+argv, env ([name, value] pairs), memory_mb (caps the guest's one memory, its one table
+takes at most an eighth more: see guest_limits), time_limit_s (number or null: enforced by
+epoch interruption plus a watchdog), and optionally wall_limit_s (a cap enforced by the
+watchdog alone, at no cost to the running guest; used when time_limit_s is null), and
+optionally the fields below. Both limits are at most MAX_TIME_LIMIT_S and count from when
+the runner got the launch, so loading and compiling the module count too.
 
     stdin_bytes: int        exactly this many bytes of job stdin follow the spec line
     has_stdin: bool         older form: job stdin is everything up to EOF (or the L frame's end)
@@ -128,6 +139,20 @@ STARTUP_GRACE_S = 10.0
 POLL_MIN_S = 0.002
 POLL_MAX_S = 0.05
 KILL_WAIT_S = 2.0
+# The longest time_limit_s or wall_limit_s a spec may ask for (365 days); the CLI refuses
+# more at once. Far below threading.TIMEOUT_MAX, so a watchdog can always wait for it.
+MAX_TIME_LIMIT_S = 365 * 24 * 3600
+# A watchdog waits in slices no longer than this, so no wait can overflow a platform timeout.
+_WATCHDOG_SLICE_S = 3600.0
+# What a guest may allocate besides its one linear memory of memory_mb (wasmtime store
+# limits; a multi-memory module or extra tables would multiply the budget): one memory, one
+# table, one instance, and a table of at most an eighth of memory_mb (elements are 8 bytes).
+# Every Rust, C and Go guest has exactly one memory and one table of a few thousand entries.
+GUEST_MEMORIES = 1
+GUEST_TABLES = 1
+GUEST_INSTANCES = 1
+TABLE_ELEMENT_BYTES = 8
+TABLE_SHARE_OF_MEMORY = 8
 # fetch-output walks directories down to this many levels below the output directory (one
 # open descriptor per level) and skips what lies deeper.
 MAX_OUTPUT_DEPTH = 64
@@ -155,6 +180,8 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _OOM_STDERR_RE = re.compile(rb"memory allocation of .{0,64}failed|out of memory", re.DOTALL)
 _MIN_MEMORY_RE = re.compile(r"memory minimum size of (\d+) pages")
+# How instantiation reports a module over the store's count or table limits.
+_STORE_LIMIT_RE = re.compile(r"resource limit exceeded|table minimum size of \d+ elements")
 _WASM_PAGE_BYTES = 64 * 1024
 # Resolved at import, before anything could change the working directory.
 _SCRIPT_PATH = os.path.abspath(__file__)
@@ -491,6 +518,55 @@ def _json_bytes(value: dict[str, Any]) -> bytes:
 
 def _workdir(argument: str) -> str:
     return os.path.abspath(os.path.expanduser(argument))
+
+
+# Exit status of a command refused for an unsafe workdir, by the runner or its bootstrap
+# (sysexits' EX_NOPERM): the coordinator then says why instead of reinstalling the runner.
+UNSAFE_WORKDIR_EXIT = 77
+# The workdir's subdirectories the runner reads code or results from.
+WORKDIR_SUBDIRS = ("bin", "wasm", "cache", "jobs")
+
+
+def path_problem(path: str) -> str | None:
+    """Why the runner must not trust `path`, or None (also when it does not exist).
+
+    Trusted means: not a symbolic link, owned by this user (the effective uid), and not
+    group- or world-writable, so that nobody else can put code or results there. Checked
+    with lstat, before anything in the path is read. Needs only `os` and `stat`: the SSH
+    bootstrap (transport.RUNNER_BOOTSTRAP) carries this function's source.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path} cannot be checked ({exc.strerror})"
+    if stat.S_ISLNK(info.st_mode):
+        return f"{path} is a symbolic link"
+    if info.st_uid != os.geteuid():
+        return f"{path} is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def workdir_problem(workdir: str) -> str | None:
+    """Why the runner must not use `workdir`: its own or its subdirectories' path_problem,
+    as one line; None when it is safe (or does not exist yet)."""
+    for path in (workdir, *(os.path.join(workdir, name) for name in WORKDIR_SUBDIRS)):
+        problem = path_problem(path)
+        if problem is not None:
+            return unsafe_workdir_message(problem)
+    return None
+
+
+def unsafe_workdir_message(problem: str) -> str:
+    """The one line that refuses a workdir for `problem` (shared with the bootstrap)."""
+    return (
+        f"unsafe workdir: {problem}; the runner uses only a workdir, and bin, wasm, cache "
+        f"and jobs in it, that belong to the SSH user, are no links and that no one else "
+        f"can write"
+    )
 
 
 def _job_dir(workdir_argument: str, job_id: str) -> str:
@@ -1114,6 +1190,14 @@ def _validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
     def is_count(value: object) -> bool:
         return type(value) is int and value >= 0
 
+    def is_time_limit(value: object) -> bool:
+        # A bool is an int but no number of seconds; NaN fails both comparisons.
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and 0 < value <= MAX_TIME_LIMIT_S
+        )
+
     sha = raw.get("wasm_sha256")
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
         raise ValueError("wasm_sha256 must be 64 lowercase hex digits")
@@ -1135,15 +1219,17 @@ def _validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
     if type(memory_mb) is not int or not 1 <= memory_mb <= 1 << 20:
         raise ValueError("memory_mb must be a positive integer")
     limit = raw.get("time_limit_s")
-    if limit is not None and (
-        type(limit) not in (int, float) or not math.isfinite(limit) or limit <= 0
-    ):
-        raise ValueError("time_limit_s must be a positive number or null")
+    if limit is not None and not is_time_limit(limit):
+        raise ValueError(
+            f"time_limit_s must be a positive number of seconds up to {MAX_TIME_LIMIT_S} "
+            f"(365 days), or null"
+        )
     wall_limit = raw.get("wall_limit_s")
-    if wall_limit is not None and (
-        type(wall_limit) not in (int, float) or not math.isfinite(wall_limit) or wall_limit <= 0
-    ):
-        raise ValueError("wall_limit_s must be a positive number or null")
+    if wall_limit is not None and not is_time_limit(wall_limit):
+        raise ValueError(
+            f"wall_limit_s must be a positive number of seconds up to {MAX_TIME_LIMIT_S} "
+            f"(365 days), or null"
+        )
     has_stdin = raw.get("has_stdin", False)
     if not isinstance(has_stdin, bool):
         raise ValueError("has_stdin must be true or false")
@@ -1566,17 +1652,81 @@ class _Execution:
                 return False
 
 
-def _watchdog(execution: _Execution, limit: float, grace: float = GRACE_S) -> None:
-    # Epoch interruption cannot reach a guest blocked in a host call (sleep, read):
-    # after a grace period, record the timeout and end the whole process. Alone (grace 0),
-    # it is the default wall-clock cap, which costs the guest nothing while it runs.
-    if execution.done.wait(limit + grace):
-        return
-    how = "ended while blocked in a host call" if grace else "ended by the watchdog"
-    message = f"time limit of {limit:g} s exceeded ({how})"
-    if execution.finish("timeout", 124, message, **execution.measures()):
-        sys.stderr.flush()
-        os._exit(124)
+class _Watchdog:
+    """Ends a job at its limit, counted from `started` (time.monotonic), so that loading and
+    compiling the module count too.
+
+    With a time limit (grace > 0) it first interrupts the guest by incrementing the epoch of
+    the engine given to `interrupt_with`; epoch interruption cannot reach a guest blocked in
+    a host call (sleep, read), so after the grace period it records the timeout and ends the
+    whole process. Alone (grace 0) it is the default wall-clock cap, which costs the guest
+    nothing while it runs. It never dies silently: a job whose watchdog failed is ended.
+    """
+
+    def __init__(self, execution: _Execution, limit: float, grace: float, started: float) -> None:
+        self.execution = execution
+        self.limit = limit
+        self.grace = grace
+        self.started = started
+        self._lock = threading.Lock()
+        self._engine: Any = None
+        self._expired = False
+
+    @classmethod
+    def for_spec(
+        cls, execution: _Execution, spec: dict[str, Any], started: float
+    ) -> _Watchdog | None:
+        """The watchdog a spec asks for (time_limit_s, else wall_limit_s), not yet started."""
+        if spec["time_limit_s"] is not None:
+            return cls(execution, spec["time_limit_s"], GRACE_S, started)
+        if spec.get("wall_limit_s") is not None:
+            return cls(execution, spec["wall_limit_s"], 0.0, started)
+        return None
+
+    def start(self) -> None:
+        threading.Thread(target=self._guard, daemon=True).start()
+
+    def interrupt_with(self, engine: Any) -> None:
+        """Interrupt guests of `engine` at the deadline (at once if it has passed)."""
+        with self._lock:
+            self._engine = engine
+            if self._expired:
+                engine.increment_epoch()
+
+    def _wait_until(self, deadline: float) -> bool:
+        """Wait until `deadline`; True if the job ended first."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.execution.done.wait(min(left, _WATCHDOG_SLICE_S)):
+                return True
+
+    def _guard(self) -> None:
+        execution = self.execution
+        try:
+            deadline = self.started + self.limit
+            if self._wait_until(deadline):
+                return
+            if self.grace:
+                with self._lock:
+                    self._expired = True
+                    if self._engine is not None:
+                        self._engine.increment_epoch()
+                if self._wait_until(deadline + self.grace):
+                    return
+            how = "ended while blocked in a host call" if self.grace else "ended by the watchdog"
+            message = f"time limit of {self.limit:g} s exceeded ({how})"
+            if execution.finish("timeout", 124, message, **execution.measures()):
+                sys.stderr.flush()
+                os._exit(124)
+        except BaseException as exc:
+            # Without its watchdog the job would have no limit at all: end it instead.
+            traceback.print_exc()
+            error = _one_line(f"runner error: the time-limit watchdog failed: {exc}")
+            if execution.finish("failed", 1, error, **execution.measures()):
+                sys.stderr.flush()
+                os._exit(1)
 
 
 class _OutputLimit:
@@ -1796,11 +1946,28 @@ def looks_out_of_memory(peak_bytes: int | None, limit_bytes: int, stderr_tail: b
     return _OOM_STDERR_RE.search(stderr_tail.lower()) is not None
 
 
+def guest_limits(memory_mb: int) -> dict[str, int]:
+    """wasmtime Store.set_limits arguments holding everything a guest can allocate to
+    `memory_mb`: its one linear memory, plus one table of at most an eighth of that."""
+    limit_bytes = memory_mb << 20
+    return {
+        "memory_size": limit_bytes,
+        "memories": GUEST_MEMORIES,
+        "tables": GUEST_TABLES,
+        "table_elements": limit_bytes // TABLE_SHARE_OF_MEMORY // TABLE_ELEMENT_BYTES,
+        "instances": GUEST_INSTANCES,
+    }
+
+
 def _run_module(
-    execution: _Execution, runtime: _Runtime, loaded: _LoadedModule, spec: dict[str, Any]
+    execution: _Execution,
+    runtime: _Runtime,
+    loaded: _LoadedModule,
+    spec: dict[str, Any],
+    watchdog: _Watchdog | None,
 ) -> None:
     """Run the job's module once in this process and write its result: the part of a job
-    that execute and serve share."""
+    that execute and serve share. `watchdog` (already started) enforces its time limit."""
     job_dir = execution.job_dir
     wasmtime = runtime.wasmtime
     engine = loaded.engine
@@ -1812,7 +1979,7 @@ def _run_module(
     linker.define_wasi()
     store = wasmtime.Store(engine)
     limit_bytes = memory_mb << 20
-    store.set_limits(memory_size=limit_bytes)
+    store.set_limits(**guest_limits(memory_mb))
     wasi = wasmtime.WasiConfig()
     # Exactly the argv and env of the spec: nothing of this process's environment.
     wasi.argv = spec["argv"]
@@ -1829,23 +1996,17 @@ def _run_module(
         wasi.preopen_dir(os.path.join(job_dir, "output"), "/output", True)
     store.set_wasi(wasi)
 
-    timer: threading.Timer | None = None
     if limit is not None:
         store.set_epoch_deadline(1)
-        timer = threading.Timer(limit, engine.increment_epoch)
-        timer.daemon = True
+        if watchdog is not None:
+            # At the time left of the limit, which loading the module has used up in part.
+            watchdog.interrupt_with(engine)
     output_limit: _OutputLimit | None = None
     if spec.get("max_output_bytes"):
         output_dir = os.path.join(job_dir, "output") if spec.get("output") else None
         output_limit = _OutputLimit(execution, spec["max_output_bytes"], output_dir)
         output_limit.start()
     execution.begin_run()
-    if timer is not None and limit is not None:
-        timer.start()
-        threading.Thread(target=_watchdog, args=(execution, limit), daemon=True).start()
-    elif spec.get("wall_limit_s") is not None:
-        cap = spec["wall_limit_s"]
-        threading.Thread(target=_watchdog, args=(execution, cap, 0.0), daemon=True).start()
 
     instance = None
     exit_code: int | None
@@ -1880,12 +2041,17 @@ def _run_module(
                 f"the module needs at least {need_mb} MiB of memory to start; "
                 f"the limit is {memory_mb} MiB"
             )
+        elif instance is None and _STORE_LIMIT_RE.search(message):
+            state, exit_code = "out_of_memory", 1
+            error = (
+                f"the module asks for more than a job may have ({message}): one linear "
+                f"memory of up to {memory_mb} MiB and one table of up to "
+                f"{guest_limits(memory_mb)['table_elements']} elements"
+            )
         else:
             state, exit_code, error = "failed", 1, message
     finally:
         execution.done.set()
-        if timer is not None:
-            timer.cancel()
     measures = execution.measures()
     peak = _linear_memory_bytes(wasmtime, instance, store)
     if output_limit is not None and output_limit.exceeded():
@@ -1899,9 +2065,15 @@ def _run_module(
 
 def _run_job(execution: _Execution) -> None:
     """execute's job: import wasmtime, load the module, run it."""
+    started = time.monotonic()
     job_dir = execution.job_dir
     with open(os.path.join(job_dir, "spec.json"), "rb") as spec_file:
         spec = json.loads(spec_file.read())
+    # Before the module is loaded: a module that takes long to compile counts against the
+    # time limit (and the wall-clock cap) like a guest that runs long.
+    watchdog = _Watchdog.for_spec(execution, spec, started)
+    if watchdog is not None:
+        watchdog.start()
     try:
         import wasmtime
     except ImportError as exc:
@@ -1914,7 +2086,7 @@ def _run_job(execution: _Execution) -> None:
     except (wasmtime.WasmtimeError, OSError) as exc:
         execution.finish("failed", 1, f"cannot load the module: {_one_line(str(exc))}")
         return
-    _run_module(execution, runtime, loaded, spec)
+    _run_module(execution, runtime, loaded, spec, watchdog)
 
 
 def _execute(job_dir: str, run: Callable[[_Execution], None]) -> NoReturn:
@@ -1982,15 +2154,20 @@ class _ServeRuntime(_Runtime):
         config.parallel_compilation = False
         return config
 
-    def load_for_task(self, sha: str, epoch: bool, log_path: str) -> _LoadedModule:
-        """The module for a task, loaded once per serve; what loading cost goes to the first."""
+    def load_for_task(
+        self, sha: str, epoch: bool, log_path: str, deadline: float | None
+    ) -> _LoadedModule:
+        """The module for a task, loaded once per serve; what loading cost goes to the first.
+
+        A compile that runs past `deadline` (time.monotonic) is killed: _CompileTimeout.
+        """
         known = self._modules.get((sha, epoch))
         if known is not None:
             return _LoadedModule(known.engine, known.module, 0.0, True)
         module_path, cache_path = self.module_paths(sha, epoch)
         helper_s = 0.0
         if not os.path.isfile(cache_path):
-            helper_s = self._compile_in_helper(epoch, module_path, cache_path, log_path)
+            helper_s = self._compile_in_helper(epoch, module_path, cache_path, log_path, deadline)
         loaded = self.load(sha, epoch, _log_appender(log_path))
         if helper_s and loaded.cached:
             loaded = _LoadedModule(loaded.engine, loaded.module, helper_s, False)
@@ -1998,7 +2175,12 @@ class _ServeRuntime(_Runtime):
         return loaded
 
     def _compile_in_helper(
-        self, epoch: bool, module_path: str, cache_path: str, log_path: str
+        self,
+        epoch: bool,
+        module_path: str,
+        cache_path: str,
+        log_path: str,
+        deadline: float | None,
     ) -> float:
         started = time.monotonic()
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -2016,8 +2198,41 @@ class _ServeRuntime(_Runtime):
                     os._exit(0)
         finally:
             os.close(log_fd)
-        os.waitpid(pid, 0)
+        if not _wait_for_child(pid, deadline):
+            # A compile bomb must not hold serve (and every task behind it) past the limit.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise _CompileTimeout
         return time.monotonic() - started
+
+
+class _CompileTimeout(Exception):
+    """serve's compile helper ran past the task's time limit and was killed."""
+
+
+def _wait_for_child(pid: int, deadline: float | None) -> bool:
+    """Reap child `pid`; False if `deadline` (time.monotonic) came first (it still runs)."""
+    if deadline is None:
+        os.waitpid(pid, 0)
+        return True
+    delay = POLL_MIN_S
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, POLL_MAX_S)
+    return True
+
+
+class _NotLoaded:
+    """How a serve task ends whose module could not be loaded (it still gets S, then R)."""
+
+    def __init__(self, state: str, exit_code: int, error: str) -> None:
+        self.state = state
+        self.exit_code = exit_code
+        self.error = error
 
 
 class _ServeTask:
@@ -2142,6 +2357,7 @@ class _Server:
         self.writer.send_json(KIND_HELLO, hello)
 
     def _launch(self, payload: bytes) -> None:
+        started = time.monotonic()
         runtime = self.runtime
         assert runtime is not None
         line, _, rest = payload.partition(b"\n")
@@ -2163,35 +2379,48 @@ class _Server:
             self.writer.send_keyed(refused.frame_kind, key, json.dumps(refused.answer).encode())
             return
         log_path = os.path.join(job_dir, "runner.log")
-        loaded: _LoadedModule | str
+        # As under execute, loading the module counts against the task's time limit.
+        limit, grace = spec["time_limit_s"], GRACE_S
+        if limit is None:
+            limit, grace = spec["wall_limit_s"], 0.0
+        deadline = None if limit is None else started + limit + grace
+        loaded: _LoadedModule | _NotLoaded
         try:
             loaded = runtime.load_for_task(
-                spec["wasm_sha256"], spec["time_limit_s"] is not None, log_path
+                spec["wasm_sha256"], spec["time_limit_s"] is not None, log_path, deadline
             )
+        except _CompileTimeout:
+            error = f"time limit of {limit:g} s exceeded while compiling the module"
+            loaded = _NotLoaded("timeout", 124, error)
         except (runtime.wasmtime.WasmtimeError, OSError) as exc:
             # As under execute: the task runs and fails with this as its result.
-            loaded = f"cannot load the module: {_one_line(str(exc))}"
+            loaded = _NotLoaded("failed", 1, f"cannot load the module: {_one_line(str(exc))}")
         try:
-            pid = self._fork_task(job_dir, spec, loaded, log_path)
+            pid = self._fork_task(job_dir, spec, loaded, log_path, started)
         except OSError as exc:
             shutil.rmtree(job_dir, ignore_errors=True)
             self.writer.send_keyed(KIND_ERROR, key, _error_json("io", exc))
             return
         self.running[pid] = _ServeTask(key, job_dir)
-        started = {"pid": pid, "job_dir": job_dir}
-        self.writer.send_keyed(KIND_STARTED, key, json.dumps(started).encode())
+        answer = {"pid": pid, "job_dir": job_dir}
+        self.writer.send_keyed(KIND_STARTED, key, json.dumps(answer).encode())
 
     # -- tasks
 
     def _fork_task(
-        self, job_dir: str, spec: dict[str, Any], loaded: _LoadedModule | str, log_path: str
+        self,
+        job_dir: str,
+        spec: dict[str, Any],
+        loaded: _LoadedModule | _NotLoaded,
+        log_path: str,
+        started: float,
     ) -> int:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                self._become_task(job_dir, spec, loaded, log_fd)
+                self._become_task(job_dir, spec, loaded, log_fd, started)
         finally:
             os.close(log_fd)
         with contextlib.suppress(OSError):
@@ -2200,7 +2429,12 @@ class _Server:
         return pid
 
     def _become_task(
-        self, job_dir: str, spec: dict[str, Any], loaded: _LoadedModule | str, log_fd: int
+        self,
+        job_dir: str,
+        spec: dict[str, Any],
+        loaded: _LoadedModule | _NotLoaded,
+        log_fd: int,
+        started: float,
     ) -> NoReturn:
         """In the forked child: detach from serve's session and streams, then run the task
         exactly as execute would. Never returns into serve's loop."""
@@ -2227,10 +2461,15 @@ class _Server:
         def run(execution: _Execution) -> None:
             assert runtime is not None
             execution.facts["wasmtime_version"] = runtime.version
-            if isinstance(loaded, str):
-                execution.finish("failed", 1, loaded)
-            else:
-                _run_module(execution, runtime, loaded, spec)
+            if isinstance(loaded, _NotLoaded):
+                execution.finish(loaded.state, loaded.exit_code, loaded.error)
+                return
+            # Counted from when serve got the task, so the time its module took to load is
+            # not given again.
+            watchdog = _Watchdog.for_spec(execution, spec, started)
+            if watchdog is not None:
+                watchdog.start()
+            _run_module(execution, runtime, loaded, spec, watchdog)
 
         _execute(job_dir, run)
 
@@ -2333,6 +2572,27 @@ _TEXT_COMMANDS: dict[str, tuple[str, Callable[..., int]]] = {
 }
 
 
+def _refuse_unsafe_workdir(name: str, params: list[str]) -> int | None:
+    """Refuse a command whose workdir (its first argument) is unsafe: an X frame of kind
+    "workdir" for a frame command, else a line on stderr; returns the exit status then."""
+    arg_names = {**_FRAME_COMMANDS, **_TEXT_COMMANDS}[name][0].split()
+    if not arg_names or arg_names[0] != "WORKDIR":
+        return None
+    problem = workdir_problem(_workdir(params[0]))
+    if problem is None:
+        return None
+    if name in _FRAME_COMMANDS:
+        writer = _FrameWriter(sys.stdout.buffer)
+        with contextlib.suppress(_CoordinatorGone):
+            if name == "serve":
+                writer.send_keyed(KIND_ERROR, "", _error_json("workdir", problem))
+            else:
+                writer.send_error("workdir", problem)
+    else:
+        print(f"sshwasm-exec: error: {problem}", file=sys.stderr)
+    return UNSAFE_WORKDIR_EXIT
+
+
 def _usage() -> str:
     commands = {**_FRAME_COMMANDS, **_TEXT_COMMANDS}
     return "\n".join(
@@ -2356,6 +2616,9 @@ def main(argv: list[str] | None = None) -> int:
     if not len(required) <= len(params) <= len(words):
         print(f"usage: sshwasm-exec {name} {arg_names}".rstrip(), file=sys.stderr)
         return 2
+    refusal = _refuse_unsafe_workdir(name, params)
+    if refusal is not None:
+        return refusal
     try:
         if is_frame_command:
             writer = _FrameWriter(sys.stdout.buffer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import random
 import shlex
@@ -45,12 +46,52 @@ SHELL_STDOUT_MAX_BYTES = 1 << 20
 MAX_JUMP_DEPTH = 8
 
 RUNNER_FILE = Path(runner.__file__).resolve()
-# What `<workdir>/bin/sshwasm-exec` holds: it runs the runner module installed beside it.
-RUNNER_STUB = """\
-import os, sys
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sshwasm_exec import main
-sys.exit(main())
+# The installed runner: a module, so that Python caches its bytecode (in bin/__pycache__).
+RUNNER_MODULE = "sshwasm_exec"
+
+# What the SSH command runs, as `python -c RUNNER_BOOTSTRAP WORKDIR COMMAND ARGS...`: no file
+# of the workdir is executed before the workdir, bin/, the installed module and its
+# bytecode are found to be the SSH user's own and writable by no one else (runner.py's
+# path_problem, whose source is included). Then it imports the module from bin/ and runs
+# its main. `install` instead writes the module read from stdin, after the same checks.
+RUNNER_BOOTSTRAP = f"""\
+from __future__ import annotations
+import os, stat, sys
+{inspect.getsource(runner.path_problem)}
+{inspect.getsource(runner.unsafe_workdir_message)}
+def bootstrap():
+    workdir = os.path.abspath(sys.argv[1])
+    command = sys.argv[2]
+    bin_dir = os.path.join(workdir, "bin")
+    module = os.path.join(bin_dir, "{RUNNER_MODULE}.py")
+    cache = os.path.join(bin_dir, "__pycache__")
+    compiled = os.path.join(cache, "{RUNNER_MODULE}." + sys.implementation.cache_tag + ".pyc")
+    for path in (workdir, bin_dir, module, cache, compiled):
+        problem = path_problem(path)
+        if problem is not None:
+            sys.stderr.write("sshwasm-exec: error: " + unsafe_workdir_message(problem) + "\\n")
+            return {runner.UNSAFE_WORKDIR_EXIT}
+    if command == "install":
+        os.umask(0o077)
+        os.makedirs(bin_dir, 0o700, exist_ok=True)
+        temp = module + ".tmp." + str(os.getpid())
+        with open(temp, "xb") as out:
+            out.write(sys.stdin.buffer.read())
+        os.replace(temp, module)
+        if os.path.exists(compiled):
+            # Its source's mtime and size may match the old one's: never run stale bytecode.
+            os.unlink(compiled)
+        return 0
+    if not os.path.isfile(module):
+        sys.stderr.write("sshwasm-exec: error: no runner installed in " + bin_dir + "\\n")
+        return 1
+    if sys.path and sys.path[0] == "":
+        sys.path[0] = bin_dir  # not the login's working directory (-c puts it first)
+    else:
+        sys.path.insert(0, bin_dir)
+    from {RUNNER_MODULE} import main
+    return main(sys.argv[2:])
+sys.exit(bootstrap())
 """
 
 
@@ -81,6 +122,14 @@ class Completed:
     exit_status: int | None
     stdout: bytes
     stderr: bytes
+
+
+def runner_refusal(stderr: bytes) -> str:
+    """What a runner (or its bootstrap) said when it refused to run: its last stderr line,
+    without the `sshwasm-exec: error: ` prefix."""
+    lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    line = lines[-1].strip() if lines else "the runner refused to run"
+    return line.removeprefix("sshwasm-exec: error: ")
 
 
 def remote_path(workdir: str, *parts: str) -> str:
@@ -530,8 +579,8 @@ class SshTransport(Transport):
             raise HostUnreachable(host.name, f"ssh ({what}): {exc.reason}") from exc
 
     def _runner_command(self, args: Sequence[str]) -> str:
-        script = remote_path(self.host.workdir, "bin", "sshwasm-exec")
-        return f"{shlex.quote(self.host.python)} {script} {shlex.join(args)}"
+        python, workdir = shlex.quote(self.host.python), remote_path(self.host.workdir)
+        return f"{python} -c {shlex.quote(RUNNER_BOOTSTRAP)} {workdir} {shlex.join(args)}"
 
     async def _open(self, command: str) -> _SshProcess:
         import asyncssh
@@ -580,27 +629,16 @@ class SshTransport(Transport):
 
     async def install_runner(self) -> None:
         workdir = self.host.workdir
-        bin_dir = remote_path(workdir, "bin")
-        module = remote_path(workdir, "bin", "sshwasm_exec.py")
-        module_temp = remote_path(workdir, "bin", ".sshwasm_exec.py.tmp") + ".$$"
-        target = remote_path(workdir, "bin", "sshwasm-exec")
-        target_temp = remote_path(workdir, "bin", ".sshwasm-exec.tmp") + ".$$"
-        # The runner goes in as a module with a small script in front of it: Python caches
-        # a module's bytecode but compiles a script anew on every run (~13 ms for this one).
-        # umask first: the workdir holds job output, private to the SSH user.
-        command = (
-            f"umask 077 && mkdir -p {bin_dir} && cat > {module_temp} "
-            f"&& mv -f {module_temp} {module} "
-            f"&& printf %s {shlex.quote(RUNNER_STUB)} > {target_temp} "
-            f"&& chmod 700 {target_temp} && mv -f {target_temp} {target}"
-        )
-        process = await self._open(command)
+        # The bootstrap refuses an unsafe existing workdir rather than write into it.
+        process = await self._open(self._runner_command(["install"]))
         await process.send(RUNNER_FILE.read_bytes())
         while await process.read():
             pass
         done = await process.finish()
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost while installing the runner")
+        if done.exit_status == runner.UNSAFE_WORKDIR_EXIT:
+            raise RemoteError(self.host.name, runner_refusal(done.stderr))
         if done.exit_status != 0:
             reason = done.stderr.decode(errors="replace").strip().splitlines()
             raise HostUnreachable(

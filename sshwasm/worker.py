@@ -30,6 +30,7 @@ from .runner import (
     KIND_STDERR,
     KIND_STDOUT,
     MAX_MESSAGE_BYTES,
+    UNSAFE_WORKDIR_EXIT,
     ArchiveTooLarge,
     FrameDecoder,
     ProtocolError,
@@ -42,7 +43,7 @@ from .runner import (
     runner_version,
 )
 from .staging import TarExtractor
-from .transport import Completed, RunnerProcess, Transport
+from .transport import Completed, RunnerProcess, Transport, runner_refusal
 
 OutputCallback = Callable[[bytes], object]
 # What fetch-output may send after its archive's end (tar pads to 10 KiB records).
@@ -168,6 +169,16 @@ def apply_frame(
     outcome.frames += 1
 
 
+def raise_if_refused(host: str, outcome: StreamOutcome) -> None:
+    """Raise RemoteError if the runner (or its bootstrap) refused an unsafe workdir: nothing
+    ran, and neither installing the runner nor retrying can help."""
+    if outcome.error is not None and outcome.error.get("kind") == "workdir":
+        raise RemoteError(host, str(outcome.error.get("error")))
+    done = outcome.completed
+    if outcome.frames == 0 and done is not None and done.exit_status == UNSAFE_WORKDIR_EXIT:
+        raise RemoteError(host, runner_refusal(done.stderr))
+
+
 def last_line(data: bytes) -> str:
     """The last non-empty line of a command's output: what a one-line error should quote."""
     lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
@@ -218,6 +229,7 @@ class WorkerClient:
             process = await self.transport.start_runner(["launch", self.host.workdir, job_id])
             await process.send(payload)
             outcome = await read_frames(self.host.name, process, on_stdout, on_stderr)
+            raise_if_refused(self.host.name, outcome)
             if outcome.error is not None and outcome.error["kind"] == "no_wasmtime":
                 raise RunnerUnavailable(self.host.name, outcome.error["error"])
             if outcome.need == "runner" or (
@@ -447,6 +459,12 @@ class ServeSession:
                         frames.extend(decoder.feed(chunk))
                         if frames:
                             reply = frames.pop(0)
+                            if reply[0] == KIND_ERROR:
+                                # Before its hello, serve refuses only an unsafe workdir.
+                                body = reply[1].partition(b"\n")[2]
+                                refusal = StreamOutcome(error=parse_frame_json(KIND_ERROR, body))
+                                process.abort()
+                                raise_if_refused(self.host.name, refusal)
                             if reply[0] not in (KIND_HELLO, KIND_NEED):
                                 raise ProtocolError(f"serve answered {reply[0]!r} to its hello")
                             answer = parse_frame_json(*reply)
@@ -455,6 +473,7 @@ class ServeSession:
                         raise broken_answer(self.host.name, exc) from exc
                 if reply is None:
                     done = await process.finish()
+                    raise_if_refused(self.host.name, StreamOutcome(completed=done))
                     if not self.transport.runner_sent:
                         await self.transport.install_runner_once()
                         continue

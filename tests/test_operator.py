@@ -56,13 +56,13 @@ def test_hosts_check_reports_each_host(
 
 def test_hosts_install_puts_the_runner_in_place(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (2, 1024)})
-    runner = cluster.parent / "workers" / "alpha" / "bin" / "sshwasm-exec"
+    runner = cluster.parent / "workers" / "alpha" / "bin" / "sshwasm_exec.py"
     assert not runner.exists()
     result = sshwasm("--cluster", str(cluster), "hosts", "install")
     assert result.returncode == 0, result.stderr
     assert "alpha: installed the runner" in result.stdout
     assert "wasmtime" in result.stdout and "importable" in result.stdout
-    assert runner.exists() and (runner.stat().st_mode & 0o777) == 0o700
+    assert runner.exists() and (runner.stat().st_mode & 0o777) == 0o600
     check = json.loads(sshwasm("--cluster", str(cluster), "hosts", "--check", "--json").stdout)
     assert check[0]["warnings"] == []
     unknown = sshwasm("--cluster", str(cluster), "hosts", "install", "nope")

