@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 from .cluster import Host
 from .errors import HostUnreachable, SshwasmError
 from .runner import ProtocolError, parse_info, runner_version
-from .transport import Completed, Transport, TransportPool
-from .worker import WorkerClient, broken_answer, last_line
+from .transport import Completed, Transport, TransportPool, last_line
+from .worker import WorkerClient, broken_answer
 
 HOST_CHECK_TIMEOUT_S = 15.0
 INSTALL_TIMEOUT_S = 300.0

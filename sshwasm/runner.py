@@ -188,7 +188,7 @@ _SCRIPT_PATH = os.path.abspath(__file__)
 
 
 def runner_source() -> bytes:
-    """The bytes of this file: what the coordinator installs as `sshwasm-exec`."""
+    """The bytes of this file: what the coordinator installs as `<workdir>/bin/sshwasm_exec.py`."""
     with open(_SCRIPT_PATH, "rb") as source:
         return source.read()
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import runner
 from .cluster import Host
-from .errors import HostKeyUntrusted, HostUnreachable, RemoteError
+from .errors import HostKeyUntrusted, HostUnreachable, RemoteError, RunnerUnavailable
 
 if TYPE_CHECKING:
     import asyncssh
@@ -42,6 +42,9 @@ MAX_CHANNELS = 8
 STDERR_KEEP_BYTES = 64 * 1024
 # What a plain command on a host (the facts probe, pip) may print on stdout at most.
 SHELL_STDOUT_MAX_BYTES = 1 << 20
+# What the remote shell exits with when the command (the host's `python`) cannot be run.
+SHELL_CANNOT_EXECUTE = 126
+SHELL_NOT_FOUND = 127
 # ProxyJump hosts that are themselves reached through ProxyJump, at most this deep.
 MAX_JUMP_DEPTH = 8
 
@@ -124,6 +127,22 @@ class Completed:
     stderr: bytes
 
 
+def last_line(data: bytes) -> str:
+    """The last non-empty line of a command's output: what a one-line error should quote."""
+    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+def cannot_start(host: Host, stderr: bytes) -> RunnerUnavailable:
+    """The error for a host whose `python` cannot run the runner (or its installer)."""
+    return RunnerUnavailable(
+        host.name,
+        f"the runner cannot start with '{host.python}': {last_line(stderr)}",
+        f"check `python:` of host '{host.name}' in the cluster file; "
+        f"`sshwasm hosts install {host.name}` installs wasmtime for it",
+    )
+
+
 def runner_refusal(stderr: bytes) -> str:
     """What a runner (or its bootstrap) said when it refused to run: its last stderr line,
     without the `sshwasm-exec: error: ` prefix."""
@@ -195,7 +214,7 @@ class Transport(ABC):
 
     @abstractmethod
     async def install_runner(self) -> None:
-        """Install this coordinator's runner as `<workdir>/bin/sshwasm-exec`."""
+        """Install this coordinator's runner as `<workdir>/bin/sshwasm_exec.py`."""
 
     @property
     @abstractmethod
@@ -639,6 +658,8 @@ class SshTransport(Transport):
             raise HostUnreachable(self.host.name, "connection lost while installing the runner")
         if done.exit_status == runner.UNSAFE_WORKDIR_EXIT:
             raise RemoteError(self.host.name, runner_refusal(done.stderr))
+        if done.exit_status in (SHELL_CANNOT_EXECUTE, SHELL_NOT_FOUND):
+            raise cannot_start(self.host, done.stderr)  # the host's `python` is not there
         if done.exit_status != 0:
             reason = done.stderr.decode(errors="replace").strip().splitlines()
             raise HostUnreachable(

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cluster import Host
 from .errors import HostUnreachable, RemoteError, RunnerUnavailable
 from .runner import (
     FETCH_STOPPED_AT_LIMIT,
@@ -43,7 +42,14 @@ from .runner import (
     runner_version,
 )
 from .staging import TarExtractor
-from .transport import Completed, RunnerProcess, Transport, runner_refusal
+from .transport import (
+    Completed,
+    RunnerProcess,
+    Transport,
+    cannot_start,
+    last_line,
+    runner_refusal,
+)
 
 OutputCallback = Callable[[bytes], object]
 # What fetch-output may send after its archive's end (tar pads to 10 KiB records).
@@ -177,22 +183,6 @@ def raise_if_refused(host: str, outcome: StreamOutcome) -> None:
     done = outcome.completed
     if outcome.frames == 0 and done is not None and done.exit_status == UNSAFE_WORKDIR_EXIT:
         raise RemoteError(host, runner_refusal(done.stderr))
-
-
-def last_line(data: bytes) -> str:
-    """The last non-empty line of a command's output: what a one-line error should quote."""
-    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no output"
-
-
-def cannot_start(host: Host, stderr: bytes) -> RunnerUnavailable:
-    """The error for a runner that exits without a word even after being installed."""
-    return RunnerUnavailable(
-        host.name,
-        f"the runner cannot start with '{host.python}': {last_line(stderr)}",
-        f"check `python:` of host '{host.name}' in the cluster file; "
-        f"`sshwasm hosts install {host.name}` installs wasmtime for it",
-    )
 
 
 class WorkerClient:
