@@ -107,11 +107,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _output_mb(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_OUTPUT_MB_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_OUTPUT_MB_LIMIT}, got {value}")
-    return value
+def _positive_int_up_to(maximum: int, unit: str) -> Callable[[str], int]:
+    """An argument type for a whole number from 1 to `maximum` (`unit` names what it counts)."""
+
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"at most {maximum} {unit}, got {value}")
+        return value
+
+    return parse
 
 
 def _positive_float(text: str) -> float:
@@ -133,13 +138,6 @@ def _time_limit(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"must be at most {MAX_TIME_LIMIT_S} seconds (365 days), got {text}"
         )
-    return value
-
-
-def _array_size(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_ARRAY_TASKS:
-        raise argparse.ArgumentTypeError(f"at most {MAX_ARRAY_TASKS} tasks, got {value}")
     return value
 
 
@@ -237,7 +235,7 @@ def build_parser() -> ArgumentParser:
     )
     run.add_argument(
         "--max-output-mb",
-        type=_output_mb,
+        type=_positive_int_up_to(MAX_OUTPUT_MB_LIMIT, "MB"),
         default=DEFAULT_MAX_OUTPUT_MB,
         metavar="N",
         help=f"end the job as failed once its stdout, stderr and /output together pass N MB "
@@ -245,7 +243,7 @@ def build_parser() -> ArgumentParser:
     )
     run.add_argument(
         "--array",
-        type=_array_size,
+        type=_positive_int_up_to(MAX_ARRAY_TASKS, "tasks"),
         metavar="N",
         help=f"run N tasks of the module (N <= {MAX_ARRAY_TASKS}); task i sees "
         "SSHWASM_ARRAY_TASK_ID=i and SSHWASM_ARRAY_TASK_COUNT=N",
