@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -50,8 +52,41 @@ def job_kind(index: int) -> str:
     return "plain"
 
 
-def run_one(bench: Bench, index: int) -> tuple[int, dict[str, Any] | None, str]:
-    """One foreground `sshwasm run --json`; returns exit code, record, stderr."""
+def run_measured(bench: Bench, argv: list[str]) -> tuple[int, bytes, bytes, int]:
+    """Run `sshwasm ARGV...`; returns exit code, stdout, stderr and its own peak RSS (KiB).
+
+    wait4 gives this one process's rusage, so a compiler another run started does not count.
+    """
+    process = bench.sshwasm_popen(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    streams: dict[str, bytes] = {}
+
+    def drain(name: str, stream: Any) -> None:
+        streams[name] = stream.read()
+
+    readers = [
+        threading.Thread(target=drain, args=("out", process.stdout)),
+        threading.Thread(target=drain, args=("err", process.stderr)),
+    ]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, streams["out"], streams["err"], usage.ru_maxrss
+
+
+def idle_coordinator_kib() -> int:
+    """Peak RSS of an interpreter that has imported what a coordinator runs, doing nothing:
+    the baseline for the coordinators' peaks."""
+    code = "import asyncssh, sshwasm.cli, sshwasm.jobs, sshwasm.transport"
+    process = subprocess.Popen([sys.executable, "-c", code])
+    _, _, usage = os.wait4(process.pid, 0)
+    return usage.ru_maxrss
+
+
+def run_one(bench: Bench, index: int) -> tuple[int, dict[str, Any] | None, str, int]:
+    """One foreground `sshwasm run --json`; returns exit code, record, stderr, peak RSS."""
     name = ["--job-name", f"soak-{index}"]
     kind = job_kind(index)
     if kind == "sparse":
@@ -63,13 +98,12 @@ def run_one(bench: Bench, index: int) -> tuple[int, dict[str, Any] | None, str]:
                 "--", "print:3000000"]  # fmt: skip
     else:
         argv = ["run", str(ECHO), "--json", *name, "--", f"token-{index}"]
-    completed = bench.sshwasm(*argv, timeout=600)
-    stderr = completed.stderr.decode(errors="replace")
+    returncode, stdout, stderr, peak_kib = run_measured(bench, argv)
     try:
-        record = json.loads(completed.stdout)
+        record = json.loads(stdout)
     except ValueError:
         record = None
-    return completed.returncode, record, stderr
+    return returncode, record, stderr.decode(errors="replace"), peak_kib
 
 
 def overcommitted(records: list[dict[str, Any]], shape: HostShape) -> list[str]:
@@ -142,7 +176,7 @@ def main() -> int:
                 print(warm.stderr.decode(errors="replace"))
                 return 1
         victim = bench.servers[bench.names[1]]
-        results: list[tuple[int, dict[str, Any] | None, str]] = []
+        results: list[tuple[int, dict[str, Any] | None, str, int]] = []
         lock = threading.Lock()
 
         def job(index: int) -> None:
@@ -175,10 +209,14 @@ def main() -> int:
                 future.result()
         locker.join()
         elapsed = time.monotonic() - started
-        # ru_maxrss of the largest waited-for child: every `sshwasm run` coordinator (KiB).
-        peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        idle_mib = idle_coordinator_kib() / 1024
+        peaks = {job_kind(index): 0.0 for index in range(options.jobs)}
+        for _, record, _, peak_kib in results:
+            if record is not None:
+                kind = job_kind(int(record["name"].split("-")[1]))
+                peaks[kind] = max(peaks[kind], peak_kib / 1024)
         listing = json.loads(bench.sshwasm("jobs", "--json", check=True).stdout)
-        records = [record for _, record, _ in results if record is not None]
+        records = [record for _, record, _, _ in results if record is not None]
         states = Counter(job["state"] for job in listing if (job["name"] or "").startswith("soak-"))
         plain = [r for r in records if job_kind(int(r["name"].split("-")[1])) == "plain"]
         capped = [r for r in records if job_kind(int(r["name"].split("-")[1])) != "plain"]
@@ -195,9 +233,9 @@ def main() -> int:
             if record["state"] != "failed" or "output limit" not in (record["error"] or "")
         ]
         on_broken = [record["id"] for record in records if record["host"] == BROKEN_HOST]
-        skip_warned = sum(f"skipping host '{BROKEN_HOST}'" in err for _, _, err in results)
+        skip_warned = sum(f"skipping host '{BROKEN_HOST}'" in err for _, _, err, _ in results)
         unfinished = [job["id"] for job in listing if job["state"] in ("queued", "running")]
-        tracebacks = sum("Traceback" in stderr for _, _, stderr in results)
+        tracebacks = sum("Traceback" in stderr for _, _, stderr, _ in results)
         print_table(
             [
                 ("jobs run", str(len(results))),
@@ -215,7 +253,12 @@ def main() -> int:
                 ("runs that warned of skipping it", str(skip_warned)),
                 ("over-committed hosts", str(overcommitted(records, shape) or "none")),
                 ("tracebacks", str(tracebacks)),
-                ("coordinator peak RSS", f"{peak_rss_mib:.1f} MiB (largest of all runs)"),
+                (
+                    "coordinator peak RSS",
+                    ", ".join(f"{kind} {mib:.1f} MiB" for kind, mib in sorted(peaks.items()))
+                    + f" (idle interpreter with the same imports: {idle_mib:.1f} MiB, "
+                    f"largest {max(peaks.values()) / idle_mib:.2f}x)",
+                ),
             ]
         )
         ok = not unfinished and not wrong_output and not tracebacks and not cap_missed
