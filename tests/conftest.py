@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import built, guest, live_launchers, stager
 from sshd import (
     HostSpec,
     SshHarnessError,
@@ -22,7 +23,8 @@ from sshd import (
     write_cluster,
 )
 
-__all__ = ["SshKit", "SshServer", "write_cluster"]
+# The session fixtures of `helpers` are registered by being names of this module.
+__all__ = ["SshKit", "SshServer", "built", "guest", "live_launchers", "stager", "write_cluster"]
 
 SESSION_HOSTS = {"alpha": "127.0.0.2", "beta": "127.0.0.3", "gamma": "127.0.0.4"}
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_build import forbid_subprocesses, run_wasm
+from helpers import forbid_subprocesses, run_wasm
 
 from sshwasm import build as build_module
 from sshwasm.build import (

@@ -3,69 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
-PROGRAMS = REPO / "tests" / "programs"
-
-
-def sshwasm(
-    *args: str, stdin: bytes | None = None, timeout: float = 120, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the real command line as a separate process."""
-    return subprocess.run(
-        [sys.executable, "-m", "sshwasm", *args],
-        input=stdin.decode() if stdin is not None else None,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=os.environ.copy(),
-    )
-
-
-def start_sshwasm(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sshwasm", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def start_streaming(*args: str) -> subprocess.Popen[bytes]:
-    """Start sshwasm with unbuffered binary pipes: a test may readline() what has arrived so
-    far and then communicate() without losing what was read ahead."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "sshwasm", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-    )
-
-
-def record_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    assert result.stdout.strip(), result.stderr
-    record: dict[str, Any] = json.loads(result.stdout)
-    return record
-
-
-def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
-    assert "Traceback" not in result.stderr, result.stderr
-
-
-def moment(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
+from helpers import EXAMPLES, PROGRAMS, moment, no_traceback, record_of, sshwasm, start_sshwasm
 
 
 @pytest.fixture

@@ -10,14 +10,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sshd import SshServer
-from test_cli_e2e import (
+from helpers import (
     EXAMPLES,
     PROGRAMS,
     moment,
@@ -25,19 +23,9 @@ from test_cli_e2e import (
     record_of,
     sshwasm,
     start_streaming,
+    wait_for_state,
 )
-
-
-def wait_for_state(job_id: int, states: set[str], timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = sshwasm("status", str(job_id), "--json")
-        if result.returncode == 0:  # else not submitted yet (still compiling)
-            record = record_of(result)
-            if record["state"] in states:
-                return record
-        assert time.monotonic() < deadline, result.stdout + result.stderr
-        time.sleep(0.2)
+from sshd import SshServer
 
 
 def session_children(server: SshServer) -> list[int]:

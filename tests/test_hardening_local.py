@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm
 from sshd import SshKit, SshServer
-from test_cli_e2e import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm
 
 from sshwasm import cli
 from sshwasm.store import JobSpec, JobStore

@@ -15,12 +15,9 @@ from typing import Any
 
 import pytest
 import wasmtime
-from test_cli_e2e import EXAMPLES, no_traceback, sshwasm
-from test_runner import RUNNER, Guest, guest, run_frames, run_runner
+from helpers import EXAMPLES, RUNNER, Guest, no_traceback, run_frames, run_runner, sshwasm
 
 from sshwasm.runner import RUNNER_VERSION
-
-__all__ = ["guest"]  # a fixture shared with test_runner
 
 
 def write_wat(path: Path, wat: str) -> Path:

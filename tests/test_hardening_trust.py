@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import PROGRAMS, no_traceback, record_of, sshwasm, start_streaming
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cli_e2e import PROGRAMS, no_traceback, record_of, sshwasm, start_streaming
 
 from sshwasm.cli import printable
 from sshwasm.runner import (

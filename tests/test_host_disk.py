@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_cli_e2e import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm
+from helpers import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from helpers import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm, wait_for_state
 from sshd import SshKit, SshServer
-from test_cli_e2e import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm
-from test_faults import wait_for_state
 
 
 def test_hosts_lists_capacity_and_what_is_held(make_cluster: Callable[..., Path]) -> None:

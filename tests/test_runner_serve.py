@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_runner import (
+from helpers import (
     OLD_PYTHONS,
     RUNNER,
     RUNNER_VERSION,
     Guest,
-    guest,
     holds,
     process_gone,
     read_result,
@@ -32,8 +31,6 @@ from test_runner import (
 )
 
 from sshwasm.runner import FrameDecoder, encode_frame
-
-__all__ = ["guest"]  # a fixture shared with test_runner
 
 
 @pytest.fixture

@@ -13,30 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_runner import (
+from helpers import (
     OLD_PYTHONS,
     RUNNER,
     RUNNER_VERSION,
     Guest,
     LiveLauncher,
-    compile_guest,
-    guest,
-    live_launchers,
     run_frames,
     run_runner,
     wait_for,
 )
 
 from sshwasm.runner import MAX_OUTPUT_DEPTH, UnsafeArchive, extract_tar_safely, write_tree_as_tar
-
-__all__ = ["guest", "live_launchers"]  # fixtures shared with test_runner
-
-STAGE_SOURCE = Path(__file__).parent / "programs" / "stage.rs"
-
-
-@pytest.fixture(scope="session")
-def stager(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    return compile_guest(STAGE_SOURCE.read_text(), tmp_path_factory.mktemp("stage"))
 
 
 @pytest.fixture
