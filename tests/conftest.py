@@ -19,6 +19,7 @@ from sshd import (
     SshKit,
     SshServer,
     check_prerequisites,
+    loopback,
     pid_alive,
     write_cluster,
 )
@@ -26,7 +27,8 @@ from sshd import (
 # The session fixtures of `helpers` are registered by being names of this module.
 __all__ = ["SshKit", "SshServer", "built", "guest", "live_launchers", "stager", "write_cluster"]
 
-SESSION_HOSTS = {"alpha": "127.0.0.2", "beta": "127.0.0.3", "gamma": "127.0.0.4"}
+# 127.0.0.2-4 alone; per xdist worker another 127.x.0.y (see `loopback`).
+SESSION_HOSTS = {"alpha": loopback(2), "beta": loopback(3), "gamma": loopback(4)}
 
 # The session hosts once started, so each test can find them healthy without starting them.
 _session_hosts: dict[str, SshServer] = {}
@@ -86,7 +88,7 @@ def ssh_kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshKit]:
 
 @pytest.fixture(scope="session")
 def ssh_hosts(ssh_kit: SshKit) -> Iterator[dict[str, SshServer]]:
-    """Three running sshd servers: alpha 127.0.0.2, beta 127.0.0.3, gamma 127.0.0.4.
+    """Three running sshd servers: alpha on loopback(2), beta (3), gamma (4).
 
     Shared by the whole session: to kill, pause or restart a host use `fresh_host`. Should a
     test do it anyway, the next test finds the three running again.
@@ -123,8 +125,8 @@ def fresh_host(ssh_kit: SshKit) -> Iterator[Callable[..., SshServer]]:
     """
     started: list[SshServer] = []
 
-    def start(name: str = "delta", address: str = "127.0.0.5", extra_config: str = "") -> SshServer:
-        server = ssh_kit.server(name, address, extra_config)
+    def start(name: str = "delta", address: str = "", extra_config: str = "") -> SshServer:
+        server = ssh_kit.server(name, address or loopback(5), extra_config)
         started.append(server)
         return server
 

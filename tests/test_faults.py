@@ -25,7 +25,7 @@ from helpers import (
     start_streaming,
     wait_for_state,
 )
-from sshd import SshServer
+from sshd import SshServer, loopback
 
 
 def session_children(server: SshServer) -> list[int]:
@@ -81,7 +81,7 @@ def test_status_says_lost_when_the_host_has_no_trace(make_cluster: Callable[...,
 def test_dropped_connection_reattaches_without_gaps_or_repeats(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
 ) -> None:
-    server = fresh_host("delta", "127.0.0.5")
+    server = fresh_host("delta", loopback(5))
     cluster = make_cluster({"delta": (2, 1024)}, servers=[server])
     process = start_streaming(
         "--cluster", str(cluster), "run", str(PROGRAMS / "trickle.rs"), "--", "300", "5"
@@ -101,7 +101,7 @@ def test_dropped_connection_reattaches_without_gaps_or_repeats(
 def test_host_down_at_placement_goes_to_the_next_best_fit(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path], ssh_hosts: Any
 ) -> None:
-    down = fresh_host("delta", "127.0.0.5")
+    down = fresh_host("delta", loopback(5))
     down.stop()
     cluster = make_cluster(
         {"delta": (1, 512), "alpha": (8, 8192)}, servers={**ssh_hosts, "delta": down}
@@ -118,7 +118,7 @@ def test_host_down_at_placement_goes_to_the_next_best_fit(
 def test_no_host_reachable_names_each_host_and_why(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
 ) -> None:
-    first, second = fresh_host("delta", "127.0.0.5"), fresh_host("epsilon", "127.0.0.6")
+    first, second = fresh_host("delta", loopback(5)), fresh_host("epsilon", loopback(6))
     first.stop()
     second.stop()
     cluster = make_cluster({"delta": (1, 512), "epsilon": (2, 512)}, servers=[first, second])
@@ -206,7 +206,7 @@ def test_a_busy_sshd_dropping_handshakes_costs_retries_not_jobs(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
 ) -> None:
     # MaxStartups 1: while one handshake is pending, sshd drops every other connection.
-    server = fresh_host("delta", "127.0.0.5", extra_config="MaxStartups 1\n")
+    server = fresh_host("delta", loopback(5), extra_config="MaxStartups 1\n")
     cluster = make_cluster({"delta": (2, 1024)}, servers=[server])
     hello = str(EXAMPLES / "hello.rs")
     warm = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
