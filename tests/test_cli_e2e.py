@@ -107,11 +107,21 @@ def test_args_env_and_stdin_reach_the_job_exactly(cluster: Path, tmp_path: Path)
 
 
 def test_job_sees_no_worker_environment(cluster: Path) -> None:
+    # Over real sshd, the runner itself has HOME, PATH, USER, SSH_CONNECTION...: none of
+    # them, and nothing else, may reach the guest; and exactly what was given must.
     result = sshwasm(
-        "--cluster", str(cluster), "run", str(EXAMPLES / "echo.rs"), "--env", "GREETING=x"
-    )
+        "--cluster", str(cluster), "run", str(PROGRAMS / "environ.rs"),
+        "--env", "GREETING=x", "--env", "EMPTY=", "--env", "SPACED=a b=c",
+        "--", "one", "two words",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "HOME" not in result.stdout and "PATH" not in result.stdout
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("argv ")][1:] == [
+        "argv one",
+        "argv two words",
+    ], result.stdout
+    seen = [line.removeprefix("env ") for line in lines if not line.startswith("argv ")]
+    assert sorted(seen) == ["EMPTY=", "GREETING=x", "SPACED=a b=c"], result.stdout
 
 
 def test_exit_code_three(cluster: Path) -> None:
