@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ci_skips import pytest_runtest_makereport
 from helpers import built, guest, live_launchers, stager
 from sshd import (
     HostSpec,
@@ -25,7 +26,17 @@ from sshd import (
 )
 
 # The session fixtures of `helpers` are registered by being names of this module.
-__all__ = ["SshKit", "SshServer", "built", "guest", "live_launchers", "stager", "write_cluster"]
+# The CI skip rule (ci_skips) is a hook, registered the same way.
+__all__ = [
+    "SshKit",
+    "SshServer",
+    "built",
+    "guest",
+    "live_launchers",
+    "pytest_runtest_makereport",
+    "stager",
+    "write_cluster",
+]
 
 # 127.0.0.2-4 alone; per xdist worker another 127.x.0.y (see `loopback`).
 SESSION_HOSTS = {"alpha": loopback(2), "beta": loopback(3), "gamma": loopback(4)}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ci_skips import beyond_our_control
 
 from sshwasm.build import Artifact, build, find_rust_toolchain
 from sshwasm.errors import ToolchainMissing
@@ -458,6 +459,9 @@ def read_result(job_dir: Path) -> dict[str, object]:
 
 
 OLD_PYTHONS = sorted(Path(sys.base_prefix).parent.glob("3.[89].*/bin/python3"))
+# Debian ships no 3.8 or 3.9 and scripts/setup cannot fetch one, so where none is installed
+# beside this Python (a pyenv layout) only the runner's 3.8 syntax is checked.
+OLD_PYTHONS_MISSING = beyond_our_control("no Python 3.8 or 3.9 installed beside this one")
 
 STAGE_SOURCE = PROGRAMS / "stage.rs"
 

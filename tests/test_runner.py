@@ -21,6 +21,7 @@ import pytest
 from helpers import (
     LEAK_MARKER,
     OLD_PYTHONS,
+    OLD_PYTHONS_MISSING,
     RUNNER,
     Guest,
     LiveLauncher,
@@ -661,7 +662,7 @@ def test_the_runner_parses_as_python_3_8() -> None:
     ast.parse(RUNNER.read_text(), feature_version=(3, 8))
 
 
-@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.8 or 3.9 installed beside this one")
+@pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)
 @pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
 def test_the_light_commands_work_on_older_pythons(
     tmp_path: Path, guest: Guest, python: Path

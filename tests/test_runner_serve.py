@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import (
     OLD_PYTHONS,
+    OLD_PYTHONS_MISSING,
     RUNNER,
     RUNNER_VERSION,
     Guest,
@@ -576,7 +577,7 @@ def test_with_its_reader_gone_serve_waits_for_its_tasks_then_exits(
         assert read_result(workdir / "jobs" / key)["state"] == "succeeded"
 
 
-@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.8 or 3.9 installed beside this one")
+@pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)
 @pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
 def test_serve_starts_on_older_pythons(
     workdir: Path, sessions: Callable[..., Session], python: Path

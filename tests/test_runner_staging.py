@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import (
     OLD_PYTHONS,
+    OLD_PYTHONS_MISSING,
     RUNNER,
     RUNNER_VERSION,
     Guest,
@@ -389,7 +390,7 @@ print(json.dumps(outcome))
 """
 
 
-@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.8 or 3.9 installed beside this one")
+@pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)
 @pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
 def test_staging_works_on_older_pythons(tmp_path: Path, python: Path) -> None:
     cases = {name: data.hex() for name, data in MALICIOUS.items()}
