@@ -8,10 +8,14 @@ missing toolchain fails the test instead of skipping it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -237,6 +241,22 @@ fn main() {
         "spin" => {
             println!("{}", spin());
         }
+        "held" => {
+            // Runs until the test releases it (see `release`): a job that is surely still
+            // running whenever the test looks, however slow the machine. Gives up after
+            // about a minute so a failed test leaves no guest behind.
+            out.write_all(b"start\n").unwrap();
+            out.flush().unwrap();
+            let mut waited = 0;
+            while std::fs::metadata("/input/release").is_err() {
+                if waited == 6000 {
+                    std::process::exit(3);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                waited += 1;
+            }
+            out.write_all(b"end\n").unwrap();
+        }
         "sleep" => {
             out.write_all(b"start\n").unwrap();
             out.flush().unwrap();
@@ -442,6 +462,54 @@ def process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return fields[0] in ("Z", "X")
+
+
+def held_spec(guest: Guest, key: str | None = None) -> bytes:
+    """A launch stream (or, with `key`, a serve L payload) of `probe held`: it prints
+    "start", then runs until `release(job_dir)`, then prints "end" and succeeds."""
+    spec: dict[str, object] = {
+        "runner_version": RUNNER_VERSION,
+        "wasm_sha256": guest.sha256,
+        "argv": ["probe", "held"],
+        "env": [],
+        "memory_mb": 64,
+        "time_limit_s": None,
+        "output": False,
+        "input_tar_bytes": len(HELD_INPUT),
+    }
+    if key is not None:
+        spec["key"] = key
+    return json.dumps(spec).encode() + b"\n" + HELD_INPUT
+
+
+def _held_input() -> bytes:
+    """A tar of one placeholder file: staging it gives the held guest its /input."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        member = tarfile.TarInfo("held")
+        member.size = 0
+        archive.addfile(member, io.BytesIO(b""))
+    return buffer.getvalue()
+
+
+HELD_INPUT = _held_input()
+
+
+def release(job_dir: Path) -> None:
+    """Let a `held_spec` job finish: the file it waits for appears in its /input."""
+    inputs = job_dir / "input"
+    inputs.chmod(0o700)  # the runner may have made the staged input read-only
+    (inputs / "release").write_bytes(b"")
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """Hold process `pid` stopped (SIGSTOP) inside the block: it cannot finish meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def holds(path: Path, expected: bytes) -> bool:

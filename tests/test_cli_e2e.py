@@ -8,7 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLES, PROGRAMS, moment, no_traceback, record_of, sshwasm, start_sshwasm
+from helpers import (
+    EXAMPLES,
+    PROGRAMS,
+    moment,
+    no_traceback,
+    record_of,
+    sshwasm,
+    start_sshwasm,
+    wait_for_state,
+)
 
 
 @pytest.fixture
@@ -229,18 +238,24 @@ def test_no_host_can_ever_fit(cluster: Path) -> None:
 def test_queued_then_started_on_a_one_slot_host(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (1, 1024)})
     sleep = str(PROGRAMS / "sleep.rs")
-    first = sshwasm("--cluster", str(cluster), "run", sleep, "--detach", "--", "2")
+    first = sshwasm("--cluster", str(cluster), "run", sleep, "--detach", "--", "60")
     assert first.returncode == 0 and first.stdout.strip() == "1"
-    deadline = time.monotonic() + 30
-    while record_of(sshwasm("status", "1", "--json"))["state"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    second = sshwasm("--cluster", str(cluster), "run", sleep, "--json", "--", "0")
-    assert second.returncode == 0, second.stderr
-    later = record_of(second)
+    wait_for_state(1, {"running"})
+    second = start_sshwasm("--cluster", str(cluster), "run", sleep, "--json", "--", "0")
+    try:
+        # Job 1 holds the only slot for as long as the test wants: job 2 must wait for it.
+        wait_for_state(2, {"queued"})
+        assert sshwasm("cancel", "1").returncode == 0
+        out, err = second.communicate(timeout=120)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.communicate()
+    assert second.returncode == 0, err
+    later = json.loads(out)
     earlier = record_of(sshwasm("status", "1", "--json"))
-    assert earlier["state"] == "succeeded"
-    assert later["queue_s"] > 0.5
+    assert earlier["state"] == "cancelled" and later["state"] == "succeeded"
+    assert later["queue_s"] > 0
     assert moment(later["started_at"]) >= moment(earlier["finished_at"])
 
 

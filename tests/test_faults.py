@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,9 @@ from helpers import (
     no_traceback,
     record_of,
     sshwasm,
+    start_sshwasm,
     start_streaming,
+    wait_for,
     wait_for_state,
 )
 from sshd import SshServer, loopback
@@ -211,16 +212,22 @@ def test_a_busy_sshd_dropping_handshakes_costs_retries_not_jobs(
     hello = str(EXAMPLES / "hello.rs")
     warm = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
     assert warm.returncode == 0, warm.stderr
-    # A client that connects and never finishes its handshake holds the only startup slot
-    # for a second, as a crowd of coordinators would.
+    # A client that connects and never finishes its handshake holds the only startup slot,
+    # as a crowd of coordinators would, until sshd has dropped the run at least once.
     squatter = socket.create_connection((server.address, server.port))
-    release = threading.Timer(1.0, squatter.close)
-    release.start()
     try:
-        result = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
+        run = start_sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
+        try:
+            wait_for(lambda: "MaxStartups" in server.log_text(), timeout=60)
+        finally:
+            squatter.close()
+        out, err = run.communicate(timeout=120)
     finally:
-        release.cancel()
         squatter.close()
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    result = subprocess.CompletedProcess(run.args, run.returncode, out, err)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "job done, hello!\n"
     assert "MaxStartups" in server.log_text()  # sshd really dropped us before the retry

@@ -27,11 +27,14 @@ from helpers import (
     LiveLauncher,
     Outcome,
     decode,
+    held_spec,
     holds,
     process_gone,
     read_result,
+    release,
     run_frames,
     run_runner,
+    runner_env,
     wait_for,
 )
 from hypothesis import given
@@ -339,12 +342,13 @@ def test_the_guest_cannot_read_host_files(tmp_path: Path, workdir: Path, guest: 
 def test_the_job_outlives_a_launcher_whose_reader_left(
     workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
 ) -> None:
-    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "3"]))
+    launcher = live_launchers(workdir, "1", held_spec(guest))
     launcher.read_until(b"S")
     launcher.close_stdout()
     # The launcher notices its reader is gone even though the job prints nothing meanwhile.
     assert launcher.process.wait(timeout=30) == 0
     assert not (launcher.job_dir / "result.json").exists()
+    release(launcher.job_dir)
     wait_for(lambda: (launcher.job_dir / "result.json").exists())
     assert read_result(launcher.job_dir)["state"] == "succeeded"
     assert (launcher.job_dir / "stdout").read_bytes() == b"start\nend\n"
@@ -367,10 +371,31 @@ def test_attach_sends_exactly_the_bytes_after_the_offsets(workdir: Path, guest: 
 def test_attach_follows_a_running_job_to_its_end(
     workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
 ) -> None:
-    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "2"]))
+    launcher = live_launchers(workdir, "1", held_spec(guest))
     launcher.read_until(b"S")
     launcher.close_stdout()
-    outcome = run_frames("attach", str(workdir), "1", "0", "0")
+    attach = subprocess.Popen(
+        [sys.executable, str(RUNNER), "attach", str(workdir), "1", "0", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=runner_env(),
+    )
+    try:
+        assert attach.stdout is not None
+        decoder, frames = FrameDecoder(), []
+        # attach is following: it has sent what the job printed so far, and no result.
+        while b"start\n" not in b"".join(data for kind, data in frames if kind == b"O"):
+            chunk = os.read(attach.stdout.fileno(), 65536)
+            assert chunk, f"attach ended early: {frames}"
+            frames += decoder.feed(chunk)
+        assert b"R" not in [kind for kind, _ in frames]
+        release(launcher.job_dir)
+        rest, stderr = attach.communicate(timeout=30)
+    finally:
+        if attach.poll() is None:
+            attach.kill()
+            attach.wait()
+    outcome = Outcome(attach.returncode, frames + decoder.feed(rest), stderr)
     assert outcome.stdout() == b"start\nend\n"
     assert outcome.result()["state"] == "succeeded"
 
@@ -386,7 +411,7 @@ def test_attach_and_poll_report_a_missing_job(tmp_path: Path, command: str) -> N
 def test_poll_reports_progress_then_the_result(
     workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
 ) -> None:
-    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "2"]))
+    launcher = live_launchers(workdir, "1", held_spec(guest))
     launcher.read_until(b"S")
     launcher.close_stdout()
     wait_for(lambda: holds(launcher.job_dir / "stdout", b"start\n"))
@@ -394,6 +419,7 @@ def test_poll_reports_progress_then_the_result(
     assert running.stdout() == b"start\n"
     assert running.frames[-1][0] == b"A"
     assert running.json_of(b"A") == {"alive": True}
+    release(launcher.job_dir)
     wait_for(lambda: (launcher.job_dir / "result.json").exists())
     finished = run_frames("poll", str(workdir), "1", "6", "0")
     assert finished.stdout() == b"end\n"

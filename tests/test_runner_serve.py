@@ -22,9 +22,11 @@ from helpers import (
     RUNNER,
     RUNNER_VERSION,
     Guest,
+    held_spec,
     holds,
     process_gone,
     read_result,
+    release,
     run_frames,
     run_runner,
     runner_env,
@@ -494,12 +496,13 @@ def test_poll_sees_a_serve_task_alive_then_finished(
 ) -> None:
     session = sessions(workdir)
     session.hello()
-    session.launch(task_spec(guest, "t1", ["probe", "sleep", "2"]))
+    session.launch(held_spec(guest, key="t1"))
     session.read_until(lambda: b"S" in session.task("t1").kinds())
     job_dir = workdir / "jobs" / "t1"
     wait_for(lambda: holds(job_dir / "stdout", b"start\n"))
     running = run_frames("poll", str(workdir), "t1", "0", "0")
     assert running.frames[-1] == (b"A", b'{"alive": true}')
+    release(job_dir)
     session.wait_done("t1")
     finished = run_frames("poll", str(workdir), "t1", "6", "0")
     assert finished.stdout() == b"end\n"

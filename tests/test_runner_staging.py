@@ -20,6 +20,7 @@ from helpers import (
     RUNNER_VERSION,
     Guest,
     LiveLauncher,
+    frozen,
     run_frames,
     run_runner,
     wait_for,
@@ -314,12 +315,16 @@ def test_output_stays_fetchable_while_running_and_after_a_timeout(
 ) -> None:
     spec = staged_spec(stager, ["stage", "30"], output=True, time_limit_s=2)
     launcher = live_launchers(workdir, "1", spec)
-    launcher.read_until(b"S")
+    pid = launcher.read_until(b"S")["pid"]
+    assert isinstance(pid, int)
     summary = launcher.job_dir / "output" / "summary.txt"
     wait_for(lambda: summary.exists() and summary.stat().st_size > 0)
-    while_running = fetch_output(workdir, "1")
+    # Frozen, the job can neither finish nor reach its time limit while output is fetched;
+    # once thawed, the limit (long past on a slow machine) ends it.
+    with frozen(pid):
+        while_running = fetch_output(workdir, "1")
+        assert not (launcher.job_dir / "result.json").exists()
     assert while_running.returncode == 0
-    assert not (launcher.job_dir / "result.json").exists()
     assert "summary.txt" in untar(while_running.stdout)
     result = launcher.read_until(b"R")
     assert result["state"] == "timeout"

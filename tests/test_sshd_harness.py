@@ -136,8 +136,9 @@ def test_stop_all_leaves_no_sshd_process(tmp_path: Path) -> None:
         async def open_session() -> list[int]:
             async with asyncssh.connect(**kit.connect_kwargs(servers[0])) as conn:
                 # A session that outlives our interest in it: stop_all must end it too.
-                process = await conn.create_process("sleep 30")
-                await asyncio.sleep(0.2)
+                process = await conn.create_process("echo ready; exec sleep 30")
+                # Once it speaks, the session's processes exist on the host.
+                assert await process.stdout.readline() == "ready\n"
                 pids = [pid for server in servers for pid in server.process_ids()]
                 kit.stop_all()
                 process.close()
