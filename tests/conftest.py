@@ -48,8 +48,18 @@ _session_hosts: dict[str, SshServer] = {}
 @pytest.fixture(scope="session")
 def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One compiled-module cache for the whole run: rustc costs about 1 s per program, and
-    the cache is content-addressed, so sharing it cannot leak one test's state into another."""
-    return tmp_path_factory.mktemp("sshwasm-cache")
+    the cache is content-addressed, so sharing it cannot leak one test's state into another.
+
+    Under pytest-xdist the workers share it too (it lives in the run's base temp dir, above
+    each worker's): sshwasm's cache, zig's, Go's and cargo's are all safe for concurrent
+    builds, and zig's wasi-libc alone takes a minute to build.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "sshwasm-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(autouse=True)

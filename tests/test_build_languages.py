@@ -34,6 +34,9 @@ from sshwasm.build import (
 )
 from sshwasm.errors import CompileError, ToolchainMissing, UsageError
 
+# Real zig, Go and cargo builds: zig alone builds wasi-libc for a minute on a cold cache.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 PROGRAMS = Path(__file__).resolve().parent / "programs"

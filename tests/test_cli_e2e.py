@@ -201,6 +201,7 @@ def test_time_limit_on_a_sleeping_guest_keeps_partial_output(cluster: Path) -> N
     assert record_of(sshwasm("status", "1", "--json"))["state"] == "timeout"
 
 
+@pytest.mark.slow
 def test_best_fit_among_three_unequal_hosts(cluster: Path) -> None:
     hello = str(EXAMPLES / "hello.rs")
     chosen = {}
@@ -235,6 +236,7 @@ def test_no_host_can_ever_fit(cluster: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_queued_then_started_on_a_one_slot_host(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (1, 1024)})
     sleep = str(PROGRAMS / "sleep.rs")
@@ -259,6 +261,7 @@ def test_queued_then_started_on_a_one_slot_host(make_cluster: Callable[..., Path
     assert moment(later["started_at"]) >= moment(earlier["finished_at"])
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_on_a_one_slot_host_never_overlap(
     make_cluster: Callable[..., Path],
 ) -> None:
@@ -278,6 +281,7 @@ def test_two_concurrent_runs_on_a_one_slot_host_never_overlap(
     assert moment(second["started_at"]) >= moment(first["finished_at"])
 
 
+@pytest.mark.slow
 def test_detach_then_status_and_logs(cluster: Path) -> None:
     result = sshwasm(
         "--cluster", str(cluster), "run", str(EXAMPLES / "echo.rs"), "--detach", "--", "x"
@@ -337,6 +341,7 @@ def test_every_command_has_help() -> None:
         assert result.returncode == 0 and "usage: sshwasm" in result.stdout
 
 
+@pytest.mark.slow
 def test_jobs_filters(cluster: Path) -> None:
     for program in ("hello.rs", "fail.rs"):
         sshwasm(

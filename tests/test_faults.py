@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import (
     EXAMPLES,
     PROGRAMS,
@@ -44,6 +45,7 @@ def session_children(server: SshServer) -> list[int]:
     return children
 
 
+@pytest.mark.slow
 def test_killed_coordinator_then_status_collects_the_true_result(
     make_cluster: Callable[..., Path],
 ) -> None:
@@ -154,6 +156,7 @@ def test_big_and_binary_output_arrives_whole(make_cluster: Callable[..., Path]) 
     assert record["stdout"].startswith("line 1\n") and record["stdout"].endswith(f"{lines}\n")
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (2, 1024), "beta": (1, 1024), "gamma": (3, 1024)})
     sleep = str(PROGRAMS / "sleep.rs")
@@ -203,6 +206,7 @@ def test_fifty_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path
             assert cpus <= capacity[host][0] and memory <= capacity[host][1], host
 
 
+@pytest.mark.slow
 def test_a_busy_sshd_dropping_handshakes_costs_retries_not_jobs(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
 ) -> None:
@@ -233,6 +237,7 @@ def test_a_busy_sshd_dropping_handshakes_costs_retries_not_jobs(
     assert "MaxStartups" in server.log_text()  # sshd really dropped us before the retry
 
 
+@pytest.mark.slow
 def test_logs_follow_a_job_whose_coordinator_was_killed(
     make_cluster: Callable[..., Path],
 ) -> None:

@@ -77,6 +77,7 @@ def test_help_does_not_list_the_internal_drive_command() -> None:
 # -- item 5: every path is taken from the working directory --------------------------------
 
 
+@pytest.mark.slow
 def test_cargo_project_given_as_a_relative_path(alpha_cluster: Path, tmp_path: Path) -> None:
     source = tmp_path / "src"
     shutil.copytree(EXAMPLES / "cargo-hello", source / "proj")
@@ -89,6 +90,7 @@ def test_cargo_project_given_as_a_relative_path(alpha_cluster: Path, tmp_path: P
         assert "hello" in result.stdout.lower(), result.stdout
 
 
+@pytest.mark.slow
 def test_every_flag_takes_paths_from_the_working_directory(
     alpha_cluster: Path, tmp_path: Path
 ) -> None:
@@ -289,6 +291,7 @@ def test_every_hop_of_a_proxy_jump_chain_is_verified(
 # -- item 9: background tasks, the jobs file lock, one follower per job ----------------------
 
 
+@pytest.mark.slow
 def test_a_lock_held_by_another_process_is_waited_out_with_a_warning(
     alpha_cluster: Path, tmp_path: Path
 ) -> None:
@@ -368,6 +371,7 @@ def test_a_failing_heartbeat_fails_the_run(
     assert "heartbeat failed" in line and "sshwasm status ID" in line, line
 
 
+@pytest.mark.slow
 def test_a_live_coordinator_with_a_stale_heartbeat_is_never_taken_over(
     alpha_cluster: Path, tmp_path: Path
 ) -> None:
