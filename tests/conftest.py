@@ -6,6 +6,7 @@ re-exported here so a test may import them from either module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 from ci_skips import pytest_runtest_makereport
-from helpers import built, guest, live_launchers, stager
+from helpers import REPO, built, guest, live_launchers, stager
 from sshd import (
     HostSpec,
     SshHarnessError,
@@ -59,6 +60,14 @@ def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root = root.parent
     path = root / "sshwasm-cache"
     path.mkdir(exist_ok=True)
+    # The caches of zig (wasi-libc and libc++, about a minute to build) and Go (its standard
+    # library for wasip1) outlive the run, in the checkout's .pytest_cache: both key every
+    # entry by all its inputs, flags included, and lock it against concurrent builds.
+    for tool in ("zig", "go"):
+        kept = REPO / ".pytest_cache" / f"sshwasm-{tool}"
+        kept.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another worker linked it first
+            (path / tool).symlink_to(kept, target_is_directory=True)
     return path
 
 
