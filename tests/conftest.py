@@ -6,25 +6,41 @@ re-exported here so a test may import them from either module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ci_skips import pytest_runtest_makereport
+from helpers import REPO, built, guest, live_launchers, stager
 from sshd import (
     HostSpec,
     SshHarnessError,
     SshKit,
     SshServer,
     check_prerequisites,
+    loopback,
     pid_alive,
     write_cluster,
 )
 
-__all__ = ["SshKit", "SshServer", "write_cluster"]
+# The session fixtures of `helpers` are registered by being names of this module.
+# The CI skip rule (ci_skips) is a hook, registered the same way.
+__all__ = [
+    "SshKit",
+    "SshServer",
+    "built",
+    "guest",
+    "live_launchers",
+    "pytest_runtest_makereport",
+    "stager",
+    "write_cluster",
+]
 
-SESSION_HOSTS = {"alpha": "127.0.0.2", "beta": "127.0.0.3", "gamma": "127.0.0.4"}
+# 127.0.0.2-4 alone; per xdist worker another 127.x.0.y (see `loopback`).
+SESSION_HOSTS = {"alpha": loopback(2), "beta": loopback(3), "gamma": loopback(4)}
 
 # The session hosts once started, so each test can find them healthy without starting them.
 _session_hosts: dict[str, SshServer] = {}
@@ -33,8 +49,26 @@ _session_hosts: dict[str, SshServer] = {}
 @pytest.fixture(scope="session")
 def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One compiled-module cache for the whole run: rustc costs about 1 s per program, and
-    the cache is content-addressed, so sharing it cannot leak one test's state into another."""
-    return tmp_path_factory.mktemp("sshwasm-cache")
+    the cache is content-addressed, so sharing it cannot leak one test's state into another.
+
+    Under pytest-xdist the workers share it too (it lives in the run's base temp dir, above
+    each worker's): sshwasm's cache, zig's, Go's and cargo's are all safe for concurrent
+    builds, and zig's wasi-libc alone takes a minute to build.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "sshwasm-cache"
+    path.mkdir(exist_ok=True)
+    # The caches of zig (wasi-libc and libc++, about a minute to build) and Go (its standard
+    # library for wasip1) outlive the run, in the checkout's .pytest_cache: both key every
+    # entry by all its inputs, flags included, and lock it against concurrent builds.
+    for tool in ("zig", "go"):
+        kept = REPO / ".pytest_cache" / f"sshwasm-{tool}"
+        kept.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another worker linked it first
+            (path / tool).symlink_to(kept, target_is_directory=True)
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +118,7 @@ def ssh_kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshKit]:
 
 @pytest.fixture(scope="session")
 def ssh_hosts(ssh_kit: SshKit) -> Iterator[dict[str, SshServer]]:
-    """Three running sshd servers: alpha 127.0.0.2, beta 127.0.0.3, gamma 127.0.0.4.
+    """Three running sshd servers: alpha on loopback(2), beta (3), gamma (4).
 
     Shared by the whole session: to kill, pause or restart a host use `fresh_host`. Should a
     test do it anyway, the next test finds the three running again.
@@ -121,8 +155,8 @@ def fresh_host(ssh_kit: SshKit) -> Iterator[Callable[..., SshServer]]:
     """
     started: list[SshServer] = []
 
-    def start(name: str = "delta", address: str = "127.0.0.5", extra_config: str = "") -> SshServer:
-        server = ssh_kit.server(name, address, extra_config)
+    def start(name: str = "delta", address: str = "", extra_config: str = "") -> SshServer:
+        server = ssh_kit.server(name, address or loopback(5), extra_config)
         started.append(server)
         return server
 

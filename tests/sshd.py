@@ -62,6 +62,24 @@ LogLevel VERBOSE
 """
 
 
+def loopback(host: int) -> str:
+    """Loopback address number `host` (2..254) of this test process.
+
+    Alone, 127.0.0.<host>. Under pytest-xdist, worker gwN uses 127.<N+1>.0.<host>, so no
+    two workers share an address: a stopped host's port cannot be taken by another worker's
+    sshd, and a test that expects "connection refused" cannot reach a stranger's server.
+    """
+    if not 2 <= host <= 254:
+        raise ValueError(f"loopback host number out of range: {host}")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        index = int(worker[2:]) + 1
+        if index > 254:
+            raise ValueError(f"too many xdist workers for per-worker addresses: {worker}")
+        return f"127.{index}.0.{host}"
+    return f"127.0.0.{host}"
+
+
 class SshHarnessError(RuntimeError):
     """The test SSH servers could not be set up; the message says what to look at."""
 
@@ -259,12 +277,13 @@ class SshKit:
         """The login user on every server: whoever runs the tests."""
         return current_user()
 
-    def server(self, name: str, address: str = "127.0.0.2", extra_config: str = "") -> SshServer:
+    def server(self, name: str, address: str = "", extra_config: str = "") -> SshServer:
         """Start a new sshd on a free port of loopback `address` and trust its host key.
 
         `extra_config` lines replace the default lines of the same keywords (for example
         "MaxStartups 2"): sshd is not consistent about which of two values wins.
         """
+        address = address or loopback(2)
         if not ipaddress.ip_address(address).is_loopback:
             raise ValueError(f"test servers listen on loopback only, not {address}")
         _ensure_privsep_dir()

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_cli_e2e import EXAMPLES, no_traceback, record_of, sshwasm
+from helpers import EXAMPLES, no_traceback, record_of, sshwasm
 
 
 def one_error_line(stderr: str) -> str:

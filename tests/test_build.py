@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ci_skips import beyond_our_control
+from helpers import forbid_subprocesses, run_wasm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,38 +55,6 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("SSHWASM_RUSTC", "RUSTUP_TOOLCHAIN", "RUSTUP_HOME"):
         monkeypatch.delenv(name, raising=False)
     return home
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory, shared_cache_dir: Path) -> dict[str, Artifact]:
-    """Every example and test program compiled once, in parallel, into the session cache."""
-    sources = sorted(EXAMPLES.glob("*.rs")) + sorted(
-        path for path in PROGRAMS.glob("*.rs") if path.stem != "compile_error"
-    )
-    cache = shared_cache_dir / "wasm"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HOME", str(tmp_path_factory.mktemp("session-home")))
-        patch.delenv("SSHWASM_RUSTC", raising=False)
-        try:
-            find_rust_toolchain(cache)
-        except ToolchainMissing as exc:
-            pytest.skip(f"no Rust toolchain for wasm32-wasi here: {exc}")
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            artifacts = list(pool.map(lambda source: build(source, cache), sources))
-    return {source.stem: artifact for source, artifact in zip(sources, artifacts, strict=True)}
-
-
-def forbid_subprocesses(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[Any]]:
-    """Make any attempt to start a process fail loudly; returns the attempts made."""
-    attempts: list[Sequence[Any]] = []
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        attempts.append(args)
-        raise AssertionError(f"unexpected subprocess: {args!r}")
-
-    monkeypatch.setattr(subprocess, "run", refuse)
-    monkeypatch.setattr(subprocess, "Popen", refuse)
-    return attempts
 
 
 @dataclass
@@ -131,67 +100,6 @@ def only_path(monkeypatch: pytest.MonkeyPatch, *directories: Path) -> None:
     """PATH made of exactly these directories, and no fallback locations."""
     monkeypatch.setenv("PATH", os.pathsep.join(str(d) for d in directories))
     monkeypatch.setattr(build_module, "RUST_FALLBACKS", ())
-
-
-def run_wasm(
-    module: Path,
-    tmp_path: Path,
-    args: Sequence[str] = (),
-    env: Sequence[tuple[str, str]] = (),
-    stdin: str | None = None,
-    memory_bytes: int | None = None,
-    interrupt_after_s: float | None = None,
-) -> tuple[int | str, str, str]:
-    """Run a module under wasmtime; return (exit code or trap name, stdout, stderr)."""
-    from wasmtime import (
-        Config,
-        Engine,
-        ExitTrap,
-        Func,
-        Linker,
-        Module,
-        Store,
-        Trap,
-        WasiConfig,
-    )
-
-    config = Config()
-    config.epoch_interruption = True
-    engine = Engine(config)
-    linker = Linker(engine)
-    linker.define_wasi()
-    store = Store(engine)
-    store.set_epoch_deadline(1)
-    if memory_bytes is not None:
-        store.set_limits(memory_size=memory_bytes)
-    wasi = WasiConfig()
-    wasi.argv = ["prog", *args]
-    wasi.env = [list(pair) for pair in env]
-    if stdin is not None:
-        (tmp_path / "stdin").write_text(stdin)
-        wasi.stdin_file = str(tmp_path / "stdin")
-    wasi.stdout_file = str(tmp_path / "stdout")
-    wasi.stderr_file = str(tmp_path / "stderr")
-    store.set_wasi(wasi)
-    instance = linker.instantiate(store, Module.from_file(engine, str(module)))
-    timer = None
-    if interrupt_after_s is not None:
-        timer = threading.Timer(interrupt_after_s, engine.increment_epoch)
-        timer.start()
-    outcome: int | str
-    start = instance.exports(store)["_start"]
-    assert isinstance(start, Func)
-    try:
-        start(store)
-        outcome = 0
-    except ExitTrap as exc:
-        outcome = exc.code
-    except Trap as exc:
-        outcome = exc.trap_code.name if exc.trap_code is not None else str(exc)
-    finally:
-        if timer is not None:
-            timer.cancel()
-    return outcome, (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
 
 
 # Hand-built modules: small enough to reason about byte by byte.
@@ -660,7 +568,9 @@ def test_source_that_is_not_utf8_is_rejected_before_compiling(
     assert attempts == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason=beyond_our_control("as root, files are readable whatever their mode")
+)
 def test_unreadable_source(tmp_path: Path) -> None:
     source = tmp_path / "secret.rs"
     source.write_text("fn main() {}\n")

@@ -3,69 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
-PROGRAMS = REPO / "tests" / "programs"
-
-
-def sshwasm(
-    *args: str, stdin: bytes | None = None, timeout: float = 120, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the real command line as a separate process."""
-    return subprocess.run(
-        [sys.executable, "-m", "sshwasm", *args],
-        input=stdin.decode() if stdin is not None else None,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=os.environ.copy(),
-    )
-
-
-def start_sshwasm(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sshwasm", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def start_streaming(*args: str) -> subprocess.Popen[bytes]:
-    """Start sshwasm with unbuffered binary pipes: a test may readline() what has arrived so
-    far and then communicate() without losing what was read ahead."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "sshwasm", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-    )
-
-
-def record_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    assert result.stdout.strip(), result.stderr
-    record: dict[str, Any] = json.loads(result.stdout)
-    return record
-
-
-def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
-    assert "Traceback" not in result.stderr, result.stderr
-
-
-def moment(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
+from helpers import (
+    EXAMPLES,
+    PROGRAMS,
+    moment,
+    no_traceback,
+    record_of,
+    sshwasm,
+    start_sshwasm,
+    wait_for_state,
+)
 
 
 @pytest.fixture
@@ -164,11 +116,21 @@ def test_args_env_and_stdin_reach_the_job_exactly(cluster: Path, tmp_path: Path)
 
 
 def test_job_sees_no_worker_environment(cluster: Path) -> None:
+    # Over real sshd, the runner itself has HOME, PATH, USER, SSH_CONNECTION...: none of
+    # them, and nothing else, may reach the guest; and exactly what was given must.
     result = sshwasm(
-        "--cluster", str(cluster), "run", str(EXAMPLES / "echo.rs"), "--env", "GREETING=x"
-    )
+        "--cluster", str(cluster), "run", str(PROGRAMS / "environ.rs"),
+        "--env", "GREETING=x", "--env", "EMPTY=", "--env", "SPACED=a b=c",
+        "--", "one", "two words",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "HOME" not in result.stdout and "PATH" not in result.stdout
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("argv ")][1:] == [
+        "argv one",
+        "argv two words",
+    ], result.stdout
+    seen = [line.removeprefix("env ") for line in lines if not line.startswith("argv ")]
+    assert sorted(seen) == ["EMPTY=", "GREETING=x", "SPACED=a b=c"], result.stdout
 
 
 def test_exit_code_three(cluster: Path) -> None:
@@ -239,6 +201,7 @@ def test_time_limit_on_a_sleeping_guest_keeps_partial_output(cluster: Path) -> N
     assert record_of(sshwasm("status", "1", "--json"))["state"] == "timeout"
 
 
+@pytest.mark.slow
 def test_best_fit_among_three_unequal_hosts(cluster: Path) -> None:
     hello = str(EXAMPLES / "hello.rs")
     chosen = {}
@@ -273,24 +236,32 @@ def test_no_host_can_ever_fit(cluster: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_queued_then_started_on_a_one_slot_host(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (1, 1024)})
     sleep = str(PROGRAMS / "sleep.rs")
-    first = sshwasm("--cluster", str(cluster), "run", sleep, "--detach", "--", "2")
+    first = sshwasm("--cluster", str(cluster), "run", sleep, "--detach", "--", "60")
     assert first.returncode == 0 and first.stdout.strip() == "1"
-    deadline = time.monotonic() + 30
-    while record_of(sshwasm("status", "1", "--json"))["state"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    second = sshwasm("--cluster", str(cluster), "run", sleep, "--json", "--", "0")
-    assert second.returncode == 0, second.stderr
-    later = record_of(second)
+    wait_for_state(1, {"running"})
+    second = start_sshwasm("--cluster", str(cluster), "run", sleep, "--json", "--", "0")
+    try:
+        # Job 1 holds the only slot for as long as the test wants: job 2 must wait for it.
+        wait_for_state(2, {"queued"})
+        assert sshwasm("cancel", "1").returncode == 0
+        out, err = second.communicate(timeout=120)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.communicate()
+    assert second.returncode == 0, err
+    later = json.loads(out)
     earlier = record_of(sshwasm("status", "1", "--json"))
-    assert earlier["state"] == "succeeded"
-    assert later["queue_s"] > 0.5
+    assert earlier["state"] == "cancelled" and later["state"] == "succeeded"
+    assert later["queue_s"] > 0
     assert moment(later["started_at"]) >= moment(earlier["finished_at"])
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_on_a_one_slot_host_never_overlap(
     make_cluster: Callable[..., Path],
 ) -> None:
@@ -310,6 +281,7 @@ def test_two_concurrent_runs_on_a_one_slot_host_never_overlap(
     assert moment(second["started_at"]) >= moment(first["finished_at"])
 
 
+@pytest.mark.slow
 def test_detach_then_status_and_logs(cluster: Path) -> None:
     result = sshwasm(
         "--cluster", str(cluster), "run", str(EXAMPLES / "echo.rs"), "--detach", "--", "x"
@@ -369,6 +341,7 @@ def test_every_command_has_help() -> None:
         assert result.returncode == 0 and "usage: sshwasm" in result.stdout
 
 
+@pytest.mark.slow
 def test_jobs_filters(cluster: Path) -> None:
     for program in ("hello.rs", "fail.rs"):
         sshwasm(

@@ -30,6 +30,7 @@ WORDS = st.one_of(
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(words=st.lists(WORDS, max_size=8))
+@pytest.mark.slow
 def test_any_argv_gives_an_exit_code_never_a_traceback(
     words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

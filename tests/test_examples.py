@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from test_cli_e2e import EXAMPLES, PROGRAMS, record_of, sshwasm
+from helpers import EXAMPLES, PROGRAMS, record_of, sshwasm
 
 
 def test_sweep_example_runs_as_an_array(make_cluster: Callable[..., Path]) -> None:

@@ -9,35 +9,25 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sshd import SshServer
-from test_cli_e2e import (
+import pytest
+from helpers import (
     EXAMPLES,
     PROGRAMS,
     moment,
     no_traceback,
     record_of,
     sshwasm,
+    start_sshwasm,
     start_streaming,
+    wait_for,
+    wait_for_state,
 )
-
-
-def wait_for_state(job_id: int, states: set[str], timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = sshwasm("status", str(job_id), "--json")
-        if result.returncode == 0:  # else not submitted yet (still compiling)
-            record = record_of(result)
-            if record["state"] in states:
-                return record
-        assert time.monotonic() < deadline, result.stdout + result.stderr
-        time.sleep(0.2)
+from sshd import SshServer, loopback
 
 
 def session_children(server: SshServer) -> list[int]:
@@ -55,6 +45,7 @@ def session_children(server: SshServer) -> list[int]:
     return children
 
 
+@pytest.mark.slow
 def test_killed_coordinator_then_status_collects_the_true_result(
     make_cluster: Callable[..., Path],
 ) -> None:
@@ -93,7 +84,7 @@ def test_status_says_lost_when_the_host_has_no_trace(make_cluster: Callable[...,
 def test_dropped_connection_reattaches_without_gaps_or_repeats(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
 ) -> None:
-    server = fresh_host("delta", "127.0.0.5")
+    server = fresh_host("delta", loopback(5))
     cluster = make_cluster({"delta": (2, 1024)}, servers=[server])
     process = start_streaming(
         "--cluster", str(cluster), "run", str(PROGRAMS / "trickle.rs"), "--", "300", "5"
@@ -113,7 +104,7 @@ def test_dropped_connection_reattaches_without_gaps_or_repeats(
 def test_host_down_at_placement_goes_to_the_next_best_fit(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path], ssh_hosts: Any
 ) -> None:
-    down = fresh_host("delta", "127.0.0.5")
+    down = fresh_host("delta", loopback(5))
     down.stop()
     cluster = make_cluster(
         {"delta": (1, 512), "alpha": (8, 8192)}, servers={**ssh_hosts, "delta": down}
@@ -130,7 +121,7 @@ def test_host_down_at_placement_goes_to_the_next_best_fit(
 def test_no_host_reachable_names_each_host_and_why(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
 ) -> None:
-    first, second = fresh_host("delta", "127.0.0.5"), fresh_host("epsilon", "127.0.0.6")
+    first, second = fresh_host("delta", loopback(5)), fresh_host("epsilon", loopback(6))
     first.stop()
     second.stop()
     cluster = make_cluster({"delta": (1, 512), "epsilon": (2, 512)}, servers=[first, second])
@@ -165,6 +156,7 @@ def test_big_and_binary_output_arrives_whole(make_cluster: Callable[..., Path]) 
     assert record["stdout"].startswith("line 1\n") and record["stdout"].endswith(f"{lines}\n")
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (2, 1024), "beta": (1, 1024), "gamma": (3, 1024)})
     sleep = str(PROGRAMS / "sleep.rs")
@@ -214,30 +206,38 @@ def test_fifty_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path
             assert cpus <= capacity[host][0] and memory <= capacity[host][1], host
 
 
+@pytest.mark.slow
 def test_a_busy_sshd_dropping_handshakes_costs_retries_not_jobs(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
 ) -> None:
     # MaxStartups 1: while one handshake is pending, sshd drops every other connection.
-    server = fresh_host("delta", "127.0.0.5", extra_config="MaxStartups 1\n")
+    server = fresh_host("delta", loopback(5), extra_config="MaxStartups 1\n")
     cluster = make_cluster({"delta": (2, 1024)}, servers=[server])
     hello = str(EXAMPLES / "hello.rs")
     warm = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
     assert warm.returncode == 0, warm.stderr
-    # A client that connects and never finishes its handshake holds the only startup slot
-    # for a second, as a crowd of coordinators would.
+    # A client that connects and never finishes its handshake holds the only startup slot,
+    # as a crowd of coordinators would, until sshd has dropped the run at least once.
     squatter = socket.create_connection((server.address, server.port))
-    release = threading.Timer(1.0, squatter.close)
-    release.start()
     try:
-        result = sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
+        run = start_sshwasm("--cluster", str(cluster), "run", hello, "--env", "HELLO_SLEEP_S=0")
+        try:
+            wait_for(lambda: "MaxStartups" in server.log_text(), timeout=60)
+        finally:
+            squatter.close()
+        out, err = run.communicate(timeout=120)
     finally:
-        release.cancel()
         squatter.close()
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    result = subprocess.CompletedProcess(run.args, run.returncode, out, err)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "job done, hello!\n"
     assert "MaxStartups" in server.log_text()  # sshd really dropped us before the retry
 
 
+@pytest.mark.slow
 def test_logs_follow_a_job_whose_coordinator_was_killed(
     make_cluster: Callable[..., Path],
 ) -> None:

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import EXAMPLES, PROGRAMS, Guest, holds, no_traceback, record_of, release, sshwasm
 from sshd import SshKit, SshServer
-from test_cli_e2e import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm
 
 from sshwasm import cli
 from sshwasm.store import JobSpec, JobStore
@@ -77,6 +77,7 @@ def test_help_does_not_list_the_internal_drive_command() -> None:
 # -- item 5: every path is taken from the working directory --------------------------------
 
 
+@pytest.mark.slow
 def test_cargo_project_given_as_a_relative_path(alpha_cluster: Path, tmp_path: Path) -> None:
     source = tmp_path / "src"
     shutil.copytree(EXAMPLES / "cargo-hello", source / "proj")
@@ -89,6 +90,7 @@ def test_cargo_project_given_as_a_relative_path(alpha_cluster: Path, tmp_path: P
         assert "hello" in result.stdout.lower(), result.stdout
 
 
+@pytest.mark.slow
 def test_every_flag_takes_paths_from_the_working_directory(
     alpha_cluster: Path, tmp_path: Path
 ) -> None:
@@ -289,28 +291,38 @@ def test_every_hop_of_a_proxy_jump_chain_is_verified(
 # -- item 9: background tasks, the jobs file lock, one follower per job ----------------------
 
 
+@pytest.mark.slow
 def test_a_lock_held_by_another_process_is_waited_out_with_a_warning(
-    alpha_cluster: Path, tmp_path: Path
+    alpha_cluster: Path, tmp_path: Path, guest: Guest
 ) -> None:
     db = tmp_path / "data" / "jobs.sqlite"
+    # Held guests (helpers.held_spec): both tasks run until the test releases them, so the
+    # coordinator is surely still at work, and must write, while the lock is held.
+    module = tmp_path / "probe.wasm"
+    module.write_bytes(guest.data)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "held").write_bytes(b"")
     run = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "sshwasm",
-            "--cluster",
-            str(alpha_cluster),
-            "run",
-            str(PROGRAMS / "sleep.rs"),
-            "--array",
-            "2",
-            "--",
-            "3",
+            sys.executable, "-m", "sshwasm", "--cluster", str(alpha_cluster), "run",
+            str(module), "--array", "2", "--input", str(staged), "--", "held",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
+    )  # fmt: skip
+    assert run.stderr is not None and run.stdout is not None
+    errors: list[str] = []
+
+    def read_errors() -> None:
+        assert run.stderr is not None
+        for line in run.stderr:
+            errors.append(line)
+
+    reader = threading.Thread(target=read_errors, daemon=True)
+    reader.start()
+    warning = f"sshwasm: warning: jobs file {db} is locked by another process"
     try:
         wait_until(
             lambda: all((r := job_row(db, i)) and r["state"] == "running" for i in (1, 2)),
@@ -318,17 +330,33 @@ def test_a_lock_held_by_another_process_is_waited_out_with_a_warning(
         )
         holder = sqlite3.connect(db, timeout=30, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
-        time.sleep(5.0)  # past one lock attempt of the coordinator (heartbeat, results)
-        holder.execute("COMMIT")
-        holder.close()
-        out, err = run.communicate(timeout=120)
+        try:
+            # Held until the coordinator has tried to write (a heartbeat) and said so.
+            wait_until(lambda: warning in "".join(errors), what="the lock warning")
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
+        # "running" is recorded before the launch: the tasks may reach the host only now.
+        jobs = tmp_path / "workers" / "alpha" / "jobs"
+
+        def both_started() -> list[Path]:
+            started = [d for d in jobs.glob("*") if holds(d / "stdout", b"start\n")]
+            return started if len(started) == 2 else []
+
+        started = wait_until(both_started, what="both tasks started on the host")
+        for job_dir in started:
+            release(job_dir)
+        out = run.stdout.read()
+        run.wait(timeout=120)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
+    reader.join(timeout=30)
+    err = "".join(errors)
     assert run.returncode == 0, err
     assert out == "start\nend\n" * 2
-    assert f"sshwasm: warning: jobs file {db} is locked by another process" in err, err
+    assert warning in err, err
     assert "Traceback" not in err
 
 
@@ -368,6 +396,7 @@ def test_a_failing_heartbeat_fails_the_run(
     assert "heartbeat failed" in line and "sshwasm status ID" in line, line
 
 
+@pytest.mark.slow
 def test_a_live_coordinator_with_a_stale_heartbeat_is_never_taken_over(
     alpha_cluster: Path, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_cli_e2e import PROGRAMS, no_traceback, record_of, sshwasm
+from helpers import PROGRAMS, no_traceback, record_of, sshwasm
 
 from sshwasm.jobs import OutputBudget, OutputSink
 from sshwasm.runner import ArchiveTooLarge, UnsafeArchive

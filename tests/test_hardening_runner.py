@@ -15,12 +15,9 @@ from typing import Any
 
 import pytest
 import wasmtime
-from test_cli_e2e import EXAMPLES, no_traceback, sshwasm
-from test_runner import RUNNER, Guest, guest, run_frames, run_runner
+from helpers import EXAMPLES, RUNNER, Guest, no_traceback, run_frames, run_runner, sshwasm
 
 from sshwasm.runner import RUNNER_VERSION
-
-__all__ = ["guest"]  # a fixture shared with test_runner
 
 
 def write_wat(path: Path, wat: str) -> Path:
@@ -147,6 +144,7 @@ def bomb_wasm(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return bytes(wasmtime.wat2wasm(compile_bomb()))
 
 
+@pytest.mark.slow
 def test_compiling_counts_against_the_time_limit(
     make_cluster: Callable[..., Path], tmp_path: Path, bomb_wasm: bytes
 ) -> None:
@@ -268,6 +266,7 @@ TAMPERINGS: list[tuple[str, Callable[[Path], Path], str]] = [
     TAMPERINGS,
     ids=[f"{where}-{tamper.__name__}" for where, tamper, _ in TAMPERINGS],
 )
+@pytest.mark.slow
 def test_an_unsafe_workdir_is_refused_and_nothing_runs(
     make_cluster: Callable[..., Path],
     where: str,
@@ -326,6 +325,7 @@ def test_the_local_host_checks_its_workdir_too(tmp_path: Path) -> None:
     assert hello(cluster).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_stale_runner_is_still_replaced(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (2, 1024)})
     installed = cluster.parent / "workers" / "alpha" / "bin" / "sshwasm_exec.py"
@@ -348,6 +348,7 @@ def test_the_bootstrap_parses_as_python_3_8() -> None:
 
 
 @pytest.mark.parametrize("where", ["bin", "cache"])
+@pytest.mark.slow
 def test_an_array_on_an_unsafe_workdir_runs_nothing(
     make_cluster: Callable[..., Path], where: str
 ) -> None:

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sshd import SshKit, SshServer
-from test_cli_e2e import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm
-from test_faults import wait_for_state
+from helpers import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm, wait_for_state
+from sshd import SshKit, SshServer, loopback
 
 
 def test_hosts_lists_capacity_and_what_is_held(make_cluster: Callable[..., Path]) -> None:
@@ -26,7 +25,7 @@ def test_hosts_lists_capacity_and_what_is_held(make_cluster: Callable[..., Path]
     rows = json.loads(sshwasm("--cluster", str(cluster), "hosts", "--json").stdout)
     assert rows == [
         {
-            "name": "alpha", "address": "127.0.0.2", "cpus": 4, "memory_mb": 4096,
+            "name": "alpha", "address": loopback(2), "cpus": 4, "memory_mb": 4096,
             "cpus_free": 1, "memory_free_mb": 4096 - 256, "running": 1, "labels": ["fast"],
         }
     ]  # fmt: skip
@@ -38,7 +37,7 @@ def test_hosts_lists_capacity_and_what_is_held(make_cluster: Callable[..., Path]
 def test_hosts_check_reports_each_host(
     make_cluster: Callable[..., Path], fresh_host: Callable[..., SshServer], ssh_hosts: Any
 ) -> None:
-    down = fresh_host("delta", "127.0.0.5")
+    down = fresh_host("delta", loopback(5))
     down.stop()
     cluster = make_cluster(
         {"alpha": (1024, 1 << 30), "delta": (1, 512)}, servers={**ssh_hosts, "delta": down}
@@ -147,7 +146,7 @@ def test_wasm_returns_the_exact_module(make_cluster: Callable[..., Path], tmp_pa
 def test_dry_run_explains_every_host(
     make_cluster: Callable[..., Path], fresh_host: Callable[..., SshServer], ssh_hosts: Any
 ) -> None:
-    down = fresh_host("delta", "127.0.0.5")
+    down = fresh_host("delta", loopback(5))
     down.stop()
     cluster = make_cluster(
         {

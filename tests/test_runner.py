@@ -13,12 +13,30 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from helpers import (
+    LEAK_MARKER,
+    OLD_PYTHONS,
+    OLD_PYTHONS_MISSING,
+    RUNNER,
+    Guest,
+    LiveLauncher,
+    Outcome,
+    decode,
+    held_spec,
+    holds,
+    process_gone,
+    read_result,
+    release,
+    run_frames,
+    run_runner,
+    runner_env,
+    wait_for,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,144 +51,6 @@ from sshwasm.runner import (
     runner_version,
 )
 
-RUNNER = Path(__file__).resolve().parents[1] / "sshwasm" / "runner.py"
-SYSTEM_RUSTC = Path("/usr/bin/rustc")
-# Put into the runner's own environment; a guest must never see it.
-LEAK_MARKER = ("SSHWASM_TEST_WORKER_SECRET", "worker-only")
-
-# One guest with a mode per behaviour, so the session compiles a single module.
-GUEST_SOURCE = r"""
-use std::io::{Read, Write};
-
-fn spin() -> u64 {
-    let mut x: u64 = 1;
-    loop {
-        let y = unsafe { std::ptr::read_volatile(&x) };
-        let z = y.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        unsafe { std::ptr::write_volatile(&mut x, z) };
-        if z == 0 {
-            return z;
-        }
-    }
-}
-
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let mode = args.get(1).map(|s| s.as_str()).unwrap_or("hello");
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    match mode {
-        "hello" => {
-            out.write_all(b"hello from wasm\n").unwrap();
-        }
-        "echo" => {
-            for a in &args {
-                out.write_all(a.as_bytes()).unwrap();
-                out.write_all(b"\0").unwrap();
-            }
-            out.write_all(b"\x01").unwrap();
-            for (k, v) in std::env::vars() {
-                out.write_all(k.as_bytes()).unwrap();
-                out.write_all(b"\0").unwrap();
-                out.write_all(v.as_bytes()).unwrap();
-                out.write_all(b"\0").unwrap();
-            }
-            out.write_all(b"\x01").unwrap();
-            let mut data = Vec::new();
-            std::io::stdin().read_to_end(&mut data).unwrap();
-            out.write_all(&data).unwrap();
-        }
-        "exit" => {
-            std::process::exit(args[2].parse().unwrap());
-        }
-        "panic" => {
-            panic!("boom from the guest");
-        }
-        "alloc" => {
-            let mut blocks: Vec<Vec<u8>> = Vec::new();
-            loop {
-                let block = vec![7u8; 1 << 20];
-                let first = unsafe { std::ptr::read_volatile(&block[0]) };
-                if first != 7 {
-                    break;
-                }
-                blocks.push(block);
-            }
-            println!("{}", blocks.len());
-        }
-        "spin" => {
-            println!("{}", spin());
-        }
-        "sleep" => {
-            out.write_all(b"start\n").unwrap();
-            out.flush().unwrap();
-            let secs: u64 = args[2].parse().unwrap();
-            std::thread::sleep(std::time::Duration::from_secs(secs));
-            out.write_all(b"end\n").unwrap();
-        }
-        "read" => match std::fs::read(&args[2]) {
-            Ok(data) => {
-                out.write_all(&data).unwrap();
-            }
-            Err(e) => {
-                eprintln!("cannot read {}: {}", args[2], e);
-                std::process::exit(5);
-            }
-        },
-        "output" => {
-            let n: usize = args[2].parse().unwrap();
-            let m: usize = args[3].parse().unwrap();
-            let text: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
-            out.write_all(&text).unwrap();
-            out.flush().unwrap();
-            let err: Vec<u8> = (0..m).map(|i| b'0' + (i % 10) as u8).collect();
-            std::io::stderr().write_all(&err).unwrap();
-        }
-        _ => std::process::exit(99),
-    }
-}
-"""
-
-
-@dataclass(frozen=True)
-class Guest:
-    """The compiled probe module."""
-
-    data: bytes
-    sha256: str
-
-
-@dataclass
-class Outcome:
-    """What one frame-speaking runner command sent back."""
-
-    returncode: int
-    frames: list[tuple[bytes, bytes]]
-    stderr: bytes
-
-    def payloads(self, kind: bytes) -> list[bytes]:
-        return [payload for frame_kind, payload in self.frames if frame_kind == kind]
-
-    def stdout(self) -> bytes:
-        return b"".join(self.payloads(b"O"))
-
-    def stderr_stream(self) -> bytes:
-        return b"".join(self.payloads(b"E"))
-
-    def json_of(self, kind: bytes) -> dict[str, object]:
-        (payload,) = self.payloads(kind)
-        value = json.loads(payload)
-        assert isinstance(value, dict)
-        return value
-
-    def result(self) -> dict[str, object]:
-        assert self.frames, f"no frames; stderr: {self.stderr!r}"
-        kind, payload = self.frames[-1]
-        assert kind == b"R", self.frames
-        value = json.loads(payload)
-        assert isinstance(value, dict)
-        return value
-
 
 @pytest.fixture(autouse=True)
 def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
@@ -180,73 +60,6 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("HOME", str(path))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     return path
-
-
-# Compiled programs by source text: the session compiles each once, however many test
-# modules ask for it (each module importing a session fixture gets its own instance).
-_COMPILED: dict[str, Guest] = {}
-
-
-def compile_guest(source_text: str, build: Path) -> Guest:
-    """Compile Rust source to wasm32-wasi with the system rustc, once per session."""
-    if not SYSTEM_RUSTC.exists():
-        pytest.skip("needs /usr/bin/rustc with the wasm32-wasi target")
-    if source_text not in _COMPILED:
-        source = build / "guest.rs"
-        source.write_text(source_text)
-        output = build / "guest.wasm"
-        subprocess.run(
-            [
-                str(SYSTEM_RUSTC),
-                "--edition",
-                "2021",
-                "--target",
-                "wasm32-wasi",
-                "-O",
-                "-C",
-                "strip=symbols",
-                "-o",
-                str(output),
-                str(source),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        data = output.read_bytes()
-        _COMPILED[source_text] = Guest(data, hashlib.sha256(data).hexdigest())
-    return _COMPILED[source_text]
-
-
-@pytest.fixture(scope="session")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    return compile_guest(GUEST_SOURCE, tmp_path_factory.mktemp("guest"))
-
-
-def runner_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env[LEAK_MARKER[0]] = LEAK_MARKER[1]
-    return env
-
-
-def run_runner(
-    *args: str, stdin: bytes = b"", python: list[str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[bytes]:
-    command = [*(python or [sys.executable]), str(RUNNER), *args]
-    return subprocess.run(
-        command, input=stdin, capture_output=True, timeout=timeout, env=runner_env()
-    )
-
-
-def decode(stream: bytes) -> list[tuple[bytes, bytes]]:
-    decoder = FrameDecoder()
-    frames = decoder.feed(stream)
-    assert decoder.pending == 0, "the stream ended inside a frame"
-    return frames
-
-
-def run_frames(*args: str, stdin: bytes = b"", python: list[str] | None = None) -> Outcome:
-    done = run_runner(*args, stdin=stdin, python=python)
-    return Outcome(done.returncode, decode(done.stdout), done.stderr)
 
 
 @pytest.fixture
@@ -303,98 +116,6 @@ def launch(
     outcome = run_frames("launch", str(workdir), job_id, stdin=spec)
     assert outcome.returncode == 0, outcome.stderr
     return outcome
-
-
-class LiveLauncher:
-    """A launch whose frames are read as they come, so the test can act mid-job."""
-
-    def __init__(self, workdir: Path, job_id: str, spec: bytes) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(RUNNER), "launch", str(workdir), job_id],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=runner_env(),
-        )
-        assert self.process.stdin is not None
-        self.process.stdin.write(spec)
-        self.process.stdin.close()
-        self.decoder = FrameDecoder()
-        self.frames: list[tuple[bytes, bytes]] = []
-        self.job_dir = workdir / "jobs" / job_id
-
-    def read_until(self, kind: bytes, timeout: float = 30) -> dict[str, object]:
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for frame_kind, payload in self.frames:
-                if frame_kind == kind:
-                    value = json.loads(payload)
-                    assert isinstance(value, dict)
-                    return value
-            data = os.read(self.process.stdout.fileno(), 65536)
-            if not data:
-                break
-            self.frames += self.decoder.feed(data)
-        raise AssertionError(f"no {kind!r} frame; got {self.frames}")
-
-    def close_stdout(self) -> None:
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-
-    def finish(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.fixture
-def live_launchers() -> Iterator[Callable[[Path, str, bytes], LiveLauncher]]:
-    started: list[LiveLauncher] = []
-
-    def start(workdir: Path, job_id: str, spec: bytes) -> LiveLauncher:
-        launcher = LiveLauncher(workdir, job_id, spec)
-        started.append(launcher)
-        return launcher
-
-    yield start
-    for launcher in started:
-        launcher.finish()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
-def process_gone(pid: int) -> bool:
-    """True when pid no longer runs; a zombie waiting for its reaper counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat_file:
-            fields = stat_file.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return True
-    return fields[0] in ("Z", "X")
-
-
-def holds(path: Path, expected: bytes) -> bool:
-    """True once `path` exists with exactly `expected` in it."""
-    try:
-        return path.read_bytes() == expected
-    except FileNotFoundError:
-        return False
-
-
-def read_result(job_dir: Path) -> dict[str, object]:
-    value = json.loads((job_dir / "result.json").read_text())
-    assert isinstance(value, dict)
-    return value
 
 
 # ----------------------------------------------------------------------------- frames
@@ -621,12 +342,13 @@ def test_the_guest_cannot_read_host_files(tmp_path: Path, workdir: Path, guest: 
 def test_the_job_outlives_a_launcher_whose_reader_left(
     workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
 ) -> None:
-    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "3"]))
+    launcher = live_launchers(workdir, "1", held_spec(guest))
     launcher.read_until(b"S")
     launcher.close_stdout()
     # The launcher notices its reader is gone even though the job prints nothing meanwhile.
     assert launcher.process.wait(timeout=30) == 0
     assert not (launcher.job_dir / "result.json").exists()
+    release(launcher.job_dir)
     wait_for(lambda: (launcher.job_dir / "result.json").exists())
     assert read_result(launcher.job_dir)["state"] == "succeeded"
     assert (launcher.job_dir / "stdout").read_bytes() == b"start\nend\n"
@@ -649,10 +371,31 @@ def test_attach_sends_exactly_the_bytes_after_the_offsets(workdir: Path, guest: 
 def test_attach_follows_a_running_job_to_its_end(
     workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
 ) -> None:
-    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "2"]))
+    launcher = live_launchers(workdir, "1", held_spec(guest))
     launcher.read_until(b"S")
     launcher.close_stdout()
-    outcome = run_frames("attach", str(workdir), "1", "0", "0")
+    attach = subprocess.Popen(
+        [sys.executable, str(RUNNER), "attach", str(workdir), "1", "0", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=runner_env(),
+    )
+    try:
+        assert attach.stdout is not None
+        decoder, frames = FrameDecoder(), []
+        # attach is following: it has sent what the job printed so far, and no result.
+        while b"start\n" not in b"".join(data for kind, data in frames if kind == b"O"):
+            chunk = os.read(attach.stdout.fileno(), 65536)
+            assert chunk, f"attach ended early: {frames}"
+            frames += decoder.feed(chunk)
+        assert b"R" not in [kind for kind, _ in frames]
+        release(launcher.job_dir)
+        rest, stderr = attach.communicate(timeout=30)
+    finally:
+        if attach.poll() is None:
+            attach.kill()
+            attach.wait()
+    outcome = Outcome(attach.returncode, frames + decoder.feed(rest), stderr)
     assert outcome.stdout() == b"start\nend\n"
     assert outcome.result()["state"] == "succeeded"
 
@@ -668,7 +411,7 @@ def test_attach_and_poll_report_a_missing_job(tmp_path: Path, command: str) -> N
 def test_poll_reports_progress_then_the_result(
     workdir: Path, guest: Guest, live_launchers: Callable[[Path, str, bytes], LiveLauncher]
 ) -> None:
-    launcher = live_launchers(workdir, "1", make_spec(guest, ["probe", "sleep", "2"]))
+    launcher = live_launchers(workdir, "1", held_spec(guest))
     launcher.read_until(b"S")
     launcher.close_stdout()
     wait_for(lambda: holds(launcher.job_dir / "stdout", b"start\n"))
@@ -676,6 +419,7 @@ def test_poll_reports_progress_then_the_result(
     assert running.stdout() == b"start\n"
     assert running.frames[-1][0] == b"A"
     assert running.json_of(b"A") == {"alive": True}
+    release(launcher.job_dir)
     wait_for(lambda: (launcher.job_dir / "result.json").exists())
     finished = run_frames("poll", str(workdir), "1", "6", "0")
     assert finished.stdout() == b"end\n"
@@ -944,10 +688,7 @@ def test_the_runner_parses_as_python_3_8() -> None:
     ast.parse(RUNNER.read_text(), feature_version=(3, 8))
 
 
-OLD_PYTHONS = sorted(Path(sys.base_prefix).parent.glob("3.[89].*/bin/python3"))
-
-
-@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.8 or 3.9 installed beside this one")
+@pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)
 @pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
 def test_the_light_commands_work_on_older_pythons(
     tmp_path: Path, guest: Guest, python: Path

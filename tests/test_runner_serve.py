@@ -16,15 +16,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_runner import (
+from helpers import (
     OLD_PYTHONS,
+    OLD_PYTHONS_MISSING,
     RUNNER,
     RUNNER_VERSION,
     Guest,
-    guest,
+    held_spec,
     holds,
     process_gone,
     read_result,
+    release,
     run_frames,
     run_runner,
     runner_env,
@@ -32,8 +34,6 @@ from test_runner import (
 )
 
 from sshwasm.runner import FrameDecoder, encode_frame
-
-__all__ = ["guest"]  # a fixture shared with test_runner
 
 
 @pytest.fixture
@@ -496,12 +496,13 @@ def test_poll_sees_a_serve_task_alive_then_finished(
 ) -> None:
     session = sessions(workdir)
     session.hello()
-    session.launch(task_spec(guest, "t1", ["probe", "sleep", "2"]))
+    session.launch(held_spec(guest, key="t1"))
     session.read_until(lambda: b"S" in session.task("t1").kinds())
     job_dir = workdir / "jobs" / "t1"
     wait_for(lambda: holds(job_dir / "stdout", b"start\n"))
     running = run_frames("poll", str(workdir), "t1", "0", "0")
     assert running.frames[-1] == (b"A", b'{"alive": true}')
+    release(job_dir)
     session.wait_done("t1")
     finished = run_frames("poll", str(workdir), "t1", "6", "0")
     assert finished.stdout() == b"end\n"
@@ -579,7 +580,7 @@ def test_with_its_reader_gone_serve_waits_for_its_tasks_then_exits(
         assert read_result(workdir / "jobs" / key)["state"] == "succeeded"
 
 
-@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.8 or 3.9 installed beside this one")
+@pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)
 @pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
 def test_serve_starts_on_older_pythons(
     workdir: Path, sessions: Callable[..., Session], python: Path

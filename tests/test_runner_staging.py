@@ -13,30 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_runner import (
+from helpers import (
     OLD_PYTHONS,
+    OLD_PYTHONS_MISSING,
     RUNNER,
     RUNNER_VERSION,
     Guest,
     LiveLauncher,
-    compile_guest,
-    guest,
-    live_launchers,
+    frozen,
     run_frames,
     run_runner,
     wait_for,
 )
 
 from sshwasm.runner import MAX_OUTPUT_DEPTH, UnsafeArchive, extract_tar_safely, write_tree_as_tar
-
-__all__ = ["guest", "live_launchers"]  # fixtures shared with test_runner
-
-STAGE_SOURCE = Path(__file__).parent / "programs" / "stage.rs"
-
-
-@pytest.fixture(scope="session")
-def stager(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    return compile_guest(STAGE_SOURCE.read_text(), tmp_path_factory.mktemp("stage"))
 
 
 @pytest.fixture
@@ -325,12 +315,16 @@ def test_output_stays_fetchable_while_running_and_after_a_timeout(
 ) -> None:
     spec = staged_spec(stager, ["stage", "30"], output=True, time_limit_s=2)
     launcher = live_launchers(workdir, "1", spec)
-    launcher.read_until(b"S")
+    pid = launcher.read_until(b"S")["pid"]
+    assert isinstance(pid, int)
     summary = launcher.job_dir / "output" / "summary.txt"
     wait_for(lambda: summary.exists() and summary.stat().st_size > 0)
-    while_running = fetch_output(workdir, "1")
+    # Frozen, the job can neither finish nor reach its time limit while output is fetched;
+    # once thawed, the limit (long past on a slow machine) ends it.
+    with frozen(pid):
+        while_running = fetch_output(workdir, "1")
+        assert not (launcher.job_dir / "result.json").exists()
     assert while_running.returncode == 0
-    assert not (launcher.job_dir / "result.json").exists()
     assert "summary.txt" in untar(while_running.stdout)
     result = launcher.read_until(b"R")
     assert result["state"] == "timeout"
@@ -401,7 +395,7 @@ print(json.dumps(outcome))
 """
 
 
-@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.8 or 3.9 installed beside this one")
+@pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)
 @pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
 def test_staging_works_on_older_pythons(tmp_path: Path, python: Path) -> None:
     cases = {name: data.hex() for name, data in MALICIOUS.items()}

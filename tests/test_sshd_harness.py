@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from sshd import SSH_KEYGEN, SshKit, SshServer, pid_alive
+from sshd import SSH_KEYGEN, SshKit, SshServer, loopback, pid_alive
 
 from sshwasm.cluster import load_cluster
 
@@ -28,9 +28,9 @@ def test_every_session_host_runs_a_command(
 
     assert sorted(ssh_hosts) == ["alpha", "beta", "gamma"]
     assert [server.address for server in ssh_hosts.values()] == [
-        "127.0.0.2",
-        "127.0.0.3",
-        "127.0.0.4",
+        loopback(2),
+        loopback(3),
+        loopback(4),
     ]
     assert asyncio.run(all_hosts()) == [("ok\n", 0)] * 3
     trusted = ssh_kit.known_hosts.read_text().splitlines()
@@ -131,13 +131,14 @@ def test_pause_hangs_the_host_and_resume_recovers_it(
 def test_stop_all_leaves_no_sshd_process(tmp_path: Path) -> None:
     kit = SshKit.create(tmp_path / "kit")
     try:
-        servers = [kit.server("one", "127.0.0.2"), kit.server("two", "127.0.0.6")]
+        servers = [kit.server("one", loopback(2)), kit.server("two", loopback(6))]
 
         async def open_session() -> list[int]:
             async with asyncssh.connect(**kit.connect_kwargs(servers[0])) as conn:
                 # A session that outlives our interest in it: stop_all must end it too.
-                process = await conn.create_process("sleep 30")
-                await asyncio.sleep(0.2)
+                process = await conn.create_process("echo ready; exec sleep 30")
+                # Once it speaks, the session's processes exist on the host.
+                assert await process.stdout.readline() == "ready\n"
                 pids = [pid for server in servers for pid in server.process_ids()]
                 kit.stop_all()
                 process.close()

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from test_cli_e2e import PROGRAMS, record_of, sshwasm
+from helpers import PROGRAMS, record_of, sshwasm
 
 STAGE = str(PROGRAMS / "stage.rs")
 
