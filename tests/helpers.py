@@ -18,7 +18,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -88,7 +88,7 @@ def moment(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def wait_for_state(job_id: int, states: set[str], timeout: float = 60) -> dict[str, Any]:
+def wait_for_state(job_id: int, states: Collection[str], timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         result = sshwasm("status", str(job_id), "--json")

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PROGRAMS, no_traceback, record_of, sshwasm, start_streaming
+from helpers import (
+    PROGRAMS,
+    no_traceback,
+    record_of,
+    sshwasm,
+    start_streaming,
+    wait_for_state,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +45,7 @@ from sshwasm.runner import (
     parse_info,
     parse_result,
 )
+from sshwasm.store import FINAL_STATES
 from sshwasm.worker import StreamOutcome, apply_frame
 
 TINY = str(PROGRAMS / "tiny.rs")
@@ -96,18 +104,6 @@ def result_json(**changes: Any) -> bytes:
     result = json.loads(_make_result("succeeded", 0, None, run_s=0.01))
     result.update(changes)
     return json.dumps(result).encode()
-
-
-def wait_final(job_id: int, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = sshwasm("status", str(job_id), "--json")
-        if result.returncode == 0:
-            record = record_of(result)
-            if record["state"] not in ("queued", "running"):
-                return record
-        assert time.monotonic() < deadline, result.stdout + result.stderr
-        time.sleep(0.2)
 
 
 # -- item 1: a host whose runner cannot start is skipped; `run` never fails silently ------
@@ -208,7 +204,7 @@ def test_detached_run_failure_is_in_the_coordinator_log(make_cluster: Callable[.
     cluster = make_cluster({"alpha": {"cpus": 2, "memory_mb": 2048, "python": "/usr/bin/python3"}})
     result = sshwasm("--cluster", str(cluster), "run", TINY, "--detach")
     assert result.returncode == 0, result.stderr
-    assert wait_final(1)["state"] == "failed"
+    assert wait_for_state(1, FINAL_STATES)["state"] == "failed"
     log = Path(os.environ["SSHWASM_DATA_DIR"]) / "jobs-output" / "1" / "coordinator.log"
     deadline = time.monotonic() + 30
     while "sshwasm: error:" not in log.read_text() and time.monotonic() < deadline:
