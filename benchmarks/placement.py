@@ -3,7 +3,7 @@
 Three timings over the same seeded hosts and requests:
 
 - `choose_host` per job, with the usage bookkeeping a coordinator does (`Usage.plus`);
-- `plan()` over the whole queue at once (what `JobStore.try_place` calls);
+- `plan()` over the whole queue at once (what `JobStore.place_waiting` calls);
 - the baseline: the same loop doing a trivial first-fit in pure Python.
 
 For reference it also times the same best-fit rule done with hosts kept sorted by spare

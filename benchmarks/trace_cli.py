@@ -93,7 +93,7 @@ def install() -> None:
     for submit in ("submit", "submit_tasks"):
         if hasattr(store.JobStore, submit):
             wrap(store.JobStore, submit, "store.submit")
-    wrap(store.JobStore, "try_place", "store.try_place")
+    wrap(store.JobStore, "place_waiting", "store.place_waiting")
     wrap(store.JobStore, "update", "store.update")
     wrap(store.JobStore, "finish", "store.finish")
     wrap(sshwasm.cli, "_drive", "cli._drive (event loop)")

@@ -140,7 +140,7 @@ def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
         "cluster + build cache + jobs file + submit": length(
             "load cluster file", "build (cache lookup)", "open jobs file", "store.submit"
         ),
-        "store.try_place": length("store.try_place"),
+        "store.place_waiting": length("store.place_waiting"),
         "import asyncssh": length("import asyncssh"),
         "ssh connect (tcp + kex + auth)": length("ssh connect (tcp + kex + auth)"),
         "open channel + exec request": length("open channel + exec request"),

@@ -31,7 +31,7 @@ from .errors import (
 )
 from .schedule import candidate_hosts, explain
 from .staging import merge_output, output_scratch, pack_input
-from .store import Job, JobStore
+from .store import CANCELLED_EXIT_CODE, Job, JobStore
 from .transport import Transport, TransportPool
 from .worker import (
     SERVE_MAX_PAYLOAD_BYTES,
@@ -462,9 +462,7 @@ class Coordinator:
             if job.is_final:
                 return
             if job.state == "queued":
-                self.store.finish(
-                    job_id, "cancelled", exit_code=143, error="cancelled before it started"
-                )
+                self.store.cancel_unstarted(job_id)
                 self._signal_room()  # wakes its waiting loop, which then sees the state
                 continue
             host = self._launched.get(job_id)
@@ -599,9 +597,7 @@ class Coordinator:
                 stage_in_s=round(time.monotonic() - started, 6),
             )
         if self.store.cancel_requested([job_id]):
-            self.store.finish(
-                job_id, "cancelled", exit_code=143, error="cancelled before it started"
-            )
+            self.store.cancel_unstarted(job_id)
             return self.store.get(job_id)
         output = JobOutput.open(self.store, job)
         self._launched[job_id] = host
@@ -810,9 +806,7 @@ async def cancel_jobs(
     results: list[tuple[Job, str | None]] = []
     for job in jobs:
         job = store.get(job.id)
-        if job.state == "queued" and store.finish(
-            job.id, "cancelled", exit_code=143, error="cancelled before it started"
-        ):
+        if job.state == "queued" and store.cancel_unstarted(job.id):
             job = store.get(job.id)
         if job.is_final:
             results.append((job, None))
@@ -828,7 +822,7 @@ async def cancel_jobs(
             continue
         host = job.host_snapshot
         if host is None:
-            store.finish(job.id, "cancelled", exit_code=143, error="cancelled")
+            store.finish(job.id, "cancelled", exit_code=CANCELLED_EXIT_CODE, error="cancelled")
             results.append((store.get(job.id), None))
             continue
         try:

@@ -38,7 +38,7 @@ STATES = (
 )
 FINAL_STATES = frozenset(STATES[2:])
 
-# The job record contract (DESIGN.md), in order.
+# The job record contract (README.md, "The job record"), in order.
 RECORD_FIELDS = (
     "id",
     "name",
@@ -81,6 +81,8 @@ RECORD_FIELDS = (
 QUEUE_STALE_S = 30.0
 # One wait for another process's lock on the jobs file; longer waits are retried without
 # bound, with a warning every LOCK_WARN_EVERY_S.
+# A cancelled job's exit code, as for a process ended by SIGTERM (the runner says the same).
+CANCELLED_EXIT_CODE = 143
 LOCK_ATTEMPT_S = 2.0
 LOCK_WARN_EVERY_S = 15.0
 
@@ -189,11 +191,6 @@ class JobSpec:
     max_output_mb: int | None = None  # stdout + stderr + /output together; None: no cap
     output_overwrite: bool = False
 
-    @property
-    def request(self) -> Request:
-        """The placement request of this job."""
-        return Request(self.cpus, self.memory_mb, self.pinned_host, self.labels)
-
 
 @dataclass(frozen=True)
 class Job:
@@ -234,7 +231,7 @@ class Job:
         return request_of(self.row)
 
     def record(self) -> dict[str, Any]:
-        """The public job record (DESIGN.md contract)."""
+        """The public job record (the contract in README.md)."""
         return {field: self.row[field] for field in RECORD_FIELDS}
 
 
@@ -450,13 +447,6 @@ class JobStore:
             )
         return ids
 
-    def try_place(
-        self, job_id: int, hosts: Sequence[Host], excluded: Sequence[str] = ()
-    ) -> Host | None:
-        """Reserve capacity for one queued job if its turn has come and a host has room."""
-        placed, _ = self.place_waiting([job_id], hosts, {job_id: excluded})
-        return placed.get(job_id)
-
     def place_waiting(
         self,
         job_ids: Sequence[int],
@@ -548,6 +538,12 @@ class JobStore:
                 "UPDATE jobs SET coordinator_pid = NULL WHERE id = ? AND coordinator_pid = ?",
                 (job_id, os.getpid()),
             )
+
+    def cancel_unstarted(self, job_id: int) -> bool:
+        """Cancel a job that never started (exit 143, as for SIGTERM); True if this call did."""
+        return self.finish(
+            job_id, "cancelled", exit_code=CANCELLED_EXIT_CODE, error="cancelled before it started"
+        )
 
     def request_cancel(self, job_id: int) -> None:
         """Ask the job's live coordinator to cancel it."""

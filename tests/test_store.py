@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ def spec(cpus: int = 1, memory_mb: int = 100, name: str | None = "job") -> JobSp
     )
 
 
+def place_one(
+    store: JobStore, job_id: int, hosts: list[Host], excluded: Sequence[str] = ()
+) -> Host | None:
+    """Place one waiting job as a coordinator's placement pass would; its host, or None."""
+    placed, _ = store.place_waiting([job_id], hosts, {job_id: excluded})
+    return placed.get(job_id)
+
+
 def test_submit_then_record_has_every_contract_field(tmp_path: Path) -> None:
     with JobStore(tmp_path / "jobs.sqlite") as store:
         job_id = store.submit(spec())
@@ -46,14 +55,14 @@ def test_submit_then_record_has_every_contract_field(tmp_path: Path) -> None:
 def test_placement_reserves_and_finish_frees(tmp_path: Path) -> None:
     with JobStore(tmp_path / "jobs.sqlite") as store:
         first, second, third = (store.submit(spec()) for _ in range(3))
-        assert store.try_place(first, [SOLO]) == SOLO
-        assert store.try_place(second, [SOLO]) == SOLO
-        assert store.try_place(third, [SOLO]) is None  # both cpus held
+        assert place_one(store, first, [SOLO]) == SOLO
+        assert place_one(store, second, [SOLO]) == SOLO
+        assert place_one(store, third, [SOLO]) is None  # both cpus held
         assert store.get(third).state == "queued"
         assert store.finish(first, "succeeded", exit_code=0)
         assert not store.finish(first, "failed")  # a final state is final
         assert store.get(first).state == "succeeded"
-        placed = store.try_place(third, [SOLO])
+        placed = place_one(store, third, [SOLO])
         assert placed == SOLO
         job = store.get(third)
         assert job.state == "running" and job.host == "solo" and job.queue_s is not None
@@ -63,21 +72,21 @@ def test_placement_reserves_and_finish_frees(tmp_path: Path) -> None:
 def test_release_puts_the_job_back_in_the_queue(tmp_path: Path) -> None:
     with JobStore(tmp_path / "jobs.sqlite") as store:
         job_id = store.submit(spec(cpus=2))
-        assert store.try_place(job_id, [SOLO]) == SOLO
+        assert place_one(store, job_id, [SOLO]) == SOLO
         store.release(job_id)
         assert store.get(job_id).state == "queued"
         assert store.usage() == {}
-        assert store.try_place(job_id, [SOLO], excluded=["solo"]) is None
+        assert place_one(store, job_id, [SOLO], excluded=["solo"]) is None
 
 
 def test_older_waiting_job_is_served_first(tmp_path: Path) -> None:
     with JobStore(tmp_path / "jobs.sqlite") as store:
         running = store.submit(spec(cpus=2))
-        store.try_place(running, [SOLO])
+        place_one(store, running, [SOLO])
         older, younger = store.submit(spec(cpus=2)), store.submit(spec(cpus=2))
         store.finish(running, "succeeded")
-        assert store.try_place(younger, [SOLO]) is None  # the older one's turn
-        assert store.try_place(older, [SOLO]) == SOLO
+        assert place_one(store, younger, [SOLO]) is None  # the older one's turn
+        assert place_one(store, older, [SOLO]) == SOLO
 
 
 def test_unknown_job(tmp_path: Path) -> None:
@@ -120,7 +129,7 @@ def _reserve_worker(db_path: str, count: int, queue: multiprocessing.Queue[int])
     with JobStore(Path(db_path)) as store:
         mine = [store.submit(spec(cpus=1, memory_mb=100)) for _ in range(count)]
         for job_id in mine:
-            while store.try_place(job_id, [host]) is None:
+            while place_one(store, job_id, [host]) is None:
                 pass
             # Holding the slot: nobody else may hold it now.
             queue.put(len([j for j in store.list_jobs(state="running")]))
