@@ -31,6 +31,7 @@ from ci_skips import beyond_our_control
 from sshwasm.build import Artifact, build, find_rust_toolchain
 from sshwasm.errors import ToolchainMissing
 from sshwasm.runner import RUNNER_VERSION, FrameDecoder
+from sshwasm.store import JobSpec
 
 __all__ = ["RUNNER_VERSION"]  # re-exported for the runner tests
 
@@ -550,3 +551,21 @@ def built(tmp_path_factory: pytest.TempPathFactory, shared_cache_dir: Path) -> d
     home = tmp_path_factory.mktemp("session-home")
     artifacts = build_in_session(sources, shared_cache_dir / "wasm", home)
     return {source.stem: artifact for source, artifact in zip(sources, artifacts, strict=True)}
+
+
+def job_spec(cpus: int = 1, memory_mb: int = 100, name: str | None = "job") -> JobSpec:
+    """A submittable job for store-level tests (no real module behind it)."""
+    return JobSpec(
+        name=name,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        time_limit_s=None,
+        source="/src/hello.rs",
+        language="rust",
+        wasm_sha256="0" * 64,
+        wasm_bytes=10,
+        wasm_path="/cache/x.wasm",
+        compile_s=0.5,
+        argv=("hello", "a b"),
+        env=(("K", "v"),),
+    )

@@ -21,11 +21,21 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import EXAMPLES, PROGRAMS, Guest, holds, no_traceback, record_of, release, sshwasm
+from helpers import (
+    EXAMPLES,
+    PROGRAMS,
+    Guest,
+    holds,
+    job_spec,
+    no_traceback,
+    record_of,
+    release,
+    sshwasm,
+)
 from sshd import SshKit, SshServer
 
 from sshwasm import cli
-from sshwasm.store import JobSpec, JobStore
+from sshwasm.store import JobStore
 
 
 def mode(path: Path) -> int:
@@ -455,21 +465,7 @@ def test_array_over_the_cap_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_the_largest_array_is_submitted_in_one_go(tmp_path: Path) -> None:
-    spec = JobSpec(
-        name="big",
-        cpus=1,
-        memory_mb=1,
-        time_limit_s=None,
-        source="x.rs",
-        language="rust",
-        wasm_sha256="0" * 64,
-        wasm_bytes=1,
-        wasm_path="x.wasm",
-        compile_s=0.0,
-        argv=("x",),
-        env=(("K", "V"),),
-        array_size=cli.MAX_ARRAY_TASKS,
-    )
+    spec = dataclasses.replace(job_spec(name="big"), array_size=cli.MAX_ARRAY_TASKS)
     single = dataclasses.replace(spec, array_size=None)
     with JobStore(tmp_path / "jobs.sqlite") as store:
         before = store.submit(single)
@@ -480,7 +476,7 @@ def test_the_largest_array_is_submitted_in_one_go(tmp_path: Path) -> None:
         last = store.get(ids[-1])
         assert last.array_id == ids[0] and last.array_task == cli.MAX_ARRAY_TASKS - 1
         assert last.env_pairs == [
-            ("K", "V"),
+            ("K", "v"),
             ("SSHWASM_ARRAY_TASK_ID", str(cli.MAX_ARRAY_TASKS - 1)),
             ("SSHWASM_ARRAY_TASK_COUNT", str(cli.MAX_ARRAY_TASKS)),
         ]

@@ -8,29 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from helpers import job_spec as spec
 
 from sshwasm.cluster import Host
 from sshwasm.errors import JobNotFound, StoreError
-from sshwasm.store import FINAL_STATES, RECORD_FIELDS, SCHEMA_VERSION, JobSpec, JobStore
+from sshwasm.store import FINAL_STATES, RECORD_FIELDS, SCHEMA_VERSION, JobStore
 
 SOLO = Host(name="solo", address="127.0.0.1", cpus=2, memory_mb=1024)
-
-
-def spec(cpus: int = 1, memory_mb: int = 100, name: str | None = "job") -> JobSpec:
-    return JobSpec(
-        name=name,
-        cpus=cpus,
-        memory_mb=memory_mb,
-        time_limit_s=None,
-        source="/src/hello.rs",
-        language="rust",
-        wasm_sha256="0" * 64,
-        wasm_bytes=10,
-        wasm_path="/cache/x.wasm",
-        compile_s=0.5,
-        argv=("hello", "a b"),
-        env=(("K", "v"),),
-    )
 
 
 def place_one(
