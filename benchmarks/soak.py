@@ -79,7 +79,7 @@ def run_measured(bench: Bench, argv: list[str]) -> tuple[int, bytes, bytes, int]
 def idle_coordinator_kib() -> int:
     """Peak RSS of an interpreter that has imported what a coordinator runs, doing nothing:
     the baseline for the coordinators' peaks."""
-    code = "import asyncssh, sshwasm.cli, sshwasm.jobs, sshwasm.transport"
+    code = "import asyncssh, sshwasm.cli, sshwasm.coordinator, sshwasm.transport"
     process = subprocess.Popen([sys.executable, "-c", code])
     _, _, usage = os.wait4(process.pid, 0)
     return usage.ru_maxrss

@@ -83,9 +83,9 @@ def install() -> None:
     mark("imported_cli")
     SPANS.append(("import sshwasm.cli", began, MARKS["imported_cli"]))
     began = time.time()
-    from sshwasm import build, cluster, jobs, runner, store, transport, worker
+    from sshwasm import build, cluster, coordinator, runner, runner_client, store, transport
 
-    SPANS.append(("import build/store/jobs/transport (lazy in the CLI)", began, time.time()))
+    SPANS.append(("import build/store/coordinator/transport (lazy in the CLI)", began, time.time()))
 
     wrap(cluster, "load_cluster", "load cluster file")
     wrap(build, "build", "build (cache lookup)")
@@ -97,8 +97,8 @@ def install() -> None:
     wrap(store.JobStore, "update", "store.update")
     wrap(store.JobStore, "finish", "store.finish")
     wrap(sshwasm.cli, "_drive", "cli._drive (event loop)")
-    wrap(jobs.Coordinator, "drive", "Coordinator.drive")
-    wrap(worker.WorkerClient, "launch", "WorkerClient.launch (remote command)")
+    wrap(coordinator.Coordinator, "drive", "Coordinator.drive")
+    wrap(runner_client.RunnerClient, "launch", "RunnerClient.launch (remote command)")
     wrap(transport.TransportPool, "close", "close connections")
     wrap(transport._SshProcess, "finish", "channel exit status")
 

@@ -134,8 +134,8 @@ def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
     return {
         "interpreter start (until trace_cli's first line)": marks["child_start"] - spawned,
         "import sshwasm.cli": length("import sshwasm.cli"),
-        "import build/store/jobs/transport": length(
-            "import build/store/jobs/transport (lazy in the CLI)"
+        "import build/store/coordinator/transport": length(
+            "import build/store/coordinator/transport (lazy in the CLI)"
         ),
         "cluster + build cache + jobs file + submit": length(
             "load cluster file", "build (cache lookup)", "open jobs file", "store.submit"
@@ -248,8 +248,8 @@ def breakdown(bench: Bench, tiny: Path, traces: int) -> None:
         "local `python -c pass`": local_piece(bench, "pass"),
         "local `import sshwasm.cli`": local_piece(bench, "import sshwasm.cli"),
         "local `import asyncssh`": local_piece(bench, "import asyncssh"),
-        "local `import asyncssh, sshwasm.jobs`": local_piece(
-            bench, "import asyncssh, sshwasm.jobs"
+        "local `import asyncssh, sshwasm.coordinator`": local_piece(
+            bench, "import asyncssh, sshwasm.coordinator"
         ),
     }
     remote = asyncio.run(remote_pieces(bench))

@@ -27,7 +27,7 @@ from .errors import CompileError, SshwasmError, StoreError, UsageError
 
 if TYPE_CHECKING:
     from .cluster import Cluster
-    from .jobs import Handlers
+    from .coordinator import Handlers
     from .schedule import Request
     from .store import Job, JobStore
 
@@ -401,7 +401,7 @@ def _warn(message: str) -> None:
 
 
 def _handlers(show_output: bool, show_notices: bool) -> Handlers:
-    from .jobs import Handlers
+    from .coordinator import Handlers
 
     handlers = Handlers(warning=_notice)
     if show_output:
@@ -578,7 +578,7 @@ def _drive_tasks(
     on_done: Callable[[Job], None] | None = None,
 ) -> list[Job]:
     """Coordinate several jobs (an array's tasks) in this process until each has ended."""
-    from .jobs import Coordinator
+    from .coordinator import Coordinator
     from .transport import TransportPool
 
     cluster = ctx.cluster()
@@ -642,7 +642,7 @@ def _tag_lines(chunk: bytes, prefix: bytes, at_line_start: bool) -> tuple[bytes,
 
 
 def _drive(ctx: _Context, job_id: int, handlers: Handlers) -> Job:
-    from .jobs import Coordinator
+    from .coordinator import Coordinator
     from .transport import TransportPool
 
     cluster = ctx.cluster()
@@ -689,12 +689,12 @@ def cmd_drive(ctx: _Context) -> int:
 
 def _refresh(ctx: _Context, jobs: Sequence[Job]) -> list[Job]:
     """Refresh unfinished jobs whose coordinator is gone; others are returned as they are."""
-    from .jobs import needs_refresh
+    from .coordinator import needs_refresh
 
     orphans = [job for job in jobs if needs_refresh(job)]
     if not orphans:
         return list(jobs)
-    from .jobs import refresh_job
+    from .coordinator import refresh_job
     from .transport import TransportPool
 
     async def go() -> dict[int, Job]:
@@ -793,7 +793,7 @@ def cmd_status(ctx: _Context) -> int:
 def cmd_logs(ctx: _Context) -> int:
     """`sshwasm logs ID`: the job's full output, from the local copy (brought up to date
     from the host first when nobody else follows the job)."""
-    from .jobs import needs_refresh
+    from .coordinator import needs_refresh
 
     args = ctx.args
     store = ctx.store
@@ -824,7 +824,7 @@ def cmd_logs(ctx: _Context) -> int:
 
 def cmd_cancel(ctx: _Context) -> int:
     """`sshwasm cancel ID...`: stop queued or running jobs."""
-    from .jobs import cancel_jobs
+    from .coordinator import cancel_jobs
     from .transport import TransportPool
 
     store = ctx.store

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 from .cluster import Host
 from .errors import HostUnreachable, SshwasmError
 from .runner import ProtocolError, parse_info, runner_version
+from .runner_client import RunnerClient, broken_answer
 from .transport import Completed, Transport, TransportPool, last_line
-from .worker import WorkerClient, broken_answer
 
 HOST_CHECK_TIMEOUT_S = 15.0
 INSTALL_TIMEOUT_S = 300.0
@@ -58,7 +58,7 @@ async def _installed_runner_version(transport: Transport) -> str | None:
     if transport.host.is_local:
         return runner_version()
     try:
-        version = (await WorkerClient(transport).info()).get("runner_version")
+        version = (await RunnerClient(transport).info()).get("runner_version")
     except (SshwasmError, ValueError):  # not installed, or not answering as a runner
         return None
     return str(version) if version else None

@@ -23,20 +23,11 @@ from . import paths
 from .cluster import Host
 from .errors import JobNotFound, StoreError
 from .schedule import Request, Usage, plan
+from .states import FINAL_STATES, JobState
 
 SCHEMA_VERSION = 2
 
-STATES = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "timeout",
-    "out_of_memory",
-    "cancelled",
-    "lost",
-)
-FINAL_STATES = frozenset(STATES[2:])
+STATES = tuple(state.value for state in JobState)
 
 # The job record contract (README.md, "The job record"), in order.
 RECORD_FIELDS = (

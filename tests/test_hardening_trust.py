@@ -45,8 +45,8 @@ from sshwasm.runner import (
     parse_info,
     parse_result,
 )
+from sshwasm.runner_client import StreamOutcome, apply_frame
 from sshwasm.store import FINAL_STATES
-from sshwasm.worker import StreamOutcome, apply_frame
 
 TINY = str(PROGRAMS / "tiny.rs")
 

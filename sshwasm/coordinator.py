@@ -29,17 +29,17 @@ from .errors import (
     RemoteError,
     SshwasmError,
 )
+from .runner_client import (
+    SERVE_MAX_PAYLOAD_BYTES,
+    LaunchSpec,
+    RunnerClient,
+    ServeSession,
+    StreamOutcome,
+)
 from .schedule import candidate_hosts, explain
 from .staging import merge_output, output_scratch, pack_input
 from .store import CANCELLED_EXIT_CODE, Job, JobStore
 from .transport import Transport, TransportPool
-from .worker import (
-    SERVE_MAX_PAYLOAD_BYTES,
-    LaunchSpec,
-    ServeSession,
-    StreamOutcome,
-    WorkerClient,
-)
 
 POLL_INITIAL_S = 0.05
 POLL_MAX_S = 1.0
@@ -244,7 +244,7 @@ class OutputCollected:
 
 
 async def collect_output(
-    store: JobStore, job: Job, client: WorkerClient, budget: OutputBudget
+    store: JobStore, job: Job, client: RunnerClient, budget: OutputBudget
 ) -> OutputCollected:
     """Fetch a finished job's /output into its --output directory, streamed and held to
     what is left of the job's output budget, and merge it there without loss."""
@@ -469,7 +469,7 @@ class Coordinator:
             if host is not None:
                 # The runner records `cancelled`; our stream then delivers that result.
                 with contextlib.suppress(SshwasmError):
-                    await WorkerClient(await self.pool.get(host)).cancel(job.remote_key)
+                    await RunnerClient(await self.pool.get(host)).cancel(job.remote_key)
             await asyncio.sleep(CANCEL_POLL_S)
 
     async def _heartbeat(self) -> None:
@@ -584,7 +584,7 @@ class Coordinator:
         job = self.store.get(job_id)
         self.handlers.notice(f"job {job_id} running on {host.name}")
         transport = await self.pool.get(host)
-        client = WorkerClient(transport)
+        client = RunnerClient(transport)
         stdin = await asyncio.to_thread(Path(job.stdin_path).read_bytes) if job.stdin_path else None
         spec = launch_spec(job)
         input_tar = b""
@@ -651,7 +651,7 @@ class Coordinator:
         self,
         job: Job,
         host: Host,
-        client: WorkerClient,
+        client: RunnerClient,
         output: JobOutput,
         outcome: StreamOutcome,
     ) -> StreamOutcome:
@@ -673,7 +673,7 @@ class Coordinator:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 8.0)
                 try:
-                    client = WorkerClient(await self.pool.get(host))
+                    client = RunnerClient(await self.pool.get(host))
                     outcome = await client.attach(
                         job.remote_key,
                         output.stdout.size,
@@ -696,7 +696,7 @@ async def record_end(
     store: JobStore,
     job: Job,
     host: Host,
-    client: WorkerClient,
+    client: RunnerClient,
     outcome: StreamOutcome,
     output: JobOutput,
 ) -> list[str]:
@@ -747,8 +747,8 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
         return store.get(job.id)
     output = JobOutput.open(store, job)
 
-    async def ask_host() -> tuple[WorkerClient, StreamOutcome]:
-        client = WorkerClient(await pool.get(host))
+    async def ask_host() -> tuple[RunnerClient, StreamOutcome]:
+        client = RunnerClient(await pool.get(host))
         outcome = await client.poll(
             job.remote_key,
             output.stdout.size,
@@ -826,7 +826,7 @@ async def cancel_jobs(
             results.append((store.get(job.id), None))
             continue
         try:
-            await WorkerClient(await pool.get(host)).cancel(job.remote_key)
+            await RunnerClient(await pool.get(host)).cancel(job.remote_key)
         except SshwasmError as exc:
             results.append((job, str(exc)))
             continue

@@ -1,4 +1,4 @@
-"""The coordinator's side of the runner protocol: launch, attach, poll, cancel, put-module.
+"""The local client of the runner protocol: launch, attach, poll, cancel, put-module.
 
 The runner (`sshwasm-exec`, see runner.py) answers on stdout in frames; this module turns
 them into callbacks and outcomes. It installs the runner or uploads the module only when the
@@ -185,7 +185,7 @@ def raise_if_refused(host: str, outcome: StreamOutcome) -> None:
         raise RemoteError(host, runner_refusal(done.stderr))
 
 
-class WorkerClient:
+class RunnerClient:
     """Runner commands on one host."""
 
     def __init__(self, transport: Transport) -> None:
