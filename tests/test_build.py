@@ -20,7 +20,6 @@ from helpers import forbid_subprocesses, run_wasm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sshwasm import build as build_module
 from sshwasm.build import (
     RUST_HINT,
     Artifact,
@@ -29,6 +28,7 @@ from sshwasm.build import (
     detect_language,
     find_rust_toolchain,
 )
+from sshwasm.build import rust as rust_build
 from sshwasm.errors import CompileError, InvalidModule, ToolchainMissing, UsageError
 from sshwasm.wasmfile import WASM_PAGE_BYTES, ModuleInfo, inspect_module
 
@@ -99,7 +99,7 @@ def make_fake_rustc(
 def only_path(monkeypatch: pytest.MonkeyPatch, *directories: Path) -> None:
     """PATH made of exactly these directories, and no fallback locations."""
     monkeypatch.setenv("PATH", os.pathsep.join(str(d) for d in directories))
-    monkeypatch.setattr(build_module, "RUST_FALLBACKS", ())
+    monkeypatch.setattr(rust_build, "RUST_FALLBACKS", ())
 
 
 # Hand-built modules: small enough to reason about byte by byte.
@@ -227,7 +227,7 @@ def test_discovery_tries_every_path_directory_in_order(
     not_executable.parent.mkdir()
     not_executable.write_text("#!/bin/sh\nexit 1\n")
     only_path(monkeypatch, not_executable.parent, first.path.parent, second.path.parent)
-    monkeypatch.setattr(build_module, "RUST_FALLBACKS", (str(third.path),))
+    monkeypatch.setattr(rust_build, "RUST_FALLBACKS", (str(third.path),))
 
     toolchain = find_rust_toolchain(tmp_path / "cache")
 
@@ -243,7 +243,7 @@ def test_discovery_uses_the_fallbacks_after_path(
 ) -> None:
     fallback = make_fake_rustc(tmp_path / "opt", tmp_path / "root", ["wasm32-wasi"])
     only_path(monkeypatch, tmp_path / "empty")
-    monkeypatch.setattr(build_module, "RUST_FALLBACKS", (str(fallback.path),))
+    monkeypatch.setattr(rust_build, "RUST_FALLBACKS", (str(fallback.path),))
 
     toolchain = find_rust_toolchain(tmp_path / "cache")
 
@@ -309,13 +309,14 @@ def test_a_damaged_toolchain_cache_is_probed_again(
     only_path(monkeypatch, fake.path.parent)
     cache_file = tmp_path / "cache" / "toolchains.json"
     cache_file.parent.mkdir()
-    cache_file.write_text('{"format": 1, "candidates": {"' + str(fake.path) + '": [1, 2')
+    key = f"rust:{fake.path}"
+    cache_file.write_text('{"format": 2, "candidates": {"' + key + '": [1, 2')
 
     assert find_rust_toolchain(tmp_path / "cache").compiler == fake.path
-    assert str(fake.path) in json.loads(cache_file.read_text())["candidates"]
+    assert key in json.loads(cache_file.read_text())["candidates"]
 
-    entries = {str(fake.path): {"stamps": "garbage", "env": {}, "toolchain": 3}}
-    cache_file.write_text(json.dumps({"format": 1, "candidates": entries}))
+    entries = {key: {"stamps": "garbage", "env": {}, "toolchain": 3}}
+    cache_file.write_text(json.dumps({"format": 2, "candidates": entries}))
     assert find_rust_toolchain(tmp_path / "cache").compiler == fake.path
 
 
