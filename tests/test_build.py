@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
+import pkgutil
 import shlex
 import shutil
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,17 @@ from helpers import forbid_subprocesses, run_wasm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sshwasm import build as build_module
 from sshwasm.build import (
     RUST_HINT,
     Artifact,
+    Toolchain,
     build,
     default_cache_dir,
     detect_language,
     find_rust_toolchain,
 )
+from sshwasm.build import rust as rust_build
+from sshwasm.build.probe import Probe, ProbeCache, Verdict
 from sshwasm.errors import CompileError, InvalidModule, ToolchainMissing, UsageError
 from sshwasm.wasmfile import WASM_PAGE_BYTES, ModuleInfo, inspect_module
 
@@ -99,7 +104,7 @@ def make_fake_rustc(
 def only_path(monkeypatch: pytest.MonkeyPatch, *directories: Path) -> None:
     """PATH made of exactly these directories, and no fallback locations."""
     monkeypatch.setenv("PATH", os.pathsep.join(str(d) for d in directories))
-    monkeypatch.setattr(build_module, "RUST_FALLBACKS", ())
+    monkeypatch.setattr(rust_build, "RUST_FALLBACKS", ())
 
 
 # Hand-built modules: small enough to reason about byte by byte.
@@ -227,7 +232,7 @@ def test_discovery_tries_every_path_directory_in_order(
     not_executable.parent.mkdir()
     not_executable.write_text("#!/bin/sh\nexit 1\n")
     only_path(monkeypatch, not_executable.parent, first.path.parent, second.path.parent)
-    monkeypatch.setattr(build_module, "RUST_FALLBACKS", (str(third.path),))
+    monkeypatch.setattr(rust_build, "RUST_FALLBACKS", (str(third.path),))
 
     toolchain = find_rust_toolchain(tmp_path / "cache")
 
@@ -243,7 +248,7 @@ def test_discovery_uses_the_fallbacks_after_path(
 ) -> None:
     fallback = make_fake_rustc(tmp_path / "opt", tmp_path / "root", ["wasm32-wasi"])
     only_path(monkeypatch, tmp_path / "empty")
-    monkeypatch.setattr(build_module, "RUST_FALLBACKS", (str(fallback.path),))
+    monkeypatch.setattr(rust_build, "RUST_FALLBACKS", (str(fallback.path),))
 
     toolchain = find_rust_toolchain(tmp_path / "cache")
 
@@ -309,14 +314,82 @@ def test_a_damaged_toolchain_cache_is_probed_again(
     only_path(monkeypatch, fake.path.parent)
     cache_file = tmp_path / "cache" / "toolchains.json"
     cache_file.parent.mkdir()
-    cache_file.write_text('{"format": 1, "candidates": {"' + str(fake.path) + '": [1, 2')
+    key = f"rust:{fake.path}"
+    cache_file.write_text('{"format": 2, "candidates": {"' + key + '": [1, 2')
 
     assert find_rust_toolchain(tmp_path / "cache").compiler == fake.path
-    assert str(fake.path) in json.loads(cache_file.read_text())["candidates"]
+    assert key in json.loads(cache_file.read_text())["candidates"]
 
-    entries = {str(fake.path): {"stamps": "garbage", "env": {}, "toolchain": 3}}
-    cache_file.write_text(json.dumps({"format": 1, "candidates": entries}))
+    entries = {key: {"stamps": "garbage", "env": {}, "toolchain": 3}}
+    cache_file.write_text(json.dumps({"format": 2, "candidates": entries}))
     assert find_rust_toolchain(tmp_path / "cache").compiler == fake.path
+
+
+def test_a_rustup_variable_makes_rustc_be_probed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = make_fake_rustc(tmp_path / "bin", tmp_path / "root", ["wasm32-wasi"])
+    only_path(monkeypatch, fake.path.parent)
+    find_rust_toolchain(tmp_path / "cache")
+    find_rust_toolchain(tmp_path / "cache")
+    assert fake.calls() == ["--print sysroot", "-vV"]
+
+    # A rustup proxy would now run another toolchain, with the same files on disk.
+    monkeypatch.setenv("RUSTUP_TOOLCHAIN", "nightly")
+    find_rust_toolchain(tmp_path / "cache")
+    assert fake.calls() == ["--print sysroot", "-vV"] * 2
+
+
+def test_the_probe_cache_knows_only_the_variables_each_probe_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiler = tmp_path / "cc"
+    compiler.write_text("")
+    probed: list[str] = []
+
+    def run(kind: str, candidate: Path) -> tuple[Verdict, list[Path]]:
+        probed.append(kind)
+        return Verdict(Toolchain(kind, candidate, "v1", "wasm32-wasi"), "ok"), [candidate]
+
+    steered = Probe("steered", partial(run, "steered"), env=("SSHWASM_TEST_STEER",))
+    plain = Probe("plain", partial(run, "plain"))
+    cache_file = tmp_path / "toolchains.json"
+    # A file of the first format (plain paths as keys) is not read, only replaced.
+    cache_file.write_text(json.dumps({"format": 1, "candidates": {str(compiler): {}}}))
+
+    def verdicts() -> list[Verdict]:
+        cache = ProbeCache(cache_file)
+        found = [cache.verdict(compiler, steered), cache.verdict(compiler, plain)]
+        cache.save()
+        return found
+
+    first = verdicts()
+    assert probed == ["steered", "plain"]
+    assert [v.toolchain.language for v in first if v.toolchain] == ["steered", "plain"]
+    assert verdicts() == first
+    assert probed == ["steered", "plain"], "remembered while nothing changed"
+
+    monkeypatch.setenv("SSHWASM_TEST_STEER", "other")
+    assert verdicts() == first
+    assert probed == ["steered", "plain", "steered"], "only the probe naming it runs again"
+
+
+def test_every_language_module_is_registered_once() -> None:
+    import sshwasm.build
+    from sshwasm.build import registry
+
+    declared = [
+        language
+        for info in pkgutil.iter_modules(sshwasm.build.__path__, "sshwasm.build.")
+        if info.name != registry.__name__
+        for language in getattr(importlib.import_module(info.name), "LANGUAGES", ())
+    ]
+    assert sorted(map(id, declared)) == sorted(map(id, registry.LANGUAGES))
+    suffixes = [suffix for language in registry.LANGUAGES for suffix in language.suffixes]
+    assert len(suffixes) == len(set(suffixes)), "one language per file extension"
+    assert all(suffix == suffix.lower() and suffix.startswith(".") for suffix in suffixes)
+    for language in registry.LANGUAGES:
+        assert (language.manifest is None) == (language.fingerprint is None), language.name
 
 
 def test_sshwasm_rustc_overrides_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,6 @@ import pytest
 from ci_skips import beyond_our_control
 from helpers import forbid_subprocesses, run_wasm
 
-from sshwasm import build as build_module
 from sshwasm.build import (
     C_HINT,
     CARGO_HINT,
@@ -32,6 +31,9 @@ from sshwasm.build import (
     find_cargo_toolchain,
     find_go_toolchain,
 )
+from sshwasm.build import c as c_build
+from sshwasm.build import go as go_build
+from sshwasm.build import rust as rust_build
 from sshwasm.errors import CompileError, ToolchainMissing, UsageError
 
 # Real zig, Go and cargo builds: zig alone builds wasi-libc for a minute on a cold cache.
@@ -94,8 +96,10 @@ def copy_source(name: str, destination: Path) -> Path:
 def hide_toolchains(monkeypatch: pytest.MonkeyPatch, *directories: Path) -> None:
     """PATH made of exactly these directories, and no packaged or fallback compilers."""
     monkeypatch.setenv("PATH", os.pathsep.join(str(d) for d in directories))
-    for name in ("RUST_FALLBACKS", "ZIG_PACKAGES", "GO_PACKAGES", "GO_FALLBACKS"):
-        monkeypatch.setattr(build_module, name, ())
+    monkeypatch.setattr(rust_build, "RUST_FALLBACKS", ())
+    monkeypatch.setattr(c_build, "ZIG_PACKAGES", ())
+    monkeypatch.setattr(go_build, "GO_PACKAGES", ())
+    monkeypatch.setattr(go_build, "GO_FALLBACKS", ())
 
 
 def write_script(path: Path, body: str) -> Path:
@@ -457,7 +461,7 @@ def test_a_go_older_than_1_21_is_passed_over(
         find_go_toolchain(tmp_path / "cache")
     assert f"{old} (go1.19.8 is older than 1.21)" in str(caught.value)
 
-    monkeypatch.setattr(build_module, "GO_PACKAGES", ("go",))
+    monkeypatch.setattr(go_build, "GO_PACKAGES", ("go",))
     try:
         found = find_go_toolchain(tmp_path / "cache")
     except ToolchainMissing:
