@@ -21,10 +21,18 @@ from typing import NoReturn
 from ..errors import CompileError, SshwasmError, StoreError
 from .context import Context
 from .exits import ExitStatus, job_exit_status
-from .parser import COORDINATE_COMMAND, build_parser
+from .parser import COORDINATE_COMMAND, MAX_ARRAY_TASKS, build_parser
 from .show import PROG, error, printable
 
-__all__ = ["ExitStatus", "build_parser", "entry_point", "job_exit_status", "main", "printable"]
+__all__ = [
+    "MAX_ARRAY_TASKS",
+    "ExitStatus",
+    "build_parser",
+    "entry_point",
+    "job_exit_status",
+    "main",
+    "printable",
+]
 
 # Each command: the module of this package that holds it, and its function. A command's
 # module is imported only when that command runs.
