@@ -54,10 +54,10 @@ def cmd_run(ctx: Context) -> int:
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
-    store = ctx.store
-    job_ids = store.submit_tasks(_build_spec(ctx, interactive))
+    spec = _build_spec(ctx, interactive)
+    job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
-        store.keep_stdin(job_ids, stdin_data)
+        ctx.store.keep_stdin(job_ids, stdin_data)
     if args.detach:
         spawn_coordinator(ctx, job_ids)
         print("\n".join(str(job_id) for job_id in job_ids))
