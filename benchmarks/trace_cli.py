@@ -83,6 +83,9 @@ def install() -> None:
     mark("imported_cli")
     SPANS.append(("import sshwasm.cli", began, MARKS["imported_cli"]))
     began = time.time()
+    # The CLI imports the modules of `run` and of following jobs only when `run` starts.
+    import sshwasm.cli.coordinate
+    import sshwasm.cli.run
     from sshwasm import build, cluster, coordinator, runner, runner_client, store, transport
 
     SPANS.append(("import build/store/coordinator/transport (lazy in the CLI)", began, time.time()))
@@ -96,7 +99,7 @@ def install() -> None:
     wrap(store.JobStore, "place_waiting", "store.place_waiting")
     wrap(store.JobStore, "update", "store.update")
     wrap(store.JobStore, "finish", "store.finish")
-    wrap(sshwasm.cli, "_drive", "cli._drive (event loop)")
+    wrap(sshwasm.cli.coordinate, "coordinate_jobs", "cli coordinate_jobs (event loop)")
     wrap(coordinator.Coordinator, "drive", "Coordinator.drive")
     wrap(runner_client.RunnerClient, "launch", "RunnerClient.launch (remote command)")
     wrap(transport.TransportPool, "close", "close connections")

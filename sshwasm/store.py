@@ -647,3 +647,12 @@ class JobStore:
         if unknown:
             raise ValueError(f"unknown job columns: {sorted(unknown)}")
         return ", ".join(f"{name} = ?" for name in fields)
+
+    def keep_stdin(self, job_ids: Sequence[int], data: bytes) -> Path:
+        """Keep `data` as these jobs' stdin: a private copy beside the first job's output, so
+        each job reads what was there at submission even if it starts later."""
+        copy = paths.make_job_output_dir(self.path, job_ids[0]) / "stdin"
+        with paths.open_private(copy, "wb") as handle:
+            handle.write(data)
+        self.update_many(job_ids, stdin_path=str(copy))
+        return copy

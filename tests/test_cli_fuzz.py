@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sshwasm import cli
 from sshwasm.cli import main
 
 OPTIONS = [
@@ -42,3 +44,15 @@ def test_any_argv_gives_an_exit_code_never_a_traceback(
     assert len(errors) <= 1
     if code != 0 and "--help" not in words and "--version" not in words:
         assert errors, captured.err
+
+
+def test_every_command_of_the_parser_has_a_function() -> None:
+    """Commands are dispatched by name to lazily imported modules: none may be missing."""
+    (commands,) = [
+        action
+        for action in cli.build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    assert set(commands.choices) == set(cli.COMMANDS)
+    for name in commands.choices:
+        assert callable(cli._command(name)), name

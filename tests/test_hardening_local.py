@@ -77,11 +77,11 @@ def job_row(db: Path, job_id: int) -> dict[str, Any] | None:
 # -- item 4: the hidden command stays hidden ---------------------------------------------
 
 
-def test_help_does_not_list_the_internal_drive_command() -> None:
+def test_help_does_not_list_the_internal_coordinate_command() -> None:
     for args in (["--help"], ["run", "--help"]):
         result = sshwasm(*args)
         assert result.returncode == 0, result.stderr
-        assert "_drive" not in result.stdout and "SUPPRESS" not in result.stdout, result.stdout
+        assert "_coordinate" not in result.stdout and "SUPPRESS" not in result.stdout, result.stdout
 
 
 # -- item 5: every path is taken from the working directory --------------------------------

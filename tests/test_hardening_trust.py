@@ -208,7 +208,7 @@ def test_detached_run_failure_is_in_the_coordinator_log(make_cluster: Callable[.
     log = Path(os.environ["SSHWASM_DATA_DIR"]) / "jobs-output" / "1" / "coordinator.log"
     deadline = time.monotonic() + 30
     while "sshwasm: error:" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)  # the driver writes its last line after the record
+        time.sleep(0.1)  # the coordinator writes its last line after the record
     text = log.read_text()
     assert "sshwasm: error: job 1 failed: no host could run the job" in text, text
     assert "Traceback" not in text

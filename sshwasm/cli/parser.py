@@ -1,0 +1,231 @@
+"""The command line's grammar: every command, option and argument type, with its help."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import NoReturn
+
+from .. import __version__
+from ..states import JobState
+from .exits import ExitStatus
+from .show import PROG, printable
+
+DEFAULT_CPUS = 1
+DEFAULT_MEMORY_MB = 256
+DEFAULT_MAX_OUTPUT_MB = 1024
+# 1 PiB: far past any disk, and its byte count still fits every rlimit and file offset.
+MAX_OUTPUT_MB_LIMIT = 1 << 30
+# Tasks one `run --array` may submit: their rows are written in one transaction (about a
+# second for the cap), and a coordinator follows them all.
+MAX_ARRAY_TASKS = 100_000
+# The hidden command `run --detach` starts its background coordinator with.
+COORDINATE_COMMAND = "_coordinate"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with sshwasm's one-line error format."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see '{self.prog} --help')"
+        self.exit(ExitStatus.USAGE, f"{PROG}: error: {printable(message)}{hint}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_int_up_to(maximum: int, unit: str) -> Callable[[str], int]:
+    """An argument type for a whole number from 1 to `maximum` (`unit` names what it counts)."""
+
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"at most {maximum} {unit}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _time_limit(text: str) -> float:
+    # The runner defines the bound (it refuses more in a spec); imported only when needed.
+    from ..runner import MAX_TIME_LIMIT_S
+
+    value = _positive_float(text)
+    if value > MAX_TIME_LIMIT_S:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_TIME_LIMIT_S} seconds (365 days), got {text}"
+        )
+    return value
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"'{text}' is not of the form NAME=VALUE")
+    return name, value
+
+
+def build_parser() -> ArgumentParser:
+    """The full argument parser (every command has help)."""
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Run WebAssembly jobs on the machines you can reach over SSH.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default: see README)")
+    parser.add_argument("--db", metavar="FILE", help="jobs file (default: $SSHWASM_DB or data dir)")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the Python traceback of an error"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        help="compile a source file and run it on the best-fitting host",
+        description="Compile SOURCE to wasm32-wasi, place it on the host that fits best, run "
+        "it there and stream its output. Exits with the job's exit code.",
+    )
+    run.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a .rs, .c, .cc/.cpp/.cxx or .go file, a Cargo or Go module directory, "
+        "or a ready .wasm module",
+    )
+    run.add_argument("args", nargs="*", metavar="ARG", help="arguments for the job (after --)")
+    run.add_argument(
+        "--cpus", type=_positive_int, default=DEFAULT_CPUS, help="cpus to reserve (default 1)"
+    )
+    run.add_argument(
+        "--memory-mb",
+        type=_positive_int,
+        default=DEFAULT_MEMORY_MB,
+        help=f"memory limit and reservation in MB (default {DEFAULT_MEMORY_MB})",
+    )
+    run.add_argument("--job-name", metavar="NAME", help="a name to show in `sshwasm jobs`")
+    run.add_argument(
+        "--time-limit",
+        type=_time_limit,
+        metavar="SECONDS",
+        help="end the job as `timeout` (exit 124) after this long (at most 365 days)",
+    )
+    run.add_argument("--host", metavar="NAME", help="run on this host only")
+    run.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only on hosts carrying this label (repeatable: all of them)",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show which host would be chosen and why not the others, then exit",
+    )
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    run.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set an environment variable for the job (repeatable); nothing else is passed",
+    )
+    run.add_argument("--stdin", metavar="FILE", help="feed this file to the job's stdin")
+    run.add_argument(
+        "--input",
+        metavar="PATH",
+        help="stage a file or directory in; the job sees it read-only at /input",
+    )
+    run.add_argument(
+        "--output",
+        metavar="DIR",
+        help="give the job an empty writable /output, copied back into DIR when it ends "
+        "(DIR/<task> for array tasks); nothing in DIR is deleted or overwritten: a file "
+        "that differs is written beside it as NAME.sshwasm-ID",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --output: the job's files replace different files of the same name "
+        "(never a directory, never deleting anything)",
+    )
+    run.add_argument(
+        "--max-output-mb",
+        type=_positive_int_up_to(MAX_OUTPUT_MB_LIMIT, "MB"),
+        default=DEFAULT_MAX_OUTPUT_MB,
+        metavar="N",
+        help=f"end the job as failed once its stdout, stderr and /output together pass N MB "
+        f"(default {DEFAULT_MAX_OUTPUT_MB})",
+    )
+    run.add_argument(
+        "--array",
+        type=_positive_int_up_to(MAX_ARRAY_TASKS, "tasks"),
+        metavar="N",
+        help=f"run N tasks of the module (N <= {MAX_ARRAY_TASKS}); task i sees "
+        "SSHWASM_ARRAY_TASK_ID=i and SSHWASM_ARRAY_TASK_COUNT=N",
+    )
+    run.add_argument(
+        "--tag", action="store_true", help="with --array: prefix each output line with its task"
+    )
+    run.add_argument("--detach", action="store_true", help="print the job id(s) and return at once")
+    run.add_argument(
+        "--json", action="store_true", help="print the job record as JSON instead of its output"
+    )
+
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--json", action="store_true", help="print a JSON array of job records")
+    jobs.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N jobs")
+    jobs.add_argument(
+        "--state", choices=tuple(state.value for state in JobState), help="only jobs in this state"
+    )
+    jobs.add_argument("--fold", action="store_true", help="one row per array instead of per task")
+
+    status = commands.add_parser("status", help="show one job (refreshed from its host)")
+    status.add_argument("job_id", type=_positive_int, metavar="ID")
+    status.add_argument("--json", action="store_true", help="print the job record as JSON")
+
+    logs = commands.add_parser("logs", help="print a job's output")
+    logs.add_argument("job_id", type=_positive_int, metavar="ID")
+    logs.add_argument("--stderr", action="store_true", help="print its stderr instead of stdout")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
+
+    cancel = commands.add_parser("cancel", help="stop queued or running jobs")
+    cancel.add_argument("job_ids", type=_positive_int, nargs="+", metavar="ID")
+
+    wasm = commands.add_parser("wasm", help="save the exact module a job ran")
+    wasm.add_argument("job_id", type=_positive_int, metavar="ID")
+    wasm.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write it")
+
+    hosts = commands.add_parser("hosts", help="list the cluster's hosts and their free capacity")
+    hosts.add_argument("--json", action="store_true", help="print a JSON array")
+    hosts.add_argument("--check", action="store_true", help="connect to each host and report")
+    hosts_commands = hosts.add_subparsers(
+        dest="hosts_command", metavar="install", parser_class=ArgumentParser
+    )
+    install = hosts_commands.add_parser(
+        "install", help="install the runner, and wasmtime if missing, on hosts (default: all)"
+    )
+    install.add_argument("names", nargs="*", metavar="NAME")
+
+    # No help=: argparse would list a suppressed choice as "_coordinate ==SUPPRESS==".
+    coordinate = commands.add_parser(COORDINATE_COMMAND)
+    coordinate.add_argument("job_ids", type=int, nargs="+")
+    return parser
