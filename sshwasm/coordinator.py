@@ -38,6 +38,7 @@ from .runner_client import (
 )
 from .schedule import candidate_hosts, explain
 from .staging import merge_output, output_scratch, pack_input
+from .states import JobState
 from .store import CANCELLED_EXIT_CODE, Job, JobStore
 from .transport import Transport, TransportPool
 
@@ -244,12 +245,11 @@ class OutputCollected:
 
 
 async def collect_output(
-    store: JobStore, job: Job, client: RunnerClient, budget: OutputBudget
+    store: JobStore, job: Job, destination: Path, client: RunnerClient, budget: OutputBudget
 ) -> OutputCollected:
-    """Fetch a finished job's /output into its --output directory, streamed and held to
-    what is left of the job's output budget, and merge it there without loss."""
+    """Fetch a finished job's /output into its --output directory (`destination`), streamed
+    and held to what is left of the job's output budget, and merge it there without loss."""
     started = time.monotonic()
-    destination = Path(job.output_dir)
     try:
         with output_scratch(destination) as scratch:
             cut = await client.fetch_output(job.remote_key, scratch, budget.left)
@@ -276,6 +276,11 @@ async def collect_output(
         f"{destination}, which was left as it was; the job's versions are beside them as "
         f"NAME.sshwasm-{job.id}: {named}{more}"
     )
+
+
+def result_state(result: dict[str, Any]) -> JobState:
+    """The final state the runner's result.json names (its `state` word; absent: failed)."""
+    return JobState(str(result.get("state", JobState.FAILED.value)))
 
 
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +335,7 @@ def coordinator_alive(job: Job) -> bool:
     API, or a pid that was reused).
     """
     pid = job.coordinator_pid
-    if not pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         return False
     if is_sshwasm_process(pid) is not False:
         return True
@@ -384,8 +389,8 @@ class Coordinator:
                 # A running task whose host went away stays running for `status` to
                 # collect (this process no longer follows it: say so, or no other
                 # process would while this one lives); one that never started failed.
-                if job.state == "queued":
-                    self.store.finish(job_id, "failed", error=str(exc))
+                if job.state is JobState.QUEUED:
+                    self.store.finish(job_id, JobState.FAILED, error=str(exc))
                     job = self.store.get(job_id)
                 elif not job.is_final:
                     self.store.disown(job_id)
@@ -461,7 +466,7 @@ class Coordinator:
             job = self.store.get(job_id)
             if job.is_final:
                 return
-            if job.state == "queued":
+            if job.state is JobState.QUEUED:
                 self.store.cancel_unstarted(job_id)
                 self._signal_room()  # wakes its waiting loop, which then sees the state
                 continue
@@ -560,7 +565,7 @@ class Coordinator:
                             self.handlers.notice(f"job {job_id} queued: {self._why_waiting(job)}")
                         continue
                     outcome = NoHostReachable(excluded)
-                    self.store.finish(job_id, "failed", error=str(outcome))
+                    self.store.finish(job_id, JobState.FAILED, error=str(outcome))
                 del self._waiting[job_id]
                 if waiter.done():
                     continue
@@ -621,7 +626,7 @@ class Coordinator:
                 self.handlers.warning(warning)
             return self.store.get(job_id)
         except RemoteError as exc:
-            self.store.finish(job_id, "failed", error=str(exc), **output.fields())
+            self.store.finish(job_id, JobState.FAILED, error=str(exc), **output.fields())
             raise
         finally:
             self._launched.pop(job_id, None)
@@ -708,26 +713,28 @@ async def record_end(
     if outcome.result is not None:
         collected = OutputCollected()
         if job.output_dir:
-            collected = await collect_output(store, job, client, output.budget)
-        state = str(outcome.result.get("state", "failed"))
+            collected = await collect_output(
+                store, job, Path(job.output_dir), client, output.budget
+            )
+        state = result_state(outcome.result)
         fields = result_fields(outcome.result)
         if collected.problem and not fields["error"]:
             # The record says what went wrong, if nothing else did.
             fields["error"] = collected.problem
         if output.budget.exceeded and job.max_output_mb is not None:
             # Held here too, whatever the host said: the job ends as over its cap.
-            state, fields["exit_code"] = "failed", None
+            state, fields["exit_code"] = JobState.FAILED, None
             fields["error"] = output_limit_error(job.max_output_mb)
         store.finish(job.id, state, **fields, **output.fields())
         return [text for text in (collected.problem, collected.warning) if text]
     if outcome.error is not None:
         if outcome.error.get("kind") == "missing":
             error = f"host '{host.name}' has no trace of the job"
-            store.finish(job.id, "lost", error=error, **output.fields())
+            store.finish(job.id, JobState.LOST, error=error, **output.fields())
         else:
             message = outcome.error.get("error", "the runner failed")
             store.finish(
-                job.id, "failed", error=f"host '{host.name}': {message}", **output.fields()
+                job.id, JobState.FAILED, error=f"host '{host.name}': {message}", **output.fields()
             )
     return []
 
@@ -738,12 +745,14 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
         return job
     if not store.claim(job):
         return store.get(job.id)  # another process took it over just now
-    if job.state == "queued":
-        store.finish(job.id, "lost", error="its coordinator exited before the job was placed")
+    if job.state is JobState.QUEUED:
+        store.finish(
+            job.id, JobState.LOST, error="its coordinator exited before the job was placed"
+        )
         return store.get(job.id)
     host = job.host_snapshot
     if host is None:
-        store.finish(job.id, "lost", error="no record of the host the job was placed on")
+        store.finish(job.id, JobState.LOST, error="no record of the host the job was placed on")
         return store.get(job.id)
     output = JobOutput.open(store, job)
 
@@ -766,7 +775,7 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
             raise HostUnreachable(host.name, f"no answer within {REFRESH_TIMEOUT_S:g}s") from None
     except RemoteError as exc:
         # The host answered, outside the protocol: asking again would not make it true.
-        store.finish(job.id, "failed", error=str(exc), **output.fields())
+        store.finish(job.id, JobState.FAILED, error=str(exc), **output.fields())
         return store.get(job.id)
     except SshwasmError as exc:
         now = time.time()
@@ -774,7 +783,7 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
         if now - since > LOST_AFTER_UNREACHABLE_S:
             store.finish(
                 job.id,
-                "lost",
+                JobState.LOST,
                 error=f"host '{host.name}' unreachable for over "
                 f"{LOST_AFTER_UNREACHABLE_S:g}s: {exc}",
                 **output.fields(),
@@ -806,7 +815,7 @@ async def cancel_jobs(
     results: list[tuple[Job, str | None]] = []
     for job in jobs:
         job = store.get(job.id)
-        if job.state == "queued" and store.cancel_unstarted(job.id):
+        if job.state is JobState.QUEUED and store.cancel_unstarted(job.id):
             job = store.get(job.id)
         if job.is_final:
             results.append((job, None))
@@ -822,7 +831,9 @@ async def cancel_jobs(
             continue
         host = job.host_snapshot
         if host is None:
-            store.finish(job.id, "cancelled", exit_code=CANCELLED_EXIT_CODE, error="cancelled")
+            store.finish(
+                job.id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
+            )
             results.append((store.get(job.id), None))
             continue
         try:
