@@ -291,7 +291,7 @@ class RunnerClient:
 
     async def attach(
         self,
-        job_id: int,
+        job_id: str,
         stdout_offset: int,
         stderr_offset: int,
         on_stdout: OutputCallback,
@@ -306,7 +306,7 @@ class RunnerClient:
 
     async def poll(
         self,
-        job_id: int,
+        job_id: str,
         stdout_offset: int,
         stderr_offset: int,
         on_stdout: OutputCallback,
@@ -319,7 +319,7 @@ class RunnerClient:
         await process.send(b"")
         return await read_frames(self.host.name, process, on_stdout, on_stderr)
 
-    async def cancel(self, job_id: int) -> dict[str, Any]:
+    async def cancel(self, job_id: str) -> dict[str, Any]:
         """Kill a job on its host; returns the runner's answer."""
         done = await self.transport.run_runner(
             ["cancel", self.host.workdir, str(job_id)], max_stdout=MAX_MESSAGE_BYTES

@@ -7,6 +7,7 @@ two coordinators can never both see the same free slot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -28,6 +29,7 @@ from .states import FINAL_STATES, JobState
 SCHEMA_VERSION = 2
 
 STATES = tuple(state.value for state in JobState)
+_FINAL_WORDS = sorted(state.value for state in FINAL_STATES)
 
 # The job record contract (README.md, "The job record"), in order.
 RECORD_FIELDS = (
@@ -183,47 +185,112 @@ class JobSpec:
     output_overwrite: bool = False
 
 
+# A value of the public job record (README.md, "The job record"): JSON scalars only.
+RecordValue = str | int | float | None
+
+
 @dataclass(frozen=True)
 class Job:
-    """One row of the jobs file."""
+    """One row of the jobs file, one field per column (built by `from_row` alone)."""
 
-    row: Mapping[str, Any]
+    id: int
+    name: str | None
+    state: JobState
+    exit_code: int | None
+    host: str | None
+    cpus: int
+    memory_mb: int
+    time_limit_s: float | None
+    source: str
+    language: str
+    wasm_sha256: str
+    wasm_bytes: int
+    upload_bytes: int | None
+    submitted_at: str
+    started_at: str | None
+    finished_at: str | None
+    queue_s: float | None
+    compile_s: float
+    upload_s: float | None
+    run_s: float | None
+    cpu_s: float | None
+    peak_memory_bytes: int | None
+    stdout: str | None
+    stderr: str | None
+    error: str | None
+    # internal columns, not part of the record contract
+    wasm_path: str
+    argv: str  # JSON list; see argv_list
+    env: str  # JSON list of pairs; see env_pairs
+    stdin_path: str | None
+    pinned_host: str | None
+    host_config: str | None  # JSON; see host_snapshot
+    submitted_ts: float
+    placed_ts: float | None
+    heartbeat_ts: float | None
+    coordinator_pid: int | None
+    stdout_bytes: int
+    stderr_bytes: int
+    remote_key: str  # names the job's directory on hosts; set when it is submitted
+    unreachable_since: float | None
+    array_id: int | None
+    array_task: int | None
+    labels: str  # JSON list
+    cancel_requested: bool
+    input_path: str | None
+    output_dir: str | None
+    input_bytes: int | None
+    output_bytes: int | None
+    stage_in_s: float | None
+    stage_out_s: float | None
+    max_output_mb: int | None
+    output_overwrite: bool
+    output_conflicts: int | None
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.row[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        """The job in a `SELECT *` row: the one place a row's untyped values become a Job."""
+        values = {name: row[name] for name in _JOB_COLUMNS}
+        values["state"] = JobState(row["state"])
+        values["cancel_requested"] = bool(row["cancel_requested"])
+        values["output_overwrite"] = bool(row["output_overwrite"])
+        return cls(**values)
 
     @property
     def is_final(self) -> bool:
         """Whether the job reached a final state."""
-        return self.row["state"] in FINAL_STATES
+        return self.state.is_final
 
     @property
     def argv_list(self) -> list[str]:
         """The guest's argv (argv[0] included)."""
-        return list(json.loads(self.row["argv"]))
+        return [str(arg) for arg in json.loads(self.argv)]
 
     @property
     def env_pairs(self) -> list[tuple[str, str]]:
         """The guest's environment."""
-        return [(k, v) for k, v in json.loads(self.row["env"])]
+        return [(str(k), str(v)) for k, v in json.loads(self.env)]
 
     @property
     def host_snapshot(self) -> Host | None:
         """The host's settings as they were when the job was placed."""
-        raw = self.row["host_config"]
+        raw = self.host_config
         return Host.from_dict(json.loads(raw)) if raw else None
 
     @property
     def request(self) -> Request:
         """The placement request of this job."""
-        return request_of(self.row)
+        labels = tuple(json.loads(self.labels)) if self.labels else ()
+        return Request(self.cpus, self.memory_mb, self.pinned_host, labels)
 
-    def record(self) -> dict[str, Any]:
-        """The public job record (the contract in README.md)."""
-        return {field: self.row[field] for field in RECORD_FIELDS}
+    def record(self) -> dict[str, RecordValue]:
+        """The public job record (the contract in README.md); the state as its word."""
+        record: dict[str, RecordValue] = {field: getattr(self, field) for field in RECORD_FIELDS}
+        record["state"] = self.state.value
+        return record
+
+
+_JOB_COLUMNS = tuple(field.name for field in dataclasses.fields(Job))
 
 
 def _prepare_private(path: Path) -> None:
@@ -385,6 +452,7 @@ class JobStore:
             return (
                 job_id,
                 spec.name,
+                JobState.QUEUED.value,
                 spec.cpus,
                 spec.memory_mb,
                 spec.time_limit_s,
@@ -432,8 +500,8 @@ class JobStore:
                        submitted_ts, wasm_path, argv, env, stdin_path, pinned_host,
                        heartbeat_ts, coordinator_pid, array_task, labels, input_path,
                        output_dir, max_output_mb, output_overwrite, remote_key, array_id)
-                   VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                           ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                           ?, ?, ?, ?, ?, ?, ?)""",
                 (row(index, first + index, task, array_id) for index, task in enumerate(tasks)),
             )
         return ids
@@ -461,7 +529,7 @@ class JobStore:
                 f"SELECT id, state, submitted_ts FROM jobs WHERE id IN ({marks})", tuple(job_ids)
             ).fetchall()
             submitted = {row["id"]: row["submitted_ts"] for row in rows}
-            gone = {row["id"] for row in rows if row["state"] != "queued"}
+            gone = {row["id"] for row in rows if row["state"] != JobState.QUEUED}
             gone |= set(job_ids) - set(submitted)
             db.execute(
                 f"UPDATE jobs SET heartbeat_ts = ?, coordinator_pid = ? WHERE id IN ({marks})",
@@ -470,8 +538,8 @@ class JobStore:
             usage = self._usage(db)
             waiting = db.execute(
                 """SELECT id, cpus, memory_mb, pinned_host, labels FROM jobs
-                   WHERE state = 'queued' AND heartbeat_ts >= ? ORDER BY id""",
-                (now - QUEUE_STALE_S,),
+                   WHERE state = ? AND heartbeat_ts >= ? ORDER BY id""",
+                (JobState.QUEUED.value, now - QUEUE_STALE_S),
             ).fetchall()
             queue = [(row["id"], request_of(row)) for row in waiting]
             placement = plan(hosts, usage, queue, excluded)
@@ -483,9 +551,10 @@ class JobStore:
                     continue
                 host = by_name[name]
                 db.execute(
-                    """UPDATE jobs SET state = 'running', host = ?, host_config = ?,
+                    """UPDATE jobs SET state = ?, host = ?, host_config = ?,
                            started_at = ?, placed_ts = ?, queue_s = ? WHERE id = ?""",
                     (
+                        JobState.RUNNING.value,
                         host.name,
                         json.dumps(host.to_dict()),
                         started_at,
@@ -501,10 +570,10 @@ class JobStore:
         """Give back a reservation whose host failed before the job started; queue it again."""
         with self._transaction() as db:
             db.execute(
-                """UPDATE jobs SET state = 'queued', host = NULL, host_config = NULL,
+                """UPDATE jobs SET state = ?, host = NULL, host_config = NULL,
                        started_at = NULL, placed_ts = NULL, queue_s = NULL, heartbeat_ts = ?
-                   WHERE id = ? AND state = 'running'""",
-                (time.time(), job_id),
+                   WHERE id = ? AND state = ?""",
+                (JobState.QUEUED.value, time.time(), job_id, JobState.RUNNING.value),
             )
 
     def claim(self, job: Job) -> bool:
@@ -533,7 +602,10 @@ class JobStore:
     def cancel_unstarted(self, job_id: int) -> bool:
         """Cancel a job that never started (exit 143, as for SIGTERM); True if this call did."""
         return self.finish(
-            job_id, "cancelled", exit_code=CANCELLED_EXIT_CODE, error="cancelled before it started"
+            job_id,
+            JobState.CANCELLED,
+            exit_code=CANCELLED_EXIT_CODE,
+            error="cancelled before it started",
         )
 
     def request_cancel(self, job_id: int) -> None:
@@ -587,9 +659,9 @@ class JobStore:
                 ((*values, job_id) for job_id in job_ids),
             )
 
-    def finish(self, job_id: int, state: str, **fields: Any) -> bool:
+    def finish(self, job_id: int, state: JobState, **fields: Any) -> bool:
         """Move a job to a final state unless it already has one; True if this call did."""
-        if state not in FINAL_STATES:
+        if not JobState(state).is_final:
             raise ValueError(f"not a final state: {state}")
         fields.setdefault("finished_at", utc_now())
         assignments = self._assignments(fields)
@@ -598,7 +670,7 @@ class JobStore:
             cursor = db.execute(
                 f"UPDATE jobs SET state = ?, {assignments} WHERE id = ? "
                 f"AND state NOT IN ({placeholders})",
-                (state, *fields.values(), job_id, *sorted(FINAL_STATES)),
+                (JobState(state).value, *fields.values(), job_id, *_FINAL_WORDS),
             )
             return cursor.rowcount == 1
 
@@ -609,20 +681,20 @@ class JobStore:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise JobNotFound(job_id)
-        return Job(dict(rows[0]))
+        return Job.from_row(rows[0])
 
-    def list_jobs(self, limit: int | None = None, state: str | None = None) -> list[Job]:
+    def list_jobs(self, limit: int | None = None, state: JobState | None = None) -> list[Job]:
         """Jobs, newest first."""
         sql = "SELECT * FROM jobs"
         params: list[Any] = []
         if state is not None:
             sql += " WHERE state = ?"
-            params.append(state)
+            params.append(JobState(state).value)
         sql += " ORDER BY id DESC"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [Job(dict(row)) for row in self._read(sql, params)]
+        return [Job.from_row(row) for row in self._read(sql, params)]
 
     def usage(self) -> dict[str, Usage]:
         """Capacity held per host by jobs placed there and not finished."""
@@ -630,14 +702,18 @@ class JobStore:
 
     def running_counts(self) -> dict[str, int]:
         """Number of unfinished placed jobs per host."""
-        rows = self._read("SELECT host, COUNT(*) FROM jobs WHERE state = 'running' GROUP BY host")
+        rows = self._read(
+            "SELECT host, COUNT(*) FROM jobs WHERE state = ? GROUP BY host",
+            (JobState.RUNNING.value,),
+        )
         return {host: count for host, count in rows}
 
     @staticmethod
     def _usage(db: sqlite3.Connection) -> dict[str, Usage]:
         rows = db.execute(
             """SELECT host, SUM(cpus), SUM(memory_mb) FROM jobs
-               WHERE state = 'running' AND host IS NOT NULL GROUP BY host"""
+               WHERE state = ? AND host IS NOT NULL GROUP BY host""",
+            (JobState.RUNNING.value,),
         )
         return {host: Usage(int(cpus), int(memory)) for host, cpus, memory in rows}
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import inspect
 import os
-import random
 import shlex
 import shutil
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import runner
+from .backoff import Backoff
 from .cluster import Host
 from .errors import HostKeyUntrusted, HostUnreachable, RemoteError, RunnerUnavailable
 
@@ -392,10 +392,9 @@ class _SshProcess(RunnerProcess):
         self._give_back_channel()
 
 
-def _backoff(attempt: int) -> float:
-    """Seconds before retry `attempt` (1, 2, ...): doubling, with jitter so that many
-    coordinators refused at once do not come back at once."""
-    return min(0.2 * 2.0 ** (attempt - 1), 3.0) * random.uniform(0.5, 1.5)
+# Before retry `attempt` (1, 2, ...): doubling, with jitter so that many coordinators
+# refused at once do not come back at once.
+RETRY_BACKOFF = Backoff(first=0.2, factor=2.0, most=3.0, jitter=0.5)
 
 
 class SshTransport(Transport):
@@ -471,7 +470,7 @@ class SshTransport(Transport):
             except _TransientFailure as failure:
                 if attempt == CONNECT_ATTEMPTS:
                     raise HostUnreachable(self.host.name, failure.reason) from failure
-                await asyncio.sleep(_backoff(attempt))
+                await asyncio.sleep(RETRY_BACKOFF.delay(attempt))
 
     async def _connect_once(self) -> None:
         host = self.host
@@ -619,7 +618,7 @@ class SshTransport(Transport):
                         raise HostUnreachable(
                             self.host.name, f"cannot open a channel: {exc.reason}"
                         ) from exc
-                    await asyncio.sleep(_backoff(attempt))
+                    await asyncio.sleep(RETRY_BACKOFF.delay(attempt))
                 except (asyncssh.Error, ConnectionError) as exc:
                     self._connection = None
                     raise HostUnreachable(self.host.name, f"cannot open a channel: {exc}") from exc

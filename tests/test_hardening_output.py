@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import PROGRAMS, no_traceback, record_of, sshwasm
 
-from sshwasm.coordinator import OutputBudget, OutputSink
+from sshwasm.job_output import OutputBudget, OutputSink
 from sshwasm.runner import ArchiveTooLarge, UnsafeArchive
 from sshwasm.staging import TarExtractor
 

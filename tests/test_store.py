@@ -12,6 +12,7 @@ from helpers import job_spec as spec
 
 from sshwasm.cluster import Host
 from sshwasm.errors import JobNotFound, StoreError
+from sshwasm.states import JobState
 from sshwasm.store import FINAL_STATES, RECORD_FIELDS, SCHEMA_VERSION, JobStore
 
 SOLO = Host(name="solo", address="127.0.0.1", cpus=2, memory_mb=1024)
@@ -30,7 +31,10 @@ def test_submit_then_record_has_every_contract_field(tmp_path: Path) -> None:
         job_id = store.submit(spec())
         job = store.get(job_id)
         assert job.state == "queued"
+        assert job.state is JobState.QUEUED
         assert list(job.record()) == list(RECORD_FIELDS)
+        # The record holds plain JSON values: the state is its word, not the enum.
+        assert type(job.record()["state"]) is str and job.record()["state"] == "queued"
         assert job.argv_list == ["hello", "a b"]
         assert job.env_pairs == [("K", "v")]
         assert job.remote_key.startswith(f"{job_id}-")
@@ -43,8 +47,8 @@ def test_placement_reserves_and_finish_frees(tmp_path: Path) -> None:
         assert place_one(store, second, [SOLO]) == SOLO
         assert place_one(store, third, [SOLO]) is None  # both cpus held
         assert store.get(third).state == "queued"
-        assert store.finish(first, "succeeded", exit_code=0)
-        assert not store.finish(first, "failed")  # a final state is final
+        assert store.finish(first, JobState.SUCCEEDED, exit_code=0)
+        assert not store.finish(first, JobState.FAILED)  # a final state is final
         assert store.get(first).state == "succeeded"
         placed = place_one(store, third, [SOLO])
         assert placed == SOLO
@@ -68,7 +72,7 @@ def test_older_waiting_job_is_served_first(tmp_path: Path) -> None:
         running = store.submit(spec(cpus=2))
         place_one(store, running, [SOLO])
         older, younger = store.submit(spec(cpus=2)), store.submit(spec(cpus=2))
-        store.finish(running, "succeeded")
+        store.finish(running, JobState.SUCCEEDED)
         assert place_one(store, younger, [SOLO]) is None  # the older one's turn
         assert place_one(store, older, [SOLO]) == SOLO
 
@@ -101,10 +105,10 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_lists_newest_first_with_filters(tmp_path: Path) -> None:
     with JobStore(tmp_path / "jobs.sqlite") as store:
         ids = [store.submit(spec(name=f"j{i}")) for i in range(5)]
-        store.finish(ids[1], "failed", exit_code=3)
+        store.finish(ids[1], JobState.FAILED, exit_code=3)
         assert [j.id for j in store.list_jobs()] == ids[::-1]
         assert [j.id for j in store.list_jobs(limit=2)] == ids[:-3:-1]
-        assert [j.id for j in store.list_jobs(state="failed")] == [ids[1]]
+        assert [j.id for j in store.list_jobs(state=JobState.FAILED)] == [ids[1]]
         assert "failed" in FINAL_STATES
 
 
@@ -116,8 +120,8 @@ def _reserve_worker(db_path: str, count: int, queue: multiprocessing.Queue[int])
             while place_one(store, job_id, [host]) is None:
                 pass
             # Holding the slot: nobody else may hold it now.
-            queue.put(len([j for j in store.list_jobs(state="running")]))
-            store.finish(job_id, "succeeded")
+            queue.put(len([j for j in store.list_jobs(state=JobState.RUNNING)]))
+            store.finish(job_id, JobState.SUCCEEDED)
 
 
 def test_concurrent_processes_never_overcommit_a_one_slot_host(tmp_path: Path) -> None:
