@@ -28,9 +28,8 @@ from .errors import (
     SshwasmError,
 )
 from .job_output import Handlers, JobOutput, OutputSink
-from .liveness import needs_refresh
 from .placement_queue import PlacementQueue
-from .recorded_jobs import cancel_jobs, record_end, refresh_job
+from .recorded_jobs import record_end
 from .runner_client import (
     SERVE_MAX_PAYLOAD_BYTES,
     LaunchSpec,
@@ -45,8 +44,6 @@ from .transport import Transport, TransportPool
 
 # Also what the CLI imports from here: how jobs are driven, and the calls on jobs this
 # process does not drive (their own modules hold them).
-__all__ = ["Coordinator", "Handlers", "cancel_jobs", "launch_spec", "needs_refresh", "refresh_job"]
-
 HEARTBEAT_S = 3.0
 CANCEL_POLL_S = 0.3
 # After a dropped connection the foreground run retries this long before leaving the job

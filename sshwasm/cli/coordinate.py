@@ -15,14 +15,14 @@ from .parser import COORDINATE_COMMAND
 from .show import PROG, notice, report_end, write_err, write_out
 
 if TYPE_CHECKING:
-    from ..coordinator import Handlers
+    from ..job_output import Handlers
     from ..store import Job
     from ..transport import TransportPool
 
 
 def coordinator_handlers(show_output: bool, show_notices: bool) -> Handlers:
     """Where a Coordinator's output and messages go: stdout/stderr, or only warnings."""
-    from ..coordinator import Handlers
+    from ..job_output import Handlers
 
     chosen = Handlers(warning=notice)
     if show_output:

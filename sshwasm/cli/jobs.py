@@ -28,14 +28,14 @@ if TYPE_CHECKING:
 
 def refresh(ctx: Context, jobs: Sequence[Job]) -> list[Job]:
     """Refresh unfinished jobs whose coordinator is gone; others are returned as they are."""
-    from ..coordinator import needs_refresh
+    from ..liveness import needs_refresh
 
     orphans = [job for job in jobs if needs_refresh(job)]
     if not orphans:
         return list(jobs)
     import asyncio
 
-    from ..coordinator import refresh_job
+    from ..recorded_jobs import refresh_job
 
     async def refresh_orphans(pool: TransportPool) -> dict[int, Job]:
         fresh = await asyncio.gather(*(refresh_job(ctx.store, job, pool) for job in orphans))
@@ -78,7 +78,7 @@ def cmd_status(ctx: Context) -> int:
 def cmd_logs(ctx: Context) -> int:
     """`sshwasm logs ID`: the job's full output, from the local copy (brought up to date
     from the host first when nobody else follows the job)."""
-    from ..coordinator import needs_refresh
+    from ..liveness import needs_refresh
 
     args = ctx.args
     store = ctx.store
@@ -109,7 +109,7 @@ def cmd_logs(ctx: Context) -> int:
 
 def cmd_cancel(ctx: Context) -> int:
     """`sshwasm cancel ID...`: stop queued or running jobs."""
-    from ..coordinator import cancel_jobs
+    from ..recorded_jobs import cancel_jobs
 
     store = ctx.store
     jobs = [store.get(job_id) for job_id in ctx.args.job_ids]
