@@ -8,7 +8,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import PROGRAMS, no_traceback, start_streaming, sshwasm, wait_for_state
+from helpers import PROGRAMS, no_traceback, sshwasm, start_streaming, wait_for_state
 
 
 def test_ctrl_c_during_run_prints_a_notice_exits_130_and_the_job_goes_on(
