@@ -4,15 +4,22 @@ with each job followed by its own `sshwasm` process sharing one jobs file."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import PROGRAMS, moment, record_of, sshwasm, wait_for_state
+import pytest
+from helpers import PROGRAMS, frozen, moment, record_of, sshwasm, wait_for, wait_for_state
 
 SLEEP = str(PROGRAMS / "sleep.rs")
 TINY = str(PROGRAMS / "tiny.rs")
+# A waiting job's coordinator makes a placement pass at least this often (its POLL_MAX_S).
+PLACEMENT_POLL_MAX_S = 1.0
 
 
+@pytest.mark.slow
 def test_a_small_job_backfills_past_an_older_big_one_that_cannot_fit_yet(
     make_cluster: Callable[..., Path],
 ) -> None:
@@ -42,3 +49,58 @@ def test_a_small_job_backfills_past_an_older_big_one_that_cannot_fit_yet(
     done = wait_for_state(2, {"succeeded", "failed", "lost", "cancelled"})
     assert done["state"] == "succeeded" and done["host"] == "alpha", done
     assert moment(done["started_at"]) >= moment(backfilled["finished_at"])
+
+
+@pytest.mark.slow
+def test_older_waiting_jobs_get_room_first_across_processes(
+    make_cluster: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A younger job's coordinator leaves freed room to an older waiting job of another
+    process, even while that process is stopped and so cannot take the room itself."""
+    cluster = make_cluster({"alpha": (1, 1024)})
+    run = ("--cluster", str(cluster), "run")
+    holder = sshwasm(*run, SLEEP, "--memory-mb", "64", "--detach", "--", "120")
+    assert holder.stdout.strip() == "1", holder.stderr
+    wait_for_state(1, {"running"})
+    for job_id in (2, 3):  # the older and the younger waiting job, each its own process
+        queued = sshwasm(*run, TINY, "--memory-mb", "64", "--detach")
+        assert queued.stdout.strip() == str(job_id), queued.stderr
+        wait_for_state(job_id, {"queued"})
+    db = tmp_path / "data" / "jobs.sqlite"
+    (older,) = _coordinators_of(db, 2)
+
+    with frozen(older):
+        cancelled = sshwasm("cancel", "1")
+        assert cancelled.returncode == 0, cancelled.stderr
+        room_freed = time.time()
+        # Job 3's coordinator plans at least once a second on the loop that also writes its
+        # heartbeat: a heartbeat this much later means it has looked at the free room.
+        wait_for(lambda: _heartbeat_of(db, 3) > room_freed + 2 * PLACEMENT_POLL_MAX_S, timeout=60)
+        assert record_of(sshwasm("status", "3", "--json"))["state"] == "queued"
+
+    first = wait_for_state(2, {"succeeded", "failed", "lost", "cancelled"})
+    second = wait_for_state(3, {"succeeded", "failed", "lost", "cancelled"})
+    assert first["state"] == second["state"] == "succeeded", (first, second)
+    assert moment(second["started_at"]) >= moment(first["finished_at"])
+
+
+def _coordinators_of(db: Path, job_id: int) -> list[int]:
+    """PIDs of the detached coordinators (`sshwasm ... _drive ID`) following `job_id`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"_drive" in argv and str(db).encode() in argv and str(job_id).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def _heartbeat_of(db: Path, job_id: int) -> float:
+    """When the job's coordinator last wrote to its row (every placement pass does)."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+        (value,) = conn.execute("SELECT heartbeat_ts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return float(value or 0)
