@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from helpers import PROGRAMS, holds, record_of, sshwasm, start_streaming, wait_for
+from helpers import (
+    PROGRAMS,
+    Guest,
+    holds,
+    record_of,
+    release,
+    sshwasm,
+    start_streaming,
+    wait_for,
+)
 from sshd import SshServer
 
 SLEEP = str(PROGRAMS / "sleep.rs")
@@ -47,7 +56,7 @@ def test_a_silent_host_is_declared_gone_after_keepalives_and_the_job_reattached(
             warning = _line_within(running.stderr, 90)
         finally:
             server.resume()
-        assert warning == b"sshwasm: connection to 'delta' lost; re-attaching to job 1\n"
+        assert warning == b"sshwasm: connection to 'delta' lost; re-attaching to job 1\n", warning
         out, err = running.communicate(timeout=120)
     finally:
         if running.poll() is None:
@@ -71,15 +80,21 @@ def _line_within(stream: IO[bytes], seconds: float) -> bytes:
     return line
 
 
-def _orphaned_tasks(cluster: Path, server_name: str, db: Path) -> list[Path]:
-    """Start TASKS array tasks, let them finish on the host with their coordinator gone.
+def _orphaned_tasks(cluster: Path, server_name: str, db: Path, guest: Guest) -> None:
+    """Start TASKS array tasks and let them end on the host with their coordinator gone.
 
-    Returns their job dirs on the host. `jobs` must then collect every one of them itself,
-    all at once: TASKS channels wanted on one host by one process.
+    `jobs` must then collect every one of them itself, all at once: TASKS channels wanted
+    on one host by one process. The tasks are the probe guest's `held` mode, which runs
+    until the test releases it: each is surely running when the coordinator is killed.
     """
+    module = cluster.parent / "probe.wasm"
+    module.write_bytes(guest.data)
+    inputs = cluster.parent / "inputs"
+    inputs.mkdir()
+    (inputs / "held").write_bytes(b"")
     started = sshwasm(
-        "--cluster", str(cluster), "run", SLEEP, "--array", str(TASKS), "--cpus", "1",
-        "--memory-mb", "16", "--detach", "--", "2",
+        "--cluster", str(cluster), "run", str(module), "--array", str(TASKS), "--cpus", "1",
+        "--memory-mb", "16", "--input", str(inputs), "--detach", "--", "held",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     jobs_root = cluster.parent / "workers" / server_name / "jobs"
@@ -87,19 +102,24 @@ def _orphaned_tasks(cluster: Path, server_name: str, db: Path) -> list[Path]:
     def job_dirs() -> list[Path]:
         return sorted(jobs_root.iterdir()) if jobs_root.is_dir() else []
 
-    # Every task started on the host (its guest printed its first line) ...
+    # Every task runs on the host (its guest printed its first line) ...
     wait_for(
-        lambda: len(job_dirs()) == TASKS
-        and all(holds(path / "stdout", b"start\n") or holds(path / "stdout", b"start\nend\n")
-                for path in job_dirs()),
+        lambda: (
+            len(job_dirs()) == TASKS
+            and all(holds(path / "stdout", b"start\n") for path in job_dirs())
+        ),
         timeout=120,
-    )  # fmt: skip
-    # ... before its coordinator dies, as a laptop's would.
+    )
+    # ... when its coordinator dies, as a laptop's would.
     (driver,) = _coordinators_of(db)
     os.kill(driver, signal.SIGKILL)
+    # Until init reaps its zombie (here after a few seconds) the pid still answers and its
+    # heartbeat is fresh: sshwasm rightly takes it for a live coordinator until then.
+    wait_for(lambda: not Path(f"/proc/{driver}").exists(), timeout=90)
     # The runner goes on without it: every task ends on the host.
+    for job_dir in job_dirs():
+        release(job_dir)
     wait_for(lambda: all((path / "result.json").exists() for path in job_dirs()), timeout=120)
-    return job_dirs()
 
 
 def _coordinators_of(db: Path) -> list[int]:
@@ -124,7 +144,11 @@ def _collect_all(server: SshServer) -> str:
     assert listed.returncode == 0, listed.stderr
     records = record_of(listed)
     assert isinstance(records, list)
-    problems = [r for r in records if r["state"] != "succeeded" or r["stdout"] != "start\nend\n"]
+    problems = [
+        (r["id"], r["state"], r["error"], r["stdout"])
+        for r in records
+        if r["state"] != "succeeded" or r["stdout"] != "start\nend\n"
+    ]
     assert len(records) == TASKS and not problems, problems
     return server.log_text()[before:]
 
@@ -142,7 +166,10 @@ def _peak_sessions(log: str) -> int:
 
 
 def test_one_connection_per_host_with_at_most_8_channels(
-    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path], tmp_path: Path
+    fresh_host: Callable[..., SshServer],
+    make_cluster: Callable[..., Path],
+    tmp_path: Path,
+    guest: Guest,
 ) -> None:
     """12 channels wanted at once stay within OpenSSH's default MaxSessions of 10.
 
@@ -151,18 +178,21 @@ def test_one_connection_per_host_with_at_most_8_channels(
     """
     server = fresh_host("delta", extra_config="MaxSessions 10\n")
     cluster = make_cluster({"delta": (TASKS, 4096)}, servers=[server])
-    _orphaned_tasks(cluster, "delta", tmp_path / "data" / "jobs.sqlite")
+    _orphaned_tasks(cluster, "delta", tmp_path / "data" / "jobs.sqlite", guest)
     log = _collect_all(server)
     assert log.count(ACCEPTED) == 1, log
     assert REFUSED not in log, (_peak_sessions(log), log)
 
 
 def test_channels_refused_by_max_sessions_are_retried(
-    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path], tmp_path: Path
+    fresh_host: Callable[..., SshServer],
+    make_cluster: Callable[..., Path],
+    tmp_path: Path,
+    guest: Guest,
 ) -> None:
-    server = fresh_host("delta", extra_config="MaxSessions 2\n")
+    server = fresh_host("delta", extra_config="MaxSessions 4\n")
     cluster = make_cluster({"delta": (TASKS, 4096)}, servers=[server])
-    _orphaned_tasks(cluster, "delta", tmp_path / "data" / "jobs.sqlite")
+    _orphaned_tasks(cluster, "delta", tmp_path / "data" / "jobs.sqlite", guest)
     log = _collect_all(server)
     # sshd did refuse channels, and every job was still collected, over one connection.
     assert REFUSED in log, log

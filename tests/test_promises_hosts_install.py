@@ -116,8 +116,8 @@ def test_hosts_install_runs_pip_install_user_when_python_lacks_wasmtime(
     version = importlib.metadata.version("wasmtime")
     assert f"delta: installed wasmtime {version} for {python}" in installed.stdout
     # It went where --user puts it: the session's user site, not the virtualenv.
-    (site,) = user_base.glob("lib/python3*/site-packages")
-    assert (site / "wasmtime" / "__init__.py").is_file()
+    installed_here = list(user_base.glob("lib/python3*/site-packages/wasmtime/__init__.py"))
+    assert len(installed_here) == 1, f"no wasmtime under the user base {user_base}"
     assert not list((tmp_path / "host-python").glob("lib/python3*/site-packages/wasmtime"))
 
     # The host now runs jobs, with that python.
