@@ -11,7 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import PROGRAMS, frozen, moment, record_of, sshwasm, wait_for, wait_for_state
+from helpers import (
+    PROGRAMS,
+    detached_coordinators,
+    frozen,
+    moment,
+    record_of,
+    sshwasm,
+    wait_for,
+    wait_for_state,
+)
 
 SLEEP = str(PROGRAMS / "sleep.rs")
 TINY = str(PROGRAMS / "tiny.rs")
@@ -67,7 +76,7 @@ def test_older_waiting_jobs_get_room_first_across_processes(
         assert queued.stdout.strip() == str(job_id), queued.stderr
         wait_for_state(job_id, {"queued"})
     db = tmp_path / "data" / "jobs.sqlite"
-    (older,) = _coordinators_of(db, 2)
+    (older,) = detached_coordinators(db, 2)
 
     with frozen(older):
         cancelled = sshwasm("cancel", "1")
@@ -82,21 +91,6 @@ def test_older_waiting_jobs_get_room_first_across_processes(
     second = wait_for_state(3, {"succeeded", "failed", "lost", "cancelled"})
     assert first["state"] == second["state"] == "succeeded", (first, second)
     assert moment(second["started_at"]) >= moment(first["finished_at"])
-
-
-def _coordinators_of(db: Path, job_id: int) -> list[int]:
-    """PIDs of the detached coordinators (`sshwasm ... _drive ID`) following `job_id`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"_drive" in argv and str(db).encode() in argv and str(job_id).encode() in argv:
-            found.append(int(entry.name))
-    return found
 
 
 def _heartbeat_of(db: Path, job_id: int) -> float:

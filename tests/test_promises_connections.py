@@ -20,6 +20,7 @@ import pytest
 from helpers import (
     PROGRAMS,
     Guest,
+    detached_coordinators,
     holds,
     record_of,
     release,
@@ -116,7 +117,7 @@ def _orphaned_tasks(cluster: Path, server_name: str, db: Path, guest: Guest) -> 
         timeout=120,
     )
     # ... when its coordinator dies, as a laptop's would.
-    (driver,) = _coordinators_of(db)
+    (driver,) = detached_coordinators(db)
     os.kill(driver, signal.SIGKILL)
     # Until init reaps its zombie (here after a few seconds) the pid still answers and its
     # heartbeat is fresh: sshwasm rightly takes it for a live coordinator until then.
@@ -125,21 +126,6 @@ def _orphaned_tasks(cluster: Path, server_name: str, db: Path, guest: Guest) -> 
     for job_dir in job_dirs():
         release(job_dir)
     wait_for(lambda: all((path / "result.json").exists() for path in job_dirs()), timeout=120)
-
-
-def _coordinators_of(db: Path) -> list[int]:
-    """PIDs of the detached coordinators (`sshwasm ... _drive`) of this jobs file."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"_drive" in argv and str(db).encode() in argv:
-            found.append(int(entry.name))
-    return found
 
 
 def _collect_all(server: SshServer) -> str:
