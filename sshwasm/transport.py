@@ -29,9 +29,10 @@ if TYPE_CHECKING:
     import asyncssh
 
 CONNECT_TIMEOUT_S = 10.0
-# A silent host is declared gone after interval * count seconds instead of TCP's minutes.
+# A silent host is declared gone after 15 s (README) instead of TCP's minutes: asyncssh
+# gives up at the check after `count` unanswered keepalives, interval * (count + 1) seconds.
 KEEPALIVE_INTERVAL_S = 5.0
-KEEPALIVE_COUNT_MAX = 3
+KEEPALIVE_COUNT_MAX = 2
 # Handshakes dropped by sshd's MaxStartups and refused channels are retried this often.
 CONNECT_ATTEMPTS = 5
 CHANNEL_ATTEMPTS = 6

@@ -569,3 +569,21 @@ def job_spec(cpus: int = 1, memory_mb: int = 100, name: str | None = "job") -> J
         argv=("hello", "a b"),
         env=(("K", "v"),),
     )
+
+
+def detached_coordinators(db: Path, job_id: int | None = None) -> list[int]:
+    """PIDs of the detached coordinators (`sshwasm --db DB ... _drive ID...`) of jobs file
+    `db`, or only the one following `job_id`; found by command line, as no record holds it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"_drive" not in argv or str(db).encode() not in argv:
+            continue
+        if job_id is None or str(job_id).encode() in argv[argv.index(b"_drive") + 1 :]:
+            found.append(int(entry.name))
+    return found

@@ -1,0 +1,190 @@
+"""README promises about SSH connections: "a silent host is declared gone after 15 s
+(keepalives)", and "channels refused by `MaxSessions` are retried with backoff; one
+coordinator keeps one connection per host and at most 8 channels on it".
+
+Channels are counted from the host's side: sshd logs `no more sessions` for each channel
+it refuses past its `MaxSessions`, and `Accepted publickey` for each connection.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import pytest
+from helpers import (
+    PROGRAMS,
+    Guest,
+    detached_coordinators,
+    holds,
+    record_of,
+    release,
+    sshwasm,
+    start_streaming,
+    wait_for,
+)
+from sshd import SshServer
+
+SLEEP = str(PROGRAMS / "sleep.rs")
+# More array tasks than a connection may hold channels (8), each its own orphaned job.
+TASKS = 12
+REFUSED = "no more sessions"  # sshd's log line for a channel past MaxSessions
+ACCEPTED = "Accepted publickey for"
+
+
+@pytest.mark.slow
+def test_a_silent_host_is_declared_gone_after_keepalives_and_the_job_reattached(
+    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
+) -> None:
+    """The real 15 s: the command runs as its own process, so nothing in it can be
+    shortened honestly. (It was 20 s: asyncssh gives up one interval after `count`.)"""
+    server = fresh_host("delta")
+    cluster = make_cluster({"delta": (2, 1024)}, servers=[server])
+    running = start_streaming("--cluster", str(cluster), "run", SLEEP, "--", "25")
+    assert running.stdout is not None and running.stderr is not None
+    try:
+        assert running.stdout.readline() == b"start\n"
+        # sshd and its sessions freeze: TCP still accepts and acknowledges, nothing answers.
+        # Only keepalives can tell; the runner itself is detached from the session.
+        server.pause()
+        paused = time.monotonic()
+        try:
+            # Without keepalives this line would never come.
+            warning = _line_within(running.stderr, 90)
+            silent_for = time.monotonic() - paused
+        finally:
+            server.resume()
+        # Three keepalive intervals of 5 s after the host's last packet (its "start"
+        # frame, just before the pause): not sooner, and well before a fourth.
+        assert 12 <= silent_for < 18.5, silent_for
+        assert warning == b"sshwasm: connection to 'delta' lost; re-attaching to job 1\n", warning
+        out, err = running.communicate(timeout=120)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.communicate()
+    assert running.returncode == 0, err
+    assert out == b"end\n"  # nothing printed twice, nothing missing
+
+
+def _line_within(stream: IO[bytes], seconds: float) -> bytes:
+    """The next line of an unbuffered pipe; fails if none is complete within `seconds`."""
+    deadline = time.monotonic() + seconds
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([stream], [], [], max(left, 0))
+        assert ready, f"no line within {seconds:g}s; got {line!r}"
+        byte = os.read(stream.fileno(), 1)  # one at a time: nothing read past the line
+        assert byte, f"the stream ended; got {line!r}"
+        line += byte
+    return line
+
+
+def _orphaned_tasks(cluster: Path, server_name: str, db: Path, guest: Guest) -> None:
+    """Start TASKS array tasks and let them end on the host with their coordinator gone.
+
+    `jobs` must then collect every one of them itself, all at once: TASKS channels wanted
+    on one host by one process. The tasks are the probe guest's `held` mode, which runs
+    until the test releases it: each is surely running when the coordinator is killed.
+    """
+    module = cluster.parent / "probe.wasm"
+    module.write_bytes(guest.data)
+    inputs = cluster.parent / "inputs"
+    inputs.mkdir()
+    (inputs / "held").write_bytes(b"")
+    started = sshwasm(
+        "--cluster", str(cluster), "run", str(module), "--array", str(TASKS), "--cpus", "1",
+        "--memory-mb", "16", "--input", str(inputs), "--detach", "--", "held",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    jobs_root = cluster.parent / "workers" / server_name / "jobs"
+
+    def job_dirs() -> list[Path]:
+        return sorted(jobs_root.iterdir()) if jobs_root.is_dir() else []
+
+    # Every task runs on the host (its guest printed its first line) ...
+    wait_for(
+        lambda: (
+            len(job_dirs()) == TASKS
+            and all(holds(path / "stdout", b"start\n") for path in job_dirs())
+        ),
+        timeout=120,
+    )
+    # ... when its coordinator dies, as a laptop's would.
+    (driver,) = detached_coordinators(db)
+    os.kill(driver, signal.SIGKILL)
+    # Until init reaps its zombie (here after a few seconds) the pid still answers and its
+    # heartbeat is fresh: sshwasm rightly takes it for a live coordinator until then.
+    wait_for(lambda: not Path(f"/proc/{driver}").exists(), timeout=90)
+    # The runner goes on without it: every task ends on the host.
+    for job_dir in job_dirs():
+        release(job_dir)
+    wait_for(lambda: all((path / "result.json").exists() for path in job_dirs()), timeout=120)
+
+
+def _collect_all(server: SshServer) -> str:
+    """`sshwasm jobs`, which refreshes every orphaned job at once; what sshd logged meanwhile."""
+    before = len(server.log_text())
+    listed = sshwasm("jobs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    records = record_of(listed)
+    assert isinstance(records, list)
+    problems = [
+        (r["id"], r["state"], r["error"], r["stdout"])
+        for r in records
+        if r["state"] != "succeeded" or r["stdout"] != "start\nend\n"
+    ]
+    assert len(records) == TASKS and not problems, problems
+    return server.log_text()[before:]
+
+
+def _peak_sessions(log: str) -> int:
+    """The most sessions sshd held open at once, by its Starting/Close session lines."""
+    open_now = peak = 0
+    for line in log.splitlines():
+        if line.startswith("Starting session:"):
+            open_now += 1
+            peak = max(peak, open_now)
+        elif line.startswith("Close session:"):
+            open_now -= 1
+    return peak
+
+
+def test_one_connection_per_host_with_at_most_8_channels(
+    fresh_host: Callable[..., SshServer],
+    make_cluster: Callable[..., Path],
+    tmp_path: Path,
+    guest: Guest,
+) -> None:
+    """12 channels wanted at once stay within OpenSSH's default MaxSessions of 10.
+
+    Not MaxSessions 8: sshd frees a session slot a moment after the client sees the
+    channel close, so a client at exactly the limit is sometimes refused (and retries).
+    """
+    server = fresh_host("delta", extra_config="MaxSessions 10\n")
+    cluster = make_cluster({"delta": (TASKS, 4096)}, servers=[server])
+    _orphaned_tasks(cluster, "delta", tmp_path / "data" / "jobs.sqlite", guest)
+    log = _collect_all(server)
+    assert log.count(ACCEPTED) == 1, log
+    assert REFUSED not in log, (_peak_sessions(log), log)
+
+
+def test_channels_refused_by_max_sessions_are_retried(
+    fresh_host: Callable[..., SshServer],
+    make_cluster: Callable[..., Path],
+    tmp_path: Path,
+    guest: Guest,
+) -> None:
+    server = fresh_host("delta", extra_config="MaxSessions 4\n")
+    cluster = make_cluster({"delta": (TASKS, 4096)}, servers=[server])
+    _orphaned_tasks(cluster, "delta", tmp_path / "data" / "jobs.sqlite", guest)
+    log = _collect_all(server)
+    # sshd did refuse channels, and every job was still collected, over one connection.
+    assert REFUSED in log, log
+    assert log.count(ACCEPTED) == 1, log
