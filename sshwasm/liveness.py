@@ -15,7 +15,7 @@ COORDINATOR_STALE_S = 30.0
 
 
 def pid_alive(pid: int | None) -> bool:
-    """Whether a process with this pid exists on this machine."""
+    """Whether a process with this pid runs on this machine (a zombie does not)."""
     if not pid or pid <= 0:
         return False
     try:
@@ -23,8 +23,20 @@ def pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    # A killed coordinator stays a zombie until its parent (or init) reaps it: seconds, in
+    # which its job would otherwise count as looked after (its empty cmdline says nothing).
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return False  # no procfs: cannot tell, so trust kill()
+    # Field 3, after the command name in parentheses (which may itself hold ") ").
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
 def is_sshwasm_process(pid: int) -> bool | None:
