@@ -674,12 +674,13 @@ class Coordinator:
                 delay = min(delay * 2, 8.0)
                 try:
                     client = RunnerClient(await self.pool.get(host))
-                    outcome = await client.attach(
+                    outcome = await client.stream(
                         job.remote_key,
                         output.stdout.size,
                         output.stderr.size,
                         self._tee(output.stdout, self.handlers.stdout),
                         self._tee(output.stderr, self.handlers.stderr),
+                        follow=True,
                     )
                     break
                 except HostUnreachable:
@@ -749,12 +750,13 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
 
     async def ask_host() -> tuple[RunnerClient, StreamOutcome]:
         client = RunnerClient(await pool.get(host))
-        outcome = await client.poll(
+        outcome = await client.stream(
             job.remote_key,
             output.stdout.size,
             output.stderr.size,
             output.stdout.write,
             output.stderr.write,
+            follow=False,
         )
         return client, outcome
 
