@@ -339,7 +339,7 @@ def _optional(check: Callable[[object], bool]) -> Callable[[object], bool]:
     return either
 
 
-if TYPE_CHECKING:  # Python 3.8 cannot subscript dict at run time
+if TYPE_CHECKING:  # for annotations only, which are never evaluated
     _Schema = dict[str, Callable[[object], bool]]
 
 RESULT_SCHEMA: _Schema = {
