@@ -12,8 +12,8 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from importlib import import_module
 
-from .execute import _cmd_execute
 from .jobdir import (
     _create_atomically,
     _error_json,
@@ -31,7 +31,6 @@ from .jobdir import (
     _workdir,
     workdir_problem,
 )
-from .launch import _cmd_launch
 from .protocol import (
     _SHA256_RE,
     FETCH_STOPPED_AT_LIMIT,
@@ -40,8 +39,7 @@ from .protocol import (
     runner_version,
 )
 from .safetar import MAX_OUTPUT_DEPTH, OutputLimitReached, write_tree_as_tar
-from .serve import _cmd_serve
-from .stream import _cmd_stream, _CoordinatorGone, _detach_stdout, _FrameWriter
+from .stream import _CoordinatorGone, _detach_stdout, _FrameWriter
 
 KILL_WAIT_S = 2.0
 
@@ -181,19 +179,37 @@ def _cmd_info() -> int:
 
 # ------------------------------------------------------------------------------ main
 
-_FRAME_COMMANDS: dict[str, tuple[str, Callable[..., int]]] = {
-    "launch": ("WORKDIR JOB_ID", _cmd_launch),
-    "serve": ("WORKDIR", _cmd_serve),
+
+def _handler(module: str, name: str, **options: object) -> Callable[[], Callable[..., int]]:
+    """A command's function, imported when it runs: a command loads only the modules it
+    needs (poll, cancel and info none of launch, execute and serve)."""
+
+    def load() -> Callable[..., int]:
+        function: Callable[..., int] = getattr(import_module(f".{module}", __package__), name)
+        return partial(function, **options) if options else function
+
+    return load
+
+
+_FRAME_COMMANDS: dict[str, tuple[str, Callable[[], Callable[..., int]]]] = {
+    "launch": ("WORKDIR JOB_ID", _handler("launch", "_cmd_launch")),
+    "serve": ("WORKDIR", _handler("serve", "_cmd_serve")),
     # One stream: attach follows the job to its result, poll sends what there is now.
-    "attach": ("WORKDIR JOB_ID STDOUT_OFFSET STDERR_OFFSET", partial(_cmd_stream, follow=True)),
-    "poll": ("WORKDIR JOB_ID STDOUT_OFFSET STDERR_OFFSET", partial(_cmd_stream, follow=False)),
+    "attach": (
+        "WORKDIR JOB_ID STDOUT_OFFSET STDERR_OFFSET",
+        _handler("stream", "_cmd_stream", follow=True),
+    ),
+    "poll": (
+        "WORKDIR JOB_ID STDOUT_OFFSET STDERR_OFFSET",
+        _handler("stream", "_cmd_stream", follow=False),
+    ),
 }
-_TEXT_COMMANDS: dict[str, tuple[str, Callable[..., int]]] = {
-    "fetch-output": ("WORKDIR JOB_ID [MAX_BYTES]", _cmd_fetch_output),
-    "put-module": ("WORKDIR SHA256", _cmd_put_module),
-    "cancel": ("WORKDIR JOB_ID", _cmd_cancel),
-    "info": ("", _cmd_info),
-    "execute": ("JOB_DIR", _cmd_execute),
+_TEXT_COMMANDS: dict[str, tuple[str, Callable[[], Callable[..., int]]]] = {
+    "fetch-output": ("WORKDIR JOB_ID [MAX_BYTES]", lambda: _cmd_fetch_output),
+    "put-module": ("WORKDIR SHA256", lambda: _cmd_put_module),
+    "cancel": ("WORKDIR JOB_ID", lambda: _cmd_cancel),
+    "info": ("", lambda: _cmd_info),
+    "execute": ("JOB_DIR", _handler("execute", "_cmd_execute")),
 }
 
 
@@ -235,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, params = args[0], args[1:]
     is_frame_command = name in _FRAME_COMMANDS
-    arg_names, handler = (_FRAME_COMMANDS if is_frame_command else _TEXT_COMMANDS)[name]
+    arg_names, load = (_FRAME_COMMANDS if is_frame_command else _TEXT_COMMANDS)[name]
     words = arg_names.split()
     required = [word for word in words if not word.startswith("[")]
     if not len(required) <= len(params) <= len(words):
@@ -244,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     refusal = _refuse_unsafe_workdir(name, params)
     if refusal is not None:
         return refusal
+    handler = load()
     try:
         if is_frame_command:
             writer = _FrameWriter(sys.stdout.buffer)
