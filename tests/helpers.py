@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ci_skips import beyond_our_control
 
 from sshwasm.build import Artifact, build, find_rust_toolchain
 from sshwasm.errors import ToolchainMissing
@@ -526,6 +527,12 @@ def read_result(job_dir: Path) -> dict[str, object]:
     assert isinstance(value, dict)
     return value
 
+
+# Pythons as old as the runner promises its hosts (3.9, see sshwasm/runner/__init__.py),
+# installed beside this one (a pyenv layout). Where there are none, vermin still checks the
+# promise (tests/test_runner.py); these run the runner there for real.
+OLD_PYTHONS = sorted(Path(sys.base_prefix).parent.glob("3.9.*/bin/python3"))
+OLD_PYTHONS_MISSING = beyond_our_control("no Python 3.9 installed beside this one")
 
 STAGE_SOURCE = PROGRAMS / "stage.rs"
 

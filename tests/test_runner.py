@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from helpers import (
     LEAK_MARKER,
+    OLD_PYTHONS,
+    OLD_PYTHONS_MISSING,
     RUNNER,
     RUNNER_VERSION,
     Guest,
@@ -809,3 +811,27 @@ def test_vermin_finds_what_needs_a_newer_python(
     probe = tmp_path / "probe.py"
     probe.write_text("from __future__ import annotations\n" + source)
     assert (too_new_for(OLDEST_HOST_PYTHON, probe) == []) == runs_on_3_9
+
+
+@pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)
+@pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
+def test_the_light_commands_work_on_older_pythons(
+    tmp_path: Path, guest: Guest, python: Path
+) -> None:
+    info = json.loads(run_runner("info", python=[str(python)]).stdout)
+    assert info["runner_version"] == RUNNER_VERSION
+    assert info["python"].startswith(python.parent.parent.name[:3])
+    workdir = tmp_path / "wd"
+    put = run_runner(
+        "put-module", str(workdir), guest.sha256, stdin=guest.data, python=[str(python)]
+    )
+    assert put.returncode == 0, put.stderr
+    outcome = run_frames(
+        "launch", str(workdir), "1", stdin=make_spec(guest, ["probe"]), python=[str(python)]
+    )
+    if info["wasmtime_error"]:
+        # Without wasmtime there, the launch must say so rather than crash.
+        assert [kind for kind, _ in outcome.frames] == [b"X"]
+        assert outcome.json_of(b"X")["kind"] == "no_wasmtime"
+    else:
+        assert outcome.result()["state"] == "succeeded"

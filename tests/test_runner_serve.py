@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    OLD_PYTHONS,
+    OLD_PYTHONS_MISSING,
     RUNNER,
     RUNNER_VERSION,
     Guest,
@@ -582,3 +584,19 @@ def test_with_its_reader_gone_serve_waits_for_its_tasks_then_exits(
     assert session.process.stderr is not None and session.process.stderr.read() == b""
     for key in ("t1", "t2"):
         assert read_result(workdir / "jobs" / key)["state"] == "succeeded"
+
+
+@pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)
+@pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
+def test_serve_starts_on_older_pythons(
+    workdir: Path, sessions: Callable[..., Session], python: Path
+) -> None:
+    session = sessions(workdir, python=[str(python)])
+    hello = session.hello()
+    assert hello["pid"] == session.process.pid
+    if hello["error"] is not None:
+        assert "wasmtime" in str(hello["error"])
+        assert session.read_to_end() == 0
+    else:
+        session.close_stdin()
+        assert session.read_to_end() == 0

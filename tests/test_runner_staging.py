@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    OLD_PYTHONS,
+    OLD_PYTHONS_MISSING,
+    RUNNER,
     RUNNER_VERSION,
     Guest,
     LiveLauncher,
@@ -376,3 +379,59 @@ def test_fetch_output_without_an_output_fails(workdir: Path, stager: Guest, case
     assert done.returncode == 1
     assert done.stdout == b""
     assert done.stderr.decode().count("\n") == 1
+
+
+OLDER_STAGING_CHECK = r"""
+import importlib, importlib.util, io, json, os, sys
+# The runner package from its directory, as its __main__ loads it.
+init = os.path.join(sys.argv[1], "__init__.py")
+spec = importlib.util.spec_from_file_location(
+    "sshwasm_exec", init, submodule_search_locations=[sys.argv[1]]
+)
+sys.modules["sshwasm_exec"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["sshwasm_exec"])
+runner = importlib.import_module("sshwasm_exec.safetar")
+cases = json.loads(open(sys.argv[2]).read())
+outcome = {}
+for name, hex_data in cases.items():
+    destination = os.path.join(sys.argv[3], name)
+    os.makedirs(destination)
+    try:
+        runner.extract_tar_safely(io.BytesIO(bytes.fromhex(hex_data)), destination)
+        outcome[name] = sorted(os.listdir(destination))
+    except runner.UnsafeArchive:
+        outcome[name] = "refused"
+print(json.dumps(outcome))
+"""
+
+
+@pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)
+@pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda path: path.parent.parent.name)
+def test_staging_works_on_older_pythons(tmp_path: Path, python: Path) -> None:
+    cases = {name: data.hex() for name, data in MALICIOUS.items()}
+    cases["good"] = tar_of(file_member("a", b"1"), file_member("d/b", b"2")).hex()
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "out").mkdir()
+    done = subprocess.run(
+        [
+            str(python),
+            "-c",
+            OLDER_STAGING_CHECK,
+            str(RUNNER),
+            str(tmp_path / "cases.json"),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        check=True,
+    )
+    outcome = json.loads(done.stdout)
+    assert outcome.pop("good") == ["a", "d"]
+    assert set(outcome.values()) == {"refused"}
+    # fetch-output, a light command, runs there too and skips the link.
+    job_output = tmp_path / "wd" / "jobs" / "1" / "output"
+    job_output.mkdir(parents=True)
+    (job_output / "f").write_bytes(b"data")
+    (job_output / "link").symlink_to("/etc/hostname")
+    fetched = run_runner("fetch-output", str(tmp_path / "wd"), "1", python=[str(python)])
+    assert fetched.returncode == 0, fetched.stderr
+    assert sorted(untar(fetched.stdout)) == ["f"]
