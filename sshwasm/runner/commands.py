@@ -32,9 +32,9 @@ from .jobdir import (
     workdir_problem,
 )
 from .protocol import (
-    _SHA256_RE,
     FETCH_STOPPED_AT_LIMIT,
     KIND_ERROR,
+    SHA256_RE,
     UNSAFE_WORKDIR_EXIT,
     runner_version,
 )
@@ -74,7 +74,7 @@ def _cmd_fetch_output(workdir: str, job_id: str, max_bytes: str | None = None) -
 
 
 def _cmd_put_module(workdir_argument: str, sha256: str) -> int:
-    if not _SHA256_RE.fullmatch(sha256):
+    if not SHA256_RE.fullmatch(sha256):
         raise _UsageError(f"invalid sha256 {sha256!r}: expected 64 lowercase hex digits")
     wasm_dir = os.path.join(_workdir(workdir_argument), "wasm")
     os.makedirs(wasm_dir, mode=0o700, exist_ok=True)

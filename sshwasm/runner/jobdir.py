@@ -20,7 +20,8 @@ from .protocol import RESULT_KEYS
 DEAD_GRACE_S = 0.5
 STARTUP_GRACE_S = 10.0
 
-_JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A job id, the name of its job directory (and a serve task's key): never a path.
+JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class _UsageError(Exception):
@@ -100,7 +101,7 @@ def unsafe_workdir_message(problem: str) -> str:
 
 
 def _job_dir(workdir_argument: str, job_id: str) -> str:
-    if not _JOB_ID_RE.fullmatch(job_id):
+    if not JOB_ID_RE.fullmatch(job_id):
         raise _UsageError(f"invalid job id {job_id!r}")
     return os.path.join(_workdir(workdir_argument), "jobs", job_id)
 

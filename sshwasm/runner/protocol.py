@@ -156,7 +156,8 @@ RESULT_KEYS = (
 )
 
 _HEADER = struct.Struct(">cI")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# A module's sha256, its name in the workdir's wasm/ directory.
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 # The package's directory, resolved at import, before anything could change the working
 # directory. The runner is its .py files (no subdirectories): what the coordinator installs.
@@ -503,7 +504,7 @@ def validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
         )
 
     sha = raw.get("wasm_sha256")
-    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+    if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
         raise ValueError("wasm_sha256 must be 64 lowercase hex digits")
     argv = raw.get("argv")
     if not isinstance(argv, list) or not argv or not all(is_text(word) for word in argv):

@@ -28,8 +28,8 @@ from .execute import (
     _Watchdog,
 )
 from .jobdir import (
-    _JOB_ID_RE,
     DEAD_GRACE_S,
+    JOB_ID_RE,
     _describe_wait_status,
     _error_json,
     _make_result,
@@ -307,7 +307,7 @@ class _Server:
             self._refuse_session("spec", f"unreadable launch spec: {exc}")
             return
         key = raw.get("key")
-        if not isinstance(key, str) or not _JOB_ID_RE.fullmatch(key):
+        if not isinstance(key, str) or not JOB_ID_RE.fullmatch(key):
             self._refuse_session("spec", f"invalid key {key!r}: the job id of the task")
             return
         job_dir = os.path.join(self.workdir, "jobs", key)
