@@ -1,9 +1,9 @@
-"""The local client of the runner protocol: launch, attach, poll, cancel, put-module.
+"""The local client of the runner protocol: launch, stream (attach, poll), cancel, put-module.
 
-The runner (`sshwasm-exec`, see the sshwasm.runner package; its protocol module is the
-specification) answers on stdout in frames; this module turns
-them into callbacks and outcomes. It installs the runner or uploads the module only when the
-runner says it needs them, so a warm job costs one remote command.
+The runner (`sshwasm-exec`, the sshwasm.runner package, whose protocol module is the
+specification) answers on stdout in frames; this module turns them into callbacks and
+outcomes. It installs the runner or uploads the module only when the runner says it needs
+them, so a warm job costs one remote command.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ Commands (argv never carries user-controlled words; those come as JSON on stdin)
     cancel WORKDIR JOB_ID            kill a running job and record it as cancelled
     info                             one JSON line describing this host
     execute JOB_DIR                  internal: the detached process that runs the module
+    install                          the SSH bootstrap's own (transport.RUNNER_BOOTSTRAP):
+                                     stdin: the package as encode_install writes it
 
 launch, serve, attach and poll answer in frames (1 byte kind, 4 bytes big-endian length,
 payload); fetch-output answers with a raw tar stream; put-module, cancel and info in plain
@@ -113,15 +115,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-KIND_NEED = b"N"
-KIND_STARTED = b"S"
-KIND_STDOUT = b"O"
-KIND_STDERR = b"E"
-KIND_RESULT = b"R"
-KIND_ERROR = b"X"
-KIND_ALIVE = b"A"
+# Frame kinds. From the runner:
+KIND_NEED = b"N"  # nothing launched: install the runner, or put the module, and retry
+KIND_STARTED = b"S"  # the job runs: its pid and job directory
+KIND_STDOUT = b"O"  # a chunk of the job's stdout
+KIND_STDERR = b"E"  # a chunk of the job's stderr
+KIND_RESULT = b"R"  # the job's result.json: the last frame about it
+KIND_ERROR = b"X"  # nothing launched, or no such job: why
+KIND_ALIVE = b"A"  # poll: the job still runs
+# Both ways (serve's handshake), and to serve:
 KIND_HELLO = b"H"
-KIND_LAUNCH = b"L"
+KIND_LAUNCH = b"L"  # a launch's stdin, keyed by its job id
 
 CHUNK_BYTES = 64 * 1024
 # Far above any real frame (output chunks are 64 KiB): a bigger length means the stream is
