@@ -4,7 +4,7 @@
 What a user without sshwasm would put on each host for GNU parallel to call over ssh: load
 the module with wasmtime (compiling it, no cache), give it `SSHWASM_ARRAY_TASK_ID`, inherit
 stdout and stderr, exit with its code. Copied to the host workdir by benchmarks/array.py.
-Kept to Python 3.8 syntax, like the real runner, since hosts may be older.
+Kept to Python 3.9, like the real runner, since hosts may be older.
 """
 
 from __future__ import annotations

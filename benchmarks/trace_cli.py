@@ -86,7 +86,8 @@ def install() -> None:
     # The CLI imports the modules of `run` and of following jobs only when `run` starts.
     import sshwasm.cli.coordinate
     import sshwasm.cli.run
-    from sshwasm import build, cluster, coordinator, runner, runner_client, store, transport
+    from sshwasm import build, cluster, coordinator, runner_client, store, transport
+    from sshwasm.runner import protocol
 
     SPANS.append(("import build/store/coordinator/transport (lazy in the CLI)", began, time.time()))
 
@@ -128,7 +129,7 @@ def install() -> None:
 
     transport.SshTransport._open = open_channel  # type: ignore[method-assign]
 
-    original_feed = runner.FrameDecoder.feed
+    original_feed = protocol.FrameDecoder.feed
 
     def feed(self: Any, data: bytes) -> list[tuple[bytes, bytes]]:
         frames: list[tuple[bytes, bytes]] = original_feed(self, data)
@@ -136,7 +137,7 @@ def install() -> None:
             mark(f"first frame {kind.decode()}")
         return frames
 
-    runner.FrameDecoder.feed = feed  # type: ignore[method-assign]
+    protocol.FrameDecoder.feed = feed  # type: ignore[method-assign]
 
 
 def main() -> None:

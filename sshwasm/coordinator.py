@@ -325,12 +325,13 @@ class Coordinator:
                 await asyncio.sleep(next(delays))
                 try:
                     client = RunnerClient(await self.pool.get(host))
-                    outcome = await client.attach(
+                    outcome = await client.stream(
                         job.remote_key,
                         output.stdout.size,
                         output.stderr.size,
                         self._tee(output.stdout, self.handlers.stdout),
                         self._tee(output.stderr, self.handlers.stderr),
+                        follow=True,
                     )
                     break
                 except HostUnreachable:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from .cluster import Host
 from .errors import HostUnreachable, SshwasmError
-from .runner import ProtocolError, parse_info, runner_version
+from .runner.protocol import ProtocolError, parse_info, runner_version
 from .runner_client import RunnerClient, broken_answer
 from .transport import Completed, Transport, TransportPool, last_line
 

@@ -105,12 +105,13 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
 
     async def ask_host() -> tuple[RunnerClient, StreamOutcome]:
         client = RunnerClient(await pool.get(host))
-        outcome = await client.poll(
+        outcome = await client.stream(
             job.remote_key,
             output.stdout.size,
             output.stderr.size,
             output.stdout.write,
             output.stderr.write,
+            follow=False,
         )
         return client, outcome
 

@@ -1,8 +1,9 @@
-"""The local client of the runner protocol: launch, attach, poll, cancel, put-module.
+"""The local client of the runner protocol: launch, stream (attach, poll), cancel, put-module.
 
-The runner (`sshwasm-exec`, see runner.py) answers on stdout in frames; this module turns
-them into callbacks and outcomes. It installs the runner or uploads the module only when the
-runner says it needs them, so a warm job costs one remote command.
+The runner (`sshwasm-exec`, the sshwasm.runner package, whose protocol module is the
+specification) answers on stdout in frames; this module turns them into callbacks and
+outcomes. It installs the runner or uploads the module only when the runner says it needs
+them, so a warm job costs one remote command.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HostUnreachable, RemoteError, RunnerUnavailable
-from .runner import (
+from .runner.protocol import (
     FETCH_STOPPED_AT_LIMIT,
     KIND_ALIVE,
     KIND_ERROR,
     KIND_HELLO,
+    KIND_LAUNCH,
     KIND_NEED,
     KIND_RESULT,
     KIND_STARTED,
@@ -30,17 +31,17 @@ from .runner import (
     KIND_STDOUT,
     MAX_MESSAGE_BYTES,
     UNSAFE_WORKDIR_EXIT,
-    ArchiveTooLarge,
     FrameDecoder,
     ProtocolError,
-    UnsafeArchive,
     encode_frame,
+    encode_hello,
+    encode_launch_spec,
     parse_cancel_answer,
     parse_frame_json,
     parse_info,
     parse_result,
-    runner_version,
 )
+from .runner.safetar import ArchiveTooLarge, UnsafeArchive
 from .staging import TarExtractor
 from .transport import (
     Completed,
@@ -71,24 +72,19 @@ class LaunchSpec:
 
     def encode(self, stdin: bytes | None, input_tar: bytes = b"", key: str | None = None) -> bytes:
         """The launch command's stdin: one JSON line, the job's stdin, then the input tar."""
-        header: dict[str, Any] = {
-            "runner_version": runner_version(),
-            "wasm_sha256": self.wasm_sha256,
-            "argv": list(self.argv),
-            "env": [list(pair) for pair in self.env],
-            "memory_mb": self.memory_mb,
-            "time_limit_s": self.time_limit_s,
-            "wall_limit_s": self.wall_limit_s,
-            "input_tar_bytes": len(input_tar),
-            "output": self.output,
-        }
-        if self.max_output_bytes is not None:
-            header["max_output_bytes"] = self.max_output_bytes
-        if stdin is not None:
-            header["stdin_bytes"] = len(stdin)
-        if key is not None:
-            header["key"] = key
-        return json.dumps(header).encode() + b"\n" + (stdin or b"") + input_tar
+        return encode_launch_spec(
+            wasm_sha256=self.wasm_sha256,
+            argv=list(self.argv),
+            env=[(name, value) for name, value in self.env],
+            memory_mb=self.memory_mb,
+            time_limit_s=self.time_limit_s,
+            wall_limit_s=self.wall_limit_s,
+            output=self.output,
+            max_output_bytes=self.max_output_bytes,
+            stdin=stdin,
+            input_tar=input_tar,
+            key=key,
+        )
 
 
 @dataclass
@@ -289,32 +285,27 @@ class RunnerClient:
             raise RemoteError(self.host.name, f"cannot store the module: {last_line(done.stderr)}")
         return len(data)
 
-    async def attach(
+    async def stream(
         self,
         job_id: str,
         stdout_offset: int,
         stderr_offset: int,
         on_stdout: OutputCallback,
         on_stderr: OutputCallback,
+        *,
+        follow: bool,
     ) -> StreamOutcome:
-        """Stream a launched job's output from the given offsets until it ends."""
+        """A launched job's output from the given offsets, and its result: with `follow`
+        until it ends (attach), else what it has produced so far, and its result if it has
+        ended (poll)."""
         process = await self.transport.start_runner(
-            ["attach", self.host.workdir, str(job_id), str(stdout_offset), str(stderr_offset)]
-        )
-        await process.send(b"")
-        return await read_frames(self.host.name, process, on_stdout, on_stderr)
-
-    async def poll(
-        self,
-        job_id: str,
-        stdout_offset: int,
-        stderr_offset: int,
-        on_stdout: OutputCallback,
-        on_stderr: OutputCallback,
-    ) -> StreamOutcome:
-        """Collect what a job has produced so far, and its result if it has ended."""
-        process = await self.transport.start_runner(
-            ["poll", self.host.workdir, str(job_id), str(stdout_offset), str(stderr_offset)]
+            [
+                "attach" if follow else "poll",
+                self.host.workdir,
+                str(job_id),
+                str(stdout_offset),
+                str(stderr_offset),
+            ]
         )
         await process.send(b"")
         return await read_frames(self.host.name, process, on_stdout, on_stderr)
@@ -436,8 +427,7 @@ class ServeSession:
                 return self._process
             for _attempt in range(2):
                 process = await self.transport.start_runner(["serve", self.host.workdir])
-                hello = json.dumps({"runner_version": runner_version()}).encode()
-                await process.send(encode_frame(KIND_HELLO, hello), close=False)
+                await process.send(encode_frame(KIND_HELLO, encode_hello()), close=False)
                 decoder = FrameDecoder()
                 reply: tuple[bytes, bytes] | None = None
                 frames: list[tuple[bytes, bytes]] = []
@@ -525,7 +515,7 @@ class ServeSession:
         process = await self._ensure_started()
         done: asyncio.Future[StreamOutcome] = asyncio.get_running_loop().create_future()
         self._tasks[key] = _ServeTask(on_stdout, on_stderr, done)
-        await process.send(encode_frame(b"L", payload), close=False)
+        await process.send(encode_frame(KIND_LAUNCH, payload), close=False)
         if self.broken and not done.done():
             self._tasks.pop(key, None)
             outcome = StreamOutcome(completed=Completed(None, b"", b""))

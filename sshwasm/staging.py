@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .runner import (
+from .runner.safetar import (
     ArchiveTooLarge,
     UnsafeArchive,
     make_extraction_directory,

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import runner
 from .backoff import Backoff
 from .cluster import Host
 from .errors import HostKeyUntrusted, HostUnreachable, RemoteError, RunnerUnavailable
+from .runner import jobdir, protocol
 
 if TYPE_CHECKING:
     import asyncssh
@@ -49,51 +49,118 @@ SHELL_NOT_FOUND = 127
 # ProxyJump hosts that are themselves reached through ProxyJump, at most this deep.
 MAX_JUMP_DEPTH = 8
 
-RUNNER_FILE = Path(runner.__file__).resolve()
-# The installed runner: a module, so that Python caches its bytecode (in bin/__pycache__).
-RUNNER_MODULE = "sshwasm_exec"
+# The runner package (sshwasm.runner), run in place on the local host.
+RUNNER_DIR = Path(protocol.PACKAGE_DIR).resolve()
+# On a host the runner is `<workdir>/bin/<version>/sshwasm_exec/`, a package, so that Python
+# caches its bytecode (in its __pycache__); `<workdir>/bin/current` names the version to run.
+RUNNER_PACKAGE = "sshwasm_exec"
+RUNNER_POINTER = "current"
 
 # What the SSH command runs, as `python -c RUNNER_BOOTSTRAP WORKDIR COMMAND ARGS...`: no file
-# of the workdir is executed before the workdir, bin/, the installed module and its
-# bytecode are found to be the SSH user's own and writable by no one else (runner.py's
-# path_problem, whose source is included). Then it imports the module from bin/ and runs
-# its main. `install` instead writes the module read from stdin, after the same checks.
+# of the workdir is executed before the workdir, bin/, the pointer, the version's directory,
+# the package and every file in it and in its __pycache__ are found to be the SSH user's own
+# and writable by no one else (jobdir.path_problem, whose source is included). Then it
+# imports the package from the version's directory and runs its main.
+#
+# `install` instead reads the package from stdin (protocol.encode_install: JSON, names held
+# to protocol.SOURCE_NAME_RE, so none holds '/' or '..'), after the same checks of the
+# workdir, bin/ and the pointer. It writes the files into a temporary directory, renames
+# that to `bin/<version>` (whole or not at all; a version already there intact is kept, a
+# damaged one replaced), and switches the pointer last, atomically: a command never runs
+# half a runner, and one already running keeps its files. Older versions are left in place.
 RUNNER_BOOTSTRAP = f"""\
 from __future__ import annotations
 import os, stat, sys
-{inspect.getsource(runner.path_problem)}
-{inspect.getsource(runner.unsafe_workdir_message)}
+{inspect.getsource(jobdir.path_problem)}
+{inspect.getsource(jobdir.unsafe_workdir_message)}
+def refuse(problem):
+    sys.stderr.write("sshwasm-exec: error: " + unsafe_workdir_message(problem) + "\\n")
+    return {protocol.UNSAFE_WORKDIR_EXIT}
+def same_files(package, files):
+    try:
+        names = sorted(name for name in os.listdir(package) if name.endswith(".py"))
+        if names != sorted(files):
+            return False
+        for name, text in files.items():
+            with open(os.path.join(package, name), "rb") as source:
+                if source.read() != text.encode("utf-8"):
+                    return False
+    except OSError:
+        return False
+    return True
+def install(bin_dir, pointer):
+    import json, re, shutil, tempfile
+    payload = json.loads(sys.stdin.buffer.read())
+    version, files = payload["version"], payload["files"]
+    if not re.fullmatch({protocol.VERSION_RE.pattern!r}, version) or not files or not all(
+        re.fullmatch({protocol.SOURCE_NAME_RE.pattern!r}, name) for name in files
+    ):
+        sys.stderr.write("sshwasm-exec: error: malformed runner install payload\\n")
+        return 1
+    os.umask(0o077)
+    os.makedirs(bin_dir, 0o700, exist_ok=True)
+    target = os.path.join(bin_dir, version)
+    if not same_files(os.path.join(target, "{RUNNER_PACKAGE}"), files):
+        temp = tempfile.mkdtemp(prefix=".install-", dir=bin_dir)
+        trash = None
+        try:
+            package = os.path.join(temp, "{RUNNER_PACKAGE}")
+            os.mkdir(package, 0o700)
+            for name, text in files.items():
+                with open(os.path.join(package, name), "xb") as out:
+                    out.write(text.encode("utf-8"))
+            if os.path.lexists(target):
+                # Damaged (edited by hand, say): moved aside whole, then replaced.
+                trash = tempfile.mkdtemp(prefix=".old-", dir=bin_dir)
+                os.rename(target, os.path.join(trash, version))
+            os.rename(temp, target)
+        except OSError:
+            if not same_files(os.path.join(target, "{RUNNER_PACKAGE}"), files):
+                raise  # else another install of it won the race
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+    temp = pointer + ".tmp." + str(os.getpid())
+    with open(temp, "x") as out:
+        out.write(version + "\\n")
+    os.replace(temp, pointer)
+    return 0
 def bootstrap():
     workdir = os.path.abspath(sys.argv[1])
     command = sys.argv[2]
     bin_dir = os.path.join(workdir, "bin")
-    module = os.path.join(bin_dir, "{RUNNER_MODULE}.py")
-    cache = os.path.join(bin_dir, "__pycache__")
-    compiled = os.path.join(cache, "{RUNNER_MODULE}." + sys.implementation.cache_tag + ".pyc")
-    for path in (workdir, bin_dir, module, cache, compiled):
+    pointer = os.path.join(bin_dir, "{RUNNER_POINTER}")
+    for path in (workdir, bin_dir, pointer):
         problem = path_problem(path)
         if problem is not None:
-            sys.stderr.write("sshwasm-exec: error: " + unsafe_workdir_message(problem) + "\\n")
-            return {runner.UNSAFE_WORKDIR_EXIT}
+            return refuse(problem)
     if command == "install":
-        os.umask(0o077)
-        os.makedirs(bin_dir, 0o700, exist_ok=True)
-        temp = module + ".tmp." + str(os.getpid())
-        with open(temp, "xb") as out:
-            out.write(sys.stdin.buffer.read())
-        os.replace(temp, module)
-        if os.path.exists(compiled):
-            # Its source's mtime and size may match the old one's: never run stale bytecode.
-            os.unlink(compiled)
-        return 0
-    if not os.path.isfile(module):
+        return install(bin_dir, pointer)
+    try:
+        with open(pointer) as current:
+            version = current.read().strip()
+    except FileNotFoundError:
+        version = ""
+    home = os.path.join(bin_dir, version)
+    package = os.path.join(home, "{RUNNER_PACKAGE}")
+    if len(version) != 16 or version.strip("0123456789abcdef") or not os.path.isdir(package):
         sys.stderr.write("sshwasm-exec: error: no runner installed in " + bin_dir + "\\n")
         return 1
+    paths = [home, package]
+    for directory in (package, os.path.join(package, "__pycache__")):
+        if os.path.isdir(directory) or os.path.islink(directory):
+            paths.append(directory)
+            paths.extend(os.path.join(directory, name) for name in os.listdir(directory))
+    for path in paths:
+        problem = path_problem(path)
+        if problem is not None:
+            return refuse(problem)
     if sys.path and sys.path[0] == "":
-        sys.path[0] = bin_dir  # not the login's working directory (-c puts it first)
+        sys.path[0] = home  # not the login's working directory (-c puts it first)
     else:
-        sys.path.insert(0, bin_dir)
-    from {RUNNER_MODULE} import main
+        sys.path.insert(0, home)
+    from {RUNNER_PACKAGE}.commands import main
     return main(sys.argv[2:])
 sys.exit(bootstrap())
 """
@@ -215,7 +282,8 @@ class Transport(ABC):
 
     @abstractmethod
     async def install_runner(self) -> None:
-        """Install this coordinator's runner as `<workdir>/bin/sshwasm_exec.py`."""
+        """Install this coordinator's runner package as `<workdir>/bin/<version>/` and make
+        it the current one."""
 
     @property
     @abstractmethod
@@ -302,13 +370,13 @@ class LocalTransport(Transport):
         return True
 
     async def start_runner(self, args: Sequence[str]) -> RunnerProcess:
-        # Our own interpreter runs the runner as a module (its bytecode is cached; a script's
-        # is compiled on every run); another one gets the file, which needs only the stdlib.
+        # Our own interpreter runs the runner package as `-m sshwasm.runner`; another one
+        # runs the same package's directory, whose files need only the stdlib (and wasmtime).
         runner_argv = (
             ["-m", "sshwasm.runner"]
             if os.path.realpath(shutil.which(self.host.python) or self.host.python)
             == os.path.realpath(sys.executable)
-            else [str(RUNNER_FILE)]
+            else [str(RUNNER_DIR)]
         )
         process = await asyncio.create_subprocess_exec(
             self.host.python,
@@ -331,7 +399,7 @@ class LocalTransport(Transport):
         return Completed(process.returncode, out, err)
 
     async def install_runner(self) -> None:
-        return None  # the local host runs the package's own runner file
+        return None  # the local host runs the installed sshwasm's runner package in place
 
 
 # -- SSH -----------------------------------------------------------------------------------
@@ -650,13 +718,13 @@ class SshTransport(Transport):
         workdir = self.host.workdir
         # The bootstrap refuses an unsafe existing workdir rather than write into it.
         process = await self._open(self._runner_command(["install"]))
-        await process.send(RUNNER_FILE.read_bytes())
+        await process.send(protocol.encode_install(protocol.runner_files()))
         while await process.read():
             pass
         done = await process.finish()
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost while installing the runner")
-        if done.exit_status == runner.UNSAFE_WORKDIR_EXIT:
+        if done.exit_status == protocol.UNSAFE_WORKDIR_EXIT:
             raise RemoteError(self.host.name, runner_refusal(done.stderr))
         if done.exit_status in (SHELL_CANNOT_EXECUTE, SHELL_NOT_FOUND):
             raise cannot_start(self.host, done.stderr)  # the host's `python` is not there

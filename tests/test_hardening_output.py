@@ -20,7 +20,7 @@ import pytest
 from helpers import PROGRAMS, no_traceback, record_of, sshwasm
 
 from sshwasm.job_output import OutputBudget, OutputSink
-from sshwasm.runner import ArchiveTooLarge, UnsafeArchive
+from sshwasm.runner.safetar import ArchiveTooLarge, UnsafeArchive
 from sshwasm.staging import TarExtractor
 
 WRITEOUT = str(PROGRAMS / "writeout.rs")

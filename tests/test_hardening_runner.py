@@ -9,15 +9,24 @@ import json
 import os
 import pwd
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import wasmtime
-from helpers import EXAMPLES, RUNNER, Guest, no_traceback, run_frames, run_runner, sshwasm
+from helpers import (
+    EXAMPLES,
+    RUNNER_VERSION,
+    Guest,
+    no_traceback,
+    run_frames,
+    run_runner,
+    sshwasm,
+)
 
-from sshwasm.runner import RUNNER_VERSION
+from sshwasm.runner.protocol import files_version, runner_files
 
 
 def write_wat(path: Path, wat: str) -> Path:
@@ -252,8 +261,12 @@ TAMPERINGS: list[tuple[str, Callable[[Path], Path], str]] = [
     (".", make_symlink, "is a symbolic link"),
     ("bin", make_world_writable, "is writable by others"),
     ("bin", give_to_nobody, f"is owned by uid {NOBODY}"),
-    ("bin/__pycache__", make_world_writable, "is writable by others"),
-    ("bin/sshwasm_exec.py", give_to_nobody, f"is owned by uid {NOBODY}"),
+    ("bin/current", make_world_writable, "is writable by others"),
+    (f"bin/{RUNNER_VERSION}", make_group_writable, "is writable by others"),
+    (f"bin/{RUNNER_VERSION}/sshwasm_exec", give_to_nobody, f"is owned by uid {NOBODY}"),
+    (f"bin/{RUNNER_VERSION}/sshwasm_exec/__pycache__", make_world_writable, "is writable by"),
+    (f"bin/{RUNNER_VERSION}/sshwasm_exec/commands.py", give_to_nobody, f"is owned by uid {NOBODY}"),
+    (f"bin/{RUNNER_VERSION}/sshwasm_exec/protocol.py", make_symlink, "is a symbolic link"),
     ("cache", make_world_writable, "is writable by others"),
     ("cache", make_symlink, "is a symbolic link"),
     ("wasm", give_to_nobody, f"is owned by uid {NOBODY}"),
@@ -325,25 +338,88 @@ def test_the_local_host_checks_its_workdir_too(tmp_path: Path) -> None:
     assert hello(cluster).returncode == 0
 
 
+def installed_package(workdir: Path, version: str = RUNNER_VERSION) -> Path:
+    return workdir / "bin" / version / "sshwasm_exec"
+
+
+def assert_ours_is_current(workdir: Path) -> None:
+    """The coordinator's runner is installed whole and is the one commands run."""
+    assert (workdir / "bin" / "current").read_text() == RUNNER_VERSION + "\n"
+    package = installed_package(workdir)
+    assert {path.name: path.read_bytes() for path in package.glob("*.py")} == runner_files()
+
+
 @pytest.mark.slow
 def test_a_stale_runner_is_still_replaced(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (2, 1024)})
-    installed = cluster.parent / "workers" / "alpha" / "bin" / "sshwasm_exec.py"
+    workdir = cluster.parent / "workers" / "alpha"
     assert hello(cluster).returncode == 0
-    assert list((installed.parent / "__pycache__").glob("sshwasm_exec.*.pyc"))
-    with installed.open("ab") as runner_file:
-        runner_file.write(b"# an older runner\n")  # another version: the launch asks for ours
+    package = installed_package(workdir)
+    assert list((package / "__pycache__").glob("commands.*.pyc"))
+    with (package / "commands.py").open("ab") as runner_file:
+        runner_file.write(b"# edited\n")  # another version: the launch asks for ours
     result = hello(cluster)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "job done, hello!\n"
-    assert installed.read_bytes() == RUNNER.read_bytes()
+    assert_ours_is_current(workdir)
 
 
-def test_the_bootstrap_parses_as_python_3_8() -> None:
+def install_older_runner(workdir: Path, layout: str) -> Path:
+    """Put another runner on a host the way an older sshwasm did; returns what it wrote."""
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir(parents=True, mode=0o700)
+    if layout == "single-file":
+        # Before the runner was a package: one module, run by a bootstrap that imported it.
+        old = bin_dir / "sshwasm_exec.py"
+        old.write_text("import sys\ndef main(argv=None):\n    sys.exit('an old runner')\n")
+        old.chmod(0o600)
+        return old
+    # A working runner of another version: this one with a change to its protocol.
+    files = runner_files()
+    files["protocol.py"] += b"\n# an older protocol\n"
+    version = files_version(files)
+    package = installed_package(workdir, version)
+    package.mkdir(parents=True, mode=0o700)
+    package.parent.chmod(0o700)
+    for name, data in files.items():
+        (package / name).write_bytes(data)
+        (package / name).chmod(0o600)
+    (bin_dir / "current").write_text(version + "\n")
+    (bin_dir / "current").chmod(0o600)
+    info = subprocess.run([sys.executable, str(package), "info"], capture_output=True, check=True)
+    assert json.loads(info.stdout)["runner_version"] == version != RUNNER_VERSION
+    return package
+
+
+@pytest.mark.parametrize("layout", ["older-version", "single-file"])
+@pytest.mark.parametrize("array", [False, True], ids=["launch", "serve"])
+@pytest.mark.slow
+def test_a_host_with_another_runner_gets_ours_on_the_next_run(
+    make_cluster: Callable[..., Path], layout: str, array: bool
+) -> None:
+    cluster = make_cluster({"alpha": (2, 1024)})
+    workdir = cluster.parent / "workers" / "alpha"
+    old = install_older_runner(workdir, layout)
+    before = sshwasm("--cluster", str(cluster), "hosts", "--check", "--json")
+    (checked,) = json.loads(before.stdout)
+    assert checked["runner_version"] != RUNNER_VERSION
+    args = ["--array", "2"] if array else []
+    result = sshwasm(
+        "--cluster", str(cluster), "run", str(HELLO), "--env", "HELLO_SLEEP_S=0", *args
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("job done, hello!\n") == (2 if array else 1)
+    assert_ours_is_current(workdir)
+    assert old.exists()  # left in place: a runner still running may need its files
+    after = sshwasm("--cluster", str(cluster), "hosts", "--check", "--json")
+    assert json.loads(after.stdout)[0]["runner_version"] == RUNNER_VERSION
+
+
+def test_the_bootstrap_parses_as_python_3_9() -> None:
     from sshwasm.transport import RUNNER_BOOTSTRAP
 
     # It runs on the host's python, which may be older than the coordinator's.
-    ast.parse(RUNNER_BOOTSTRAP, feature_version=(3, 8))
+    ast.parse(RUNNER_BOOTSTRAP, feature_version=(3, 9))
     assert "import sshwasm" not in RUNNER_BOOTSTRAP
 
 

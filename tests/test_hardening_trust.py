@@ -1,7 +1,7 @@
 """Hardening, trust: no silent `run`, nothing a host sends believed unchecked, no raw escapes.
 
 Hosts are real sshd servers; a broken host is a fake runner module written into the host's
-workdir (`<workdir>/bin/sshwasm_exec.py`, the module the coordinator's command runs),
+workdir (`<workdir>/bin/<version>/sshwasm_exec/`, the package the coordinator's command runs),
 answering garbage where the real runner answers frames.
 """
 
@@ -33,12 +33,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sshwasm.cli import printable
-from sshwasm.runner import (
+from sshwasm.runner.jobdir import _make_result
+from sshwasm.runner.protocol import (
     RESULT_KEYS,
     FrameDecoder,
     FrameError,
     ProtocolError,
-    _make_result,
     encode_frame,
     parse_cancel_answer,
     parse_frame_json,
@@ -55,16 +55,23 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("sshwasm: error:")]
 
 
+# The version a fake runner is installed as: any other than ours.
+FAKE_VERSION = "fa4e0000fa4e0000"
+
+
 def install_fake_runner(cluster: Path, host: str, body: str) -> None:
     """Put a fake runner on a host: `body` runs with `frame(kind, payload)`, `command`,
     `spec` (launch's JSON line) and `read_frame()` (for serve) defined.
 
-    It is installed as the runner module, `<workdir>/bin/sshwasm_exec.py` (whose `main` the
-    installed runner's entry imports and calls), so the coordinator finds a runner there
-    and installs nothing.
+    It is installed as the current runner package, `<workdir>/bin/<version>/sshwasm_exec/`
+    (whose `commands.main` the bootstrap imports and calls), so the coordinator finds a
+    runner there and installs nothing.
     """
     bin_dir = cluster.parent / "workers" / host / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    package = bin_dir / FAKE_VERSION / "sshwasm_exec"
+    package.mkdir(parents=True, exist_ok=True, mode=0o700)
+    bin_dir.chmod(0o700)
+    package.parent.chmod(0o700)
     module = textwrap.dedent(
         """\
         import json, os, struct, sys
@@ -84,19 +91,13 @@ def install_fake_runner(cluster: Path, host: str, body: str) -> None:
             return 0
         """
     )
-    (bin_dir / "sshwasm_exec.py").write_text(module + f"BODY = {textwrap.dedent(body)!r}\n")
-    (bin_dir / "sshwasm_exec.py").chmod(0o600)
-    shutil.rmtree(bin_dir / "__pycache__", ignore_errors=True)
-    # The entry script of this layout (transport.RUNNER_STUB); unused where the runner is
-    # started by other means, which import the module all the same.
-    stub = bin_dir / "sshwasm-exec"
-    stub.write_text(
-        "import os, sys\n"
-        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
-        "from sshwasm_exec import main\n"
-        "sys.exit(main())\n"
-    )
-    stub.chmod(0o700)
+    (package / "__init__.py").write_text("")
+    (package / "commands.py").write_text(module + f"BODY = {textwrap.dedent(body)!r}\n")
+    for source in package.iterdir():
+        source.chmod(0o600)
+    shutil.rmtree(package / "__pycache__", ignore_errors=True)
+    (bin_dir / "current").write_text(FAKE_VERSION + "\n")
+    (bin_dir / "current").chmod(0o600)
 
 
 def result_json(**changes: Any) -> bytes:

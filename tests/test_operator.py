@@ -10,7 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import EXAMPLES, PROGRAMS, no_traceback, record_of, sshwasm, wait_for_state
+from helpers import (
+    EXAMPLES,
+    PROGRAMS,
+    RUNNER_VERSION,
+    no_traceback,
+    record_of,
+    sshwasm,
+    wait_for_state,
+)
 from sshd import SshKit, SshServer, loopback
 
 
@@ -55,13 +63,15 @@ def test_hosts_check_reports_each_host(
 
 def test_hosts_install_puts_the_runner_in_place(make_cluster: Callable[..., Path]) -> None:
     cluster = make_cluster({"alpha": (2, 1024)})
-    runner = cluster.parent / "workers" / "alpha" / "bin" / "sshwasm_exec.py"
+    bin_dir = cluster.parent / "workers" / "alpha" / "bin"
+    runner = bin_dir / RUNNER_VERSION / "sshwasm_exec" / "commands.py"
     assert not runner.exists()
     result = sshwasm("--cluster", str(cluster), "hosts", "install")
     assert result.returncode == 0, result.stderr
     assert "alpha: installed the runner" in result.stdout
     assert "wasmtime" in result.stdout and "importable" in result.stdout
     assert runner.exists() and (runner.stat().st_mode & 0o777) == 0o600
+    assert (bin_dir / "current").read_text() == RUNNER_VERSION + "\n"
     check = json.loads(sshwasm("--cluster", str(cluster), "hosts", "--check", "--json").stdout)
     assert check[0]["warnings"] == []
     unknown = sshwasm("--cluster", str(cluster), "hosts", "install", "nope")

@@ -23,6 +23,7 @@ from helpers import (
     OLD_PYTHONS,
     OLD_PYTHONS_MISSING,
     RUNNER,
+    RUNNER_VERSION,
     Guest,
     LiveLauncher,
     Outcome,
@@ -40,14 +41,15 @@ from helpers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sshwasm.runner import (
+from sshwasm.runner.execute import looks_out_of_memory
+from sshwasm.runner.protocol import (
     CHUNK_BYTES,
     RESULT_KEYS,
-    RUNNER_VERSION,
     FrameDecoder,
     FrameError,
     encode_frame,
-    looks_out_of_memory,
+    files_version,
+    runner_files,
     runner_version,
 )
 
@@ -159,11 +161,19 @@ def test_decoder_rejects_text_that_is_not_frames() -> None:
 # ------------------------------------------------------------------- version, modules
 
 
-def test_runner_version_is_a_hash_of_the_file_bytes(tmp_path: Path) -> None:
-    expected = hashlib.sha256(RUNNER.read_bytes()).hexdigest()[:16]
-    assert RUNNER_VERSION == runner_version() == expected
+def test_runner_version_is_a_hash_of_the_package_files(tmp_path: Path) -> None:
+    files = {path.name: path.read_bytes() for path in RUNNER.glob("*.py")}
+    assert runner_files() == files and len(files) > 5
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{len(files[name])}\0".encode() + files[name])
+    assert RUNNER_VERSION == runner_version() == files_version(files) == digest.hexdigest()[:16]
+    # Any edit, and any file added, is another version.
+    assert files_version({**files, "extra.py": b""}) != RUNNER_VERSION
     edited = tmp_path / "sshwasm-exec"
-    edited.write_bytes(RUNNER.read_bytes() + b"# edited\n")
+    shutil.copytree(RUNNER, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    with (edited / "protocol.py").open("ab") as source:
+        source.write(b"# edited\n")
     same = json.loads(run_runner("info").stdout)
     other = json.loads(
         subprocess.run(
@@ -640,31 +650,58 @@ def test_commands_other_than_execute_do_not_import_wasmtime(
     assert not [name for name in imported if name.split(".")[0] == "wasmtime"]
 
 
-def test_the_runner_ships_as_one_file_needing_only_the_stdlib() -> None:
-    tree = ast.parse(RUNNER.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""]
-        else:
-            continue
-        for name in names:
-            assert name.split(".")[0] in sys.stdlib_module_names, name
-    imported_anywhere = {
-        alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not [name for name in imported_anywhere if name and name.startswith("sshwasm")]
+def test_each_runner_file_needs_only_the_stdlib_and_wasmtime() -> None:
+    files = sorted(RUNNER.glob("*.py"))
+    assert {path.name for path in files} >= {"__init__.py", "__main__.py", "protocol.py"}
+    imported_anywhere: set[str] = set()
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: another file of the package
+                    assert (RUNNER / f"{node.module}.py").is_file(), (path.name, node.module)
+                    continue
+                names = [node.module or ""]
+            else:
+                continue
+            imported_anywhere.update(names)
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top == "wasmtime", (path.name, name)
+                if top == "wasmtime":
+                    assert path.name in ("execute.py", "serve.py"), path.name
     assert "wasmtime" in imported_anywhere
+
+
+def test_the_protocol_imports_none_of_the_runner_machinery() -> None:
+    # The coordinator imports the protocol; it must not pay for (or need) the rest.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, sshwasm.runner.protocol, sshwasm.runner.safetar\n"
+            "loaded = [name for name in sys.modules if name.split('.')[0] in ('sshwasm', "
+            "'wasmtime')]\n"
+            "print(sorted(loaded))",
+        ],
+        capture_output=True,
+        check=True,
+        text=True,
+    )
+    assert json.loads(done.stdout.replace("'", '"')) == [
+        "sshwasm",
+        "sshwasm.runner",
+        "sshwasm.runner.protocol",
+        "sshwasm.runner.safetar",
+    ]
 
 
 def test_the_runner_runs_from_any_copy(tmp_path: Path, guest: Guest) -> None:
     installed = tmp_path / "wd" / "bin" / "sshwasm-exec"
     installed.parent.mkdir(parents=True)
-    shutil.copyfile(RUNNER, installed)
+    shutil.copytree(RUNNER, installed, ignore=shutil.ignore_patterns("__pycache__"))
     workdir = tmp_path / "wd"
     put = subprocess.run(
         [sys.executable, str(installed), "put-module", str(workdir), guest.sha256],
@@ -683,9 +720,97 @@ def test_the_runner_runs_from_any_copy(tmp_path: Path, guest: Guest) -> None:
     assert json.loads(frames[-1][1])["state"] == "succeeded"
 
 
-def test_the_runner_parses_as_python_3_8() -> None:
-    # Worker hosts may run an older Python than the coordinator.
-    ast.parse(RUNNER.read_text(), feature_version=(3, 8))
+# The oldest Python the runner promises its hosts: the oldest wasmtime-py 50 supports
+# (its Requires-Python), since a host without wasmtime runs no job anyway.
+OLDEST_HOST_PYTHON = "3.9"
+
+
+# vermin (the `test` extra) has no __main__: its script sits beside this interpreter.
+VERMIN = str(Path(sys.executable).with_name("vermin"))
+_TYPE_NAMES = {"int", "str", "bytes", "float", "bool", "list", "dict", "tuple", "set", "type"}
+
+
+def _runtime_union_types(path: Path) -> list[str]:
+    """Where `path` uses `X | Y` of types at run time (3.10), outside annotations.
+
+    vermin's own check (--feature union-types) cannot tell them from `flag | flag` and
+    from annotations, which the __future__ import keeps from being evaluated.
+    """
+
+    def is_type(node: ast.expr) -> bool:
+        return (
+            (isinstance(node, ast.Constant) and node.value is None)
+            or (isinstance(node, ast.Name) and node.id in _TYPE_NAMES)
+            or isinstance(node, ast.Subscript)
+            or (
+                isinstance(node, ast.BinOp)
+                and isinstance(node.op, ast.BitOr)
+                and (is_type(node.left) or is_type(node.right))
+            )
+        )
+
+    annotations: set[int] = set()
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        found: list[ast.expr | None] = []
+        if isinstance(node, ast.arg):
+            found = [node.annotation]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found = [node.returns]
+        elif isinstance(node, ast.AnnAssign):
+            found = [node.annotation]
+        for annotation in found:
+            if annotation is not None:
+                annotations.update(id(inner) for inner in ast.walk(annotation))
+    return [
+        f"{path.name}:{node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.BitOr)
+        and id(node) not in annotations
+        and (is_type(node.left) or is_type(node.right))
+    ]
+
+
+def too_new_for(target: str, *paths: Path) -> list[str]:
+    """What in `paths` needs a Python newer than `target`: vermin's verdict (annotations not
+    evaluated: every runner file imports annotations from __future__), and union types."""
+    done = subprocess.run(
+        [VERMIN, "--no-tips", "--violations", f"-t={target}-", *paths],
+        capture_output=True,
+        text=True,
+    )
+    problems = [done.stdout + done.stderr] if done.returncode else []
+    for path in paths:
+        for source in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            problems += _runtime_union_types(source)
+    return problems
+
+
+def test_the_runner_needs_no_newer_python_than_its_hosts_may_have() -> None:
+    assert too_new_for(OLDEST_HOST_PYTHON, RUNNER) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "runs_on_3_9"),
+    [
+        ("import zoneinfo\nprint(zoneinfo, ' x'.removeprefix(' '))\n", True),
+        ("print(list(zip([1], [2], strict=True)))\n", False),
+        ("match 1:\n    case 1:\n        pass\n", False),
+        ("def f(value: object) -> None:\n    print(isinstance(value, int | None))\n", False),
+        ("X = dict[str, int] | None\n", False),
+        ("def f(flags: int | None) -> int:\n    return (flags or 0) | 4\n", True),
+        ("print((5).bit_count())\n", False),
+        ("import tomllib\n", False),
+    ],
+)
+def test_vermin_finds_what_needs_a_newer_python(
+    tmp_path: Path, source: str, runs_on_3_9: bool
+) -> None:
+    # What the check above relies on: no false negatives for features past the promise.
+    probe = tmp_path / "probe.py"
+    probe.write_text("from __future__ import annotations\n" + source)
+    assert (too_new_for(OLDEST_HOST_PYTHON, probe) == []) == runs_on_3_9
 
 
 @pytest.mark.skipif(not OLD_PYTHONS, reason=OLD_PYTHONS_MISSING)

@@ -33,7 +33,7 @@ from helpers import (
     wait_for,
 )
 
-from sshwasm.runner import FrameDecoder, encode_frame
+from sshwasm.runner.protocol import FrameDecoder, encode_frame
 
 
 @pytest.fixture

@@ -26,7 +26,12 @@ from helpers import (
     wait_for,
 )
 
-from sshwasm.runner import MAX_OUTPUT_DEPTH, UnsafeArchive, extract_tar_safely, write_tree_as_tar
+from sshwasm.runner.safetar import (
+    MAX_OUTPUT_DEPTH,
+    UnsafeArchive,
+    extract_tar_safely,
+    write_tree_as_tar,
+)
 
 
 @pytest.fixture
@@ -377,10 +382,15 @@ def test_fetch_output_without_an_output_fails(workdir: Path, stager: Guest, case
 
 
 OLDER_STAGING_CHECK = r"""
-import importlib.util, io, json, os, sys
-spec = importlib.util.spec_from_file_location("runner", sys.argv[1])
-runner = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(runner)
+import importlib, importlib.util, io, json, os, sys
+# The runner package from its directory, as its __main__ loads it.
+init = os.path.join(sys.argv[1], "__init__.py")
+spec = importlib.util.spec_from_file_location(
+    "sshwasm_exec", init, submodule_search_locations=[sys.argv[1]]
+)
+sys.modules["sshwasm_exec"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["sshwasm_exec"])
+runner = importlib.import_module("sshwasm_exec.safetar")
 cases = json.loads(open(sys.argv[2]).read())
 outcome = {}
 for name, hex_data in cases.items():

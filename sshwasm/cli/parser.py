@@ -65,7 +65,7 @@ def _positive_float(text: str) -> float:
 
 def _time_limit(text: str) -> float:
     # The runner defines the bound (it refuses more in a spec); imported only when needed.
-    from ..runner import MAX_TIME_LIMIT_S
+    from ..runner.protocol import MAX_TIME_LIMIT_S
 
     value = _positive_float(text)
     if value > MAX_TIME_LIMIT_S:

@@ -1,0 +1,489 @@
+"""The serve command: launch requests over one channel, each task a fork of a process that
+already has wasmtime and the module loaded; results answered in frames keyed by job id."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import select
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from .execute import (
+    GRACE_S,
+    _execute,
+    _Execution,
+    _ignore_signal,
+    _load_module,
+    _LoadedModule,
+    _run_module,
+    _Runtime,
+    _Watchdog,
+)
+from .jobdir import (
+    DEAD_GRACE_S,
+    JOB_ID_RE,
+    _describe_wait_status,
+    _error_json,
+    _make_result,
+    _one_line,
+    _wasmtime_version,
+    _workdir,
+    _write_died_result,
+    _write_pid_file,
+)
+from .launch import _LaunchRefused, _set_up_job
+from .protocol import (
+    CHUNK_BYTES,
+    KIND_ERROR,
+    KIND_HELLO,
+    KIND_LAUNCH,
+    KIND_NEED,
+    KIND_RESULT,
+    KIND_STARTED,
+    KIND_STDERR,
+    KIND_STDOUT,
+    SERVE_MAX_REQUEST_BYTES,
+    FrameDecoder,
+    FrameError,
+    runner_version,
+)
+from .stream import (
+    POLL_MAX_S,
+    POLL_MIN_S,
+    _CoordinatorGone,
+    _detach_stdout,
+    _FrameWriter,
+    _read_result,
+)
+
+# ----------------------------------------------------------------------------- serve
+
+
+def _log_appender(path: str) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        with contextlib.suppress(OSError), open(path, "a") as log_file:
+            log_file.write(line + "\n")
+
+    return log
+
+
+class _ServeRuntime(_Runtime):
+    """serve's runtime: wasmtime imported once, engines and modules kept across tasks.
+
+    serve forks a child per task, and a child inherits none of its parent's threads, only
+    their bookkeeping: it hangs at the first use of a thread pool whose threads existed in
+    the parent. Measured with wasmtime-py 50: running a guest starts a tokio pool (forked
+    children then hang in WASI calls), compiling starts a compile pool, while importing,
+    creating engines and deserializing start no thread. So this process only deserializes;
+    a module missing from the precompiled cache is compiled by a short-lived forked helper
+    (in parallel, as execute does) that writes the cache; guests run only in the children.
+    """
+
+    def __init__(self, wasmtime: Any, workdir: str) -> None:
+        super().__init__(wasmtime, workdir)
+        self._modules: dict[tuple[str, bool], _LoadedModule] = {}
+
+    def config(self, epoch: bool) -> Any:
+        config = super().config(epoch)
+        # Compiling here happens only if the helper could not fill the cache: then serially,
+        # so that no thread pool is left behind.
+        config.parallel_compilation = False
+        return config
+
+    def load_for_task(
+        self, sha: str, epoch: bool, log_path: str, deadline: float | None
+    ) -> _LoadedModule:
+        """The module for a task, loaded once per serve; what loading cost goes to the first.
+
+        A compile that runs past `deadline` (time.monotonic) is killed: _CompileTimeout.
+        """
+        known = self._modules.get((sha, epoch))
+        if known is not None:
+            return _LoadedModule(known.engine, known.module, 0.0, True)
+        module_path, cache_path = self.module_paths(sha, epoch)
+        helper_s = 0.0
+        if not os.path.isfile(cache_path):
+            helper_s = self._compile_in_helper(epoch, module_path, cache_path, log_path, deadline)
+        loaded = self.load(sha, epoch, _log_appender(log_path))
+        if helper_s and loaded.cached:
+            loaded = _LoadedModule(loaded.engine, loaded.module, helper_s, False)
+        self._modules[(sha, epoch)] = loaded
+        return loaded
+
+    def _compile_in_helper(
+        self,
+        epoch: bool,
+        module_path: str,
+        cache_path: str,
+        log_path: str,
+        deadline: float | None,
+    ) -> float:
+        started = time.monotonic()
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.dup2(log_fd, 2)
+                    engine = self.wasmtime.Engine(_Runtime.config(self, epoch))
+                    _load_module(self.wasmtime, engine, module_path, cache_path)
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    os._exit(0)
+        finally:
+            os.close(log_fd)
+        if not _wait_for_child(pid, deadline):
+            # A compile bomb must not hold serve (and every task behind it) past the limit.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise _CompileTimeout
+        return time.monotonic() - started
+
+
+class _CompileTimeout(Exception):
+    """serve's compile helper ran past the task's time limit and was killed."""
+
+
+def _wait_for_child(pid: int, deadline: float | None) -> bool:
+    """Reap child `pid`; False if `deadline` (time.monotonic) came first (it still runs)."""
+    if deadline is None:
+        os.waitpid(pid, 0)
+        return True
+    delay = POLL_MIN_S
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, POLL_MAX_S)
+    return True
+
+
+class _NotLoaded:
+    """How a serve task ends whose module could not be loaded (it still gets S, then R)."""
+
+    def __init__(self, state: str, exit_code: int, error: str) -> None:
+        self.state = state
+        self.exit_code = exit_code
+        self.error = error
+
+
+class _ServeTask:
+    """A task serve forked, until its result has been sent."""
+
+    def __init__(self, key: str, job_dir: str) -> None:
+        self.key = key
+        self.job_dir = job_dir
+        self.status = 0
+        self.ended_at = 0.0
+
+
+class _Server:
+    """The serve command: launch requests in, one forked child per task, results out."""
+
+    def __init__(self, writer: _FrameWriter, workdir: str, stdin_fd: int) -> None:
+        self.writer = writer
+        self.workdir = workdir
+        self.stdin_fd = stdin_fd
+        self.runtime: _ServeRuntime | None = None
+        self.accepting = True
+        self.coordinator_gone = False
+        self.running: dict[int, _ServeTask] = {}
+        self.ended: list[_ServeTask] = []
+        self.decoder = FrameDecoder(SERVE_MAX_REQUEST_BYTES)
+        self._wake_r, self._wake_w = os.pipe()
+
+    def serve(self) -> int:
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        # SIGCHLD writes a byte to the pipe, so select() wakes when a task ends.
+        previous = signal.signal(signal.SIGCHLD, _ignore_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        try:
+            while self.accepting or self.running or self.ended:
+                readable = [self._wake_r] + ([self.stdin_fd] if self.accepting else [])
+                ready, _, _ = select.select(readable, [], [], self._settle_timeout())
+                if self._wake_r in ready:
+                    with contextlib.suppress(OSError):
+                        while os.read(self._wake_r, 4096):
+                            pass
+                try:
+                    self._reap()
+                    if self.stdin_fd in ready:
+                        self._read_requests()
+                    self._settle()
+                except _CoordinatorGone:
+                    self._lose_coordinator()
+        finally:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, previous)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        return 0
+
+    # -- requests
+
+    def _read_requests(self) -> None:
+        try:
+            data = os.read(self.stdin_fd, 1 << 16)
+        except OSError:
+            data = b""
+        if not data:
+            self.accepting = False  # EOF: finish what runs, then exit
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as exc:
+            self._refuse_session("protocol", exc)
+            return
+        for kind, payload in frames:
+            if not self.accepting:
+                return
+            if kind == KIND_HELLO:
+                self._hello(payload)
+            elif kind == KIND_LAUNCH and self.runtime is not None:
+                self._launch(payload)
+            elif kind == KIND_LAUNCH:
+                self._refuse_session("protocol", "an L request came before the H handshake")
+            else:
+                self._refuse_session("protocol", f"unknown request kind {kind!r}")
+
+    def _refuse_session(self, kind: str, message: object) -> None:
+        """An X frame about no task (empty key); after a protocol error, accept nothing more."""
+        self.writer.send_keyed(KIND_ERROR, "", _error_json(kind, message))
+        if kind == "protocol":
+            self.accepting = False
+
+    def _hello(self, payload: bytes) -> None:
+        if self.runtime is not None:
+            self._refuse_session("protocol", "a second H handshake")
+            return
+        try:
+            value = json.loads(payload)
+            if not isinstance(value, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            self._refuse_session("protocol", f"unreadable H handshake: {exc}")
+            return
+        if value.get("runner_version") != runner_version():
+            self.writer.send_json(KIND_NEED, {"need": "runner"})
+            self.accepting = False
+            return
+        try:
+            import wasmtime
+        except Exception as exc:
+            error = _one_line(f"cannot import wasmtime with {sys.executable}: {exc}")
+            self._send_hello(_wasmtime_version(), error)
+            self.accepting = False
+            return
+        self.runtime = _ServeRuntime(wasmtime, self.workdir)
+        self._send_hello(self.runtime.version, None)
+
+    def _send_hello(self, version: str | None, error: str | None) -> None:
+        hello = {"pid": os.getpid(), "wasmtime_version": version, "error": error}
+        self.writer.send_json(KIND_HELLO, hello)
+
+    def _launch(self, payload: bytes) -> None:
+        started = time.monotonic()
+        runtime = self.runtime
+        assert runtime is not None
+        line, _, rest = payload.partition(b"\n")
+        try:
+            raw = json.loads(line)
+            if not isinstance(raw, dict):
+                raise ValueError("the spec is not a JSON object")
+        except ValueError as exc:
+            self._refuse_session("spec", f"unreadable launch spec: {exc}")
+            return
+        key = raw.get("key")
+        if not isinstance(key, str) or not JOB_ID_RE.fullmatch(key):
+            self._refuse_session("spec", f"invalid key {key!r}: the job id of the task")
+            return
+        job_dir = os.path.join(self.workdir, "jobs", key)
+        try:
+            spec = _set_up_job(self.workdir, job_dir, raw, io.BytesIO(rest), check_wasmtime=False)
+        except _LaunchRefused as refused:
+            self.writer.send_keyed(refused.frame_kind, key, json.dumps(refused.answer).encode())
+            return
+        log_path = os.path.join(job_dir, "runner.log")
+        # As under execute, loading the module counts against the task's time limit.
+        limit, grace = spec["time_limit_s"], GRACE_S
+        if limit is None:
+            limit, grace = spec["wall_limit_s"], 0.0
+        deadline = None if limit is None else started + limit + grace
+        loaded: _LoadedModule | _NotLoaded
+        try:
+            loaded = runtime.load_for_task(
+                spec["wasm_sha256"], spec["time_limit_s"] is not None, log_path, deadline
+            )
+        except _CompileTimeout:
+            error = f"time limit of {limit:g} s exceeded while compiling the module"
+            loaded = _NotLoaded("timeout", 124, error)
+        except (runtime.wasmtime.WasmtimeError, OSError) as exc:
+            # As under execute: the task runs and fails with this as its result.
+            loaded = _NotLoaded("failed", 1, f"cannot load the module: {_one_line(str(exc))}")
+        try:
+            pid = self._fork_task(job_dir, spec, loaded, log_path, started)
+        except OSError as exc:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            self.writer.send_keyed(KIND_ERROR, key, _error_json("io", exc))
+            return
+        self.running[pid] = _ServeTask(key, job_dir)
+        answer = {"pid": pid, "job_dir": job_dir}
+        self.writer.send_keyed(KIND_STARTED, key, json.dumps(answer).encode())
+
+    # -- tasks
+
+    def _fork_task(
+        self,
+        job_dir: str,
+        spec: dict[str, Any],
+        loaded: _LoadedModule | _NotLoaded,
+        log_path: str,
+        started: float,
+    ) -> int:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                self._become_task(job_dir, spec, loaded, log_fd, started)
+        finally:
+            os.close(log_fd)
+        with contextlib.suppress(OSError):
+            # The child writes it too; writing it here means it exists once S is sent.
+            _write_pid_file(job_dir, pid)
+        return pid
+
+    def _become_task(
+        self,
+        job_dir: str,
+        spec: dict[str, Any],
+        loaded: _LoadedModule | _NotLoaded,
+        log_fd: int,
+        started: float,
+    ) -> NoReturn:
+        """In the forked child: detach from serve's session and streams, then run the task
+        exactly as execute would. Never returns into serve's loop."""
+        runtime = self.runtime
+        try:
+            # A new session: cancel kills its group, and serve's end does not reach it.
+            os.setsid()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            # Serve's frames are not ours to read or write: stdin and stdout become
+            # /dev/null, stderr the job's runner.log, as for an execute process.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(log_fd, 2)
+            os.close(devnull)
+            os.close(log_fd)
+            os.chdir("/")
+        except BaseException:
+            os._exit(1)
+
+        def run(execution: _Execution) -> None:
+            assert runtime is not None
+            execution.facts["wasmtime_version"] = runtime.version
+            if isinstance(loaded, _NotLoaded):
+                execution.finish(loaded.state, loaded.exit_code, loaded.error)
+                return
+            # Counted from when serve got the task, so the time its module took to load is
+            # not given again.
+            watchdog = _Watchdog.for_spec(execution, spec, started)
+            if watchdog is not None:
+                watchdog.start()
+            _run_module(execution, runtime, loaded, spec, watchdog)
+
+        _execute(job_dir, run)
+
+    def _reap(self) -> None:
+        while self.running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            task = self.running.pop(pid, None)
+            if task is not None:
+                task.status, task.ended_at = status, time.monotonic()
+                self.ended.append(task)
+
+    def _settle_timeout(self) -> float | None:
+        if not self.ended:
+            return None
+        first = min(task.ended_at for task in self.ended)
+        return max(0.01, first + DEAD_GRACE_S - time.monotonic())
+
+    def _settle(self) -> None:
+        """Send the outcome of every ended task whose result is on disk."""
+        now = time.monotonic()
+        for task in list(self.ended):
+            result_path = os.path.join(task.job_dir, "result.json")
+            if not os.path.exists(result_path):
+                # A cancel kills first and writes its result next: give it that moment.
+                if now - task.ended_at < DEAD_GRACE_S:
+                    continue
+                reason = "runner process died without a result"
+                with contextlib.suppress(OSError):
+                    _write_died_result(
+                        task.job_dir, f"{reason} ({_describe_wait_status(task.status)})"
+                    )
+            self.ended.remove(task)
+            if not self.coordinator_gone:
+                self._send_outcome(task, result_path)
+
+    def _send_outcome(self, task: _ServeTask, result_path: str) -> None:
+        for name, kind in (("stdout", KIND_STDOUT), ("stderr", KIND_STDERR)):
+            self._send_file(kind, task.key, os.path.join(task.job_dir, name))
+        try:
+            result = _read_result(result_path)
+        except OSError as exc:
+            result = _make_result("failed", None, f"cannot read the result: {exc}")
+        self.writer.send_keyed(KIND_RESULT, task.key, result)
+
+    def _send_file(self, kind: bytes, key: str, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # the task ended before its output files were made
+        try:
+            offset = 0
+            while True:
+                chunk = os.pread(fd, CHUNK_BYTES, offset)
+                if not chunk:
+                    return
+                self.writer.send_keyed(kind, key, chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+
+    def _lose_coordinator(self) -> None:
+        # The tasks keep running and write their results to disk; serve stays only to reap.
+        self.coordinator_gone = True
+        self.accepting = False
+        _detach_stdout()
+
+
+def _cmd_serve(writer: _FrameWriter, workdir_argument: str) -> int:
+    try:
+        return _Server(writer, _workdir(workdir_argument), sys.stdin.fileno()).serve()
+    except OSError as exc:
+        # Tasks already forked run on and write their results; attach collects them.
+        writer.send_keyed(KIND_ERROR, "", _error_json("io", exc))
+        return 0
