@@ -297,12 +297,6 @@ def test_fifty_tasks_each_get_their_own_output_and_result(
     assert cached.count(False) == 1
 
 
-# Known open bug, pre-existing (seen on the code before the hardening issue too): about one
-# run in 15-20, under load, serve's stream loses bytes between a task's last O frame and its
-# first E frame (the decoder then meets raw stderr bytes where a header should be), or stops
-# mid-frame. Serve's stdout stays blocking (checked in /proc/PID/fdinfo/1). Rerun while it is
-# being found; a failure three times in a row still fails the suite.
-@pytest.mark.flaky(reruns=2)
 def test_output_and_results_of_a_task_arrive_whole_and_keyed(
     workdir: Path, guest: Guest, sessions: Callable[..., Session]
 ) -> None:
