@@ -29,6 +29,7 @@ import pytest
 from ci_skips import beyond_our_control
 
 from sshwasm.build import Artifact, build, find_rust_toolchain
+from sshwasm.cli.parser import COORDINATE_COMMAND
 from sshwasm.errors import ToolchainMissing
 from sshwasm.runner.protocol import FrameDecoder, runner_version
 from sshwasm.store import JobSpec
@@ -574,8 +575,10 @@ def job_spec(cpus: int = 1, memory_mb: int = 100, name: str | None = "job") -> J
 
 
 def detached_coordinators(db: Path, job_id: int | None = None) -> list[int]:
-    """PIDs of the detached coordinators (`sshwasm --db DB ... _drive ID...`) of jobs file
-    `db`, or only the one following `job_id`; found by command line, as no record holds it."""
+    """PIDs of the detached coordinators (`sshwasm --db DB ... _coordinate ID...`) of jobs
+    file `db`, or only the one following `job_id`; found by command line, as no record holds
+    it."""
+    command = COORDINATE_COMMAND.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -584,8 +587,8 @@ def detached_coordinators(db: Path, job_id: int | None = None) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"_drive" not in argv or str(db).encode() not in argv:
+        if command not in argv or str(db).encode() not in argv:
             continue
-        if job_id is None or str(job_id).encode() in argv[argv.index(b"_drive") + 1 :]:
+        if job_id is None or str(job_id).encode() in argv[argv.index(command) + 1 :]:
             found.append(int(entry.name))
     return found

@@ -22,6 +22,7 @@ from helpers import (
     Guest,
     detached_coordinators,
     holds,
+    process_gone,
     record_of,
     release,
     sshwasm,
@@ -117,11 +118,10 @@ def _orphaned_tasks(cluster: Path, server_name: str, db: Path, guest: Guest) -> 
         timeout=120,
     )
     # ... when its coordinator dies, as a laptop's would.
-    (driver,) = detached_coordinators(db)
-    os.kill(driver, signal.SIGKILL)
-    # Until init reaps its zombie (here after a few seconds) the pid still answers and its
-    # heartbeat is fresh: sshwasm rightly takes it for a live coordinator until then.
-    wait_for(lambda: not Path(f"/proc/{driver}").exists(), timeout=90)
+    (coordinator,) = detached_coordinators(db)
+    os.kill(coordinator, signal.SIGKILL)
+    # Dead, even as a zombie that init has not reaped yet (liveness.pid_alive says so too).
+    wait_for(lambda: process_gone(coordinator), timeout=90)
     # The runner goes on without it: every task ends on the host.
     for job_dir in job_dirs():
         release(job_dir)
