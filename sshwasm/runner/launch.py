@@ -21,7 +21,7 @@ from .jobdir import (
     _write_pid_file,
 )
 from .protocol import KIND_ERROR, KIND_NEED, KIND_STARTED, runner_version, validate_spec
-from .safetar import BoundedReader, UnsafeArchive, extract_tar_safely
+from .safetar import BoundedReader, UnsafeArchive, extract_tar_safely, write_all
 from .stream import _FrameWriter, _stream_job
 
 
@@ -57,9 +57,7 @@ def _copy_to_file(source: BinaryIO, path: str, size: int | None = None) -> None:
                 break
             if left is not None:
                 left -= len(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, chunk)
     finally:
         os.close(fd)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import stat
 from collections.abc import Callable
 from functools import partial
@@ -175,9 +176,7 @@ def _extract_file(archive: Any, member: Any, path: str) -> None:
             if not chunk:
                 raise UnsafeArchive(f"the archive ends inside {member.name!r}")
             left -= len(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, chunk)
     finally:
         os.close(fd)
 
@@ -252,3 +251,20 @@ def write_tree_as_tar(root: str, sink: BinaryIO, max_bytes: int | None = None) -
     if stopped:
         raise OutputLimitReached(skipped)
     return skipped
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`, however often a signal cuts a write short.
+
+    A write interrupted by a signal after moving some bytes returns early, and serve's
+    SIGCHLD handler interrupts writes all the time (see stream._FrameWriter).
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            # Someone sharing the descriptor made it non-blocking: wait for room.
+            select.select([], [fd], [])
+            continue
+        view = view[written:]

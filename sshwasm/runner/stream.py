@@ -22,6 +22,7 @@ from .protocol import (
     KIND_STDOUT,
     encode_frame,
 )
+from .safetar import write_all
 
 POLL_MIN_S = 0.002
 POLL_MAX_S = 0.05
@@ -49,7 +50,7 @@ class _FrameWriter:
 
     def send(self, kind: bytes, payload: bytes) -> None:
         try:
-            _write_all(self._fd, encode_frame(kind, payload))
+            write_all(self._fd, encode_frame(kind, payload))
         except BrokenPipeError as exc:
             raise _CoordinatorGone from exc
         except OSError as exc:
@@ -78,19 +79,6 @@ class _FrameWriter:
         except (AttributeError, OSError, ValueError):
             return False
         return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of `data`, however often a signal cuts a write short."""
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.write(fd, view)
-        except BlockingIOError:
-            # Someone sharing the descriptor made it non-blocking: wait for room.
-            select.select([], [fd], [])
-            continue
-        view = view[written:]
 
 
 def _detach_stdout() -> None:
