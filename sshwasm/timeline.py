@@ -264,7 +264,7 @@ def _histogram_svg(jobs: Sequence[Job]) -> str:
         x = LEFT + index * slot
         parts.append(
             f'<text x="{x:.1f}" y="{HIST_HEIGHT + 16}" text-anchor="middle" class="tick">'
-            f"{low + index * width:.2f}s</text>"
+            f"{low + index * width:.3g}s</text>"
         )
     parts.append(
         f'<line x1="{LEFT}" y1="{HIST_HEIGHT}" x2="{WIDTH - 10}" y2="{HIST_HEIGHT}" '
