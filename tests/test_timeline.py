@@ -1,0 +1,154 @@
+"""`sshwasm report --html`: the timeline page, rendered by headless Chromium.
+
+The page is opened from disk (`file://`) by Debian's chromium, which scripts/setup installs;
+a missing chromium fails these tests. What is checked is what Chromium laid out and
+painted: each bar's box and computed fill, read back by a probe script the test adds to a
+copy of the page (the page's own policy lets only its one script run).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import PROGRAMS, no_traceback, sshwasm
+
+from sshwasm.states import JobState
+from sshwasm.timeline import STATE_COLOURS
+
+# Runs after the page has been parsed: every bar's box and painted colour, the box of the
+# lane it sits in, written as JSON into the DOM that --dump-dom prints.
+PROBE = """<script>
+(function () {
+  var out = [];
+  document.querySelectorAll("g.lane").forEach(function (lane) {
+    var band = lane.querySelector("rect").getBoundingClientRect();
+    lane.querySelectorAll("rect.job").forEach(function (bar) {
+      var box = bar.getBoundingClientRect();
+      out.push({id: bar.dataset.id, lane: lane.dataset.host, fill: getComputedStyle(bar).fill,
+        box: [box.left, box.top, box.right, box.bottom],
+        band: [band.left, band.top, band.right, band.bottom]});
+    });
+  });
+  var pre = document.createElement("pre");
+  pre.id = "probe";
+  pre.textContent = JSON.stringify({bars: out, title: document.title,
+    scripts: document.scripts.length, images: document.images.length});
+  document.body.appendChild(pre);
+})();
+</script>"""
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("no chromium on PATH: scripts/setup installs Debian's `chromium`")
+    return found
+
+
+def render_in_chromium(page: Path, tmp_path: Path) -> dict[str, Any]:
+    """Open a probed copy of `page` in headless Chromium; what the probe saw."""
+    text = page.read_text(encoding="utf-8")
+    # The copy drops the page's Content-Security-Policy, so that the probe may run, and so
+    # that escaping alone (not the policy) must keep a job name's script from running.
+    probed, count = re.subn(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", text)
+    assert count == 1
+    copy = tmp_path / "probed.html"
+    copy.write_text(probed.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    result = subprocess.run(
+        [
+            chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900",
+            "--dump-dom", copy.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    match = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
+    assert match, result.stdout[-2000:]
+    probe: dict[str, Any] = json.loads(html.unescape(match.group(1)))
+    return probe
+
+
+def rgb(colour: str) -> str:
+    """`#43a047` as Chromium's computed style writes it: `rgb(67, 160, 71)`."""
+    red, green, blue = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({red}, {green}, {blue})"
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., Path]) -> Path:
+    return make_cluster({"alpha": (2, 2048), "beta": (2, 2048), "gamma": (2, 2048)})
+
+
+def test_every_task_is_drawn_in_its_hosts_lane_in_its_states_colour(
+    cluster: Path, tmp_path: Path
+) -> None:
+    run = sshwasm(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "report_task.rs"), "--array", "12",
+        "--job-name", "lanes", "--env", "REPORT_SLEEP_MS=30", "--quiet", "--", "4",
+    )  # fmt: skip
+    assert run.returncode == 3, run.stderr  # tasks 1, 5 and 9 fail on purpose
+    records = json.loads(sshwasm("jobs", "--json").stdout)
+    assert sorted(r["state"] for r in records) == ["failed"] * 3 + ["succeeded"] * 9
+    assert len({r["host"] for r in records}) >= 2
+
+    page = tmp_path / "timeline.html"
+    made = sshwasm("--cluster", str(cluster), "report", "7", "--html", str(page))
+    no_traceback(made)
+    assert made.returncode == 0, made.stderr
+    assert made.stderr.strip() == f"sshwasm: wrote {page} (12 jobs)"
+    assert "http://" not in page.read_text().replace("http://www.w3.org/2000/svg", "")
+
+    probe = render_in_chromium(page, tmp_path)
+    bars = {int(bar["id"]): bar for bar in probe["bars"]}
+    assert sorted(bars) == sorted(r["id"] for r in records)
+    for record in records:
+        bar = bars[record["id"]]
+        assert bar["lane"] == record["host"]
+        assert bar["fill"] == rgb(STATE_COLOURS[JobState(record["state"])])
+        left, top, right, bottom = bar["box"]
+        band_left, band_top, band_right, band_bottom = bar["band"]
+        assert right > left and bottom > top  # painted, not empty
+        assert band_top <= top and bottom <= band_bottom  # inside its host's lane
+        assert band_left <= left and right <= band_right
+    assert probe["scripts"] == 2  # the page's own and the probe
+
+
+def test_a_job_name_cannot_put_script_in_the_page(tmp_path: Path) -> None:
+    name = (
+        "<img src=x onerror=\"document.title='pwned'\">"
+        "<script>document.title='pwned'</script>\"'><svg onload=alert(1)>&amp;"
+    )
+    run = sshwasm("run", str(PROGRAMS / "tiny.rs"), "--job-name", name, "--quiet")
+    assert run.returncode == 0, run.stderr
+    page = tmp_path / "page.html"
+    made = sshwasm("report", "--html", str(page))
+    assert made.returncode == 0, made.stderr
+    text = page.read_text()
+    assert "<script>document.title" not in text and "<img" not in text
+    probe = render_in_chromium(page, tmp_path)
+    assert probe["title"] == "sshwasm: the last 1 jobs"
+    assert probe["scripts"] == 2 and probe["images"] == 0
+
+    class Names(HTMLParser):
+        """The data-name of every bar, as a browser reads the attribute."""
+
+        found: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            values = dict(attrs)
+            if tag == "rect" and values.get("class") == "job":
+                self.found.append(values.get("data-name") or "")
+
+    names = Names()
+    names.feed(text)
+    assert names.found == [name]  # shown exactly as typed, as text
