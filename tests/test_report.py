@@ -92,7 +92,9 @@ def test_a_group_sums_its_measured_jobs(store: JobStore) -> None:
     assert figures.peak_memory_bytes == 50 * MIB
     assert figures.memory_efficiency == pytest.approx(0.5)
     assert (figures.jobs, figures.measured, figures.unfinished) == (4, 2, 1)
-    assert figures.note == "2 of 4 jobs measured; 1 still queued or running; 1 ended without measures"
+    assert figures.note == (
+        "2 of 4 jobs measured; 1 still queued or running; 1 ended without measures"
+    )
     empty = group_efficiency([])
     assert empty.jobs == 0 and empty.cpu_efficiency is None
 
@@ -134,9 +136,7 @@ def test_report_of_an_array_in_text_and_json() -> None:
     for row in data["per_job"]:
         record = records[row["id"]]
         assert row["state"] == record["state"] and row["host"] == record["host"]
-        assert row["cpu_efficiency"] == pytest.approx(
-            record["cpu_s"] / (record["run_s"] * 2)
-        )
+        assert row["cpu_efficiency"] == pytest.approx(record["cpu_s"] / (record["run_s"] * 2))
 
     text = sshwasm("report", "1")
     assert text.returncode == 0, text.stderr

@@ -139,16 +139,15 @@ def test_a_job_name_cannot_put_script_in_the_page(tmp_path: Path) -> None:
     assert probe["title"] == "sshwasm: the last 1 jobs"
     assert probe["scripts"] == 2 and probe["images"] == 0
 
+    found: list[str] = []
+
     class Names(HTMLParser):
         """The data-name of every bar, as a browser reads the attribute."""
-
-        found: list[str] = []
 
         def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
             values = dict(attrs)
             if tag == "rect" and values.get("class") == "job":
-                self.found.append(values.get("data-name") or "")
+                found.append(values.get("data-name") or "")
 
-    names = Names()
-    names.feed(text)
-    assert names.found == [name]  # shown exactly as typed, as text
+    Names().feed(text)
+    assert found == [name]  # shown exactly as typed, as text
