@@ -111,24 +111,47 @@ def _lanes(jobs: Sequence[Job], now: float) -> tuple[list[str], list[Bar], float
     return hosts, bars, origin, last
 
 
+# Axis steps people read at a glance: fractions of a second, then whole seconds, minutes,
+# hours and days.
+_STEPS = (
+    *(m * 10.0**e for e in range(-3, 0) for m in (1, 2, 5)),
+    *(1, 2, 5, 10, 15, 30),
+    *(60 * m for m in (1, 2, 5, 10, 15, 30)),
+    *(3600 * m for m in (1, 2, 3, 6, 12)),
+)
+
+
 def _tick_step(span: float) -> float:
-    """A round step giving about 8 ticks over `span` seconds."""
-    raw = max(span, 1e-3) / 8
-    power = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    """A round step giving at most about 8 ticks over `span` seconds."""
+    wanted = max(span, 1e-3) / 8
+    for step in _STEPS:
+        if step >= wanted:
+            return float(step)
+    return 86400.0 * math.ceil(wanted / 86400)
+
+
+def _duration(seconds: float, step: float) -> str:
+    """An axis label in the unit that suits the axis's step: 250ms, 45s, 5m, 6h, 2d."""
+    if seconds == 0:
+        return "0"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if step >= size:
+            return f"{round(seconds / size, 3):g}{unit}"
+    return f"{round(seconds * 1000, 3):g}ms" if step < 0.1 else f"{round(seconds, 3):g}s"
 
 
 def _axis(span: float, y: float, scale: float) -> list[str]:
     step = _tick_step(span)
     parts = [f'<line x1="{LEFT}" y1="{y}" x2="{WIDTH}" y2="{y}" stroke="#999"/>']
-    tick = 0.0
-    while tick <= span + 1e-9:
+    count = 0
+    while (tick := count * step) <= span + 1e-9:
+        count += 1
         x = LEFT + tick * scale
         parts.append(f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + 4}" stroke="#999"/>')
         parts.append(
-            f'<text x="{x:.1f}" y="{y + 16}" text-anchor="middle" class="tick">{tick:g}s</text>'
+            f'<text x="{x:.1f}" y="{y + 16}" text-anchor="middle" class="tick">'
+            f"{_duration(tick, step)}</text>"
         )
-        tick += step
     return parts
 
 
@@ -182,7 +205,8 @@ def _timeline_svg(hosts: list[str], bars: list[Bar], span: float) -> str:
 def _utilisation_svg(
     hosts: list[str], bars: list[Bar], span: float, declared: Mapping[str, int]
 ) -> str:
-    """Per host, cpus reserved by its drawn jobs over cpus declared, as a step line."""
+    """Per host, cpus reserved by these jobs over cpus declared, as a step line (other jobs
+    on the same host are not counted: the page is about these)."""
     scale = (WIDTH - LEFT - 10) / max(span, 1e-3)
     parts: list[str] = []
     y = 0.0

@@ -8,6 +8,8 @@ copy of the page (the page's own policy lets only its one script run).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 import re
@@ -22,7 +24,7 @@ import pytest
 from helpers import PROGRAMS, no_traceback, sshwasm
 
 from sshwasm.states import JobState
-from sshwasm.timeline import STATE_COLOURS
+from sshwasm.timeline import STATE_COLOURS, _duration, _tick_step
 
 # Runs after the page has been parsed: every bar's box and painted colour, the box of the
 # lane it sits in, written as JSON into the DOM that --dump-dom prints.
@@ -38,9 +40,12 @@ PROBE = """<script>
         band: [band.left, band.top, band.right, band.bottom]});
     });
   });
+  var first = document.querySelector("rect.job");
+  if (first) { first.dispatchEvent(new MouseEvent("click", {bubbles: true})); }
   var pre = document.createElement("pre");
   pre.id = "probe";
   pre.textContent = JSON.stringify({bars: out, title: document.title,
+    details: document.getElementById("details").textContent,
     scripts: document.scripts.length, images: document.images.length});
   document.body.appendChild(pre);
 })();
@@ -121,6 +126,42 @@ def test_every_task_is_drawn_in_its_hosts_lane_in_its_states_colour(
         assert band_top <= top and bottom <= band_bottom  # inside its host's lane
         assert band_left <= left and right <= band_right
     assert probe["scripts"] == 2  # the page's own and the probe
+    # A click on a bar (the probe clicks the first) shows its details, as text.
+    first = next(r for r in records if r["id"] == int(probe["bars"][0]["id"]))
+    assert probe["details"].splitlines()[:3] == [
+        f"job {first['id']} lanes[{first['array_task']}]",
+        f"host {first['host']}",
+        f"state {first['state']}",
+    ]
+
+
+def test_the_pages_policy_allows_its_own_script_and_nothing_else(tmp_path: Path) -> None:
+    assert sshwasm("run", str(PROGRAMS / "tiny.rs"), "--quiet").returncode == 0
+    page = tmp_path / "page.html"
+    assert sshwasm("report", "1", "--html", str(page)).returncode == 0
+    text = page.read_text()
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', text)
+    assert policy is not None
+    (script,) = re.findall(r"<script>(.*?)</script>", text, re.S)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert policy.group(1) == (
+        f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("span", "labels"),
+    [
+        (0.3, ["0", "50ms", "100ms", "150ms", "200ms", "250ms", "300ms"]),
+        (4, ["0", "0.5s", "1s", "1.5s", "2s", "2.5s", "3s", "3.5s", "4s"]),
+        (300, ["0", "1m", "2m", "3m", "4m", "5m"]),
+        (20000, ["0", "1h", "2h", "3h", "4h", "5h"]),
+        (600000, ["0", "1d", "2d", "3d", "4d", "5d", "6d"]),
+    ],
+)
+def test_time_axis_labels_read_at_a_glance(span: float, labels: list[str]) -> None:
+    step = _tick_step(span)
+    assert [_duration(i * step, step) for i in range(int(span / step + 1e-9) + 1)] == labels
 
 
 def test_a_job_name_cannot_put_script_in_the_page(tmp_path: Path) -> None:
