@@ -3,7 +3,8 @@
 The page is opened from disk (`file://`) by Debian's chromium, which scripts/setup installs;
 a missing chromium fails these tests. What is checked is what Chromium laid out and
 painted: each bar's box and computed fill, read back by a probe script the test adds to a
-copy of the page (the page's own policy lets only its one script run).
+copy of the page (the page's own policy lets only its one script run, so the copy's adds
+the probe's hash).
 """
 
 from __future__ import annotations
@@ -59,13 +60,22 @@ def chromium() -> str:
     return found
 
 
-def render_in_chromium(page: Path, tmp_path: Path) -> dict[str, Any]:
-    """Open a probed copy of `page` in headless Chromium; what the probe saw."""
+def render_in_chromium(page: Path, tmp_path: Path, keep_policy: bool = True) -> dict[str, Any]:
+    """Open a probed copy of `page` in headless Chromium; what the probe saw.
+
+    With `keep_policy` the page's Content-Security-Policy stays, extended by the probe's
+    hash alone: the page's own script must then pass it as it is. Without, the policy is
+    dropped, so that escaping alone must keep a job name's script from running.
+    """
     text = page.read_text(encoding="utf-8")
-    # The copy drops the page's Content-Security-Policy, so that the probe may run, and so
-    # that escaping alone (not the policy) must keep a job name's script from running.
-    probed, count = re.subn(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", text)
-    assert count == 1
+    policy = re.compile(r'(<meta http-equiv="Content-Security-Policy" content="[^"]*)(">)')
+    assert len(policy.findall(text)) == 1
+    if keep_policy:
+        probe_code = PROBE.removeprefix("<script>").removesuffix("</script>")
+        digest = base64.b64encode(hashlib.sha256(probe_code.encode()).digest()).decode()
+        probed = policy.sub(rf"\1 'sha256-{digest}'\2", text)
+    else:
+        probed = policy.sub("", text)
     copy = tmp_path / "probed.html"
     copy.write_text(probed.replace("</body>", PROBE + "</body>"), encoding="utf-8")
     result = subprocess.run(
@@ -176,7 +186,7 @@ def test_a_job_name_cannot_put_script_in_the_page(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     text = page.read_text()
     assert "<script>document.title" not in text and "<img" not in text
-    probe = render_in_chromium(page, tmp_path)
+    probe = render_in_chromium(page, tmp_path, keep_policy=False)
     assert probe["title"] == "sshwasm: the last 1 jobs"
     assert probe["scripts"] == 2 and probe["images"] == 0
 
