@@ -10,6 +10,7 @@ the probe's hash).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import html
 import json
@@ -17,6 +18,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable
+from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,8 @@ import pytest
 from helpers import PROGRAMS, no_traceback, sshwasm
 
 from sshwasm.states import JobState
-from sshwasm.timeline import STATE_COLOURS, _duration, _tick_step
+from sshwasm.store import JobSpec, JobStore
+from sshwasm.timeline import STATE_COLOURS, _duration, _tick_step, render
 
 # Runs after the page has been parsed: every bar's box and painted colour, the box of the
 # lane it sits in, written as JSON into the DOM that --dump-dom prints.
@@ -202,3 +205,34 @@ def test_a_job_name_cannot_put_script_in_the_page(tmp_path: Path) -> None:
 
     Names().feed(text)
     assert found == [name]  # shown exactly as typed, as text
+
+
+def test_running_jobs_reach_now_and_unstarted_ones_are_counted(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spec = JobSpec(
+        name="r", cpus=2, memory_mb=64, time_limit_s=None, source="x.rs", language="rust",
+        wasm_sha256="0" * 64, wasm_bytes=1, wasm_path="/nonexistent.wasm", compile_s=0.0,
+        argv=("x",), env=(), array_size=3,
+    )  # fmt: skip
+    ids = store.submit_tasks(spec)
+    base = [store.get(job_id) for job_id in ids]
+    start = "2026-11-30T08:00:00+00:00"
+    jobs = [
+        dataclasses.replace(
+            base[0], state=JobState.SUCCEEDED, host="alpha", started_at=start,
+            finished_at="2026-11-30T08:00:10+00:00", run_s=10.0, cpu_s=9.0,
+            peak_memory_bytes=1 << 20, exit_code=0,
+        ),
+        dataclasses.replace(base[1], state=JobState.RUNNING, host="zeta", started_at=start),
+        base[2],  # still queued: never started, not drawn
+    ]  # fmt: skip
+    now = datetime.fromisoformat(start).timestamp() + 40
+    page = render(jobs, "t", {"alpha": 4}, now=now)
+    bars = re.findall(r'<rect class="job" x="([\d.]+)" y="[\d.]+" width="([\d.]+)"', page)
+    (done_x, done_w), (running_x, running_w) = ((float(x), float(w)) for x, w in bars)
+    assert done_x == running_x  # both started together
+    assert running_w == pytest.approx(done_w * 4, rel=1e-3)  # 40 s so far against 10 s
+    assert f'fill="{STATE_COLOURS[JobState.RUNNING]}" data-id="{ids[1]}"' in page
+    assert "<td>not drawn</td><td>1 jobs that never started</td>" in page
+    assert "peak 2 of 4 cpus" in page  # alpha: declared in the cluster file
+    assert "peak 2 cpus (capacity unknown)" in page  # zeta: neither snapshot nor cluster
