@@ -286,8 +286,9 @@ def _histogram_svg(jobs: Sequence[Job]) -> str:
         if bins > 10 and index % math.ceil(bins / 10):
             continue
         x = LEFT + index * slot
+        anchor = "end" if index == bins else "middle"  # the last label stays on the page
         parts.append(
-            f'<text x="{x:.1f}" y="{HIST_HEIGHT + 16}" text-anchor="middle" class="tick">'
+            f'<text x="{x:.1f}" y="{HIST_HEIGHT + 16}" text-anchor="{anchor}" class="tick">'
             f"{low + index * width:.3g}s</text>"
         )
     parts.append(
