@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cancel": ("jobs", "cmd_cancel"),
     "wasm": ("wasm", "cmd_wasm"),
     "hosts": ("hosts", "cmd_hosts"),
+    "report": ("report", "cmd_report"),
     COORDINATE_COMMAND: ("coordinate", "cmd_coordinate"),
 }
 

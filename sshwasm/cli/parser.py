@@ -225,6 +225,23 @@ def build_parser() -> ArgumentParser:
     )
     install.add_argument("names", nargs="*", metavar="NAME")
 
+    report = commands.add_parser(
+        "report",
+        help="how well jobs used their cpus and memory; --html: a timeline page",
+        description="Requested cpus and memory against use (run_s, cpu_s, peak memory), per "
+        "job and summed over an array (any task id of it), with advice when a request was far "
+        "above use. Without ID: the newest jobs (--last, default 20, or --since).",
+    )
+    report.add_argument("job_id", type=_positive_int, nargs="?", metavar="ID")
+    report.add_argument("--json", action="store_true", help="print the figures as JSON")
+    report.add_argument(
+        "--html", metavar="FILE", help="write a self-contained timeline page of the jobs to FILE"
+    )
+    report.add_argument("--last", type=_positive_int, metavar="N", help="without ID: N newest jobs")
+    report.add_argument(
+        "--since", metavar="WHEN", help="without ID: jobs submitted since WHEN (2h, 1d, ISO date)"
+    )
+
     # No help=: argparse would list a suppressed choice as "_coordinate ==SUPPRESS==".
     coordinate = commands.add_parser(COORDINATE_COMMAND)
     coordinate.add_argument("job_ids", type=int, nargs="+")
