@@ -82,14 +82,15 @@ class Progress:
             self._shown = False
 
     def around(self, show: Callable[[_A], None]) -> Callable[[_A], None]:
-        """`show`, with the progress line taken away before it and drawn again after."""
+        """`show`, with the progress line taken away before it and drawn again after (with
+        the counts as they are now: a task may just have ended)."""
 
         def wrapped(value: _A) -> None:
             self.clear()
             try:
                 show(value)
             finally:
-                self._draw()
+                self.tick()
 
         return wrapped
 
@@ -100,7 +101,9 @@ class Progress:
 
 
 def _columns() -> int:
+    """The terminal's width; 80 when it says none (a pseudo-terminal nobody sized)."""
     try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
     except (OSError, ValueError):
         return 80
+    return columns if columns >= 20 else 80
