@@ -118,14 +118,15 @@ class PlacementQueue:
         """Say why a job waits; for an array held back by --max-running, once per array
         (not once for each of its thousands of tasks)."""
         if job.max_running is not None and job.array_id is not None:
+            if job.array_id in self._throttle_said:
+                return
             running = self.store.array_counts(job.array_id).get(JobState.RUNNING, 0)
             if running >= job.max_running:
-                if job.array_id not in self._throttle_said:
-                    self._throttle_said.add(job.array_id)
-                    self._notice(
-                        f"array {job.array_id}: at most {job.max_running} tasks run at once "
-                        "(--max-running); the others wait their turn"
-                    )
+                self._throttle_said.add(job.array_id)
+                self._notice(
+                    f"array {job.array_id}: at most {job.max_running} tasks run at once "
+                    "(--max-running); the others wait their turn"
+                )
                 return
         self._notice(f"job {job.id} queued: {self._why_waiting(job)}")
 

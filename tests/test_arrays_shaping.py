@@ -324,6 +324,7 @@ def test_older_jobs_file_gains_the_array_columns_and_its_rows_keep_working(
     path = tmp_path / "jobs.sqlite"
     JobStore(path).close()
     db = sqlite3.connect(path)
+    db.execute("DROP INDEX jobs_array_state")
     db.execute("ALTER TABLE jobs DROP COLUMN max_running")
     db.execute("ALTER TABLE jobs DROP COLUMN halt_after_failures")
     db.execute("PRAGMA user_version = 2")
@@ -337,3 +338,18 @@ def test_older_jobs_file_gains_the_array_columns_and_its_rows_keep_working(
         (job,) = store.list_jobs()
         assert job.max_running is None and job.halt_after_failures is None
         assert job.record()["state"] == "succeeded"
+
+
+def test_progress_text_counts_and_eta() -> None:
+    from sshwasm.cli.progress import format_eta, progress_text
+
+    assert progress_text(7, 10, 0, 0, 3, 5.0).endswith(
+        "array 7: 0/10 done, 3 running, 7 queued, 0 failed, ETA ?"
+    )
+    # 4 done in 20 s: the other 6 at the same rate take 30 s.
+    assert progress_text(7, 10, 4, 1, 2, 20.0).endswith(
+        "4/10 done, 2 running, 4 queued, 1 failed, ETA 30s"
+    )
+    # A running count read before tasks ended never makes the counts add up past the total.
+    assert "10/10 done, 0 running, 0 queued" in progress_text(7, 10, 10, 0, 3, 9.0)
+    assert [format_eta(s) for s in (0, 59.4, 61, 3725)] == ["0s", "59s", "1m01s", "1h02m"]

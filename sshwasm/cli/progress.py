@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..states import JobState
-from ..store import JobStore
+from ..store import Job, JobStore
 from .show import PROG, write_err
 
 # Erase the line the cursor is on and go back to its start (VT100: every terminal today).
@@ -35,16 +35,16 @@ def format_eta(seconds: float) -> str:
     return f"{secs}s"
 
 
-def progress_text(array_id: int, total: int, counts: dict[JobState, int], elapsed_s: float) -> str:
+def progress_text(
+    array_id: int, total: int, done: int, failed: int, running: int, elapsed_s: float
+) -> str:
     """The progress line: done, running, queued and failed tasks and an ETA.
 
     The ETA assumes the tasks still to finish take as long, per task, as those done so far
     took from the start (so it accounts for how many run side by side).
     """
-    done = sum(count for state, count in counts.items() if state.is_final)
-    failed = done - counts.get(JobState.SUCCEEDED, 0)
-    running = counts.get(JobState.RUNNING, 0)
-    queued = counts.get(JobState.QUEUED, 0)
+    running = max(0, min(running, total - done))
+    queued = max(0, total - done - running)
     if done >= total:
         eta = "0s"
     elif done:
@@ -58,22 +58,45 @@ def progress_text(array_id: int, total: int, counts: dict[JobState, int], elapse
 
 
 class Progress:
-    """The progress line of one array, drawn on stderr (a terminal)."""
+    """The progress line of one array, drawn on stderr (a terminal).
+
+    Ended tasks are counted as `run` hears of them (`ended`); how many run is read from the
+    jobs file, at most every READ_EVERY_S, so that an array whose tasks end by the thousand
+    per second does not spend its time counting them.
+    """
+
+    READ_EVERY_S = 0.25
 
     def __init__(self, store: JobStore, array_id: int, total: int) -> None:
         self.store = store
         self.array_id = array_id
         self.total = total
+        self.done = 0
+        self.failed = 0
+        self.running = 0
         self._started = time.monotonic()
-        self._line = b""
+        self._read_at: float | None = None
         self._shown = False
 
+    def ended(self, job: Job) -> None:
+        """Count a task that `run` has finished following."""
+        if job.is_final:
+            self.done += 1
+            if job.state is not JobState.SUCCEEDED:
+                self.failed += 1
+
     def tick(self) -> None:
-        """Read the array's counts and draw the line again."""
-        counts = self.store.array_counts(self.array_id)
-        text = progress_text(self.array_id, self.total, counts, time.monotonic() - self._started)
-        self._line = text[: max(10, _columns() - 1)].encode()
-        self._draw()
+        """Draw the line again, with how many run read afresh when it is time."""
+        now = time.monotonic()
+        if self._read_at is None or now - self._read_at >= self.READ_EVERY_S:
+            self._read_at = now
+            counts = self.store.array_counts(self.array_id)
+            self.running = counts.get(JobState.RUNNING, 0)
+        text = progress_text(
+            self.array_id, self.total, self.done, self.failed, self.running, now - self._started
+        )
+        write_err(_CLEAR + text[: _columns() - 1].encode())
+        self._shown = True
 
     def clear(self) -> None:
         """Take the line away (before other output, and when the array has ended)."""
@@ -82,8 +105,7 @@ class Progress:
             self._shown = False
 
     def around(self, show: Callable[[_A], None]) -> Callable[[_A], None]:
-        """`show`, with the progress line taken away before it and drawn again after (with
-        the counts as they are now: a task may just have ended)."""
+        """`show`, with the progress line taken away before it and drawn again after."""
 
         def wrapped(value: _A) -> None:
             self.clear()
@@ -94,10 +116,14 @@ class Progress:
 
         return wrapped
 
-    def _draw(self) -> None:
-        if self._line:
-            write_err(_CLEAR + self._line)
-            self._shown = True
+    def around_end(self, show: Callable[[Job], None]) -> Callable[[Job], None]:
+        """`around(show)` for a task that ended: counted before the line is drawn again."""
+
+        def wrapped(job: Job) -> None:
+            self.ended(job)
+            self.around(show)(job)
+
+        return wrapped
 
 
 def _columns() -> int:

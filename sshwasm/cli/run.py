@@ -179,7 +179,7 @@ def _run_array(ctx: Context, job_ids: list[int], interactive: bool) -> int:
     progress = _progress(ctx, job_ids, interactive)
     on_done: Callable[[Job], None] = show
     if progress is not None:
-        on_done = progress.around(show)
+        on_done = progress.around_end(show)
         handlers.notice = progress.around(handlers.notice)
         handlers.warning = progress.around(handlers.warning)
     try:
