@@ -246,6 +246,25 @@ def test_halt_lets_running_tasks_finish(cluster: Path) -> None:
     assert all(moment(t["started_at"]) < second_failure for t in ended)
 
 
+def test_halt_and_args_from_hold_with_a_detached_coordinator(cluster: Path, tmp_path: Path) -> None:
+    # task.rs fails when its argument is its own task id: only task 0's line does that.
+    lines = tmp_path / "params.txt"
+    lines.write_text("0\n0\n0\n0\n")
+    result = sshwasm(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "task.rs"), "--args-from", str(lines),
+        "--max-running", "1", "--halt-after-failures", "1", "--detach",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == 4
+
+    def all_final() -> bool:
+        return all(t["state"] not in ("queued", "running") for t in records())
+
+    wait_for(all_final, timeout=90)
+    states = [t["state"] for t in records()]
+    assert states == ["failed", "cancelled", "cancelled", "cancelled"]
+
+
 # -- progress ------------------------------------------------------------------------------
 
 
