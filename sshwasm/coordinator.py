@@ -56,6 +56,14 @@ REATTACH_BACKOFF = Backoff(first=0.5, factor=2.0, most=8.0)
 DEFAULT_WALL_LIMIT_S = 24 * 3600.0
 
 _T = TypeVar("_T")
+# How often drive_tasks calls its on_tick (a progress line redraws this often).
+PROGRESS_TICK_S = 0.5
+
+
+async def _tick_every(tick: Callable[[], None]) -> None:
+    while True:
+        tick()
+        await asyncio.sleep(PROGRESS_TICK_S)
 
 
 def launch_spec(job: Job) -> LaunchSpec:
@@ -97,9 +105,14 @@ class Coordinator:
         return await self._supervised(self._drive_and_signal(job_id))
 
     async def drive_tasks(
-        self, job_ids: Sequence[int], on_done: Callable[[Job], None] | None = None
+        self,
+        job_ids: Sequence[int],
+        on_done: Callable[[Job], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> list[Job]:
-        """Run the tasks of an array side by side; a task's failure does not stop the rest."""
+        """Run the tasks of an array side by side; a task's failure does not stop the rest
+        (unless the array's --halt-after-failures is reached). `on_tick` is called every
+        PROGRESS_TICK_S on the loop while they run (a progress line)."""
 
         async def one(job_id: int) -> Job:
             try:
@@ -114,20 +127,45 @@ class Coordinator:
                     job = self.store.get(job_id)
                 elif not job.is_final:
                     self.store.disown(job_id)
+            self._halt_if_failed(job)
             if on_done is not None:
                 on_done(job)
             return job
 
         if len(job_ids) > 1:
             self._serve = {}
+        ticker = asyncio.create_task(_tick_every(on_tick)) if on_tick is not None else None
         try:
             return list(
                 await self._supervised(asyncio.gather(*(one(job_id) for job_id in job_ids)))
             )
         finally:
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
             sessions, self._serve = self._serve or {}, None
             for session in sessions.values():
                 await session.close()
+
+    def _halt_if_failed(self, job: Job) -> None:
+        """After a task of an array with --halt-after-failures failed: cancel its unstarted
+        tasks now if that was one failure too many (the placer checks too, in the same
+        transaction that places, so none can start meanwhile)."""
+        if job.halt_after_failures is None or job.state in (
+            JobState.SUCCEEDED,
+            JobState.CANCELLED,
+        ):
+            return
+        if not job.is_final:
+            return
+        halted = self.store.halt_arrays()
+        if halted:
+            self.queue.signal_room()  # their waiters leave the queue at the next pass
+            self.handlers.warning(
+                f"array {job.array_id}: halted after {job.halt_after_failures} failures; "
+                f"{len(halted)} task(s) not started were cancelled"
+            )
 
     async def _supervised(self, work: Awaitable[_T]) -> _T:
         """Run `work` beside the background tasks every job needs; if one of those fails,

@@ -39,6 +39,8 @@ class PlacementQueue:
         self._room_freed = asyncio.Event()
         # Jobs waiting for a host: their waiter and the hosts excluded for them (with why).
         self._waiting: dict[int, tuple[asyncio.Future[Host | None], dict[str, str]]] = {}
+        # Arrays whose --max-running throttle was announced.
+        self._throttle_said: set[int] = set()
 
     def signal_room(self) -> None:
         """Wake the placer now (capacity was freed, or a job joined or left the queue)."""
@@ -86,7 +88,7 @@ class PlacementQueue:
                     if candidate_hosts(self.hosts, job.request, excluded):
                         if job_id not in announced:
                             announced.add(job_id)
-                            self._notice(f"job {job_id} queued: {self._why_waiting(job)}")
+                            self._announce_queued(job)
                         continue
                     outcome = NoHostReachable(excluded)
                     self.store.finish(job_id, JobState.FAILED, error=str(outcome))
@@ -111,6 +113,22 @@ class PlacementQueue:
             await asyncio.wait({woken}, timeout=seconds)
         finally:
             woken.cancel()
+
+    def _announce_queued(self, job: Job) -> None:
+        """Say why a job waits; for an array held back by --max-running, once per array
+        (not once for each of its thousands of tasks)."""
+        if job.max_running is not None and job.array_id is not None:
+            if job.array_id in self._throttle_said:
+                return
+            running = self.store.array_counts(job.array_id).get(JobState.RUNNING, 0)
+            if running >= job.max_running:
+                self._throttle_said.add(job.array_id)
+                self._notice(
+                    f"array {job.array_id}: at most {job.max_running} tasks run at once "
+                    "(--max-running); the others wait their turn"
+                )
+                return
+        self._notice(f"job {job.id} queued: {self._why_waiting(job)}")
 
     def _why_waiting(self, job: Job) -> str:
         _, reasons = explain(self.hosts, self.store.usage(), job.request, {})

@@ -26,7 +26,7 @@ from .errors import JobNotFound, StoreError
 from .schedule import Request, Usage, plan
 from .states import FINAL_STATES, JobState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 STATES = tuple(state.value for state in JobState)
 _FINAL_WORDS = sorted(state.value for state in FINAL_STATES)
@@ -145,7 +145,24 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN output_overwrite INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN output_conflicts INTEGER;
     """,
+    # Array throttling and halting (--max-running, --halt-after-failures), stored on every
+    # task so that any coordinator of the array, detached or not, enforces them; older
+    # rows have neither (no throttle, no halt). The index counts an array's tasks by state
+    # without reading its rows (100,000 tasks: milliseconds).
+    3: """
+    ALTER TABLE jobs ADD COLUMN max_running INTEGER;
+    ALTER TABLE jobs ADD COLUMN halt_after_failures INTEGER;
+    CREATE INDEX jobs_array_state ON jobs(array_id, state);
+    """,
 }
+
+# The final states that count as an array task's failure for --halt-after-failures (a
+# cancelled task was stopped, it did not fail).
+_FAILURE_WORDS = sorted(
+    state.value for state in FINAL_STATES - {JobState.SUCCEEDED, JobState.CANCELLED}
+)
+# A task cancelled because its array reached --halt-after-failures: its error says so.
+HALT_ERROR = "halted after {} failures"
 
 
 def request_of(row: Mapping[str, Any]) -> Request:
@@ -183,6 +200,12 @@ class JobSpec:
     output_dir: str | None = None
     max_output_mb: int | None = None  # stdout + stderr + /output together; None: no cap
     output_overwrite: bool = False
+    # Per array task (one entry each, array_size of them): arguments added after `argv`
+    # (--args-from) and the path staged as /input (--input-each, instead of input_path).
+    task_args: tuple[tuple[str, ...], ...] | None = None
+    task_inputs: tuple[str, ...] | None = None
+    max_running: int | None = None  # at most this many tasks of the array run at once
+    halt_after_failures: int | None = None  # cancel unstarted tasks after this many fail
 
 
 # A value of the public job record (README.md, "The job record"): JSON scalars only.
@@ -246,6 +269,8 @@ class Job:
     max_output_mb: int | None
     output_overwrite: bool
     output_conflicts: int | None
+    max_running: int | None
+    halt_after_failures: int | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -429,6 +454,8 @@ class JobStore:
 
         Task i of an array gets `SSHWASM_ARRAY_TASK_ID=i` and `SSHWASM_ARRAY_TASK_COUNT=N`
         added to its environment; the array's id is the id of its task 0.
+        With `task_args` task i's arguments are argv plus its entry; with `task_inputs` its
+        /input is its entry.
         """
         now = time.time()
         submitted_at = utc_now()
@@ -448,6 +475,16 @@ class JobStore:
             task_item = json.dumps(["SSHWASM_ARRAY_TASK_ID", str(task)])
             return "[" + ", ".join([*env_items, task_item, count_item]) + "]"
 
+        def task_argv(task: int | None) -> str:
+            if task is None or spec.task_args is None:
+                return argv
+            return json.dumps([*spec.argv, *spec.task_args[task]])
+
+        def task_input(task: int | None) -> str | None:
+            if task is None or spec.task_inputs is None:
+                return spec.input_path
+            return spec.task_inputs[task]
+
         def row(index: int, job_id: int, task: int | None, array_id: int | None) -> tuple[Any, ...]:
             return (
                 job_id,
@@ -464,7 +501,7 @@ class JobStore:
                 submitted_at,
                 now,
                 spec.wasm_path,
-                argv,
+                task_argv(task),
                 env_json(task),
                 spec.stdin_path,
                 spec.pinned_host,
@@ -472,7 +509,7 @@ class JobStore:
                 pid,
                 task,
                 labels,
-                spec.input_path,
+                task_input(task),
                 # Each task of an array gets its own subdirectory of the output.
                 spec.output_dir
                 if spec.output_dir is None or task is None
@@ -483,6 +520,8 @@ class JobStore:
                 # that share a host workdir (two users, two --db) from colliding on an id.
                 f"{job_id}-{random_hex[8 * index : 8 * index + 8]}",
                 array_id,
+                spec.max_running,
+                spec.halt_after_failures,
             )
 
         with self._transaction() as db:
@@ -499,9 +538,10 @@ class JobStore:
                        language, wasm_sha256, wasm_bytes, compile_s, submitted_at,
                        submitted_ts, wasm_path, argv, env, stdin_path, pinned_host,
                        heartbeat_ts, coordinator_pid, array_task, labels, input_path,
-                       output_dir, max_output_mb, output_overwrite, remote_key, array_id)
+                       output_dir, max_output_mb, output_overwrite, remote_key, array_id,
+                       max_running, halt_after_failures)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                           ?, ?, ?, ?, ?, ?, ?)""",
+                           ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (row(index, first + index, task, array_id) for index, task in enumerate(tasks)),
             )
         return ids
@@ -535,13 +575,14 @@ class JobStore:
                 f"UPDATE jobs SET heartbeat_ts = ?, coordinator_pid = ? WHERE id IN ({marks})",
                 (now, os.getpid(), *job_ids),
             )
+            gone |= self._halt_arrays(db) & set(job_ids)
             usage = self._usage(db)
             waiting = db.execute(
-                """SELECT id, cpus, memory_mb, pinned_host, labels FROM jobs
-                   WHERE state = ? AND heartbeat_ts >= ? ORDER BY id""",
+                """SELECT id, cpus, memory_mb, pinned_host, labels, array_id, max_running
+                   FROM jobs WHERE state = ? AND heartbeat_ts >= ? ORDER BY id""",
                 (JobState.QUEUED.value, now - QUEUE_STALE_S),
             ).fetchall()
-            queue = [(row["id"], request_of(row)) for row in waiting]
+            queue = [(row["id"], request_of(row)) for row in self._throttled(db, waiting)]
             placement = plan(hosts, usage, queue, excluded)
             placed: dict[int, Host] = {}
             started_at = utc_now()
@@ -565,6 +606,86 @@ class JobStore:
                 )
                 placed[job_id] = host
             return placed, gone
+
+    @staticmethod
+    def _throttled(db: sqlite3.Connection, waiting: list[Any]) -> list[Any]:
+        """The waiting rows that may be placed now: an array with --max-running K keeps its
+        oldest waiting tasks up to K minus its running ones, and the rest wait unplanned (so
+        they hold no place that would keep other jobs from backfilling)."""
+        if all(row["max_running"] is None for row in waiting):
+            return waiting
+        running = dict(
+            db.execute(
+                """SELECT array_id, COUNT(*) FROM jobs
+                   WHERE state = ? AND max_running IS NOT NULL GROUP BY array_id""",
+                (JobState.RUNNING.value,),
+            ).fetchall()
+        )
+        kept = []
+        for row in waiting:
+            if row["max_running"] is not None:
+                started = running.get(row["array_id"], 0)
+                if started >= row["max_running"]:
+                    continue
+                running[row["array_id"]] = started + 1
+            kept.append(row)
+        return kept
+
+    @staticmethod
+    def _halt_arrays(db: sqlite3.Connection) -> set[int]:
+        """Cancel the queued tasks of every array that reached its --halt-after-failures;
+        returns their ids. Inside the placing transaction, so no task of a halted array
+        starts after the failure that halted it is recorded."""
+        arrays = db.execute(
+            """SELECT DISTINCT array_id, halt_after_failures FROM jobs
+               WHERE state = ? AND halt_after_failures IS NOT NULL""",
+            (JobState.QUEUED.value,),
+        ).fetchall()
+        halted: set[int] = set()
+        marks = ", ".join("?" for _ in _FAILURE_WORDS)
+        for array_id, threshold in arrays:
+            failures = db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE array_id = ? AND state IN ({marks})",
+                (array_id, *_FAILURE_WORDS),
+            ).fetchone()[0]
+            if failures < threshold:
+                continue
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM jobs WHERE array_id = ? AND state = ?",
+                    (array_id, JobState.QUEUED.value),
+                )
+            ]
+            db.executemany(
+                """UPDATE jobs SET state = ?, exit_code = ?, error = ?, finished_at = ?
+                   WHERE id = ? AND state = ?""",
+                (
+                    (
+                        JobState.CANCELLED.value,
+                        CANCELLED_EXIT_CODE,
+                        HALT_ERROR.format(threshold),
+                        utc_now(),
+                        job_id,
+                        JobState.QUEUED.value,
+                    )
+                    for job_id in ids
+                ),
+            )
+            halted.update(ids)
+        return halted
+
+    def halt_arrays(self) -> set[int]:
+        """Cancel the queued tasks of arrays that reached --halt-after-failures (their ids)."""
+        with self._transaction() as db:
+            return self._halt_arrays(db)
+
+    def array_counts(self, array_id: int) -> dict[JobState, int]:
+        """How many tasks of the array are in each state."""
+        rows = self._read(
+            "SELECT state, COUNT(*) FROM jobs WHERE array_id = ? GROUP BY state", (array_id,)
+        )
+        return {JobState(state): count for state, count in rows}
 
     def release(self, job_id: int) -> None:
         """Give back a reservation whose host failed before the job started; queue it again."""

@@ -38,13 +38,15 @@ def coordinate_jobs(
     job_ids: Sequence[int],
     handlers: Handlers,
     on_done: Callable[[Job], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> list[Job]:
     """Follow submitted jobs through one Coordinator in this process until each has ended.
 
     With `on_done` the jobs are followed side by side (an array's tasks, a detached run's
     jobs): a job's failure is its own and goes to `on_done` with the job, and the others
-    go on. Without it the one job is followed alone and what stops it (no host fits, the
-    host is out of reach) is raised, for a foreground `run` to say.
+    go on, and `on_tick` is called now and then meanwhile (a progress line). Without it
+    the one job is followed alone and what stops it (no host fits, the host is out of
+    reach) is raised, for a foreground `run` to say.
     """
     from ..coordinator import Coordinator
 
@@ -55,7 +57,7 @@ def coordinate_jobs(
         if on_done is None:
             (job_id,) = job_ids
             return [await coordinator.drive(job_id)]
-        return await coordinator.drive_tasks(job_ids, on_done=on_done)
+        return await coordinator.drive_tasks(job_ids, on_done=on_done, on_tick=on_tick)
 
     try:
         return with_pool(follow)

@@ -82,6 +82,57 @@ def _env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
+_array_tasks = _positive_int_up_to(MAX_ARRAY_TASKS, "tasks")
+
+
+class _ArrayAction(argparse.Action):
+    """`--array N` or `--array N%K`: N tasks, and with K also `--max-running K`."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        count, sep, most = str(values).partition("%")
+        try:
+            namespace.array = _array_tasks(count)
+            if sep:
+                namespace.array_max_running = _positive_int(most)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, f"{values}: {exc}") from None
+
+
+def _add_array_shaping(run: argparse.ArgumentParser) -> None:
+    """The flags that make or shape an array besides --array (README: "Arrays")."""
+    run.set_defaults(array_max_running=None)
+    run.add_argument(
+        "--args-from",
+        metavar="FILE",
+        help="one task per non-empty line of FILE: the line, split as a shell would, "
+        "is added to the task's arguments (after any -- ARG...)",
+    )
+    run.add_argument(
+        "--input-each",
+        nargs="+",
+        metavar="PATH",
+        help="one task per PATH (after SOURCE): that file or directory is the task's /input",
+    )
+    run.add_argument(
+        "--max-running",
+        type=_positive_int,
+        metavar="K",
+        help="at most K tasks of the array run at once (also with --detach)",
+    )
+    run.add_argument(
+        "--halt-after-failures",
+        type=_positive_int,
+        metavar="K",
+        help="once K tasks have failed, cancel the tasks not started yet (running ones finish)",
+    )
+
+
 def build_parser() -> ArgumentParser:
     """The full argument parser (every command has help)."""
     parser = ArgumentParser(
@@ -177,11 +228,12 @@ def build_parser() -> ArgumentParser:
     )
     run.add_argument(
         "--array",
-        type=_positive_int_up_to(MAX_ARRAY_TASKS, "tasks"),
-        metavar="N",
+        action=_ArrayAction,
+        metavar="N[%K]",
         help=f"run N tasks of the module (N <= {MAX_ARRAY_TASKS}); task i sees "
-        "SSHWASM_ARRAY_TASK_ID=i and SSHWASM_ARRAY_TASK_COUNT=N",
+        "SSHWASM_ARRAY_TASK_ID=i and SSHWASM_ARRAY_TASK_COUNT=N; N%%K: --max-running K",
     )
+    _add_array_shaping(run)
     run.add_argument(
         "--tag", action="store_true", help="with --array: prefix each output line with its task"
     )

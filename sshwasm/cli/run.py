@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 from .. import paths
 from ..errors import SshwasmError, UsageError
 from ..states import JobState
+from .arrays import array_shape
 from .context import Context
 from .exits import ExitStatus, job_exit_status
 from .show import (
@@ -24,9 +26,12 @@ from .show import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..cluster import Cluster
     from ..schedule import Request
     from ..store import Job, JobSpec
+    from .progress import Progress
 
 
 def cmd_run(ctx: Context) -> int:
@@ -38,6 +43,7 @@ def cmd_run(ctx: Context) -> int:
     from .coordinate import coordinate_jobs, coordinator_handlers, spawn_coordinator
 
     args = ctx.args
+    shape = array_shape(args)
     cluster = ctx.cluster()
     request = Request(args.cpus, args.memory_mb, args.host, tuple(args.label))
     if args.dry_run:
@@ -54,7 +60,7 @@ def cmd_run(ctx: Context) -> int:
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
-    spec = _build_spec(ctx, interactive)
+    spec = dataclasses.replace(_build_spec(ctx, interactive), **shape.spec_fields())
     job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
@@ -62,7 +68,7 @@ def cmd_run(ctx: Context) -> int:
         spawn_coordinator(ctx, job_ids)
         print("\n".join(str(job_id) for job_id in job_ids))
         return ExitStatus.OK
-    if args.array:
+    if shape.size is not None:
         return _run_array(ctx, job_ids, interactive)
     handlers = coordinator_handlers(show_output=not args.json, show_notices=interactive)
     (job,) = coordinate_jobs(ctx, job_ids, handlers)
@@ -170,10 +176,35 @@ def _run_array(ctx: Context, job_ids: list[int], interactive: bool) -> int:
         report_end(job)
 
     handlers = coordinator_handlers(show_output=False, show_notices=interactive)
-    jobs = coordinate_jobs(ctx, job_ids, handlers, on_done=show)
+    progress = _progress(ctx, job_ids, interactive)
+    on_done: Callable[[Job], None] = show
+    if progress is not None:
+        on_done = progress.around_end(show)
+        handlers.notice = progress.around(handlers.notice)
+        handlers.warning = progress.around(handlers.warning)
+    try:
+        jobs = coordinate_jobs(
+            ctx,
+            job_ids,
+            handlers,
+            on_done=on_done,
+            on_tick=progress.tick if progress is not None else None,
+        )
+    finally:
+        if progress is not None:
+            progress.clear()
     if args.json:
         print_json([job.record() for job in jobs])
     failed = [job for job in jobs if job.state != JobState.SUCCEEDED]
     if not failed:
         return ExitStatus.OK
     return job_exit_status(failed[0]) or ExitStatus.ERROR
+
+
+def _progress(ctx: Context, job_ids: list[int], interactive: bool) -> Progress | None:
+    """The array's progress line, when stderr is a terminal (not with --quiet or --json)."""
+    if not interactive:
+        return None
+    from .progress import Progress
+
+    return Progress(ctx.store, ctx.store.get(job_ids[0]).array_id or job_ids[0], len(job_ids))
