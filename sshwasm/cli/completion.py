@@ -11,6 +11,7 @@ one word a line, reads without creating or migrating anything and never prints a
 from __future__ import annotations
 
 import argparse
+import re
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -76,6 +77,10 @@ _{PROG}_dynamic() {{
     f"_{PROG}_complete_{kind}() {{ _{PROG}_dynamic {kind}; }}\n" for kind in COMPLETE_KINDS
 )
 
+_ZSH_EVAL_TEST = "if [[ $zsh_eval_context[-1] == eval ]]; then"
+_ZSH_EVAL_OR_SOURCE_TEST = "if [[ $zsh_eval_context[-1] == (eval|file) ]]; then"
+_ZSH_ONE_WORD_SPEC = re.compile(r'^(\s*)"\(\*\)::?', re.MULTILINE)
+
 
 def _actions(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
     """Every action of `parser` and of its subcommands, however deep."""
@@ -111,7 +116,19 @@ def completion_script(shell: str) -> str:
     _mark_completions(parser)
     preamble = _BASH_PREAMBLE if shell == "bash" else _ZSH_PREAMBLE
     script: str = shtab.complete(parser, shell=shell, preamble=preamble)
+    if shell == "zsh":
+        script = _fix_zsh(script)
     return script
+
+
+def _fix_zsh(script: str) -> str:
+    """Two fixes to shtab's zsh script (tests/test_completion.py checks both in zsh)."""
+    # It registers itself when eval'ed and completes at once otherwise (as when autoloaded
+    # from $fpath); `source <(sshwasm completion zsh)` should register too.
+    script = script.replace(_ZSH_EVAL_TEST, _ZSH_EVAL_OR_SOURCE_TEST)
+    # A positional of nargs "+" or "*" is written "(*):..." (one word, then no more), so
+    # `cancel 1 <TAB>` offered nothing; "*:..." completes every further word.
+    return _ZSH_ONE_WORD_SPEC.sub(r'\1"*:', script)
 
 
 def cmd_completion(ctx: Context) -> int:
