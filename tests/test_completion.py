@@ -10,6 +10,7 @@ and labels from the cluster file, including those named by --db and --cluster on
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -73,7 +74,8 @@ def bash_completer(tmp_path: Path) -> Completer:
     script = script_for("bash", tmp_path)
 
     def complete(line: str) -> set[str]:
-        words = line.split(" ")
+        # As bash splits a line: at spaces, and around '=' (it is in COMP_WORDBREAKS).
+        words = re.split(r" +|(?<=[^ ])(?==)|(?<==)", line)
         result = subprocess.run(
             ["bash", "--norc", "--noprofile", "-c", BASH_DRIVER, "bash", str(script), *words],
             capture_output=True, text=True, timeout=60, env=shell_env(),
@@ -102,9 +104,14 @@ def zsh_completer(tmp_path: Path) -> Completer:
 
 
 @pytest.fixture(params=["bash", "zsh"])
-def complete(request: pytest.FixtureRequest, tmp_path: Path) -> Completer:
+def shell(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def complete(shell: str, tmp_path: Path) -> Completer:
     """A function completing a typed line (cursor at its end) in bash or zsh."""
-    make = bash_completer if request.param == "bash" else zsh_completer
+    make = bash_completer if shell == "bash" else zsh_completer
     return make(tmp_path)
 
 
@@ -182,14 +189,15 @@ def test_host_names_and_labels_complete_from_the_cluster_file(
     assert complete("sshwasm run x.rs --host ") == {"local"}
 
 
-def test_bash_takes_the_equals_form_of_db_and_cluster(tmp_path: Path) -> None:
-    complete = bash_completer(tmp_path)
+def test_options_take_their_value_after_an_equals_sign(complete: Completer, tmp_path: Path) -> None:
     cluster = tmp_path / "mine.yaml"
     cluster.write_text(CLUSTER)
     db = tmp_path / "other.sqlite"
     make_jobs(db, 2)
     assert complete(f"sshwasm --cluster={cluster} run x.rs --host ") == {"alpha", "beta"}
     assert complete(f"sshwasm --db={db} logs ") == {"1", "2"}
+    if shell == "zsh":  # bash cannot: shtab's script takes `=` for the option's value
+        assert complete(f"sshwasm --cluster {cluster} run x.rs --label=") == {"fast", "gpu"}
 
 
 def test_the_helper_lists_words_and_never_fails_noisily(tmp_path: Path) -> None:

@@ -48,7 +48,13 @@ _{PROG}_dynamic() {{
   local i
   for ((i = 1; i < COMP_CWORD; i++)); do
     case "${{COMP_WORDS[i]}}" in
-      --cluster|--db) opts+=("${{COMP_WORDS[i]}}" "${{COMP_WORDS[i+1]}}") ;;
+      --cluster|--db)
+        # bash splits `--db=FILE` into `--db`, `=` and `FILE` ('=' is in COMP_WORDBREAKS).
+        if [[ "${{COMP_WORDS[i+1]-}}" == "=" ]]; then
+          opts+=("${{COMP_WORDS[i]}}" "${{COMP_WORDS[i+2]-}}")
+        else
+          opts+=("${{COMP_WORDS[i]}}" "${{COMP_WORDS[i+1]-}}")
+        fi ;;
       --cluster=*|--db=*) opts+=("${{COMP_WORDS[i]}}") ;;
     esac
   done
@@ -80,6 +86,7 @@ _{PROG}_dynamic() {{
 _ZSH_EVAL_TEST = "if [[ $zsh_eval_context[-1] == eval ]]; then"
 _ZSH_EVAL_OR_SOURCE_TEST = "if [[ $zsh_eval_context[-1] == (eval|file) ]]; then"
 _ZSH_ONE_WORD_SPEC = re.compile(r'^(\s*)"\(\*\)::?', re.MULTILINE)
+_ZSH_VALUE_OPTION_SPEC = re.compile(r'^(\s*)"(\*?--[\w-]+)\[(?=.*\]:[^"]*"$)', re.MULTILINE)
 
 
 def _actions(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
@@ -122,13 +129,16 @@ def completion_script(shell: str) -> str:
 
 
 def _fix_zsh(script: str) -> str:
-    """Two fixes to shtab's zsh script (tests/test_completion.py checks both in zsh)."""
+    """Three fixes to shtab's zsh script (tests/test_completion.py checks each in zsh)."""
     # It registers itself when eval'ed and completes at once otherwise (as when autoloaded
     # from $fpath); `source <(sshwasm completion zsh)` should register too.
     script = script.replace(_ZSH_EVAL_TEST, _ZSH_EVAL_OR_SOURCE_TEST)
     # A positional of nargs "+" or "*" is written "(*):..." (one word, then no more), so
     # `cancel 1 <TAB>` offered nothing; "*:..." completes every further word.
-    return _ZSH_ONE_WORD_SPEC.sub(r'\1"*:', script)
+    script = _ZSH_ONE_WORD_SPEC.sub(r'\1"*:', script)
+    # A long option with a value is written "--db[...]:...", which takes the value only as
+    # the next word; "--db=[...]" takes `--db=FILE` too, as argparse does.
+    return _ZSH_VALUE_OPTION_SPEC.sub(r'\1"\2=[', script)
 
 
 def cmd_completion(ctx: Context) -> int:
