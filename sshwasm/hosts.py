@@ -82,9 +82,9 @@ async def _bounded(step: Awaitable[T], seconds: float) -> T:
         raise SshwasmError(f"no answer within {seconds:g}s") from None
 
 
-async def check_host(host: Host, pool: TransportPool) -> dict[str, Any]:
-    """One host's report: reachable, versions, real size, warnings, error."""
-    report: dict[str, Any] = {
+def _empty_report() -> dict[str, Any]:
+    """A host's report before anything is known: every key `hosts --check --json` has."""
+    return {
         "reachable": False,
         "runner_version": None,
         "wasmtime_version": None,
@@ -96,6 +96,11 @@ async def check_host(host: Host, pool: TransportPool) -> dict[str, Any]:
         "warnings": [],
         "error": None,
     }
+
+
+async def check_host(host: Host, pool: TransportPool) -> dict[str, Any]:
+    """One host's report: reachable, versions, platform, real size, warnings, error."""
+    report = _empty_report()
     try:
         transport = await _bounded(pool.get(host), HOST_CHECK_TIMEOUT_S)
         report["reachable"] = True
@@ -177,7 +182,7 @@ async def check_hosts(hosts: Sequence[Host]) -> list[dict[str, Any]]:
     reports = []
     for result in results:
         if isinstance(result, SshwasmError):
-            reports.append({"reachable": False, "error": str(result), "warnings": []})
+            reports.append({**_empty_report(), "error": str(result)})
         else:
             reports.append(result)
     return reports

@@ -110,6 +110,15 @@ def test_the_sdist_holds_the_source_tests_and_docs(dist: Path) -> None:
     assert not any("__pycache__" in name for name in names)
 
 
+def test_version_is_the_package_version() -> None:
+    shown = run(sys.executable, "-m", "sshwasm", "--version")
+    assert shown.stdout == f"sshwasm {VERSION}\n"
+    import sshwasm
+
+    assert sshwasm.__version__ == VERSION  # pyproject.toml takes its version from here
+
+
+@pytest.mark.slow
 def test_the_installed_wheel_runs_a_job(dist: Path, tmp_path: Path) -> None:
     wheel = only(dist, "*.whl")
     venv = tmp_path / "venv"
