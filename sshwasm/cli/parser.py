@@ -231,12 +231,14 @@ def build_parser() -> ArgumentParser:
 
     completion = commands.add_parser(
         "completion",
-        help="print the shell completion script (see README: Shell completion)",
+        help="print the bash or zsh completion script",
         description="Print a completion script for bash or zsh: commands, flags, job ids, "
         'host names and labels. Enable it with `eval "$(sshwasm completion bash)"` in '
         "~/.bashrc (zsh: ~/.zshrc, after compinit).",
     )
-    completion.add_argument("shell", choices=COMPLETION_SHELLS, metavar="SHELL")
+    completion.add_argument(
+        "shell", choices=COMPLETION_SHELLS, metavar="SHELL", help=" or ".join(COMPLETION_SHELLS)
+    )
 
     # No help=: argparse would list a suppressed choice as "_coordinate ==SUPPRESS==".
     coordinate = commands.add_parser(COORDINATE_COMMAND)
