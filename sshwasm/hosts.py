@@ -22,7 +22,7 @@ T = TypeVar("T")
 # Facts about a host from its `python`, whether or not the runner is installed there.
 # Kept to what any Python 3 has; the output has the keys of the runner's `info`.
 _PROBE = """
-import json, os, sys
+import json, os, platform, sys
 try:
     from importlib.metadata import version
     wasmtime, error = version("wasmtime"), None
@@ -31,7 +31,8 @@ except Exception as exc:
     wasmtime, error = None, f"{type(exc).__name__}: {exc}"
 pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 print(json.dumps({"python": sys.version.split()[0], "wasmtime_version": wasmtime,
-                  "wasmtime_error": error, "cpus": os.cpu_count(), "memory_mb": pages >> 20}))
+                  "wasmtime_error": error, "cpus": os.cpu_count(), "memory_mb": pages >> 20,
+                  "os": platform.system(), "arch": platform.machine()}))
 """
 
 
@@ -81,18 +82,25 @@ async def _bounded(step: Awaitable[T], seconds: float) -> T:
         raise SshwasmError(f"no answer within {seconds:g}s") from None
 
 
-async def check_host(host: Host, pool: TransportPool) -> dict[str, Any]:
-    """One host's report: reachable, versions, real size, warnings, error."""
-    report: dict[str, Any] = {
+def _empty_report() -> dict[str, Any]:
+    """A host's report before anything is known: every key `hosts --check --json` has."""
+    return {
         "reachable": False,
         "runner_version": None,
         "wasmtime_version": None,
         "python_version": None,
         "host_cpus": None,
         "host_memory_mb": None,
+        "os": None,
+        "arch": None,
         "warnings": [],
         "error": None,
     }
+
+
+async def check_host(host: Host, pool: TransportPool) -> dict[str, Any]:
+    """One host's report: reachable, versions, platform, real size, warnings, error."""
+    report = _empty_report()
     try:
         transport = await _bounded(pool.get(host), HOST_CHECK_TIMEOUT_S)
         report["reachable"] = True
@@ -107,6 +115,9 @@ async def check_host(host: Host, pool: TransportPool) -> dict[str, Any]:
     report["python_version"] = info.get("python")
     report["host_cpus"] = info.get("cpus")
     report["host_memory_mb"] = info.get("memory_mb")
+    # "" (Python could not tell) is shown as unknown, like a probe that did not say.
+    report["os"] = info.get("os") or None
+    report["arch"] = info.get("arch") or None
     report["warnings"] = _warnings(host, info)
     if info.get("wasmtime_error"):
         report["error"] = (
@@ -171,7 +182,7 @@ async def check_hosts(hosts: Sequence[Host]) -> list[dict[str, Any]]:
     reports = []
     for result in results:
         if isinstance(result, SshwasmError):
-            reports.append({"reachable": False, "error": str(result), "warnings": []})
+            reports.append({**_empty_report(), "error": str(result)})
         else:
             reports.append(result)
     return reports

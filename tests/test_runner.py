@@ -631,6 +631,8 @@ def test_info_describes_the_host() -> None:
         "wasmtime_error": None,
         "cpus": os.cpu_count(),
         "memory_mb": info["memory_mb"],
+        "os": os.uname().sysname,
+        "arch": os.uname().machine,
     }
     assert isinstance(info["memory_mb"], int) and info["memory_mb"] > 0
 

@@ -21,7 +21,7 @@ from typing import NoReturn
 from ..errors import CompileError, SshwasmError, StoreError
 from .context import Context
 from .exits import ExitStatus, job_exit_status
-from .parser import COORDINATE_COMMAND, MAX_ARRAY_TASKS, build_parser
+from .parser import COMPLETE_COMMAND, COORDINATE_COMMAND, MAX_ARRAY_TASKS, build_parser
 from .show import PROG, error, printable
 
 __all__ = [
@@ -45,7 +45,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "wasm": ("wasm", "cmd_wasm"),
     "hosts": ("hosts", "cmd_hosts"),
     "report": ("report", "cmd_report"),
+    "completion": ("completion", "cmd_completion"),
     COORDINATE_COMMAND: ("coordinate", "cmd_coordinate"),
+    COMPLETE_COMMAND: ("completion", "cmd_complete_words"),
 }
 
 

@@ -21,6 +21,10 @@ MAX_OUTPUT_MB_LIMIT = 1 << 30
 MAX_ARRAY_TASKS = 100_000
 # The hidden command `run --detach` starts its background coordinator with.
 COORDINATE_COMMAND = "_coordinate"
+# The hidden command the shell completion scripts call for job ids, host names and labels.
+COMPLETE_COMMAND = "_complete"
+COMPLETION_SHELLS = ("bash", "zsh")
+COMPLETE_KINDS = ("jobs", "hosts", "labels")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -294,7 +298,20 @@ def build_parser() -> ArgumentParser:
         "--since", metavar="WHEN", help="without ID: jobs submitted since WHEN (2h, 1d, ISO date)"
     )
 
+    completion = commands.add_parser(
+        "completion",
+        help="print the bash or zsh completion script",
+        description="Print a completion script for bash or zsh: commands, flags, job ids, "
+        'host names and labels. Enable it with `eval "$(sshwasm completion bash)"` in '
+        "~/.bashrc (zsh: ~/.zshrc, after compinit).",
+    )
+    completion.add_argument(
+        "shell", choices=COMPLETION_SHELLS, metavar="SHELL", help=" or ".join(COMPLETION_SHELLS)
+    )
+
     # No help=: argparse would list a suppressed choice as "_coordinate ==SUPPRESS==".
     coordinate = commands.add_parser(COORDINATE_COMMAND)
     coordinate.add_argument("job_ids", type=int, nargs="+")
+    complete = commands.add_parser(COMPLETE_COMMAND)
+    complete.add_argument("kind", choices=COMPLETE_KINDS)
     return parser

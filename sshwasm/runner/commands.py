@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import signal
 import sys
 import time
@@ -172,6 +173,9 @@ def _cmd_info() -> int:
         "wasmtime_error": problem,
         "cpus": os.cpu_count(),
         "memory_mb": _physical_memory_mb(),
+        # The module is the same on every worker; wasmtime compiles it for this machine.
+        "os": platform.system(),
+        "arch": platform.machine(),
     }
     print(json.dumps(info))
     return 0

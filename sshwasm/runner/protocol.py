@@ -386,6 +386,10 @@ INFO_SCHEMA: _Schema = {
     "wasmtime_error": _optional(_text(MAX_MESSAGE_CHARS)),
     "cpus": _optional(_in_range(1, 1 << 24)),
     "memory_mb": _optional(_in_range(0, 1 << 40)),
+    # platform.system() and platform.machine(): "Linux", "x86_64" or "aarch64". Absent from
+    # an older runner's answer, and "" where Python cannot tell.
+    "os": _optional(_text(MAX_SHORT_CHARS)),
+    "arch": _optional(_text(MAX_SHORT_CHARS)),
 }
 
 
