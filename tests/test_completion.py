@@ -9,6 +9,7 @@ and labels from the cluster file, including those named by --db and --cluster on
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -26,7 +27,16 @@ from sshwasm.store import JobSpec, JobStore
 
 TESTS = Path(__file__).resolve().parent
 ZSH_COMPLETE = TESTS / "shell" / "zsh_complete.zsh"
-COMMANDS = {"run", "jobs", "status", "logs", "cancel", "wasm", "hosts", "completion"}
+
+
+def public_commands() -> set[str]:
+    """Every command the parser knows, but the hidden ones (named with a leading _)."""
+    parser = build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name for name in commands.choices if not name.startswith("_")}
+
+
+COMMANDS = public_commands()
 
 CLUSTER = """\
 hosts:
@@ -137,6 +147,7 @@ def run_options() -> set[str]:
 def test_commands_complete_and_hidden_ones_do_not(complete: Completer) -> None:
     offered = complete("sshwasm ")
     assert offered == COMMANDS
+    assert {"run", "jobs", "status", "logs", "cancel", "wasm", "hosts", "completion"} <= offered
     assert COORDINATE_COMMAND not in offered and COMPLETE_COMMAND not in offered
     assert complete("sshwasm st") == {"status"}
     assert complete("sshwasm hosts ") >= {"install"}
