@@ -157,6 +157,7 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN retry_failed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN after_ids TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE jobs ADD COLUMN after_any INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     UPDATE jobs SET attempt_hosts = host WHERE host IS NOT NULL;
     """,
 }
@@ -271,6 +272,7 @@ class Job:
     retry_failed: bool
     after_ids: str  # JSON list of job ids; see dependencies
     after_any: bool
+    held: bool  # waiting for its dependencies: no place in line yet
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -281,6 +283,7 @@ class Job:
         values["output_overwrite"] = bool(row["output_overwrite"])
         values["retry_failed"] = bool(row["retry_failed"])
         values["after_any"] = bool(row["after_any"])
+        values["held"] = bool(row["held"])
         return cls(**values)
 
     @property
@@ -368,13 +371,14 @@ def _set_attempt_settings(db: sqlite3.Connection, spec: JobSpec, first: int, las
     if not (spec.retries or spec.retry_failed or spec.after):
         return
     db.execute(
-        """UPDATE jobs SET retries = ?, retry_failed = ?, after_ids = ?, after_any = ?
-           WHERE id BETWEEN ? AND ?""",
+        """UPDATE jobs SET retries = ?, retry_failed = ?, after_ids = ?, after_any = ?,
+               held = ? WHERE id BETWEEN ? AND ?""",
         (
             spec.retries,
             int(spec.retry_failed),
             json.dumps(list(spec.after)),
             int(spec.after_any),
+            int(bool(spec.after)),
             first,
             last,
         ),
@@ -594,7 +598,7 @@ class JobStore:
             usage = self._usage(db)
             waiting = db.execute(
                 """SELECT id, cpus, memory_mb, pinned_host, labels FROM jobs
-                   WHERE state = ? AND heartbeat_ts >= ? ORDER BY id""",
+                   WHERE state = ? AND heartbeat_ts >= ? AND held = 0 ORDER BY id""",
                 (JobState.QUEUED.value, now - QUEUE_STALE_S),
             ).fetchall()
             queue = [(row["id"], request_of(row)) for row in waiting]
