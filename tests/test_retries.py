@@ -3,6 +3,7 @@ guest's own failures, the attempt record and output that is never doubled."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -20,21 +21,21 @@ def kill_host(server: SshServer, workdir: Path) -> None:
     for job_dir in (workdir / "jobs").iterdir():
         pid_file = job_dir / "pid"
         if pid_file.exists():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.mark.slow
 def test_host_killed_mid_job_is_retried_elsewhere(
-    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path], ssh_hosts: object
+    fresh_host: Callable[..., SshServer],
+    make_cluster: Callable[..., Path],
+    ssh_hosts: dict[str, SshServer],
 ) -> None:
     doomed = fresh_host("delta", loopback(5))
     # delta is the best fit (the smallest host that fits), so the first attempt goes there.
     cluster = make_cluster(
         {"delta": (1, 512), "alpha": (8, 8192)},
-        servers={"alpha": ssh_hosts["alpha"], "delta": doomed},  # type: ignore[index]
+        servers={"alpha": ssh_hosts["alpha"], "delta": doomed},
     )
     process = start_streaming(
         "--cluster", str(cluster), "run", "--retries", "1",
@@ -65,12 +66,14 @@ def test_host_killed_mid_job_is_retried_elsewhere(
 
 @pytest.mark.slow
 def test_host_killed_without_retries_is_not_placed_again(
-    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path], ssh_hosts: object
+    fresh_host: Callable[..., SshServer],
+    make_cluster: Callable[..., Path],
+    ssh_hosts: dict[str, SshServer],
 ) -> None:
     doomed = fresh_host("delta", loopback(5))
     cluster = make_cluster(
         {"delta": (1, 512), "alpha": (8, 8192)},
-        servers={"alpha": ssh_hosts["alpha"], "delta": doomed},  # type: ignore[index]
+        servers={"alpha": ssh_hosts["alpha"], "delta": doomed},
     )
     process = start_streaming(
         "--cluster", str(cluster), "run", str(PROGRAMS / "sleep.rs"), "--", "3"
