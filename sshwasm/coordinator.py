@@ -231,7 +231,6 @@ class Coordinator:
                 return await self._run_on(job_id, host)
             except RetryAttempt as retry:
                 self.queue.signal_room()
-                await self.pool.drop(host)
                 job = self.store.get(job_id)
                 # Another host if one could ever take it; else the same one again.
                 others = {**excluded, host.name: retry.failure.error}
@@ -298,6 +297,8 @@ class Coordinator:
         """Queue the job again (raising RetryAttempt) if `failure` leaves it an attempt."""
         job = self.store.get(job.id)
         if job.is_final or not may_retry(job, failure):
+            return
+        if job.cancel_requested:  # the user's word stands: no attempt after a cancel
             return
         output.close()  # its files are set aside for the next attempt's
         if requeue(self.store, job, failure):
