@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import paths
-from .runner_client import StreamOutcome
+from .cluster import Host
+from .errors import SshwasmError
+from .runner_client import RunnerClient, StreamOutcome
 from .states import JobState
 from .store import Job, JobStore
 
@@ -81,6 +84,7 @@ def requeue(store: JobStore, job: Job, failure: Failure) -> bool:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "remote_key": job.remote_key,
+        "by_host": failure.by_host,
     }
     if not store.requeue(job, ended):
         return False
@@ -111,3 +115,46 @@ def resume_task(store: JobStore, task: Job) -> bool:
         return False
     store.update(task.id, retries=task.retries + task.attempts)
     return True
+
+
+# How long, at most, a run waits at its end for the hosts of failed attempts to answer.
+LATE_CHECK_S = 5.0
+
+
+def _ignore(_: bytes) -> None:
+    return None
+
+
+async def collect_late(store: JobStore, job_id: int, hosts: Sequence[Host], pool: Any) -> None:
+    """Ask the hosts that failed the job's earlier attempts how those attempts ended.
+
+    A host that comes back may have finished the old attempt after all: its answer is kept
+    in the attempt history only (the job's result is the attempt followed to its end). One
+    still running there is cancelled, so it holds no host that the jobs file thinks free.
+    A host still out of reach is left alone (bounded by the caller).
+    """
+    by_name = {host.name: host for host in hosts}
+    job = store.get(job_id)
+    for entry in job.history:
+        host = by_name.get(str(entry.get("host")))
+        if not entry.get("by_host") or "late" in entry or host is None:
+            continue
+        key = str(entry["remote_key"])
+        try:
+            client = RunnerClient(await pool.get(host))
+            outcome = await client.stream(key, 0, 0, _ignore, _ignore, follow=False)
+            late: dict[str, Any]
+            if outcome.result is not None:
+                late = {
+                    "state": str(outcome.result.get("state")),
+                    "exit_code": outcome.result.get("exit_code"),
+                    "finished_at": outcome.result.get("finished_at"),
+                }
+            elif outcome.error is not None:
+                continue  # no trace of it there: nothing to record
+            else:
+                await client.cancel(key)
+                late = {"state": JobState.CANCELLED.value, "error": "still running; cancelled"}
+        except SshwasmError:
+            continue
+        store.note_late_result(job_id, int(entry["attempt"]), late)

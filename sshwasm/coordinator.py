@@ -18,7 +18,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from .attempts import Failure, RetryAttempt, may_retry, outcome_failure, requeue
+from .attempts import (
+    LATE_CHECK_S,
+    Failure,
+    RetryAttempt,
+    collect_late,
+    may_retry,
+    outcome_failure,
+    requeue,
+)
 from .backoff import Backoff
 from .cluster import Host
 from .dependencies import wait_for_dependencies
@@ -97,10 +105,26 @@ class Coordinator:
         # Handlers may be swapped after this: the queue asks for the current one.
         self.queue = PlacementQueue(store, hosts, lambda text: self.handlers.notice(text))
         self._skips_said: set[str] = set()
+        # Jobs placed again after their host failed them: their old hosts are asked, at
+        # the end of the run, how those attempts ended (attempts.collect_late).
+        self._retried: set[int] = set()
 
     async def drive(self, job_id: int) -> Job:
         """Run a submitted job to its final state (or until its host is out of reach)."""
-        return await self._supervised(self._drive_and_signal(job_id))
+        job = await self._supervised(self._drive_and_signal(job_id))
+        await self._collect_late()
+        return self.store.get(job_id) if self._retried else job
+
+    async def _collect_late(self) -> None:
+        """Hear, for a few seconds at most, from the hosts that failed earlier attempts."""
+        if not self._retried:
+            return
+        checks = [
+            collect_late(self.store, job_id, self.hosts, self.pool)
+            for job_id in sorted(self._retried)
+        ]
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*checks, return_exceptions=True), LATE_CHECK_S)
 
     async def drive_tasks(
         self, job_ids: Sequence[int], on_done: Callable[[Job], None] | None = None
@@ -127,9 +151,11 @@ class Coordinator:
         if len(job_ids) > 1:
             self._serve = {}
         try:
-            return list(
+            jobs = list(
                 await self._supervised(asyncio.gather(*(one(job_id) for job_id in job_ids)))
             )
+            await self._collect_late()
+            return jobs
         finally:
             sessions, self._serve = self._serve or {}, None
             for session in sessions.values():
@@ -231,6 +257,8 @@ class Coordinator:
                 return await self._run_on(job_id, host)
             except RetryAttempt as retry:
                 self.queue.signal_room()
+                if retry.failure.by_host:
+                    self._retried.add(job_id)
                 job = self.store.get(job_id)
                 # Another host if one could ever take it; else the same one again.
                 others = {**excluded, host.name: retry.failure.error}

@@ -143,3 +143,41 @@ def test_retries_must_be_a_small_whole_number(value: str) -> None:
     result = sshwasm("run", "--retries", value, str(PROGRAMS / "exitcode.rs"))
     assert result.returncode == 2
     assert result.stderr.startswith("sshwasm: error: argument --retries:"), result.stderr
+
+
+@pytest.mark.slow
+def test_late_answer_from_a_host_that_came_back_is_history_only(
+    fresh_host: Callable[..., SshServer],
+    make_cluster: Callable[..., Path],
+    ssh_hosts: dict[str, SshServer],
+) -> None:
+    hung = fresh_host("delta", loopback(5))
+    cluster = make_cluster(
+        {"delta": (1, 512), "alpha": (8, 8192)},
+        servers={"alpha": ssh_hosts["alpha"], "delta": hung},
+    )
+    process = start_streaming(
+        "--cluster", str(cluster), "run", "--retries", "1",
+        str(PROGRAMS / "sleep.rs"), "--", "4",
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline() == b"start\n"
+    hung.pause()  # silent: the keepalives notice, then re-attaching fails for 15 s
+    warned = b""
+    while b"placing attempt 2" not in warned:
+        line = process.stderr.readline()
+        assert line, warned
+        warned += line
+    hung.resume()  # back while attempt 2 runs on alpha: attempt 1 ends there too
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, warned + err
+    assert out == b"start\nend\n"  # attempt 2's whole output, after attempt 1's "start"
+    record = record_of(sshwasm("status", "1", "--json"))
+    # One result, from the attempt followed to its end; the output once.
+    assert record["state"] == "succeeded" and record["host"] == "alpha", record
+    assert record["attempts"] == 2 and record["attempt_hosts"] == "delta,alpha"
+    assert record["stdout"] == "start\nend\n"
+    assert sshwasm("logs", "1").stdout == "start\nend\n"
+    text = sshwasm("status", "1").stdout
+    assert "attempt 1: delta: failed: " in text, text
+    assert "(its host later said: succeeded)" in text, text
