@@ -6,20 +6,26 @@ job in 50 fills /output with a 2 GiB sparse file and one in 50 prints past
 `--max-output-mb 1` (both must end `failed` naming the limit); and another process holds
 the jobs file's write lock for 70 s a third of the way in.
 
+A second round runs 300 array tasks with `--retries 2` and kills one host for good (its
+sshd and its runner processes) mid-way: every task must end `succeeded` with its output
+exactly once, the ones the dead host held having been placed again elsewhere.
+
 Checks that every job reaches a final state, that every `succeeded` job's output is exact
 (a job followed twice would show its output twice), that the capped jobs failed for their
 cap, that no host was ever over-committed and that no command printed a traceback; prints
 counts, throughput and the coordinators' peak RSS. Runs on demand (a few minutes on 2
 cores), not in the test suite:
 
-    python -m benchmarks.soak [--jobs 300] [--parallel 12] [--lock-s 70]
+    python -m benchmarks.soak [--jobs 300] [--parallel 12] [--lock-s 70] [--retry-tasks 300]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -155,12 +161,80 @@ def hold_write_lock(database: str, seconds: float, held: list[float]) -> None:
         connection.close()
 
 
+def kill_host_for_good(bench: Bench, name: str) -> None:
+    """Stop a host's sshd and kill its jobs' runner processes, as a power cut would."""
+    bench.servers[name].stop()
+    for pid_file in (bench.workdir(name) / "jobs").glob("*/pid"):
+        with contextlib.suppress(OSError, ValueError):  # ended already
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def retry_round(bench: Bench, tasks: int) -> bool:
+    """`run --array TASKS --retries 2` while one host is killed for good mid-way."""
+    victim = bench.names[2]
+    banner(f"soak, retries: {tasks} array tasks with --retries 2, host {victim} killed mid-way")
+    argv = ["run", "--array", str(tasks), "--retries", "2", "--json", "--job-name", "retry"]
+    process = bench.sshwasm_popen(
+        *argv, str(program("sleep.rs")), "--", "0.5", stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    started = time.monotonic()
+    database = str(bench.root / "data" / "jobs.sqlite")
+
+    def finished() -> int:
+        with sqlite3.connect(database, timeout=60) as connection:
+            return int(
+                connection.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE name = 'retry' AND state = 'succeeded'"
+                ).fetchone()[0]
+            )
+
+    while finished() < tasks // 2 and process.poll() is None:
+        time.sleep(0.2)
+    kill_host_for_good(bench, victim)
+    kill_at = time.monotonic() - started
+    out, err = process.communicate()
+    elapsed = time.monotonic() - started
+    try:
+        records: list[dict[str, Any]] = json.loads(out)
+    except ValueError:
+        records = []
+    states = Counter(record["state"] for record in records)
+    not_once = [r["id"] for r in records if r["stdout"] != "start\nend\n"]
+    retried = [r for r in records if r["attempts"] > 1]
+    ended_on_victim = [r["id"] for r in records if r["host"] == victim]
+    wrong_hosts = [
+        r["id"]
+        for r in retried
+        if r["attempt_hosts"].split(",")[:-1] != [victim] * (r["attempts"] - 1)
+    ]
+    tracebacks = err.count(b"Traceback")
+    print_table(
+        [
+            ("tasks", str(len(records))),
+            ("elapsed", f"{elapsed:.1f} s, host killed at {kill_at:.1f} s"),
+            ("exit code", str(process.returncode)),
+            ("final states", ", ".join(f"{n} {s}" for s, n in sorted(states.items()))),
+            ("placed again", f"{len(retried)} tasks"),
+            ("retried tasks whose earlier hosts were not the dead one", str(wrong_hosts or "none")),
+            ("tasks that ended on the dead host", str(len(ended_on_victim))),
+            ("output not exactly once", str(not_once or "none")),
+            ("tracebacks", str(tracebacks)),
+        ]
+    )
+    ok = len(records) == tasks and states == Counter({"succeeded": tasks})
+    return ok and process.returncode == 0 and not not_once and not tracebacks and not wrong_hosts
+
+
 def main() -> int:
     """Run the soak and print what it found."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--parallel", type=int, default=12)
     parser.add_argument("--lock-s", type=float, default=70.0, help="how long the lock is held")
+    parser.add_argument(
+        "--retry-tasks", type=int, default=300, help="tasks of the retries round (0: skip it)"
+    )
     options = parser.parse_args()
     shape = HostShape(cpus=2, memory_mb=2048)
     banner(
@@ -264,6 +338,8 @@ def main() -> int:
         ok = not unfinished and not wrong_output and not tracebacks and not cap_missed
         ok = ok and not on_broken and len(records) == options.jobs
         ok = ok and len(listing) == options.jobs + 2
+        if options.retry_tasks:
+            ok = retry_round(bench, options.retry_tasks) and ok
         print("soak: PASS" if ok else "soak: FAIL")
         return 0 if ok else 1
 

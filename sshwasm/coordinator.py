@@ -18,8 +18,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from .attempts import (
+    LATE_CHECK_S,
+    Failure,
+    RetryAttempt,
+    collect_late,
+    may_retry,
+    outcome_failure,
+    requeue,
+)
 from .backoff import Backoff
 from .cluster import Host
+from .dependencies import wait_for_dependencies
 from .errors import (
     ContactLost,
     CoordinatorFailed,
@@ -37,10 +47,11 @@ from .runner_client import (
     ServeSession,
     StreamOutcome,
 )
+from .schedule import candidate_hosts
 from .staging import pack_input
 from .states import JobState
 from .store import Job, JobStore
-from .transport import Transport, TransportPool
+from .transport import KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL_S, Transport, TransportPool
 
 # Also what the CLI imports from here: how jobs are driven, and the calls on jobs this
 # process does not drive (their own modules hold them).
@@ -49,6 +60,9 @@ CANCEL_POLL_S = 0.3
 # After a dropped connection the foreground run retries this long before leaving the job
 # to `sshwasm status`; the job itself keeps running on its host meanwhile.
 RECONNECT_WINDOW_S = 60.0
+# A job with a retry left is given up on its host sooner: once the host has been out of
+# reach for the keepalive bound, it is placed again elsewhere (--retries).
+RETRY_RECONNECT_WINDOW_S = KEEPALIVE_INTERVAL_S * (KEEPALIVE_COUNT_MAX + 1)
 # Between tries to re-attach within that window.
 REATTACH_BACKOFF = Backoff(first=0.5, factor=2.0, most=8.0)
 # Jobs given no --time-limit end after this long (24 h), so a forgotten loop cannot hold a
@@ -99,10 +113,26 @@ class Coordinator:
         # Handlers may be swapped after this: the queue asks for the current one.
         self.queue = PlacementQueue(store, hosts, lambda text: self.handlers.notice(text))
         self._skips_said: set[str] = set()
+        # Jobs placed again after their host failed them: their old hosts are asked, at
+        # the end of the run, how those attempts ended (attempts.collect_late).
+        self._retried: set[int] = set()
 
     async def drive(self, job_id: int) -> Job:
         """Run a submitted job to its final state (or until its host is out of reach)."""
-        return await self._supervised(self._drive_and_signal(job_id))
+        job = await self._supervised(self._drive_and_signal(job_id))
+        await self._collect_late()
+        return self.store.get(job_id) if self._retried else job
+
+    async def _collect_late(self) -> None:
+        """Hear, for a few seconds at most, from the hosts that failed earlier attempts."""
+        if not self._retried:
+            return
+        checks = [
+            collect_late(self.store, job_id, self.hosts, self.pool)
+            for job_id in sorted(self._retried)
+        ]
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*checks, return_exceptions=True), LATE_CHECK_S)
 
     async def drive_tasks(
         self,
@@ -136,9 +166,11 @@ class Coordinator:
             self._serve = {}
         ticker = asyncio.create_task(_tick_every(on_tick)) if on_tick is not None else None
         try:
-            return list(
+            jobs = list(
                 await self._supervised(asyncio.gather(*(one(job_id) for job_id in job_ids)))
             )
+            await self._collect_late()
+            return jobs
         finally:
             if ticker is not None:
                 ticker.cancel()
@@ -253,12 +285,28 @@ class Coordinator:
 
     async def _drive(self, job_id: int) -> Job:
         excluded: dict[str, str] = {}
+        if not await wait_for_dependencies(self.store, job_id, self.pool, self.handlers.notice):
+            return self.store.get(job_id)  # cancelled: a dependency failed, or by the user
         while True:
             host = await self.queue.placement(job_id, excluded)
             if host is None:
                 return self.store.get(job_id)  # cancelled or finished elsewhere meanwhile
             try:
                 return await self._run_on(job_id, host)
+            except RetryAttempt as retry:
+                self.queue.signal_room()
+                if retry.failure.by_host:
+                    self._retried.add(job_id)
+                job = self.store.get(job_id)
+                # Another host if one could ever take it; else the same one again.
+                others = {**excluded, host.name: retry.failure.error}
+                if retry.failure.by_host and candidate_hosts(self.hosts, job.request, others):
+                    excluded = others
+                self.handlers.warning(
+                    f"job {job_id}: attempt {job.attempts - 1} on '{host.name}' ended: "
+                    f"{retry.failure.error}; placing attempt {job.attempts} of "
+                    f"{job.retries + 1} (its output starts again from the beginning)"
+                )
             except HostUnreachable as exc:
                 # The job never started there: give the capacity back and try elsewhere.
                 self.store.release(job_id)
@@ -291,22 +339,16 @@ class Coordinator:
             return self.store.get(job_id)
         output = JobOutput.open(self.store, job)
         self._launched[job_id] = host
+        self.store.note_attempt_host(job_id, host.name)
         try:
-            outcome, stats = await client.launch(
-                job.remote_key,
-                spec,
-                stdin,
-                Path(job.wasm_path),
-                self._tee(output.stdout, self.handlers.stdout),
-                self._tee(output.stderr, self.handlers.stderr),
-                notice=self.handlers.notice,
-                input_tar=input_tar,
-                session=self._serve_session(host, transport, len(stdin or b"") + len(input_tar)),
-            )
-            self.store.update(
-                job_id, upload_bytes=stats.upload_bytes, upload_s=round(stats.upload_s, 6)
-            )
-            outcome = await self._until_result(job, host, client, output, outcome)
+            try:
+                outcome = await self._attempt(job, host, client, output, stdin, spec, input_tar)
+            except (RemoteError, ContactLost) as exc:
+                self._maybe_retry(job, host, Failure(True, JobState.FAILED, str(exc)), output)
+                raise
+            failure = outcome_failure(host.name, outcome)
+            if failure is not None:
+                self._maybe_retry(job, host, failure, output)
             for warning in await record_end(self.store, job, host, client, outcome, output):
                 self.handlers.warning(warning)
             return self.store.get(job_id)
@@ -316,6 +358,46 @@ class Coordinator:
         finally:
             self._launched.pop(job_id, None)
             output.close()
+
+    def _maybe_retry(self, job: Job, host: Host, failure: Failure, output: JobOutput) -> None:
+        """Queue the job again (raising RetryAttempt) if `failure` leaves it an attempt."""
+        job = self.store.get(job.id)
+        if job.is_final or not may_retry(job, failure):
+            return
+        if job.cancel_requested:  # the user's word stands: no attempt after a cancel
+            return
+        output.close()  # its files are set aside for the next attempt's
+        if requeue(self.store, job, failure):
+            raise RetryAttempt(host.name, failure)
+
+    async def _attempt(
+        self,
+        job: Job,
+        host: Host,
+        client: RunnerClient,
+        output: JobOutput,
+        stdin: bytes | None,
+        spec: LaunchSpec,
+        input_tar: bytes,
+    ) -> StreamOutcome:
+        """Launch the job on the host and follow it (re-attaching) until its final answer."""
+        job_id = job.id
+        transport = client.transport
+        outcome, stats = await client.launch(
+            job.remote_key,
+            spec,
+            stdin,
+            Path(job.wasm_path),
+            self._tee(output.stdout, self.handlers.stdout),
+            self._tee(output.stderr, self.handlers.stderr),
+            notice=self.handlers.notice,
+            input_tar=input_tar,
+            session=self._serve_session(host, transport, len(stdin or b"") + len(input_tar)),
+        )
+        self.store.update(
+            job_id, upload_bytes=stats.upload_bytes, upload_s=round(stats.upload_s, 6)
+        )
+        return await self._until_result(job, host, client, output, outcome)
 
     def _serve_session(
         self, host: Host, transport: Transport, payload_bytes: int
@@ -346,7 +428,8 @@ class Coordinator:
         outcome: StreamOutcome,
     ) -> StreamOutcome:
         """Re-attach after dropped connections until the runner sends the result."""
-        deadline = time.monotonic() + RECONNECT_WINDOW_S
+        window = RETRY_RECONNECT_WINDOW_S if job.attempts <= job.retries else RECONNECT_WINDOW_S
+        deadline = time.monotonic() + window
         delays = REATTACH_BACKOFF.delays()
         confirmed = outcome.pid is not None or outcome.frames > 0
         while outcome.result is None and outcome.error is None:
@@ -359,7 +442,7 @@ class Coordinator:
                 await self.pool.drop(host)
                 if time.monotonic() > deadline:
                     # Not HostUnreachable: that would put the job back in the queue.
-                    raise ContactLost(host.name, job.id, RECONNECT_WINDOW_S)
+                    raise ContactLost(host.name, job.id, window)
                 await asyncio.sleep(next(delays))
                 try:
                     client = RunnerClient(await self.pool.get(host))

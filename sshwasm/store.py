@@ -26,7 +26,7 @@ from .errors import JobNotFound, StoreError
 from .schedule import Request, Usage, plan
 from .states import FINAL_STATES, JobState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 STATES = tuple(state.value for state in JobState)
 _FINAL_WORDS = sorted(state.value for state in FINAL_STATES)
@@ -67,6 +67,8 @@ RECORD_FIELDS = (
     "stage_out_s",
     "max_output_mb",
     "output_conflicts",
+    "attempts",
+    "attempt_hosts",
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its
@@ -154,6 +156,19 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN halt_after_failures INTEGER;
     CREATE INDEX jobs_array_state ON jobs(array_id, state);
     """,
+    # --retries, --retry-failed, --after, --after-any and `resume` (one step of its own).
+    # Jobs from before ran once, on their host, and waited for nothing.
+    4: """
+    ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN attempt_hosts TEXT;
+    ALTER TABLE jobs ADD COLUMN attempt_history TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN retry_failed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN after_ids TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN after_any INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET attempt_hosts = host WHERE host IS NOT NULL;
+    """,
 }
 
 # The final states that count as an array task's failure for --halt-after-failures (a
@@ -206,6 +221,10 @@ class JobSpec:
     task_inputs: tuple[str, ...] | None = None
     max_running: int | None = None  # at most this many tasks of the array run at once
     halt_after_failures: int | None = None  # cancel unstarted tasks after this many fail
+    retries: int = 0  # placed again up to this many times after its host failed it
+    retry_failed: bool = False  # a guest's own failure is retried too
+    after: tuple[int, ...] = ()  # placed only once these jobs ended (see after_any)
+    after_any: bool = False  # any final state of `after` will do, not only succeeded
 
 
 # A value of the public job record (README.md, "The job record"): JSON scalars only.
@@ -271,6 +290,14 @@ class Job:
     output_conflicts: int | None
     max_running: int | None
     halt_after_failures: int | None
+    attempts: int  # 1 for a first run; each retry or resume adds one
+    attempt_hosts: str | None  # comma-separated, in order; the current attempt's last
+    attempt_history: str  # JSON list: how each earlier attempt ended
+    retries: int
+    retry_failed: bool
+    after_ids: str  # JSON list of job ids; see dependencies
+    after_any: bool
+    held: bool  # waiting for its dependencies: no place in line yet
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -279,6 +306,9 @@ class Job:
         values["state"] = JobState(row["state"])
         values["cancel_requested"] = bool(row["cancel_requested"])
         values["output_overwrite"] = bool(row["output_overwrite"])
+        values["retry_failed"] = bool(row["retry_failed"])
+        values["after_any"] = bool(row["after_any"])
+        values["held"] = bool(row["held"])
         return cls(**values)
 
     @property
@@ -301,6 +331,16 @@ class Job:
         """The host's settings as they were when the job was placed."""
         raw = self.host_config
         return Host.from_dict(json.loads(raw)) if raw else None
+
+    @property
+    def dependencies(self) -> list[int]:
+        """The jobs this one waits for (`--after`, `--after-any`)."""
+        return [int(job_id) for job_id in json.loads(self.after_ids)]
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """How each earlier attempt ended (oldest first)."""
+        return list(json.loads(self.attempt_history))
 
     @property
     def request(self) -> Request:
@@ -349,6 +389,25 @@ def _is_lock_wait(exc: sqlite3.OperationalError) -> bool:
 
 def _ignore_wait(_: str) -> None:
     return None
+
+
+def _set_attempt_settings(db: sqlite3.Connection, spec: JobSpec, first: int, last: int) -> None:
+    """Store --retries, --retry-failed and --after with just-submitted rows (same transaction)."""
+    if not (spec.retries or spec.retry_failed or spec.after):
+        return
+    db.execute(
+        """UPDATE jobs SET retries = ?, retry_failed = ?, after_ids = ?, after_any = ?,
+               held = ? WHERE id BETWEEN ? AND ?""",
+        (
+            spec.retries,
+            int(spec.retry_failed),
+            json.dumps(list(spec.after)),
+            int(spec.after_any),
+            int(bool(spec.after)),
+            first,
+            last,
+        ),
+    )
 
 
 class JobStore:
@@ -544,6 +603,7 @@ class JobStore:
                            ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (row(index, first + index, task, array_id) for index, task in enumerate(tasks)),
             )
+            _set_attempt_settings(db, spec, ids[0], ids[-1])
         return ids
 
     def place_waiting(
@@ -579,7 +639,7 @@ class JobStore:
             usage = self._usage(db)
             waiting = db.execute(
                 """SELECT id, cpus, memory_mb, pinned_host, labels, array_id, max_running
-                   FROM jobs WHERE state = ? AND heartbeat_ts >= ? ORDER BY id""",
+                   FROM jobs WHERE state = ? AND heartbeat_ts >= ? AND held = 0 ORDER BY id""",
                 (JobState.QUEUED.value, now - QUEUE_STALE_S),
             ).fetchall()
             queue = [(row["id"], request_of(row)) for row in self._throttled(db, waiting)]
@@ -795,7 +855,81 @@ class JobStore:
             )
             return cursor.rowcount == 1
 
+    def note_attempt_host(self, job_id: int, host: str) -> None:
+        """Say that the job's current attempt goes to `host` (before it is launched there).
+
+        `attempt_hosts` holds one host per attempt: a launch that never started (the host
+        was unreachable) is replaced by the next host of the same attempt.
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT attempts, attempt_hosts FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                return
+            hosts = row["attempt_hosts"].split(",") if row["attempt_hosts"] else []
+            hosts = hosts[: row["attempts"] - 1]
+            hosts += [""] * (row["attempts"] - 1 - len(hosts))
+            db.execute(
+                "UPDATE jobs SET attempt_hosts = ? WHERE id = ?",
+                (",".join([*hosts, host]), job_id),
+            )
+
+    def requeue(self, job: Job, ended: Mapping[str, Any]) -> bool:
+        """Put a job back in the queue for another attempt, under a new remote key.
+
+        `ended` says how the attempt that `job` shows ended; it joins the attempt history,
+        and the row loses everything of that attempt (host, times, result, output counts).
+        Compare-and-set on `attempts`, so one attempt is never put back twice. True if done.
+        """
+        history = [*job.history, {"attempt": job.attempts, "host": job.host, **ended}]
+        base = job.remote_key.split(".", 1)[0]
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE jobs SET state = ?, host = NULL, host_config = NULL, exit_code = NULL,
+                       started_at = NULL, finished_at = NULL, placed_ts = NULL, queue_s = NULL,
+                       run_s = NULL, cpu_s = NULL, peak_memory_bytes = NULL, error = NULL,
+                       upload_bytes = NULL, upload_s = NULL, output_bytes = NULL,
+                       stage_out_s = NULL, output_conflicts = NULL, stdout = NULL,
+                       stderr = NULL, stdout_bytes = 0, stderr_bytes = 0,
+                       unreachable_since = NULL, cancel_requested = 0, heartbeat_ts = ?,
+                       coordinator_pid = ?, remote_key = ?, attempts = attempts + 1,
+                       attempt_history = ?
+                   WHERE id = ? AND attempts = ?""",
+                (
+                    JobState.QUEUED.value,
+                    time.time(),
+                    os.getpid(),
+                    # A new job directory on hosts: the old one may still be there.
+                    f"{base}.a{job.attempts + 1}",
+                    json.dumps(history),
+                    job.id,
+                    job.attempts,
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def note_late_result(self, job_id: int, attempt: int, late: Mapping[str, Any]) -> None:
+        """Add what an earlier attempt's host said after the job was placed again: kept in
+        the attempt history only, never as the job's result."""
+        with self._transaction() as db:
+            row = db.execute("SELECT attempt_history FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return
+            history = json.loads(row["attempt_history"])
+            for entry in history:
+                if entry.get("attempt") == attempt:
+                    entry["late"] = dict(late)
+            db.execute(
+                "UPDATE jobs SET attempt_history = ? WHERE id = ?", (json.dumps(history), job_id)
+            )
+
     # -- reading -------------------------------------------------------------------------
+
+    def array_tasks(self, array_id: int) -> list[Job]:
+        """Every task of an array, by task index."""
+        rows = self._read("SELECT * FROM jobs WHERE array_id = ? ORDER BY array_task", (array_id,))
+        return [Job.from_row(row) for row in rows]
 
     def get(self, job_id: int) -> Job:
         """One job; raises JobNotFound."""

@@ -82,7 +82,7 @@ def test_json_record_and_warm_run_uploads_nothing(cluster: Path) -> None:
         "started_at", "finished_at", "queue_s", "compile_s", "upload_s", "run_s", "cpu_s",
         "peak_memory_bytes", "stdout", "stderr", "error", "array_id", "array_task",
         "input_bytes", "output_bytes", "stage_in_s", "stage_out_s", "max_output_mb",
-        "output_conflicts",
+        "output_conflicts", "attempts", "attempt_hosts",
     }  # fmt: skip
     assert first["state"] == second["state"] == "succeeded"
     assert second["stdout"] == "job done, hello!\n"

@@ -38,6 +38,7 @@ __all__ = [
 # module is imported only when that command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "cmd_run"),
+    "resume": ("resume", "cmd_resume"),
     "jobs": ("jobs", "cmd_jobs"),
     "status": ("jobs", "cmd_status"),
     "logs": ("jobs", "cmd_logs"),

@@ -72,6 +72,11 @@ def cmd_status(ctx: Context) -> int:
             continue
         if value is not None:
             say(f"{key}: {value}")
+    for entry in job.history:  # earlier attempts (--retries, resume), oldest first
+        late = entry.get("late")
+        heard = f" (its host later said: {late['state']})" if late else ""
+        ended = f"{entry['host']}: {entry['state']}: {entry['error']}"
+        say(f"attempt {entry['attempt']}: {ended}{heard}")
     return ExitStatus.OK
 
 

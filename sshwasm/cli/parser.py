@@ -19,6 +19,8 @@ MAX_OUTPUT_MB_LIMIT = 1 << 30
 # Tasks one `run --array` may submit: their rows are written in one transaction (about a
 # second for the cap), and a coordinator follows them all.
 MAX_ARRAY_TASKS = 100_000
+# Attempts one job may be given past its first (--retries).
+MAX_RETRIES = 100
 # The hidden command `run --detach` starts its background coordinator with.
 COORDINATE_COMMAND = "_coordinate"
 # The hidden command the shell completion scripts call for job ids, host names and labels.
@@ -79,6 +81,30 @@ def _time_limit(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if not 0 <= value <= MAX_RETRIES:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_RETRIES}, got {value}")
+    return value
+
+
+def _job_id_list(text: str) -> list[int]:
+    """`ID[,ID...]`: job ids, each at least 1."""
+    ids = []
+    for part in text.split(","):
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{part}' is not a job id") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"'{part}' is not a job id")
+        ids.append(value)
+    return ids
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -134,6 +160,36 @@ def _add_array_shaping(run: argparse.ArgumentParser) -> None:
         type=_positive_int,
         metavar="K",
         help="once K tasks have failed, cancel the tasks not started yet (running ones finish)",
+    )
+
+
+def _add_attempt_arguments(run: argparse.ArgumentParser) -> None:
+    """`run`'s flags for retries and dependencies (README.md, "Retries and dependencies")."""
+    run.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="place the job again, on another host when one fits, up to N more times when "
+        "its host fails it (unreachable, runner gone, job lost); default 0",
+    )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --retries: retry the guest's own failures too (exit code, trap, timeout, "
+        "out_of_memory)",
+    )
+    run.add_argument(
+        "--after",
+        type=_job_id_list,
+        metavar="ID[,ID...]",
+        help="queue now, start only after all these jobs succeeded (else end cancelled)",
+    )
+    run.add_argument(
+        "--after-any",
+        type=_job_id_list,
+        metavar="ID[,ID...]",
+        help="queue now, start once all these jobs ended, however they ended",
     )
 
 
@@ -244,6 +300,25 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--detach", action="store_true", help="print the job id(s) and return at once")
     run.add_argument(
         "--json", action="store_true", help="print the job record as JSON instead of its output"
+    )
+    _add_attempt_arguments(run)
+
+    resume = commands.add_parser(
+        "resume",
+        help="rerun the tasks of an array that did not succeed",
+        description="Rerun, under the same array id and task index, every task of the array "
+        "that ID belongs to (any task's id, or the array id) which ended failed, timeout, "
+        "out_of_memory, cancelled or lost, with the same module, arguments, environment, stdin "
+        "and inputs. Output and exit code as `run --array`.",
+    )
+    resume.add_argument("job_id", type=_positive_int, metavar="ID")
+    resume.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    resume.add_argument("--tag", action="store_true", help="prefix each output line with its task")
+    resume.add_argument(
+        "--detach", action="store_true", help="print the rerun tasks' ids and return at once"
+    )
+    resume.add_argument(
+        "--json", action="store_true", help="print the task records as JSON instead of output"
     )
 
     jobs = commands.add_parser("jobs", help="list jobs, newest first")

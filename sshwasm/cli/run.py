@@ -59,6 +59,7 @@ def cmd_run(ctx: Context) -> int:
         check_input(Path(args.input))
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
+    _check_attempt_flags(ctx)
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
     spec = dataclasses.replace(_build_spec(ctx, interactive), **shape.spec_fields())
     job_ids = ctx.store.submit_tasks(spec)
@@ -69,7 +70,7 @@ def cmd_run(ctx: Context) -> int:
         print("\n".join(str(job_id) for job_id in job_ids))
         return ExitStatus.OK
     if shape.size is not None:
-        return _run_array(ctx, job_ids, interactive)
+        return run_array(ctx, job_ids, interactive)
     handlers = coordinator_handlers(show_output=not args.json, show_notices=interactive)
     (job,) = coordinate_jobs(ctx, job_ids, handlers)
     if args.json:
@@ -121,7 +122,24 @@ def _build_spec(ctx: Context, interactive: bool) -> JobSpec:
         output_dir=str(Path(args.output).resolve()) if args.output is not None else None,
         max_output_mb=args.max_output_mb,
         output_overwrite=args.overwrite,
+        retries=args.retries,
+        retry_failed=args.retry_failed,
+        after=tuple(args.after or args.after_any or ()),
+        after_any=args.after_any is not None,
     )
+
+
+def _check_attempt_flags(ctx: Context) -> None:
+    """--retries, --retry-failed, --after and --after-any make sense together; the jobs
+    named exist (checked before anything is submitted)."""
+    from ..dependencies import check_dependencies
+
+    args = ctx.args
+    if args.retry_failed and not args.retries:
+        raise UsageError("--retry-failed needs --retries N (how many more attempts)")
+    if args.after is not None and args.after_any is not None:
+        raise UsageError("--after and --after-any cannot be combined; give one list")
+    check_dependencies(ctx.store, args.after or args.after_any or [])
 
 
 def _program_name(source: Path) -> str:
@@ -161,7 +179,7 @@ def _dry_run(ctx: Context, cluster: Cluster, request: Request) -> int:
     return ExitStatus.OK
 
 
-def _run_array(ctx: Context, job_ids: list[int], interactive: bool) -> int:
+def run_array(ctx: Context, job_ids: list[int], interactive: bool) -> int:
     """Run an array's tasks side by side, printing each task's output whole as it ends."""
     from .coordinate import coordinate_jobs, coordinator_handlers
 
