@@ -344,8 +344,12 @@ def test_older_jobs_file_gains_the_array_columns_and_its_rows_keep_working(
     JobStore(path).close()
     db = sqlite3.connect(path)
     db.execute("DROP INDEX jobs_array_state")
-    db.execute("ALTER TABLE jobs DROP COLUMN max_running")
-    db.execute("ALTER TABLE jobs DROP COLUMN halt_after_failures")
+    # What schema 2 had: none of the array settings (step 3) or attempt columns (step 4).
+    for column in (
+        "max_running", "halt_after_failures", "attempts", "attempt_hosts", "attempt_history",
+        "retries", "retry_failed", "after_ids", "after_any", "held",
+    ):  # fmt: skip
+        db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
     db.execute("PRAGMA user_version = 2")
     db.execute(
         """INSERT INTO jobs (state, cpus, memory_mb, submitted_at, submitted_ts, remote_key)
