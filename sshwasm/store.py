@@ -683,6 +683,17 @@ class JobStore:
             raise JobNotFound(job_id)
         return Job.from_row(rows[0])
 
+    def get_many(self, job_ids: Sequence[int]) -> list[Job]:
+        """The jobs with these ids that exist, in id order (one query per 500 ids)."""
+        jobs: list[Job] = []
+        ids = sorted(set(job_ids))
+        for start in range(0, len(ids), 500):
+            chunk = tuple(ids[start : start + 500])
+            marks = ", ".join("?" for _ in chunk)
+            sql = f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id"
+            jobs.extend(Job.from_row(row) for row in self._read(sql, chunk))
+        return jobs
+
     def list_jobs(self, limit: int | None = None, state: JobState | None = None) -> list[Job]:
         """Jobs, newest first."""
         sql = "SELECT * FROM jobs"
