@@ -308,7 +308,13 @@ def _prepare_private(path: Path) -> None:
     outputs = paths.job_outputs_root(path)
     if outputs.is_dir():
         paths.tighten(outputs, paths.PRIVATE_DIR_MODE)
-    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, paths.PRIVATE_FILE_MODE))
+    try:
+        flags = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        os.close(os.open(path, flags, paths.PRIVATE_FILE_MODE))
+    except FileExistsError:
+        # Not opened then: closing any descriptor of the file drops every POSIX lock this
+        # process holds on it, those of its other open JobStores too (the Python API's).
+        pass
     for companion in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         paths.tighten(companion, paths.PRIVATE_FILE_MODE)
 
