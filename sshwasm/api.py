@@ -21,6 +21,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,7 +337,9 @@ class Client:
         self._ctx = _ApiContext(args)
         self._cluster: Cluster = self._ctx.cluster()
         self._lock = threading.Lock()
-        self._followed: dict[int, Job] = {}
+        # One Job per id while the program holds it; the watcher follows the unfinished.
+        self._followed: weakref.WeakValueDictionary[int, Job] = weakref.WeakValueDictionary()
+        self._pending: dict[int, Job] = {}
         self._watcher: _Watcher | None = None
         self._closed = False
 
@@ -547,6 +550,8 @@ class Client:
             job = self._followed.get(job_id)
             if job is None:
                 job = self._followed[job_id] = Job(self, job_id)
+            if not job.done():
+                self._pending[job_id] = job
             if self._watcher is None or not self._watcher.is_alive():
                 self._watcher = _Watcher(self)
                 self._watcher.start()
@@ -555,9 +560,9 @@ class Client:
 
     def _unfinished(self) -> list[Job]:
         with self._lock:
-            for job_id in [i for i, job in self._followed.items() if job.done()]:
-                del self._followed[job_id]
-            return list(self._followed.values())
+            for job_id in [i for i, job in self._pending.items() if job.done()]:
+                del self._pending[job_id]
+            return list(self._pending.values())
 
     def _record_now(self, job_id: int) -> JobRecord:
         from .cli.jobs import refresh
@@ -617,7 +622,7 @@ class _Watcher(threading.Thread):
             if not pending:
                 with self.client._lock:
                     # Checked under the lock `_follow` takes: a job added now starts anew.
-                    if not any(not job.done() for job in self.client._followed.values()):
+                    if not any(not job.done() for job in self.client._pending.values()):
                         self.client._watcher = None
                         return
                 continue
