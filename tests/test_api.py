@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from sshwasm import (
     SshwasmError,
     UsageError,
 )
+from sshwasm.store import JobStore
 
 SLEEP = PROGRAMS / "sleep.rs"
 ECHO = EXAMPLES / "echo.rs"
@@ -246,6 +248,17 @@ def test_closing_the_client_keeps_jobs_and_futures(cluster: Path) -> None:
     with pytest.raises(UsageError):
         client.submit(SLEEP, "1")
     assert job.result(timeout=120).succeeded
+
+
+def test_a_job_whose_coordinator_was_killed_is_collected_from_its_host(client: Client) -> None:
+    job = client.submit(SLEEP, "3")
+    wait_until(lambda: job.output() == b"start\n")  # the guest runs on its host
+    with JobStore(client.db_path) as store:
+        coordinator = store.get(job.id).coordinator_pid
+    assert coordinator is not None and coordinator != os.getpid()
+    os.kill(coordinator, signal.SIGKILL)
+    record = job.result(timeout=120)
+    assert record.state is JobState.SUCCEEDED and record.stdout == "start\nend\n"
 
 
 def test_jobs_outlive_the_program_that_submitted_them(cluster: Path) -> None:
