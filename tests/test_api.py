@@ -350,3 +350,25 @@ def test_sweep_example_runs_through_map(cluster: Path) -> None:
     assert errors[-1] < 0.01
     listing = json.loads(sshwasm("jobs", "--json").stdout)
     assert {job["name"] for job in listing} == {"pi-sweep"}
+
+
+def test_the_readme_example_runs_as_printed(cluster: Path, tmp_path: Path) -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(example.strip().splitlines()) <= 10
+    done = subprocess.run(
+        [sys.executable, "-c", example],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=EXAMPLES.parent,  # the example names examples/... as a user in the checkout would
+        env={**os.environ, "SSHWASM_CLUSTER": str(cluster)},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:4] == ["arg[1]=one", "GREETING=hi", "stdin lines: 1", "sum: 3"]
+    tasks = [line.split(maxsplit=4) for line in lines[4:]]
+    assert sorted(int(task[0]) for task in tasks) == list(range(8))
+    assert all(task[1] == "succeeded" and task[2] in ("alpha", "beta") for task in tasks)
+    assert all(task[4].startswith("points=1000000 seed=") for task in tasks)
