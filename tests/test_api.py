@@ -272,6 +272,7 @@ def test_jobs_outlive_the_program_that_submitted_them(cluster: Path) -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # exiting with the watcher thread running says nothing
     job_id = int(done.stdout)
     with Client(cluster=cluster) as client:
         record = client.job(job_id).result(timeout=120)
