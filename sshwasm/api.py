@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import threading
@@ -227,10 +228,7 @@ class Job(concurrent.futures.Future[JobRecord]):
     def cancelled(self) -> bool:
         """Whether the job ended `cancelled`."""
         return (
-            self.done()
-            and self.exception() is None
-            and self.result().is_final
-            and (self.result().state is JobState.CANCELLED)
+            self.done() and self.exception() is None and self.result().state is JobState.CANCELLED
         )
 
     def cancel(self) -> bool:
@@ -254,10 +252,23 @@ class Job(concurrent.futures.Future[JobRecord]):
         return self._client.output(self.id, stream)
 
     def __await__(self) -> Generator[Any, None, JobRecord]:
-        """`await job` in an asyncio program: the record, once the job has ended."""
+        """`await job` in an asyncio program: the record, once the job has ended.
+
+        Cancelling the awaiting task (`asyncio.wait_for` timing out, the program being
+        interrupted) does not cancel the job, as `asyncio.wrap_future` would: the job goes
+        on, as it does after `result(timeout)`; `cancel()` is the one way to stop it.
+        """
         import asyncio
 
-        return asyncio.wrap_future(self).__await__()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[JobRecord] = loop.create_future()
+
+        def copy(job: concurrent.futures.Future[JobRecord]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits now
+                loop.call_soon_threadsafe(_copy_outcome, job, waiter)
+
+        self.add_done_callback(copy)
+        return waiter.__await__()
 
     def _settle(self, record: JobRecord) -> None:
         """Complete the future with its final record (once; later calls do nothing)."""
@@ -272,6 +283,17 @@ class Job(concurrent.futures.Future[JobRecord]):
             if self.done():
                 return
             self.set_exception(problem)
+
+
+def _copy_outcome(job: concurrent.futures.Future[JobRecord], waiter: Any) -> None:
+    """Complete an asyncio future as the job's future completed (unless it was cancelled)."""
+    if waiter.cancelled():
+        return
+    problem = job.exception()
+    if problem is not None:
+        waiter.set_exception(problem)
+    else:
+        waiter.set_result(job.result())
 
 
 def wait(

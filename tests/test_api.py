@@ -373,3 +373,16 @@ def test_the_readme_example_runs_as_printed(cluster: Path, tmp_path: Path) -> No
     assert sorted(int(task[0]) for task in tasks) == list(range(8))
     assert all(task[1] == "succeeded" and task[2] in ("alpha", "beta") for task in tasks)
     assert all(task[4].startswith("points=1000000 seed=") for task in tasks)
+
+
+def test_an_await_that_times_out_leaves_the_job_running(client: Client) -> None:
+    job = client.submit(SLEEP, "2")
+
+    async def impatient() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(job, 0.3)
+
+    asyncio.run(impatient())
+    assert not job.cancelled()
+    record = job.result(timeout=120)
+    assert record.state is JobState.SUCCEEDED and record.stdout == "start\nend\n"
