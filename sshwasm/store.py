@@ -373,7 +373,13 @@ def _prepare_private(path: Path) -> None:
     outputs = paths.job_outputs_root(path)
     if outputs.is_dir():
         paths.tighten(outputs, paths.PRIVATE_DIR_MODE)
-    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, paths.PRIVATE_FILE_MODE))
+    try:
+        flags = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        os.close(os.open(path, flags, paths.PRIVATE_FILE_MODE))
+    except FileExistsError:
+        # Not opened then: closing any descriptor of the file drops every POSIX lock this
+        # process holds on it, those of its other open JobStores too (the Python API's).
+        pass
     for companion in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         paths.tighten(companion, paths.PRIVATE_FILE_MODE)
 
@@ -937,6 +943,17 @@ class JobStore:
         if not rows:
             raise JobNotFound(job_id)
         return Job.from_row(rows[0])
+
+    def get_many(self, job_ids: Sequence[int]) -> list[Job]:
+        """The jobs with these ids that exist, in id order (one query per 500 ids)."""
+        jobs: list[Job] = []
+        ids = sorted(set(job_ids))
+        for start in range(0, len(ids), 500):
+            chunk = tuple(ids[start : start + 500])
+            marks = ", ".join("?" for _ in chunk)
+            sql = f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id"
+            jobs.extend(Job.from_row(row) for row in self._read(sql, chunk))
+        return jobs
 
     def list_jobs(self, limit: int | None = None, state: JobState | None = None) -> list[Job]:
         """Jobs, newest first."""
