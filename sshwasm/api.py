@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import json
+import dataclasses
 import os
 import threading
 import time
@@ -117,6 +117,8 @@ class JobRecord:
     stage_out_s: float | None
     max_output_mb: int | None
     output_conflicts: int | None
+    attempts: int
+    attempt_hosts: str | None
 
     @classmethod
     def of(cls, job: StoredJob) -> JobRecord:
@@ -155,6 +157,8 @@ class JobRecord:
             stage_out_s=job.stage_out_s,
             max_output_mb=job.max_output_mb,
             output_conflicts=job.output_conflicts,
+            attempts=job.attempts,
+            attempt_hosts=job.attempt_hosts,
         )
 
     @property
@@ -471,16 +475,17 @@ class Client:
             out = Path(options.output)
             if out.exists() and not out.is_dir():
                 raise UsageError(f"output {out}: not a directory")
-        spec = _spec(Path(os.fspath(source)), arg_lists[0], array and len(arg_lists), options)
+        if array:
+            # Each task's arguments go in with its row, in the one submitting transaction.
+            spec = _spec(Path(os.fspath(source)), [], len(arg_lists), options)
+            spec = dataclasses.replace(spec, task_args=tuple(tuple(args) for args in arg_lists))
+        else:
+            spec = _spec(Path(os.fspath(source)), arg_lists[0], False, options)
         store = self._ctx.store
         job_ids = store.submit_tasks(spec)
         try:
             if stdin_data is not None:
                 store.keep_stdin(job_ids, stdin_data)
-            program = spec.argv[0]
-            for job_id, args in zip(job_ids[1:], arg_lists[1:], strict=True):
-                if args != arg_lists[0]:
-                    store.update(job_id, argv=json.dumps([program, *args]))
             spawn_coordinator(self._ctx, job_ids)
         except (OSError, SshwasmError) as exc:
             # Recorded but nobody will run them: say so in their records, not only here.

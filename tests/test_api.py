@@ -4,6 +4,7 @@ against real loopback sshd hosts, real rustc and wasmtime, as a program would us
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from sshwasm import (
     SshwasmError,
     UsageError,
 )
-from sshwasm.store import JobStore
+from sshwasm.store import RECORD_FIELDS, JobStore
 
 SLEEP = PROGRAMS / "sleep.rs"
 ECHO = EXAMPLES / "echo.rs"
@@ -386,3 +387,9 @@ def test_an_await_that_times_out_leaves_the_job_running(client: Client) -> None:
     assert not job.cancelled()
     record = job.result(timeout=120)
     assert record.state is JobState.SUCCEEDED and record.stdout == "start\nend\n"
+
+
+def test_the_record_type_has_every_field_of_the_record_contract() -> None:
+    # store.RECORD_FIELDS is the contract (README, "The job record"): a field added there
+    # must reach the API's typed record too.
+    assert [field.name for field in dataclasses.fields(api.JobRecord)] == list(RECORD_FIELDS)
