@@ -788,6 +788,7 @@ class _Options:
 def _spec(source: Path, args: list[str], array_size: int | bool, options: _Options) -> JobSpec:
     """Build the source (or take it from the cache) and describe the job(s), as `run`."""
     from .build import build
+    from .submission import module_job_spec
 
     env = options.env_pairs()
     time_limit = options.checked_time_limit()
@@ -795,24 +796,15 @@ def _spec(source: Path, args: list[str], array_size: int | bool, options: _Optio
     if options.name is not None and not isinstance(options.name, str):
         raise UsageError(f"name must be a string, got {options.name!r}")
     artifact = build(source)
-    needed_mb = -(-artifact.info.initial_memory_bytes // (1 << 20))
-    if needed_mb > options.memory_mb:
-        raise UsageError(
-            f"{source} needs at least {needed_mb} MB of memory at start; "
-            f"memory_mb={options.memory_mb} is too small"
-        )
-    return JobSpec(
+    return module_job_spec(
+        artifact,
+        source,
+        args,
+        memory_mb=options.memory_mb,
+        memory_setting=f"memory_mb={options.memory_mb}",
         name=options.name,
         cpus=options.cpus,
-        memory_mb=options.memory_mb,
         time_limit_s=time_limit,
-        source=str(source.resolve()),
-        language=artifact.language,
-        wasm_sha256=artifact.sha256,
-        wasm_bytes=artifact.size,
-        wasm_path=str(artifact.path),
-        compile_s=round(artifact.compile_s, 6),
-        argv=(source.resolve().stem or "main", *args),
         env=env,
         pinned_host=options.host,
         array_size=int(array_size) or None,

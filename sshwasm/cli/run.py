@@ -82,7 +82,7 @@ def cmd_run(ctx: Context) -> int:
 def _build_spec(ctx: Context, interactive: bool) -> JobSpec:
     """Build the source (or take it from the cache) and describe the job(s) to submit."""
     from ..build import build
-    from ..store import JobSpec
+    from ..submission import module_job_spec
 
     args = ctx.args
     source = Path(args.source)
@@ -96,24 +96,15 @@ def _build_spec(ctx: Context, interactive: bool) -> JobSpec:
         slow_compile.cancel()
     if interactive and not artifact.cached:
         notice(f"compiled {source} in {artifact.compile_s:.1f}s ({artifact.size} bytes)")
-    needed_mb = -(-artifact.info.initial_memory_bytes // (1 << 20))
-    if needed_mb > args.memory_mb:
-        raise UsageError(
-            f"{source} needs at least {needed_mb} MB of memory at start; "
-            f"--memory-mb {args.memory_mb} is too small"
-        )
-    return JobSpec(
+    return module_job_spec(
+        artifact,
+        source,
+        args.args,
+        memory_mb=args.memory_mb,
+        memory_setting=f"--memory-mb {args.memory_mb}",
         name=args.job_name,
         cpus=args.cpus,
-        memory_mb=args.memory_mb,
         time_limit_s=args.time_limit,
-        source=str(source.resolve()),
-        language=artifact.language,
-        wasm_sha256=artifact.sha256,
-        wasm_bytes=artifact.size,
-        wasm_path=str(artifact.path),
-        compile_s=round(artifact.compile_s, 6),
-        argv=(_program_name(source), *args.args),
         env=tuple(args.env),
         pinned_host=args.host,
         array_size=args.array,
@@ -140,11 +131,6 @@ def _check_attempt_flags(ctx: Context) -> None:
     if args.after is not None and args.after_any is not None:
         raise UsageError("--after and --after-any cannot be combined; give one list")
     check_dependencies(ctx.store, args.after or args.after_any or [])
-
-
-def _program_name(source: Path) -> str:
-    """argv[0] of the job: the source's name without its extension (or the project's)."""
-    return source.resolve().stem or "main"
 
 
 def _dry_run(ctx: Context, cluster: Cluster, request: Request) -> int:
