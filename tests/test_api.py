@@ -115,6 +115,8 @@ def test_sshwasm_own_errors_raise_the_cli_errors(
             client.submit(ECHO, **bad)  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         client.submit(ECHO, object())  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"needs at least 2 MB .* memory_mb=1 is too small"):
+        client.submit(ECHO, memory_mb=1)
     with pytest.raises(JobNotFound):
         client.job(9999)
     with pytest.raises(UsageError):
