@@ -81,7 +81,8 @@ def _time_limit(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def _retry_count(text: str) -> int:
+    """`--retries N`: a whole number from 0 to MAX_RETRIES."""
     try:
         value = int(text)
     except ValueError:
@@ -167,7 +168,7 @@ def _add_attempt_arguments(run: argparse.ArgumentParser) -> None:
     """`run`'s flags for retries and dependencies (README.md, "Retries and dependencies")."""
     run.add_argument(
         "--retries",
-        type=_non_negative_int,
+        type=_retry_count,
         default=0,
         metavar="N",
         help="place the job again, on another host when one fits, up to N more times when "
