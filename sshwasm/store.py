@@ -26,7 +26,7 @@ from .errors import JobNotFound, StoreError
 from .schedule import Request, Usage, plan
 from .states import FINAL_STATES, JobState
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 STATES = tuple(state.value for state in JobState)
 _FINAL_WORDS = sorted(state.value for state in FINAL_STATES)
@@ -169,6 +169,20 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     UPDATE jobs SET attempt_hosts = host WHERE host IS NOT NULL;
     """,
+    # Directories (--dir, --host-dir), fuel (--fuel), reruns (`rerun`, --verify), result
+    # reuse (--reuse) and the engine a job ran on, in one step. Jobs from before staged no
+    # directory, counted no fuel, reran and reused nothing, and ran on the SSH engine.
+    5: """
+    ALTER TABLE jobs ADD COLUMN dirs TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN fuel INTEGER;
+    ALTER TABLE jobs ADD COLUMN fuel_used INTEGER;
+    ALTER TABLE jobs ADD COLUMN rerun_of INTEGER;
+    ALTER TABLE jobs ADD COLUMN verify INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN reuse_key TEXT;
+    ALTER TABLE jobs ADD COLUMN reused_from INTEGER;
+    ALTER TABLE jobs ADD COLUMN engine TEXT NOT NULL DEFAULT 'ssh';
+    CREATE INDEX jobs_reuse_key ON jobs(reuse_key, state);
+    """,
 }
 
 # The final states that count as an array task's failure for --halt-after-failures (a
@@ -298,6 +312,14 @@ class Job:
     after_ids: str  # JSON list of job ids; see dependencies
     after_any: bool
     held: bool  # waiting for its dependencies: no place in line yet
+    dirs: str  # JSON list of directories (--dir, --host-dir)
+    fuel: int | None  # --fuel budget; None: fuel not counted
+    fuel_used: int | None
+    rerun_of: int | None  # the job this one reran (`sshwasm rerun`)
+    verify: bool  # --verify: ran on two hosts, succeeded only if both agreed
+    reuse_key: str | None  # content hash for --reuse; None: not reusable
+    reused_from: int | None  # --reuse: the job whose result this one took
+    engine: str  # "ssh" or "dask"
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -309,6 +331,7 @@ class Job:
         values["retry_failed"] = bool(row["retry_failed"])
         values["after_any"] = bool(row["after_any"])
         values["held"] = bool(row["held"])
+        values["verify"] = bool(row["verify"])
         return cls(**values)
 
     @property
