@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from helpers import PROGRAMS, moment, no_traceback, sshwasm, wait_for
 
-from sshwasm.store import JobStore
+from sshwasm.store import _MIGRATIONS, JobStore
 
 
 @pytest.fixture
@@ -341,15 +341,10 @@ def test_older_jobs_file_gains_the_array_columns_and_its_rows_keep_working(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "jobs.sqlite"
-    JobStore(path).close()
     db = sqlite3.connect(path)
-    db.execute("DROP INDEX jobs_array_state")
-    # What schema 2 had: none of the array settings (step 3) or attempt columns (step 4).
-    for column in (
-        "max_running", "halt_after_failures", "attempts", "attempt_hosts", "attempt_history",
-        "retries", "retry_failed", "after_ids", "after_any", "held",
-    ):  # fmt: skip
-        db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+    # What schema 2 had: none of the array settings (step 3) or later columns.
+    for version in (1, 2):
+        db.executescript(_MIGRATIONS[version])
     db.execute("PRAGMA user_version = 2")
     db.execute(
         """INSERT INTO jobs (state, cpus, memory_mb, submitted_at, submitted_ts, remote_key)
