@@ -29,6 +29,9 @@ TOP_SCRATCH = {
     "dist",
 }  # fmt: skip
 ANYWHERE_SCRATCH = shutil.ignore_patterns("__pycache__", "*.egg-info", "target")
+# Every test here on one xdist worker (scripts/test runs `--dist loadgroup`): the `dist`
+# fixture then builds once, not once per worker that happens to get one of these tests.
+pytestmark = pytest.mark.xdist_group("wheel")
 
 
 def scratch(folder: str, names: list[str]) -> set[str]:
