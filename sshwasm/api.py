@@ -119,6 +119,8 @@ class JobRecord:
     output_conflicts: int | None
     attempts: int
     attempt_hosts: str | None
+    # --dir, --host-dir
+    dirs: str | None
 
     @classmethod
     def of(cls, job: StoredJob) -> JobRecord:
@@ -159,6 +161,7 @@ class JobRecord:
             output_conflicts=job.output_conflicts,
             attempts=job.attempts,
             attempt_hosts=job.attempt_hosts,
+            dirs=job.record()["dirs"],  # type: ignore[arg-type]
         )
 
     @property

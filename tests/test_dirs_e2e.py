@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from helpers import PROGRAMS, no_traceback, record_of, sshwasm
+
+from sshwasm.cli import main
 
 DIRWORK = str(PROGRAMS / "dirwork.rs")
 
@@ -84,7 +87,7 @@ def test_array_tasks_each_get_a_copy_and_lose_nothing_coming_back(
 
 
 def test_dir_flags_are_checked_before_anything_runs(
-    make_cluster: Callable[..., Path], tmp_path: Path
+    make_cluster: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cluster = make_cluster({"alpha": (2, 1024)})
     data = _data(tmp_path)
@@ -98,13 +101,12 @@ def test_dir_flags_are_checked_before_anything_runs(
         ("--host-dir", str(data)): "PATH::GUEST",
     }
     for flags, message in cases.items():
-        result = sshwasm("--cluster", str(cluster), "run", DIRWORK, *flags)
-        assert result.returncode == 1, (flags, result.stderr)
-        no_traceback(result)
-        assert result.stderr.startswith("sshwasm: error: ") and message in result.stderr, (
-            flags,
-            result.stderr,
-        )
+        # In this process: refused before anything is built or placed.
+        status = main(["--cluster", str(cluster), "run", DIRWORK, *flags])
+        stderr = capsys.readouterr().err
+        assert status == 1, (flags, stderr)
+        assert stderr.startswith("sshwasm: error: ") and message in stderr, (flags, stderr)
+        assert stderr.count("\n") == 1, stderr
     # A host without the --host-dir is skipped; with none left the job fails naming it.
     result = sshwasm(
         "--cluster", str(cluster), "run", DIRWORK, "--host-dir", f"{tmp_path}/nowhere::/ref",
