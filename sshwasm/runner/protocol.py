@@ -301,7 +301,7 @@ class FrameDecoder:
 
 # States a job's result.json may hold (a job the runner cannot vouch for is `failed`).
 RESULT_STATES = ("succeeded", "failed", "timeout", "out_of_memory", "cancelled")
-# X frame kinds in use: spec, exists, io, input, no_wasmtime, missing, protocol. The
+# X frame kinds in use: spec, exists, io, input, no_wasmtime, missing, protocol, host_dir. The
 # coordinator acts on some and reports the rest as they are, so a kind is only checked to
 # be a short identifier: a newer runner may add one.
 _ERROR_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
