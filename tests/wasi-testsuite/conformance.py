@@ -131,6 +131,8 @@ def run_through_sshwasm(case: Case, work: Path, sshwasm: RunSshwasm) -> tuple[ob
     )
     if "Traceback" in stderr:
         return f"traceback: {stderr}", stdout
+    if status == 1 and "sshwasm: error:" in stderr:  # sshwasm's own failure, not the job's
+        return f"1 ({stderr.strip().splitlines()[-1]})", stdout
     return status, stdout
 
 
