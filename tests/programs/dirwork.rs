@@ -2,7 +2,8 @@
 //! keep.txt, creates new.txt and sub/deep.txt, appends to edit.txt, renames old.txt to
 //! renamed.txt and deletes gone.txt; under /ref (read-only) it reads ref.txt and tries to
 //! write, which must be refused. Prints one line per step ("STEP: ok" or "STEP: denied").
-//! With argv[1], only writes /data/task-ARG.txt and appends "ARG\n" to /data/edit.txt.
+//! With argv[1], only writes /data/task-ARG.txt and appends "ARG\n" to /data/edit.txt
+//! (then exits 3 if ARG is "fail").
 
 use std::env;
 use std::fs;
@@ -23,6 +24,9 @@ fn main() {
     if let Some(task) = env::args().nth(1) {
         say("task file", fs::write(format!("/data/task-{}.txt", task), &task));
         say("append", append("/data/edit.txt", &format!("{}\n", task)));
+        if task == "fail" {
+            std::process::exit(3); // what it wrote still comes back
+        }
         return;
     }
     match fs::read_to_string("/data/keep.txt") {
