@@ -238,13 +238,16 @@ class DirChanges:
     kept: list[str] | None = None  # deleted by the job but changed there since staging
 
 
-async def collect_dirs(store: JobStore, job: Job, client: RunnerClient) -> list[str]:
+async def collect_dirs(
+    store: JobStore, job: Job, client: RunnerClient
+) -> tuple[str | None, list[str]]:
     """Bring what the ended job changed in each read-write --dir back into LOCAL; returns
-    what is worth a warning (a problem, files beside or kept). Never deletes a file that
-    differs from what was staged, never overwrites one that changed since (unless the job
-    was run with --overwrite)."""
+    the first problem (for the record, if it has no error) and what is worth a warning
+    (problems, files beside or kept). Never deletes a file that differs from what was
+    staged, never overwrites one that changed since (unless the job has --overwrite)."""
     import asyncio
 
+    problem: str | None = None
     warnings: list[str] = []
     conflicts = 0
     started = time.monotonic()
@@ -261,6 +264,7 @@ async def collect_dirs(store: JobStore, job: Job, client: RunnerClient) -> list[
                 )
         except (SshwasmError, OSError, ValueError) as exc:
             warnings.append(f"job {job.id}: changes to --dir {local} not brought back: {exc}")
+            problem = problem or warnings[-1]
             continue
         conflicts += len(done.beside or [])
         if done.beside:
@@ -282,7 +286,7 @@ async def collect_dirs(store: JobStore, job: Job, client: RunnerClient) -> list[
             job.id,
             stage_out_s=round((store.get(job.id).stage_out_s or 0) + time.monotonic() - started, 6),
         )
-    return warnings
+    return problem, warnings
 
 
 def _named(names: list[str]) -> str:

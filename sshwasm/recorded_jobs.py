@@ -64,12 +64,14 @@ async def record_end(
             collected = await collect_output(
                 store, job, Path(job.output_dir), client, output.budget
             )
-        dir_warnings = await collect_dirs(store, job, client) if job.dirs != "[]" else []
+        dir_problem, dir_warnings = (
+            await collect_dirs(store, job, client) if job.dirs != "[]" else (None, [])
+        )
         state = result_state(outcome.result)
         fields = result_fields(outcome.result)
-        if collected.problem and not fields["error"]:
+        if (collected.problem or dir_problem) and not fields["error"]:
             # The record says what went wrong, if nothing else did.
-            fields["error"] = collected.problem
+            fields["error"] = collected.problem or dir_problem
         if output.budget.exceeded and job.max_output_mb is not None:
             # Held here too, whatever the host said: the job ends as over its cap.
             state, fields["exit_code"] = JobState.FAILED, None

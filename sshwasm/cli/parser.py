@@ -296,7 +296,7 @@ def build_parser() -> ArgumentParser:
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="with --output: the job's files replace different files of the same name "
+        help="with --output (or --dir): the job's files replace different files of the same name "
         "(never a directory, never deleting anything)",
     )
     run.add_argument(
