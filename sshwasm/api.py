@@ -119,6 +119,8 @@ class JobRecord:
     output_conflicts: int | None
     attempts: int
     attempt_hosts: str | None
+    # --dir, --host-dir
+    dirs: str | None
 
     @classmethod
     def of(cls, job: StoredJob) -> JobRecord:
@@ -159,6 +161,7 @@ class JobRecord:
             output_conflicts=job.output_conflicts,
             attempts=job.attempts,
             attempt_hosts=job.attempt_hosts,
+            dirs=job.record()["dirs"],  # type: ignore[arg-type]
         )
 
     @property
@@ -403,12 +406,15 @@ class Client:
         labels: Iterable[str] = (),
         max_output_mb: int = DEFAULT_MAX_OUTPUT_MB,
         overwrite: bool = False,
+        dirs: Iterable[str] = (),
+        host_dirs: Iterable[str] = (),
     ) -> Job:
         """Build `source` and submit one job running it with `args`, as `sshwasm run
         --detach` does; returns its `Job` at once (the job waits for room if need be).
 
         `stdin`: bytes, or the path of a file. `input`/`output`: as `--input`/`--output`
         (`overwrite`: `--overwrite`). `time_limit` in seconds; `env` a mapping or pairs.
+        `dirs`/`host_dirs`: each as `--dir`/`--host-dir` takes it (`"data::/data:ro"`).
         """
         (job,) = self._submit(
             source,
@@ -418,6 +424,7 @@ class Client:
                 cpus, memory_mb, time_limit, env, stdin, input, output, name, host,
                 labels, max_output_mb, overwrite,
             ),
+            mounts=(dirs, host_dirs),
         )  # fmt: skip
         return job
 
@@ -438,6 +445,8 @@ class Client:
         labels: Iterable[str] = (),
         max_output_mb: int = DEFAULT_MAX_OUTPUT_MB,
         overwrite: bool = False,
+        dirs: Iterable[str] = (),
+        host_dirs: Iterable[str] = (),
     ) -> list[Job]:
         """Submit one array: task i runs `source` with the arguments `arg_lists[i]` (a lone
         string or number is one argument) and sees `SSHWASM_ARRAY_TASK_ID=i`, as `run
@@ -454,10 +463,16 @@ class Client:
                 cpus, memory_mb, time_limit, env, stdin, input, output, name, host,
                 labels, max_output_mb, overwrite,
             ),
+            mounts=(dirs, host_dirs),
         )  # fmt: skip
 
     def _submit(
-        self, source: PathArg, arg_lists: list[list[str]], array: bool, options: _Options
+        self,
+        source: PathArg,
+        arg_lists: list[list[str]],
+        array: bool,
+        options: _Options,
+        mounts: tuple[Iterable[str], Iterable[str]] = ((), ()),
     ) -> list[Job]:
         from .cli.coordinate import spawn_coordinator
         from .schedule import check_feasible
@@ -475,12 +490,14 @@ class Client:
             out = Path(options.output)
             if out.exists() and not out.is_dir():
                 raise UsageError(f"output {out}: not a directory")
+        dirs = _dirs_json(mounts, self.db_path, options)
         if array:
             # Each task's arguments go in with its row, in the one submitting transaction.
             spec = _spec(Path(os.fspath(source)), [], len(arg_lists), options)
             spec = dataclasses.replace(spec, task_args=tuple(tuple(args) for args in arg_lists))
         else:
             spec = _spec(Path(os.fspath(source)), arg_lists[0], False, options)
+        spec = dataclasses.replace(spec, dirs=dirs)
         store = self._ctx.store
         job_ids = store.submit_tasks(spec)
         try:
@@ -814,6 +831,24 @@ def _spec(source: Path, args: list[str], array_size: int | bool, options: _Optio
         max_output_mb=max_output_mb,
         output_overwrite=bool(options.overwrite),
     )
+
+
+def _dirs_json(
+    mounts: tuple[Iterable[str], Iterable[str]], db_path: Path, options: _Options
+) -> str:
+    """`dirs` and `host_dirs`, checked as `--dir` and `--host-dir` are (Job.dirs)."""
+    from .directories import check_mounts, mounts_json, parse_dir, parse_host_dir
+
+    lists: list[tuple[str, ...]] = []
+    for name, given in zip(("dirs", "host_dirs"), mounts, strict=True):
+        texts = () if isinstance(given, str) else tuple(given)
+        if isinstance(given, str) or not all(isinstance(text, str) for text in texts):
+            raise UsageError(f"{name} must be a list of strings, got {given!r}")
+        lists.append(texts)
+    parsed = [*map(parse_dir, lists[0]), *map(parse_host_dir, lists[1])]
+    uses_output = options.output is not None
+    check_mounts(parsed, db_path, uses_input=options.input is not None, uses_output=uses_output)
+    return mounts_json(parsed)
 
 
 def _one_arg(value: object) -> str:

@@ -30,6 +30,7 @@ from .attempts import (
 from .backoff import Backoff
 from .cluster import Host
 from .dependencies import wait_for_dependencies
+from .directories import stage_dirs
 from .errors import (
     ContactLost,
     CoordinatorFailed,
@@ -334,6 +335,8 @@ class Coordinator:
                 input_bytes=len(input_tar),
                 stage_in_s=round(time.monotonic() - started, 6),
             )
+        if job.dirs != "[]":  # --dir, --host-dir (directories.py)
+            spec = await asyncio.to_thread(stage_dirs, spec, job)
         if self.store.cancel_requested([job_id]):
             self.store.cancel_unstarted(job_id)
             return self.store.get(job_id)
@@ -392,7 +395,9 @@ class Coordinator:
             self._tee(output.stderr, self.handlers.stderr),
             notice=self.handlers.notice,
             input_tar=input_tar,
-            session=self._serve_session(host, transport, len(stdin or b"") + len(input_tar)),
+            session=self._serve_session(
+                host, transport, len(stdin or b"") + len(input_tar) + spec.dir_bytes
+            ),
         )
         self.store.update(
             job_id, upload_bytes=stats.upload_bytes, upload_s=round(stats.upload_s, 6)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import Host
+from .directories import collect_dirs
 from .errors import HostUnreachable, RemoteError, SshwasmError
 from .job_output import JobOutput, OutputCollected, collect_output, output_limit_error
 from .liveness import needs_refresh
@@ -63,17 +64,20 @@ async def record_end(
             collected = await collect_output(
                 store, job, Path(job.output_dir), client, output.budget
             )
+        dir_problem, dir_warnings = (
+            await collect_dirs(store, job, client) if job.dirs != "[]" else (None, [])
+        )
         state = result_state(outcome.result)
         fields = result_fields(outcome.result)
-        if collected.problem and not fields["error"]:
+        if (collected.problem or dir_problem) and not fields["error"]:
             # The record says what went wrong, if nothing else did.
-            fields["error"] = collected.problem
+            fields["error"] = collected.problem or dir_problem
         if output.budget.exceeded and job.max_output_mb is not None:
             # Held here too, whatever the host said: the job ends as over its cap.
             state, fields["exit_code"] = JobState.FAILED, None
             fields["error"] = output_limit_error(job.max_output_mb)
         store.finish(job.id, state, **fields, **output.fields())
-        return [text for text in (collected.problem, collected.warning) if text]
+        return [text for text in (collected.problem, collected.warning) if text] + dir_warnings
     if outcome.error is not None:
         if outcome.error.get("kind") == "missing":
             error = f"host '{host.name}' has no trace of the job"

@@ -69,9 +69,19 @@ class LaunchSpec:
     wall_limit_s: float | None = None
     output: bool = False
     max_output_bytes: int | None = None
+    # The spec's directories (runner/protocol.py, "dirs", without tar_bytes), and the tar of
+    # each staged one in their order (directories.stage_dirs fills both in).
+    dirs: tuple[dict[str, Any], ...] = ()
+    dir_tars: tuple[bytes, ...] = ()
+
+    @property
+    def dir_bytes(self) -> int:
+        """What the staged directories add to the launch."""
+        return sum(len(tar) for tar in self.dir_tars)
 
     def encode(self, stdin: bytes | None, input_tar: bytes = b"", key: str | None = None) -> bytes:
-        """The launch command's stdin: one JSON line, the job's stdin, then the input tar."""
+        """The launch command's stdin: one JSON line, the job's stdin, the input tar, then
+        the staged directories' tars."""
         return encode_launch_spec(
             wasm_sha256=self.wasm_sha256,
             argv=list(self.argv),
@@ -84,6 +94,8 @@ class LaunchSpec:
             stdin=stdin,
             input_tar=input_tar,
             key=key,
+            dirs=self.dirs,
+            dir_tars=self.dir_tars,
         )
 
 
@@ -181,6 +193,12 @@ def raise_if_refused(host: str, outcome: StreamOutcome) -> None:
         raise RemoteError(host, runner_refusal(done.stderr))
 
 
+def raise_if_lacking_dir(host: str, outcome: StreamOutcome) -> None:
+    """Raise HostUnreachable if the host lacks a --host-dir: placement then tries another."""
+    if outcome.error is not None and outcome.error.get("kind") == "host_dir":
+        raise HostUnreachable(host, str(outcome.error.get("error")))
+
+
 class RunnerClient:
     """Runner commands on one host."""
 
@@ -206,9 +224,11 @@ class RunnerClient:
         output arrives whole when it ends.
         """
         if session is not None:
-            return await self._launch_served(
+            served = await self._launch_served(
                 session, job_id, spec, stdin, module, on_stdout, on_stderr, notice, input_tar
             )
+            raise_if_lacking_dir(self.host.name, served[0])
+            return served
         stats = UploadStats()
         payload = spec.encode(stdin, input_tar)
         for _attempt in range(4):
@@ -216,6 +236,7 @@ class RunnerClient:
             await process.send(payload)
             outcome = await read_frames(self.host.name, process, on_stdout, on_stderr)
             raise_if_refused(self.host.name, outcome)
+            raise_if_lacking_dir(self.host.name, outcome)
             if outcome.error is not None and outcome.error["kind"] == "no_wasmtime":
                 raise RunnerUnavailable(self.host.name, outcome.error["error"])
             if outcome.need == "runner" or (
@@ -337,6 +358,20 @@ class RunnerClient:
         args = ["fetch-output", self.host.workdir, job_id]
         if max_bytes is not None:
             args.append(str(max_bytes))
+        return await self._fetch_tar(args, scratch, max_bytes, "output")
+
+    async def fetch_dir(self, job_id: str, index: int, scratch: Path) -> None:
+        """Extract what the job changed in its staged directory `index` (fetch-dir's tar:
+        the changed files under files/, then changes.json) into the empty `scratch`."""
+        await self._fetch_tar(
+            ["fetch-dir", self.host.workdir, job_id, str(index)], scratch, None, "directory"
+        )
+
+    async def _fetch_tar(
+        self, args: list[str], scratch: Path, max_bytes: int | None, what: str
+    ) -> bool:
+        """Run a runner command whose stdout is a tar and extract it into `scratch` as it
+        arrives; returns whether it was cut at `max_bytes`."""
         process = await self.transport.start_runner(args)
         await process.send(b"")
         cut = False
@@ -361,7 +396,7 @@ class RunnerClient:
         except UnsafeArchive as exc:
             process.abort()
             await process.finish()
-            raise RemoteError(self.host.name, f"refused the job's output: {exc}") from exc
+            raise RemoteError(self.host.name, f"refused the job's {what}: {exc}") from exc
         except BaseException:
             process.abort()
             raise
@@ -371,9 +406,9 @@ class RunnerClient:
         if cut or done.exit_status == FETCH_STOPPED_AT_LIMIT:
             return True
         if done.exit_status is None:
-            raise HostUnreachable(self.host.name, "connection lost while fetching the output")
+            raise HostUnreachable(self.host.name, f"connection lost while fetching the {what}")
         if done.exit_status != 0:
-            raise RemoteError(self.host.name, f"cannot fetch the output: {last_line(done.stderr)}")
+            raise RemoteError(self.host.name, f"cannot fetch the {what}: {last_line(done.stderr)}")
         return False
 
     async def info(self) -> dict[str, Any]:

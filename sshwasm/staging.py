@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,13 @@ def output_scratch(destination: Path) -> Iterator[Path]:
         yield Path(scratch)
 
 
-def merge_output(scratch: Path, destination: Path, job_id: int, overwrite: bool) -> MergedOutput:
+def merge_output(
+    scratch: Path,
+    destination: Path,
+    job_id: int,
+    overwrite: bool,
+    bases: Mapping[str, str | None] | None = None,
+) -> MergedOutput:
     """Move the job's files from `scratch` into `destination` without losing anything there.
 
     Nothing that exists in `destination` is deleted. A job's file is added where nothing
@@ -274,6 +281,10 @@ def merge_output(scratch: Path, destination: Path, job_id: int, overwrite: bool)
     there as NAME.sshwasm-JOBID; with `overwrite`, a job's regular file replaces a
     regular file. Links in `destination` are never followed: each directory is opened
     relative to its parent with O_NOFOLLOW, and a link is an entry like any other.
+
+    `bases` (a --dir's bring-back; `scratch` is then outside `destination`) gives the
+    sha256 each file had when it was staged: a file still holding exactly that is replaced
+    by the job's (keeping its mode), since nothing but the job changed it.
     """
     merged = MergedOutput()
     source_fd = os.open(scratch, _DIRECTORY_FLAGS)
@@ -283,7 +294,9 @@ def merge_output(scratch: Path, destination: Path, job_id: int, overwrite: bool)
         os.close(source_fd)
         raise
     try:
-        _Merge(merged, f".sshwasm-{job_id}", overwrite, scratch.name).directory(
+        # Inside `destination` (--output) the scratch directory is no place for a job's file.
+        scratch_name = scratch.name if bases is None else ""
+        _Merge(merged, f".sshwasm-{job_id}", overwrite, scratch_name, bases).directory(
             source_fd, target_fd, ""
         )
     finally:
@@ -293,17 +306,25 @@ def merge_output(scratch: Path, destination: Path, job_id: int, overwrite: bool)
 
 
 class _Merge:
-    def __init__(self, merged: MergedOutput, suffix: str, overwrite: bool, scratch: str) -> None:
+    def __init__(
+        self,
+        merged: MergedOutput,
+        suffix: str,
+        overwrite: bool,
+        scratch: str,
+        bases: Mapping[str, str | None] | None = None,
+    ) -> None:
         self.merged = merged
         self.suffix = suffix
         self.overwrite = overwrite
         self.scratch = scratch
+        self.bases = bases or {}
 
     def directory(self, source_fd: int, target_fd: int, prefix: str) -> None:
         for name in sorted(os.listdir(source_fd)):
             info = os.lstat(name, dir_fd=source_fd)
             # The scratch directory itself is no place for the job's files.
-            clash_only = not prefix and name == self.scratch
+            clash_only = bool(self.scratch) and not prefix and name == self.scratch
             if stat.S_ISDIR(info.st_mode):
                 self._subdirectory(source_fd, target_fd, prefix, name, clash_only)
             elif stat.S_ISREG(info.st_mode):
@@ -344,6 +365,12 @@ class _Merge:
             elif stat.S_ISREG(existing.st_mode):
                 if _same_content(source_fd, target_fd, name):
                     return
+                base = self.bases.get(prefix + name)
+                if base is not None and _file_sha256(target_fd, name) == base:
+                    # Unchanged since it was staged: the job's version is its next one.
+                    os.chmod(name, stat.S_IMODE(existing.st_mode), dir_fd=source_fd)
+                    if _replace_file(source_fd, name, target_fd):
+                        return
                 if self.overwrite and _replace_file(source_fd, name, target_fd):
                     return
         beside = self._beside(
@@ -454,6 +481,23 @@ def _same_content(source_fd: int, target_fd: int, name: str) -> bool:
             os.close(ours)
     finally:
         os.close(theirs)
+
+
+def _file_sha256(dir_fd: int, name: str) -> str | None:
+    """The sha256 of the regular file `name` (never through a link); None if it is none."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+    finally:
+        os.close(fd)
 
 
 def _read_exactly(fd: int, size: int) -> bytes:

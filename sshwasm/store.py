@@ -69,6 +69,8 @@ RECORD_FIELDS = (
     "output_conflicts",
     "attempts",
     "attempt_hosts",
+    # --dir and --host-dir
+    "dirs",
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its
@@ -239,6 +241,7 @@ class JobSpec:
     retry_failed: bool = False  # a guest's own failure is retried too
     after: tuple[int, ...] = ()  # placed only once these jobs ended (see after_any)
     after_any: bool = False  # any final state of `after` will do, not only succeeded
+    dirs: str = "[]"  # --dir and --host-dir: JSON list (directories.mounts_json), every task
 
 
 # A value of the public job record (README.md, "The job record"): JSON scalars only.
@@ -375,6 +378,7 @@ class Job:
         """The public job record (the contract in README.md); the state as its word."""
         record: dict[str, RecordValue] = {field: getattr(self, field) for field in RECORD_FIELDS}
         record["state"] = self.state.value
+        record["dirs"] = _describe_dirs(self.dirs)
         return record
 
 
@@ -437,6 +441,13 @@ def _set_attempt_settings(db: sqlite3.Connection, spec: JobSpec, first: int, las
             last,
         ),
     )
+
+
+def _describe_dirs(dirs: str) -> str | None:
+    """The record's `dirs`: readable text (directories.describe_dirs), None for none."""
+    from .directories import describe_dirs
+
+    return describe_dirs(dirs)
 
 
 class JobStore:
@@ -633,6 +644,11 @@ class JobStore:
                 (row(index, first + index, task, array_id) for index, task in enumerate(tasks)),
             )
             _set_attempt_settings(db, spec, ids[0], ids[-1])
+            if spec.dirs != "[]":
+                db.execute(
+                    "UPDATE jobs SET dirs = ? WHERE id BETWEEN ? AND ?",
+                    (spec.dirs, ids[0], ids[-1]),
+                )
         return ids
 
     def place_waiting(

@@ -273,10 +273,30 @@ def build_parser() -> ArgumentParser:
         "(DIR/<task> for array tasks); nothing in DIR is deleted or overwritten: a file "
         "that differs is written beside it as NAME.sshwasm-ID",
     )
+    # --dir and --host-dir (sshwasm/directories.py)
+    run.add_argument(
+        "--dir",
+        dest="dirs",
+        action="append",
+        default=[],
+        metavar="LOCAL[::GUEST][:ro]",
+        help="stage directory LOCAL (repeatable) and let the job work in it at GUEST "
+        "(default /NAME; ::/ makes it the root); what the job changed comes back into "
+        "LOCAL when it ends; :ro stages it read-only and brings nothing back",
+    )
+    run.add_argument(
+        "--host-dir",
+        dest="host_dirs",
+        action="append",
+        default=[],
+        metavar="PATH::GUEST[:ro]",
+        help="let the job use the host's own directory PATH at GUEST (repeatable), not "
+        "copied; :ro makes it read-only; hosts without PATH are skipped",
+    )
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="with --output: the job's files replace different files of the same name "
+        help="with --output (or --dir): the job's files replace different files of the same name "
         "(never a directory, never deleting anything)",
     )
     run.add_argument(

@@ -60,8 +60,9 @@ def cmd_run(ctx: Context) -> int:
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
     _check_attempt_flags(ctx)
+    dirs = _dirs_json(ctx)
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
-    spec = dataclasses.replace(_build_spec(ctx, interactive), **shape.spec_fields())
+    spec = dataclasses.replace(_build_spec(ctx, interactive), **shape.spec_fields(), dirs=dirs)
     job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
@@ -118,6 +119,21 @@ def _build_spec(ctx: Context, interactive: bool) -> JobSpec:
         after=tuple(args.after or args.after_any or ()),
         after_any=args.after_any is not None,
     )
+
+
+def _dirs_json(ctx: Context) -> str:
+    """--dir and --host-dir, checked, as the record keeps them (directories.mounts_json)."""
+    from ..directories import check_mounts, mounts_json, parse_dir, parse_host_dir
+
+    args = ctx.args
+    mounts = [*map(parse_dir, args.dirs), *map(parse_host_dir, args.host_dirs)]
+    check_mounts(
+        mounts,
+        ctx.store.path,
+        uses_input=args.input is not None or args.input_each is not None,
+        uses_output=args.output is not None,
+    )
+    return mounts_json(mounts)
 
 
 def _check_attempt_flags(ctx: Context) -> None:

@@ -33,13 +33,23 @@ from .jobdir import (
     workdir_problem,
 )
 from .protocol import (
+    DIR_CHANGES_KEYS,
+    DIR_CHANGES_MEMBER,
+    DIR_FILES_PREFIX,
     FETCH_STOPPED_AT_LIMIT,
     KIND_ERROR,
     SHA256_RE,
     UNSAFE_WORKDIR_EXIT,
     runner_version,
 )
-from .safetar import MAX_OUTPUT_DEPTH, OutputLimitReached, write_tree_as_tar
+from .safetar import (
+    MAX_OUTPUT_DEPTH,
+    OutputLimitReached,
+    tree_changes,
+    tree_manifest,
+    write_changes_as_tar,
+    write_tree_as_tar,
+)
 from .stream import _CoordinatorGone, _detach_stdout, _FrameWriter
 
 KILL_WAIT_S = 2.0
@@ -72,6 +82,36 @@ def _cmd_fetch_output(workdir: str, job_id: str, max_bytes: str | None = None) -
             file=sys.stderr,
         )
     return status
+
+
+def _cmd_fetch_dir(workdir: str, job_id: str, index: str) -> int:
+    job_dir = _job_dir(workdir, job_id)
+    if not index.isdigit():
+        raise _UsageError(f"invalid directory index {index!r}")
+    root = os.path.join(job_dir, "dirs", str(int(index)))
+    manifest_path = os.path.join(job_dir, "dirs", f"{int(index)}.manifest.json")
+    if not os.path.isdir(job_dir):
+        print(f"sshwasm-exec: error: no job directory {job_dir}", file=sys.stderr)
+        return 1
+    try:
+        with open(manifest_path, "rb") as manifest_file:
+            before = json.loads(manifest_file.read())
+    except (OSError, ValueError):
+        print(
+            f"sshwasm-exec: error: job {job_id} has no staged read-write directory {index}",
+            file=sys.stderr,
+        )
+        return 1
+    if not os.path.isdir(root) or os.path.islink(root):
+        print(f"sshwasm-exec: error: job {job_id} lost its directory {index}", file=sys.stderr)
+        return 1
+    changes = tree_changes(before, tree_manifest(root))
+    trailer = json.dumps({key: changes[key] for key in DIR_CHANGES_KEYS}).encode()
+    write_changes_as_tar(
+        root, changes, sys.stdout.buffer, DIR_FILES_PREFIX, (DIR_CHANGES_MEMBER, trailer)
+    )
+    sys.stdout.buffer.flush()
+    return 0
 
 
 def _cmd_put_module(workdir_argument: str, sha256: str) -> int:
@@ -210,6 +250,7 @@ _FRAME_COMMANDS: dict[str, tuple[str, Callable[[], Callable[..., int]]]] = {
 }
 _TEXT_COMMANDS: dict[str, tuple[str, Callable[[], Callable[..., int]]]] = {
     "fetch-output": ("WORKDIR JOB_ID [MAX_BYTES]", lambda: _cmd_fetch_output),
+    "fetch-dir": ("WORKDIR JOB_ID INDEX", lambda: _cmd_fetch_dir),
     "put-module": ("WORKDIR SHA256", lambda: _cmd_put_module),
     "cancel": ("WORKDIR JOB_ID", lambda: _cmd_cancel),
     "info": ("", lambda: _cmd_info),

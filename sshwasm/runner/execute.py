@@ -448,6 +448,11 @@ def _run_module(
         wasi.preopen_dir(os.path.join(job_dir, "input"), "/input", False)
     if spec.get("output"):
         wasi.preopen_dir(os.path.join(job_dir, "output"), "/output", True)
+    for index, entry in enumerate(spec.get("dirs", [])):
+        # A read-only preopen refuses every write (wasmtime's own permissions).
+        path = entry.get("host_path")
+        path = os.path.join(job_dir, "dirs", str(index)) if path is None else path
+        wasi.preopen_dir(os.path.expanduser(path), entry["guest"], not entry["read_only"])
     store.set_wasi(wasi)
 
     if limit is not None:

@@ -21,7 +21,13 @@ from .jobdir import (
     _write_pid_file,
 )
 from .protocol import KIND_ERROR, KIND_NEED, KIND_STARTED, runner_version, validate_spec
-from .safetar import BoundedReader, UnsafeArchive, extract_tar_safely, write_all
+from .safetar import (
+    BoundedReader,
+    UnsafeArchive,
+    extract_tar_safely,
+    tree_manifest,
+    write_all,
+)
 from .stream import _FrameWriter, _stream_job
 
 
@@ -76,6 +82,45 @@ def _stage_input(source: BinaryIO, size: int, destination: str) -> None:
         )
 
 
+def _stage_dirs(source: BinaryIO, dirs: list[dict[str, Any]], job_dir: str) -> None:
+    """Extract each staged directory's tar (in the spec's order) to dirs/INDEX, with a
+    manifest of a read-write one's files, and check each host directory exists."""
+    os.mkdir(os.path.join(job_dir, "dirs"), 0o700)
+    for index, entry in enumerate(dirs):
+        if "host_path" in entry:
+            continue
+        destination = os.path.join(job_dir, "dirs", str(index))
+        os.mkdir(destination, 0o700)
+        part = BoundedReader(source.read, entry["tar_bytes"])
+        if entry["tar_bytes"]:
+            try:
+                extract_tar_safely(part, destination)  # type: ignore[arg-type]
+            except UnsafeArchive as exc:
+                raise _LaunchRefused.error(
+                    "input", f"directory for {entry['guest']} refused: {exc}"
+                ) from exc
+            part.drain()
+        if part.remaining:
+            raise _LaunchRefused.error(
+                "spec", f"the launch stream ended {part.remaining} bytes short of a dir's tar"
+            )
+        if not entry["read_only"]:
+            manifest = json.dumps(tree_manifest(destination)).encode()
+            _write_new_file(os.path.join(job_dir, "dirs", f"{index}.manifest.json"), manifest)
+
+
+def host_dir_problem(dirs: list[dict[str, Any]]) -> str | None:
+    """Why a --host-dir of the spec cannot be preopened on this host, or None."""
+    for entry in dirs:
+        if "host_path" in entry:
+            path = os.path.expanduser(entry["host_path"])
+            if not os.path.isdir(path):
+                return f"--host-dir {entry['host_path']}: no such directory on this host"
+            if not os.access(path, os.R_OK | os.X_OK):
+                return f"--host-dir {entry['host_path']}: not readable on this host"
+    return None
+
+
 def _set_up_job(
     workdir: str, job_dir: str, raw: dict[str, Any], source: BinaryIO, *, check_wasmtime: bool
 ) -> dict[str, Any]:
@@ -96,6 +141,9 @@ def _set_up_job(
         problem = _wasmtime_problem()
         if problem is not None:
             raise _LaunchRefused.error("no_wasmtime", problem)
+    missing_dir = host_dir_problem(spec["dirs"])
+    if missing_dir is not None:
+        raise _LaunchRefused.error("host_dir", missing_dir)
     try:
         os.makedirs(os.path.join(workdir, "jobs"), mode=0o700, exist_ok=True)
     except OSError as exc:
@@ -114,6 +162,8 @@ def _set_up_job(
             _stage_input(source, spec["input_tar_bytes"], os.path.join(job_dir, "input"))
         if spec["output"]:
             os.mkdir(os.path.join(job_dir, "output"), 0o700)
+        if spec["dirs"]:
+            _stage_dirs(source, spec["dirs"], job_dir)
     except BaseException as exc:
         # Nothing runs yet: remove the half-made job so that a retry can launch it.
         shutil.rmtree(job_dir, ignore_errors=True)

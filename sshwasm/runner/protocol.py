@@ -17,6 +17,10 @@ Commands (argv never carries user-controlled words; those come as JSON on stdin)
                                      stdout: the job's /output directory as a tar stream;
                                      with MAX_BYTES, stops before a file that would take the
                                      files' total past it, and exits 3
+    fetch-dir WORKDIR JOB_ID INDEX   stdout: what the job changed in its staged read-write
+                                     directory INDEX, as a tar stream: files/PATH for each
+                                     file it made or changed, then DIR_CHANGES_MEMBER (JSON:
+                                     see DIR_CHANGES_KEYS)
     put-module WORKDIR SHA256        stdin: module bytes, kept as WORKDIR/wasm/SHA256.wasm
     cancel WORKDIR JOB_ID            kill a running job and record it as cancelled
     info                             one JSON line describing this host
@@ -56,6 +60,14 @@ the runner got the launch, so loading and compiling the module count too.
                             monitor thread ends the job when the sum passes it; either way
                             the result is "failed" with exit_code null and an error naming
                             the limit (null or absent: no cap)
+    dirs: list              directories preopened for the job (--dir, --host-dir), each
+                            {"guest": absolute path, "read_only": bool} and either
+                            "tar_bytes": int (staged: this many bytes of an uncompressed
+                            tar follow the input tar, in the list's order, extracted to the
+                            job's dirs/INDEX; a read-write one gets a manifest of its
+                            files' sha256, dirs/INDEX.manifest.json, for fetch-dir) or
+                            "host_path": str (the host's own directory, not copied; one
+                            that is missing there is an X frame of kind "host_dir")
 
 Absent fields mean false or 0, so a spec without them runs as before: no stdin (EOF), and
 no filesystem at all. input_tar_bytes with has_stdin needs stdin_bytes. A refused input
@@ -111,7 +123,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +140,15 @@ KIND_HELLO = b"H"
 KIND_LAUNCH = b"L"  # a launch's stdin, keyed by its job id
 
 CHUNK_BYTES = 64 * 1024
+# fetch-dir's archive: changed files under DIR_FILES_PREFIX, then this member, a JSON object
+# with "changed" ({path: sha256 at staging, or null for a new file}), "deleted" ({path:
+# sha256 at staging}) and "deleted_dirs" (paths, deepest first).
+DIR_FILES_PREFIX = "files/"
+DIR_CHANGES_MEMBER = "changes.json"
+DIR_CHANGES_KEYS = ("changed", "deleted", "deleted_dirs")
+# At most this many directories per job (each is a preopen and, if staged, a tar).
+MAX_DIRS = 64
+
 # Far above any real frame (output chunks are 64 KiB): a bigger length means the stream is
 # not ours, e.g. a login shell printed a banner before the runner started.
 MAX_FRAME_BYTES = 16 << 20
@@ -280,7 +301,7 @@ class FrameDecoder:
 
 # States a job's result.json may hold (a job the runner cannot vouch for is `failed`).
 RESULT_STATES = ("succeeded", "failed", "timeout", "out_of_memory", "cancelled")
-# X frame kinds in use: spec, exists, io, input, no_wasmtime, missing, protocol. The
+# X frame kinds in use: spec, exists, io, input, no_wasmtime, missing, protocol, host_dir. The
 # coordinator acts on some and reports the rest as they are, so a kind is only checked to
 # be a short identifier: a newer runner may add one.
 _ERROR_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -466,9 +487,13 @@ def encode_launch_spec(
     stdin: bytes | None = None,
     input_tar: bytes = b"",
     key: str | None = None,
+    dirs: Sequence[dict[str, Any]] = (),
+    dir_tars: Sequence[bytes] = (),
 ) -> bytes:
     """A launch's stdin (an L frame's payload with `key`): the spec line, the job's stdin,
-    then the input tar. validate_spec is what the runner holds it to."""
+    the input tar, then the staged directories' tars. `dirs` are the spec's entries without
+    tar_bytes: each one without host_path takes the next of `dir_tars`.
+    validate_spec is what the runner holds it to."""
     header: dict[str, Any] = {
         "runner_version": runner_version(),
         "wasm_sha256": wasm_sha256,
@@ -486,7 +511,13 @@ def encode_launch_spec(
         header["stdin_bytes"] = len(stdin)
     if key is not None:
         header["key"] = key
-    return json.dumps(header).encode() + b"\n" + (stdin or b"") + input_tar
+    if dirs:
+        tars = iter(dir_tars)
+        header["dirs"] = [
+            entry if "host_path" in entry else {**entry, "tar_bytes": len(next(tars))}
+            for entry in dirs
+        ]
+    return json.dumps(header).encode() + b"\n" + (stdin or b"") + input_tar + b"".join(dir_tars)
 
 
 def encode_hello() -> bytes:
@@ -560,6 +591,9 @@ def validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
     max_output_bytes = raw.get("max_output_bytes")
     if max_output_bytes is not None and not (is_count(max_output_bytes) and max_output_bytes):
         raise ValueError("max_output_bytes must be a positive integer or null")
+    dirs = _validate_dirs(raw.get("dirs", []), is_text, is_count)
+    if dirs and has_stdin and stdin_bytes is None:
+        raise ValueError("dirs with has_stdin needs stdin_bytes")
     return {
         "runner_version": raw["runner_version"],
         "wasm_sha256": sha,
@@ -574,4 +608,47 @@ def validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
         "input_tar_bytes": input_tar_bytes,
         "output": output,
         "max_output_bytes": max_output_bytes,
+        "dirs": dirs,
     }
+
+
+def guest_path_problem(guest: str) -> str | None:
+    """Why `guest` cannot be where a directory is preopened, or None: it must be absolute
+    and normal (no '.', '..' or empty components except the root itself), without NUL."""
+    if "\0" in guest or not guest.startswith("/"):
+        return "must be an absolute path (like /data)"
+    parts = guest.split("/")[1:]
+    if guest != "/" and any(part in ("", ".", "..") for part in parts):
+        return "must not hold '.', '..' or empty components"
+    return None
+
+
+def _validate_dirs(
+    raw: object, is_text: Callable[[object], bool], is_count: Callable[[object], bool]
+) -> list[dict[str, Any]]:
+    if not isinstance(raw, list) or len(raw) > MAX_DIRS:
+        raise ValueError(f"dirs must be a list of at most {MAX_DIRS} directories")
+    dirs: list[dict[str, Any]] = []
+    guests: set[str] = set()
+    for entry in raw:
+        if not isinstance(entry, dict):
+            raise ValueError("each of dirs must be an object")
+        guest, read_only = entry.get("guest"), entry.get("read_only")
+        if not is_text(guest) or guest_path_problem(guest) is not None:  # type: ignore[arg-type]
+            raise ValueError(f"dirs: guest {_preview(guest)} {guest_path_problem(str(guest))}")
+        if guest in guests:
+            raise ValueError(f"dirs: guest {guest} appears twice")
+        guests.add(guest)  # type: ignore[arg-type]
+        if not isinstance(read_only, bool):
+            raise ValueError("dirs: read_only must be true or false")
+        if "host_path" in entry:
+            host_path = entry["host_path"]
+            if not is_text(host_path) or not host_path:
+                raise ValueError("dirs: host_path must be a non-empty string")
+            dirs.append({"guest": guest, "read_only": read_only, "host_path": host_path})
+        else:
+            tar_bytes = entry.get("tar_bytes")
+            if not is_count(tar_bytes):
+                raise ValueError("dirs: tar_bytes must be a non-negative integer")
+            dirs.append({"guest": guest, "read_only": read_only, "tar_bytes": tar_bytes})
+    return dirs

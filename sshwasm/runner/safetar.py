@@ -7,7 +7,7 @@ import io
 import os
 import select
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, BinaryIO
 
@@ -268,3 +268,126 @@ def write_all(fd: int, data: bytes) -> None:
             select.select([], [fd], [])
             continue
         view = view[written:]
+
+
+# ------------------------------------------------------------------- staged directories
+
+# A directory's entry in a tree manifest (a regular file's is its sha256 in hex).
+DIRECTORY_MARK = "dir"
+
+
+def _walk_tree(root: str) -> Iterator[tuple[str, int | None]]:
+    """Yield (relative path, descriptor) for each directory and regular file under `root`,
+    parents first; a file's descriptor is open for reading and closed after the next step.
+
+    Symbolic links are never followed nor listed, nor special files, nor what lies deeper
+    than MAX_OUTPUT_DEPTH: each directory is opened relative to its parent with O_NOFOLLOW.
+    """
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    file_flags = os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0)
+    root_fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow)
+    stack: list[tuple[int, str, list[str]]] = [(root_fd, "", sorted(os.listdir(root_fd)))]
+    try:
+        while stack:
+            dir_fd, prefix, names = stack[-1]
+            if not names:
+                os.close(dir_fd)
+                stack.pop()
+                continue
+            name = names.pop(0)
+            try:
+                fd = os.open(name, file_flags, dir_fd=dir_fd)
+            except OSError:
+                continue  # a symlink (ELOOP), vanished, or unreadable
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode) and len(stack) <= MAX_OUTPUT_DEPTH:
+                try:
+                    children = sorted(os.listdir(fd))
+                except OSError:
+                    children = []
+                yield prefix + name, None
+                stack.append((fd, prefix + name + "/", children))
+                continue
+            try:
+                if stat.S_ISREG(mode):
+                    yield prefix + name, fd
+            finally:
+                os.close(fd)
+    finally:
+        for dir_fd, _, _ in stack:
+            os.close(dir_fd)
+
+
+def tree_manifest(root: str) -> dict[str, str]:
+    """Each directory and regular file under `root` by relative path: DIRECTORY_MARK, or
+    the file's sha256 in hex (what fetch-dir compares with to find what a job changed)."""
+    import hashlib
+
+    manifest: dict[str, str] = {}
+    for path, fd in _walk_tree(root):
+        if fd is None:
+            manifest[path] = DIRECTORY_MARK
+            continue
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        manifest[path] = digest.hexdigest()
+    return manifest
+
+
+def tree_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, Any]:
+    """What changed from the manifest `before` to `after`: "changed" (each file made or
+    changed, with its sha256 before or None), "deleted" (each file gone, or now a
+    directory, with its sha256 before), "deleted_dirs" (deepest first) and "new_dirs"."""
+    changed = {
+        path: (None if before.get(path, DIRECTORY_MARK) == DIRECTORY_MARK else before[path])
+        for path, mark in after.items()
+        if mark != DIRECTORY_MARK and before.get(path) != mark
+    }
+    deleted = {
+        path: mark
+        for path, mark in before.items()
+        if mark != DIRECTORY_MARK and after.get(path, DIRECTORY_MARK) == DIRECTORY_MARK
+    }
+    deleted_dirs = sorted(
+        (path for path, mark in before.items() if mark == DIRECTORY_MARK and path not in after),
+        key=lambda path: (-path.count("/"), path),
+    )
+    new_dirs = [
+        path for path, mark in after.items() if mark == DIRECTORY_MARK and path not in before
+    ]
+    return {
+        "changed": changed,
+        "deleted": deleted,
+        "deleted_dirs": deleted_dirs,
+        "new_dirs": new_dirs,
+    }
+
+
+def write_changes_as_tar(
+    root: str, changes: dict[str, Any], sink: BinaryIO, prefix: str, trailer: tuple[str, bytes]
+) -> None:
+    """Write the new directories and the changed files of `changes` (tree_changes) under
+    `root` to `sink` as a tar, each named `prefix` + its path, then the member `trailer`
+    (name, bytes). Files are read as the walk finds them (never through a link)."""
+    import tarfile
+
+    wanted_dirs = set(changes["new_dirs"])
+    wanted_files = set(changes["changed"])
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for path, fd in _walk_tree(root):
+            member = tarfile.TarInfo(prefix + path)
+            if fd is None:
+                if path in wanted_dirs:
+                    member.type, member.mode = tarfile.DIRTYPE, 0o700
+                    archive.addfile(member)
+                continue
+            if path not in wanted_files:
+                continue
+            size = os.fstat(fd).st_size
+            member.mode, member.size = 0o600, size
+            archive.addfile(member, BoundedReader(partial(os.read, fd), size, pad=True))
+        name, data = trailer
+        member = tarfile.TarInfo(name)
+        member.mode, member.size = 0o600, len(data)
+        archive.addfile(member, io.BytesIO(data))
