@@ -119,6 +119,11 @@ class JobRecord:
     output_conflicts: int | None
     attempts: int
     attempt_hosts: str | None
+    fuel: int | None
+    fuel_used: int | None
+    rerun_of: int | None
+    verify: bool
+    reused_from: int | None
 
     @classmethod
     def of(cls, job: StoredJob) -> JobRecord:
@@ -159,6 +164,11 @@ class JobRecord:
             output_conflicts=job.output_conflicts,
             attempts=job.attempts,
             attempt_hosts=job.attempt_hosts,
+            fuel=job.fuel,
+            fuel_used=job.fuel_used,
+            rerun_of=job.rerun_of,
+            verify=job.verify,
+            reused_from=job.reused_from,
         )
 
     @property

@@ -13,6 +13,7 @@ from typing import Any
 
 from .cluster import Host
 from .errors import HostUnreachable, RemoteError, SshwasmError
+from .fingerprint import recorded_reuse_key
 from .job_output import JobOutput, OutputCollected, collect_output, output_limit_error
 from .liveness import needs_refresh
 from .runner_client import RunnerClient, StreamOutcome
@@ -41,6 +42,7 @@ def result_fields(result: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": result.get("cpu_s"),
         "peak_memory_bytes": result.get("peak_memory_bytes"),
         "finished_at": result.get("finished_at"),
+        "fuel_used": result.get("fuel_used"),
     }
 
 
@@ -72,6 +74,9 @@ async def record_end(
             # Held here too, whatever the host said: the job ends as over its cap.
             state, fields["exit_code"] = JobState.FAILED, None
             fields["error"] = output_limit_error(job.max_output_mb)
+        if state is JobState.SUCCEEDED:
+            # Only a success can be reused (--reuse): its key, from content alone.
+            fields["reuse_key"] = recorded_reuse_key(store.path, job)
         store.finish(job.id, state, **fields, **output.fields())
         return [text for text in (collected.problem, collected.warning) if text]
     if outcome.error is not None:

@@ -69,6 +69,7 @@ class LaunchSpec:
     wall_limit_s: float | None = None
     output: bool = False
     max_output_bytes: int | None = None
+    fuel: int | None = None  # a fuel budget; None: fuel is not counted
 
     def encode(self, stdin: bytes | None, input_tar: bytes = b"", key: str | None = None) -> bytes:
         """The launch command's stdin: one JSON line, the job's stdin, then the input tar."""
@@ -84,6 +85,7 @@ class LaunchSpec:
             stdin=stdin,
             input_tar=input_tar,
             key=key,
+            fuel=self.fuel,
         )
 
 

@@ -69,6 +69,12 @@ RECORD_FIELDS = (
     "output_conflicts",
     "attempts",
     "attempt_hosts",
+    # fuel, reruns, --verify and --reuse (issue 11)
+    "fuel",
+    "fuel_used",
+    "rerun_of",
+    "verify",
+    "reused_from",
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its
@@ -239,6 +245,10 @@ class JobSpec:
     retry_failed: bool = False  # a guest's own failure is retried too
     after: tuple[int, ...] = ()  # placed only once these jobs ended (see after_any)
     after_any: bool = False  # any final state of `after` will do, not only succeeded
+    # Fuel, reruns, --verify and --reuse (issue 11).
+    fuel: int | None = None  # a fuel budget; None: fuel is not counted
+    rerun_of: int | None = None  # the job this one runs again (`sshwasm rerun`)
+    verify: bool = False  # runs on two hosts at once, succeeded only if both agree
 
 
 # A value of the public job record (README.md, "The job record"): JSON scalars only.
@@ -439,6 +449,16 @@ def _set_attempt_settings(db: sqlite3.Connection, spec: JobSpec, first: int, las
     )
 
 
+def _set_fuel_settings(db: sqlite3.Connection, spec: JobSpec, first: int, last: int) -> None:
+    """Store --fuel, --verify and `rerun`'s origin with just-submitted rows (same transaction)."""
+    if spec.fuel is None and spec.rerun_of is None and not spec.verify:
+        return
+    db.execute(
+        "UPDATE jobs SET fuel = ?, rerun_of = ?, verify = ? WHERE id BETWEEN ? AND ?",
+        (spec.fuel, spec.rerun_of, int(spec.verify), first, last),
+    )
+
+
 class JobStore:
     """A jobs file opened for reading and writing.
 
@@ -633,6 +653,7 @@ class JobStore:
                 (row(index, first + index, task, array_id) for index, task in enumerate(tasks)),
             )
             _set_attempt_settings(db, spec, ids[0], ids[-1])
+            _set_fuel_settings(db, spec, ids[0], ids[-1])
         return ids
 
     def place_waiting(

@@ -117,6 +117,8 @@ def _build_spec(ctx: Context, interactive: bool) -> JobSpec:
         retry_failed=args.retry_failed,
         after=tuple(args.after or args.after_any or ()),
         after_any=args.after_any is not None,
+        fuel=args.fuel,
+        verify=args.verify,
     )
 
 

@@ -56,6 +56,11 @@ the runner got the launch, so loading and compiling the module count too.
                             monitor thread ends the job when the sum passes it; either way
                             the result is "failed" with exit_code null and an error naming
                             the limit (null or absent: no cap)
+    fuel: int               the guest may execute this many units of wasmtime fuel
+                            (1..MAX_FUEL; null or absent: fuel is not counted, which
+                            costs nothing). Past it the result is "timeout", exit code
+                            124, an error saying fuel ran out; result.json's fuel_used
+                            says how much the guest used (null without a budget)
 
 Absent fields mean false or 0, so a spec without them runs as before: no stdin (EOF), and
 no filesystem at all. input_tar_bytes with has_stdin needs stdin_bytes. A refused input
@@ -157,7 +162,11 @@ RESULT_KEYS = (
     "module_compile_s",
     "module_cached",
     "wasmtime_version",
+    "fuel_used",
 )
+
+# The largest fuel budget a spec may give: wasmtime's fuel is a signed 64-bit count.
+MAX_FUEL = (1 << 63) - 1
 
 _HEADER = struct.Struct(">cI")
 # A module's sha256, its name in the workdir's wasm/ directory.
@@ -359,6 +368,7 @@ RESULT_SCHEMA: _Schema = {
     "module_compile_s": _optional(_is_seconds),
     "module_cached": _optional(lambda value: isinstance(value, bool)),
     "wasmtime_version": _optional(_text(MAX_SHORT_CHARS)),
+    "fuel_used": _optional(_in_range(0, MAX_FUEL)),
 }
 _PID = _in_range(1, (1 << 31) - 1)
 _MESSAGE_SCHEMAS: dict[bytes, _Schema] = {
@@ -466,6 +476,7 @@ def encode_launch_spec(
     stdin: bytes | None = None,
     input_tar: bytes = b"",
     key: str | None = None,
+    fuel: int | None = None,
 ) -> bytes:
     """A launch's stdin (an L frame's payload with `key`): the spec line, the job's stdin,
     then the input tar. validate_spec is what the runner holds it to."""
@@ -486,6 +497,8 @@ def encode_launch_spec(
         header["stdin_bytes"] = len(stdin)
     if key is not None:
         header["key"] = key
+    if fuel is not None:
+        header["fuel"] = fuel
     return json.dumps(header).encode() + b"\n" + (stdin or b"") + input_tar
 
 
@@ -560,6 +573,9 @@ def validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
     max_output_bytes = raw.get("max_output_bytes")
     if max_output_bytes is not None and not (is_count(max_output_bytes) and max_output_bytes):
         raise ValueError("max_output_bytes must be a positive integer or null")
+    fuel = raw.get("fuel")
+    if fuel is not None and not (is_count(fuel) and 1 <= fuel <= MAX_FUEL):
+        raise ValueError(f"fuel must be an integer from 1 to {MAX_FUEL}, or null")
     return {
         "runner_version": raw["runner_version"],
         "wasm_sha256": sha,
@@ -574,4 +590,5 @@ def validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
         "input_tar_bytes": input_tar_bytes,
         "output": output,
         "max_output_bytes": max_output_bytes,
+        "fuel": fuel,
     }
