@@ -70,8 +70,14 @@ def cmd_status(ctx: Context) -> int:
     for key, value in record.items():
         if key in ("stdout", "stderr"):
             continue
-        if value is not None:
+        if value is not None and not (key == "verify" and not value):
             say(f"{key}: {value}")
+    if job.array_id is not None and job.fuel is not None:
+        from ..report import total_fuel_used
+
+        # A sweep's cost in host-independent units: the fuel all its tasks used so far.
+        tasks = ctx.store.array_tasks(job.array_id)
+        say(f"array_fuel_used: {total_fuel_used(tasks)} ({len(tasks)} tasks)")
     for entry in job.history:  # earlier attempts (--retries, resume), oldest first
         late = entry.get("late")
         heard = f" (its host later said: {late['state']})" if late else ""
