@@ -135,7 +135,8 @@ def reuse_key(job: Job, stdin_sha256: str | None, staged: Mapping[str, str]) -> 
     no stdin), the content hashes of what is staged in (`staged`: "input" is the input
     tar's fingerprint; staged directories add their own entries by guest path), the
     directories as recorded in `Job.dirs`, whether the job gets an /output, and the limits
-    that can change a result: memory, time limit, fuel budget and output cap. Not cpus: a
+    that can change a result: memory, time limit, fuel budget and output cap, and whether
+    the result was verified on two hosts (--verify). Not cpus: a
     wasm32-wasip1 guest runs on one thread whatever it reserved. Not the job's name, host,
     labels, times or the paths its files came from.
     """
@@ -152,6 +153,8 @@ def reuse_key(job: Job, stdin_sha256: str | None, staged: Mapping[str, str]) -> 
         "time_limit_s": job.time_limit_s,
         "fuel": job.fuel,
         "max_output_mb": job.max_output_mb,
+        # A --verify job takes only a verified result.
+        "verify": job.verify,
     }
     return bytes_sha256(json.dumps(content, sort_keys=True).encode())
 

@@ -981,6 +981,15 @@ class JobStore:
         rows = self._read("SELECT * FROM jobs WHERE array_id = ? ORDER BY array_task", (array_id,))
         return [Job.from_row(row) for row in rows]
 
+    def succeeded_with_reuse_key(self, key: str) -> list[Job]:
+        """Succeeded jobs with this --reuse key, those that really ran first, newest first."""
+        rows = self._read(
+            """SELECT * FROM jobs WHERE reuse_key = ? AND state = ?
+               ORDER BY reused_from IS NOT NULL, id DESC""",
+            (key, JobState.SUCCEEDED.value),
+        )
+        return [Job.from_row(row) for row in rows]
+
     def get(self, job_id: int) -> Job:
         """One job; raises JobNotFound."""
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))

@@ -21,12 +21,13 @@ from .show import (
     report_end,
     say,
     table,
+    warn,
     write_err,
     write_out,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from ..cluster import Cluster
     from ..schedule import Request
@@ -65,12 +66,25 @@ def cmd_run(ctx: Context) -> int:
     job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
+    reused = _reuse(ctx, job_ids, stdin_data, interactive) if args.reuse else []
+    to_run = [job_id for job_id in job_ids if job_id not in set(reused)]
     if args.detach:
-        spawn_coordinator(ctx, job_ids)
+        if to_run:
+            spawn_coordinator(ctx, to_run)
         print("\n".join(str(job_id) for job_id in job_ids))
         return ExitStatus.OK
     if shape.size is not None:
-        return run_array(ctx, job_ids, interactive)
+        return run_array(ctx, to_run, interactive, reused)
+    if reused:
+        # Nothing ran: the output is the reused job's, as a run would have shown it.
+        job = ctx.store.get(reused[0])
+        if args.json:
+            print_json(job.record())
+        else:
+            directory = paths.job_output_dir(ctx.store.path, job.id)
+            copy_output(directory / "stdout", write_out, None)
+            copy_output(directory / "stderr", write_err, None)
+        return job_exit_status(job)
     handlers = coordinator_handlers(show_output=not args.json, show_notices=interactive)
     (job,) = coordinate_jobs(ctx, job_ids, handlers)
     if args.json:
@@ -122,6 +136,22 @@ def _build_spec(ctx: Context, interactive: bool) -> JobSpec:
     )
 
 
+def _reuse(ctx: Context, job_ids: list[int], stdin: bytes | None, interactive: bool) -> list[int]:
+    """--reuse: the ids of the just-submitted jobs that took a succeeded job's result."""
+    from ..reuse import reuse_jobs
+
+    def say_notice(text: str) -> None:
+        if interactive:
+            notice(text)
+
+    reused = reuse_jobs(ctx.store, job_ids, stdin, say_notice)
+    for taken in reused:
+        say_notice(f"job {taken.job_id} reused the result of job {taken.source_id}: nothing ran")
+        for warning in taken.warnings:
+            warn(warning)
+    return [taken.job_id for taken in reused]
+
+
 def _check_attempt_flags(ctx: Context) -> None:
     """--retries, --retry-failed, --after and --after-any make sense together; the jobs
     named exist (checked before anything is submitted)."""
@@ -132,6 +162,9 @@ def _check_attempt_flags(ctx: Context) -> None:
         raise UsageError("--retry-failed needs --retries N (how many more attempts)")
     if args.after is not None and args.after_any is not None:
         raise UsageError("--after and --after-any cannot be combined; give one list")
+    if args.reuse and (args.after is not None or args.after_any is not None):
+        # The inputs may be what the dependencies write: only known once they ended.
+        raise UsageError("--reuse cannot be combined with --after or --after-any")
     check_dependencies(ctx.store, args.after or args.after_any or [])
 
 
@@ -167,8 +200,11 @@ def _dry_run(ctx: Context, cluster: Cluster, request: Request) -> int:
     return ExitStatus.OK
 
 
-def run_array(ctx: Context, job_ids: list[int], interactive: bool) -> int:
-    """Run an array's tasks side by side, printing each task's output whole as it ends."""
+def run_array(
+    ctx: Context, job_ids: list[int], interactive: bool, reused: Sequence[int] = ()
+) -> int:
+    """Run an array's tasks side by side, printing each task's output whole as it ends;
+    `reused` tasks (--reuse) ended already: their output is printed first."""
     from .coordinate import coordinate_jobs, coordinator_handlers
 
     args = ctx.args
@@ -181,24 +217,32 @@ def run_array(ctx: Context, job_ids: list[int], interactive: bool) -> int:
                 copy_output(directory / stream, write, prefix)
         report_end(job)
 
+    done = ctx.store.get_many(reused)
+    for job in done:
+        show(job)
     handlers = coordinator_handlers(show_output=False, show_notices=interactive)
-    progress = _progress(ctx, job_ids, interactive)
+    progress = _progress(ctx, [*reused, *job_ids], interactive) if job_ids else None
     on_done: Callable[[Job], None] = show
     if progress is not None:
         on_done = progress.around_end(show)
         handlers.notice = progress.around(handlers.notice)
         handlers.warning = progress.around(handlers.warning)
     try:
-        jobs = coordinate_jobs(
-            ctx,
-            job_ids,
-            handlers,
-            on_done=on_done,
-            on_tick=progress.tick if progress is not None else None,
+        jobs = done + (
+            coordinate_jobs(
+                ctx,
+                job_ids,
+                handlers,
+                on_done=on_done,
+                on_tick=progress.tick if progress is not None else None,
+            )
+            if job_ids
+            else []
         )
     finally:
         if progress is not None:
             progress.clear()
+    jobs.sort(key=lambda job: job.id)
     if args.json:
         print_json([job.record() for job in jobs])
     failed = [job for job in jobs if job.state != JobState.SUCCEEDED]
