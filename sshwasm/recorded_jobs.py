@@ -20,6 +20,7 @@ from .runner_client import RunnerClient, StreamOutcome
 from .states import JobState
 from .store import CANCELLED_EXIT_CODE, Job, JobStore
 from .transport import TransportPool
+from .verify import settle
 
 # A job whose host stays unreachable this long after its coordinator is gone becomes `lost`
 # (the next `status` or `jobs` past that time decides); reaching the host again resets it.
@@ -78,6 +79,7 @@ async def record_end(
             # Only a success can be reused (--reuse): its key, from content alone.
             fields["reuse_key"] = recorded_reuse_key(store.path, job)
         store.finish(job.id, state, **fields, **output.fields())
+        settle(store, job.id)  # --verify: judged once both runs ended
         return [text for text in (collected.problem, collected.warning) if text]
     if outcome.error is not None:
         if outcome.error.get("kind") == "missing":

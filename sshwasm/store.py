@@ -251,6 +251,11 @@ class JobSpec:
     verify: bool = False  # runs on two hosts at once, succeeded only if both agree
 
 
+# The second run of a --verify job: verify set, and rerun_of naming the job it checks (a
+# `rerun` never sets verify). An internal row: `jobs` does not list it.
+VERIFY_TWIN_SQL = "verify = 1 AND rerun_of IS NOT NULL"
+
+
 # A value of the public job record (README.md, "The job record"): JSON scalars only.
 RecordValue = str | int | float | None
 
@@ -374,6 +379,11 @@ class Job:
     def history(self) -> list[dict[str, Any]]:
         """How each earlier attempt ended (oldest first)."""
         return list(json.loads(self.attempt_history))
+
+    @property
+    def is_verify_twin(self) -> bool:
+        """Whether this row is the second run of a --verify job (see VERIFY_TWIN_SQL)."""
+        return self.verify and self.rerun_of is not None
 
     @property
     def request(self) -> Request:
@@ -984,11 +994,20 @@ class JobStore:
     def succeeded_with_reuse_key(self, key: str) -> list[Job]:
         """Succeeded jobs with this --reuse key, those that really ran first, newest first."""
         rows = self._read(
-            """SELECT * FROM jobs WHERE reuse_key = ? AND state = ?
-               ORDER BY reused_from IS NOT NULL, id DESC""",
+            f"""SELECT * FROM jobs WHERE reuse_key = ? AND state = ?
+                AND NOT ({VERIFY_TWIN_SQL})
+                ORDER BY reused_from IS NOT NULL, id DESC""",
             (key, JobState.SUCCEEDED.value),
         )
         return [Job.from_row(row) for row in rows]
+
+    def verify_twin(self, job_id: int) -> Job | None:
+        """The second run of --verify job `job_id` (None for any other job)."""
+        rows = self._read(
+            f"SELECT * FROM jobs WHERE rerun_of = ? AND {VERIFY_TWIN_SQL} ORDER BY id LIMIT 1",
+            (job_id,),
+        )
+        return Job.from_row(rows[0]) if rows else None
 
     def get(self, job_id: int) -> Job:
         """One job; raises JobNotFound."""
@@ -1008,12 +1027,16 @@ class JobStore:
             jobs.extend(Job.from_row(row) for row in self._read(sql, chunk))
         return jobs
 
-    def list_jobs(self, limit: int | None = None, state: JobState | None = None) -> list[Job]:
-        """Jobs, newest first."""
-        sql = "SELECT * FROM jobs"
+    def list_jobs(
+        self, limit: int | None = None, state: JobState | None = None, twins: bool = False
+    ) -> list[Job]:
+        """Jobs, newest first; without `twins`, not the second runs of --verify jobs."""
+        sql = "SELECT * FROM jobs WHERE 1"
         params: list[Any] = []
+        if not twins:
+            sql += f" AND NOT ({VERIFY_TWIN_SQL})"
         if state is not None:
-            sql += " WHERE state = ?"
+            sql += " AND state = ?"
             params.append(JobState(state).value)
         sql += " ORDER BY id DESC"
         if limit is not None:

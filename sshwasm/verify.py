@@ -3,15 +3,29 @@ sha256. What `rerun --compare` prints and what `run --verify` judges its two run
 
 A deterministic guest gives the same on every host and run; one that reads the clock or
 random numbers (WASI clock_time_get, random_get) does not, and is said to differ.
+
+`run --verify` submits the job and its twin, a second row pinned to another host (the
+store's VERIFY_TWIN_SQL: hidden from `jobs`), both placed and reserving capacity as any
+job. When the second of the two ends (`settle`, from recorded_jobs.record_end), the job
+stays as it ended if both agree, and is made `failed`, naming the differences, if not.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import paths
+from .cluster import Host
+from .errors import UsageError
 from .fingerprint import output_manifest, stream_sha256
-from .store import Job
+from .schedule import Request, Usage, candidate_hosts, choose_host
+from .states import JobState
+from .store import Job, JobSpec, JobStore
+
+# How a --verify job's error starts when its two runs disagreed (settle is idempotent).
+DISAGREED = "--verify: the runs on"
 
 _CHUNK = 1 << 20
 
@@ -92,3 +106,57 @@ def _first_difference(left: Path, right: Path) -> int:
                 offset += len(a)
     except FileNotFoundError:
         return 0
+
+
+def choose_pair(
+    hosts: Sequence[Host], usage: dict[str, Usage], request: Request
+) -> tuple[Host, Host]:
+    """The two hosts a --verify job runs on: the best fits now (or, when nothing has room
+    now, any that could take it); a UsageError when fewer than two ever could."""
+    possible = candidate_hosts(hosts, request)
+    if len(possible) < 2:
+        could = ", ".join(host.name for host in possible) or "none"
+        raise UsageError(
+            f"--verify runs the job on two different hosts; only one could take it: {could}"
+        )
+    first = choose_host(possible, usage, request) or possible[0]
+    second = choose_host(possible, usage, request, excluded=[first.name]) or next(
+        host for host in possible if host.name != first.name
+    )
+    return first, second
+
+
+def submit_verified(store: JobStore, spec: JobSpec, pair: tuple[Host, Host]) -> tuple[int, int]:
+    """Submit a --verify job on pair[0] and its twin on pair[1]; returns their ids. The
+    twin's /output (if the job has one) goes to a private directory, never to the user's."""
+    main_id = store.submit(dataclasses.replace(spec, verify=True, pinned_host=pair[0].name))
+    twin_spec = dataclasses.replace(
+        spec, verify=True, pinned_host=pair[1].name, rerun_of=main_id, output_dir=None
+    )
+    twin_id = store.submit(twin_spec)
+    if spec.output_dir is not None:
+        private = paths.make_job_output_dir(store.path, twin_id) / "output-tree"
+        store.update(twin_id, output_dir=str(private))
+    return main_id, twin_id
+
+
+def settle(store: JobStore, job_id: int) -> None:
+    """Once both runs of a --verify job ended: if they disagree, the job is `failed` with an
+    error naming the hosts and each difference. Does nothing for other jobs, or before."""
+    job = store.get(job_id)
+    if not job.verify:
+        return
+    main = store.get(job.rerun_of) if job.is_verify_twin and job.rerun_of else job
+    twin = store.verify_twin(main.id)
+    if twin is None or not (main.is_final and twin.is_final):
+        return
+    if main.error and main.error.startswith(DISAGREED):
+        return  # judged already
+    lines = differences(store.path, main, twin)
+    if not lines:
+        return
+    error = (
+        f"{DISAGREED} {main.host} (job {main.id}) and {twin.host} (job {twin.id}) "
+        f"disagree: {'; '.join(lines)}"
+    )
+    store.update(main.id, state=JobState.FAILED.value, error=error)

@@ -78,6 +78,11 @@ def cmd_status(ctx: Context) -> int:
         # A sweep's cost in host-independent units: the fuel all its tasks used so far.
         tasks = ctx.store.array_tasks(job.array_id)
         say(f"array_fuel_used: {total_fuel_used(tasks)} ({len(tasks)} tasks)")
+    twin = ctx.store.verify_twin(job.id) if job.verify else None
+    if twin is not None:
+        # --verify's second run, an internal row `jobs` does not list.
+        twin = refresh(ctx, [twin])[0]
+        say(f"verify_twin: job {twin.id} on {twin.host or '-'} ({twin.state})")
     for entry in job.history:  # earlier attempts (--retries, resume), oldest first
         late = entry.get("late")
         heard = f" (its host later said: {late['state']})" if late else ""

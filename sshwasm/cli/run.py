@@ -63,6 +63,8 @@ def cmd_run(ctx: Context) -> int:
     _check_attempt_flags(ctx)
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
     spec = dataclasses.replace(_build_spec(ctx, interactive), **shape.spec_fields())
+    if args.verify:
+        return _run_verified(ctx, spec, stdin_data, interactive)
     job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
@@ -77,14 +79,7 @@ def cmd_run(ctx: Context) -> int:
         return run_array(ctx, to_run, interactive, reused)
     if reused:
         # Nothing ran: the output is the reused job's, as a run would have shown it.
-        job = ctx.store.get(reused[0])
-        if args.json:
-            print_json(job.record())
-        else:
-            directory = paths.job_output_dir(ctx.store.path, job.id)
-            copy_output(directory / "stdout", write_out, None)
-            copy_output(directory / "stderr", write_err, None)
-        return job_exit_status(job)
+        return _show_single(ctx, ctx.store.get(reused[0]))
     handlers = coordinator_handlers(show_output=not args.json, show_notices=interactive)
     (job,) = coordinate_jobs(ctx, job_ids, handlers)
     if args.json:
@@ -136,6 +131,62 @@ def _build_spec(ctx: Context, interactive: bool) -> JobSpec:
     )
 
 
+def _run_verified(ctx: Context, spec: JobSpec, stdin_data: bytes | None, interactive: bool) -> int:
+    """`run --verify`: the job and its twin on two hosts at once, judged when both ended;
+    the job's output is shown once it is known (the twin's is not shown)."""
+    from ..reuse import reuse_jobs
+    from ..schedule import Request
+    from ..verify import choose_pair, settle, submit_verified
+    from .coordinate import coordinate_jobs, coordinator_handlers, spawn_coordinator
+
+    args = ctx.args
+    store = ctx.store
+    request = Request(spec.cpus, spec.memory_mb, None, spec.labels)
+    pair = choose_pair(ctx.cluster().hosts, store.usage(), request)
+    main_id, twin_id = submit_verified(store, spec, pair)
+    if stdin_data is not None:
+        store.keep_stdin([main_id, twin_id], stdin_data)
+    if args.reuse:
+        taken = reuse_jobs(store, [main_id], stdin_data, notice if interactive else _quiet)
+        if taken:
+            # A verified result: the twin has nothing left to check.
+            store.cancel_unstarted(twin_id)
+            return _show_single(ctx, store.get(main_id))
+    if args.detach:
+        spawn_coordinator(ctx, [main_id, twin_id])
+        print(main_id)
+        return ExitStatus.OK
+    if interactive:
+        notice(f"job {main_id} runs on {pair[0].name} and {pair[1].name} (--verify)")
+    handlers = coordinator_handlers(show_output=False, show_notices=interactive)
+    # Side by side: each run's failure is its own, and the judgment says what differs.
+    coordinate_jobs(ctx, [main_id, twin_id], handlers, on_done=_ignore_job)
+    settle(store, main_id)
+    job = store.get(main_id)
+    status = _show_single(ctx, job)
+    report_end(job)
+    return status
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def _ignore_job(_: Job) -> None:
+    return None
+
+
+def _show_single(ctx: Context, job: Job) -> int:
+    """Print a job that ended without streaming: its record with --json, else its output."""
+    if ctx.args.json:
+        print_json(job.record())
+    else:
+        directory = paths.job_output_dir(ctx.store.path, job.id)
+        copy_output(directory / "stdout", write_out, None)
+        copy_output(directory / "stderr", write_err, None)
+    return job_exit_status(job)
+
+
 def _reuse(ctx: Context, job_ids: list[int], stdin: bytes | None, interactive: bool) -> list[int]:
     """--reuse: the ids of the just-submitted jobs that took a succeeded job's result."""
     from ..reuse import reuse_jobs
@@ -162,6 +213,8 @@ def _check_attempt_flags(ctx: Context) -> None:
         raise UsageError("--retry-failed needs --retries N (how many more attempts)")
     if args.after is not None and args.after_any is not None:
         raise UsageError("--after and --after-any cannot be combined; give one list")
+    if args.verify and (args.array is not None or args.host is not None):
+        raise UsageError("--verify picks two hosts for one job: not with --array or --host")
     if args.reuse and (args.after is not None or args.after_any is not None):
         # The inputs may be what the dependencies write: only known once they ended.
         raise UsageError("--reuse cannot be combined with --after or --after-any")
