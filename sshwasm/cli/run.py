@@ -29,7 +29,7 @@ from .show import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from ..cluster import Cluster
+    from ..cluster import Cluster, Host
     from ..schedule import Request
     from ..store import Job, JobSpec
     from .progress import Progress
@@ -61,10 +61,11 @@ def cmd_run(ctx: Context) -> int:
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
     _check_attempt_flags(ctx)
+    pair = _verify_pair(ctx, cluster, request) if args.verify else None
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
     spec = dataclasses.replace(_build_spec(ctx, interactive), **shape.spec_fields())
-    if args.verify:
-        return _run_verified(ctx, spec, stdin_data, interactive)
+    if pair is not None:
+        return _run_verified(ctx, spec, pair, stdin_data, interactive)
     job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
@@ -131,18 +132,28 @@ def _build_spec(ctx: Context, interactive: bool) -> JobSpec:
     )
 
 
-def _run_verified(ctx: Context, spec: JobSpec, stdin_data: bytes | None, interactive: bool) -> int:
+def _verify_pair(ctx: Context, cluster: Cluster, request: Request) -> tuple[Host, Host]:
+    """--verify's two hosts, chosen before anything is built or submitted."""
+    from ..verify import choose_pair
+
+    return choose_pair(cluster.hosts, ctx.store.usage(), request)
+
+
+def _run_verified(
+    ctx: Context,
+    spec: JobSpec,
+    pair: tuple[Host, Host],
+    stdin_data: bytes | None,
+    interactive: bool,
+) -> int:
     """`run --verify`: the job and its twin on two hosts at once, judged when both ended;
     the job's output is shown once it is known (the twin's is not shown)."""
     from ..reuse import reuse_jobs
-    from ..schedule import Request
-    from ..verify import choose_pair, settle, submit_verified
+    from ..verify import settle, submit_verified
     from .coordinate import coordinate_jobs, coordinator_handlers, spawn_coordinator
 
     args = ctx.args
     store = ctx.store
-    request = Request(spec.cpus, spec.memory_mb, None, spec.labels)
-    pair = choose_pair(ctx.cluster().hosts, store.usage(), request)
     main_id, twin_id = submit_verified(store, spec, pair)
     if stdin_data is not None:
         store.keep_stdin([main_id, twin_id], stdin_data)
