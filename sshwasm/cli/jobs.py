@@ -129,6 +129,9 @@ def cmd_cancel(ctx: Context) -> int:
 
     store = ctx.store
     jobs = [store.get(job_id) for job_id in ctx.args.job_ids]
+    # A --verify job's second run goes with it.
+    twins = [store.verify_twin(job.id) for job in jobs if job.verify]
+    jobs += [twin for twin in twins if twin is not None and twin.id not in ctx.args.job_ids]
 
     status = ExitStatus.OK
     for job, problem in with_pool(lambda pool: cancel_jobs(store, jobs, pool)):
