@@ -10,6 +10,7 @@ its /output is fetched, before it is merged into `--output DIR`, where other fil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -43,6 +44,13 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """file_sha256 of one of sshwasm's own kept files (a job's stdin copy), remembered by
+    its size and mtime: an array's tasks share one copy, hashed once, not once per task."""
+    return file_sha256(Path(path))
 
 
 def tar_fingerprint(tar: bytes) -> str:
@@ -165,7 +173,8 @@ def recorded_reuse_key(db_path: Path, job: Job) -> str | None:
     stdin_sha: str | None = None
     if job.stdin_path:
         try:
-            stdin_sha = file_sha256(Path(job.stdin_path))
+            facts = os.stat(job.stdin_path)
+            stdin_sha = _kept_file_sha256(job.stdin_path, facts.st_size, facts.st_mtime_ns)
         except OSError:
             return None
     staged: dict[str, str] = {}

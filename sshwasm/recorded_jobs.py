@@ -79,7 +79,8 @@ async def record_end(
             # Only a success can be reused (--reuse): its key, from content alone.
             fields["reuse_key"] = recorded_reuse_key(store.path, job)
         store.finish(job.id, state, **fields, **output.fields())
-        settle(store, job.id)  # --verify: judged once both runs ended
+        if job.verify:
+            settle(store, job.id)  # judged once both runs ended
         return [text for text in (collected.problem, collected.warning) if text]
     if outcome.error is not None:
         if outcome.error.get("kind") == "missing":
