@@ -10,6 +10,7 @@ its /output is fetched, before it is merged into `--output DIR`, where other fil
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -87,13 +88,14 @@ def tree_manifest(root: Path) -> dict[str, str]:
     return dict(sorted(manifest.items()))
 
 
-def save_input_fingerprint(db_path: Path, job_id: int, tar: bytes) -> str:
-    """Record the fingerprint of the input tar job `job_id` was given; returns it."""
+def save_input_fingerprint(db_path: Path, job_id: int, tar: bytes) -> None:
+    """Record the fingerprint of the input tar job `job_id` was given. Never fails the job:
+    without it, `rerun` says the input was never recorded and --reuse skips the job."""
     fingerprint = tar_fingerprint(tar)
-    directory = paths.make_job_output_dir(db_path, job_id)
-    with paths.open_private(directory / INPUT_FILE, "wb") as handle:
-        handle.write(fingerprint.encode())
-    return fingerprint
+    with contextlib.suppress(OSError):
+        directory = paths.make_job_output_dir(db_path, job_id)
+        with paths.open_private(directory / INPUT_FILE, "wb") as handle:
+            handle.write(fingerprint.encode())
 
 
 def input_fingerprint(db_path: Path, job_id: int) -> str | None:
@@ -106,11 +108,13 @@ def input_fingerprint(db_path: Path, job_id: int) -> str | None:
 
 
 def save_output_manifest(db_path: Path, job_id: int, tree: Path) -> None:
-    """Record the /output tree of job `job_id` as fetched (before it is merged)."""
-    manifest = tree_manifest(tree)
-    directory = paths.make_job_output_dir(db_path, job_id)
-    with paths.open_private(directory / OUTPUT_FILE, "wb") as handle:
-        handle.write(json.dumps(manifest).encode())
+    """Record the /output tree of job `job_id` as fetched (before it is merged). Never
+    fails the fetch: without it, a comparison says there is no recorded /output."""
+    with contextlib.suppress(OSError):
+        manifest = tree_manifest(tree)
+        directory = paths.make_job_output_dir(db_path, job_id)
+        with paths.open_private(directory / OUTPUT_FILE, "wb") as handle:
+            handle.write(json.dumps(manifest).encode())
 
 
 def output_manifest(db_path: Path, job_id: int) -> dict[str, str] | None:

@@ -70,7 +70,12 @@ def reuse_jobs(
         for candidate in store.succeeded_with_reuse_key(key):
             if candidate.id == job.id:
                 continue
-            taken = _take_result(store, job, candidate, key)
+            try:
+                taken = _take_result(store, job, candidate, key)
+            except OSError as exc:
+                # The job then runs, and its own output goes where this could not.
+                notice(f"cannot reuse the result of job {candidate.id}: {exc}")
+                continue
             if taken is not None:
                 reused.append(taken)
                 break

@@ -104,7 +104,7 @@ def _first_difference(left: Path, right: Path) -> int:
                 if not a:
                     return offset
                 offset += len(a)
-    except FileNotFoundError:
+    except OSError:
         return 0
 
 
