@@ -44,6 +44,7 @@ def test_reuse_takes_a_succeeded_result_without_running_and_only_for_the_same_co
 
     original, real_s = run(tmp_path / "out1")
     assert original["state"] == "succeeded" and original["reused_from"] is None
+    assert original["fuel"] is None and original["fuel_used"] is None  # fuel not counted
     summary = (tmp_path / "out1" / "summary.txt").read_bytes()
     assert b"a.txt 6" in summary and b"sub/b.txt 10" in summary
 
