@@ -70,7 +70,8 @@ def cmd_run(ctx: Context) -> int:
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
     reused = _reuse(ctx, job_ids, stdin_data, interactive) if args.reuse else []
-    to_run = [job_id for job_id in job_ids if job_id not in set(reused)]
+    taken = set(reused)
+    to_run = [job_id for job_id in job_ids if job_id not in taken]
     if args.detach:
         if to_run:
             spawn_coordinator(ctx, to_run)
@@ -148,7 +149,6 @@ def _run_verified(
 ) -> int:
     """`run --verify`: the job and its twin on two hosts at once, judged when both ended;
     the job's output is shown once it is known (the twin's is not shown)."""
-    from ..reuse import reuse_jobs
     from ..verify import settle, submit_verified
     from .coordinate import coordinate_jobs, coordinator_handlers, spawn_coordinator
 
@@ -157,12 +157,10 @@ def _run_verified(
     main_id, twin_id = submit_verified(store, spec, pair)
     if stdin_data is not None:
         store.keep_stdin([main_id, twin_id], stdin_data)
-    if args.reuse:
-        taken = reuse_jobs(store, [main_id], stdin_data, notice if interactive else _quiet)
-        if taken:
-            # A verified result: the twin has nothing left to check.
-            store.cancel_unstarted(twin_id)
-            return _show_single(ctx, store.get(main_id))
+    if args.reuse and _reuse(ctx, [main_id], stdin_data, interactive):
+        # A verified result: the twin has nothing left to check.
+        store.cancel_unstarted(twin_id)
+        return _show_single(ctx, store.get(main_id))
     if args.detach:
         spawn_coordinator(ctx, [main_id, twin_id])
         print(main_id)
@@ -177,10 +175,6 @@ def _run_verified(
     status = _show_single(ctx, job)
     report_end(job)
     return status
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 def _ignore_job(_: Job) -> None:
