@@ -121,6 +121,11 @@ class JobRecord:
     attempt_hosts: str | None
     # --dir, --host-dir
     dirs: str | None
+    fuel: int | None
+    fuel_used: int | None
+    rerun_of: int | None
+    verify: bool
+    reused_from: int | None
 
     @classmethod
     def of(cls, job: StoredJob) -> JobRecord:
@@ -162,6 +167,11 @@ class JobRecord:
             attempts=job.attempts,
             attempt_hosts=job.attempt_hosts,
             dirs=job.record()["dirs"],  # type: ignore[arg-type]
+            fuel=job.fuel,
+            fuel_used=job.fuel_used,
+            rerun_of=job.rerun_of,
+            verify=job.verify,
+            reused_from=job.reused_from,
         )
 
     @property
@@ -408,6 +418,7 @@ class Client:
         overwrite: bool = False,
         dirs: Iterable[str] = (),
         host_dirs: Iterable[str] = (),
+        fuel: int | None = None,
     ) -> Job:
         """Build `source` and submit one job running it with `args`, as `sshwasm run
         --detach` does; returns its `Job` at once (the job waits for room if need be).
@@ -415,6 +426,7 @@ class Client:
         `stdin`: bytes, or the path of a file. `input`/`output`: as `--input`/`--output`
         (`overwrite`: `--overwrite`). `time_limit` in seconds; `env` a mapping or pairs.
         `dirs`/`host_dirs`: each as `--dir`/`--host-dir` takes it (`"data::/data:ro"`).
+        `fuel`: a fuel budget, as `--fuel` (the record's `fuel_used` says what was used).
         """
         (job,) = self._submit(
             source,
@@ -422,7 +434,7 @@ class Client:
             array=False,
             options=_Options(
                 cpus, memory_mb, time_limit, env, stdin, input, output, name, host,
-                labels, max_output_mb, overwrite,
+                labels, max_output_mb, overwrite, fuel,
             ),
             mounts=(dirs, host_dirs),
         )  # fmt: skip
@@ -447,6 +459,7 @@ class Client:
         overwrite: bool = False,
         dirs: Iterable[str] = (),
         host_dirs: Iterable[str] = (),
+        fuel: int | None = None,
     ) -> list[Job]:
         """Submit one array: task i runs `source` with the arguments `arg_lists[i]` (a lone
         string or number is one argument) and sees `SSHWASM_ARRAY_TASK_ID=i`, as `run
@@ -461,7 +474,7 @@ class Client:
             array=True,
             options=_Options(
                 cpus, memory_mb, time_limit, env, stdin, input, output, name, host,
-                labels, max_output_mb, overwrite,
+                labels, max_output_mb, overwrite, fuel,
             ),
             mounts=(dirs, host_dirs),
         )  # fmt: skip
@@ -735,6 +748,7 @@ class _Options:
     labels: Iterable[str]
     max_output_mb: int
     overwrite: bool
+    fuel: int | None = None
 
     def request(self) -> Request:
         from .schedule import Request
@@ -793,6 +807,16 @@ class _Options:
             )
         return float(limit)
 
+    def checked_fuel(self) -> int | None:
+        from .runner.protocol import MAX_FUEL
+
+        value = self.fuel
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FUEL
+        ):
+            raise UsageError(f"fuel must be a whole number from 1 to {MAX_FUEL}, got {value!r}")
+        return value
+
     def checked_max_output_mb(self) -> int:
         value = self.max_output_mb
         if isinstance(value, bool) or not isinstance(value, int):
@@ -810,6 +834,7 @@ def _spec(source: Path, args: list[str], array_size: int | bool, options: _Optio
     env = options.env_pairs()
     time_limit = options.checked_time_limit()
     max_output_mb = options.checked_max_output_mb()
+    fuel = options.checked_fuel()
     if options.name is not None and not isinstance(options.name, str):
         raise UsageError(f"name must be a string, got {options.name!r}")
     artifact = build(source)
@@ -830,6 +855,7 @@ def _spec(source: Path, args: list[str], array_size: int | bool, options: _Optio
         output_dir=str(Path(options.output).resolve()) if options.output is not None else None,
         max_output_mb=max_output_mb,
         output_overwrite=bool(options.overwrite),
+        fuel=fuel,
     )
 
 

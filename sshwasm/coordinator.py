@@ -38,6 +38,7 @@ from .errors import (
     RemoteError,
     SshwasmError,
 )
+from .fingerprint import save_input_fingerprint
 from .job_output import Handlers, JobOutput, OutputSink
 from .placement_queue import PlacementQueue
 from .recorded_jobs import record_end
@@ -93,6 +94,7 @@ def launch_spec(job: Job) -> LaunchSpec:
         wall_limit_s=None if job.time_limit_s is not None else DEFAULT_WALL_LIMIT_S,
         output=bool(job.output_dir),
         max_output_bytes=None if job.max_output_mb is None else job.max_output_mb << 20,
+        fuel=job.fuel,
     )
 
 
@@ -330,6 +332,8 @@ class Coordinator:
         if job.input_path:
             started = time.monotonic()
             input_tar = await asyncio.to_thread(pack_input, Path(job.input_path))
+            # What `rerun` and --reuse check the input against later (content only).
+            await asyncio.to_thread(save_input_fingerprint, self.store.path, job_id, input_tar)
             self.store.update(
                 job_id,
                 input_bytes=len(input_tar),

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import paths
 from .errors import SshwasmError
+from .fingerprint import save_output_manifest
 from .runner_client import RunnerClient
 from .staging import merge_output, output_scratch
 from .store import Job, JobStore
@@ -196,6 +197,9 @@ async def collect_output(
     try:
         with output_scratch(destination) as scratch:
             cut = await client.fetch_output(job.remote_key, scratch, budget.left)
+            # The job's own tree, before merging mixes it with what DIR held: for
+            # `rerun --compare`, --verify and --reuse.
+            await asyncio.to_thread(save_output_manifest, store.path, job.id, scratch)
             merged = await asyncio.to_thread(
                 merge_output, scratch, destination, job.id, bool(job.output_overwrite)
             )

@@ -14,12 +14,14 @@ from typing import Any
 from .cluster import Host
 from .directories import collect_dirs
 from .errors import HostUnreachable, RemoteError, SshwasmError
+from .fingerprint import recorded_reuse_key
 from .job_output import JobOutput, OutputCollected, collect_output, output_limit_error
 from .liveness import needs_refresh
 from .runner_client import RunnerClient, StreamOutcome
 from .states import JobState
 from .store import CANCELLED_EXIT_CODE, Job, JobStore
 from .transport import TransportPool
+from .verify import settle
 
 # A job whose host stays unreachable this long after its coordinator is gone becomes `lost`
 # (the next `status` or `jobs` past that time decides); reaching the host again resets it.
@@ -42,6 +44,7 @@ def result_fields(result: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": result.get("cpu_s"),
         "peak_memory_bytes": result.get("peak_memory_bytes"),
         "finished_at": result.get("finished_at"),
+        "fuel_used": result.get("fuel_used"),
     }
 
 
@@ -76,7 +79,12 @@ async def record_end(
             # Held here too, whatever the host said: the job ends as over its cap.
             state, fields["exit_code"] = JobState.FAILED, None
             fields["error"] = output_limit_error(job.max_output_mb)
+        if state is JobState.SUCCEEDED:
+            # Only a success can be reused (--reuse): its key, from content alone.
+            fields["reuse_key"] = recorded_reuse_key(store.path, job)
         store.finish(job.id, state, **fields, **output.fields())
+        if job.verify:
+            settle(store, job.id)  # judged once both runs ended
         return [text for text in (collected.problem, collected.warning) if text] + dir_warnings
     if outcome.error is not None:
         if outcome.error.get("kind") == "missing":

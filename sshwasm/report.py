@@ -34,7 +34,8 @@ class Efficiency:
     For a group: `cpus`/`memory_mb` are the largest request of its jobs, `run_s`/`cpu_s`
     the sums over measured jobs, `peak_memory_bytes` the largest peak, `cpu_efficiency` the
     summed cpu_s over the summed run_s x cpus, and `memory_efficiency` the largest peak over
-    the request of the job that had it.
+    the request of the job that had it. `fuel_used` is the sum over the jobs that counted
+    fuel (`--fuel`), in units that mean the same on every host; None when none did.
     """
 
     cpus: int
@@ -49,6 +50,7 @@ class Efficiency:
     unfinished: int
     advice: str | None
     note: str | None
+    fuel_used: int | None = None
 
     def fields(self) -> dict[str, Any]:
         """The figures as JSON-able values, in the order `--json` prints them."""
@@ -58,6 +60,7 @@ class Efficiency:
             "run_s": self.run_s,
             "cpu_s": self.cpu_s,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "fuel_used": self.fuel_used,
             "cpu_efficiency": self.cpu_efficiency,
             "memory_efficiency": self.memory_efficiency,
             "jobs": self.jobs,
@@ -127,8 +130,18 @@ def group_efficiency(jobs: Sequence[Job]) -> Efficiency:
         unfinished=unfinished,
         advice=None,
         note=_note(jobs, len(measured), unfinished),
+        fuel_used=total_fuel_used(jobs),
     )
     return Efficiency(**{**figures.__dict__, "advice": advice(figures)})
+
+
+def total_fuel_used(jobs: Sequence[Job]) -> int | None:
+    """The fuel `jobs` used together (an array's cost in host-independent units); None
+    when none of them counted fuel. A reused job ran nothing and adds nothing."""
+    used = [
+        job.fuel_used for job in jobs if isinstance(job.fuel_used, int) and job.reused_from is None
+    ]
+    return sum(used) if used else None
 
 
 def _note(jobs: Sequence[Job], measured: int, unfinished: int) -> str | None:

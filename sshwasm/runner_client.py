@@ -79,6 +79,8 @@ class LaunchSpec:
         """What the staged directories add to the launch."""
         return sum(len(tar) for tar in self.dir_tars)
 
+    fuel: int | None = None  # a fuel budget; None: fuel is not counted
+
     def encode(self, stdin: bytes | None, input_tar: bytes = b"", key: str | None = None) -> bytes:
         """The launch command's stdin: one JSON line, the job's stdin, the input tar, then
         the staged directories' tars."""
@@ -96,6 +98,7 @@ class LaunchSpec:
             key=key,
             dirs=self.dirs,
             dir_tars=self.dir_tars,
+            fuel=self.fuel,
         )
 
 

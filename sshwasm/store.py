@@ -71,6 +71,12 @@ RECORD_FIELDS = (
     "attempt_hosts",
     # --dir and --host-dir
     "dirs",
+    # fuel, reruns, --verify and --reuse (issue 11)
+    "fuel",
+    "fuel_used",
+    "rerun_of",
+    "verify",
+    "reused_from",
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its
@@ -242,6 +248,15 @@ class JobSpec:
     after: tuple[int, ...] = ()  # placed only once these jobs ended (see after_any)
     after_any: bool = False  # any final state of `after` will do, not only succeeded
     dirs: str = "[]"  # --dir and --host-dir: JSON list (directories.mounts_json), every task
+    # Fuel, reruns, --verify and --reuse (issue 11).
+    fuel: int | None = None  # a fuel budget; None: fuel is not counted
+    rerun_of: int | None = None  # the job this one runs again (`sshwasm rerun`)
+    verify: bool = False  # runs on two hosts at once, succeeded only if both agree
+
+
+# The second run of a --verify job: verify set, and rerun_of naming the job it checks (a
+# `rerun` never sets verify). An internal row: `jobs` does not list it.
+VERIFY_TWIN_SQL = "verify = 1 AND rerun_of IS NOT NULL"
 
 
 # A value of the public job record (README.md, "The job record"): JSON scalars only.
@@ -369,6 +384,11 @@ class Job:
         return list(json.loads(self.attempt_history))
 
     @property
+    def is_verify_twin(self) -> bool:
+        """Whether this row is the second run of a --verify job (see VERIFY_TWIN_SQL)."""
+        return self.verify and self.rerun_of is not None
+
+    @property
     def request(self) -> Request:
         """The placement request of this job."""
         labels = tuple(json.loads(self.labels)) if self.labels else ()
@@ -448,6 +468,16 @@ def _describe_dirs(dirs: str) -> str | None:
     from .directories import describe_dirs
 
     return describe_dirs(dirs)
+
+
+def _set_fuel_settings(db: sqlite3.Connection, spec: JobSpec, first: int, last: int) -> None:
+    """Store --fuel, --verify and `rerun`'s origin with just-submitted rows (same transaction)."""
+    if spec.fuel is None and spec.rerun_of is None and not spec.verify:
+        return
+    db.execute(
+        "UPDATE jobs SET fuel = ?, rerun_of = ?, verify = ? WHERE id BETWEEN ? AND ?",
+        (spec.fuel, spec.rerun_of, int(spec.verify), first, last),
+    )
 
 
 class JobStore:
@@ -649,6 +679,7 @@ class JobStore:
                     "UPDATE jobs SET dirs = ? WHERE id BETWEEN ? AND ?",
                     (spec.dirs, ids[0], ids[-1]),
                 )
+            _set_fuel_settings(db, spec, ids[0], ids[-1])
         return ids
 
     def place_waiting(
@@ -976,6 +1007,24 @@ class JobStore:
         rows = self._read("SELECT * FROM jobs WHERE array_id = ? ORDER BY array_task", (array_id,))
         return [Job.from_row(row) for row in rows]
 
+    def succeeded_with_reuse_key(self, key: str) -> list[Job]:
+        """Succeeded jobs with this --reuse key, those that really ran first, newest first."""
+        rows = self._read(
+            f"""SELECT * FROM jobs WHERE reuse_key = ? AND state = ?
+                AND NOT ({VERIFY_TWIN_SQL})
+                ORDER BY reused_from IS NOT NULL, id DESC""",
+            (key, JobState.SUCCEEDED.value),
+        )
+        return [Job.from_row(row) for row in rows]
+
+    def verify_twin(self, job_id: int) -> Job | None:
+        """The second run of --verify job `job_id` (None for any other job)."""
+        rows = self._read(
+            f"SELECT * FROM jobs WHERE rerun_of = ? AND {VERIFY_TWIN_SQL} ORDER BY id LIMIT 1",
+            (job_id,),
+        )
+        return Job.from_row(rows[0]) if rows else None
+
     def get(self, job_id: int) -> Job:
         """One job; raises JobNotFound."""
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -994,12 +1043,16 @@ class JobStore:
             jobs.extend(Job.from_row(row) for row in self._read(sql, chunk))
         return jobs
 
-    def list_jobs(self, limit: int | None = None, state: JobState | None = None) -> list[Job]:
-        """Jobs, newest first."""
-        sql = "SELECT * FROM jobs"
+    def list_jobs(
+        self, limit: int | None = None, state: JobState | None = None, twins: bool = False
+    ) -> list[Job]:
+        """Jobs, newest first; without `twins`, not the second runs of --verify jobs."""
+        sql = "SELECT * FROM jobs WHERE 1"
         params: list[Any] = []
+        if not twins:
+            sql += f" AND NOT ({VERIFY_TWIN_SQL})"
         if state is not None:
-            sql += " WHERE state = ?"
+            sql += " AND state = ?"
             params.append(JobState(state).value)
         sql += " ORDER BY id DESC"
         if limit is not None:

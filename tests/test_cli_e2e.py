@@ -84,6 +84,7 @@ def test_json_record_and_warm_run_uploads_nothing(cluster: Path) -> None:
         "input_bytes", "output_bytes", "stage_in_s", "stage_out_s", "max_output_mb",
         "output_conflicts", "attempts", "attempt_hosts",
         "dirs",
+        "fuel", "fuel_used", "rerun_of", "verify", "reused_from",
     }  # fmt: skip
     assert first["state"] == second["state"] == "succeeded"
     assert second["stdout"] == "job done, hello!\n"

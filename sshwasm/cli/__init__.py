@@ -39,6 +39,7 @@ __all__ = [
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "cmd_run"),
     "resume": ("resume", "cmd_resume"),
+    "rerun": ("rerun", "cmd_rerun"),
     "jobs": ("jobs", "cmd_jobs"),
     "status": ("jobs", "cmd_status"),
     "logs": ("jobs", "cmd_logs"),

@@ -99,4 +99,10 @@ def cmd_coordinate(ctx: Context) -> int:
         coordinator_handlers(show_output=False, show_notices=True),
         on_done=report_end,
     )
+    from ..verify import settle
+
+    for job in jobs:
+        if job.verify:
+            # --verify: also when a run ended without a result (never placed, lost).
+            settle(ctx.store, job.id)
     return max((job_exit_status(job) for job in jobs), default=ExitStatus.OK)

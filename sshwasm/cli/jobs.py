@@ -70,8 +70,19 @@ def cmd_status(ctx: Context) -> int:
     for key, value in record.items():
         if key in ("stdout", "stderr"):
             continue
-        if value is not None:
+        if value is not None and not (key == "verify" and not value):
             say(f"{key}: {value}")
+    if job.array_id is not None and job.fuel is not None:
+        from ..report import total_fuel_used
+
+        # A sweep's cost in host-independent units: the fuel all its tasks used so far.
+        tasks = ctx.store.array_tasks(job.array_id)
+        say(f"array_fuel_used: {total_fuel_used(tasks)} ({len(tasks)} tasks)")
+    twin = ctx.store.verify_twin(job.id) if job.verify else None
+    if twin is not None:
+        # --verify's second run, an internal row `jobs` does not list.
+        twin = refresh(ctx, [twin])[0]
+        say(f"verify_twin: job {twin.id} on {twin.host or '-'} ({twin.state})")
     for entry in job.history:  # earlier attempts (--retries, resume), oldest first
         late = entry.get("late")
         heard = f" (its host later said: {late['state']})" if late else ""
@@ -118,6 +129,9 @@ def cmd_cancel(ctx: Context) -> int:
 
     store = ctx.store
     jobs = [store.get(job_id) for job_id in ctx.args.job_ids]
+    # A --verify job's second run goes with it.
+    twins = [store.verify_twin(job.id) for job in jobs if job.verify]
+    jobs += [twin for twin in twins if twin is not None and twin.id not in ctx.args.job_ids]
 
     status = ExitStatus.OK
     for job, problem in with_pool(lambda pool: cancel_jobs(store, jobs, pool)):

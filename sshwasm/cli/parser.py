@@ -194,6 +194,37 @@ def _add_attempt_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _fuel_budget(text: str) -> int:
+    # The runner defines the bound (wasmtime's fuel is a signed 64-bit count).
+    from ..runner.protocol import MAX_FUEL
+
+    return _positive_int_up_to(MAX_FUEL, "units of fuel")(text)
+
+
+def _add_fuel_arguments(run: argparse.ArgumentParser) -> None:
+    """`run`'s flags for fuel, --verify and --reuse (README.md, "Fuel, reruns and reuse")."""
+    run.add_argument(
+        "--fuel",
+        type=_fuel_budget,
+        metavar="N",
+        help="let the guest execute at most N units of wasmtime fuel (about one per wasm "
+        "instruction), the same on every host; past it the job ends `timeout` (exit 124); "
+        "the record gains fuel_used",
+    )
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="run on two different hosts at once; succeeded only when both agree on exit "
+        "code, stdout, stderr and /output",
+    )
+    run.add_argument(
+        "--reuse",
+        action="store_true",
+        help="if a job with the same module, arguments, environment, stdin, inputs and "
+        "limits already succeeded, record its result and output at once and run nothing",
+    )
+
+
 def build_parser() -> ArgumentParser:
     """The full argument parser (every command has help)."""
     parser = ArgumentParser(
@@ -323,6 +354,7 @@ def build_parser() -> ArgumentParser:
         "--json", action="store_true", help="print the job record as JSON instead of its output"
     )
     _add_attempt_arguments(run)
+    _add_fuel_arguments(run)
 
     resume = commands.add_parser(
         "resume",
@@ -340,6 +372,24 @@ def build_parser() -> ArgumentParser:
     )
     resume.add_argument(
         "--json", action="store_true", help="print the task records as JSON instead of output"
+    )
+
+    rerun = commands.add_parser(
+        "rerun",
+        help="run a job again exactly: same module, arguments, environment, stdin, inputs",
+        description="Run job ID again as a new job: the same module (by sha256), argv, env, "
+        "stdin and staged input, with the same limits, placed normally or on --host. "
+        "--compare then compares stdout, stderr, exit code and the /output tree with the "
+        "original's and prints `identical` (exit 0) or one line per difference (exit 1).",
+    )
+    rerun.add_argument("job_id", type=_positive_int, metavar="ID")
+    rerun.add_argument("--host", metavar="NAME", help="run on this host only")
+    rerun.add_argument(
+        "--compare", action="store_true", help="compare the result with the original's"
+    )
+    rerun.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    rerun.add_argument(
+        "--json", action="store_true", help="print the new job's record as JSON instead of output"
     )
 
     jobs = commands.add_parser("jobs", help="list jobs, newest first")

@@ -126,6 +126,8 @@ def _show_figures(figures: Efficiency) -> None:
     say(f"cpu efficiency: {format_ratio(figures.cpu_efficiency)}")
     say(f"peak memory: {format_bytes(figures.peak_memory_bytes)}")
     say(f"memory efficiency: {format_ratio(figures.memory_efficiency)}")
+    if figures.fuel_used is not None:
+        say(f"fuel used: {figures.fuel_used:,}")
     if figures.note:
         say(f"note: {figures.note}")
     if figures.advice:

@@ -21,14 +21,15 @@ from .show import (
     report_end,
     say,
     table,
+    warn,
     write_err,
     write_out,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
-    from ..cluster import Cluster
+    from ..cluster import Cluster, Host
     from ..schedule import Request
     from ..store import Job, JobSpec
     from .progress import Progress
@@ -61,17 +62,28 @@ def cmd_run(ctx: Context) -> int:
         raise UsageError(f"--output {args.output}: not a directory")
     _check_attempt_flags(ctx)
     dirs = _dirs_json(ctx)
+    _check_dirs_with_reruns(ctx, dirs)
+    pair = _verify_pair(ctx, cluster, request) if args.verify else None
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
     spec = dataclasses.replace(_build_spec(ctx, interactive), **shape.spec_fields(), dirs=dirs)
+    if pair is not None:
+        return _run_verified(ctx, spec, pair, stdin_data, interactive)
     job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
+    reused = _reuse(ctx, job_ids, stdin_data, interactive) if args.reuse else []
+    taken = set(reused)
+    to_run = [job_id for job_id in job_ids if job_id not in taken]
     if args.detach:
-        spawn_coordinator(ctx, job_ids)
+        if to_run:
+            spawn_coordinator(ctx, to_run)
         print("\n".join(str(job_id) for job_id in job_ids))
         return ExitStatus.OK
     if shape.size is not None:
-        return run_array(ctx, job_ids, interactive)
+        return run_array(ctx, to_run, interactive, reused)
+    if reused:
+        # Nothing ran: the output is the reused job's, as a run would have shown it.
+        return _show_single(ctx, ctx.store.get(reused[0]))
     handlers = coordinator_handlers(show_output=not args.json, show_notices=interactive)
     (job,) = coordinate_jobs(ctx, job_ids, handlers)
     if args.json:
@@ -118,6 +130,8 @@ def _build_spec(ctx: Context, interactive: bool) -> JobSpec:
         retry_failed=args.retry_failed,
         after=tuple(args.after or args.after_any or ()),
         after_any=args.after_any is not None,
+        fuel=args.fuel,
+        verify=args.verify,
     )
 
 
@@ -136,6 +150,94 @@ def _dirs_json(ctx: Context) -> str:
     return mounts_json(mounts)
 
 
+def _verify_pair(ctx: Context, cluster: Cluster, request: Request) -> tuple[Host, Host]:
+    """--verify's two hosts, chosen before anything is built or submitted."""
+    from ..verify import choose_pair
+
+    return choose_pair(cluster.hosts, ctx.store.usage(), request)
+
+
+def _run_verified(
+    ctx: Context,
+    spec: JobSpec,
+    pair: tuple[Host, Host],
+    stdin_data: bytes | None,
+    interactive: bool,
+) -> int:
+    """`run --verify`: the job and its twin on two hosts at once, judged when both ended;
+    the job's output is shown once it is known (the twin's is not shown)."""
+    from ..verify import settle, submit_verified
+    from .coordinate import coordinate_jobs, coordinator_handlers, spawn_coordinator
+
+    args = ctx.args
+    store = ctx.store
+    main_id, twin_id = submit_verified(store, spec, pair)
+    if stdin_data is not None:
+        store.keep_stdin([main_id, twin_id], stdin_data)
+    if args.reuse and _reuse(ctx, [main_id], stdin_data, interactive):
+        # A verified result: the twin has nothing left to check.
+        store.cancel_unstarted(twin_id)
+        return _show_single(ctx, store.get(main_id))
+    if args.detach:
+        spawn_coordinator(ctx, [main_id, twin_id])
+        print(main_id)
+        return ExitStatus.OK
+    if interactive:
+        notice(f"job {main_id} runs on {pair[0].name} and {pair[1].name} (--verify)")
+    handlers = coordinator_handlers(show_output=False, show_notices=interactive)
+    # Side by side: each run's failure is its own, and the judgment says what differs.
+    coordinate_jobs(ctx, [main_id, twin_id], handlers, on_done=_ignore_job)
+    settle(store, main_id)
+    job = store.get(main_id)
+    status = _show_single(ctx, job)
+    report_end(job)
+    return status
+
+
+def _ignore_job(_: Job) -> None:
+    return None
+
+
+def _show_single(ctx: Context, job: Job) -> int:
+    """Print a job that ended without streaming: its record with --json, else its output."""
+    if ctx.args.json:
+        print_json(job.record())
+    else:
+        directory = paths.job_output_dir(ctx.store.path, job.id)
+        copy_output(directory / "stdout", write_out, None)
+        copy_output(directory / "stderr", write_err, None)
+    return job_exit_status(job)
+
+
+def _reuse(ctx: Context, job_ids: list[int], stdin: bytes | None, interactive: bool) -> list[int]:
+    """--reuse: the ids of the just-submitted jobs that took a succeeded job's result."""
+    from ..reuse import reuse_jobs
+
+    def say_notice(text: str) -> None:
+        if interactive:
+            notice(text)
+
+    reused = reuse_jobs(ctx.store, job_ids, stdin, say_notice)
+    for taken in reused:
+        say_notice(f"job {taken.job_id} reused the result of job {taken.source_id}: nothing ran")
+        for warning in taken.warnings:
+            warn(warning)
+    return [taken.job_id for taken in reused]
+
+
+def _check_dirs_with_reruns(ctx: Context, dirs: str) -> None:
+    """--reuse takes and --verify compares results: neither can hold a directory whose
+    changes come back (a reused job would not make them, two runs would make them twice),
+    and --reuse cannot vouch for a --host-dir's content. Read-only --dir copies are fine."""
+    from ..directories import job_mounts
+    from ..fingerprint import reusable_dirs
+
+    if ctx.args.reuse and not reusable_dirs(dirs):
+        raise UsageError("--reuse works with read-only --dir copies only (LOCAL::GUEST:ro)")
+    if ctx.args.verify and any(not mount.read_only for mount in job_mounts(dirs)):
+        raise UsageError("--verify runs the job twice: its directories must be read-only (:ro)")
+
+
 def _check_attempt_flags(ctx: Context) -> None:
     """--retries, --retry-failed, --after and --after-any make sense together; the jobs
     named exist (checked before anything is submitted)."""
@@ -146,6 +248,11 @@ def _check_attempt_flags(ctx: Context) -> None:
         raise UsageError("--retry-failed needs --retries N (how many more attempts)")
     if args.after is not None and args.after_any is not None:
         raise UsageError("--after and --after-any cannot be combined; give one list")
+    if args.verify and (args.array is not None or args.host is not None):
+        raise UsageError("--verify picks two hosts for one job: not with --array or --host")
+    if args.reuse and (args.after is not None or args.after_any is not None):
+        # The inputs may be what the dependencies write: only known once they ended.
+        raise UsageError("--reuse cannot be combined with --after or --after-any")
     check_dependencies(ctx.store, args.after or args.after_any or [])
 
 
@@ -181,8 +288,11 @@ def _dry_run(ctx: Context, cluster: Cluster, request: Request) -> int:
     return ExitStatus.OK
 
 
-def run_array(ctx: Context, job_ids: list[int], interactive: bool) -> int:
-    """Run an array's tasks side by side, printing each task's output whole as it ends."""
+def run_array(
+    ctx: Context, job_ids: list[int], interactive: bool, reused: Sequence[int] = ()
+) -> int:
+    """Run an array's tasks side by side, printing each task's output whole as it ends;
+    `reused` tasks (--reuse) ended already: their output is printed first."""
     from .coordinate import coordinate_jobs, coordinator_handlers
 
     args = ctx.args
@@ -195,24 +305,32 @@ def run_array(ctx: Context, job_ids: list[int], interactive: bool) -> int:
                 copy_output(directory / stream, write, prefix)
         report_end(job)
 
+    done = ctx.store.get_many(reused)
+    for job in done:
+        show(job)
     handlers = coordinator_handlers(show_output=False, show_notices=interactive)
-    progress = _progress(ctx, job_ids, interactive)
+    progress = _progress(ctx, [*reused, *job_ids], interactive) if job_ids else None
     on_done: Callable[[Job], None] = show
     if progress is not None:
         on_done = progress.around_end(show)
         handlers.notice = progress.around(handlers.notice)
         handlers.warning = progress.around(handlers.warning)
     try:
-        jobs = coordinate_jobs(
-            ctx,
-            job_ids,
-            handlers,
-            on_done=on_done,
-            on_tick=progress.tick if progress is not None else None,
+        jobs = done + (
+            coordinate_jobs(
+                ctx,
+                job_ids,
+                handlers,
+                on_done=on_done,
+                on_tick=progress.tick if progress is not None else None,
+            )
+            if job_ids
+            else []
         )
     finally:
         if progress is not None:
             progress.clear()
+    jobs.sort(key=lambda job: job.id)
     if args.json:
         print_json([job.record() for job in jobs])
     failed = [job for job in jobs if job.state != JobState.SUCCEEDED]

@@ -332,39 +332,48 @@ class _LoadedModule:
 
 
 class _Runtime:
-    """wasmtime, imported: one Engine per epoch setting, and the host's module caches."""
+    """wasmtime, imported: one Engine per epoch and fuel setting, and the host's module
+    caches (a module compiled for one setting cannot run under another)."""
 
     def __init__(self, wasmtime: Any, workdir: str) -> None:
         self.wasmtime = wasmtime
         self.workdir = workdir
         self.version = _wasmtime_version() or "unknown"
-        self._engines: dict[bool, Any] = {}
+        self._engines: dict[tuple[bool, bool], Any] = {}
 
-    def config(self, epoch: bool) -> Any:
+    def config(self, epoch: bool, fuel: bool = False) -> Any:
         config = self.wasmtime.Config()
         # Epoch checks cost up to 17% on loops, so only pay for them with a time limit.
         config.epoch_interruption = epoch
+        # Fuel costs more (up to 57%): counted only for a job with a fuel budget.
+        config.consume_fuel = fuel
         return config
 
-    def engine(self, epoch: bool) -> Any:
-        engine = self._engines.get(epoch)
+    def engine(self, epoch: bool, fuel: bool = False) -> Any:
+        engine = self._engines.get((epoch, fuel))
         if engine is None:
-            engine = self._engines[epoch] = self.wasmtime.Engine(self.config(epoch))
+            engine = self.wasmtime.Engine(self.config(epoch, fuel))
+            self._engines[(epoch, fuel)] = engine
         return engine
 
-    def module_paths(self, sha: str, epoch: bool) -> tuple[str, str]:
+    def module_paths(self, sha: str, epoch: bool, fuel: bool = False) -> tuple[str, str]:
         """(uploaded .wasm, precompiled .cwasm keyed by wasmtime version and engine flags)."""
-        flags = "epoch" if epoch else "noepoch"
+        flags = ("epoch" if epoch else "noepoch") + ("-fuel" if fuel else "")
         safe_version = re.sub(r"[^A-Za-z0-9.+_-]", "_", self.version)
         cache = os.path.join(self.workdir, "cache", f"{sha}-{safe_version}-{flags}.cwasm")
         return os.path.join(self.workdir, "wasm", f"{sha}.wasm"), cache
 
     def load(
-        self, sha: str, epoch: bool, log: Callable[[str], None] = _log_to_stderr
+        self,
+        sha: str,
+        epoch: bool,
+        log: Callable[[str], None] = _log_to_stderr,
+        fuel: bool = False,
     ) -> _LoadedModule:
-        """The module of hash `sha` for an engine with or without epoch interruption."""
-        module_path, cache_path = self.module_paths(sha, epoch)
-        engine = self.engine(epoch)
+        """The module of hash `sha` for an engine with or without epoch interruption and
+        fuel counting."""
+        module_path, cache_path = self.module_paths(sha, epoch, fuel)
+        engine = self.engine(epoch, fuel)
         module, compile_s, cached = _load_module(
             self.wasmtime, engine, module_path, cache_path, log
         )
@@ -413,6 +422,24 @@ def guest_limits(memory_mb: int) -> dict[str, int]:
     }
 
 
+def uses_fuel(spec: dict[str, Any]) -> bool:
+    """Whether a job counts fuel: only with a budget, since counting costs compute speed."""
+    return spec.get("fuel") is not None
+
+
+def _fuel_used(store: Any, budget: int | None) -> int | None:
+    """The fuel the guest used of `budget` (None without one). Exact when the guest
+    returned, exited or ran out of fuel; after an epoch interrupt wasmtime may not have
+    written back the running function's count, so it can be lower."""
+    if budget is None:
+        return None
+    try:
+        return int(budget - store.get_fuel())
+    except Exception:
+        traceback.print_exc()
+        return None
+
+
 def _run_module(
     execution: _Execution,
     runtime: _Runtime,
@@ -454,6 +481,9 @@ def _run_module(
         path = os.path.join(job_dir, "dirs", str(index)) if path is None else path
         wasi.preopen_dir(os.path.expanduser(path), entry["guest"], not entry["read_only"])
     store.set_wasi(wasi)
+    fuel: int | None = spec.get("fuel")
+    if fuel is not None:
+        store.set_fuel(fuel)
 
     if limit is not None:
         store.set_epoch_deadline(1)
@@ -483,6 +513,8 @@ def _run_module(
     except wasmtime.Trap as exc:
         if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
             state, exit_code, error = "timeout", 124, f"time limit of {limit:g} s exceeded"
+        elif exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+            state, exit_code, error = "timeout", 124, f"fuel ran out (budget {fuel} units)"
         else:
             name = exc.trap_code.name if exc.trap_code is not None else "TRAP"
             detail = _one_line(str(exc))
@@ -519,7 +551,14 @@ def _run_module(
         state = "out_of_memory"
         cause = error or f"exit code {exit_code}"
         error = f"out of memory (limit {memory_mb} MiB): {cause}"
-    execution.finish(state, exit_code, error, peak_memory_bytes=peak, **measures)
+    execution.finish(
+        state,
+        exit_code,
+        error,
+        peak_memory_bytes=peak,
+        fuel_used=_fuel_used(store, fuel),
+        **measures,
+    )
 
 
 def _run_job(execution: _Execution) -> None:
@@ -541,7 +580,9 @@ def _run_job(execution: _Execution) -> None:
     runtime = _Runtime(wasmtime, os.path.dirname(os.path.dirname(job_dir)))
     execution.facts["wasmtime_version"] = runtime.version
     try:
-        loaded = runtime.load(spec["wasm_sha256"], spec["time_limit_s"] is not None)
+        loaded = runtime.load(
+            spec["wasm_sha256"], spec["time_limit_s"] is not None, fuel=uses_fuel(spec)
+        )
     except (wasmtime.WasmtimeError, OSError) as exc:
         execution.finish("failed", 1, f"cannot load the module: {_one_line(str(exc))}")
         return

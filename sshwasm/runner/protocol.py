@@ -68,6 +68,11 @@ the runner got the launch, so loading and compiling the module count too.
                             files' sha256, dirs/INDEX.manifest.json, for fetch-dir) or
                             "host_path": str (the host's own directory, not copied; one
                             that is missing there is an X frame of kind "host_dir")
+    fuel: int               the guest may execute this many units of wasmtime fuel
+                            (1..MAX_FUEL; null or absent: fuel is not counted, which
+                            costs nothing). Past it the result is "timeout", exit code
+                            124, an error saying fuel ran out; result.json's fuel_used
+                            says how much the guest used (null without a budget)
 
 Absent fields mean false or 0, so a spec without them runs as before: no stdin (EOF), and
 no filesystem at all. input_tar_bytes with has_stdin needs stdin_bytes. A refused input
@@ -178,7 +183,11 @@ RESULT_KEYS = (
     "module_compile_s",
     "module_cached",
     "wasmtime_version",
+    "fuel_used",
 )
+
+# The largest fuel budget a spec may give: wasmtime's fuel is a signed 64-bit count.
+MAX_FUEL = (1 << 63) - 1
 
 _HEADER = struct.Struct(">cI")
 # A module's sha256, its name in the workdir's wasm/ directory.
@@ -380,6 +389,7 @@ RESULT_SCHEMA: _Schema = {
     "module_compile_s": _optional(_is_seconds),
     "module_cached": _optional(lambda value: isinstance(value, bool)),
     "wasmtime_version": _optional(_text(MAX_SHORT_CHARS)),
+    "fuel_used": _optional(_in_range(0, MAX_FUEL)),
 }
 _PID = _in_range(1, (1 << 31) - 1)
 _MESSAGE_SCHEMAS: dict[bytes, _Schema] = {
@@ -489,6 +499,7 @@ def encode_launch_spec(
     key: str | None = None,
     dirs: Sequence[dict[str, Any]] = (),
     dir_tars: Sequence[bytes] = (),
+    fuel: int | None = None,
 ) -> bytes:
     """A launch's stdin (an L frame's payload with `key`): the spec line, the job's stdin,
     the input tar, then the staged directories' tars. `dirs` are the spec's entries without
@@ -517,6 +528,8 @@ def encode_launch_spec(
             entry if "host_path" in entry else {**entry, "tar_bytes": len(next(tars))}
             for entry in dirs
         ]
+    if fuel is not None:
+        header["fuel"] = fuel
     return json.dumps(header).encode() + b"\n" + (stdin or b"") + input_tar + b"".join(dir_tars)
 
 
@@ -594,6 +607,9 @@ def validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
     dirs = _validate_dirs(raw.get("dirs", []), is_text, is_count)
     if dirs and has_stdin and stdin_bytes is None:
         raise ValueError("dirs with has_stdin needs stdin_bytes")
+    fuel = raw.get("fuel")
+    if fuel is not None and not (is_count(fuel) and 1 <= fuel <= MAX_FUEL):
+        raise ValueError(f"fuel must be an integer from 1 to {MAX_FUEL}, or null")
     return {
         "runner_version": raw["runner_version"],
         "wasm_sha256": sha,
@@ -609,6 +625,7 @@ def validate_spec(raw: dict[str, Any]) -> dict[str, Any]:
         "output": output,
         "max_output_bytes": max_output_bytes,
         "dirs": dirs,
+        "fuel": fuel,
     }
 
 

@@ -26,6 +26,7 @@ from .execute import (
     _run_module,
     _Runtime,
     _Watchdog,
+    uses_fuel,
 )
 from .jobdir import (
     DEAD_GRACE_S,
@@ -89,33 +90,35 @@ class _ServeRuntime(_Runtime):
 
     def __init__(self, wasmtime: Any, workdir: str) -> None:
         super().__init__(wasmtime, workdir)
-        self._modules: dict[tuple[str, bool], _LoadedModule] = {}
+        self._modules: dict[tuple[str, bool, bool], _LoadedModule] = {}
 
-    def config(self, epoch: bool) -> Any:
-        config = super().config(epoch)
+    def config(self, epoch: bool, fuel: bool = False) -> Any:
+        config = super().config(epoch, fuel)
         # Compiling here happens only if the helper could not fill the cache: then serially,
         # so that no thread pool is left behind.
         config.parallel_compilation = False
         return config
 
     def load_for_task(
-        self, sha: str, epoch: bool, log_path: str, deadline: float | None
+        self, sha: str, epoch: bool, log_path: str, deadline: float | None, fuel: bool = False
     ) -> _LoadedModule:
         """The module for a task, loaded once per serve; what loading cost goes to the first.
 
         A compile that runs past `deadline` (time.monotonic) is killed: _CompileTimeout.
         """
-        known = self._modules.get((sha, epoch))
+        known = self._modules.get((sha, epoch, fuel))
         if known is not None:
             return _LoadedModule(known.engine, known.module, 0.0, True)
-        module_path, cache_path = self.module_paths(sha, epoch)
+        module_path, cache_path = self.module_paths(sha, epoch, fuel)
         helper_s = 0.0
         if not os.path.isfile(cache_path):
-            helper_s = self._compile_in_helper(epoch, module_path, cache_path, log_path, deadline)
-        loaded = self.load(sha, epoch, _log_appender(log_path))
+            helper_s = self._compile_in_helper(
+                epoch, module_path, cache_path, log_path, deadline, fuel
+            )
+        loaded = self.load(sha, epoch, _log_appender(log_path), fuel)
         if helper_s and loaded.cached:
             loaded = _LoadedModule(loaded.engine, loaded.module, helper_s, False)
-        self._modules[(sha, epoch)] = loaded
+        self._modules[(sha, epoch, fuel)] = loaded
         return loaded
 
     def _compile_in_helper(
@@ -125,6 +128,7 @@ class _ServeRuntime(_Runtime):
         cache_path: str,
         log_path: str,
         deadline: float | None,
+        fuel: bool = False,
     ) -> float:
         started = time.monotonic()
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -134,7 +138,7 @@ class _ServeRuntime(_Runtime):
             if pid == 0:
                 try:
                     os.dup2(log_fd, 2)
-                    engine = self.wasmtime.Engine(_Runtime.config(self, epoch))
+                    engine = self.wasmtime.Engine(_Runtime.config(self, epoch, fuel))
                     _load_module(self.wasmtime, engine, module_path, cache_path)
                 except BaseException:
                     traceback.print_exc()
@@ -325,7 +329,11 @@ class _Server:
         loaded: _LoadedModule | _NotLoaded
         try:
             loaded = runtime.load_for_task(
-                spec["wasm_sha256"], spec["time_limit_s"] is not None, log_path, deadline
+                spec["wasm_sha256"],
+                spec["time_limit_s"] is not None,
+                log_path,
+                deadline,
+                uses_fuel(spec),
             )
         except _CompileTimeout:
             error = f"time limit of {limit:g} s exceeded while compiling the module"
