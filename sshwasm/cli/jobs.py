@@ -125,7 +125,7 @@ def _is_sshwasm_alive(pid: int) -> bool:
 def _row_cells(row: Any, local: dict[str, str] | None = None) -> list[str]:
     """A light row's cells under JOB_HEADERS as the table shows them (escaped, stripped),
     as `job_row` makes them of a Job. `local` caches the local times of stored times (an
-    array's tasks share theirs)."""
+    array's tasks share theirs) and of names."""
     (job_id, name, task, state, host, cpus, memory_mb, submitted_at, run_s, started_at) = row[:10]
     exit_code = row[10]
     if local is None:
@@ -133,9 +133,12 @@ def _row_cells(row: Any, local: dict[str, str] | None = None) -> list[str]:
     when = local.get(submitted_at)
     if when is None:
         when = local[submitted_at] = local_time(submitted_at)
+    shown = local.get("\0" + name) if name is not None else ""  # apart from the times
+    if shown is None:
+        shown = local["\0" + name] = printable(name)
     return [
         str(job_id),
-        printable(f"{name or ''}[{task}]" if task is not None else name or "").strip(),
+        (f"{shown}[{task}]" if task is not None else shown).strip(),
         state,
         printable(host or "").strip(),
         str(cpus),
