@@ -16,7 +16,6 @@ import os
 import subprocess
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from benchmarks.common import (
     Bench,
