@@ -70,8 +70,9 @@ REATTACH_BACKOFF = Backoff(first=0.5, factor=2.0, most=8.0)
 DEFAULT_WALL_LIMIT_S = 24 * 3600.0
 
 _T = TypeVar("_T")
-# drive_tasks follows at least this many tasks at once (more with more cpus).
-WINDOW_MIN = 256
+# drive_tasks follows at least this many tasks at once (more with more cpus): each
+# placement pass costs what the window holds, so it is kept small.
+WINDOW_MIN = 64
 # How often the tasks it does not follow yet are said alive: well within the queue's
 # QUEUE_STALE_S, and rarely, since an array can have 100,000 of them.
 PENDING_HEARTBEAT_S = 10.0
