@@ -12,9 +12,9 @@ exactly once, the ones the dead host held having been placed again elsewhere.
 
 Checks that every job reaches a final state, that every `succeeded` job's output is exact
 (a job followed twice would show its output twice), that the capped jobs failed for their
-cap, that no host was ever over-committed and that no command printed a traceback; prints
-counts, throughput and the coordinators' peak RSS. Runs on demand (a few minutes on 2
-cores), not in the test suite:
+cap, that no host was ever over-committed (both rounds: part of the verdict) and that no
+command printed a traceback; prints counts, throughput and the coordinators' peak RSS.
+Runs on demand (a few minutes on 2 cores), not in the test suite:
 
     python -m benchmarks.soak [--jobs 300] [--parallel 12] [--lock-s 70] [--retry-tasks 300]
 """
@@ -209,6 +209,7 @@ def retry_round(bench: Bench, tasks: int) -> bool:
         if r["attempt_hosts"].split(",")[:-1] != [victim] * (r["attempts"] - 1)
     ]
     tracebacks = err.count(b"Traceback")
+    over = overcommitted(records, HostShape(cpus=2, memory_mb=2048))
     print_table(
         [
             ("tasks", str(len(records))),
@@ -219,10 +220,11 @@ def retry_round(bench: Bench, tasks: int) -> bool:
             ("retried tasks whose earlier hosts were not the dead one", str(wrong_hosts or "none")),
             ("tasks that ended on the dead host", str(len(ended_on_victim))),
             ("output not exactly once", str(not_once or "none")),
+            ("over-committed hosts", str(over or "none")),
             ("tracebacks", str(tracebacks)),
         ]
     )
-    ok = len(records) == tasks and states == Counter({"succeeded": tasks})
+    ok = len(records) == tasks and states == Counter({"succeeded": tasks}) and not over
     return ok and process.returncode == 0 and not not_once and not tracebacks and not wrong_hosts
 
 
@@ -310,6 +312,7 @@ def main() -> int:
         skip_warned = sum(f"skipping host '{BROKEN_HOST}'" in err for _, _, err, _ in results)
         unfinished = [job["id"] for job in listing if job["state"] in ("queued", "running")]
         tracebacks = sum("Traceback" in stderr for _, _, stderr, _ in results)
+        over = overcommitted(records, shape)
         print_table(
             [
                 ("jobs run", str(len(results))),
@@ -325,7 +328,7 @@ def main() -> int:
                 ),
                 ("jobs run on the broken host", str(on_broken or "none")),
                 ("runs that warned of skipping it", str(skip_warned)),
-                ("over-committed hosts", str(overcommitted(records, shape) or "none")),
+                ("over-committed hosts", str(over or "none")),
                 ("tracebacks", str(tracebacks)),
                 (
                     "coordinator peak RSS",
@@ -336,7 +339,7 @@ def main() -> int:
             ]
         )
         ok = not unfinished and not wrong_output and not tracebacks and not cap_missed
-        ok = ok and not on_broken and len(records) == options.jobs
+        ok = ok and not on_broken and len(records) == options.jobs and not over
         ok = ok and len(listing) == options.jobs + 2
         if options.retry_tasks:
             ok = retry_round(bench, options.retry_tasks) and ok

@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .attempts import (
     LATE_CHECK_S,
@@ -72,6 +72,12 @@ REATTACH_BACKOFF = Backoff(first=0.5, factor=2.0, most=8.0)
 DEFAULT_WALL_LIMIT_S = 24 * 3600.0
 
 _T = TypeVar("_T")
+# drive_tasks follows at least this many tasks at once (more with more cpus): each
+# placement pass costs what the window holds, so it is kept small.
+WINDOW_MIN = 64
+# How often the tasks it does not follow yet are said alive: well within the queue's
+# QUEUE_STALE_S, and rarely, since an array can have 100,000 of them.
+PENDING_HEARTBEAT_S = 10.0
 # How often drive_tasks calls its on_tick (a progress line redraws this often).
 PROGRESS_TICK_S = 0.5
 
@@ -113,6 +119,9 @@ class Coordinator:
         # Array tasks go through one serve session per host (None: launch each job alone).
         self._serve: dict[str, ServeSession] | None = None
         self._cancellers: dict[int, asyncio.Task[None]] = {}
+        # An array's tasks not yet followed (drive_tasks' window): the ids from the index
+        # on, ascending; queued in the jobs file, kept alive there by the heartbeat.
+        self._pending: tuple[list[int], int] = ([], 0)
         # Handlers may be swapped after this: the queue asks for the current one.
         self.queue = PlacementQueue(store, hosts, lambda text: self.handlers.notice(text))
         self._skips_said: set[str] = set()
@@ -142,10 +151,17 @@ class Coordinator:
         job_ids: Sequence[int],
         on_done: Callable[[Job], None] | None = None,
         on_tick: Callable[[], None] | None = None,
+        keep: bool = True,
     ) -> list[Job]:
         """Run the tasks of an array side by side; a task's failure does not stop the rest
         (unless the array's --halt-after-failures is reached). `on_tick` is called every
-        PROGRESS_TICK_S on the loop while they run (a progress line)."""
+        PROGRESS_TICK_S on the loop while they run (a progress line).
+
+        At most `window_size` tasks are followed at once, oldest first; the others wait in
+        the jobs file (queued, their heartbeat kept) and hold no Python object here, so a
+        100,000-task array costs per task what a 100-task one does. With `keep` false the
+        ended jobs are not kept either: the list returned is empty (each went to `on_done`).
+        """
 
         async def one(job_id: int) -> Job:
             try:
@@ -168,13 +184,13 @@ class Coordinator:
         if len(job_ids) > 1:
             self._serve = {}
         ticker = asyncio.create_task(_tick_every(on_tick)) if on_tick is not None else None
+        ended: dict[int, Job] = {}
         try:
-            jobs = list(
-                await self._supervised(asyncio.gather(*(one(job_id) for job_id in job_ids)))
-            )
+            await self._supervised(self._windowed(job_ids, one, ended if keep else None))
             await self._collect_late()
-            return jobs
+            return [ended[job_id] for job_id in job_ids] if keep else []
         finally:
+            self._pending = ([], 0)
             if ticker is not None:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -182,6 +198,47 @@ class Coordinator:
             sessions, self._serve = self._serve or {}, None
             for session in sessions.values():
                 await session.close()
+
+    def window_size(self) -> int:
+        """How many tasks of an array are followed at once: twice what every host together
+        could run (tasks take a cpu at least), so that the placer always has the next ones."""
+        return max(WINDOW_MIN, 2 * sum(host.cpus for host in self.hosts))
+
+    async def _windowed(
+        self,
+        job_ids: Sequence[int],
+        one: Callable[[int], Coroutine[Any, Any, Job]],
+        ended: dict[int, Job] | None,
+    ) -> None:
+        """Run `one` for each job, at most `window_size` at once, oldest job first (a job's
+        --after dependencies are older than it, so they are never held back behind it)."""
+        order = sorted(set(job_ids))
+        window = self.window_size()
+        running: set[asyncio.Task[Job]] = set()
+
+        def collect(done: set[asyncio.Task[Job]]) -> None:
+            for task in done:
+                job = task.result()  # a failure of the coordinator itself propagates
+                if ended is not None:
+                    ended[job.id] = job
+
+        try:
+            for index, job_id in enumerate(order):
+                while len(running) >= window:
+                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    collect(done)
+                self._pending = (order, index + 1)
+                running.add(asyncio.create_task(one(job_id)))
+            self._pending = ([], 0)
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                collect(done)
+        finally:
+            for task in running:
+                task.cancel()
+            for task in running:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     def _halt_if_failed(self, job: Job) -> None:
         """After a task of an array with --halt-after-failures failed: cancel its unstarted
@@ -194,7 +251,7 @@ class Coordinator:
             return
         if not job.is_final:
             return
-        halted = self.store.halt_arrays()
+        halted = self.store.halt_arrays([job.array_id] if job.array_id is not None else [])
         if halted:
             self.queue.signal_room()  # their waiters leave the queue at the next pass
             self.handlers.warning(
@@ -271,12 +328,19 @@ class Coordinator:
             await asyncio.sleep(CANCEL_POLL_S)
 
     async def _heartbeat(self) -> None:
+        pending_said = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             # On the loop itself: the store's connection belongs to this thread, and the
             # write is one short transaction for all our jobs.
             if self._active:
                 self.store.heartbeat_many(sorted(self._active))
+            order, start = self._pending
+            if start < len(order) and time.monotonic() - pending_said >= PENDING_HEARTBEAT_S:
+                # The tasks not yet followed keep their place in line: one statement per
+                # run of consecutive ids (an array's are one run), not one per task.
+                self.store.heartbeat_queued(order[start:])
+                pending_said = time.monotonic()
 
     async def _drive_and_signal(self, job_id: int) -> Job:
         self._active.add(job_id)

@@ -71,11 +71,13 @@ class PlacementQueue:
                 await self._wait_for_room(None)
                 delays = PLACEMENT_POLL.delays()
                 continue
+            # A pass costs what our waiting jobs number: an array's are a window of it
+            # (Coordinator.drive_tasks), never all its 100,000 tasks.
             waiting = dict(self._waiting)
             placed, gone = self.store.place_waiting(
                 sorted(waiting),
                 self.hosts,
-                {job_id: list(excluded) for job_id, (_, excluded) in waiting.items()},
+                {job_id: list(excluded) for job_id, (_, excluded) in waiting.items() if excluded},
             )
             for job_id, (waiter, excluded) in waiting.items():
                 outcome: Host | SshwasmError | None
@@ -83,16 +85,19 @@ class PlacementQueue:
                     outcome = placed[job_id]
                 elif job_id in gone:
                     outcome = None
+                elif job_id in announced:
+                    continue  # still waits: its hosts and exclusions are as they were
                 else:
+                    # Read once, when it first did not fit (not once per pass).
                     job = self.store.get(job_id)
                     if candidate_hosts(self.hosts, job.request, excluded):
-                        if job_id not in announced:
-                            announced.add(job_id)
-                            self._announce_queued(job)
+                        announced.add(job_id)
+                        self._announce_queued(job)
                         continue
                     outcome = NoHostReachable(excluded)
                     self.store.finish(job_id, JobState.FAILED, error=str(outcome))
                 del self._waiting[job_id]
+                announced.discard(job_id)
                 if waiter.done():
                     continue
                 if isinstance(outcome, SshwasmError):

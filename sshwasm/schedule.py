@@ -156,7 +156,7 @@ def choose_host(
 def plan(
     hosts: Sequence[Host],
     usage: Mapping[str, Usage],
-    queue: Sequence[tuple[int, Request]],
+    queue: Iterable[tuple[int, Request]],
     excluded: Mapping[int, Iterable[str]] | None = None,
 ) -> dict[int, str]:
     """Place waiting jobs in submission order; returns job id -> host name for those that fit.
@@ -167,7 +167,7 @@ def plan(
     Each job gets exactly what `choose_host` would give it; hosts are kept ordered by spare
     capacity so that a long queue over many hosts costs little more than a scan per job.
     """
-    if not hosts or not queue:
+    if not hosts:
         return {}
     scales = _scales(hosts)
     free: dict[str, list[int]] = {}
@@ -182,6 +182,8 @@ def plan(
     order.sort()
     placed: dict[int, str] = {}
     for job_id, request in queue:
+        if not order:
+            break  # every host is full: no job behind fits either
         skip = set(excluded.get(job_id, ())) if excluded else set()
         for position, (_, name) in enumerate(order):
             room = free[name]

@@ -594,3 +594,57 @@ def test_serve_starts_on_older_pythons(
     else:
         session.close_stdin()
         assert session.read_to_end() == 0
+
+
+# ------------------------------------------------------------ the pool of executors
+
+
+def test_pooled_executors_run_tasks_in_turn_fresh_and_are_replaced_when_killed(
+    workdir: Path, guest: Guest, sessions: Callable[..., Session]
+) -> None:
+    """One executor runs tasks one after another, each in a fresh Store and WASI context
+    (no memory, environment or arguments of the one before); a task killed at its time
+    limit or cancelled takes its executor with it, and the next task gets a new one."""
+    session = sessions(workdir)
+    session.hello()
+
+    def run(key: str, payload: bytes) -> tuple[int, dict[str, object]]:
+        session.launch(payload)
+        session.wait_done(key)
+        pid = session.task(key).json_of(b"S")["pid"]
+        assert isinstance(pid, int)
+        return pid, session.task(key).result()
+
+    first, alloc = run("p1", task_spec(guest, "p1", ["probe", "alloc"], memory_mb=16,
+                                       env=[["SECRET", "one"]]))  # fmt: skip
+    assert alloc["state"] == "out_of_memory"
+    again, echo = run("p2", task_spec(guest, "p2", ["probe", "echo", "two"], stdin=b"in-2"))
+    assert again == first, "the idle executor was not reused"
+    assert echo["state"] == "succeeded"
+    peak = echo["peak_memory_bytes"]
+    assert isinstance(peak, int) and peak < 8 << 20  # not the 16 MiB the last task filled
+    argv, env, stdin = session.task("p2").stdout().split(b"\x01")
+    assert argv.split(b"\0")[:-1] == [b"probe", b"echo", b"two"]
+    assert b"SECRET" not in env and stdin == b"in-2"
+    # Spinning past its limit: interrupted in the guest; the executor lives on.
+    spun, spin = run("p3", task_spec(guest, "p3", ["probe", "spin"], time_limit_s=1))
+    assert spin["state"] == "timeout" and spun == first
+    # Blocked in a host call past its limit: the watchdog ends the executor itself.
+    slept, sleep = run("p4", task_spec(guest, "p4", ["probe", "sleep", "30"], time_limit_s=1))
+    assert sleep["state"] == "timeout" and slept == first
+    assert process_gone(first)
+    fresh, hello = run("p5", task_spec(guest, "p5", ["probe", "hello"]))
+    assert fresh != first and hello["state"] == "succeeded"
+    assert session.task("p5").stdout() == b"hello from wasm\n"
+    # A cancel kills its task's executor; the task after it runs on a new one.
+    session.launch(task_spec(guest, "p6", ["probe", "sleep", "30"]))
+    session.read_until(lambda: b"S" in session.task("p6").kinds())
+    assert session.task("p6").json_of(b"S")["pid"] == fresh
+    wait_for(lambda: holds(workdir / "jobs" / "p6" / "stdout", b"start\n"))
+    assert json.loads(run_runner("cancel", str(workdir), "p6").stdout) == {"state": "cancelled"}
+    session.wait_done("p6")
+    assert session.task("p6").result()["state"] == "cancelled"
+    assert process_gone(fresh)
+    last, final = run("p7", task_spec(guest, "p7", ["probe", "exit", "7"]))
+    assert last not in (first, fresh)
+    assert (final["state"], final["exit_code"]) == ("failed", 7)

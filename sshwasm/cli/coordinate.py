@@ -39,12 +39,14 @@ def coordinate_jobs(
     handlers: Handlers,
     on_done: Callable[[Job], None] | None = None,
     on_tick: Callable[[], None] | None = None,
+    keep: bool = True,
 ) -> list[Job]:
     """Follow submitted jobs through one Coordinator in this process until each has ended.
 
     With `on_done` the jobs are followed side by side (an array's tasks, a detached run's
     jobs): a job's failure is its own and goes to `on_done` with the job, and the others
-    go on, and `on_tick` is called now and then meanwhile (a progress line). Without it
+    go on, and `on_tick` is called now and then meanwhile (a progress line); with `keep`
+    false they are not kept for the list returned (empty: 100,000 tasks). Without it
     the one job is followed alone and what stops it (no host fits, the host is out of
     reach) is raised, for a foreground `run` to say.
     """
@@ -57,7 +59,7 @@ def coordinate_jobs(
         if on_done is None:
             (job_id,) = job_ids
             return [await coordinator.drive(job_id)]
-        return await coordinator.drive_tasks(job_ids, on_done=on_done, on_tick=on_tick)
+        return await coordinator.drive_tasks(job_ids, on_done=on_done, on_tick=on_tick, keep=keep)
 
     try:
         return with_pool(follow)
@@ -93,16 +95,26 @@ def spawn_coordinator(ctx: Context, job_ids: list[int]) -> None:
 def cmd_coordinate(ctx: Context) -> int:
     """Hidden: the detached coordinator of `run --detach`."""
     # Its stderr is the coordinator.log beside the job's output: how each job ended goes there.
-    jobs = coordinate_jobs(
+    worst = [int(ExitStatus.OK)]
+    verified: list[int] = []
+
+    def ended(job: Job) -> None:
+        report_end(job)
+        worst[0] = max(worst[0], job_exit_status(job))
+        if job.verify:
+            verified.append(job.id)
+
+    coordinate_jobs(
         ctx,
         ctx.args.job_ids,
         coordinator_handlers(show_output=False, show_notices=True),
-        on_done=report_end,
+        on_done=ended,
+        keep=False,
     )
     from ..verify import settle
 
-    for job in jobs:
-        if job.verify:
-            # --verify: also when a run ended without a result (never placed, lost).
-            settle(ctx.store, job.id)
-    return max((job_exit_status(job) for job in jobs), default=ExitStatus.OK)
+    for job_id in verified:
+        # --verify: judged also when a run ended without a result (never placed, lost).
+        settle(ctx.store, job_id)
+        worst[0] = max(worst[0], job_exit_status(ctx.store.get(job_id)))
+    return worst[0]

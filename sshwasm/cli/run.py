@@ -310,9 +310,17 @@ def run_array(
         show(job)
     handlers = coordinator_handlers(show_output=False, show_notices=interactive)
     progress = _progress(ctx, [*reused, *job_ids], interactive) if job_ids else None
-    on_done: Callable[[Job], None] = show
+    # The lowest task that did not succeed (its exit status is run's), kept as they end.
+    failed: list[Job] = []
+
+    def show_and_note(job: Job) -> None:
+        show(job)
+        if job.state != JobState.SUCCEEDED and (not failed or job.id < failed[0].id):
+            failed[:] = [job]
+
+    on_done: Callable[[Job], None] = show_and_note
     if progress is not None:
-        on_done = progress.around_end(show)
+        on_done = progress.around_end(show_and_note)
         handlers.notice = progress.around(handlers.notice)
         handlers.warning = progress.around(handlers.warning)
     try:
@@ -323,6 +331,8 @@ def run_array(
                 handlers,
                 on_done=on_done,
                 on_tick=progress.tick if progress is not None else None,
+                # Only --json needs every record at the end; else none is held (100,000 tasks).
+                keep=bool(args.json),
             )
             if job_ids
             else []
@@ -333,7 +343,7 @@ def run_array(
     jobs.sort(key=lambda job: job.id)
     if args.json:
         print_json([job.record() for job in jobs])
-    failed = [job for job in jobs if job.state != JobState.SUCCEEDED]
+        failed[:] = [job for job in jobs if job.state != JobState.SUCCEEDED][:1]
     if not failed:
         return ExitStatus.OK
     return job_exit_status(failed[0]) or ExitStatus.ERROR

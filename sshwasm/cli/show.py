@@ -218,11 +218,14 @@ def local_time(iso: str | None) -> str:
 
 def runtime(job: Job) -> str:
     """How long a job ran (or has been running)."""
-    seconds = job.run_s
-    if not isinstance(seconds, (int, float)):  # a row written before results were checked
-        seconds = None
-    if seconds is None and job.state == JobState.RUNNING and job.started_at:
-        seconds = time.time() - datetime.fromisoformat(job.started_at).timestamp()
+    return runtime_of(job.run_s, job.state, job.started_at)
+
+
+def runtime_of(run_s: object, state: str, started_at: str | None) -> str:
+    """`runtime` from a row's run_s, state and started_at (the `jobs` table's light rows)."""
+    seconds = run_s if isinstance(run_s, (int, float)) else None  # None: an old bad row
+    if seconds is None and state == JobState.RUNNING and started_at:
+        seconds = time.time() - datetime.fromisoformat(started_at).timestamp()
     if seconds is None:
         return ""
     return f"{seconds:.2f}s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:04.1f}s"

@@ -1,5 +1,12 @@
-"""The serve command: launch requests over one channel, each task a fork of a process that
-already has wasmtime and the module loaded; results answered in frames keyed by job id."""
+"""The serve command: launch requests over one channel, each task run by one of a pool of
+executor processes forked from serve (wasmtime and the module already loaded), a fresh
+Store per task; results answered in frames keyed by job id.
+
+An executor runs tasks in turn: a fork per task cost the host about 7.5 ms, more than a tiny
+task itself. It is replaced only when a task must be killed (its time limit's last resort,
+a cancel, a kill from outside) or leaves process state behind (an output cap's rlimit);
+serve starts one when a task comes and none is idle, so there are as many as tasks run at
+once (the host's reserved cpus)."""
 
 from __future__ import annotations
 
@@ -18,7 +25,6 @@ from typing import Any, NoReturn
 
 from .execute import (
     GRACE_S,
-    _execute,
     _Execution,
     _ignore_signal,
     _load_module,
@@ -193,8 +199,18 @@ class _ServeTask:
         self.ended_at = 0.0
 
 
+class _Executor:
+    """A pooled executor process, as serve sees it: its pid and its two pipes."""
+
+    def __init__(self, pid: int, requests: int, done: int) -> None:
+        self.pid = pid
+        self.requests = requests  # serve writes one JSON line per task
+        self.done = done  # the executor writes a byte per task ended: b"d" idle, b"x" exiting
+        self.reusable = True
+
+
 class _Server:
-    """The serve command: launch requests in, one forked child per task, results out."""
+    """The serve command: launch requests in, tasks to pooled executors, results out."""
 
     def __init__(self, writer: _FrameWriter, workdir: str, stdin_fd: int) -> None:
         self.writer = writer
@@ -203,7 +219,9 @@ class _Server:
         self.runtime: _ServeRuntime | None = None
         self.accepting = True
         self.coordinator_gone = False
-        self.running: dict[int, _ServeTask] = {}
+        self.running: dict[int, _ServeTask] = {}  # by the pid of the executor running it
+        self.executors: dict[int, _Executor] = {}
+        self.idle: list[_Executor] = []
         self.ended: list[_ServeTask] = []
         self.decoder = FrameDecoder(SERVE_MAX_REQUEST_BYTES)
         self._wake_r, self._wake_w = os.pipe()
@@ -217,12 +235,14 @@ class _Server:
         try:
             while self.accepting or self.running or self.ended:
                 readable = [self._wake_r] + ([self.stdin_fd] if self.accepting else [])
+                readable += [self.executors[pid].done for pid in self.running]
                 ready, _, _ = select.select(readable, [], [], self._settle_timeout())
                 if self._wake_r in ready:
                     with contextlib.suppress(OSError):
                         while os.read(self._wake_r, 4096):
                             pass
                 try:
+                    self._collect_done(ready)
                     self._reap()
                     if self.stdin_fd in ready:
                         self._read_requests()
@@ -234,6 +254,11 @@ class _Server:
             signal.signal(signal.SIGCHLD, previous)
             os.close(self._wake_r)
             os.close(self._wake_w)
+            # Idle executors read EOF and exit; a busy one (serve lost) finishes first.
+            for executor in self.executors.values():
+                for fd in (executor.requests, executor.done):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
         return 0
 
     # -- requests
@@ -342,7 +367,7 @@ class _Server:
             # As under execute: the task runs and fails with this as its result.
             loaded = _NotLoaded("failed", 1, f"cannot load the module: {_one_line(str(exc))}")
         try:
-            pid = self._fork_task(job_dir, spec, loaded, log_path, started)
+            pid = self._dispatch(job_dir, spec, loaded, log_path, started)
         except OSError as exc:
             shutil.rmtree(job_dir, ignore_errors=True)
             self.writer.send_keyed(KIND_ERROR, key, _error_json("io", exc))
@@ -353,7 +378,7 @@ class _Server:
 
     # -- tasks
 
-    def _fork_task(
+    def _dispatch(
         self,
         job_dir: str,
         spec: dict[str, Any],
@@ -361,30 +386,81 @@ class _Server:
         log_path: str,
         started: float,
     ) -> int:
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                self._become_task(job_dir, spec, loaded, log_fd, started)
-        finally:
-            os.close(log_fd)
+        """Hand the task to an idle executor (started if none is); its pid."""
+        request: dict[str, Any] = {
+            "job_dir": job_dir,
+            "spec": spec,
+            "log_path": log_path,
+            "started": started,  # time.monotonic: one clock for every process of the host
+        }
+        if isinstance(loaded, _NotLoaded):
+            request["not_loaded"] = [loaded.state, loaded.exit_code, loaded.error]
+        else:
+            request["module"] = [
+                spec["wasm_sha256"],
+                spec["time_limit_s"] is not None,
+                uses_fuel(spec),
+            ]
+            request["compile_s"], request["cached"] = loaded.compile_s, loaded.cached
+        line = json.dumps(request).encode() + b"\n"
+        for attempt in range(3):
+            executor = self.idle.pop() if self.idle else self._start_executor()
+            try:
+                _write_all(executor.requests, line)
+                break
+            except OSError:
+                # It died while idle (killed from outside): the reaper collects it.
+                executor.reusable = False
+                if attempt == 2:
+                    raise
         with contextlib.suppress(OSError):
-            # The child writes it too; writing it here means it exists once S is sent.
-            _write_pid_file(job_dir, pid)
-        return pid
+            # The executor writes it too; writing it here means it exists once S is sent.
+            _write_pid_file(job_dir, executor.pid)
+        return executor.pid
 
-    def _become_task(
-        self,
-        job_dir: str,
-        spec: dict[str, Any],
-        loaded: _LoadedModule | _NotLoaded,
-        log_fd: int,
-        started: float,
-    ) -> NoReturn:
-        """In the forked child: detach from serve's session and streams, then run the task
-        exactly as execute would. Never returns into serve's loop."""
-        runtime = self.runtime
+    def _start_executor(self) -> _Executor:
+        requests_r, requests_w = os.pipe()
+        done_r, done_w = os.pipe()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(requests_w)
+            os.close(done_r)
+            self._become_executor(requests_r, done_w)
+        os.close(requests_r)
+        os.close(done_w)
+        os.set_blocking(done_r, False)
+        executor = self.executors[pid] = _Executor(pid, requests_w, done_r)
+        return executor
+
+    def _collect_done(self, ready: list[int]) -> None:
+        """Tasks whose executor said they ended; the executor is idle again (or exiting)."""
+        now = time.monotonic()
+        for pid in list(self.running):
+            executor = self.executors[pid]
+            if executor.done not in ready:
+                continue
+            try:
+                said = os.read(executor.done, 64)
+            except BlockingIOError:
+                continue
+            except OSError:
+                said = b""
+            if not said:
+                executor.reusable = False  # it died: the reaper ends its task
+                continue
+            task = self.running.pop(pid)
+            task.ended_at = now
+            self.ended.append(task)
+            if said.endswith(b"d") and executor.reusable:
+                self.idle.append(executor)
+            else:
+                executor.reusable = False
+
+    def _become_executor(self, requests_fd: int, done_fd: int) -> NoReturn:
+        """In a forked executor: detach from serve's session and streams, then run the
+        tasks serve sends, one at a time, until EOF or a task that leaves state behind.
+        Never returns into serve's loop."""
         try:
             # A new session: cancel kills its group, and serve's end does not reach it.
             os.setsid()
@@ -392,41 +468,107 @@ class _Server:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
-            # Serve's frames are not ours to read or write: stdin and stdout become
-            # /dev/null, stderr the job's runner.log, as for an execute process.
+            for other in self.executors.values():  # siblings' pipes: not ours to hold
+                os.close(other.requests)
+                os.close(other.done)
+            # Serve's frames are not ours to read or write: stdin, stdout and (between
+            # tasks) stderr are /dev/null; during a task stderr is its runner.log.
             devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(devnull, 1)
-            os.dup2(log_fd, 2)
-            os.close(devnull)
-            os.close(log_fd)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
             os.chdir("/")
+            requests = os.fdopen(requests_fd, "rb")
+            while True:
+                line = requests.readline()
+                if not line:
+                    break
+                reusable = self._run_pooled(json.loads(line), devnull)
+                _write_all(done_fd, b"d" if reusable else b"x")
+                if not reusable:
+                    break
         except BaseException:
-            os._exit(1)
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+        finally:
+            # Skips interpreter teardown, where wasmtime's tokio threads can panic.
+            os._exit(0)
 
-        def run(execution: _Execution) -> None:
-            assert runtime is not None
-            execution.facts["wasmtime_version"] = runtime.version
-            if isinstance(loaded, _NotLoaded):
-                execution.finish(loaded.state, loaded.exit_code, loaded.error)
-                return
-            # Counted from when serve got the task, so the time its module took to load is
-            # not given again.
-            watchdog = _Watchdog.for_spec(execution, spec, started)
-            if watchdog is not None:
-                watchdog.start()
-            _run_module(execution, runtime, loaded, spec, watchdog)
+    def _run_pooled(self, request: dict[str, Any], devnull: int) -> bool:
+        """Run one task in this executor exactly as execute would, a fresh Store and
+        Execution; whether this process may run another (no state left behind)."""
+        import resource
 
-        _execute(job_dir, run)
+        runtime = self.runtime
+        assert runtime is not None
+        job_dir, spec = request["job_dir"], request["spec"]
+        log_fd = os.open(request["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        file_size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        try:
+            with contextlib.suppress(OSError):
+                _write_pid_file(job_dir, os.getpid())
+            execution = _Execution(job_dir)
+            try:
+                # A cancel that came before we started has written the result already.
+                if not os.path.exists(execution.result_path):
+                    self._run_task(execution, runtime, request)
+            except BaseException as exc:
+                traceback.print_exc()
+                error = _one_line(f"runner error: {type(exc).__name__}: {exc}")
+                execution.finish("failed", 1, error, **execution.measures())
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stderr.flush()
+            os.dup2(devnull, 2)
+        # An output cap leaves its rlimit, signal handler and wakeup pipe in the process.
+        reusable = not spec.get("max_output_bytes")
+        if resource.getrlimit(resource.RLIMIT_FSIZE) != file_size_limit:
+            reusable = False
+        return reusable
+
+    @staticmethod
+    def _run_task(execution: _Execution, runtime: _ServeRuntime, request: dict[str, Any]) -> None:
+        spec = request["spec"]
+        execution.facts["wasmtime_version"] = runtime.version
+        not_loaded = request.get("not_loaded")
+        if not_loaded is not None:
+            execution.finish(*not_loaded)
+            return
+        sha, epoch, fuel = request["module"]
+        # Loaded once per executor: by serve before the fork, or here from the cache that
+        # serve's compile helper filled (deserializing starts no thread pool). A module
+        # counting fuel is compiled by its own engine: a key of its own.
+        known = runtime._modules.get((sha, epoch, fuel))
+        if known is None:
+            known = runtime._modules[(sha, epoch, fuel)] = runtime.load(
+                sha, epoch, _log_appender(request["log_path"]), fuel
+            )
+        loaded = _LoadedModule(known.engine, known.module, request["compile_s"], request["cached"])
+        # Counted from when serve got the task, so the time its module took to load is
+        # not given again.
+        watchdog = _Watchdog.for_spec(execution, spec, request["started"])
+        if watchdog is not None:
+            watchdog.start()
+        _run_module(execution, runtime, loaded, spec, watchdog)
 
     def _reap(self) -> None:
-        while self.running:
+        while self.executors:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            executor = self.executors.pop(pid, None)
+            if executor is None:
+                continue
+            if executor in self.idle:
+                self.idle.remove(executor)
+            for fd in (executor.requests, executor.done):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            # Killed (a cancel, its time limit's last resort, from outside) mid-task.
             task = self.running.pop(pid, None)
             if task is not None:
                 task.status, task.ended_at = status, time.monotonic()
@@ -486,6 +628,13 @@ class _Server:
         self.coordinator_gone = True
         self.accepting = False
         _detach_stdout()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to a blocking pipe."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _cmd_serve(writer: _FrameWriter, workdir_argument: str) -> int:
