@@ -101,13 +101,16 @@ def isolated_home(
     # A stray ./cluster.yaml in the directory pytest was started from must not be found.
     monkeypatch.chdir(tmp_path)
     # The connection process (sshwasm.mux): its socket in the test's home, and off unless a
-    # test turns it on (tests/test_mux*.py), since each test's home would start its own.
+    # test turns it on (tests/test_mux*.py), since each test's home would start its own;
+    # SSHWASM_TEST_MUX=1 leaves it on everywhere, to run the whole suite through it.
     runtime = home / ".run"
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    monkeypatch.setenv("SSHWASM_CONNECTION_PERSIST_S", "0")
+    if not os.environ.get("SSHWASM_TEST_MUX"):
+        monkeypatch.setenv("SSHWASM_CONNECTION_PERSIST_S", "0")
     yield home
     left = stop_mux_processes(runtime / "sshwasm")
-    assert not left, f"connection processes left running by the test: {left}"
+    if not os.environ.get("SSHWASM_TEST_MUX"):  # else each test's own idles until stopped
+        assert not left, f"connection processes left running by the test: {left}"
 
 
 @pytest.fixture(scope="session")
