@@ -175,7 +175,8 @@ def slow_reader_run(
     sampler.start()
     assert process.stdout is not None and process.stderr is not None
     errors: list[bytes] = []
-    drain = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
+    stderr = process.stderr
+    drain = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
     drain.start()
     digest = hashlib.sha256()
     size = 0

@@ -148,6 +148,7 @@ def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
         "store.place_waiting": length("store.place_waiting"),
         "import asyncssh": length("import asyncssh"),
         "ssh connect (tcp + kex + auth)": length("ssh connect (tcp + kex + auth)"),
+        "connection process: connect request": length("connection process: connect request"),
         "open channel + exec request": length("open channel + exec request"),
         "remote: login shell, runner start -> spec.json written": (
             remote["spec.json"] - channel_open
