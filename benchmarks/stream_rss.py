@@ -175,8 +175,8 @@ def slow_reader_run(
     sampler.start()
     assert process.stdout is not None and process.stderr is not None
     errors: list[bytes] = []
-    stderr = process.stderr
-    drain = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
+    err_pipe = process.stderr
+    drain = threading.Thread(target=lambda: errors.append(err_pipe.read()), daemon=True)
     drain.start()
     digest = hashlib.sha256()
     size = 0
