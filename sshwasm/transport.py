@@ -258,6 +258,11 @@ class RunnerProcess(ABC):
     def abort(self) -> None:
         """Stop reading (the job on the host is unaffected)."""
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the command may still be running (a spare channel must be, to be used)."""
+        return True
+
 
 class Transport(ABC):
     """A way to start runner commands on one host."""
@@ -415,6 +420,11 @@ class _SshProcess(RunnerProcess):
         self._release: Callable[[], None] | None = release
         # Read all along: asyncssh would otherwise collect the whole of it in memory.
         self._stderr = asyncio.ensure_future(keep_tail(process.stderr.read, STDERR_KEEP_BYTES))
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the channel is still open and its command has not exited."""
+        return not self._process.is_closing() and self._process.exit_status is None
 
     def _give_back_channel(self) -> None:
         release, self._release = self._release, None

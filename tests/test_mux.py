@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shlex
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import PROGRAMS, mux_processes, no_traceback, process_gone, sshwasm, wait_for
 
-from sshwasm.mux import client, wire
+from sshwasm.mux import client, spare, wire
 
 TINY = str(PROGRAMS / "tiny.rs")
 
@@ -65,6 +69,36 @@ def test_used_reused_private_edited_and_idle(
     # Idle for 4 s: every connection closed, the process gone with its socket.
     wait_for(lambda: process_gone(pid), timeout=20)
     assert not sock.exists()
+    # Every command after the first of a connection found a session opened ahead for it.
+    (stopped,) = [
+        line for line in (runtime / wire.LOG_NAME).read_text().splitlines() if "stopped:" in line
+    ]
+    commands, on_spares = (int(word) for word in re.findall(r"\d+", stopped.split("stopped:")[1]))
+    assert commands >= 3 and on_spares >= 1, stopped
+
+
+def test_a_spare_channel_runs_a_command_as_the_shell_would() -> None:
+    """The spare's one-line form of a command (newlines inside single quotes sent as
+    '"$NL"'), read and eval'ed by /bin/sh, runs exactly what `sh -c COMMAND` runs."""
+    code = (
+        'import sys; print(sys.argv[1:]); print(sys.stdin.buffer.read())\n# it\'s "x" $HOME `x` \\n'
+    )
+    stdin = b"in\x00put\nmore"
+    for command in (
+        shlex.join([sys.executable, "-c", code, "a b", "it's", "\n", "$HOME", "\\", "`id`"]),
+        f'{sys.executable} -c {shlex.quote(code)} "$HOME"/{shlex.quote("x y")}; exit 3',
+    ):
+        direct = subprocess.run(["sh", "-c", command], input=stdin, capture_output=True)
+        line = spare.one_line(command)
+        assert line is not None and line.count("\n") == 1
+        relayed = subprocess.run(
+            ["sh", "-c", spare.SPARE_COMMAND], input=line.encode() + stdin, capture_output=True
+        )
+        assert (relayed.stdout, relayed.returncode) == (direct.stdout, direct.returncode)
+        assert b"in\\x00put\\nmore" in relayed.stdout
+    assert spare.one_line("true\nfalse") is None  # a newline outside quotes: own channel
+    unused = subprocess.run(["sh", "-c", spare.SPARE_COMMAND], input=b"", capture_output=True)
+    assert unused.returncode == spare.NO_COMMAND_EXIT
 
 
 def test_off_killed_and_broken_fall_back(runtime: Path, make_cluster: Callable[..., Path]) -> None:

@@ -22,7 +22,7 @@ from .. import paths
 from ..cluster import MAX_CONNECTION_PERSIST_S, Host
 from ..errors import HostKeyUntrusted, HostUnreachable, SshwasmError
 from ..transport import RunnerProcess, SshTransport
-from . import wire
+from . import spare, wire
 
 # A client has this long to send its request after connecting.
 REQUEST_TIMEOUT_S = 10.0
@@ -52,6 +52,12 @@ class MuxServer:
         self.locks: dict[str, asyncio.Lock] = {}
         self.last_used: dict[str, float] = {}
         self.in_use: dict[str, int] = {}
+        # A session opened ahead of each connection's next command (see spare.py).
+        self.spares: dict[str, RunnerProcess] = {}
+        self._refilling: set[str] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.commands = 0
+        self.on_spares = 0
         self.clients = 0
         self.last_activity = time.monotonic()
         self.stopping = asyncio.Event()
@@ -116,7 +122,8 @@ class MuxServer:
         try:
             transport = await self.transport(host, key)
             if isinstance(command, str):
-                process = await transport.open_command(command)
+                process = await self.start(transport, key, command)
+            self.refill(transport, key)
         except HostKeyUntrusted as exc:
             # The client connects directly to say so with every detail of the error.
             answer = {"ok": False, "kind": "untrusted", "reason": str(exc)}
@@ -138,6 +145,42 @@ class MuxServer:
         finally:
             self.in_use[key] -= 1
             self.last_used[key] = time.monotonic()
+
+    async def start(self, transport: SshTransport, key: str, command: str) -> RunnerProcess:
+        """Start `command` on the connection's spare channel if one is open, else on a new one."""
+        self.commands += 1
+        held = self.spares.pop(key, None)
+        line = spare.one_line(command)
+        if held is not None and line is not None and held.is_open:
+            await held.send(line.encode(), close=False)
+            self.on_spares += 1
+            return held
+        if held is not None:
+            held.abort()
+        return await transport.open_command(command)
+
+    def refill(self, transport: SshTransport, key: str) -> None:
+        """Open the connection's next spare channel in the background, unless one is there."""
+        if key in self.spares or key in self._refilling:
+            return
+        self._refilling.add(key)
+
+        async def open_spare() -> None:
+            try:
+                process = await transport.open_command(spare.SPARE_COMMAND)
+            except Exception as exc:  # only a spare: the next command opens its own
+                log(f"no spare channel: {type(exc).__name__}: {exc}")
+                return
+            finally:
+                self._refilling.discard(key)
+            if self.transports.get(key) is transport and key not in self.spares:
+                self.spares[key] = process
+            else:
+                process.abort()
+
+        task = asyncio.ensure_future(open_spare())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def relay(
         self, process: RunnerProcess, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -190,6 +233,9 @@ class MuxServer:
 
     async def forget(self, key: str) -> None:
         """Close one connection."""
+        held = self.spares.pop(key, None)
+        if held is not None:
+            held.abort()
         self.last_used.pop(key, None)
         self.in_use.pop(key, None)
         transport = self.transports.pop(key, None)
@@ -249,7 +295,7 @@ async def serve_forever(directory: Path, idle_s: float) -> int:
         listener.close()
         reaper.cancel()
         await server.close()
-        log("stopped")
+        log(f"stopped: {server.commands} commands, {server.on_spares} on spare channels")
     return 0
 
 
