@@ -5,8 +5,7 @@ Each round gives the loopback host a fresh, empty workdir (a new cluster file na
 changed, so the connection process opens a new one; `--direct` connects from the command
 itself), the runner's install, the module's upload and its precompilation on the host.
 The module itself is compiled locally once, before the rounds (what a user's second host
-would find). Both sides run interleaved, median of
---runs each.
+would find). Both sides run interleaved, median of --runs each.
 
 Target (issue 13): first job <= 3x `ssh host true`; exits 1 when missed.
 """
