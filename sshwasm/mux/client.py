@@ -36,8 +36,11 @@ SEND_CHUNK = 1 << 20
 # Set to 1 to have each fallback to a direct connection said on stderr.
 VERBOSE_ENV = "SSHWASM_MUX_VERBOSE"
 
-# Started at most once per process: a process that cannot start is not retried per job.
-_spawned: set[Path] = set()
+# When this process last started one, per runtime dir: one that did not come up is not
+# started again for every job, but one that exited idle since (a long-lived Python API
+# user) is.
+_spawned: dict[Path, float] = {}
+RESPAWN_AFTER_S = 60.0
 
 
 def _say(message: str) -> None:
@@ -92,9 +95,10 @@ def open_socket(directory: Path, persist_s: float) -> socket.socket:
             break
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if deadline is None:
-                if directory in _spawned:
+                last = _spawned.get(directory)
+                if last is not None and time.monotonic() - last < RESPAWN_AFTER_S:
                     raise wire.MuxUnavailable("the connection process did not start") from exc
-                _spawned.add(directory)
+                _spawned[directory] = time.monotonic()
                 spawn(directory, persist_s)
                 deadline = time.monotonic() + SPAWN_WAIT_S
             elif time.monotonic() >= deadline:
@@ -204,7 +208,9 @@ class MuxTransport(SshTransport):
 
         Raises HostUnreachable as the process reports it, MuxUnavailable for the rest.
         """
-        sock = open_socket(paths.runtime_dir(), self.persist_s)
+        # In a thread: starting the process waits for it to listen, which must not hold up
+        # the event loop's other jobs (their keepalives, say).
+        sock = await asyncio.to_thread(open_socket, paths.runtime_dir(), self.persist_s)
         try:
             reader, writer = await asyncio.open_unix_connection(sock=sock)
         except BaseException:
