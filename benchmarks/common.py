@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -177,6 +178,7 @@ class Bench:
             return
         self._closed = True
         try:
+            self.stop_mux()
             if self.kit is not None:
                 self.kit.stop_all()
                 left = self.kit.leftover_pids()
@@ -187,6 +189,31 @@ class Bench:
                 print(f"benchmarks: kept {self.root}", file=sys.stderr)
             else:
                 shutil.rmtree(self.root, ignore_errors=True)
+
+    @property
+    def runtime_dir(self) -> Path:
+        """sshwasm's runtime dir in the bench's home: the connection process's socket."""
+        return self.home / ".run" / "sshwasm"
+
+    def stop_mux(self) -> None:
+        """Stop the bench's connection process (sshwasm.mux), if one is running: its PID is
+        in its lock file."""
+        lock = self.runtime_dir / "mux-1.lock"
+        try:
+            pid = int(lock.read_text().split()[0])
+            # The PID of an exited process may be another's by now: check it is the mux.
+            if b"sshwasm.mux" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            return
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return
+            time.sleep(0.02)
 
     # -- environment
 
@@ -207,6 +234,7 @@ class Bench:
             ("XDG_STATE_HOME", ".local/state"),
         ):
             env[variable] = str(self.home / relative)
+        env["XDG_RUNTIME_DIR"] = str(self.home / ".run")
         env["SSHWASM_DATA_DIR"] = str(self.root / "data")
         env["SSHWASM_CACHE_DIR"] = str(self.root / "cache")
         env["SSHWASM_CONFIG_DIR"] = str(self.root / "config")

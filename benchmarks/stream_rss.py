@@ -6,9 +6,13 @@ going to /dev/null; the coordinator's peak RSS is taken from the kernel (`wait4`
 ru_maxrss, and VmHWM polled from /proc while it runs). The baseline is an idle
 `python -c 'import asyncssh, sshwasm.cli'`. Then the local copy of the output is checked
 byte for byte (size and sha256 against what bigout must print), and so is the foreground
-stream of a second run whose stdout is piped to this process.
+stream of a second run whose stdout is piped to this process. A third run's stdout goes to
+a slow reader on a pipe (--slow-megabytes at --slow-mib-per-s): the coordinator must neither
+buffer what the reader has not taken (its peak RSS is measured the same way) nor lose any
+of it. The connection process's own peak (VmHWM) is shown too when one relayed the runs.
 
-Target (issue 5): coordinator peak RSS < 100 MB.
+Target (issue 5): coordinator peak RSS < 100 MB, with /dev/null and with the slow reader;
+exits 1 when missed.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--megabytes", type=int, default=100, help="MiB of output to stream (default 100)"
     )
+    parser.add_argument(
+        "--slow-megabytes", type=int, default=20, help="MiB for the slow reader (default 20)"
+    )
+    parser.add_argument(
+        "--slow-mib-per-s", type=float, default=4.0, help="the slow reader's pace (default 4)"
+    )
+    parser.add_argument("--direct", action="store_true", help="without the connection process")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser.parse_args(argv)
 
@@ -149,6 +160,53 @@ def foreground_digest(argv: Sequence[str], env: dict[str, str], cwd: Path) -> tu
     return size, digest.hexdigest()
 
 
+def slow_reader_run(
+    argv: Sequence[str], env: dict[str, str], cwd: Path, mib_per_s: float
+) -> tuple[float, int, str]:
+    """Run with stdout piped to a reader taking 64 KiB at a time at `mib_per_s`; (peak RSS in
+    MiB, bytes read, sha256)."""
+    chunk = 64 << 10
+    pause = chunk / (mib_per_s * MIB)
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, cwd=cwd,
+    )  # fmt: skip
+    sampler = PeakSampler(process.pid)
+    sampler.start()
+    assert process.stdout is not None and process.stderr is not None
+    errors: list[bytes] = []
+    err_pipe = process.stderr
+    drain = threading.Thread(target=lambda: errors.append(err_pipe.read()), daemon=True)
+    drain.start()
+    digest = hashlib.sha256()
+    size = 0
+    while data := process.stdout.read(chunk):
+        digest.update(data)
+        size += len(data)
+        time.sleep(pause)
+    drain.join()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    sampler.stop()
+    sampler.join()
+    if process.returncode != 0:
+        stderr = b"".join(errors).decode(errors="replace")[-2000:]
+        raise BenchError(f"slow-reader run exited {process.returncode}: {stderr}")
+    return max(usage.ru_maxrss, sampler.peak_kib) / 1024, size, digest.hexdigest()
+
+
+def mux_peak_mib(bench: Bench) -> float | None:
+    """VmHWM of the bench's connection process, if one is running (its PID is in its lock)."""
+    try:
+        pid = int((bench.runtime_dir / "mux-1.lock").read_text().split()[0])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def main() -> int:
     """Run the benchmark and print its report."""
     args = parse_args()
@@ -158,6 +216,8 @@ def main() -> int:
     source = program("bigout.rs")
     banner(f"coordinator peak RSS while streaming {expected_size / MIB:.1f} MiB ({lines:,} lines)")
     with Bench(1, keep=args.keep) as bench:
+        if args.direct:
+            bench.env["SSHWASM_CONNECTION_PERSIST_S"] = "0"
         bench.sshwasm("run", str(source), "--", "3", check=True)  # compile, install, precompile
         _, baseline_mb, _ = run_measured(
             [sys.executable, "-c", "import asyncssh, sshwasm.cli"], bench.env, bench.root
@@ -192,11 +252,33 @@ def main() -> int:
             f"a second run piped here: {piped_size:,} bytes on the coordinator's stdout; "
             f"whole: {'yes' if piped_whole else 'NO'}"
         )
+        slow_lines = lines_for(args.slow_megabytes * MIB)
+        slow_peak_mb, slow_size, slow_sha = slow_reader_run(
+            bench.sshwasm_argv("run", str(source), "--", str(slow_lines)),
+            bench.env,
+            bench.root,
+            args.slow_mib_per_s,
+        )
+        slow_whole = slow_size == output_bytes(slow_lines) and slow_sha == expected_sha256(
+            slow_lines
+        )
+        slow_met = slow_peak_mb * MIB / 1e6 < TARGET_MB
+        print(
+            f"a slow reader on a pipe ({args.slow_mib_per_s:g} MiB/s, {slow_size:,} bytes): "
+            f"coordinator peak {slow_peak_mb:.1f} MiB, {slow_peak_mb / baseline_mb:.2f}x the idle "
+            f"baseline (target < {TARGET_MB:g} MB: {verdict(slow_met)}); "
+            f"whole: {'yes' if slow_whole else 'NO'}"
+        )
+        relay = mux_peak_mib(bench)
+        if relay is not None:
+            print(f"the connection process that relayed the runs: peak {relay:.1f} MiB")
         if not whole:
             raise BenchError(f"the local copy {local_copy} differs from what bigout printed")
         if not piped_whole:
             raise BenchError("the foreground stream differs from what bigout printed")
-    return 0
+        if not slow_whole:
+            raise BenchError("the slow reader's stream differs from what bigout printed")
+    return 0 if peak_mb * MIB / 1e6 < TARGET_MB and slow_met else 1
 
 
 if __name__ == "__main__":

@@ -129,6 +129,28 @@ def install() -> None:
 
     transport.SshTransport._open = open_channel  # type: ignore[method-assign]
 
+    # Through the connection process (sshwasm.mux): its own connect and open, same names for
+    # the open so that warm_run's remote phases are measured from it either way.
+    from sshwasm.mux import client as mux_client
+
+    original_mux_connect = mux_client.MuxTransport.connect
+
+    async def mux_connect(self: Any) -> None:
+        began = time.time()
+        await original_mux_connect(self)
+        SPANS.append(("connection process: connect request", began, time.time()))
+
+    mux_client.MuxTransport.connect = mux_connect  # type: ignore[method-assign]
+    original_mux_open = mux_client.MuxTransport._open
+
+    async def mux_open(self: Any, command: str) -> Any:
+        began = time.time()
+        process = await original_mux_open(self, command)
+        SPANS.append(("open channel + exec request", began, time.time()))
+        return process
+
+    mux_client.MuxTransport._open = mux_open  # type: ignore[method-assign]
+
     original_feed = protocol.FrameDecoder.feed
 
     def feed(self: Any, data: bytes) -> list[tuple[bytes, bytes]]:

@@ -18,6 +18,9 @@ from sshwasm.errors import ClusterError
 
 DEFAULT_WORKDIR = "~/.sshwasm"
 LOCAL_ADDRESS = "local"
+DEFAULT_CONNECTION_PERSIST_S = 600.0
+# A persisting connection lasts at most a day after its last use.
+MAX_CONNECTION_PERSIST_S = 86400.0
 EMBEDDED_SOURCE = "<embedded default>"
 
 _TOP_KEYS = ("defaults", "hosts")
@@ -33,6 +36,7 @@ _HOST_KEYS = (
     "known_hosts",
     "workdir",
     "python",
+    "connection_persist_s",
 )
 _DEFAULT_KEYS = tuple(key for key in _HOST_KEYS if key != "name")
 _REQUIRED_KEYS = ("name", "address", "cpus", "memory_mb")
@@ -59,6 +63,9 @@ class Host:
     known_hosts: str | None = None
     workdir: str = DEFAULT_WORKDIR
     python: str = "python3"
+    # How long the per-user connection process (sshwasm/mux) keeps this host's connection
+    # open after its last use; 0 connects directly from each command, as ssh does.
+    connection_persist_s: float = DEFAULT_CONNECTION_PERSIST_S
 
     @property
     def is_local(self) -> bool:
@@ -205,6 +212,7 @@ class _Loader:
             "known_hosts": self.read_local_path,
             "workdir": self.read_string,
             "python": self.read_string,
+            "connection_persist_s": self.read_persist,
         }
 
     def fail(self, line: int | None, message: str) -> ClusterError:
@@ -419,6 +427,21 @@ class _Loader:
                 _line(node), f"{context}: '{key}' must be an integer, got {_describe(node, value)}"
             )
         return value
+
+    def read_persist(self, context: str, key: str, node: yaml.Node) -> float:
+        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(
+                _line(node),
+                f"{context}: '{key}' must be a number of seconds, got {_describe(node, value)}",
+            )
+        if not 0 <= value <= MAX_CONNECTION_PERSIST_S:
+            raise self.fail(
+                _line(node),
+                f"{context}: '{key}' must be between 0 (off) and {MAX_CONNECTION_PERSIST_S:g}, "
+                f"got {value}",
+            )
+        return float(value)
 
     def read_capacity(self, context: str, key: str, node: yaml.Node) -> int:
         value = self.read_int(context, key, node)

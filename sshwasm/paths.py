@@ -38,6 +38,25 @@ def config_dir() -> Path:
     return _from_env("SSHWASM_CONFIG_DIR") or Path(platformdirs.user_config_dir(APP_NAME))
 
 
+def runtime_dir() -> Path:
+    """The connection process's socket and lock: `$SSHWASM_RUNTIME_DIR`, else
+    `$XDG_RUNTIME_DIR/sshwasm`, else `/run/user/<uid>/sshwasm`, else `<cache dir>/run`.
+
+    A runtime dir is private to the user and emptied at logout; the cache dir is the last
+    resort for systems without one (the checks in sshwasm.mux hold wherever it is).
+    """
+    explicit = _from_env("SSHWASM_RUNTIME_DIR")
+    if explicit is not None:
+        return explicit
+    xdg = _from_env("XDG_RUNTIME_DIR")
+    if xdg is not None and xdg.is_absolute():
+        return xdg / APP_NAME
+    per_user = Path("/run/user") / str(os.geteuid())
+    if per_user.is_dir():
+        return per_user / APP_NAME
+    return cache_dir() / "run"
+
+
 def jobs_db(explicit: str | None = None) -> Path:
     """The jobs file: `--db`, else `$SSHWASM_DB`, else `<data dir>/jobs.sqlite`."""
     # Absolute: paths derived from it (output files, stdin copies) are stored in the jobs

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backoff import Backoff
-from .cluster import Host
+from .cluster import MAX_CONNECTION_PERSIST_S, Host
 from .errors import HostKeyUntrusted, HostUnreachable, RemoteError, RunnerUnavailable
 from .runner import jobdir, protocol
 
@@ -46,6 +46,8 @@ SHELL_STDOUT_MAX_BYTES = 1 << 20
 # What the remote shell exits with when the command (the host's `python`) cannot be run.
 SHELL_CANNOT_EXECUTE = 126
 SHELL_NOT_FOUND = 127
+# Overrides every host's `connection_persist_s` (e.g. 0 for one command without the mux).
+PERSIST_ENV = "SSHWASM_CONNECTION_PERSIST_S"
 # ProxyJump hosts that are themselves reached through ProxyJump, at most this deep.
 MAX_JUMP_DEPTH = 8
 
@@ -256,6 +258,11 @@ class RunnerProcess(ABC):
     def abort(self) -> None:
         """Stop reading (the job on the host is unaffected)."""
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the command may still be running (a spare channel must be, to be used)."""
+        return True
+
 
 class Transport(ABC):
     """A way to start runner commands on one host."""
@@ -413,6 +420,11 @@ class _SshProcess(RunnerProcess):
         self._release: Callable[[], None] | None = release
         # Read all along: asyncssh would otherwise collect the whole of it in memory.
         self._stderr = asyncio.ensure_future(keep_tail(process.stderr.read, STDERR_KEEP_BYTES))
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the channel is still open and its command has not exited."""
+        return not self._process.is_closing() and self._process.exit_status is None
 
     def _give_back_channel(self) -> None:
         release, self._release = self._release, None
@@ -669,7 +681,7 @@ class SshTransport(Transport):
         python, workdir = shlex.quote(self.host.python), remote_path(self.host.workdir)
         return f"{python} -c {shlex.quote(RUNNER_BOOTSTRAP)} {workdir} {shlex.join(args)}"
 
-    async def _open(self, command: str) -> _SshProcess:
+    async def _open(self, command: str) -> RunnerProcess:
         import asyncssh
 
         await self._channels.acquire()
@@ -695,6 +707,10 @@ class SshTransport(Transport):
         except BaseException:
             self._channels.release()
             raise
+
+    async def open_command(self, command: str) -> RunnerProcess:
+        """Start a shell command line on the host (the connection process relays these)."""
+        return await self._open(command)
 
     async def start_runner(self, args: Sequence[str]) -> RunnerProcess:
         return await self._open(self._runner_command(args))
@@ -742,9 +758,30 @@ class SshTransport(Transport):
             await connection.wait_closed()
 
 
+def persist_seconds(host: Host) -> float:
+    """How long the connection process keeps `host`'s connection: `connection_persist_s`
+    of the cluster file, unless `$SSHWASM_CONNECTION_PERSIST_S` says otherwise (0: off)."""
+    override = os.environ.get(PERSIST_ENV, "").strip()
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            value = -1.0
+        if value >= 0 and value == value:  # not NaN
+            return min(value, MAX_CONNECTION_PERSIST_S)
+    return host.connection_persist_s
+
+
 def transport_for(host: Host) -> Transport:
-    """The transport a host needs."""
-    return LocalTransport(host) if host.is_local else SshTransport(host)
+    """The transport a host needs: through the connection process unless it is turned off."""
+    if host.is_local:
+        return LocalTransport(host)
+    persist = persist_seconds(host)
+    if persist > 0:
+        from .mux.client import MuxTransport
+
+        return MuxTransport(host, persist)
+    return SshTransport(host)
 
 
 class TransportPool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from ci_skips import pytest_runtest_makereport
-from helpers import REPO, built, guest, live_launchers, stager
+from helpers import REPO, built, guest, live_launchers, stager, stop_mux_processes
 from sshd import (
     HostSpec,
     SshHarnessError,
@@ -72,7 +72,9 @@ def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, shared_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_home(
+    tmp_path: Path, shared_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
     """Keep every test away from the developer's home, agent, config and working directory."""
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
@@ -98,7 +100,17 @@ def isolated_home(tmp_path: Path, shared_cache_dir: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("SSHWASM_CACHE_DIR", str(shared_cache_dir))
     # A stray ./cluster.yaml in the directory pytest was started from must not be found.
     monkeypatch.chdir(tmp_path)
-    return home
+    # The connection process (sshwasm.mux): its socket in the test's home, and off unless a
+    # test turns it on (tests/test_mux*.py), since each test's home would start its own;
+    # SSHWASM_TEST_MUX=1 leaves it on everywhere, to run the whole suite through it.
+    runtime = home / ".run"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    if not os.environ.get("SSHWASM_TEST_MUX"):
+        monkeypatch.setenv("SSHWASM_CONNECTION_PERSIST_S", "0")
+    yield home
+    left = stop_mux_processes(runtime / "sshwasm")
+    if not os.environ.get("SSHWASM_TEST_MUX"):  # else each test's own idles until stopped
+        assert not left, f"connection processes left running by the test: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -574,6 +574,38 @@ def job_spec(cpus: int = 1, memory_mb: int = 100, name: str | None = "job") -> J
     )
 
 
+def mux_processes(runtime_dir: Path) -> list[int]:
+    """PIDs of connection processes (`python -m sshwasm.mux --dir DIR`) serving `runtime_dir`,
+    found by command line like detached coordinators."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sshwasm.mux" in argv and str(runtime_dir).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def stop_mux_processes(runtime_dir: Path) -> list[int]:
+    """SIGTERM every connection process of `runtime_dir`, SIGKILL what outlives 5 s; their PIDs."""
+    pids = mux_processes(runtime_dir)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(not process_gone(pid) for pid in pids):
+        time.sleep(0.02)
+    for pid in pids:
+        if not process_gone(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 def detached_coordinators(db: Path, job_id: int | None = None) -> list[int]:
     """PIDs of the detached coordinators (`sshwasm --db DB ... _coordinate ID...`) of jobs
     file `db`, or only the one following `job_id`; found by command line, as no record holds

@@ -38,6 +38,7 @@ HOST_FIELDS = (
     "known_hosts",
     "workdir",
     "python",
+    "connection_persist_s",
 )
 
 
@@ -578,6 +579,7 @@ GOOD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "known_hosts": GOOD_TEXT,
     "workdir": GOOD_TEXT,
     "python": GOOD_TEXT,
+    "connection_persist_s": st.integers(0, 86400) | st.floats(0, 86400),
 }
 BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "name": BAD_TEXT | st.sampled_from(["a b", "a/b", "é"]),
@@ -591,6 +593,12 @@ BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "known_hosts": BAD_TEXT,
     "workdir": BAD_TEXT,
     "python": BAD_TEXT,
+    "connection_persist_s": st.none()
+    | st.booleans()
+    | GOOD_TEXT
+    | st.integers(max_value=-1)
+    | st.floats(min_value=86400.5, allow_infinity=False)
+    | st.just(float("nan")),
 }
 
 

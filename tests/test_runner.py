@@ -546,7 +546,7 @@ def test_the_second_run_uses_the_precompiled_module(workdir: Path, guest: Guest)
     version = importlib.metadata.version("wasmtime")
     assert (workdir / "cache" / f"{guest.sha256}-{version}-noepoch.cwasm").is_file()
     # Epoch interruption changes the machine code, so it has its own cache entry.
-    timed = launch(workdir, "3", guest, ["probe", "hello"], time_limit_s=30).result()
+    timed = launch(workdir, "3", guest, ["probe", "hello"], time_limit_s=5).result()
     assert timed["module_cached"] is False and timed["state"] == "succeeded"
     assert (workdir / "cache" / f"{guest.sha256}-{version}-epoch.cwasm").is_file()
 

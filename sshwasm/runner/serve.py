@@ -32,6 +32,7 @@ from .execute import (
     _run_module,
     _Runtime,
     _Watchdog,
+    epoch_checks,
     uses_fuel,
 )
 from .jobdir import (
@@ -114,7 +115,7 @@ class _ServeRuntime(_Runtime):
         """
         known = self._modules.get((sha, epoch, fuel))
         if known is not None:
-            return _LoadedModule(known.engine, known.module, 0.0, True)
+            return _LoadedModule(known.engine, known.module, 0.0, True, epoch)
         module_path, cache_path = self.module_paths(sha, epoch, fuel)
         helper_s = 0.0
         if not os.path.isfile(cache_path):
@@ -123,7 +124,7 @@ class _ServeRuntime(_Runtime):
             )
         loaded = self.load(sha, epoch, _log_appender(log_path), fuel)
         if helper_s and loaded.cached:
-            loaded = _LoadedModule(loaded.engine, loaded.module, helper_s, False)
+            loaded = _LoadedModule(loaded.engine, loaded.module, helper_s, False, epoch)
         self._modules[(sha, epoch, fuel)] = loaded
         return loaded
 
@@ -355,7 +356,7 @@ class _Server:
         try:
             loaded = runtime.load_for_task(
                 spec["wasm_sha256"],
-                spec["time_limit_s"] is not None,
+                epoch_checks(spec),
                 log_path,
                 deadline,
                 uses_fuel(spec),
@@ -398,7 +399,7 @@ class _Server:
         else:
             request["module"] = [
                 spec["wasm_sha256"],
-                spec["time_limit_s"] is not None,
+                epoch_checks(spec),
                 uses_fuel(spec),
             ]
             request["compile_s"], request["cached"] = loaded.compile_s, loaded.cached
@@ -544,7 +545,9 @@ class _Server:
             known = runtime._modules[(sha, epoch, fuel)] = runtime.load(
                 sha, epoch, _log_appender(request["log_path"]), fuel
             )
-        loaded = _LoadedModule(known.engine, known.module, request["compile_s"], request["cached"])
+        loaded = _LoadedModule(
+            known.engine, known.module, request["compile_s"], request["cached"], epoch
+        )
         # Counted from when serve got the task, so the time its module took to load is
         # not given again.
         watchdog = _Watchdog.for_spec(execution, spec, request["started"])

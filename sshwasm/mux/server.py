@@ -1,0 +1,320 @@
+"""The connection process itself: accepts the user's commands on its socket, keeps one SSH
+connection per host (by every setting, `wire.connection_key`) and relays commands' bytes.
+
+Started detached by `client.MuxTransport` on first use; exits when idle (see `MuxServer`).
+It holds a lock file for its whole life, so two commands starting it at once leave one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .. import paths
+from ..cluster import MAX_CONNECTION_PERSIST_S, Host
+from ..errors import HostKeyUntrusted, HostUnreachable, SshwasmError
+from ..transport import RunnerProcess, SshTransport
+from . import spare, wire
+
+# A client has this long to send its request after connecting.
+REQUEST_TIMEOUT_S = 10.0
+# A newly started process waits this long for one that is shutting down to let go of the lock.
+LOCK_WAIT_S = 3.0
+STDIN_CHUNK = 65536
+
+
+def log(message: str) -> None:
+    """One line in the process's log (its stderr, `mux.log` in the runtime dir)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    sys.stderr.write(f"{stamp} sshwasm mux[{os.getpid()}]: {message}\n")
+    sys.stderr.flush()
+
+
+class MuxServer:
+    """Connections by key, the relays running over them, and when to stop.
+
+    Each connection is closed once it has had no command for `idle_s`; the process stops
+    when it has none left and no client for `idle_s`. `idle_s` is the `connection_persist_s`
+    of the latest request (the cluster file a user edits last is the one that counts).
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.transports: dict[str, SshTransport] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.last_used: dict[str, float] = {}
+        self.in_use: dict[str, int] = {}
+        # A session opened ahead of each connection's next command (see spare.py).
+        self.spares: dict[str, RunnerProcess] = {}
+        self._refilling: set[str] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.commands = 0
+        self.on_spares = 0
+        self.clients = 0
+        self.last_activity = time.monotonic()
+        self.stopping = asyncio.Event()
+
+    async def transport(self, host: Host, key: str) -> SshTransport:
+        """The connected transport for these settings, opened on first use."""
+        async with self.locks.setdefault(key, asyncio.Lock()):
+            transport = self.transports.get(key)
+            if transport is None:
+                transport = SshTransport(host)
+                self.transports[key] = transport
+            if not transport.is_connected:
+                where = f"{host.user or ''}{'@' if host.user else ''}{host.address}"
+                log(f"connecting to '{host.name}' at {where} port {host.port or 'default'}")
+            self.last_used[key] = time.monotonic()
+            try:
+                await transport.connect()
+            except BaseException:
+                self.transports.pop(key, None)
+                raise
+            return transport
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one client connection: one request, and its relay."""
+        sock = writer.get_extra_info("socket")
+        try:
+            uid = wire.peer_uid(sock)
+        except OSError:
+            uid = -1
+        if uid != os.geteuid():
+            log(f"refused a client of uid {uid}")
+            writer.close()
+            return
+        self.clients += 1
+        try:
+            await self.serve(reader, writer)
+        except Exception as exc:  # one client's trouble must not stop the others
+            log(f"client failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.clients -= 1
+            self.last_activity = time.monotonic()
+            writer.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await asyncio.wait_for(wire.read_message(reader), REQUEST_TIMEOUT_S)
+        op, command = request.get("op"), request.get("command")
+        persist = request.get("persist_s")
+        if (
+            request.get("version") != wire.MUX_VERSION
+            or op not in ("connect", "exec")
+            or not isinstance(request.get("host"), dict)
+            or (op == "exec" and not isinstance(command, str))
+            or isinstance(persist, bool)
+            or not isinstance(persist, (int, float))
+        ):
+            writer.write(wire.encode_message({"ok": False, "kind": "bad", "reason": "bad request"}))
+            return
+        self.idle_s = min(max(float(persist), 0.0), MAX_CONNECTION_PERSIST_S)
+        host = Host.from_dict(request["host"])
+        key = wire.connection_key(host)
+        process: RunnerProcess | None = None
+        try:
+            transport = await self.transport(host, key)
+            if isinstance(command, str):
+                process = await self.start(transport, key, command)
+            self.refill(transport, key)
+        except HostKeyUntrusted as exc:
+            # The client connects directly to say so with every detail of the error.
+            answer = {"ok": False, "kind": "untrusted", "reason": str(exc)}
+            writer.write(wire.encode_message(answer))
+            return
+        except HostUnreachable as exc:
+            answer = {"ok": False, "kind": "unreachable", "reason": exc.reason}
+            writer.write(wire.encode_message(answer))
+            return
+        except SshwasmError as exc:
+            writer.write(wire.encode_message({"ok": False, "kind": "other", "reason": str(exc)}))
+            return
+        writer.write(wire.encode_message({"ok": True}))
+        if process is None:
+            return
+        self.in_use[key] = self.in_use.get(key, 0) + 1
+        try:
+            await self.relay(process, reader, writer)
+        finally:
+            self.in_use[key] -= 1
+            self.last_used[key] = time.monotonic()
+
+    async def start(self, transport: SshTransport, key: str, command: str) -> RunnerProcess:
+        """Start `command` on the connection's spare channel if one is open, else on a new one."""
+        self.commands += 1
+        held = self.spares.pop(key, None)
+        line = spare.one_line(command)
+        if held is not None and line is not None and held.is_open:
+            await held.send(line.encode(), close=False)
+            self.on_spares += 1
+            return held
+        if held is not None:
+            held.abort()
+        return await transport.open_command(command)
+
+    def refill(self, transport: SshTransport, key: str) -> None:
+        """Open the connection's next spare channel in the background, unless one is there."""
+        if key in self.spares or key in self._refilling:
+            return
+        self._refilling.add(key)
+
+        async def open_spare() -> None:
+            try:
+                process = await transport.open_command(spare.SPARE_COMMAND)
+            except Exception as exc:  # only a spare: the next command opens its own
+                log(f"no spare channel: {type(exc).__name__}: {exc}")
+                return
+            finally:
+                self._refilling.discard(key)
+            if self.transports.get(key) is transport and key not in self.spares:
+                self.spares[key] = process
+            else:
+                process.abort()
+
+        task = asyncio.ensure_future(open_spare())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def relay(
+        self, process: RunnerProcess, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Carry a command's stdin from the client and its stdout, stderr and exit back."""
+
+        async def feed() -> None:
+            while True:
+                frame = await wire.read_frame(reader)
+                if frame is None or frame[0] not in (wire.STDIN, wire.STDIN_EOF):
+                    process.abort()  # the client went away: so does the channel
+                    return
+                kind, payload = frame
+                await process.send(payload, close=kind == wire.STDIN_EOF)
+                if kind == wire.STDIN_EOF:
+                    return
+
+        feeding = asyncio.ensure_future(feed())
+        try:
+            while chunk := await process.read():
+                wire.write_frame(writer, wire.STDOUT, chunk)
+                await writer.drain()
+            done = await process.finish()
+            wire.write_frame(writer, wire.STDERR, done.stderr)
+            wire.write_frame(writer, wire.EXIT, json.dumps({"status": done.exit_status}).encode())
+            await writer.drain()
+        except (ConnectionError, OSError):
+            process.abort()
+        finally:
+            if feeding.done():
+                with contextlib.suppress(Exception):
+                    feeding.result()
+            else:
+                feeding.cancel()
+
+    async def reap(self) -> None:
+        """Close connections idle for `idle_s`; stop when none is left and no client came."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(min(1.0, max(0.05, self.idle_s / 4)))
+            now = time.monotonic()
+            for key, used in list(self.last_used.items()):
+                if self.in_use.get(key, 0) == 0 and now - used >= self.idle_s:
+                    await self.forget(key)
+            if (
+                self.clients == 0
+                and not self.transports
+                and now - self.last_activity >= self.idle_s
+            ):
+                self.stopping.set()
+
+    async def forget(self, key: str) -> None:
+        """Close one connection."""
+        held = self.spares.pop(key, None)
+        if held is not None:
+            held.abort()
+        self.last_used.pop(key, None)
+        self.in_use.pop(key, None)
+        transport = self.transports.pop(key, None)
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                await transport.close()
+
+    async def close(self) -> None:
+        for key in list(self.transports):
+            await self.forget(key)
+
+
+def take_lock(directory: Path) -> int | None:
+    """The lock that makes this the only process on this socket; None if another holds it."""
+    fd = os.open(directory / wire.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+async def serve_forever(directory: Path, idle_s: float) -> int:
+    """Listen on the socket until idle or told to stop (SIGTERM, SIGINT)."""
+    server = MuxServer(idle_s)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, server.stopping.set)
+    # Bound by its name in the directory: a deep runtime dir may not fit in sun_path.
+    os.chdir(directory)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(wire.SOCKET_NAME)  # a dead process's socket: the lock says none is alive
+    old_umask = os.umask(0o177)
+    try:
+        listener = await asyncio.start_unix_server(server.handle, path=wire.SOCKET_NAME)
+    finally:
+        os.umask(old_umask)
+    os.chmod(wire.SOCKET_NAME, 0o600)
+    bound = os.stat(wire.SOCKET_NAME).st_ino
+    log(f"listening on {directory / wire.SOCKET_NAME}, idle exit after {idle_s:g}s")
+    reaper = asyncio.ensure_future(server.reap())
+    try:
+        await server.stopping.wait()
+    finally:
+        # New clients find no socket (and start a new process) from here on.
+        with contextlib.suppress(OSError):
+            if os.stat(wire.SOCKET_NAME).st_ino == bound:
+                os.unlink(wire.SOCKET_NAME)
+        listener.close()
+        reaper.cancel()
+        await server.close()
+        log(f"stopped: {server.commands} commands, {server.on_spares} on spare channels")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `python -m sshwasm.mux`."""
+    parser = argparse.ArgumentParser(prog="python -m sshwasm.mux")
+    parser.add_argument("--dir", required=True, help="the runtime dir holding the socket")
+    parser.add_argument("--idle", type=float, default=600.0, help="idle seconds before exiting")
+    args = parser.parse_args(argv)
+    directory = Path(args.dir)
+    paths.make_private_dir(directory)
+    problem = wire.path_problem(directory, want_socket=False)
+    if problem is not None:
+        log(f"not starting: {problem}")
+        return 1
+    lock = take_lock(directory)
+    if lock is None:
+        return 0  # another process serves this socket
+    try:
+        return asyncio.run(serve_forever(directory, args.idle))
+    finally:
+        os.close(lock)
