@@ -323,9 +323,9 @@ class _Loader:
                 settings, port=self.read_port("dask", "port", entries["port"].value)
             )
         if "dashboard_port" in entries:
-            value = entries["dashboard_port"].value
+            dashboard_node = entries["dashboard_port"].value
             settings = dataclasses.replace(
-                settings, dashboard_port=self.read_port("dask", "dashboard_port", value)
+                settings, dashboard_port=self.read_port("dask", "dashboard_port", dashboard_node)
             )
         if settings.port == settings.dashboard_port:
             raise self.fail(
@@ -333,13 +333,13 @@ class _Loader:
             )
         if "tls" in entries:
             value_node = entries["tls"].value
-            value = self.scalar(value_node) if isinstance(value_node, yaml.ScalarNode) else None
-            if not isinstance(value, bool):
+            tls = self.scalar(value_node) if isinstance(value_node, yaml.ScalarNode) else None
+            if not isinstance(tls, bool):
                 raise self.fail(
                     _line(value_node),
-                    f"dask: 'tls' must be true or false, got {_describe(value_node, value)}",
+                    f"dask: 'tls' must be true or false, got {_describe(value_node, tls)}",
                 )
-            settings = dataclasses.replace(settings, tls=value)
+            settings = dataclasses.replace(settings, tls=tls)
         return engine, settings
 
     def read_text(self) -> str:

@@ -1,0 +1,220 @@
+"""engine: dask (issue 12): the cluster file's `dask:` block, and `sshwasm pool up | status |
+down` on the real loopback sshd hosts with mutual TLS.
+
+One end-to-end test starts the pool once and checks what it can on it (idempotence, status,
+refusal of a client without the pool's CA, every process gone after `pool down`), to keep
+within the suite's time budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import sshwasm
+
+from sshwasm.cluster import load_cluster
+from sshwasm.errors import ClusterError, SshwasmError
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])
+
+
+def _pool_processes(root: Path) -> list[int]:
+    """PIDs of live processes whose command line names a path under `root` (the workdirs)."""
+    found = []
+    marker = str(root).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+HOSTS = """\
+hosts:
+  - {name: alpha, address: 127.0.0.2, cpus: 2, memory_mb: 1024, labels: [gpu]}
+  - {name: beta, address: 127.0.0.3, cpus: 1, memory_mb: 512}
+"""
+
+
+def test_dask_block_is_read_and_checked(tmp_path: Path) -> None:
+    plain = load_cluster(_write(tmp_path, HOSTS))
+    assert (plain.engine, plain.dask) == ("ssh", None)
+
+    cluster = load_cluster(_write(tmp_path, "engine: dask\ndask: {scheduler: beta}\n" + HOSTS))
+    assert cluster.engine == "dask" and cluster.dask is not None
+    assert (cluster.dask.scheduler, cluster.dask.port, cluster.dask.dashboard_port) == (
+        "beta",
+        8786,
+        8787,
+    )
+    assert cluster.dask.tls is True
+    cluster = load_cluster(
+        _write(
+            tmp_path,
+            "engine: dask\ndask: {scheduler: alpha, port: 9100, dashboard_port: 9101, "
+            "tls: false}\n" + HOSTS,
+        )
+    )
+    assert cluster.dask is not None
+    assert (cluster.dask.port, cluster.dask.dashboard_port, cluster.dask.tls) == (9100, 9101, False)
+
+    bad = {
+        "engine: ray\n": "'engine' must be one of ssh, dask, got 'ray'",
+        "engine: dask\n": "'engine: dask' needs a 'dask:' block",
+        "dask: {scheduler: alpha}\n": "a 'dask:' block needs 'engine: dask'",
+        "engine: dask\ndask: {port: 1}\n": "dask: no 'scheduler'",
+        "engine: dask\ndask: {scheduler: alpah}\n": "did you mean 'alpha'?",
+        "engine: dask\ndask: {scheduler: alpha, port: 0}\n": "'port' must be a port",
+        "engine: dask\ndask: {scheduler: alpha, tls: maybe}\n": "'tls' must be true or false",
+        "engine: dask\ndask: {scheduler: alpha, workers: 3}\n": "dask: unknown key 'workers'",
+        "engine: dask\ndask: {scheduler: alpha, port: 9000, dashboard_port: 9000}\n": "both 9000",
+        "engine: dask\ndask: [alpha]\n": "'dask' must be a mapping",
+    }
+    for top, message in bad.items():
+        with pytest.raises(ClusterError) as caught:
+            load_cluster(_write(tmp_path, top + HOSTS))
+        assert message in str(caught.value), (top, str(caught.value))
+        assert "\n" not in str(caught.value)
+
+
+def test_import_and_ssh_engine_do_not_import_distributed(
+    make_cluster: Callable[..., Path], built: dict[str, Any]
+) -> None:
+    """The SSH engine's users pay nothing for the dask engine: neither `import sshwasm` nor
+    a warm `sshwasm run` on an SSH host imports `distributed` (or dask)."""
+    cluster = make_cluster({"alpha": (2, 1024)})
+    check = textwrap.dedent(
+        """
+        import sys
+        import sshwasm
+        from sshwasm.cli import main
+        def heavy():
+            return sorted(m for m in sys.modules if m.split(".")[0] in ("distributed", "dask"))
+        print("IMPORT", heavy())
+        for _ in range(2):  # the second run is warm: runner installed, module uploaded
+            status = main(["--cluster", sys.argv[1], "run", "--quiet", sys.argv[2]])
+            assert status == 0, status
+        print("RUN", heavy())
+        """
+    )
+    hello = str(built["hello"].path)
+    done = subprocess.run(
+        [sys.executable, "-c", check, str(cluster), hello], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "IMPORT []" in done.stdout and "RUN []" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.fixture
+def pool_cluster(make_cluster: Callable[..., Path], tmp_path: Path) -> Iterator[Path]:
+    """A two-host `engine: dask` cluster on the session hosts; the pool is taken down and
+    every process under its workdirs checked gone at the end, whatever the test did."""
+    from sshd import loopback
+
+    path = make_cluster(
+        {"alpha": {"cpus": 2, "memory_mb": 1024, "labels": ["fast"]}, "beta": (1, 512)}
+    )
+    text = path.read_text()
+    port = _free_port(loopback(2))
+    dashboard = _free_port("127.0.0.1")
+    path.write_text(
+        f"engine: dask\ndask:\n  scheduler: alpha\n  port: {port}\n"
+        f"  dashboard_port: {dashboard}\n" + text
+    )
+    try:
+        yield path
+    finally:
+        sshwasm("--cluster", str(path), "pool", "down", timeout=120)
+        leftovers = _pool_processes(tmp_path / "workers")
+        for pid in leftovers:
+            os.kill(pid, 9)
+        assert not leftovers, f"processes left behind after pool down: {leftovers}"
+
+
+def test_pool_up_status_tls_refusal_down(pool_cluster: Path, tmp_path: Path) -> None:
+    cluster = ["--cluster", str(pool_cluster)]
+    up = sshwasm(*cluster, "pool", "up", timeout=180)
+    assert up.returncode == 0, up.stderr
+    assert "alpha: scheduler started" in up.stdout
+    assert "alpha: worker started" in up.stdout and "beta: worker started" in up.stdout
+    assert "pool: 2 workers connected to tls://" in up.stdout
+    assert "Traceback" not in up.stderr
+
+    # Idempotent: a second `up` starts nothing and says so per host.
+    again = sshwasm(*cluster, "pool", "up", timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert "alpha: scheduler already running" in again.stdout
+    assert "beta: worker already running" in again.stdout
+    assert "started" not in again.stdout
+
+    # The hosts' keys and certificates are private to the SSH user.
+    for name in ("alpha", "beta"):
+        for file in ("host.key", "host.pem", "ca.pem"):
+            mode = (tmp_path / "workers" / name / "dask" / file).stat().st_mode
+            assert stat.S_IMODE(mode) == 0o600, (name, file, oct(mode))
+
+    status = sshwasm(*cluster, "pool", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["scheduler"].startswith("tls://") and report["tls"] is True
+    workers = {w["name"]: w for w in report["workers"]}
+    assert set(workers) == {"alpha", "beta"} and report["workers_missing"] == []
+    assert workers["alpha"]["nthreads"] == 2
+    assert workers["alpha"]["resources"] == {"cpus": 2, "memory_mb": 1024, "label-fast": 1}
+    assert workers["beta"]["resources"] == {"cpus": 1, "memory_mb": 512}
+    assert report["tasks_processing"] == 0
+    table = sshwasm(*cluster, "pool", "status")
+    assert table.returncode == 0 and "dashboard: http://127.0.0.1:" in table.stdout
+
+    # Mutual TLS: a client whose certificate is from another CA is refused, and so is one
+    # that speaks plain TCP to the TLS port.
+    from sshwasm.cluster import load_cluster
+    from sshwasm.pool import connect, plan_for, security_for
+    from sshwasm.tls import ensure_certificates
+
+    plan = plan_for(load_cluster(pool_cluster))
+    foreign = ensure_certificates(str(tmp_path / "someone-elses-cluster.yaml"))
+    with pytest.raises(SshwasmError, match="does not answer"):
+        connect(plan, timeout=3, security=security_for(plan, foreign)).close()
+    from distributed import Client
+
+    with pytest.raises((OSError, TimeoutError)):
+        Client(plan.scheduler_address.replace("tls://", "tcp://"), timeout=3).close()
+    connect(plan, timeout=10).close()  # while ours is accepted
+
+    down = sshwasm(*cluster, "pool", "down", timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "alpha: worker stopped" in down.stdout and "alpha: scheduler stopped" in down.stdout
+    assert "beta: worker stopped" in down.stdout
+    assert _pool_processes(tmp_path / "workers") == []
+    gone = sshwasm(*cluster, "pool", "status")
+    assert gone.returncode == 1 and gone.stderr.startswith("sshwasm: error: ")
+    assert "is the pool up" in gone.stderr and "Traceback" not in gone.stderr
+    again = sshwasm(*cluster, "pool", "down", timeout=120)
+    assert again.returncode == 0 and "worker was not running" in again.stdout
