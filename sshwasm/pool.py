@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -390,26 +391,23 @@ async def pool_up(plan: PoolPlan, report: Report) -> list[SshwasmError]:
 
 
 async def pool_down(plan: PoolPlan, report: Report) -> list[SshwasmError]:
-    """Stop every worker, then the scheduler; each process group ends whole."""
+    """Stop every worker and the scheduler, all at once; each process group ends whole."""
     failures: list[SshwasmError] = []
     async with TransportPool() as pool:
 
-        async def stop_worker(host: Host) -> str:
+        async def stop(host: Host) -> list[str]:
             control = _HostControl(host, await pool.get(host))
-            return _describe(WORKER, await control.stop(WORKER))
+            roles = [WORKER, SCHEDULER] if host == plan.scheduler_host else [WORKER]
+            answers = await asyncio.gather(*(control.stop(role) for role in roles))
+            return [_describe(role, answer) for role, answer in zip(roles, answers, strict=True)]
 
         hosts = list(plan.cluster.hosts)
-        for host, outcome in zip(hosts, await _each(hosts, stop_worker), strict=True):
+        for host, outcome in zip(hosts, await _each(hosts, stop), strict=True):
             if isinstance(outcome, SshwasmError):
                 failures.append(outcome)
             else:
-                report(host.name, outcome)
-        scheduler = plan.scheduler_host
-        try:
-            control = _HostControl(scheduler, await pool.get(scheduler))
-            report(scheduler.name, _describe(SCHEDULER, await control.stop(SCHEDULER)))
-        except SshwasmError as exc:
-            failures.append(exc)
+                for line in outcome:
+                    report(host.name, line)
     return failures
 
 
@@ -469,6 +467,7 @@ def security_for(plan: PoolPlan, certs: PoolCertificates | None = None) -> Any:
 
 def connect(plan: PoolPlan, timeout: float = CONNECT_TIMEOUT_S, security: Any = None) -> Any:
     """A `distributed.Client` of the pool's scheduler; a one-line error when unreachable."""
+    _check_reachable(plan)
     import distributed
 
     Client: Any = distributed.Client
@@ -480,6 +479,19 @@ def connect(plan: PoolPlan, timeout: float = CONNECT_TIMEOUT_S, security: Any = 
             set_as_default=False,
         )
     except (OSError, TimeoutError) as exc:
+        raise SshwasmError(
+            f"the pool's scheduler at {plan.scheduler_address} does not answer "
+            f"({_reason(exc)}); is the pool up (`sshwasm pool up`)?"
+        ) from exc
+
+
+def _check_reachable(plan: PoolPlan) -> None:
+    """Fail at once when nothing listens on the scheduler's port (Dask would retry until its
+    timeout): the usual case of a pool that is not up."""
+    host, port = plan.scheduler_host.address, plan.settings.port
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
         raise SshwasmError(
             f"the pool's scheduler at {plan.scheduler_address} does not answer "
             f"({_reason(exc)}); is the pool up (`sshwasm pool up`)?"
