@@ -119,6 +119,7 @@ class JobRecord:
     output_conflicts: int | None
     attempts: int
     attempt_hosts: str | None
+    engine: str  # "ssh" or "dask" (issue 12)
 
     @classmethod
     def of(cls, job: StoredJob) -> JobRecord:
@@ -159,6 +160,7 @@ class JobRecord:
             output_conflicts=job.output_conflicts,
             attempts=job.attempts,
             attempt_hosts=job.attempt_hosts,
+            engine=job.engine,
         )
 
     @property

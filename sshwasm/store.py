@@ -69,6 +69,8 @@ RECORD_FIELDS = (
     "output_conflicts",
     "attempts",
     "attempt_hosts",
+    # engine: dask (issue 12)
+    "engine",
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its

@@ -152,7 +152,9 @@ def pool_cluster(make_cluster: Callable[..., Path], tmp_path: Path) -> Iterator[
         assert not leftovers, f"processes left behind after pool down: {leftovers}"
 
 
-def test_pool_up_status_tls_refusal_down(pool_cluster: Path, tmp_path: Path) -> None:
+def test_pool_up_run_array_status_tls_refusal_down(
+    pool_cluster: Path, tmp_path: Path, built: dict[str, Any]
+) -> None:
     cluster = ["--cluster", str(pool_cluster)]
     up = sshwasm(*cluster, "pool", "up", timeout=180)
     assert up.returncode == 0, up.stderr
@@ -186,6 +188,39 @@ def test_pool_up_status_tls_refusal_down(pool_cluster: Path, tmp_path: Path) -> 
     assert report["tasks_processing"] == 0
     table = sshwasm(*cluster, "pool", "status")
     assert table.returncode == 0 and "dashboard: http://127.0.0.1:" in table.stdout
+
+    # A job, then an array, run as Dask tasks by the hosts' runner, recorded as usual.
+    hello = sshwasm(*cluster, "run", "--json", str(built["hello"].path))
+    assert hello.returncode == 0, hello.stderr
+    record = json.loads(hello.stdout)
+    assert record["state"] == "succeeded" and record["exit_code"] == 0, record
+    assert record["engine"] == "dask" and record["host"] in ("alpha", "beta")
+    assert record["stdout"].endswith("job done, hello!\n")
+    runs = list((tmp_path / "workers" / record["host"] / "jobs").glob("*/result.json"))
+    assert len(runs) == 1, runs  # result.json on the host's disk, as with the SSH engine
+    tasks = 30
+    array = sshwasm(
+        *cluster,
+        "run",
+        "--array",
+        str(tasks),
+        "--label",
+        "fast",
+        "--json",
+        str(built["task"].path),
+        timeout=300,
+    )
+    assert array.returncode == 0, array.stderr
+    records = json.loads(array.stdout)
+    assert [r["state"] for r in records] == ["succeeded"] * tasks
+    assert {r["host"] for r in records} == {"alpha"}  # --label fast: only alpha has it
+    for index, task in enumerate(records):
+        assert task["stdout"].splitlines() == [
+            f"task {index} of {tasks} line {line}" for line in range(3)
+        ], task
+        assert task["engine"] == "dask" and task["attempts"] == 1
+    listed = sshwasm(*cluster, "jobs", "--json")
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == tasks + 1
 
     # Mutual TLS: a client whose certificate is from another CA is refused, and so is one
     # that speaks plain TCP to the TLS port.

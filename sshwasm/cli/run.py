@@ -60,11 +60,17 @@ def cmd_run(ctx: Context) -> int:
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
     _check_attempt_flags(ctx)
+    if cluster.engine == "dask" and args.detach:  # engine: dask (issue 12)
+        raise UsageError("--detach is not supported on `engine: dask` yet; run in the foreground")
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
     spec = dataclasses.replace(_build_spec(ctx, interactive), **shape.spec_fields())
     job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
+    if cluster.engine == "dask":  # engine: dask (issue 12)
+        from .dask_run import run_on_dask
+
+        return run_on_dask(ctx, job_ids, shape.size is not None, interactive)
     if args.detach:
         spawn_coordinator(ctx, job_ids)
         print("\n".join(str(job_id) for job_id in job_ids))

@@ -1,0 +1,205 @@
+"""`engine: dask`: submitted jobs run as Dask tasks on the pool `sshwasm pool up` started.
+
+Each job is one Dask task asking for the resources `cpus` and `memory_mb` (and, for `--host`
+and `--label`, only the workers of the hosts that qualify). Dask queues and places the tasks,
+notices dead workers and runs their tasks again elsewhere. The task itself does not run the
+guest: it hands the launch spec to the worker plugin (engines/dask_preload.py), which sends
+it to the host's unmodified runner through its `serve` child, so limits, `result.json` and
+the job directory on the host's disk are the SSH engine's. The task returns the runner's
+frames; here they are taken in (`apply_frame`) and recorded (`record_end`) exactly as the
+SSH engine does, so `jobs`, `status`, `logs` and the record read the same.
+
+The module travels once per worker as Dask data keyed by its content (`scatter`), and is
+written to the host's module cache only when the runner asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..cluster import Cluster, Host
+from ..coordinator import launch_spec
+from ..errors import SshwasmError
+from ..job_output import Handlers, JobOutput
+from ..pool import PoolPlan, connect, plan_for
+from ..recorded_jobs import record_end
+from ..runner.protocol import ProtocolError
+from ..runner_client import RunnerClient, StreamOutcome, apply_frame
+from ..staging import pack_input
+from ..states import JobState
+from ..store import Job, JobStore, utc_now
+from ..transport import TransportPool
+
+# Runs on the worker, sent by value (the worker has no sshwasm): hands the job to the plugin.
+_TASK_SOURCE = """
+def sshwasm_job(payload, module):
+    from distributed import get_worker
+    return get_worker().plugins["sshwasm-runner"].run(payload, module)
+"""
+
+
+def _task_function() -> Callable[..., Any]:
+    namespace: dict[str, Any] = {"__name__": "sshwasm_dask_task"}
+    exec(compile(_TASK_SOURCE, "<sshwasm dask task>", "exec"), namespace)
+    function: Callable[..., Any] = namespace["sshwasm_job"]
+    return function
+
+
+def eligible_workers(cluster: Cluster, job: Job) -> list[str] | None:
+    """The worker names (= host names) that may run `job`; None: any."""
+    labels = set(json.loads(job.labels or "[]"))
+    if job.pinned_host is None and not labels:
+        return None
+    names = [
+        host.name
+        for host in cluster.hosts
+        if (job.pinned_host is None or host.name == job.pinned_host)
+        and labels.issubset(host.labels)
+    ]
+    return names
+
+
+def task_key(job: Job) -> str:
+    """The job's Dask key: unique in the scheduler, and naming the job for the dashboard."""
+    return f"sshwasm-{job.remote_key}"
+
+
+class DaskRun:
+    """Submits jobs to the pool and records each as its task ends."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        cluster: Cluster,
+        handlers: Handlers,
+        on_done: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.cluster = cluster
+        self.plan: PoolPlan = plan_for(cluster)
+        self.handlers = handlers
+        self.on_done = on_done
+
+    def run(self, job_ids: Sequence[int]) -> list[Job]:
+        """Submit the jobs and follow them until every one has ended; returns their records."""
+        client = connect(self.plan)
+        try:
+            futures = self._submit(client, list(job_ids))
+            return asyncio.run(self._collect(client, futures))
+        finally:
+            client.close()
+
+    def _submit(self, client: Any, job_ids: list[int]) -> dict[Any, int]:
+        self.store.update_many(job_ids, engine="dask")
+        # This process follows them: `jobs` elsewhere sees their coordinator alive.
+        self.store.heartbeat_as(job_ids, os.getpid())
+        jobs = self.store.get_many(job_ids)
+        modules: dict[str, Any] = {}
+        task = _task_function()
+        futures: dict[Any, int] = {}
+        for job in jobs:
+            if job.wasm_sha256 not in modules:
+                data = Path(job.wasm_path).read_bytes()
+                # Keyed by content: each worker fetches a module once, whatever the jobs.
+                modules[job.wasm_sha256] = client.scatter(data, hash=True)
+            stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
+            input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
+            payload = launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
+            future = client.submit(
+                task,
+                payload,
+                modules[job.wasm_sha256],
+                key=task_key(job),
+                resources={"cpus": job.cpus, "memory_mb": job.memory_mb},
+                workers=eligible_workers(self.cluster, job),
+                allow_other_workers=False,
+                retries=job.retries,
+                pure=False,
+            )
+            futures[future] = job.id
+        return futures
+
+    async def _collect(self, client: Any, futures: dict[Any, int]) -> list[Job]:
+        import distributed
+
+        as_completed: Any = distributed.as_completed  # untyped
+        ended: dict[int, Job] = {}
+        pending = as_completed(list(futures), loop=client.loop)
+        async with TransportPool() as pool:
+            while True:
+                future = await asyncio.to_thread(next, pending, None)
+                if future is None:
+                    break
+                job_id = futures[future]
+                job = await self._record(pool, client, future, job_id)
+                future.release()
+                ended[job_id] = job
+                if self.on_done is not None:
+                    self.on_done(job)
+        return [ended[job_id] for job_id in futures.values()]
+
+    async def _record(self, pool: TransportPool, client: Any, future: Any, job_id: int) -> Job:
+        job = self.store.get(job_id)
+        if future.status != "finished":
+            try:
+                error = future.exception()
+            except Exception as exc:  # a cancelled future raises instead of returning it
+                error = exc
+            self.store.finish(job_id, JobState.FAILED, error=f"dask: {error}")
+            return self.store.get(job_id)
+        answer: dict[str, Any] = future.result()
+        host = self.cluster.host(str(answer["host"]))
+        if host is None:
+            self.store.finish(
+                job_id, JobState.FAILED, error=f"dask: a worker named {answer['host']!r} ran it"
+            )
+            return self.store.get(job_id)
+        self._mark_ran(job, host, str(answer["key"]))
+        job = self.store.get(job_id)
+        output = JobOutput.open(self.store, job)
+        outcome = StreamOutcome()
+        try:
+            for kind, body in answer["frames"]:
+                apply_frame(outcome, kind, body, output.stdout.write, output.stderr.write)
+                if kind == b"O":
+                    self.handlers.stdout(body)
+                elif kind == b"E":
+                    self.handlers.stderr(body)
+            client_of_host = RunnerClient(await pool.get(host))
+            for warning in await record_end(self.store, job, host, client_of_host, outcome, output):
+                self.handlers.warning(warning)
+        except ProtocolError as exc:
+            self.store.finish(
+                job_id, JobState.FAILED, error=f"host '{host.name}': {exc}", **output.fields()
+            )
+        except SshwasmError as exc:
+            self.store.finish(job_id, JobState.FAILED, error=str(exc), **output.fields())
+        finally:
+            output.close()
+        job = self.store.get(job_id)
+        if not job.is_final:
+            self.store.finish(
+                job_id,
+                JobState.LOST,
+                error=f"host '{host.name}': the runner gave no result",
+                **output.fields(),
+            )
+            job = self.store.get(job_id)
+        return job
+
+    def _mark_ran(self, job: Job, host: Host, key: str) -> None:
+        """Say where the job ran and under which key (its directory on that host)."""
+        self.store.update(
+            job.id,
+            engine="dask",
+            host=host.name,
+            host_config=json.dumps(host.to_dict()),
+            remote_key=key,
+            attempt_hosts=host.name,
+            started_at=job.started_at or utc_now(),
+        )
