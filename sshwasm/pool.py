@@ -300,7 +300,9 @@ def worker_argv(plan: PoolPlan, host: Host) -> list[str]:
         # or kill a worker for memory that is the guests'.
         "--memory-limit",
         "0",
-        "--no-dashboard",
+        # Its HTTP server (health, metrics) only on the host's loopback.
+        "--dashboard-address",
+        "127.0.0.1:0",
         "--local-directory",
         _remote_pool_path(host, "worker-space"),
         "--preload",

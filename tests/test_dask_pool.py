@@ -15,12 +15,13 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import sshwasm
+from helpers import sshwasm, start_sshwasm, wait_for
 
 from sshwasm.cluster import load_cluster
 from sshwasm.errors import ClusterError, SshwasmError
@@ -221,6 +222,25 @@ def test_pool_up_run_array_status_tls_refusal_down(
         assert task["engine"] == "dask" and task["attempts"] == 1
     listed = sshwasm(*cluster, "jobs", "--json")
     assert listed.returncode == 0 and len(json.loads(listed.stdout)) == tasks + 1
+
+    # `sshwasm cancel` stops a guest the pool runs, within a second or so.
+    before = set((tmp_path / "workers").glob("*/jobs/*"))
+    sleeper = start_sshwasm(*cluster, "run", "--json", str(built["sleep"].path), "--", "60")
+    try:
+        wait_for(lambda: bool(set((tmp_path / "workers").glob("*/jobs/*")) - before), 60)
+        (job_dir,) = set((tmp_path / "workers").glob("*/jobs/*")) - before
+        wait_for(lambda: (job_dir / "stdout").exists(), 30)
+        asked = time.monotonic()
+        cancel = sshwasm(*cluster, "cancel", str(tasks + 2))
+        assert cancel.returncode == 0, cancel.stderr
+        wait_for(lambda: (job_dir / "result.json").exists(), 10)
+        assert time.monotonic() - asked < 5  # a second under no load; this machine is shared
+        out, err = sleeper.communicate(timeout=60)
+    finally:
+        sleeper.kill()
+    assert json.loads((job_dir / "result.json").read_text())["state"] == "cancelled"
+    record = json.loads(out)
+    assert record["state"] == "cancelled" and record["engine"] == "dask", (out, err)
 
     # Mutual TLS: a client whose certificate is from another CA is refused, and so is one
     # that speaks plain TCP to the TLS port.

@@ -32,7 +32,7 @@ from ..runner.protocol import ProtocolError
 from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..staging import pack_input
 from ..states import JobState
-from ..store import Job, JobStore, utc_now
+from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool
 
 # Runs on the worker, sent by value (the worker has no sshwasm): hands the job to the plugin.
@@ -43,11 +43,25 @@ def sshwasm_job(payload, module):
 """
 
 
-def _task_function() -> Callable[..., Any]:
+# Runs on every worker (`Client.run`): cancels what runs there for a job.
+_CANCEL_SOURCE = """
+def sshwasm_cancel(base, dask_worker=None):
+    return dask_worker.plugins["sshwasm-runner"].cancel(base)
+"""
+# How often a foreground run looks for jobs cancelled by `sshwasm cancel`.
+CANCEL_CHECK_S = 0.3
+
+
+def _by_value(source: str, name: str) -> Callable[..., Any]:
+    """A function from `source` that pickles by value (its module exists nowhere else)."""
     namespace: dict[str, Any] = {"__name__": "sshwasm_dask_task"}
-    exec(compile(_TASK_SOURCE, "<sshwasm dask task>", "exec"), namespace)
-    function: Callable[..., Any] = namespace["sshwasm_job"]
+    exec(compile(source, f"<sshwasm {name}>", "exec"), namespace)
+    function: Callable[..., Any] = namespace[name]
     return function
+
+
+def _task_function() -> Callable[..., Any]:
+    return _by_value(_TASK_SOURCE, "sshwasm_job")
 
 
 def eligible_workers(cluster: Cluster, job: Job) -> list[str] | None:
@@ -91,6 +105,11 @@ class DaskRun:
         try:
             futures = self._submit(client, list(job_ids))
             return asyncio.run(self._collect(client, futures))
+        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+            raise SshwasmError(
+                f"lost the pool's scheduler at {self.plan.scheduler_address}: {exc}; "
+                "unfinished jobs are settled by `sshwasm jobs`"
+            ) from exc
         finally:
             client.close()
 
@@ -130,18 +149,52 @@ class DaskRun:
         as_completed: Any = distributed.as_completed  # untyped
         ended: dict[int, Job] = {}
         pending = as_completed(list(futures), loop=client.loop)
-        async with TransportPool() as pool:
-            while True:
-                future = await asyncio.to_thread(next, pending, None)
-                if future is None:
-                    break
-                job_id = futures[future]
-                job = await self._record(pool, client, future, job_id)
-                future.release()
-                ended[job_id] = job
-                if self.on_done is not None:
-                    self.on_done(job)
+        watcher = asyncio.create_task(self._watch_cancels(client, futures, ended))
+        try:
+            async with TransportPool() as pool:
+                while True:
+                    future = await asyncio.to_thread(next, pending, None)
+                    if future is None:
+                        break
+                    job_id = futures[future]
+                    job = await self._record(pool, client, future, job_id)
+                    future.release()
+                    ended[job_id] = job
+                    if self.on_done is not None:
+                        self.on_done(job)
+        finally:
+            watcher.cancel()
         return [ended[job_id] for job_id in futures.values()]
+
+    async def _watch_cancels(
+        self, client: Any, futures: dict[Any, int], ended: dict[int, Job]
+    ) -> None:
+        """Stop the tasks of jobs `sshwasm cancel` marked: unstarted ones in Dask, running
+        ones by the runner's `cancel` on whichever worker runs them."""
+        cancel = _by_value(_CANCEL_SOURCE, "sshwasm_cancel")
+        done: set[int] = set()
+        by_id = {job_id: future for future, job_id in futures.items()}
+        while True:
+            await asyncio.sleep(CANCEL_CHECK_S)
+            waiting = [job_id for job_id in by_id if job_id not in ended and job_id not in done]
+            if not waiting:
+                continue
+            jobs = self.store.get_many(waiting)  # the jobs file's connection is this thread's
+            marked = [job for job in jobs if job.cancel_requested or job.is_final]
+            for job in marked:
+                done.add(job.id)
+                if not job.is_final:
+                    self.store.finish(
+                        job.id,
+                        JobState.CANCELLED,
+                        exit_code=CANCELLED_EXIT_CODE,
+                        error="cancelled",
+                    )
+                by_id[job.id].cancel()
+                try:
+                    await asyncio.to_thread(client.run, cancel, job.remote_key.split(".", 1)[0])
+                except Exception as exc:  # a worker gone meanwhile: its guest went with it
+                    self.handlers.warning(f"job {job.id}: cancelling on the pool: {exc}")
 
     async def _record(self, pool: TransportPool, client: Any, future: Any, job_id: int) -> Job:
         job = self.store.get(job_id)

@@ -212,6 +212,19 @@ class RunnerPlugin(WorkerPlugin):
             break
         return {"host": str(self.worker.name), "key": key, "frames": frames}
 
+    def cancel(self, base: str) -> list[str]:
+        """Cancel (through the runner's `cancel`) whatever runs here for job key `base`."""
+        with self.lock:
+            keys = [key for key in self.waiting if key.split(".", 1)[0] == base]
+        if not keys:
+            return []
+        home, _ = self._runner()
+        for key in keys:
+            subprocess.run(
+                self._runner_argv(home, "cancel", self.workdir, key), capture_output=True
+            )
+        return keys
+
     def teardown(self, worker: Any) -> None:
         with self.lock:
             serve, self.serve = self.serve, None
