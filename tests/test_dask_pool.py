@@ -268,3 +268,30 @@ def test_pool_up_run_array_status_tls_refusal_down(
     assert "is the pool up" in gone.stderr and "Traceback" not in gone.stderr
     again = sshwasm(*cluster, "pool", "down", timeout=120)
     assert again.returncode == 0 and "worker was not running" in again.stdout
+
+
+def test_pin_hosts_install_and_tls_off_warning(make_cluster: Callable[..., Path]) -> None:
+    """`hosts install` brings the pinned distributed to the hosts of a dask cluster (the pin
+    is pyproject's), and `tls: false` warns on every pool command."""
+    import tomllib
+
+    from sshwasm.engines import DISTRIBUTED_VERSION
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    pin = f"distributed=={DISTRIBUTED_VERSION}"
+    assert extras["dask"] == [pin] and pin in extras["all"] and pin in extras["test"]
+
+    path = make_cluster({"alpha": (1, 512)})
+    path.write_text(
+        f"engine: dask\ndask: {{scheduler: alpha, port: {_free_port('127.0.0.1')}, "
+        "tls: false}\n" + path.read_text()
+    )
+    install = sshwasm("--cluster", str(path), "hosts", "install", timeout=300)
+    assert install.returncode == 0, install.stderr
+    assert f"alpha: distributed {DISTRIBUTED_VERSION} is importable" in install.stdout
+    status = sshwasm("--cluster", str(path), "pool", "status")
+    assert status.returncode == 1 and "Traceback" not in status.stderr
+    lines = status.stderr.splitlines()
+    assert lines[0].startswith("sshwasm: warning: this pool runs without TLS"), lines
+    assert lines[1].startswith("sshwasm: error: the pool's scheduler at tcp://"), lines
