@@ -174,12 +174,26 @@ class DaskRun:
         cancel = _by_value(_CANCEL_SOURCE, "sshwasm_cancel")
         done: set[int] = set()
         by_id = {job_id: future for future, job_id in futures.items()}
+        jobs = self.store.get_many(list(by_id))
+        arrays = {job.array_id for job in jobs if job.array_id is not None}
+        singles = [job.id for job in jobs if job.array_id is None]
+        cancelled_before = -1
         while True:
             await asyncio.sleep(CANCEL_CHECK_S)
-            waiting = [job_id for job_id in by_id if job_id not in ended and job_id not in done]
+            # An array's tasks are read only when its count of cancelled tasks moved: cheap
+            # with tens of thousands of tasks. (The jobs file's connection is this thread's.)
+            cancelled = sum(
+                self.store.array_counts(array_id).get(JobState.CANCELLED, 0) for array_id in arrays
+            )
+            candidates = singles
+            if cancelled != cancelled_before:
+                candidates, cancelled_before = list(by_id), cancelled
+            waiting = [
+                job_id for job_id in candidates if job_id not in ended and job_id not in done
+            ]
             if not waiting:
                 continue
-            jobs = self.store.get_many(waiting)  # the jobs file's connection is this thread's
+            jobs = self.store.get_many(waiting)
             marked = [job for job in jobs if job.cancel_requested or job.is_final]
             for job in marked:
                 done.add(job.id)
