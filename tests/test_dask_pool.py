@@ -50,6 +50,23 @@ def _pool_processes(root: Path) -> list[int]:
     return found
 
 
+def _kill_worker_process(workdir: Path) -> None:
+    """SIGKILL the Dask worker process under the host's nanny (the nanny starts a new one)."""
+    nanny = int((workdir / "dask" / "worker.pid").read_text())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == nanny and b"spawn_main" in cmdline:
+            os.kill(int(entry.name), 9)
+            return
+    raise AssertionError(f"no worker process under nanny {nanny}")
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "cluster.yaml"
     path.write_text(textwrap.dedent(text))
@@ -223,6 +240,27 @@ def test_pool_up_run_array_status_tls_refusal_down(
     listed = sshwasm(*cluster, "jobs", "--json")
     assert listed.returncode == 0 and len(json.loads(listed.stdout)) == tasks + 1
 
+    # A worker killed mid-array: Dask runs its tasks again, on a worker that is alive; every
+    # task succeeds, with its output once, and the rerun is counted in `attempts`.
+    alpha_jobs = tmp_path / "workers" / "alpha" / "jobs"
+    before = set(alpha_jobs.glob("*"))
+    array_run = start_sshwasm(
+        *cluster, "run", "--array", "5", "--json", "--quiet", str(built["sleep"].path), "--", "3"
+    )
+    try:
+        wait_for(lambda: any((d / "stdout").exists() for d in set(alpha_jobs.glob("*")) - before))
+        _kill_worker_process(tmp_path / "workers" / "alpha")
+        out, err = array_run.communicate(timeout=180)
+    finally:
+        array_run.kill()
+    assert array_run.returncode == 0, err
+    records = json.loads(out)
+    assert [r["state"] for r in records] == ["succeeded"] * 5, records
+    assert all(r["stdout"] == "start\nend\n" for r in records), records
+    assert max(r["attempts"] for r in records) == 2, [r["attempts"] for r in records]
+    listed = json.loads(sshwasm(*cluster, "jobs", "--json").stdout)
+    assert len(listed) == tasks + 6  # no task recorded twice
+
     # `sshwasm cancel` stops a guest the pool runs, within a second or so.
     before = set((tmp_path / "workers").glob("*/jobs/*"))
     sleeper = start_sshwasm(*cluster, "run", "--json", str(built["sleep"].path), "--", "60")
@@ -231,7 +269,7 @@ def test_pool_up_run_array_status_tls_refusal_down(
         (job_dir,) = set((tmp_path / "workers").glob("*/jobs/*")) - before
         wait_for(lambda: (job_dir / "stdout").exists(), 30)
         asked = time.monotonic()
-        cancel = sshwasm(*cluster, "cancel", str(tasks + 2))
+        cancel = sshwasm(*cluster, "cancel", str(tasks + 7))
         assert cancel.returncode == 0, cancel.stderr
         wait_for(lambda: (job_dir / "result.json").exists(), 10)
         assert time.monotonic() - asked < 5  # a second under no load; this machine is shared

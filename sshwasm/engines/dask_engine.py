@@ -48,6 +48,17 @@ _CANCEL_SOURCE = """
 def sshwasm_cancel(base, dask_worker=None):
     return dask_worker.plugins["sshwasm-runner"].cancel(base)
 """
+# Runs in the scheduler: how often each task was started again after its worker died.
+_RERUNS_SOURCE = """
+def sshwasm_reruns(keys, dask_scheduler=None):
+    found = {}
+    for key in keys:
+        task = dask_scheduler.tasks.get(key)
+        if task is not None and task.suspicious:
+            found[key] = task.suspicious
+    return found
+"""
+RERUNS_BATCH = 2000
 # How often a foreground run looks for jobs cancelled by `sshwasm cancel`.
 CANCEL_CHECK_S = 0.3
 
@@ -124,8 +135,9 @@ class DaskRun:
         for job in jobs:
             if job.wasm_sha256 not in modules:
                 data = Path(job.wasm_path).read_bytes()
-                # Keyed by content: each worker fetches a module once, whatever the jobs.
-                modules[job.wasm_sha256] = client.scatter(data, hash=True)
+                # Keyed by content, and on every worker (a worker that dies must not take the
+                # only copy with it): each gets a module once, whatever the jobs.
+                modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
             stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
             input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
             payload = launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
@@ -157,14 +169,45 @@ class DaskRun:
                     if future is None:
                         break
                     job_id = futures[future]
-                    job = await self._record(pool, client, future, job_id)
-                    future.release()
-                    ended[job_id] = job
+                    ended[job_id] = await self._record(pool, client, future, job_id)
                     if self.on_done is not None:
-                        self.on_done(job)
+                        self.on_done(ended[job_id])
         finally:
             watcher.cancel()
-        return [ended[job_id] for job_id in futures.values()]
+        # Held until now so the scheduler still knows each task's reruns.
+        reruns = await asyncio.to_thread(self._reruns, client, futures)
+        self._note_reruns(reruns)
+        for future in futures:
+            future.release()
+        return self.store.get_many(list(futures.values()))
+
+    def _reruns(self, client: Any, futures: dict[Any, int]) -> dict[int, int]:
+        """Per job, how often Dask started its task again because its worker died."""
+        keys = {future.key: job_id for future, job_id in futures.items()}
+        probe = _by_value(_RERUNS_SOURCE, "sshwasm_reruns")
+        names = list(keys)
+        found: dict[int, int] = {}
+        for start in range(0, len(names), RERUNS_BATCH):
+            try:
+                reruns: dict[str, int] = client.run_on_scheduler(
+                    probe, names[start : start + RERUNS_BATCH]
+                )
+            except Exception as exc:  # the scheduler is gone: the records say one attempt
+                self.handlers.warning(f"cannot ask the scheduler about reruns: {exc}")
+                break
+            found.update((keys[key], count) for key, count in reruns.items())
+        return found
+
+    def _note_reruns(self, reruns: dict[int, int]) -> None:
+        """Count each rerun in `attempts` (the lost runs' hosts are not known: empty names)."""
+        for job_id, count in reruns.items():
+            job = self.store.get(job_id)
+            hosts = (job.attempt_hosts or "").split(",")
+            self.store.update(
+                job_id,
+                attempts=job.attempts + count,
+                attempt_hosts=",".join([""] * count + hosts),
+            )
 
     async def _watch_cancels(
         self, client: Any, futures: dict[Any, int], ended: dict[int, Job]
@@ -217,7 +260,7 @@ class DaskRun:
                 error = future.exception()
             except Exception as exc:  # a cancelled future raises instead of returning it
                 error = exc
-            self.store.finish(job_id, JobState.FAILED, error=f"dask: {error}")
+            self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
             return self.store.get(job_id)
         answer: dict[str, Any] = future.result()
         host = self.cluster.host(str(answer["host"]))
