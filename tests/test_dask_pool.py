@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import sshwasm, start_sshwasm, wait_for
+from helpers import detached_coordinators, sshwasm, start_sshwasm, wait_for
 
 from sshwasm.cluster import load_cluster
 from sshwasm.errors import ClusterError, SshwasmError
@@ -279,6 +279,22 @@ def test_pool_up_run_array_status_tls_refusal_down(
     assert json.loads((job_dir / "result.json").read_text())["state"] == "cancelled"
     record = json.loads(out)
     assert record["state"] == "cancelled" and record["engine"] == "dask", (out, err)
+
+    # --detach: no local process follows the jobs; the scheduler holds them, and a later
+    # `jobs` collects every result (once: a second `jobs` finds them recorded).
+    detached = sshwasm(*cluster, "run", "--detach", "--array", "4", str(built["task"].path))
+    assert detached.returncode == 0, detached.stderr
+    ids = [int(line) for line in detached.stdout.split()]
+    assert len(ids) == 4 and not detached_coordinators(tmp_path / "data" / "jobs.sqlite")
+
+    def collected() -> bool:
+        listed = sshwasm(*cluster, "jobs", "--json", "--limit", "4")
+        return all(r["state"] == "succeeded" for r in json.loads(listed.stdout))
+
+    wait_for(collected, 60)
+    for index, job_id in enumerate(ids):
+        shown = json.loads(sshwasm(*cluster, "status", "--json", str(job_id)).stdout)
+        assert shown["engine"] == "dask" and shown["stdout"].startswith(f"task {index} of 4")
 
     # Mutual TLS: a client whose certificate is from another CA is refused, and so is one
     # that speaks plain TCP to the TLS port.

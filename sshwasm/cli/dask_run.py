@@ -8,7 +8,21 @@ from ..store import Job
 from .context import Context
 from .coordinate import coordinator_handlers
 from .exits import ExitStatus, job_exit_status
-from .show import copy_output, print_json, report_end, write_err, write_out
+from .show import copy_output, print_json, report_end, warn, write_err, write_out
+
+
+def collect_detached(ctx: Context, jobs: list[Job]) -> dict[int, Job]:
+    """Bring detached `engine: dask` jobs up to date from the pool (for `jobs`, `status`)."""
+    from ..engines.dask_engine import DaskRun
+
+    cluster = ctx.cluster()
+    if cluster.engine != "dask":
+        warn(
+            f"{len(jobs)} job(s) ran on a Dask pool; name its cluster file (--cluster) "
+            "to collect them"
+        )
+        return {}
+    return DaskRun(ctx.store, cluster, coordinator_handlers(False, False)).collect(jobs)
 
 
 def run_on_dask(ctx: Context, job_ids: list[int], is_array: bool, interactive: bool) -> int:
@@ -17,6 +31,10 @@ def run_on_dask(ctx: Context, job_ids: list[int], is_array: bool, interactive: b
     from ..engines.dask_engine import DaskRun
 
     args = ctx.args
+    if args.detach:  # the scheduler holds the tasks: no local process follows them
+        DaskRun(ctx.store, ctx.cluster(), coordinator_handlers(False, False)).detach(job_ids)
+        print("\n".join(str(job_id) for job_id in job_ids))
+        return ExitStatus.OK
 
     def show(job: Job) -> None:
         if not args.json and is_array:

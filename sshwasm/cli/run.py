@@ -60,8 +60,6 @@ def cmd_run(ctx: Context) -> int:
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
     _check_attempt_flags(ctx)
-    if cluster.engine == "dask" and args.detach:  # engine: dask (issue 12)
-        raise UsageError("--detach is not supported on `engine: dask` yet; run in the foreground")
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
     spec = dataclasses.replace(_build_spec(ctx, interactive), **shape.spec_fields())
     job_ids = ctx.store.submit_tasks(spec)

@@ -59,6 +59,13 @@ def sshwasm_reruns(keys, dask_scheduler=None):
     return found
 """
 RERUNS_BATCH = 2000
+# Runs in the scheduler: the state of each task (memory: ended with an answer).
+_STATES_SOURCE = """
+def sshwasm_states(keys, dask_scheduler=None):
+    return {key: dask_scheduler.tasks[key].state for key in keys if key in dask_scheduler.tasks}
+"""
+# How long `jobs` waits (x10) for the answers of detached tasks that ended.
+COLLECT_WAIT_S = 2.0
 # How often a foreground run looks for jobs cancelled by `sshwasm cancel`.
 CANCEL_CHECK_S = 0.3
 
@@ -124,10 +131,80 @@ class DaskRun:
         finally:
             client.close()
 
+    def detach(self, job_ids: Sequence[int]) -> None:
+        """Submit the jobs and leave them to the scheduler: each task's future is published
+        under its key, so the tasks and their answers outlive this process, and a later
+        `jobs`/`status` collects them (`collect_detached`)."""
+        client = connect(self.plan)
+        try:
+            futures = self._submit(client, list(job_ids))
+            client.publish_dataset(**{future.key: future for future in futures})
+            self.store.update_many(list(job_ids), coordinator_pid=None)
+        finally:
+            client.close()
+
+    def collect(self, jobs: Sequence[Job]) -> dict[int, Job]:
+        """Record the detached jobs whose tasks ended; those the scheduler does not know
+        (it restarted, or the pool went down) end `lost`. Returns the jobs as they are now."""
+        try:
+            client = connect(self.plan)
+        except SshwasmError as exc:
+            self.handlers.warning(f"cannot collect {len(jobs)} job(s) from the pool: {exc}")
+            return {}
+        try:
+            return asyncio.run(self._collect_published(client, jobs))
+        finally:
+            client.close()
+
+    async def _collect_published(self, client: Any, jobs: Sequence[Job]) -> dict[int, Job]:
+        names = {task_key(job): job for job in jobs}
+        published = set(await asyncio.to_thread(client.list_datasets))
+        found: dict[Any, int] = {}
+        for name, job in names.items():
+            if name not in published:
+                self.store.finish(
+                    job.id,
+                    JobState.LOST,
+                    error="the pool's scheduler has no trace of it (restarted, or the pool "
+                    "went down)",
+                )
+                continue
+            found[await asyncio.to_thread(client.get_dataset, name)] = job.id
+        states: dict[str, str] = {}
+        if found:
+            probe = _by_value(_STATES_SOURCE, "sshwasm_states")
+            states = await asyncio.to_thread(
+                client.run_on_scheduler, probe, [future.key for future in found]
+            )
+        # Ended: in memory (an answer) or erred; a future new to this client may not know yet.
+        done = {
+            future: job_id
+            for future, job_id in found.items()
+            if states.get(future.key) in ("memory", "erred")
+        }
+        if done:
+            import distributed
+
+            wait: Any = distributed.wait  # untyped; needs the client made default here
+            with client.as_current():
+                await asyncio.to_thread(wait, list(done), timeout=COLLECT_WAIT_S * 10)
+        async with TransportPool() as pool:
+            for future, job_id in done.items():
+                await self._record(pool, client, future, job_id)
+        self._note_reruns(await asyncio.to_thread(self._reruns, client, done))
+        for future in done:
+            await asyncio.to_thread(client.unpublish_dataset, future.key)
+        for future in found:
+            future.release()
+        return {job.id: job for job in self.store.get_many([job.id for job in jobs])}
+
     def _submit(self, client: Any, job_ids: list[int]) -> dict[Any, int]:
-        self.store.update_many(job_ids, engine="dask")
-        # This process follows them: `jobs` elsewhere sees their coordinator alive.
-        self.store.heartbeat_as(job_ids, os.getpid())
+        # This process follows them (`jobs` elsewhere sees their coordinator alive), and no
+        # heartbeat: they wait in Dask's queue, not in the SSH engine's (`place_waiting`
+        # takes only queued jobs with a fresh heartbeat).
+        self.store.update_many(
+            job_ids, engine="dask", coordinator_pid=os.getpid(), heartbeat_ts=0.0
+        )
         jobs = self.store.get_many(job_ids)
         modules: dict[str, Any] = {}
         task = _task_function()
