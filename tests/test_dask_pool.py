@@ -216,7 +216,7 @@ def test_pool_up_run_array_status_tls_refusal_down(
     assert record["stdout"].endswith("job done, hello!\n")
     runs = list((tmp_path / "workers" / record["host"] / "jobs").glob("*/result.json"))
     assert len(runs) == 1, runs  # result.json on the host's disk, as with the SSH engine
-    tasks = 30
+    tasks = 12
     array = sshwasm(
         *cluster,
         "run",
