@@ -82,7 +82,7 @@ def test_json_record_and_warm_run_uploads_nothing(cluster: Path) -> None:
         "started_at", "finished_at", "queue_s", "compile_s", "upload_s", "run_s", "cpu_s",
         "peak_memory_bytes", "stdout", "stderr", "error", "array_id", "array_task",
         "input_bytes", "output_bytes", "stage_in_s", "stage_out_s", "max_output_mb",
-        "output_conflicts", "attempts", "attempt_hosts",
+        "output_conflicts", "attempts", "attempt_hosts", "engine",
     }  # fmt: skip
     assert first["state"] == second["state"] == "succeeded"
     assert second["stdout"] == "job done, hello!\n"
@@ -90,6 +90,7 @@ def test_json_record_and_warm_run_uploads_nothing(cluster: Path) -> None:
     assert second["compile_s"] == 0  # compiled once, then cached
     assert second["upload_bytes"] == 0  # module already on the host
     assert second["language"] == "rust" and second["peak_memory_bytes"] > 0
+    assert first["engine"] == second["engine"] == "ssh"  # issue 12: the default engine
 
 
 def test_args_env_and_stdin_reach_the_job_exactly(cluster: Path, tmp_path: Path) -> None:
