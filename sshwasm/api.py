@@ -126,6 +126,7 @@ class JobRecord:
     rerun_of: int | None
     verify: bool
     reused_from: int | None
+    engine: str  # "ssh" or "dask" (issue 12)
 
     @classmethod
     def of(cls, job: StoredJob) -> JobRecord:
@@ -172,6 +173,7 @@ class JobRecord:
             rerun_of=job.rerun_of,
             verify=job.verify,
             reused_from=job.reused_from,
+            engine=job.engine,
         )
 
     @property

@@ -17,13 +17,23 @@ import yaml
 from sshwasm.errors import ClusterError
 
 DEFAULT_WORKDIR = "~/.sshwasm"
+
+# -- engine (issue 12) ----------------------------------------------------------------------
+# `engine: ssh` (the default) drives jobs from this machine over SSH; `engine: dask` hands
+# them to a Dask distributed pool that `sshwasm pool up` starts on the hosts.
+ENGINES = ("ssh", "dask")
+_ENGINE_KEYS = ("engine", "dask")
+_DASK_KEYS = ("scheduler", "port", "dashboard_port", "tls")
+DEFAULT_DASK_PORT = 8786
+DEFAULT_DASK_DASHBOARD_PORT = 8787
+# -- end engine -----------------------------------------------------------------------------
 LOCAL_ADDRESS = "local"
 DEFAULT_CONNECTION_PERSIST_S = 600.0
 # A persisting connection lasts at most a day after its last use.
 MAX_CONNECTION_PERSIST_S = 86400.0
 EMBEDDED_SOURCE = "<embedded default>"
 
-_TOP_KEYS = ("defaults", "hosts")
+_TOP_KEYS = ("defaults", "hosts", *_ENGINE_KEYS)
 _HOST_KEYS = (
     "name",
     "address",
@@ -89,11 +99,24 @@ class Host:
 
 
 @dataclass(frozen=True)
+class DaskSettings:
+    """The `dask:` block: where the pool's scheduler runs, its ports, and whether it uses TLS."""
+
+    scheduler: str
+    port: int = DEFAULT_DASK_PORT
+    dashboard_port: int = DEFAULT_DASK_DASHBOARD_PORT
+    tls: bool = True
+
+
+@dataclass(frozen=True)
 class Cluster:
     """The hosts jobs can be placed on, and the file they came from."""
 
     hosts: tuple[Host, ...]
     source: str
+    # "ssh" or "dask"; `dask` is set exactly when the engine is "dask".
+    engine: str = "ssh"
+    dask: DaskSettings | None = None
 
     def host(self, name: str) -> Host | None:
         """The host called `name`, or None."""
@@ -252,7 +275,80 @@ class _Loader:
                 )
             name_lines[host.name] = name_line
             hosts.append(host)
-        return Cluster(hosts=tuple(hosts), source=self.where)
+        engine, dask = self.read_engine(root, top, hosts)
+        return Cluster(hosts=tuple(hosts), source=self.where, engine=engine, dask=dask)
+
+    def read_engine(
+        self, root: yaml.Node, top: Mapping[str, _Entry], hosts: list[Host]
+    ) -> tuple[str, DaskSettings | None]:
+        """`engine:` and its `dask:` block, checked against each other and the hosts."""
+        engine = "ssh"
+        if "engine" in top:
+            node = top["engine"].value
+            engine = self.read_string("top level", "engine", node)
+            if engine not in ENGINES:
+                raise self.fail(
+                    _line(node),
+                    f"'engine' must be one of {', '.join(ENGINES)}, got {engine!r}"
+                    f"{_suggest(engine, ENGINES)}",
+                )
+        if "dask" not in top:
+            if engine == "dask":
+                raise self.fail(
+                    _line(top["engine"].value),
+                    "'engine: dask' needs a 'dask:' block naming its 'scheduler' host",
+                )
+            return engine, None
+        node = top["dask"].value
+        if engine != "dask":
+            raise self.fail(
+                top["dask"].key_line, "a 'dask:' block needs 'engine: dask' (the engine is ssh)"
+            )
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(_line(node), f"'dask' must be a mapping, got {self.show(node)}")
+        entries = self.read_mapping(node, "dask", _DASK_KEYS)
+        if "scheduler" not in entries:
+            raise self.fail(_line(node), "dask: no 'scheduler' (the host that runs it)")
+        scheduler_node = entries["scheduler"].value
+        scheduler = self.read_string("dask", "scheduler", scheduler_node)
+        names = [host.name for host in hosts]
+        if scheduler not in names:
+            raise self.fail(
+                _line(scheduler_node),
+                f"dask: 'scheduler' must name a host of 'hosts', got {scheduler!r}"
+                f"{_suggest(scheduler, tuple(names))}",
+            )
+        local = [host.name for host in hosts if host.is_local]
+        if local:
+            raise self.fail(
+                _line(node),
+                f"dask: host '{local[0]}' has 'address: local'; every host of a Dask pool "
+                "is reached over SSH",
+            )
+        settings = DaskSettings(scheduler=scheduler)
+        if "port" in entries:
+            settings = dataclasses.replace(
+                settings, port=self.read_port("dask", "port", entries["port"].value)
+            )
+        if "dashboard_port" in entries:
+            dashboard_node = entries["dashboard_port"].value
+            settings = dataclasses.replace(
+                settings, dashboard_port=self.read_port("dask", "dashboard_port", dashboard_node)
+            )
+        if settings.port == settings.dashboard_port:
+            raise self.fail(
+                _line(node), f"dask: 'port' and 'dashboard_port' are both {settings.port}"
+            )
+        if "tls" in entries:
+            value_node = entries["tls"].value
+            tls = self.scalar(value_node) if isinstance(value_node, yaml.ScalarNode) else None
+            if not isinstance(tls, bool):
+                raise self.fail(
+                    _line(value_node),
+                    f"dask: 'tls' must be true or false, got {_describe(value_node, tls)}",
+                )
+            settings = dataclasses.replace(settings, tls=tls)
+        return engine, settings
 
     def read_text(self) -> str:
         try:

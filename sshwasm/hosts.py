@@ -159,6 +159,40 @@ async def install_host(host: Host, pool: TransportPool) -> list[str]:
     return done
 
 
+# -- engine: dask (issue 12) ---------------------------------------------------------------
+
+_DISTRIBUTED_PROBE = """
+try:
+    from importlib.metadata import version
+    print(version("distributed"))
+except Exception:
+    print("")
+"""
+
+
+async def install_distributed(host: Host, pool: TransportPool) -> str:
+    """Make the host's python have `distributed` at the pinned version; says what was done."""
+    from .engines import DISTRIBUTED_VERSION
+
+    transport = await pool.get(host)
+    done = await transport.run_shell([host.python, "-c", _DISTRIBUTED_PROBE])
+    _require_success(host, done, "cannot run Python")
+    found = done.stdout.decode(errors="replace").strip()
+    if found == DISTRIBUTED_VERSION:
+        return f"distributed {found} is importable by {host.python}"
+    wanted = f"distributed=={DISTRIBUTED_VERSION}"
+    command = [host.python, "-m", "pip", "install", "--user", "--quiet", wanted]
+    result = await asyncio.wait_for(transport.run_shell(command), INSTALL_TIMEOUT_S)
+    if result.exit_status != 0:
+        raise SshwasmError(
+            f"host '{host.name}': `{shlex.join(command)}` failed: {last_line(result.stderr)}"
+        )
+    return f"installed {wanted} for {host.python}" + (f" (had {found})" if found else "")
+
+
+# -- end engine: dask -----------------------------------------------------------------------
+
+
 async def for_each_host(
     hosts: Sequence[Host], action: Callable[[Host, TransportPool], Awaitable[T]]
 ) -> list[T | SshwasmError]:

@@ -77,6 +77,8 @@ RECORD_FIELDS = (
     "rerun_of",
     "verify",
     "reused_from",
+    # engine: dask (issue 12)
+    "engine",
 )
 
 # What the `jobs` table reads of a row (JobStore.table_rows), in this order.

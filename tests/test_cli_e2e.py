@@ -85,6 +85,7 @@ def test_json_record_and_warm_run_uploads_nothing(cluster: Path) -> None:
         "output_conflicts", "attempts", "attempt_hosts",
         "dirs",
         "fuel", "fuel_used", "rerun_of", "verify", "reused_from",
+        "engine",
     }  # fmt: skip
     assert first["state"] == second["state"] == "succeeded"
     assert second["stdout"] == "job done, hello!\n"
@@ -92,6 +93,7 @@ def test_json_record_and_warm_run_uploads_nothing(cluster: Path) -> None:
     assert second["compile_s"] == 0  # compiled once, then cached
     assert second["upload_bytes"] == 0  # module already on the host
     assert second["language"] == "rust" and second["peak_memory_bytes"] > 0
+    assert first["engine"] == second["engine"] == "ssh"  # issue 12: the default engine
 
 
 def test_args_env_and_stdin_reach_the_job_exactly(cluster: Path, tmp_path: Path) -> None:

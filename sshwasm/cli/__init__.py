@@ -47,6 +47,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "wasm": ("wasm", "cmd_wasm"),
     "hosts": ("hosts", "cmd_hosts"),
     "report": ("report", "cmd_report"),
+    # engine: dask (issue 12)
+    "pool": ("pool", "cmd_pool"),
     "completion": ("completion", "cmd_completion"),
     COORDINATE_COMMAND: ("coordinate", "cmd_coordinate"),
     COMPLETE_COMMAND: ("completion", "cmd_complete_words"),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SshwasmError, UsageError
 from .context import Context
 from .exits import ExitStatus
 from .show import error, notice, print_json, say, table
+
+if TYPE_CHECKING:
+    from ..cluster import Host
+    from ..transport import TransportPool
 
 
 def cmd_hosts(ctx: Context) -> int:
@@ -70,8 +74,15 @@ def cmd_hosts_install(ctx: Context) -> int:
     if unknown:
         raise UsageError(f"no host named {', '.join(unknown)} in {cluster.source}")
     hosts = [h for h in cluster.hosts if not names or h.name in names]
+    action = install_host
+    if cluster.engine == "dask":  # engine: dask (issue 12): distributed too
+        from ..hosts import install_distributed
+
+        async def action(host: Host, pool: TransportPool) -> list[str]:
+            return [*await install_host(host, pool), await install_distributed(host, pool)]
+
     status = ExitStatus.OK
-    for host, result in zip(hosts, asyncio.run(for_each_host(hosts, install_host)), strict=True):
+    for host, result in zip(hosts, asyncio.run(for_each_host(hosts, action)), strict=True):
         if isinstance(result, SshwasmError):
             status = ExitStatus.ERROR
             error(result)

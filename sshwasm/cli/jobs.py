@@ -36,6 +36,12 @@ def refresh(ctx: Context, jobs: Sequence[Job]) -> list[Job]:
     from ..liveness import needs_refresh
 
     orphans = [job for job in jobs if needs_refresh(job)]
+    if any(job.engine == "dask" for job in orphans):  # engine: dask (issue 12)
+        from .dask_run import collect_detached
+
+        collected = collect_detached(ctx, [job for job in orphans if job.engine == "dask"])
+        jobs = [collected.get(job.id, job) for job in jobs]
+        orphans = [job for job in orphans if job.engine != "dask"]
     if not orphans:
         return list(jobs)
     import asyncio

@@ -427,6 +427,23 @@ def build_parser() -> ArgumentParser:
     )
     install.add_argument("names", nargs="*", metavar="NAME")
 
+    # engine: dask (issue 12): the Dask pool on the cluster's hosts.
+    pool = commands.add_parser(
+        "pool",
+        help="start, inspect or stop the Dask pool of an `engine: dask` cluster",
+        description="The Dask distributed pool on the hosts of a cluster file with "
+        "`engine: dask`: `up` starts the scheduler and one worker per host over SSH (detached, "
+        "mutual TLS), `status` shows the workers and their load, `down` stops all of it.",
+    )
+    pool_commands = pool.add_subparsers(
+        dest="pool_command", metavar="{up,status,down}", parser_class=ArgumentParser, required=True
+    )
+    pool_commands.add_parser("up", help="start what is not running (idempotent)")
+    pool_status = pool_commands.add_parser("status", help="the scheduler, workers and tasks")
+    pool_status.add_argument("--json", action="store_true", help="print a JSON object")
+    pool_commands.add_parser("down", help="stop the workers and the scheduler")
+    # -- end engine: dask
+
     report = commands.add_parser(
         "report",
         help="how well jobs used their cpus and memory; --html: a timeline page",

@@ -61,6 +61,8 @@ def cmd_run(ctx: Context) -> int:
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
     _check_attempt_flags(ctx)
+    if cluster.engine == "dask":
+        _check_dask_flags(ctx)
     dirs = _dirs_json(ctx)
     _check_dirs_with_reruns(ctx, dirs)
     pair = _verify_pair(ctx, cluster, request) if args.verify else None
@@ -71,6 +73,10 @@ def cmd_run(ctx: Context) -> int:
     job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
+    if cluster.engine == "dask":  # engine: dask (issue 12)
+        from .dask_run import run_on_dask
+
+        return run_on_dask(ctx, job_ids, shape.size is not None, interactive)
     reused = _reuse(ctx, job_ids, stdin_data, interactive) if args.reuse else []
     taken = set(reused)
     to_run = [job_id for job_id in job_ids if job_id not in taken]
@@ -236,6 +242,17 @@ def _check_dirs_with_reruns(ctx: Context, dirs: str) -> None:
         raise UsageError("--reuse works with read-only --dir copies only (LOCAL::GUEST:ro)")
     if ctx.args.verify and any(not mount.read_only for mount in job_mounts(dirs)):
         raise UsageError("--verify runs the job twice: its directories must be read-only (:ro)")
+
+
+def _check_dask_flags(ctx: Context) -> None:
+    """What `engine: dask` does not run yet is refused, not run without it."""
+    args = ctx.args
+    for flag, given in (
+        ("--dir", args.dirs), ("--host-dir", args.host_dirs), ("--verify", args.verify),
+        ("--reuse", args.reuse),
+    ):  # fmt: skip
+        if given:
+            raise UsageError(f"{flag} is not supported with engine: dask yet")
 
 
 def _check_attempt_flags(ctx: Context) -> None:

@@ -1,0 +1,392 @@
+"""`engine: dask`: submitted jobs run as Dask tasks on the pool `sshwasm pool up` started.
+
+Each job is one Dask task asking for the resources `cpus` and `memory_mb` (and, for `--host`
+and `--label`, only the workers of the hosts that qualify). Dask queues and places the tasks,
+notices dead workers and runs their tasks again elsewhere. The task itself does not run the
+guest: it hands the launch spec to the worker plugin (engines/dask_preload.py), which sends
+it to the host's unmodified runner through its `serve` child, so limits, `result.json` and
+the job directory on the host's disk are the SSH engine's. The task returns the runner's
+frames; here they are taken in (`apply_frame`) and recorded (`record_end`) exactly as the
+SSH engine does, so `jobs`, `status`, `logs` and the record read the same.
+
+The module travels once per worker as Dask data keyed by its content (`scatter`), and is
+written to the host's module cache only when the runner asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..cluster import Cluster, Host
+from ..coordinator import launch_spec
+from ..errors import SshwasmError
+from ..job_output import Handlers, JobOutput
+from ..pool import PoolPlan, connect, plan_for
+from ..recorded_jobs import record_end
+from ..runner.protocol import ProtocolError
+from ..runner_client import RunnerClient, StreamOutcome, apply_frame
+from ..staging import pack_input
+from ..states import JobState
+from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
+from ..transport import TransportPool
+
+# Runs on the worker, sent by value (the worker has no sshwasm): hands the job to the plugin.
+_TASK_SOURCE = """
+def sshwasm_job(payload, module):
+    from distributed import get_worker
+    return get_worker().plugins["sshwasm-runner"].run(payload, module)
+"""
+
+
+# Runs on every worker (`Client.run`): cancels what runs there for a job.
+_CANCEL_SOURCE = """
+def sshwasm_cancel(base, dask_worker=None):
+    return dask_worker.plugins["sshwasm-runner"].cancel(base)
+"""
+# Runs in the scheduler: how often each task was started again after its worker died.
+_RERUNS_SOURCE = """
+def sshwasm_reruns(keys, dask_scheduler=None):
+    found = {}
+    for key in keys:
+        task = dask_scheduler.tasks.get(key)
+        if task is not None and task.suspicious:
+            found[key] = task.suspicious
+    return found
+"""
+RERUNS_BATCH = 2000
+# Runs in the scheduler: the state of each task (memory: ended with an answer).
+_STATES_SOURCE = """
+def sshwasm_states(keys, dask_scheduler=None):
+    return {key: dask_scheduler.tasks[key].state for key in keys if key in dask_scheduler.tasks}
+"""
+# How long `jobs` waits (x10) for the answers of detached tasks that ended.
+COLLECT_WAIT_S = 2.0
+# How often a foreground run looks for jobs cancelled by `sshwasm cancel`.
+CANCEL_CHECK_S = 0.3
+
+
+def _by_value(source: str, name: str) -> Callable[..., Any]:
+    """A function from `source` that pickles by value (its module exists nowhere else)."""
+    namespace: dict[str, Any] = {"__name__": "sshwasm_dask_task"}
+    exec(compile(source, f"<sshwasm {name}>", "exec"), namespace)
+    function: Callable[..., Any] = namespace[name]
+    return function
+
+
+def _task_function() -> Callable[..., Any]:
+    return _by_value(_TASK_SOURCE, "sshwasm_job")
+
+
+def eligible_workers(cluster: Cluster, job: Job) -> list[str] | None:
+    """The worker names (= host names) that may run `job`; None: any."""
+    labels = set(json.loads(job.labels or "[]"))
+    if job.pinned_host is None and not labels:
+        return None
+    names = [
+        host.name
+        for host in cluster.hosts
+        if (job.pinned_host is None or host.name == job.pinned_host)
+        and labels.issubset(host.labels)
+    ]
+    return names
+
+
+def task_key(job: Job) -> str:
+    """The job's Dask key: unique in the scheduler, and naming the job for the dashboard."""
+    return f"sshwasm-{job.remote_key}"
+
+
+class DaskRun:
+    """Submits jobs to the pool and records each as its task ends."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        cluster: Cluster,
+        handlers: Handlers,
+        on_done: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.cluster = cluster
+        self.plan: PoolPlan = plan_for(cluster)
+        self.handlers = handlers
+        self.on_done = on_done
+
+    def run(self, job_ids: Sequence[int]) -> list[Job]:
+        """Submit the jobs and follow them until every one has ended; returns their records."""
+        client = connect(self.plan)
+        try:
+            futures = self._submit(client, list(job_ids))
+            return asyncio.run(self._collect(client, futures))
+        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+            raise SshwasmError(
+                f"lost the pool's scheduler at {self.plan.scheduler_address}: {exc}; "
+                "unfinished jobs are settled by `sshwasm jobs`"
+            ) from exc
+        finally:
+            client.close()
+
+    def detach(self, job_ids: Sequence[int]) -> None:
+        """Submit the jobs and leave them to the scheduler: each task's future is published
+        under its key, so the tasks and their answers outlive this process, and a later
+        `jobs`/`status` collects them (`collect_detached`)."""
+        client = connect(self.plan)
+        try:
+            futures = self._submit(client, list(job_ids))
+            client.publish_dataset(**{future.key: future for future in futures})
+            self.store.update_many(list(job_ids), coordinator_pid=None)
+        finally:
+            client.close()
+
+    def collect(self, jobs: Sequence[Job]) -> dict[int, Job]:
+        """Record the detached jobs whose tasks ended; those the scheduler does not know
+        (it restarted, or the pool went down) end `lost`. Returns the jobs as they are now."""
+        try:
+            client = connect(self.plan)
+        except SshwasmError as exc:
+            self.handlers.warning(f"cannot collect {len(jobs)} job(s) from the pool: {exc}")
+            return {}
+        try:
+            return asyncio.run(self._collect_published(client, jobs))
+        finally:
+            client.close()
+
+    async def _collect_published(self, client: Any, jobs: Sequence[Job]) -> dict[int, Job]:
+        names = {task_key(job): job for job in jobs}
+        published = set(await asyncio.to_thread(client.list_datasets))
+        found: dict[Any, int] = {}
+        for name, job in names.items():
+            if name not in published:
+                self.store.finish(
+                    job.id,
+                    JobState.LOST,
+                    error="the pool's scheduler has no trace of it (restarted, or the pool "
+                    "went down)",
+                )
+                continue
+            found[await asyncio.to_thread(client.get_dataset, name)] = job.id
+        states: dict[str, str] = {}
+        if found:
+            probe = _by_value(_STATES_SOURCE, "sshwasm_states")
+            states = await asyncio.to_thread(
+                client.run_on_scheduler, probe, [future.key for future in found]
+            )
+        # Ended: in memory (an answer) or erred; a future new to this client may not know yet.
+        done = {
+            future: job_id
+            for future, job_id in found.items()
+            if states.get(future.key) in ("memory", "erred")
+        }
+        if done:
+            import distributed
+
+            wait: Any = distributed.wait  # untyped; needs the client made default here
+            with client.as_current():
+                await asyncio.to_thread(wait, list(done), timeout=COLLECT_WAIT_S * 10)
+        async with TransportPool() as pool:
+            for future, job_id in done.items():
+                await self._record(pool, client, future, job_id)
+        self._note_reruns(await asyncio.to_thread(self._reruns, client, done))
+        for future in done:
+            await asyncio.to_thread(client.unpublish_dataset, future.key)
+        for future in found:
+            future.release()
+        return {job.id: job for job in self.store.get_many([job.id for job in jobs])}
+
+    def _submit(self, client: Any, job_ids: list[int]) -> dict[Any, int]:
+        # This process follows them (`jobs` elsewhere sees their coordinator alive), and no
+        # heartbeat: they wait in Dask's queue, not in the SSH engine's (`place_waiting`
+        # takes only queued jobs with a fresh heartbeat).
+        self.store.update_many(
+            job_ids, engine="dask", coordinator_pid=os.getpid(), heartbeat_ts=0.0
+        )
+        jobs = self.store.get_many(job_ids)
+        modules: dict[str, Any] = {}
+        task = _task_function()
+        futures: dict[Any, int] = {}
+        for job in jobs:
+            if job.wasm_sha256 not in modules:
+                data = Path(job.wasm_path).read_bytes()
+                # Keyed by content, and on every worker (a worker that dies must not take the
+                # only copy with it): each gets a module once, whatever the jobs.
+                modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
+            stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
+            input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
+            payload = launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
+            future = client.submit(
+                task,
+                payload,
+                modules[job.wasm_sha256],
+                key=task_key(job),
+                resources={"cpus": job.cpus, "memory_mb": job.memory_mb},
+                workers=eligible_workers(self.cluster, job),
+                allow_other_workers=False,
+                retries=job.retries,
+                pure=False,
+            )
+            futures[future] = job.id
+        return futures
+
+    async def _collect(self, client: Any, futures: dict[Any, int]) -> list[Job]:
+        import distributed
+
+        as_completed: Any = distributed.as_completed  # untyped
+        ended: dict[int, Job] = {}
+        pending = as_completed(list(futures), loop=client.loop)
+        watcher = asyncio.create_task(self._watch_cancels(client, futures, ended))
+        try:
+            async with TransportPool() as pool:
+                while True:
+                    future = await asyncio.to_thread(next, pending, None)
+                    if future is None:
+                        break
+                    job_id = futures[future]
+                    ended[job_id] = await self._record(pool, client, future, job_id)
+                    if self.on_done is not None:
+                        self.on_done(ended[job_id])
+        finally:
+            watcher.cancel()
+        # Held until now so the scheduler still knows each task's reruns.
+        reruns = await asyncio.to_thread(self._reruns, client, futures)
+        self._note_reruns(reruns)
+        for future in futures:
+            future.release()
+        return self.store.get_many(list(futures.values()))
+
+    def _reruns(self, client: Any, futures: dict[Any, int]) -> dict[int, int]:
+        """Per job, how often Dask started its task again because its worker died."""
+        keys = {future.key: job_id for future, job_id in futures.items()}
+        probe = _by_value(_RERUNS_SOURCE, "sshwasm_reruns")
+        names = list(keys)
+        found: dict[int, int] = {}
+        for start in range(0, len(names), RERUNS_BATCH):
+            try:
+                reruns: dict[str, int] = client.run_on_scheduler(
+                    probe, names[start : start + RERUNS_BATCH]
+                )
+            except Exception as exc:  # the scheduler is gone: the records say one attempt
+                self.handlers.warning(f"cannot ask the scheduler about reruns: {exc}")
+                break
+            found.update((keys[key], count) for key, count in reruns.items())
+        return found
+
+    def _note_reruns(self, reruns: dict[int, int]) -> None:
+        """Count each rerun in `attempts` (the lost runs' hosts are not known: empty names)."""
+        for job_id, count in reruns.items():
+            job = self.store.get(job_id)
+            hosts = (job.attempt_hosts or "").split(",")
+            self.store.update(
+                job_id,
+                attempts=job.attempts + count,
+                attempt_hosts=",".join([""] * count + hosts),
+            )
+
+    async def _watch_cancels(
+        self, client: Any, futures: dict[Any, int], ended: dict[int, Job]
+    ) -> None:
+        """Stop the tasks of jobs `sshwasm cancel` marked: unstarted ones in Dask, running
+        ones by the runner's `cancel` on whichever worker runs them."""
+        cancel = _by_value(_CANCEL_SOURCE, "sshwasm_cancel")
+        done: set[int] = set()
+        by_id = {job_id: future for future, job_id in futures.items()}
+        jobs = self.store.get_many(list(by_id))
+        arrays = {job.array_id for job in jobs if job.array_id is not None}
+        singles = [job.id for job in jobs if job.array_id is None]
+        cancelled_before = -1
+        while True:
+            await asyncio.sleep(CANCEL_CHECK_S)
+            # An array's tasks are read only when its count of cancelled tasks moved: cheap
+            # with tens of thousands of tasks. (The jobs file's connection is this thread's.)
+            cancelled = sum(
+                self.store.array_counts(array_id).get(JobState.CANCELLED, 0) for array_id in arrays
+            )
+            candidates = singles
+            if cancelled != cancelled_before:
+                candidates, cancelled_before = list(by_id), cancelled
+            waiting = [
+                job_id for job_id in candidates if job_id not in ended and job_id not in done
+            ]
+            if not waiting:
+                continue
+            jobs = self.store.get_many(waiting)
+            marked = [job for job in jobs if job.cancel_requested or job.is_final]
+            for job in marked:
+                done.add(job.id)
+                if not job.is_final:
+                    self.store.finish(
+                        job.id,
+                        JobState.CANCELLED,
+                        exit_code=CANCELLED_EXIT_CODE,
+                        error="cancelled",
+                    )
+                by_id[job.id].cancel()
+                try:
+                    await asyncio.to_thread(client.run, cancel, job.remote_key.split(".", 1)[0])
+                except Exception as exc:  # a worker gone meanwhile: its guest went with it
+                    self.handlers.warning(f"job {job.id}: cancelling on the pool: {exc}")
+
+    async def _record(self, pool: TransportPool, client: Any, future: Any, job_id: int) -> Job:
+        job = self.store.get(job_id)
+        if future.status != "finished":
+            try:
+                error = future.exception()
+            except Exception as exc:  # a cancelled future raises instead of returning it
+                error = exc
+            self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
+            return self.store.get(job_id)
+        answer: dict[str, Any] = future.result()
+        host = self.cluster.host(str(answer["host"]))
+        if host is None:
+            self.store.finish(
+                job_id, JobState.FAILED, error=f"dask: a worker named {answer['host']!r} ran it"
+            )
+            return self.store.get(job_id)
+        self._mark_ran(job, host, str(answer["key"]))
+        job = self.store.get(job_id)
+        output = JobOutput.open(self.store, job)
+        outcome = StreamOutcome()
+        try:
+            for kind, body in answer["frames"]:
+                apply_frame(outcome, kind, body, output.stdout.write, output.stderr.write)
+                if kind == b"O":
+                    self.handlers.stdout(body)
+                elif kind == b"E":
+                    self.handlers.stderr(body)
+            client_of_host = RunnerClient(await pool.get(host))
+            for warning in await record_end(self.store, job, host, client_of_host, outcome, output):
+                self.handlers.warning(warning)
+        except ProtocolError as exc:
+            self.store.finish(
+                job_id, JobState.FAILED, error=f"host '{host.name}': {exc}", **output.fields()
+            )
+        except SshwasmError as exc:
+            self.store.finish(job_id, JobState.FAILED, error=str(exc), **output.fields())
+        finally:
+            output.close()
+        job = self.store.get(job_id)
+        if not job.is_final:
+            self.store.finish(
+                job_id,
+                JobState.LOST,
+                error=f"host '{host.name}': the runner gave no result",
+                **output.fields(),
+            )
+            job = self.store.get(job_id)
+        return job
+
+    def _mark_ran(self, job: Job, host: Host, key: str) -> None:
+        """Say where the job ran and under which key (its directory on that host)."""
+        self.store.update(
+            job.id,
+            engine="dask",
+            host=host.name,
+            host_config=json.dumps(host.to_dict()),
+            remote_key=key,
+            attempt_hosts=host.name,
+            started_at=job.started_at or utc_now(),
+        )

@@ -1,0 +1,247 @@
+"""What every Dask worker of an sshwasm pool loads (`dask worker --preload FILE`).
+
+This file is copied to each host by `sshwasm pool up` (as `<workdir>/dask/sshwasm_preload.py`)
+and runs in the host's Python beside `distributed`, so it imports nothing from sshwasm: only
+the standard library and distributed.
+
+It registers the `sshwasm-runner` worker plugin. The plugin does not run guests in the
+worker's own process: it keeps one `serve` child of the host's unmodified runner (the runner
+that `sshwasm hosts install` and `pool up` put in `<workdir>/bin`), the same program the SSH
+engine's arrays use, so memory and time limits, cancel and `result.json` on the host's disk
+work as they do there, and a guest that crashes cannot take the worker down. When the worker
+stops (or its nanny kills it), the plugin ends that child and its process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+PLUGIN_NAME = "sshwasm-runner"
+# Set by `pool up`'s launcher for the worker: the host's sshwasm workdir (absolute).
+WORKDIR_VARIABLE = "SSHWASM_WORKDIR"
+RUNNER_PACKAGE = "sshwasm_exec"
+
+
+def runner_home(workdir: str) -> str:
+    """The directory of the current runner version (`<workdir>/bin/<version>`)."""
+    with open(os.path.join(workdir, "bin", "current")) as pointer:
+        version = pointer.read().strip()
+    return os.path.join(workdir, "bin", version)
+
+
+class ServeLost(RuntimeError):
+    """The serve child ended before answering a task: the task's fate is unknown here."""
+
+
+class _Waiting:
+    """One task's frames, collected by the reader thread until a final one arrives."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[bytes, bytes]] = []
+        self.done = threading.Event()
+        self.lost = False
+
+
+class RunnerPlugin(WorkerPlugin):
+    """The worker's link to the host's runner: a `serve` child started on first use.
+
+    Tasks of the worker's threads share the child: each sends an L frame with a key of its
+    own, and a reader thread hands each answer frame to the task it names.
+    """
+
+    name = PLUGIN_NAME
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.worker: Any = None
+        self.lock = threading.Lock()
+        self.serve: subprocess.Popen[bytes] | None = None
+        self.waiting: dict[str, _Waiting] = {}
+        self.protocol: Any = None
+        self.counter = 0
+
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+
+    def _runner(self) -> tuple[str, Any]:
+        """The runner's home and its protocol module (imported from the host's runner)."""
+        home = runner_home(self.workdir)
+        if self.protocol is None:
+            if home not in sys.path:
+                sys.path.insert(0, home)
+            import importlib
+
+            self.protocol = importlib.import_module(RUNNER_PACKAGE + ".protocol")
+        return home, self.protocol
+
+    def _runner_argv(self, home: str, *args: str) -> list[str]:
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            f"from {RUNNER_PACKAGE}.commands import main; sys.exit(main(sys.argv[2:]))"
+        )
+        return [sys.executable, "-c", code, home, *args]
+
+    def serve_process(self) -> subprocess.Popen[bytes]:
+        """The running `serve` child, started and greeted when needed (call with the lock).
+
+        It stays in the worker's process group, so stopping the worker's group stops it.
+        """
+        if self.serve is not None and self.serve.poll() is None:
+            return self.serve
+        home, protocol = self._runner()
+        serve = subprocess.Popen(
+            self._runner_argv(home, "serve", self.workdir),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert serve.stdin is not None and serve.stdout is not None
+        serve.stdin.write(protocol.encode_frame(protocol.KIND_HELLO, protocol.encode_hello()))
+        serve.stdin.flush()
+        decoder = protocol.FrameDecoder()
+        frames: list[tuple[bytes, bytes]] = []
+        while not frames:
+            chunk = os.read(serve.stdout.fileno(), 65536)
+            if not chunk:
+                raise ServeLost("the runner's serve ended before its hello")
+            frames = decoder.feed(chunk)
+        kind, payload = frames.pop(0)
+        if kind != protocol.KIND_HELLO:
+            serve.kill()
+            raise ServeLost(f"the runner's serve answered {kind!r}: {payload[:200]!r}")
+        self.serve = serve
+        threading.Thread(
+            target=self._read, args=(serve, decoder, frames), daemon=True, name="sshwasm-serve"
+        ).start()
+        return serve
+
+    def _read(
+        self, serve: subprocess.Popen[bytes], decoder: Any, early: list[tuple[bytes, bytes]]
+    ) -> None:
+        protocol = self.protocol
+        final = (protocol.KIND_RESULT, protocol.KIND_NEED, protocol.KIND_ERROR)
+        assert serve.stdout is not None
+        try:
+            pending = list(early)
+            while True:
+                for kind, payload in pending:
+                    key, _, body = payload.partition(b"\n")
+                    with self.lock:
+                        waiting = self.waiting.get(key.decode(errors="replace"))
+                    if waiting is None:
+                        continue
+                    waiting.frames.append((kind, body))
+                    if kind in final:
+                        waiting.done.set()
+                chunk = os.read(serve.stdout.fileno(), 1 << 20)
+                if not chunk:
+                    break
+                pending = decoder.feed(chunk)
+        except Exception:
+            pass
+        finally:
+            with self.lock:
+                if self.serve is serve:
+                    self.serve = None
+                lost = list(self.waiting.values())
+            for waiting in lost:
+                if not waiting.done.is_set():
+                    waiting.lost = True
+                    waiting.done.set()
+
+    def _launch(self, key: str, payload: bytes) -> list[tuple[bytes, bytes]]:
+        waiting = _Waiting()
+        with self.lock:
+            serve = self.serve_process()
+            self.waiting[key] = waiting
+            assert serve.stdin is not None
+            try:
+                serve.stdin.write(self.protocol.encode_frame(self.protocol.KIND_LAUNCH, payload))
+                serve.stdin.flush()
+            except OSError as exc:
+                self.waiting.pop(key, None)
+                raise ServeLost(f"cannot reach the runner's serve: {exc}") from exc
+        waiting.done.wait()
+        with self.lock:
+            self.waiting.pop(key, None)
+        if waiting.lost:
+            raise ServeLost("the runner's serve ended while the task ran")
+        return waiting.frames
+
+    def _put_module(self, sha256: str, module: bytes) -> None:
+        home, _ = self._runner()
+        done = subprocess.run(
+            self._runner_argv(home, "put-module", self.workdir, sha256),
+            input=module,
+            capture_output=True,
+        )
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"cannot store the module: {lines[-1] if lines else 'failed'}")
+
+    def run(self, payload: bytes, module: bytes) -> dict[str, Any]:
+        """Run one job through serve: its frames, the host, and the key it ran under.
+
+        Each run gets a key of its own (`<job key>.<host>-<pid>-<n>`): a task that Dask
+        runs again after its worker died must not meet the first run's job directory.
+        """
+        line, _, rest = payload.partition(b"\n")
+        header = json.loads(line)
+        with self.lock:
+            self.counter += 1
+            count = self.counter
+        base = str(header["key"]).split(".", 1)[0]
+        key = f"{base}.{self.worker.name}-{os.getpid()}-{count}"[:128]
+        header["key"] = key
+        payload = json.dumps(header).encode() + b"\n" + rest
+        _, protocol = self._runner()
+        for _attempt in range(2):
+            frames = self._launch(key, payload)
+            kind, body = frames[-1]
+            if kind == protocol.KIND_NEED and json.loads(body).get("need") == "module":
+                self._put_module(header["wasm_sha256"], module)
+                continue
+            break
+        return {"host": str(self.worker.name), "key": key, "frames": frames}
+
+    def cancel(self, base: str) -> list[str]:
+        """Cancel (through the runner's `cancel`) whatever runs here for job key `base`."""
+        with self.lock:
+            keys = [key for key in self.waiting if key.split(".", 1)[0] == base]
+        if not keys:
+            return []
+        home, _ = self._runner()
+        for key in keys:
+            subprocess.run(
+                self._runner_argv(home, "cancel", self.workdir, key), capture_output=True
+            )
+        return keys
+
+    def teardown(self, worker: Any) -> None:
+        with self.lock:
+            serve, self.serve = self.serve, None
+        if serve is None or serve.poll() is not None:
+            return
+        # EOF on its stdin: serve lets what runs finish and exits.
+        with contextlib.suppress(OSError):
+            assert serve.stdin is not None
+            serve.stdin.close()
+        try:
+            serve.wait(5)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+
+
+async def dask_setup(worker: Any) -> None:
+    """Called by distributed once the worker has started."""
+    workdir = os.environ.get(WORKDIR_VARIABLE) or os.path.expanduser("~/.sshwasm")
+    await worker.plugin_add(RunnerPlugin(workdir), name=PLUGIN_NAME)

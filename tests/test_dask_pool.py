@@ -1,0 +1,363 @@
+"""engine: dask (issue 12): the cluster file's `dask:` block, and `sshwasm pool up | status |
+down` on the real loopback sshd hosts with mutual TLS.
+
+One end-to-end test starts the pool once and checks what it can on it (idempotence, status,
+refusal of a client without the pool's CA, every process gone after `pool down`), to keep
+within the suite's time budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import detached_coordinators, sshwasm, start_sshwasm, wait_for
+
+from sshwasm.cluster import load_cluster
+from sshwasm.errors import ClusterError, SshwasmError
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])
+
+
+def _pool_processes(root: Path) -> list[int]:
+    """PIDs of live processes whose command line names a path under `root` (the workdirs)."""
+    found = []
+    marker = str(root).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _kill_worker_process(workdir: Path) -> None:
+    """SIGKILL the Dask worker process under the host's nanny (the nanny starts a new one)."""
+    nanny = int((workdir / "dask" / "worker.pid").read_text())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == nanny and b"spawn_main" in cmdline:
+            os.kill(int(entry.name), 9)
+            return
+    raise AssertionError(f"no worker process under nanny {nanny}")
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+HOSTS = """\
+hosts:
+  - {name: alpha, address: 127.0.0.2, cpus: 2, memory_mb: 1024, labels: [gpu]}
+  - {name: beta, address: 127.0.0.3, cpus: 1, memory_mb: 512}
+"""
+
+
+def test_dask_block_is_read_and_checked(tmp_path: Path) -> None:
+    plain = load_cluster(_write(tmp_path, HOSTS))
+    assert (plain.engine, plain.dask) == ("ssh", None)
+
+    cluster = load_cluster(_write(tmp_path, "engine: dask\ndask: {scheduler: beta}\n" + HOSTS))
+    assert cluster.engine == "dask" and cluster.dask is not None
+    assert (cluster.dask.scheduler, cluster.dask.port, cluster.dask.dashboard_port) == (
+        "beta",
+        8786,
+        8787,
+    )
+    assert cluster.dask.tls is True
+    cluster = load_cluster(
+        _write(
+            tmp_path,
+            "engine: dask\ndask: {scheduler: alpha, port: 9100, dashboard_port: 9101, "
+            "tls: false}\n" + HOSTS,
+        )
+    )
+    assert cluster.dask is not None
+    assert (cluster.dask.port, cluster.dask.dashboard_port, cluster.dask.tls) == (9100, 9101, False)
+
+    bad = {
+        "engine: ray\n": "'engine' must be one of ssh, dask, got 'ray'",
+        "engine: dask\n": "'engine: dask' needs a 'dask:' block",
+        "dask: {scheduler: alpha}\n": "a 'dask:' block needs 'engine: dask'",
+        "engine: dask\ndask: {port: 1}\n": "dask: no 'scheduler'",
+        "engine: dask\ndask: {scheduler: alpah}\n": "did you mean 'alpha'?",
+        "engine: dask\ndask: {scheduler: alpha, port: 0}\n": "'port' must be a port",
+        "engine: dask\ndask: {scheduler: alpha, tls: maybe}\n": "'tls' must be true or false",
+        "engine: dask\ndask: {scheduler: alpha, workers: 3}\n": "dask: unknown key 'workers'",
+        "engine: dask\ndask: {scheduler: alpha, port: 9000, dashboard_port: 9000}\n": "both 9000",
+        "engine: dask\ndask: [alpha]\n": "'dask' must be a mapping",
+    }
+    for top, message in bad.items():
+        with pytest.raises(ClusterError) as caught:
+            load_cluster(_write(tmp_path, top + HOSTS))
+        assert message in str(caught.value), (top, str(caught.value))
+        assert "\n" not in str(caught.value)
+
+
+def test_import_and_ssh_engine_do_not_import_distributed(built: dict[str, Any]) -> None:
+    """The SSH engine's users pay nothing for the dask engine: neither `import sshwasm` nor
+    a warm `sshwasm run` (engine: ssh, on the default local host) imports `distributed`."""
+    check = textwrap.dedent(
+        """
+        import sys
+        import sshwasm
+        from sshwasm.cli import main
+        def heavy():
+            return sorted(m for m in sys.modules if m.split(".")[0] in ("distributed", "dask"))
+        print("IMPORT", heavy())
+        for _ in range(2):  # the second run is warm: runner installed, module uploaded
+            status = main(["run", "--quiet", sys.argv[1]])
+            assert status == 0, status
+        print("RUN", heavy())
+        """
+    )
+    hello = str(built["hello"].path)
+    done = subprocess.run([sys.executable, "-c", check, hello], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "IMPORT []" in done.stdout and "RUN []" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.fixture
+def pool_cluster(make_cluster: Callable[..., Path], tmp_path: Path) -> Iterator[Path]:
+    """A two-host `engine: dask` cluster on the session hosts; the pool is taken down and
+    every process under its workdirs checked gone at the end, whatever the test did."""
+    from sshd import loopback
+
+    path = make_cluster(
+        {"alpha": {"cpus": 2, "memory_mb": 1024, "labels": ["fast"]}, "beta": (1, 512)}
+    )
+    text = path.read_text()
+    port = _free_port(loopback(2))
+    dashboard = _free_port("127.0.0.1")
+    path.write_text(
+        f"engine: dask\ndask:\n  scheduler: alpha\n  port: {port}\n"
+        f"  dashboard_port: {dashboard}\n" + text
+    )
+    try:
+        yield path
+    finally:
+        sshwasm("--cluster", str(path), "pool", "down", timeout=120)
+        leftovers = _pool_processes(tmp_path / "workers")
+        for pid in leftovers:
+            os.kill(pid, 9)
+        assert not leftovers, f"processes left behind after pool down: {leftovers}"
+
+
+def test_pool_up_run_array_status_tls_refusal_down(
+    pool_cluster: Path, tmp_path: Path, built: dict[str, Any]
+) -> None:
+    cluster = ["--cluster", str(pool_cluster)]
+    up = sshwasm(*cluster, "pool", "up", timeout=180)
+    assert up.returncode == 0, up.stderr
+    assert "alpha: scheduler started" in up.stdout
+    assert "alpha: worker started" in up.stdout and "beta: worker started" in up.stdout
+    assert "pool: 2 workers connected to tls://" in up.stdout
+    assert "Traceback" not in up.stderr
+
+    # Idempotent: a second `up` starts nothing and says so per host.
+    again = sshwasm(*cluster, "pool", "up", timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert "alpha: scheduler already running" in again.stdout
+    assert "beta: worker already running" in again.stdout
+    assert "started" not in again.stdout
+
+    # The hosts' keys and certificates are private to the SSH user.
+    for name in ("alpha", "beta"):
+        for file in ("host.key", "host.pem", "ca.pem"):
+            mode = (tmp_path / "workers" / name / "dask" / file).stat().st_mode
+            assert stat.S_IMODE(mode) == 0o600, (name, file, oct(mode))
+
+    status = sshwasm(*cluster, "pool", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["scheduler"].startswith("tls://") and report["tls"] is True
+    workers = {w["name"]: w for w in report["workers"]}
+    assert set(workers) == {"alpha", "beta"} and report["workers_missing"] == []
+    assert workers["alpha"]["nthreads"] == 2
+    assert workers["alpha"]["resources"] == {"cpus": 2, "memory_mb": 1024, "label-fast": 1}
+    assert workers["beta"]["resources"] == {"cpus": 1, "memory_mb": 512}
+    assert report["tasks_processing"] == 0
+    table = sshwasm(*cluster, "pool", "status")
+    assert table.returncode == 0 and "dashboard: http://127.0.0.1:" in table.stdout
+
+    # A job, then an array, run as Dask tasks by the hosts' runner, recorded as usual.
+    hello = sshwasm(*cluster, "run", "--json", str(built["hello"].path))
+    assert hello.returncode == 0, hello.stderr
+    record = json.loads(hello.stdout)
+    assert record["state"] == "succeeded" and record["exit_code"] == 0, record
+    assert record["engine"] == "dask" and record["host"] in ("alpha", "beta")
+    assert record["stdout"].endswith("job done, hello!\n")
+    runs = list((tmp_path / "workers" / record["host"] / "jobs").glob("*/result.json"))
+    assert len(runs) == 1, runs  # result.json on the host's disk, as with the SSH engine
+    tasks = 12
+    array = sshwasm(
+        *cluster,
+        "run",
+        "--array",
+        str(tasks),
+        "--label",
+        "fast",
+        "--json",
+        str(built["task"].path),
+        timeout=300,
+    )
+    assert array.returncode == 0, array.stderr
+    records = json.loads(array.stdout)
+    assert [r["state"] for r in records] == ["succeeded"] * tasks
+    assert {r["host"] for r in records} == {"alpha"}  # --label fast: only alpha has it
+    for index, task in enumerate(records):
+        assert task["stdout"].splitlines() == [
+            f"task {index} of {tasks} line {line}" for line in range(3)
+        ], task
+        assert task["engine"] == "dask" and task["attempts"] == 1
+    listed = sshwasm(*cluster, "jobs", "--json")
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == tasks + 1
+
+    # A worker killed mid-array: Dask runs its tasks again, on a worker that is alive; every
+    # task succeeds, with its output once, and the rerun is counted in `attempts`.
+    alpha_jobs = tmp_path / "workers" / "alpha" / "jobs"
+    before = set(alpha_jobs.glob("*"))
+    array_run = start_sshwasm(
+        *cluster, "run", "--array", "5", "--json", "--quiet", str(built["sleep"].path), "--", "3"
+    )
+    try:
+        wait_for(lambda: any((d / "stdout").exists() for d in set(alpha_jobs.glob("*")) - before))
+        _kill_worker_process(tmp_path / "workers" / "alpha")
+        out, err = array_run.communicate(timeout=180)
+    finally:
+        array_run.kill()
+    assert array_run.returncode == 0, err
+    records = json.loads(out)
+    assert [r["state"] for r in records] == ["succeeded"] * 5, records
+    assert all(r["stdout"] == "start\nend\n" for r in records), records
+    assert max(r["attempts"] for r in records) == 2, [r["attempts"] for r in records]
+    listed = json.loads(sshwasm(*cluster, "jobs", "--json").stdout)
+    assert len(listed) == tasks + 6  # no task recorded twice
+
+    # `sshwasm cancel` stops a guest the pool runs, within a second or so.
+    before = set((tmp_path / "workers").glob("*/jobs/*"))
+    sleeper = start_sshwasm(*cluster, "run", "--json", str(built["sleep"].path), "--", "60")
+    try:
+        wait_for(lambda: bool(set((tmp_path / "workers").glob("*/jobs/*")) - before), 60)
+        (job_dir,) = set((tmp_path / "workers").glob("*/jobs/*")) - before
+        wait_for(lambda: (job_dir / "stdout").exists(), 30)
+        asked = time.monotonic()
+        cancel = sshwasm(*cluster, "cancel", str(tasks + 7))
+        assert cancel.returncode == 0, cancel.stderr
+        wait_for(lambda: (job_dir / "result.json").exists(), 10)
+        assert time.monotonic() - asked < 5  # a second under no load; this machine is shared
+        out, err = sleeper.communicate(timeout=60)
+    finally:
+        sleeper.kill()
+    assert json.loads((job_dir / "result.json").read_text())["state"] == "cancelled"
+    record = json.loads(out)
+    assert record["state"] == "cancelled" and record["engine"] == "dask", (out, err)
+
+    # --detach: no local process follows the jobs; the scheduler holds them, and a later
+    # `jobs` collects every result (once: a second `jobs` finds them recorded).
+    detached = sshwasm(*cluster, "run", "--detach", "--array", "4", str(built["task"].path))
+    assert detached.returncode == 0, detached.stderr
+    ids = [int(line) for line in detached.stdout.split()]
+    assert len(ids) == 4 and not detached_coordinators(tmp_path / "data" / "jobs.sqlite")
+
+    def collected() -> bool:
+        listed = sshwasm(*cluster, "jobs", "--json", "--limit", "4")
+        return all(r["state"] == "succeeded" for r in json.loads(listed.stdout))
+
+    wait_for(collected, 60)
+    for index, job_id in enumerate(ids):
+        shown = json.loads(sshwasm(*cluster, "status", "--json", str(job_id)).stdout)
+        assert shown["engine"] == "dask" and shown["stdout"].startswith(f"task {index} of 4")
+
+    # Mutual TLS: a client whose certificate is from another CA is refused, and so is one
+    # that speaks plain TCP to the TLS port.
+    from sshwasm.cluster import load_cluster
+    from sshwasm.pool import connect, plan_for, security_for
+    from sshwasm.tls import ensure_certificates
+
+    plan = plan_for(load_cluster(pool_cluster))
+    foreign = ensure_certificates(str(tmp_path / "someone-elses-cluster.yaml"))
+    with pytest.raises(SshwasmError, match="does not answer"):
+        connect(plan, timeout=2, security=security_for(plan, foreign)).close()
+    from distributed import Client
+
+    with pytest.raises((OSError, TimeoutError)):
+        Client(plan.scheduler_address.replace("tls://", "tcp://"), timeout=2).close()
+    connect(plan, timeout=10).close()  # while ours is accepted
+
+    down = sshwasm(*cluster, "pool", "down", timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "alpha: worker stopped" in down.stdout and "alpha: scheduler stopped" in down.stdout
+    assert "beta: worker stopped" in down.stdout
+    assert _pool_processes(tmp_path / "workers") == []
+    gone = sshwasm(*cluster, "pool", "status")
+    assert gone.returncode == 1 and gone.stderr.startswith("sshwasm: error: ")
+    assert "is the pool up" in gone.stderr and "Traceback" not in gone.stderr
+    again = sshwasm(*cluster, "pool", "down", timeout=120)
+    assert again.returncode == 0 and "worker was not running" in again.stdout
+
+
+def test_pin_hosts_install_and_tls_off_warning(make_cluster: Callable[..., Path]) -> None:
+    """`hosts install` brings the pinned distributed to the hosts of a dask cluster (the pin
+    is pyproject's), and `tls: false` warns on every pool command."""
+    import tomllib
+
+    from sshwasm.engines import DISTRIBUTED_VERSION
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    pin = f"distributed=={DISTRIBUTED_VERSION}"
+    assert extras["dask"] == [pin] and pin in extras["all"] and pin in extras["test"]
+
+    path = make_cluster({"alpha": (1, 512)})
+    path.write_text(
+        f"engine: dask\ndask: {{scheduler: alpha, port: {_free_port('127.0.0.1')}, "
+        "tls: false}\n" + path.read_text()
+    )
+    install = sshwasm("--cluster", str(path), "hosts", "install", timeout=300)
+    assert install.returncode == 0, install.stderr
+    assert f"alpha: distributed {DISTRIBUTED_VERSION} is importable" in install.stdout
+    status = sshwasm("--cluster", str(path), "pool", "status")
+    assert status.returncode == 1 and "Traceback" not in status.stderr
+    lines = status.stderr.splitlines()
+    assert lines[0].startswith("sshwasm: warning: this pool runs without TLS"), lines
+    assert lines[1].startswith("sshwasm: error: the pool's scheduler at tcp://"), lines
+
+
+@pytest.mark.parametrize(
+    "flags", [["--dir", "DIR"], ["--host-dir", "/srv::/srv"], ["--verify"], ["--reuse"]]
+)
+def test_run_refuses_what_the_dask_engine_cannot_do_yet(tmp_path: Path, flags: list[str]) -> None:
+    cluster = _write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS)
+    (tmp_path / "data").mkdir()
+    flags = [str(tmp_path / "data") if flag == "DIR" else flag for flag in flags]
+    result = sshwasm("--cluster", str(cluster), "run", "tiny.rs", *flags)
+    assert result.returncode != 0
+    assert result.stderr == f"sshwasm: error: {flags[0]} is not supported with engine: dask yet\n"
