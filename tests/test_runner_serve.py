@@ -55,6 +55,7 @@ def task_spec(
     stdin: bytes | None = None,
     input_tar: bytes | None = None,
     output: bool = False,
+    max_output_bytes: int | None = None,
 ) -> bytes:
     """An L payload: launch's stdin bytes, with the task's key in the spec."""
     spec: dict[str, object] = {
@@ -71,6 +72,8 @@ def task_spec(
         spec["stdin_bytes"] = len(stdin)
     if input_tar is not None:
         spec["input_tar_bytes"] = len(input_tar)
+    if max_output_bytes is not None:
+        spec["max_output_bytes"] = max_output_bytes
     return json.dumps(spec).encode() + b"\n" + (stdin or b"") + (input_tar or b"")
 
 
@@ -648,3 +651,31 @@ def test_pooled_executors_run_tasks_in_turn_fresh_and_are_replaced_when_killed(
     last, final = run("p7", task_spec(guest, "p7", ["probe", "exit", "7"]))
     assert last not in (first, fresh)
     assert (final["state"], final["exit_code"]) == ("failed", 7)
+
+
+def test_pooled_executors_run_capped_tasks_and_the_cap_leaves_with_its_task(
+    workdir: Path, guest: Guest, sessions: Callable[..., Session]
+) -> None:
+    """Every job has an output cap (--max-output-mb's default): its executor is reused all
+    the same, and the cap of one task (a file size rlimit, SIGXFSZ caught) is gone for the
+    next, which may write more than it; a task over its cap still fails as over it."""
+    session = sessions(workdir)
+    session.hello()
+
+    def run(key: str, argv: list[str], cap: int | None) -> tuple[int, dict[str, object]]:
+        session.launch(task_spec(guest, key, argv, max_output_bytes=cap))
+        session.wait_done(key)
+        pid = session.task(key).json_of(b"S")["pid"]
+        assert isinstance(pid, int)
+        return pid, session.task(key).result()
+
+    first, small = run("c1", ["probe", "output", "100", "0"], 4096)
+    assert small["state"] == "succeeded"
+    again, bigger = run("c2", ["probe", "output", "20000", "0"], None)
+    assert again == first, "an executor that ran a capped task was not reused"
+    assert bigger["state"] == "succeeded", bigger
+    assert len(session.task("c2").stdout()) == 20000
+    _, over = run("c3", ["probe", "output", "20000", "0"], 4096)
+    assert over["state"] == "failed" and "output limit" in str(over["error"]), over
+    _, after = run("c4", ["probe", "output", "20000", "0"], None)
+    assert after["state"] == "succeeded" and len(session.task("c4").stdout()) == 20000

@@ -214,6 +214,9 @@ class _OutputLimit:
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
+        # What start() replaced, for stop() to put back (a pooled executor runs on).
+        self._previous: tuple[Any, int, tuple[int, int]] | None = None
+        self._monitor_thread: threading.Thread | None = None
 
     @property
     def message(self) -> str:
@@ -227,12 +230,38 @@ class _OutputLimit:
         """Apply the file size limit and start the monitor; call in the main thread."""
         import resource
 
-        signal.signal(signal.SIGXFSZ, _ignore_signal)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, _ignore_signal)
+        wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        file_size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        self._previous = (handler, wakeup_fd, file_size_limit)
+        _, hard = file_size_limit
         if self.max_bytes < (hard if hard != resource.RLIM_INFINITY else 1 << 62):
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_bytes, hard))
-        threading.Thread(target=self._monitor, daemon=True).start()
+        self._monitor_thread = threading.Thread(target=self._monitor, daemon=True)
+        self._monitor_thread.start()
+
+    def stop(self) -> None:
+        """Put back what start() changed, once the guest stopped (`execution.done` set):
+        the file size limit (only its soft value was lowered, so it can be raised again),
+        SIGXFSZ's handler, the wakeup fd; ends the monitor and closes the pipe. A pooled
+        executor then runs its next task as a fresh one would (serve checks the limit)."""
+        import resource
+
+        if self._previous is None:
+            return
+        handler, wakeup_fd, file_size_limit = self._previous
+        self._previous = None
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_FSIZE, file_size_limit)
+        signal.set_wakeup_fd(wakeup_fd)
+        signal.signal(signal.SIGXFSZ, handler)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")  # wakes the monitor, which sees `done` and returns
+        if self._monitor_thread is not None:
+            self._monitor_thread.join()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def used(self) -> int:
         """Apparent bytes of the job's stdout, stderr and /output so far."""
@@ -577,6 +606,8 @@ def _run_module(
         fuel_used=_fuel_used(store, fuel),
         **measures,
     )
+    if output_limit is not None:
+        output_limit.stop()
 
 
 def _run_job(execution: _Execution) -> None:

@@ -501,7 +501,7 @@ class _Server:
 
         runtime = self.runtime
         assert runtime is not None
-        job_dir, spec = request["job_dir"], request["spec"]
+        job_dir = request["job_dir"]
         log_fd = os.open(request["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(log_fd, 2)
         os.close(log_fd)
@@ -522,11 +522,9 @@ class _Server:
             with contextlib.suppress(BaseException):
                 sys.stderr.flush()
             os.dup2(devnull, 2)
-        # An output cap leaves its rlimit, signal handler and wakeup pipe in the process.
-        reusable = not spec.get("max_output_bytes")
-        if resource.getrlimit(resource.RLIMIT_FSIZE) != file_size_limit:
-            reusable = False
-        return reusable
+        # An output cap puts back its rlimit, signal handler and wakeup fd when the task
+        # ends (execute._OutputLimit.stop); a task that did not (it raised) is not trusted.
+        return resource.getrlimit(resource.RLIMIT_FSIZE) == file_size_limit
 
     @staticmethod
     def _run_task(execution: _Execution, runtime: _ServeRuntime, request: dict[str, Any]) -> None:
