@@ -577,6 +577,13 @@ def job_spec(cpus: int = 1, memory_mb: int = 100, name: str | None = "job") -> J
 def mux_processes(runtime_dir: Path) -> list[int]:
     """PIDs of connection processes (`python -m sshwasm.mux --dir DIR`) serving `runtime_dir`,
     found by command line like detached coordinators."""
+    return processes_whose_argv(
+        lambda argv: b"sshwasm.mux" in argv and str(runtime_dir).encode() in argv
+    )
+
+
+def processes_whose_argv(matches: Callable[[list[bytes]], bool]) -> list[int]:
+    """PIDs of the processes whose command line (argv, as bytes) `matches`."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -585,7 +592,7 @@ def mux_processes(runtime_dir: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"sshwasm.mux" in argv and str(runtime_dir).encode() in argv:
+        if matches(argv):
             found.append(int(entry.name))
     return found
 
@@ -611,16 +618,10 @@ def detached_coordinators(db: Path, job_id: int | None = None) -> list[int]:
     file `db`, or only the one following `job_id`; found by command line, as no record holds
     it."""
     command = COORDINATE_COMMAND.encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+
+    def follows(argv: list[bytes]) -> bool:
         if command not in argv or str(db).encode() not in argv:
-            continue
-        if job_id is None or str(job_id).encode() in argv[argv.index(command) + 1 :]:
-            found.append(int(entry.name))
-    return found
+            return False
+        return job_id is None or str(job_id).encode() in argv[argv.index(command) + 1 :]
+
+    return processes_whose_argv(follows)

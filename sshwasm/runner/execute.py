@@ -642,7 +642,19 @@ def _execute(job_dir: str, run: Callable[[_Execution], None]) -> NoReturn:
         _write_pid_file(job_dir, os.getpid())
     except OSError:
         traceback.print_exc()
-    execution = _Execution(job_dir)
+    try:
+        run_to_a_result(_Execution(job_dir), run)
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        # Skips interpreter teardown, where wasmtime's tokio threads can panic (pitfall 5).
+        os._exit(0)
+
+
+def run_to_a_result(execution: _Execution, run: Callable[[_Execution], None]) -> None:
+    """Run a job (unless a cancel already wrote its result); whatever `run` raises becomes
+    a failed result naming it, so the job always has an end on disk."""
     try:
         # A cancel that came before we started has written the result already.
         if not os.path.exists(execution.result_path):
@@ -651,12 +663,6 @@ def _execute(job_dir: str, run: Callable[[_Execution], None]) -> NoReturn:
         traceback.print_exc()
         error = _one_line(f"runner error: {type(exc).__name__}: {exc}")
         execution.finish("failed", 1, error, **execution.measures())
-    finally:
-        with contextlib.suppress(BaseException):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        # Skips interpreter teardown, where wasmtime's tokio threads can panic (pitfall 5).
-        os._exit(0)
 
 
 def _cmd_execute(job_dir_argument: str) -> NoReturn:

@@ -197,57 +197,27 @@ def write_tree_as_tar(root: str, sink: BinaryIO, max_bytes: int | None = None) -
 
     left = max_bytes
     stopped = False
-    nofollow = getattr(os, "O_NOFOLLOW", 0)
-    directory_flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow
-    file_flags = os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0)
     skipped = 0
-    root_fd = os.open(root, directory_flags)
+
+    def skip() -> None:
+        nonlocal skipped
+        skipped += 1
+
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-        # Depth-first with an explicit stack of (directory fd, member prefix, names left).
-        stack: list[tuple[int, str, list[str]]] = [(root_fd, "", sorted(os.listdir(root_fd)))]
-        try:
-            while stack:
-                dir_fd, prefix, names = stack[-1]
-                if not names:
-                    os.close(dir_fd)
-                    stack.pop()
-                    continue
-                name = names.pop(0)
-                try:
-                    fd = os.open(name, file_flags, dir_fd=dir_fd)
-                except OSError:
-                    skipped += 1  # a symlink (ELOOP), vanished, or unreadable
-                    continue
-                info = os.fstat(fd)
-                member = tarfile.TarInfo(prefix + name)
-                member.mtime = int(info.st_mtime)
-                if stat.S_ISDIR(info.st_mode) and len(stack) <= MAX_OUTPUT_DEPTH:
-                    member.type, member.mode = tarfile.DIRTYPE, 0o700
-                    archive.addfile(member)
-                    try:
-                        children = sorted(os.listdir(fd))
-                    except OSError:
-                        children = []
-                    stack.append((fd, member.name + "/", children))
-                    continue
-                try:
-                    if stat.S_ISREG(info.st_mode):
-                        if left is not None and info.st_size > left:
-                            stopped = True
-                            break
-                        if left is not None:
-                            left -= info.st_size
-                        member.mode, member.size = 0o600, info.st_size
-                        archive.addfile(
-                            member, BoundedReader(partial(os.read, fd), info.st_size, pad=True)
-                        )
-                    else:
-                        skipped += 1
-                finally:
-                    os.close(fd)
-        finally:
-            for dir_fd, _, _ in stack:
-                os.close(dir_fd)
+        for path, fd, info in _walk_tree(root, skip):
+            member = tarfile.TarInfo(path)
+            member.mtime = int(info.st_mtime)
+            if fd is None:
+                member.type, member.mode = tarfile.DIRTYPE, 0o700
+                archive.addfile(member)
+                continue
+            if left is not None and info.st_size > left:
+                stopped = True
+                break
+            if left is not None:
+                left -= info.st_size
+            member.mode, member.size = 0o600, info.st_size
+            archive.addfile(member, BoundedReader(partial(os.read, fd), info.st_size, pad=True))
     if stopped:
         raise OutputLimitReached(skipped)
     return skipped
@@ -276,16 +246,22 @@ def write_all(fd: int, data: bytes) -> None:
 DIRECTORY_MARK = "dir"
 
 
-def _walk_tree(root: str) -> Iterator[tuple[str, int | None]]:
-    """Yield (relative path, descriptor) for each directory and regular file under `root`,
-    parents first; a file's descriptor is open for reading and closed after the next step.
+def _walk_tree(
+    root: str, on_skip: Callable[[], None] | None = None
+) -> Iterator[tuple[str, int | None, os.stat_result]]:
+    """Yield (relative path, descriptor, its fstat) for each directory and regular file
+    under `root`, parents first (depth-first, names sorted). A directory's descriptor is
+    None; a file's is open for reading and closed at the next step.
 
     Symbolic links are never followed nor listed, nor special files, nor what lies deeper
-    than MAX_OUTPUT_DEPTH: each directory is opened relative to its parent with O_NOFOLLOW.
+    than MAX_OUTPUT_DEPTH: each directory is opened relative to its parent with O_NOFOLLOW,
+    so a running job swapping a directory for a link cannot redirect the walk. `on_skip`
+    is called for each entry left out that way.
     """
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     file_flags = os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0)
     root_fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow)
+    # An explicit stack of (directory fd, path prefix, names left).
     stack: list[tuple[int, str, list[str]]] = [(root_fd, "", sorted(os.listdir(root_fd)))]
     try:
         while stack:
@@ -298,19 +274,23 @@ def _walk_tree(root: str) -> Iterator[tuple[str, int | None]]:
             try:
                 fd = os.open(name, file_flags, dir_fd=dir_fd)
             except OSError:
-                continue  # a symlink (ELOOP), vanished, or unreadable
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode) and len(stack) <= MAX_OUTPUT_DEPTH:
+                if on_skip is not None:
+                    on_skip()  # a symlink (ELOOP), vanished, or unreadable
+                continue
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode) and len(stack) <= MAX_OUTPUT_DEPTH:
                 try:
                     children = sorted(os.listdir(fd))
                 except OSError:
                     children = []
-                yield prefix + name, None
+                yield prefix + name, None, info
                 stack.append((fd, prefix + name + "/", children))
                 continue
             try:
-                if stat.S_ISREG(mode):
-                    yield prefix + name, fd
+                if stat.S_ISREG(info.st_mode):
+                    yield prefix + name, fd, info
+                elif on_skip is not None:
+                    on_skip()
             finally:
                 os.close(fd)
     finally:
@@ -324,7 +304,7 @@ def tree_manifest(root: str) -> dict[str, str]:
     import hashlib
 
     manifest: dict[str, str] = {}
-    for path, fd in _walk_tree(root):
+    for path, fd, _ in _walk_tree(root):
         if fd is None:
             manifest[path] = DIRECTORY_MARK
             continue
@@ -375,7 +355,7 @@ def write_changes_as_tar(
     wanted_dirs = set(changes["new_dirs"])
     wanted_files = set(changes["changed"])
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-        for path, fd in _walk_tree(root):
+        for path, fd, _ in _walk_tree(root):
             member = tarfile.TarInfo(prefix + path)
             if fd is None:
                 if path in wanted_dirs:

@@ -33,6 +33,7 @@ from .execute import (
     _Runtime,
     _Watchdog,
     epoch_checks,
+    run_to_a_result,
     uses_fuel,
 )
 from .jobdir import (
@@ -509,15 +510,9 @@ class _Server:
         try:
             with contextlib.suppress(OSError):
                 _write_pid_file(job_dir, os.getpid())
-            execution = _Execution(job_dir)
-            try:
-                # A cancel that came before we started has written the result already.
-                if not os.path.exists(execution.result_path):
-                    self._run_task(execution, runtime, request)
-            except BaseException as exc:
-                traceback.print_exc()
-                error = _one_line(f"runner error: {type(exc).__name__}: {exc}")
-                execution.finish("failed", 1, error, **execution.measures())
+            run_to_a_result(
+                _Execution(job_dir), lambda execution: self._run_task(execution, runtime, request)
+            )
         finally:
             with contextlib.suppress(BaseException):
                 sys.stderr.flush()
