@@ -12,6 +12,7 @@ is deleted in LOCAL only if it is unchanged there since staging.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -182,9 +183,41 @@ def tree_digest(path: Path) -> str:
     """The sha256 of a --dir tree by content, as the job would see it staged: each
     directory's and regular file's relative name, and each file's bytes. Never times or
     owners; modes neither, since staged files are all 0600 to the job. Symbolic links and
-    special files are left out, as staging leaves them out."""
-    manifest = tree_manifest(str(path))
-    return hashlib.sha256(json.dumps(sorted(manifest.items())).encode()).hexdigest()
+    special files are left out, as staging leaves them out.
+
+    Every task of an array that succeeds asks again (its reuse key): the bytes are read
+    again only when the tree's stat signature changed since, so a big read-only tree is
+    hashed once per process, not once per task."""
+    root = str(path)
+    signature = _tree_signature(root)
+    known = _DIGESTS.get(root)
+    if known is not None and known[0] == signature:
+        return known[1]
+    manifest = tree_manifest(root)
+    digest = hashlib.sha256(json.dumps(sorted(manifest.items())).encode()).hexdigest()
+    # Taken before the read: a change during it shows in the next signature.
+    _DIGESTS[root] = (signature, digest)
+    return digest
+
+
+# tree_digest's memory: root -> (its stat signature, its digest).
+_DIGESTS: dict[str, tuple[tuple[tuple[str, int, int, int, int], ...], str]] = {}
+
+
+def _tree_signature(root: str) -> tuple[tuple[str, int, int, int, int], ...]:
+    """What changes whenever a file under `root` is written, made, removed or renamed:
+    each entry's path, inode, size and change time (which no one can set back), mode."""
+    entries: list[tuple[str, int, int, int, int]] = []
+    for directory, names, files in os.walk(root):
+        for name in sorted([*names, *files]):
+            full = os.path.join(directory, name)
+            with contextlib.suppress(OSError):
+                info = os.lstat(full)
+                entries.append((full, info.st_ino, info.st_size, info.st_ctime_ns, info.st_mode))
+    with contextlib.suppress(OSError):
+        info = os.lstat(root)
+        entries.append((root, info.st_ino, info.st_size, info.st_ctime_ns, info.st_mode))
+    return tuple(entries)
 
 
 def dirs_digest(dirs: str) -> str:

@@ -153,3 +153,30 @@ def test_reuse_and_verify_refuse_a_directory_whose_changes_come_back(
     (tmp_path / "tree").mkdir()
     assert main(["run", STAGE, flag, "--dir", f"{tmp_path / 'tree'}::/data"]) == 1
     assert capsys.readouterr().err == f"sshwasm: error: {error}\n"
+
+
+def test_a_tree_is_read_again_only_when_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each succeeded task of an array computes its reuse key: a big read-only --dir must
+    not be hashed once per task, yet any change to it must show."""
+    from sshwasm import directories
+
+    reads: list[str] = []
+    real = directories.tree_manifest
+
+    def counted(root: str) -> dict[str, str]:
+        reads.append(root)
+        return real(root)
+
+    monkeypatch.setattr(directories, "tree_manifest", counted)
+    tree = tmp_path / "data"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.txt").write_text("alpha\n")
+    first = directories.tree_digest(tree)
+    assert directories.tree_digest(tree) == first and len(reads) == 1
+    (tree / "sub" / "a.txt").write_text("alphA\n")  # same size, new bytes
+    changed = directories.tree_digest(tree)
+    assert changed != first and len(reads) == 2
+    (tree / "sub" / "b.txt").write_text("")
+    assert directories.tree_digest(tree) != changed and len(reads) == 3
