@@ -12,9 +12,7 @@ Target (issue 11): `run_s` with `--fuel` <= 1.6x `run_s` without it.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
-from typing import Any
 
 from benchmarks.common import (
     Bench,
@@ -27,10 +25,12 @@ from benchmarks.common import (
     sshwasm_has_option,
     verdict,
 )
+from benchmarks.compute import run_sshwasm
 
 TARGET_RATIO = 1.6
 # A budget no run here comes near: the guest is never stopped, only counted.
 FUEL_BUDGET = str(10**15)
+NBODY = program("nbody.rs")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -44,17 +44,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_job(bench: Bench, steps: int, *options: str) -> dict[str, Any]:
-    """The job record of one `sshwasm run nbody.rs --json`."""
-    completed = bench.sshwasm(
-        "run", str(program("nbody.rs")), "--json", "--memory-mb", "64", *options, "--", str(steps)
-    )
-    if completed.returncode != 0:
-        raise BenchError(f"sshwasm run nbody.rs {' '.join(options)} failed", completed)
-    record: dict[str, Any] = json.loads(completed.stdout)
-    return record
-
-
 def main() -> int:
     """Run the benchmark and print its report; 1 when the target is missed."""
     args = parse_args()
@@ -64,15 +53,15 @@ def main() -> int:
     banner(f"n-body, {args.steps:,} steps: sshwasm run_s with --fuel vs without")
     with Bench(1, HostShape(cpus=2, memory_mb=2048), keep=args.keep) as bench:
         # Warm-up: compile, install the runner, upload, precompile both engine variants.
-        run_job(bench, 1000)
-        run_job(bench, 1000, "--fuel", FUEL_BUDGET)
+        run_sshwasm(bench, NBODY, 1000)
+        run_sshwasm(bench, NBODY, 1000, "--fuel", FUEL_BUDGET)
         plain: list[float] = []
         fueled: list[float] = []
         fuel_used: set[int] = set()
         expected: str | None = None
         for _ in range(args.repeat):
             for times, options in ((plain, ()), (fueled, ("--fuel", FUEL_BUDGET))):
-                record = run_job(bench, args.steps, *options)
+                record = run_sshwasm(bench, NBODY, args.steps, *options)
                 expected = expected or record["stdout"]
                 if record["stdout"] != expected:
                     raise BenchError(f"output {record['stdout']!r} != {expected!r}")
