@@ -513,6 +513,36 @@ def _runs(ids: Sequence[int]) -> Iterator[tuple[int, int]]:
     yield first, previous
 
 
+def _listing(
+    columns: str,
+    *,
+    limit: int | None = None,
+    state: JobState | None = None,
+    twins: bool = False,
+    plain_only: bool = False,
+) -> tuple[str, list[Any]]:
+    """The query listing jobs newest first, and its parameters: `columns` of the jobs in
+    `state` (all without), at most `limit`; never the second runs of --verify jobs (an
+    internal row) unless `twins`; with `plain_only`, no array task."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    if not twins:
+        conditions.append(f"NOT ({VERIFY_TWIN_SQL})")
+    if plain_only:
+        conditions.append("array_id IS NULL")
+    if state is not None:
+        conditions.append("state = ?")
+        params.append(JobState(state).value)
+    sql = f"SELECT {columns} FROM jobs"
+    if conditions:
+        sql += " WHERE " + " AND ".join(conditions)
+    sql += " ORDER BY id DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
+
 class JobStore:
     """A jobs file opened for reading and writing.
 
@@ -1107,17 +1137,7 @@ class JobStore:
         self, limit: int | None = None, state: JobState | None = None, twins: bool = False
     ) -> list[Job]:
         """Jobs, newest first; without `twins`, not the second runs of --verify jobs."""
-        sql = "SELECT * FROM jobs WHERE 1"
-        params: list[Any] = []
-        if not twins:
-            sql += f" AND NOT ({VERIFY_TWIN_SQL})"
-        if state is not None:
-            sql += " AND state = ?"
-            params.append(JobState(state).value)
-        sql += " ORDER BY id DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+        sql, params = _listing("*", limit=limit, state=state, twins=twins)
         return [Job.from_row(row) for row in self._read(sql, params)]
 
     def unfinished(self, state: JobState | None = None) -> list[tuple[int, int | None]]:
@@ -1135,27 +1155,13 @@ class JobStore:
 
     def table_rows(self, limit: int | None = None, state: JobState | None = None) -> list[Any]:
         """What the `jobs` table shows of each job (TABLE_COLUMNS), newest first: plain
-        tuples, not Jobs (100,000 rows in a fraction of a second)."""
-        sql = f"SELECT {', '.join(TABLE_COLUMNS)} FROM jobs"
-        params: list[Any] = []
-        if state is not None:
-            sql += " WHERE state = ?"
-            params.append(JobState(state).value)
-        sql += " ORDER BY id DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return self._tuples(sql, params)
+        tuples, not Jobs (100,000 rows in a fraction of a second). Not --verify twins."""
+        return self._tuples(*_listing(", ".join(TABLE_COLUMNS), limit=limit, state=state))
 
     def plain_table_rows(self, state: JobState | None = None) -> list[Any]:
         """`table_rows` of the jobs that are no array task (what `jobs --fold` lists as
         they are), newest first."""
-        sql = f"SELECT {', '.join(TABLE_COLUMNS)} FROM jobs WHERE array_id IS NULL"
-        params: list[Any] = []
-        if state is not None:
-            sql += " AND state = ?"
-            params.append(JobState(state).value)
-        return self._tuples(sql + " ORDER BY id DESC", params)
+        return self._tuples(*_listing(", ".join(TABLE_COLUMNS), state=state, plain_only=True))
 
     def _tuples(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """A query's rows as plain tuples (several times faster to read than Rows)."""

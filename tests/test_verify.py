@@ -35,6 +35,9 @@ def test_verify_agrees_on_a_deterministic_job_and_fails_a_random_one(
     assert sorted(p.name for p in out.iterdir()) == ["summary.txt"]
     listed = json.loads(sshwasm("jobs", "--json").stdout)
     assert [job["id"] for job in listed] == [1]  # the twin is an internal row
+    for flags in ((), ("--fold",)):  # the table and --fold read rows, not records
+        ids = [line.split()[0] for line in sshwasm("jobs", *flags).stdout.splitlines()[1:]]
+        assert ids == ["1"], flags
     record = listed[0]
     assert record["state"] == "succeeded" and record["verify"] is True
     status = sshwasm("status", "1").stdout
