@@ -31,6 +31,10 @@ LOCAL_ADDRESS = "local"
 DEFAULT_CONNECTION_PERSIST_S = 600.0
 # A persisting connection lasts at most a day after its last use.
 MAX_CONNECTION_PERSIST_S = 86400.0
+# How often an idle connection is probed (OpenSSH's ServerAliveInterval); a host that misses
+# three probes in a row is taken for gone.
+DEFAULT_KEEPALIVE_S = 5.0
+KEEPALIVE_RANGE_S = (0.5, 3600.0)
 EMBEDDED_SOURCE = "<embedded default>"
 
 _TOP_KEYS = ("defaults", "hosts", *_ENGINE_KEYS)
@@ -47,6 +51,7 @@ _HOST_KEYS = (
     "workdir",
     "python",
     "connection_persist_s",
+    "keepalive_s",
 )
 _DEFAULT_KEYS = tuple(key for key in _HOST_KEYS if key != "name")
 _REQUIRED_KEYS = ("name", "address", "cpus", "memory_mb")
@@ -76,6 +81,9 @@ class Host:
     # How long the per-user connection process (sshwasm/mux) keeps this host's connection
     # open after its last use; 0 connects directly from each command, as ssh does.
     connection_persist_s: float = DEFAULT_CONNECTION_PERSIST_S
+    # Between keepalive probes of an idle connection; three missed in a row and the host is
+    # taken for gone (its jobs re-attach, or with --retries go elsewhere).
+    keepalive_s: float = DEFAULT_KEEPALIVE_S
 
     @property
     def is_local(self) -> bool:
@@ -236,6 +244,7 @@ class _Loader:
             "workdir": self.read_string,
             "python": self.read_string,
             "connection_persist_s": self.read_persist,
+            "keepalive_s": self.read_keepalive,
         }
 
     def fail(self, line: int | None, message: str) -> ClusterError:
@@ -525,17 +534,31 @@ class _Loader:
         return value
 
     def read_persist(self, context: str, key: str, node: yaml.Node) -> float:
+        return self.read_seconds(context, key, node, (0.0, MAX_CONNECTION_PERSIST_S), " (off)")
+
+    def read_keepalive(self, context: str, key: str, node: yaml.Node) -> float:
+        return self.read_seconds(context, key, node, KEEPALIVE_RANGE_S, "")
+
+    def read_seconds(
+        self,
+        context: str,
+        key: str,
+        node: yaml.Node,
+        bounds: tuple[float, float],
+        low_means: str,
+    ) -> float:
+        """A number of seconds within `bounds`; `low_means` explains the lowest value."""
         value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(
                 _line(node),
                 f"{context}: '{key}' must be a number of seconds, got {_describe(node, value)}",
             )
-        if not 0 <= value <= MAX_CONNECTION_PERSIST_S:
+        low, high = bounds
+        if not low <= value <= high:
             raise self.fail(
                 _line(node),
-                f"{context}: '{key}' must be between 0 (off) and {MAX_CONNECTION_PERSIST_S:g}, "
-                f"got {value}",
+                f"{context}: '{key}' must be between {low:g}{low_means} and {high:g}, got {value}",
             )
         return float(value)
 

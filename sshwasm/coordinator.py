@@ -53,7 +53,7 @@ from .schedule import candidate_hosts
 from .staging import pack_input
 from .states import JobState
 from .store import Job, JobStore
-from .transport import KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL_S, Transport, TransportPool
+from .transport import Transport, TransportPool, silence_limit_s
 
 # Also what the CLI imports from here: how jobs are driven, and the calls on jobs this
 # process does not drive (their own modules hold them).
@@ -63,8 +63,7 @@ CANCEL_POLL_S = 0.3
 # to `sshwasm status`; the job itself keeps running on its host meanwhile.
 RECONNECT_WINDOW_S = 60.0
 # A job with a retry left is given up on its host sooner: once the host has been out of
-# reach for the keepalive bound, it is placed again elsewhere (--retries).
-RETRY_RECONNECT_WINDOW_S = KEEPALIVE_INTERVAL_S * (KEEPALIVE_COUNT_MAX + 1)
+# reach for the keepalive bound (`transport.silence_limit_s`), it is placed again elsewhere.
 # Between tries to re-attach within that window.
 REATTACH_BACKOFF = Backoff(first=0.5, factor=2.0, most=8.0)
 # Jobs given no --time-limit end after this long (24 h), so a forgotten loop cannot hold a
@@ -501,7 +500,8 @@ class Coordinator:
         outcome: StreamOutcome,
     ) -> StreamOutcome:
         """Re-attach after dropped connections until the runner sends the result."""
-        window = RETRY_RECONNECT_WINDOW_S if job.attempts <= job.retries else RECONNECT_WINDOW_S
+        retry_left = job.attempts <= job.retries
+        window = silence_limit_s(host) if retry_left else RECONNECT_WINDOW_S
         deadline = time.monotonic() + window
         delays = REATTACH_BACKOFF.delays()
         confirmed = outcome.pid is not None or outcome.frames > 0

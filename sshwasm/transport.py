@@ -30,9 +30,16 @@ if TYPE_CHECKING:
 
 CONNECT_TIMEOUT_S = 10.0
 # A silent host is declared gone after 15 s (README) instead of TCP's minutes: asyncssh
-# gives up at the check after `count` unanswered keepalives, interval * (count + 1) seconds.
-KEEPALIVE_INTERVAL_S = 5.0
+# gives up at the check after `count` unanswered keepalives, interval * (count + 1) seconds,
+# the interval being the host's `keepalive_s` (5 s by default).
 KEEPALIVE_COUNT_MAX = 2
+
+
+def silence_limit_s(host: Host) -> float:
+    """How long a connection to `host` may go unanswered before it counts as lost."""
+    return host.keepalive_s * (KEEPALIVE_COUNT_MAX + 1)
+
+
 # Handshakes dropped by sshd's MaxStartups and refused channels are retried this often.
 CONNECT_ATTEMPTS = 5
 CHANNEL_ATTEMPTS = 6
@@ -495,7 +502,7 @@ class SshTransport(Transport):
     def _connect_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
             "connect_timeout": CONNECT_TIMEOUT_S,
-            "keepalive_interval": KEEPALIVE_INTERVAL_S,
+            "keepalive_interval": self.host.keepalive_s,
             "keepalive_count_max": KEEPALIVE_COUNT_MAX,
         }
         host = self.host

@@ -39,6 +39,7 @@ HOST_FIELDS = (
     "workdir",
     "python",
     "connection_persist_s",
+    "keepalive_s",
 )
 
 
@@ -96,6 +97,7 @@ hosts:
     workdir: ~/jobs
     python: /opt/venv/bin/python
     labels: slow
+    keepalive_s: 2.5
   - name: here
     address: local
     cpus: 2
@@ -135,6 +137,7 @@ def test_valid_file_loads_every_field(home: Path, tmp_path: Path) -> None:
         known_hosts=str(home / "kh"),
         workdir="~/jobs",  # '~' stays: it is the remote user's home
         python="/opt/venv/bin/python",
+        keepalive_s=2.5,
     )
     assert here.is_local and not alpha.is_local
     assert here.address == LOCAL_ADDRESS
@@ -421,6 +424,16 @@ MISTAKES: list[tuple[str, int | None, str]] = [
     ("hosts:\n  - name: a\n    cpus: !custom 4\n", 3, "cannot read '4' as !custom"),
     ("hosts:\n  - name: a\n    address: !!binary aGk=\n", 3, "'address' must be a string"),
     (
+        "defaults:\n  keepalive_s: 0\nhosts:\n" + HOST_A,
+        2,
+        "defaults: 'keepalive_s' must be between 0.5 and 3600, got 0",
+    ),
+    (
+        "hosts:\n  - {name: a, address: a, cpus: 1, memory_mb: 1, keepalive_s: fast}\n",
+        2,
+        "host 'a': 'keepalive_s' must be a number of seconds, got 'fast'",
+    ),
+    (
         "hosts:\n" + HOST_A + "  - {name: b, address: b, cpus: 1, memory_mb: 1}\n" + HOST_A,
         4,
         "duplicate host name 'a' (first used on line 2)",
@@ -580,6 +593,7 @@ GOOD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "workdir": GOOD_TEXT,
     "python": GOOD_TEXT,
     "connection_persist_s": st.integers(0, 86400) | st.floats(0, 86400),
+    "keepalive_s": st.integers(1, 3600) | st.floats(0.5, 3600),
 }
 BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "name": BAD_TEXT | st.sampled_from(["a b", "a/b", "é"]),
@@ -598,6 +612,12 @@ BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     | GOOD_TEXT
     | st.integers(max_value=-1)
     | st.floats(min_value=86400.5, allow_infinity=False)
+    | st.just(float("nan")),
+    "keepalive_s": st.none()
+    | st.booleans()
+    | GOOD_TEXT
+    | st.floats(max_value=0.49)
+    | st.floats(min_value=3600.5, allow_infinity=False)
     | st.just(float("nan")),
 }
 
