@@ -26,6 +26,23 @@ from sshd import (
     write_cluster,
 )
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the longest tests first, so no worker is left running one alone at the end.
+
+    pytest-xdist hands tests out in collection order: the wheel's group (one worker builds
+    it once, about a minute) and the `slow` tests, collected late by their file names, made
+    the run's tail. Stable: the order within each kind stays as collected.
+    """
+
+    def weight(item: pytest.Item) -> int:
+        if item.get_closest_marker("xdist_group") is not None:
+            return 0
+        return 1 if item.get_closest_marker("slow") is not None else 2
+
+    items.sort(key=weight)
+
+
 # The session fixtures of `helpers` are registered by being names of this module.
 # The CI skip rule (ci_skips) is a hook, registered the same way.
 __all__ = [

@@ -40,6 +40,7 @@ def test_fuel_flag_refuses_what_is_no_budget(capsys: pytest.CaptureFixture[str])
         assert err.startswith("sshwasm: error: argument --fuel"), err
 
 
+@pytest.mark.slow
 def test_fuel_used_is_the_same_on_every_host_and_run_and_out_of_fuel_is_a_timeout(
     make_cluster: Callable[..., Path],
 ) -> None:

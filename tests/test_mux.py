@@ -101,6 +101,7 @@ def test_a_spare_channel_runs_a_command_as_the_shell_would() -> None:
     assert unused.returncode == spare.NO_COMMAND_EXIT
 
 
+@pytest.mark.slow
 def test_off_killed_and_broken_fall_back(runtime: Path, make_cluster: Callable[..., Path]) -> None:
     off = make_cluster({"alpha": (2, 2048)}, defaults={"connection_persist_s": 0})
     assert run_tiny(off) == ""

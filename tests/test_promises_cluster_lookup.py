@@ -36,6 +36,7 @@ def _private(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cluster_file_is_looked_up_in_the_promised_order(
     make_cluster: Callable[..., Path],
     ssh_hosts: Any,

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from helpers import PROGRAMS, job_spec, no_traceback, record_of, sshwasm
 
 from sshwasm import paths
@@ -17,6 +18,7 @@ STAGE = str(PROGRAMS / "stage.rs")
 RANDOM = str(PROGRAMS / "random.rs")
 
 
+@pytest.mark.slow
 def test_rerun_compare_says_identical_or_names_the_difference(
     make_cluster: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from helpers import sshwasm
 
 
@@ -27,6 +28,7 @@ def _conformance() -> ModuleType:
 conformance = _conformance()
 
 
+@pytest.mark.slow
 def test_a_quick_subset_passes_as_under_plain_wasmtime(
     make_cluster: Callable[..., Path], tmp_path: Path
 ) -> None:
