@@ -80,9 +80,16 @@ def cmd_jobs(ctx: Context) -> int:
         unfinished = [entry for entry in unfinished if entry[0] in shown]
     if _refresh_unfinished(ctx, unfinished):
         rows = _light_rows(ctx, fold, args.limit, state)
-    local: dict[str, str] = {}
-    cells = _folded_cells(ctx, rows, state) if fold else [_row_cells(row, local) for row in rows]
-    write_table(cells, JOB_HEADERS)
+    if fold:
+        write_table(_folded_cells(ctx, rows, state), JOB_HEADERS)
+    elif len(rows) <= TABULATE_MOST_ROWS or _wide_chars():
+        local: dict[str, str] = {}
+        table([_row_cells(row, local) for row in rows], headers=JOB_HEADERS)
+    else:
+        # The same layout a column at a time: 100,000 rows in a fraction of a second.
+        from .listing import render
+
+        sys.stdout.write(render(rows, JOB_HEADERS))
     return ExitStatus.OK
 
 
@@ -200,15 +207,19 @@ TABULATE_MOST_ROWS = 2000
 
 def write_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
     """`show.table`'s plain table, laid out in linear time when it is long."""
-    import tabulate as tabulate_module
-
-    # With wcwidth installed tabulate measures wide characters: leave those tables to it.
-    wide = getattr(tabulate_module, "WIDE_CHARS_MODE", True)
-    if len(rows) <= TABULATE_MOST_ROWS or wide:
+    if len(rows) <= TABULATE_MOST_ROWS or _wide_chars():
         table(rows, headers=list(headers))
         return
     sys.stdout.write(plain_table(rows, headers))
     sys.stdout.write("\n")
+
+
+def _wide_chars() -> bool:
+    """Whether tabulate measures wide characters (it does when wcwidth is installed):
+    then only tabulate lays tables out."""
+    import tabulate as tabulate_module
+
+    return bool(getattr(tabulate_module, "WIDE_CHARS_MODE", True))
 
 
 def plain_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
