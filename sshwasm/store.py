@@ -94,7 +94,12 @@ TABLE_COLUMNS = (
     "run_s",
     "started_at",
     "exit_code",
-    "array_id",
+)
+# TABLE_COLUMNS as selected: started_at only where the table uses it (a running job's time
+# so far), so a long listing does not build a string per finished row for nothing.
+TABLE_SELECT = ", ".join(
+    "CASE WHEN state = 'running' THEN started_at END" if name == "started_at" else name
+    for name in TABLE_COLUMNS
 )
 
 # A queued job whose coordinator has not been heard from for this long no longer holds its
@@ -1156,12 +1161,12 @@ class JobStore:
     def table_rows(self, limit: int | None = None, state: JobState | None = None) -> list[Any]:
         """What the `jobs` table shows of each job (TABLE_COLUMNS), newest first: plain
         tuples, not Jobs (100,000 rows in a fraction of a second). Not --verify twins."""
-        return self._tuples(*_listing(", ".join(TABLE_COLUMNS), limit=limit, state=state))
+        return self._tuples(*_listing(TABLE_SELECT, limit=limit, state=state))
 
     def plain_table_rows(self, state: JobState | None = None) -> list[Any]:
         """`table_rows` of the jobs that are no array task (what `jobs --fold` lists as
         they are), newest first."""
-        return self._tuples(*_listing(", ".join(TABLE_COLUMNS), state=state, plain_only=True))
+        return self._tuples(*_listing(TABLE_SELECT, state=state, plain_only=True))
 
     def _tuples(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """A query's rows as plain tuples (several times faster to read than Rows)."""

@@ -14,6 +14,7 @@ functions.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,53 +44,101 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     cells left-aligned, trailing spaces cut.
     """
     columns: list[Sequence[Any]] = list(zip(*rows)) if rows else [()] * 11
-    states = columns[_STATE]
-    cells: list[tuple[dict[Any, str] | None, list[Any]]] = [
-        (None, list(map(str, columns[_ID]))),  # INTEGER PRIMARY KEY: always an int
-        (None, _name_cells(columns[_NAME], columns[_TASK])),
-        _by_value(states, lambda state: "" if state is None else str(state)),
-        _by_value(columns[_HOST], lambda host: printable(host or "")),
-        _by_value(columns[_CPUS], str),
-        _by_value(columns[_MEMORY], str),
-        _by_value(columns[_SUBMITTED], local_time),
-        (None, _runtime_cells(columns[_RUN_S], states, columns[_STARTED])),
-        _by_value(columns[_EXIT], lambda code: "" if code is None else str(code)),
+    ids, names, tasks, states, hosts, cpus, memory, submitted, run_s, started, exits = columns[:11]
+    name_cells = _name_cells(names, tasks)
+    runtime_cells = _runtime_cells(run_s, states, started)
+    # STATE to SUBMITTED: shown once per distinct value, padded, then joined once per
+    # distinct combination (an array's tasks share one or a few).
+    middle = (states, hosts, cpus, memory, submitted)
+    shows: tuple[Callable[[Any], str], ...] = (
+        lambda state: "" if state is None else str(state),
+        lambda host: printable(host or ""),
+        str,
+        str,
+        local_time,
+    )
+    exit_shown = _shown(exits, lambda code: "" if code is None else str(code))
+    shown = [_shown(column, show) for column, show in zip(middle, shows)]
+    if exit_shown is None or None in shown:  # ints mixed with floats: cell by cell
+        return _render_cells(
+            [
+                list(map(str, ids)),
+                name_cells,
+                *(_cells(column, show) for column, show in zip(middle, shows)),
+                runtime_cells,
+                _cells(exits, lambda code: "" if code is None else str(code)),
+            ],
+            headers,
+        )
+    widths = [
+        max(len(str(max(ids, default=0))), len(str(min(ids, default=0)))),
+        max(map(len, name_cells), default=0),
+        *(max(map(len, texts.values()), default=0) for texts in shown if texts is not None),
+        max(map(len, runtime_cells), default=0),
+        max(map(len, exit_shown.values()), default=0),
     ]
-    padded: list[list[str]] = []
-    widths: list[int] = []
-    last = len(cells) - 1
-    for index, ((shown, values), header) in enumerate(zip(cells, headers)):
-        texts = shown.values() if shown is not None else values
-        width = max(len(header) + 2, max(map(len, texts), default=0))
-        widths.append(width)
-        if index == last:  # the line's trailing spaces are cut: no need to pad it
-            padded.append(values if shown is None else list(map(shown.__getitem__, values)))
-        elif shown is not None:
-            wide = {value: text.ljust(width) for value, text in shown.items()}
-            padded.append(list(map(wide.__getitem__, values)))
-        else:
-            padded.append([text.ljust(width) for text in values])
-    head = "  ".join(header.ljust(width) for header, width in zip(headers, widths)).rstrip()
+    widths = [max(width, len(header) + 2) for width, header in zip(widths, headers)]
+    padded = [
+        {value: text.ljust(width) for value, text in texts.items()}
+        for texts, width in zip(shown, widths[2:7])
+        if texts is not None
+    ]
+    combined = {
+        key: "  ".join([pad[value] for pad, value in zip(padded, key)]) for key in set(zip(*middle))
+    }
+    # ids are ints (INTEGER PRIMARY KEY): %d is str(id).
+    line = f"%-{widths[0]}d  %-{widths[1]}s  %s  %-{widths[7]}s  %s"
+    lines = map(
+        line.__mod__,
+        zip(
+            ids,
+            name_cells,
+            map(combined.__getitem__, zip(*middle)),
+            runtime_cells,
+            map(exit_shown.__getitem__, exits),
+        ),
+    )
+    return "\n".join([_head(headers, widths), *map(str.rstrip, lines), ""])
+
+
+def _head(headers: Sequence[str], widths: Sequence[int]) -> str:
+    """The header line."""
+    return "  ".join(header.ljust(width) for header, width in zip(headers, widths)).rstrip()
+
+
+def _render_cells(columns: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
+    """The table of these columns of cells (the general form of `render`)."""
+    widths = [
+        max(len(header) + 2, max(map(len, column), default=0))
+        for column, header in zip(columns, headers)
+    ]
+    padded = [[text.ljust(width) for text in column] for column, width in zip(columns, widths)]
     lines = map(str.rstrip, map("  ".join, zip(*padded)))
-    return "\n".join([head, *lines, ""])
+    return "\n".join([_head(headers, widths), *lines, ""])
 
 
-def _by_value(
-    column: Sequence[Any], show: Callable[[Any], str]
-) -> tuple[dict[Any, str] | None, list[Any]]:
-    """A column whose values repeat: (each distinct value's cell, the values), so it is
-    shown and padded once per value. A column mixing ints and floats (1 == 1.0, yet they
-    show apart) is shown value by value instead."""
+def _mixed(column: Sequence[Any]) -> bool:
+    """Whether a column holds ints and floats: 1 == 1.0, yet they show apart, so its
+    values cannot be shown once per distinct value."""
     kinds = set(map(type, column))
-    if int in kinds and float in kinds:
-        return None, [cell(show(value)) for value in column]
-    return {value: cell(show(value)) for value in set(column)}, list(column)
+    return int in kinds and float in kinds
+
+
+def _shown(column: Sequence[Any], show: Callable[[Any], str]) -> dict[Any, str] | None:
+    """Each distinct value's cell, or None if the column must be shown value by value."""
+    if _mixed(column):
+        return None
+    return {value: cell(show(value)) for value in set(column)}
+
+
+def _cells(column: Sequence[Any], show: Callable[[Any], str]) -> list[str]:
+    """A column's cells, value by value."""
+    return [cell(show(value)) for value in column]
 
 
 def _name_cells(names: Sequence[Any], tasks: Sequence[Any]) -> list[str]:
     """NAME cells: `name[task]` for a task, the name for a job (as `_row_cells`)."""
-    kinds = set(map(type, names))
-    if int in kinds and float in kinds:  # not a name sshwasm writes: row by row
+    if _mixed(names):  # not a name sshwasm writes: row by row
         return [
             name_cell("" if name is None else printable(name), task)
             for name, task in zip(names, tasks)
@@ -99,6 +148,9 @@ def _name_cells(names: Sequence[Any], tasks: Sequence[Any]) -> list[str]:
     plain = {
         name: text for name, text in shown.items() if text.isprintable() and text == text.strip()
     }
+    if len(plain) == len(shown) and set(map(type, tasks)) == {int}:  # tasks of arrays
+        formats = {name: text.replace("%", "%%") + "[%d]" for name, text in plain.items()}
+        return list(map(operator.mod, map(formats.__getitem__, names), tasks))
     return [
         f"{plain[name]}[{task}]"
         if type(task) is int and name in plain
@@ -113,6 +165,8 @@ def _runtime_cells(
     """RUNTIME cells: under a minute `%.2fs` (the same digits as runtime_of's format),
     anything else (a minute or more, a running job's time so far, an odd value) by
     `runtime_of` itself."""
+    if run_s and set(map(type, run_s)) == {float} and 0.0 <= min(run_s) and max(run_s) < 60.0:
+        return list(map("%.2fs".__mod__, run_s))
     return [
         "%.2fs" % seconds  # noqa: UP031 (the fastest form, and the same digits)
         if type(seconds) is float and 0.0 <= seconds < 60.0

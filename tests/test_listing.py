@@ -1,0 +1,126 @@
+"""`jobs` over a long listing (cli/listing.py): the table built a column at a time is, byte
+for byte, the row-by-row one (`_row_cells` laid out by `plain_table`, which test_scale holds
+to tabulate's layout), for plain rows and for every odd value a jobs file can hold."""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import job_spec
+
+from sshwasm.cli import jobs as jobs_command
+from sshwasm.cli import show
+from sshwasm.cli.listing import render
+from sshwasm.cli.show import JOB_HEADERS
+from sshwasm.store import TABLE_COLUMNS, JobSpec, JobStore
+
+STAMP = "2026-01-02T03:04:05.678+00:00"
+NOW = 1_767_323_000.25  # a day and a bit after STAMP
+
+
+def _row_by_row(rows: list[tuple[Any, ...]]) -> str:
+    return jobs_command.plain_table([jobs_command._row_cells(row) for row in rows], JOB_HEADERS)
+
+
+def _task_rows(count: int, name: str = "tiny", run_s: float = 0.004) -> list[tuple[Any, ...]]:
+    """An array's finished tasks, as `table_rows` reads them (newest first)."""
+    return [
+        (count - index, name, count - index - 1, "succeeded", "alpha", 1, 64, STAMP,
+         run_s * (index % 7), None, 0)
+        for index in range(count)
+    ]  # fmt: skip
+
+
+# Values each column can hold, the odd ones included: control characters, spaces around,
+# wide and non-printable Unicode, `%`, NULLs, ints where floats were and the other way,
+# a running job's time so far, a minute and more, rounding ties, stamps that do not parse
+# (names are TEXT in the jobs file: never a number).
+NAMES = ["tiny", " spaced ", "esc\x1bape", "tab\tname", "日本", "line\u2028sep", "100%", "", None]
+TASKS = [None, 0, 5, 12345, -1, 2.0]
+STATES = ["succeeded", "failed", "running", "queued", "lost", None, " odd\x07"]
+HOSTS = ["alpha", None, "", " beta ", "ga\x9bmma", "\u00a0nbsp"]
+NUMBERS = [1, 2, 64, 4096, 1.5, 2.0, "3", None]
+STAMPS = [STAMP, "2026-07-01T00:00:00.000+00:00", "not a time", "", None, 5]
+RUN_S = [None, 0.0, 0.004, 0.125, 0.015, 59.995, 59.999, 60.0, 75.5, 3725.25, -1.0, 3, "x"]
+STARTED = [None, STAMP, ""]
+EXITS = [None, 0, 1, -9, 255, 1.0, "e"]
+
+
+def _odd_rows(seed: int, count: int) -> list[tuple[Any, ...]]:
+    pick = random.Random(seed).choice
+    return [
+        (count - index, pick(NAMES), pick(TASKS), pick(STATES), pick(HOSTS), pick(NUMBERS),
+         pick(NUMBERS), pick(STAMPS), pick(RUN_S), pick(STARTED), pick(EXITS))
+        for index in range(count)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        pytest.param([], id="empty"),
+        pytest.param(_task_rows(3000), id="one-array"),
+        pytest.param(_task_rows(40, "a%d[x]") + _task_rows(30, "b", 61.0), id="minutes"),
+        pytest.param(
+            _task_rows(50) + [(1, "plain", None, "succeeded", "beta", 2, 128, STAMP, 1.5, None, 0)],
+            id="array-and-plain-job",
+        ),
+        *(pytest.param(_odd_rows(seed, 400), id=f"odd-{seed}") for seed in range(6)),
+    ],
+)
+def test_column_layout_is_the_row_by_row_layout(
+    rows: list[tuple[Any, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(show.time, "time", lambda: NOW)  # a running job's time so far
+    assert len(TABLE_COLUMNS) == 11  # the rows above are laid out in this order
+    assert render(rows, JOB_HEADERS) == _row_by_row(rows) + "\n"
+
+
+def test_column_layout_of_each_odd_value_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each odd value in a column of otherwise plain rows (the fast forms must notice it)."""
+    monkeypatch.setattr(show.time, "time", lambda: NOW)
+    base = _task_rows(5)
+    pools = [NAMES, TASKS, STATES, HOSTS, NUMBERS, NUMBERS, STAMPS, RUN_S, STARTED, EXITS]
+    for column, pool in enumerate(pools, start=1):
+        for value in pool:
+            rows = [*base[:2], (*base[2][:column], value, *base[2][column + 1 :]), *base[3:]]
+            assert render(rows, JOB_HEADERS) == _row_by_row(rows) + "\n", (column, value)
+
+
+def test_jobs_lists_a_long_jobs_file_without_tabulate(tmp_path: Path) -> None:
+    """`sshwasm jobs` past TABULATE_MOST_ROWS: the layout of the real command, from the jobs
+    file, and tabulate (whose imports cost more than the layout) is not imported."""
+    db = tmp_path / "jobs.sqlite"
+    count = jobs_command.TABULATE_MOST_ROWS + 500
+    with JobStore(db) as store:
+        plain = store.submit(job_spec(name="first"))
+        store.finish(plain, "succeeded", exit_code=0, run_s=75.5)  # type: ignore[arg-type]
+        spec = JobSpec(**{**job_spec(name="sweep").__dict__, "array_size": count})
+        ids = store.submit_tasks(spec)
+        store.update_many(ids[::2], host="alpha", state="failed", exit_code=3, run_s=0.125)
+        store.update_many(ids[1::2], host="beta", state="succeeded", exit_code=0, run_s=0.5)
+        store.update(ids[-1], state="running", started_at=STAMP, run_s=None, exit_code=None)
+        rows = store.table_rows()
+    code = (
+        "import sys\n"
+        "from sshwasm.cli import main\n"
+        f"status = main(['--db', {str(db)!r}, 'jobs'])\n"
+        "sys.stdout.flush()\n"
+        "sys.exit(status if 'tabulate' not in sys.modules else 99)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == count + 2  # the header, the tasks, the plain job
+    assert lines[-1].split()[:3] == [str(plain), "first", "succeeded"]
+    # The running task's time so far (from started_at) is shown; it moves, so compare apart.
+    assert lines[1].split()[:3] == [str(ids[-1]), f"sweep[{count - 1}]", "running"]
+    assert re.fullmatch(r"\d+m\d\d\.\ds", lines[1].split()[-1]), lines[1]
+    expected = _row_by_row(rows).splitlines()
+    assert lines[0] == expected[0] and lines[2:] == expected[2:]
