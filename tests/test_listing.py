@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ import pytest
 from helpers import job_spec
 
 from sshwasm.cli import jobs as jobs_command
-from sshwasm.cli import show
 from sshwasm.cli.listing import render
 from sshwasm.cli.show import JOB_HEADERS
 from sshwasm.store import TABLE_COLUMNS, JobSpec, JobStore
@@ -68,7 +68,7 @@ def _odd_rows(seed: int, count: int) -> list[tuple[Any, ...]]:
         pytest.param(_task_rows(3000), id="one-array"),
         pytest.param(_task_rows(40, "a%d[x]") + _task_rows(30, "b", 61.0), id="minutes"),
         pytest.param(
-            _task_rows(50) + [(1, "plain", None, "succeeded", "beta", 2, 128, STAMP, 1.5, None, 0)],
+            [*_task_rows(50), (1, "plain", None, "succeeded", "beta", 2, 128, STAMP, 1.5, None, 0)],
             id="array-and-plain-job",
         ),
         *(pytest.param(_odd_rows(seed, 400), id=f"odd-{seed}") for seed in range(6)),
@@ -77,16 +77,27 @@ def _odd_rows(seed: int, count: int) -> list[tuple[Any, ...]]:
 def test_column_layout_is_the_row_by_row_layout(
     rows: list[tuple[Any, ...]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(show.time, "time", lambda: NOW)  # a running job's time so far
+    monkeypatch.setattr(time, "time", lambda: NOW)  # a running job's time so far
     assert len(TABLE_COLUMNS) == 11  # the rows above are laid out in this order
     assert render(rows, JOB_HEADERS) == _row_by_row(rows) + "\n"
 
 
 def test_column_layout_of_each_odd_value_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each odd value in a column of otherwise plain rows (the fast forms must notice it)."""
-    monkeypatch.setattr(show.time, "time", lambda: NOW)
+    monkeypatch.setattr(time, "time", lambda: NOW)
     base = _task_rows(5)
-    pools = [NAMES, TASKS, STATES, HOSTS, NUMBERS, NUMBERS, STAMPS, RUN_S, STARTED, EXITS]
+    pools: list[list[Any]] = [
+        NAMES,
+        TASKS,
+        STATES,
+        HOSTS,
+        NUMBERS,
+        NUMBERS,
+        STAMPS,
+        RUN_S,
+        STARTED,
+        EXITS,
+    ]
     for column, pool in enumerate(pools, start=1):
         for value in pool:
             rows = [*base[:2], (*base[2][:column], value, *base[2][column + 1 :]), *base[3:]]

@@ -43,7 +43,7 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     Columns are as wide as their widest cell or their header plus 2, two spaces apart,
     cells left-aligned, trailing spaces cut.
     """
-    columns: list[Sequence[Any]] = list(zip(*rows)) if rows else [()] * 11
+    columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * 11
     ids, names, tasks, states, hosts, cpus, memory, submitted, run_s, started, exits = columns[:11]
     name_cells = _name_cells(names, tasks)
     runtime_cells = _runtime_cells(run_s, states, started)
@@ -58,13 +58,13 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
         local_time,
     )
     exit_shown = _shown(exits, lambda code: "" if code is None else str(code))
-    shown = [_shown(column, show) for column, show in zip(middle, shows)]
+    shown = [_shown(column, show) for column, show in zip(middle, shows, strict=True)]
     if exit_shown is None or None in shown:  # ints mixed with floats: cell by cell
         return _render_cells(
             [
                 list(map(str, ids)),
                 name_cells,
-                *(_cells(column, show) for column, show in zip(middle, shows)),
+                *(_cells(column, show) for column, show in zip(middle, shows, strict=True)),
                 runtime_cells,
                 _cells(exits, lambda code: "" if code is None else str(code)),
             ],
@@ -77,14 +77,15 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
         max(map(len, runtime_cells), default=0),
         max(map(len, exit_shown.values()), default=0),
     ]
-    widths = [max(width, len(header) + 2) for width, header in zip(widths, headers)]
+    widths = [max(width, len(header) + 2) for width, header in zip(widths, headers, strict=True)]
     padded = [
         {value: text.ljust(width) for value, text in texts.items()}
-        for texts, width in zip(shown, widths[2:7])
+        for texts, width in zip(shown, widths[2:7], strict=True)
         if texts is not None
     ]
     combined = {
-        key: "  ".join([pad[value] for pad, value in zip(padded, key)]) for key in set(zip(*middle))
+        key: "  ".join([pad[value] for pad, value in zip(padded, key, strict=True)])
+        for key in set(zip(*middle, strict=True))
     }
     # ids are ints (INTEGER PRIMARY KEY): %d is str(id).
     line = f"%-{widths[0]}d  %-{widths[1]}s  %s  %-{widths[7]}s  %s"
@@ -93,9 +94,10 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
         zip(
             ids,
             name_cells,
-            map(combined.__getitem__, zip(*middle)),
+            map(combined.__getitem__, zip(*middle, strict=True)),
             runtime_cells,
             map(exit_shown.__getitem__, exits),
+            strict=True,
         ),
     )
     return "\n".join([_head(headers, widths), *map(str.rstrip, lines), ""])
@@ -103,17 +105,22 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 def _head(headers: Sequence[str], widths: Sequence[int]) -> str:
     """The header line."""
-    return "  ".join(header.ljust(width) for header, width in zip(headers, widths)).rstrip()
+    return "  ".join(
+        header.ljust(width) for header, width in zip(headers, widths, strict=True)
+    ).rstrip()
 
 
 def _render_cells(columns: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
     """The table of these columns of cells (the general form of `render`)."""
     widths = [
         max(len(header) + 2, max(map(len, column), default=0))
-        for column, header in zip(columns, headers)
+        for column, header in zip(columns, headers, strict=True)
     ]
-    padded = [[text.ljust(width) for text in column] for column, width in zip(columns, widths)]
-    lines = map(str.rstrip, map("  ".join, zip(*padded)))
+    padded = [
+        [text.ljust(width) for text in column]
+        for column, width in zip(columns, widths, strict=True)
+    ]
+    lines = map(str.rstrip, map("  ".join, zip(*padded, strict=True)))
     return "\n".join([_head(headers, widths), *lines, ""])
 
 
@@ -141,7 +148,7 @@ def _name_cells(names: Sequence[Any], tasks: Sequence[Any]) -> list[str]:
     if _mixed(names):  # not a name sshwasm writes: row by row
         return [
             name_cell("" if name is None else printable(name), task)
-            for name, task in zip(names, tasks)
+            for name, task in zip(names, tasks, strict=True)
         ]
     shown = {name: "" if name is None else printable(name) for name in set(names)}
     # A name already printable and stripped needs neither again once `[task]` is added.
@@ -155,7 +162,7 @@ def _name_cells(names: Sequence[Any], tasks: Sequence[Any]) -> list[str]:
         f"{plain[name]}[{task}]"
         if type(task) is int and name in plain
         else name_cell(shown[name], task)
-        for name, task in zip(names, tasks)
+        for name, task in zip(names, tasks, strict=True)
     ]
 
 
@@ -165,11 +172,11 @@ def _runtime_cells(
     """RUNTIME cells: under a minute `%.2fs` (the same digits as runtime_of's format),
     anything else (a minute or more, a running job's time so far, an odd value) by
     `runtime_of` itself."""
-    if run_s and set(map(type, run_s)) == {float} and 0.0 <= min(run_s) and max(run_s) < 60.0:
+    if run_s and set(map(type, run_s)) == {float} and min(run_s) >= 0.0 and max(run_s) < 60.0:
         return list(map("%.2fs".__mod__, run_s))
     return [
         "%.2fs" % seconds  # noqa: UP031 (the fastest form, and the same digits)
         if type(seconds) is float and 0.0 <= seconds < 60.0
         else cell(runtime_of(seconds, state, started_at))
-        for seconds, state, started_at in zip(run_s, states, started)
+        for seconds, state, started_at in zip(run_s, states, started, strict=True)
     ]
