@@ -38,18 +38,19 @@ def _task_rows(count: int, name: str = "tiny", run_s: float = 0.004) -> list[tup
 
 
 # Values each column can hold, the odd ones included: control characters, spaces around,
-# wide and non-printable Unicode, `%`, NULLs, ints where floats were and the other way,
-# a running job's time so far, a minute and more, rounding ties, stamps that do not parse
-# (names are TEXT in the jobs file: never a number).
+# wide and non-printable Unicode, `%`, NULLs, a float or text where an int belongs, a
+# running job's time so far, a minute and more, rounding ties, -0.0, stamps that do not
+# parse. Not an int and a float that are equal (1 and 1.0) in one column, nor a number in a
+# TEXT column: the jobs file's column types convert those.
 NAMES = ["tiny", " spaced ", "esc\x1bape", "tab\tname", "日本", "line\u2028sep", "100%", "", None]
-TASKS = [None, 0, 5, 12345, -1, 2.0]
+TASKS = [None, 0, 5, 12345, -1, 2.5, "7x"]
 STATES = ["succeeded", "failed", "running", "queued", "lost", None, " odd\x07"]
 HOSTS = ["alpha", None, "", " beta ", "ga\x9bmma", "\u00a0nbsp"]
-NUMBERS = [1, 2, 64, 4096, 1.5, 2.0, "3", None]
+NUMBERS = [1, 2, 64, 4096, 1.5, "3x", None]
 STAMPS = [STAMP, "2026-07-01T00:00:00.000+00:00", "not a time", "", None, 5]
-RUN_S = [None, 0.0, 0.004, 0.125, 0.015, 59.995, 59.999, 60.0, 75.5, 3725.25, -1.0, 3, "x"]
+RUN_S = [None, 0.0, -0.0, 0.004, 0.125, 0.015, 59.995, 59.999, 60.0, 75.5, 3725.25, -1.0, 3, "x"]
 STARTED = [None, STAMP, ""]
-EXITS = [None, 0, 1, -9, 255, 1.0, "e"]
+EXITS = [None, 0, 1, -9, 255, 1.5, "e"]
 
 
 def _odd_rows(seed: int, count: int) -> list[tuple[Any, ...]]:
