@@ -18,7 +18,8 @@ numbers as text, so no column holds both 1 and 1.0 (equal, yet shown apart).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from .show import local_time, printable, runtime_of
@@ -53,57 +54,74 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     tabulate's "plain" layout, every line ending in a newline.
 
     Columns are as wide as their widest cell or their header plus 2, two spaces apart,
-    cells left-aligned, trailing spaces cut.
+    cells left-aligned, trailing spaces cut. Each line is the concatenation of its cells
+    already padded (and followed by the two spaces), made once per distinct value where
+    values repeat.
     """
-    columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * 11
-    ids, names, tasks, states, hosts, cpus, memory, submitted, run_s, started, exits = columns
-    name_cells = _name_cells(names, tasks)
-    runtime_cells = _runtime_cells(run_s, states, started)
-    exit_shown = _shown(exits, _exit)
-    # STATE to SUBMITTED: each shown once per distinct value, padded, then joined once per
-    # distinct combination (an array's tasks share one or a few).
-    middle = (states, hosts, cpus, memory, submitted)
-    shown = [_shown(column, show) for column, show in zip(middle, _MIDDLE, strict=True)]
+    if not rows:
+        return _head(headers, [len(header) + 2 for header in headers]) + "\n"
+    ids: list[int] = list(map(_IDS, rows))
+    name_cells = _name_cells(list(map(_NAMES, rows)), list(map(_TASKS, rows)))
+    runtimes = _runtimes(rows)
+    exit_shown = _shown(list(map(_EXITS, rows)), _exit)
+    # STATE to SUBMITTED: each value shown once, and each distinct combination of them (an
+    # array's tasks share one or a few) padded and joined once.
+    keys = list(map(_MIDDLE_COLUMNS, rows))
+    distinct = set(keys)
+    shown = [_shown({key[index] for key in distinct}, show) for index, show in enumerate(_MIDDLE)]
     widths = [
-        max(len(str(max(ids, default=0))), len(str(min(ids, default=0)))),
-        max(map(len, name_cells), default=0),
-        *(max(map(len, texts.values()), default=0) for texts in shown),
-        max(map(len, runtime_cells), default=0),
-        max(map(len, exit_shown.values()), default=0),
+        max(len(str(max(ids))), len(str(min(ids)))),
+        max(map(len, name_cells)),
+        *(max(map(len, texts.values())) for texts in shown),
+        max(map(len, runtimes.values() if isinstance(runtimes, dict) else runtimes)),
+        max(map(len, exit_shown.values())),
     ]
     widths = [max(width, len(header) + 2) for width, header in zip(widths, headers, strict=True)]
+    # Each cell but the last padded to its width plus the two spaces that follow it.
     padded = [
-        {value: text.ljust(width) for value, text in texts.items()}
+        {value: text.ljust(width + 2) for value, text in texts.items()}
         for texts, width in zip(shown, widths[2:7], strict=True)
     ]
     combined = {
-        key: "  ".join([pad[value] for pad, value in zip(padded, key, strict=True)])
-        for key in set(zip(*middle, strict=True))
+        key: "".join([pad[value] for pad, value in zip(padded, key, strict=True)])
+        for key in distinct
     }
-    # ids are ints (INTEGER PRIMARY KEY): %d is str(id).
-    line = f"%-{widths[0]}d  %-{widths[1]}s  %s  %-{widths[7]}s  %s"
+    id_width, name_width, runtime_width = widths[0] + 2, widths[1] + 2, widths[7] + 2
+    if isinstance(runtimes, dict):  # one cell per distinct run_s
+        runtime_pads = {value: text.ljust(runtime_width) for value, text in runtimes.items()}
+        runtime_cells = list(map(runtime_pads.__getitem__, map(_RUN_S, rows)))
+    else:
+        runtime_cells = [text.ljust(runtime_width) for text in runtimes]
     lines = map(
-        line.__mod__,
+        "".join,
         zip(
-            ids,
-            name_cells,
-            map(combined.__getitem__, zip(*middle, strict=True)),
+            [str(job_id).ljust(id_width) for job_id in ids],
+            [text.ljust(name_width) for text in name_cells],
+            map(combined.__getitem__, keys),
             runtime_cells,
-            map(exit_shown.__getitem__, exits),
+            map(exit_shown.__getitem__, map(_EXITS, rows)),
             strict=True,
         ),
     )
-    head = "  ".join(
+    return "\n".join([_head(headers, widths), *map(str.rstrip, lines), ""])
+
+
+def _head(headers: Sequence[str], widths: Sequence[int]) -> str:
+    """The header line."""
+    return "  ".join(
         header.ljust(width) for header, width in zip(headers, widths, strict=True)
     ).rstrip()
-    return "\n".join([head, *map(str.rstrip, lines), ""])
 
 
+# The light row's columns (store.TABLE_COLUMNS), by position.
+_IDS, _NAMES, _TASKS = itemgetter(0), itemgetter(1), itemgetter(2)
+_STATES, _RUN_S, _STARTED, _EXITS = itemgetter(3), itemgetter(8), itemgetter(9), itemgetter(10)
+_MIDDLE_COLUMNS = itemgetter(3, 4, 5, 6, 7)  # state, host, cpus, memory_mb, submitted_at
 # How STATE, HOST, CPUS, MEM_MB and SUBMITTED show a stored value (as `_row_cells`).
 _MIDDLE: tuple[Callable[[Any], str], ...] = (_state, _host, str, str, local_time)
 
 
-def _shown(column: Sequence[Any], show: Callable[[Any], str]) -> dict[Any, str]:
+def _shown(column: Iterable[Any], show: Callable[[Any], str]) -> dict[Any, str]:
     """Each distinct value's cell."""
     return {value: cell(show(value)) for value in set(column)}
 
@@ -126,20 +144,21 @@ def _name_cells(names: Sequence[Any], tasks: Sequence[Any]) -> list[str]:
     ]
 
 
-def _runtime_cells(
-    run_s: Sequence[Any], states: Sequence[Any], started: Sequence[Any]
-) -> list[str]:
-    """RUNTIME cells: under a minute `%.2fs` (the same digits as runtime_of's format),
-    once per distinct value; anything else (a minute or more, a running job's time so far,
-    an odd value) by `runtime_of` itself, row by row."""
+def _runtimes(rows: Sequence[Sequence[Any]]) -> dict[Any, str] | list[str]:
+    """RUNTIME: under a minute `%.2fs` (the same digits as runtime_of's format), made once
+    per distinct run_s (returned as that dict); else cells row by row, anything but a
+    plain time under a minute (a minute or more, a running job's time so far, an odd
+    value) by `runtime_of` itself."""
+    run_s = list(map(_RUN_S, rows))
     values = set(run_s)
     # 0.0 == -0.0, yet they show apart ("-0.00s"): a column holding zero goes row by row.
     if 0.0 not in values and all(type(s) is float and 0.0 < s < 60.0 for s in values):
-        shown = {seconds: "%.2fs" % seconds for seconds in values}  # noqa: UP031 (the same digits)
-        return list(map(shown.__getitem__, run_s))
+        return {seconds: "%.2fs" % seconds for seconds in values}  # noqa: UP031 (same digits)
     return [
         "%.2fs" % seconds  # noqa: UP031
         if type(seconds) is float and 0.0 <= seconds < 60.0
         else cell(runtime_of(seconds, state, started_at))
-        for seconds, state, started_at in zip(run_s, states, started, strict=True)
+        for seconds, state, started_at in zip(
+            run_s, map(_STATES, rows), map(_STARTED, rows), strict=True
+        )
     ]
