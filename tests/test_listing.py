@@ -32,7 +32,7 @@ def _task_rows(count: int, name: str = "tiny", run_s: float = 0.004) -> list[tup
     """An array's finished tasks, as `table_rows` reads them (newest first)."""
     return [
         (count - index, name, count - index - 1, "succeeded", "alpha", 1, 64, STAMP,
-         run_s * (index % 7), None, 0)
+         run_s * (1 + index % 7), None, 0)
         for index in range(count)
     ]  # fmt: skip
 
@@ -71,6 +71,13 @@ def _odd_rows(seed: int, count: int) -> list[tuple[Any, ...]]:
         pytest.param(
             [*_task_rows(50), (1, "plain", None, "succeeded", "beta", 2, 128, STAMP, 1.5, None, 0)],
             id="array-and-plain-job",
+        ),
+        pytest.param(
+            [
+                (*row[:8], zero, *row[9:])
+                for row, zero in zip(_task_rows(2), (0.0, -0.0), strict=True)
+            ],
+            id="both-zeros",
         ),
         *(pytest.param(_odd_rows(seed, 400), id=f"odd-{seed}") for seed in range(6)),
     ],

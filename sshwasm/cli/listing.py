@@ -151,8 +151,8 @@ def _runtimes(rows: Sequence[Sequence[Any]]) -> dict[Any, str] | list[str]:
     value) by `runtime_of` itself."""
     run_s = list(map(_RUN_S, rows))
     values = set(run_s)
-    # 0.0 == -0.0, yet they show apart ("-0.00s"): a column holding zero goes row by row.
-    if 0.0 not in values and all(type(s) is float and 0.0 < s < 60.0 for s in values):
+    # Not at zero: 0.0 == -0.0, yet they show apart ("-0.00s").
+    if all(type(s) is float and 0.0 < s < 60.0 for s in values):
         return {seconds: "%.2fs" % seconds for seconds in values}  # noqa: UP031 (same digits)
     return [
         "%.2fs" % seconds  # noqa: UP031
