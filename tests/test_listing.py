@@ -114,7 +114,8 @@ def test_column_layout_of_each_odd_value_alone(monkeypatch: pytest.MonkeyPatch) 
 
 def test_jobs_lists_a_long_jobs_file_without_tabulate(tmp_path: Path) -> None:
     """`sshwasm jobs` past TABULATE_MOST_ROWS: the layout of the real command, from the jobs
-    file, and tabulate (whose imports cost more than the layout) is not imported."""
+    file; tabulate (whose imports cost more than the layout) is not imported, and the
+    garbage collector paused for the listing is on again after it."""
     db = tmp_path / "jobs.sqlite"
     count = jobs_command.TABULATE_MOST_ROWS + 500
     with JobStore(db) as store:
@@ -131,6 +132,8 @@ def test_jobs_lists_a_long_jobs_file_without_tabulate(tmp_path: Path) -> None:
         "from sshwasm.cli import main\n"
         f"status = main(['--db', {str(db)!r}, 'jobs'])\n"
         "sys.stdout.flush()\n"
+        "import gc\n"
+        "assert gc.isenabled(), 'the garbage collector was left off'\n"
         "sys.exit(status if 'tabulate' not in sys.modules else 99)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

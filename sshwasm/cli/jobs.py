@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .. import paths
@@ -72,10 +74,32 @@ def cmd_jobs(ctx: Context) -> int:
         return ExitStatus.OK
     # The table reads only its columns, and --fold counts by aggregate queries: a jobs
     # file of 100,000 rows is listed in a fraction of a second, not read as 100,000 Jobs.
+    with _no_cyclic_gc():
+        _jobs_table(ctx)
+    return ExitStatus.OK
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused: it would walk the listing's row tuples (none
+    of which is in a cycle) again and again while they are made, a tenth of the time of
+    `jobs` over 100,000 rows."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _jobs_table(ctx: Context) -> None:
+    """`jobs` as a table (JOB_HEADERS), from light rows."""
+    args = ctx.args
     fold, state = args.fold, args.state
     rows = _light_rows(ctx, fold, args.limit, state)
     unfinished = ctx.store.unfinished(state)
-    if not fold:  # only the jobs shown, as with whole Jobs
+    if not fold and unfinished:  # only the jobs shown, as with whole Jobs
         shown = {row[0] for row in rows}
         unfinished = [entry for entry in unfinished if entry[0] in shown]
     if _refresh_unfinished(ctx, unfinished):
@@ -90,7 +114,6 @@ def cmd_jobs(ctx: Context) -> int:
         from .listing import render
 
         sys.stdout.write(render(rows, JOB_HEADERS))
-    return ExitStatus.OK
 
 
 def _light_rows(ctx: Context, fold: bool, limit: int | None, state: Any) -> list[Any]:
