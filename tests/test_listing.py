@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,9 +17,9 @@ import pytest
 from helpers import job_spec
 
 from sshwasm.cli import jobs as jobs_command
-from sshwasm.cli.listing import render
+from sshwasm.cli.listing import render, render_keyed
 from sshwasm.cli.show import JOB_HEADERS
-from sshwasm.store import TABLE_COLUMNS, JobSpec, JobStore
+from sshwasm.store import TABLE_COLUMNS, TABLE_KEY, TABLE_SELECT, JobSpec, JobStore
 
 STAMP = "2026-01-02T03:04:05.678+00:00"
 NOW = 1_767_323_000.25  # a day and a bit after STAMP
@@ -88,6 +89,53 @@ def test_column_layout_is_the_row_by_row_layout(
     monkeypatch.setattr(time, "time", lambda: NOW)  # a running job's time so far
     assert len(TABLE_COLUMNS) == 11  # the rows above are laid out in this order
     assert render(rows, JOB_HEADERS) == _row_by_row(rows) + "\n"
+
+
+def _through_sqlite(rows: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
+    """These rows stored in a table with the jobs file's column types, read back as
+    `table_rows` and as `keyed_table_rows` read them."""
+    db = sqlite3.connect(":memory:")
+    db.execute(
+        """CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT, array_task INTEGER,
+           state TEXT, host TEXT, cpus INTEGER, memory_mb INTEGER, submitted_at TEXT,
+           run_s REAL, started_at TEXT, exit_code INTEGER)"""
+    )
+    db.executemany(f"INSERT INTO jobs VALUES ({', '.join('?' * 11)})", rows)
+    plain = db.execute(f"SELECT {TABLE_SELECT} FROM jobs ORDER BY id DESC").fetchall()
+    keyed = db.execute(
+        f"SELECT id, array_task, run_s, {TABLE_KEY} FROM jobs ORDER BY id DESC"
+    ).fetchall()
+    return plain, keyed
+
+
+@pytest.mark.parametrize(
+    ("rows", "keyed"),
+    [
+        pytest.param(_task_rows(3000), True, id="one-array"),
+        pytest.param(
+            [
+                *_task_rows(50),
+                (99, "plain", None, "running", None, 2, 128, STAMP, None, STAMP, None),
+            ],
+            True,
+            id="array-and-running-job",
+        ),
+        pytest.param(_task_rows(30, "m%", 75.0), True, id="minutes"),
+        pytest.param([(*row[:5], 1.5, *row[6:]) for row in _task_rows(5)], False, id="real-cpus"),
+        *(pytest.param(_odd_rows(seed, 300), False, id=f"odd-{seed}") for seed in range(4)),
+    ],
+)
+def test_keyed_layout_is_the_row_by_row_layout(
+    rows: list[tuple[Any, ...]], keyed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One JSON key per row for all but id, array_task and run_s (four columns read, not
+    eleven): the same table, or None where JSON would not give a value back exactly."""
+    monkeypatch.setattr(time, "time", lambda: NOW)
+    plain, keyed_rows = _through_sqlite(rows)
+    text = render_keyed(keyed_rows, JOB_HEADERS)
+    assert (text is not None) is keyed or not keyed
+    if text is not None:
+        assert text == _row_by_row(plain) + "\n"
 
 
 def test_column_layout_of_each_odd_value_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -96,31 +96,40 @@ def _no_cyclic_gc() -> Iterator[None]:
 def _jobs_table(ctx: Context) -> None:
     """`jobs` as a table (JOB_HEADERS), from light rows."""
     args = ctx.args
-    fold, state = args.fold, args.state
-    rows = _light_rows(ctx, fold, args.limit, state)
+    fold, limit, state = args.fold, args.limit, args.state
+    rows = _light_rows(ctx, fold, limit, state)
     unfinished = ctx.store.unfinished(state)
     if not fold and unfinished:  # only the jobs shown, as with whole Jobs
         shown = {row[0] for row in rows}
         unfinished = [entry for entry in unfinished if entry[0] in shown]
     if _refresh_unfinished(ctx, unfinished):
-        rows = _light_rows(ctx, fold, args.limit, state)
+        rows = _light_rows(ctx, fold, limit, state)
     if fold:
         write_table(_folded_cells(ctx, rows, state), JOB_HEADERS)
-    elif len(rows) <= TABULATE_MOST_ROWS or _wide_chars():
+        return
+    if len(rows) <= TABULATE_MOST_ROWS or _wide_chars():
         local: dict[str, str] = {}
+        if rows and len(rows[0]) != len(TABLE_COLUMNS):  # keyed rows: read them whole
+            rows = ctx.store.table_rows(limit=limit, state=state)
         table([_row_cells(row, local) for row in rows], headers=JOB_HEADERS)
-    else:
-        # The same layout a column at a time: 100,000 rows in a fraction of a second.
-        from .listing import render
+        return
+    # The same layout a column at a time: 100,000 rows in a fraction of a second.
+    from .listing import render, render_keyed
 
-        sys.stdout.write(render(rows, JOB_HEADERS))
+    text = render_keyed(rows, JOB_HEADERS) if len(rows[0]) != len(TABLE_COLUMNS) else None
+    if text is None:
+        text = render(ctx.store.table_rows(limit=limit, state=state), JOB_HEADERS)
+    sys.stdout.write(text)
 
 
 def _light_rows(ctx: Context, fold: bool, limit: int | None, state: Any) -> list[Any]:
-    """The table's rows (store.TABLE_COLUMNS); for --fold only those of plain jobs."""
+    """The table's rows, each led by the job's id: for --fold those of plain jobs
+    (store.TABLE_COLUMNS), else store.keyed_table_rows (or, when a value cannot be keyed,
+    TABLE_COLUMNS)."""
     if fold:
         return ctx.store.plain_table_rows(state)
-    return ctx.store.table_rows(limit=limit, state=state)
+    keyed = ctx.store.keyed_table_rows(limit=limit, state=state)
+    return keyed if keyed is not None else ctx.store.table_rows(limit=limit, state=state)
 
 
 def _refresh_unfinished(ctx: Context, jobs: Sequence[tuple[int, int | None]]) -> bool:

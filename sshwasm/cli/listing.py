@@ -18,7 +18,7 @@ numbers as text, so no column holds both 1 and 1.0 (equal, yet shown apart).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -54,21 +54,67 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     tabulate's "plain" layout, every line ending in a newline.
 
     Columns are as wide as their widest cell or their header plus 2, two spaces apart,
-    cells left-aligned, trailing spaces cut. Each line is the concatenation of its cells
-    already padded (and followed by the two spaces), made once per distinct value where
-    values repeat.
+    cells left-aligned, trailing spaces cut.
     """
-    if not rows:
+    keys = list(map(_KEY_COLUMNS, rows))
+    return _render(
+        list(map(_IDS, rows)),
+        list(map(_TASKS, rows)),
+        list(map(_RUN_S, rows)),
+        keys,
+        {key: key for key in set(keys)},
+        headers,
+    )
+
+
+def render_keyed(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str | None:
+    """`render` of store.keyed_table_rows (id, array_task, run_s, TABLE_KEY), each key
+    decoded once; None if a key holds a number JSON does not give back exactly (a REAL
+    where an INTEGER belongs: then `render` of `table_rows`)."""
+    import json
+
+    keys = list(map(_KEY, rows))
+    values: dict[Any, tuple[Any, ...]] = {}
+    for key in set(keys):
+        value = tuple(json.loads(key))
+        if float in set(map(type, _NUMBERS(value))):
+            return None
+        values[key] = value
+    return _render(
+        list(map(_IDS, rows)),
+        list(map(_KEYED_TASKS, rows)),
+        list(map(_KEYED_RUN_S, rows)),
+        keys,
+        values,
+        headers,
+    )
+
+
+def _render(
+    ids: list[int],
+    tasks: list[Any],
+    run_s: list[Any],
+    keys: list[Any],
+    values: Mapping[Any, tuple[Any, ...]],
+    headers: Sequence[str],
+) -> str:
+    """The table: each row's id, array_task and run_s, and a key standing for the rest of
+    its values (`values[key]`: name, state, host, cpus, memory_mb, submitted_at,
+    exit_code, started_at), shared by rows that have the same. Each line is the
+    concatenation of its cells already padded (and followed by the two spaces), made once
+    per distinct value or key where values repeat."""
+    if not ids:
         return _head(headers, [len(header) + 2 for header in headers]) + "\n"
-    ids: list[int] = list(map(_IDS, rows))
-    name_cells = _name_cells(list(map(_NAMES, rows)), list(map(_TASKS, rows)))
-    runtimes = _runtimes(rows)
-    exit_shown = _shown(list(map(_EXITS, rows)), _exit)
+    name_cells = _name_cells(keys, tasks, values)
+    runtimes = _runtimes(run_s, keys, values)
+    exit_shown = {key: cell(_exit(value[6])) for key, value in values.items()}
     # STATE to SUBMITTED: each value shown once, and each distinct combination of them (an
     # array's tasks share one or a few) padded and joined once.
-    keys = list(map(_MIDDLE_COLUMNS, rows))
-    distinct = set(keys)
-    shown = [_shown({key[index] for key in distinct}, show) for index, show in enumerate(_MIDDLE)]
+    middles = {key: value[1:6] for key, value in values.items()}
+    distinct = set(middles.values())
+    shown = [
+        _shown({middle[index] for middle in distinct}, show) for index, show in enumerate(_MIDDLE)
+    ]
     widths = [
         max(len(str(max(ids))), len(str(min(ids)))),
         max(map(len, name_cells)),
@@ -82,14 +128,15 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
         {value: text.ljust(width + 2) for value, text in texts.items()}
         for texts, width in zip(shown, widths[2:7], strict=True)
     ]
-    combined = {
-        key: "".join([pad[value] for pad, value in zip(padded, key, strict=True)])
-        for key in distinct
+    joined = {
+        middle: "".join([pad[value] for pad, value in zip(padded, middle, strict=True)])
+        for middle in distinct
     }
+    combined = {key: joined[middle] for key, middle in middles.items()}
     id_width, name_width, runtime_width = widths[0] + 2, widths[1] + 2, widths[7] + 2
     if isinstance(runtimes, dict):  # one cell per distinct run_s
         runtime_pads = {value: text.ljust(runtime_width) for value, text in runtimes.items()}
-        runtime_cells = list(map(runtime_pads.__getitem__, map(_RUN_S, rows)))
+        runtime_cells = list(map(runtime_pads.__getitem__, run_s))
     else:
         runtime_cells = [text.ljust(runtime_width) for text in runtimes]
     lines = map(
@@ -99,7 +146,7 @@ def render(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
             [text.ljust(name_width) for text in name_cells],
             map(combined.__getitem__, keys),
             runtime_cells,
-            map(exit_shown.__getitem__, map(_EXITS, rows)),
+            map(exit_shown.__getitem__, keys),
             strict=True,
         ),
     )
@@ -113,10 +160,15 @@ def _head(headers: Sequence[str], widths: Sequence[int]) -> str:
     ).rstrip()
 
 
-# The light row's columns (store.TABLE_COLUMNS), by position.
-_IDS, _NAMES, _TASKS = itemgetter(0), itemgetter(1), itemgetter(2)
-_STATES, _RUN_S, _STARTED, _EXITS = itemgetter(3), itemgetter(8), itemgetter(9), itemgetter(10)
-_MIDDLE_COLUMNS = itemgetter(3, 4, 5, 6, 7)  # state, host, cpus, memory_mb, submitted_at
+# The light row's columns (store.TABLE_COLUMNS), by position; the key of the others, in
+# the order of store.TABLE_KEY: name, state, host, cpus, memory_mb, submitted_at,
+# exit_code, started_at.
+_IDS, _TASKS, _RUN_S = itemgetter(0), itemgetter(2), itemgetter(8)
+_KEY_COLUMNS = itemgetter(1, 3, 4, 5, 6, 7, 10, 9)
+# store.keyed_table_rows: id, array_task, run_s, key.
+_KEYED_TASKS, _KEYED_RUN_S, _KEY = itemgetter(1), itemgetter(2), itemgetter(3)
+# cpus, memory_mb and exit_code in a key: INTEGER columns.
+_NUMBERS = itemgetter(3, 4, 6)
 # How STATE, HOST, CPUS, MEM_MB and SUBMITTED show a stored value (as `_row_cells`).
 _MIDDLE: tuple[Callable[[Any], str], ...] = (_state, _host, str, str, local_time)
 
@@ -126,39 +178,40 @@ def _shown(column: Iterable[Any], show: Callable[[Any], str]) -> dict[Any, str]:
     return {value: cell(show(value)) for value in set(column)}
 
 
-def _name_cells(names: Sequence[Any], tasks: Sequence[Any]) -> list[str]:
+def _name_cells(
+    keys: Sequence[Any], tasks: Sequence[Any], values: Mapping[Any, tuple[Any, ...]]
+) -> list[str]:
     """NAME cells: `name[task]` for a task, the name for a job (as `_row_cells`)."""
-    shown = {name: "" if name is None else printable(name) for name in set(names)}
+    shown = {key: "" if value[0] is None else printable(value[0]) for key, value in values.items()}
     # A name already printable and stripped needs neither again once `[task]` is added.
     plain = {
-        name: text for name, text in shown.items() if text.isprintable() and text == text.strip()
+        key: text for key, text in shown.items() if text.isprintable() and text == text.strip()
     }
     if len(plain) == len(shown) and set(map(type, tasks)) == {int}:  # tasks of arrays
-        formats = {name: text.replace("%", "%%") + "[%d]" for name, text in plain.items()}
-        return list(map(operator.mod, map(formats.__getitem__, names), tasks))
+        formats = {key: text.replace("%", "%%") + "[%d]" for key, text in plain.items()}
+        return list(map(operator.mod, map(formats.__getitem__, keys), tasks))
     return [
-        f"{plain[name]}[{task}]"
-        if type(task) is int and name in plain
-        else name_cell(shown[name], task)
-        for name, task in zip(names, tasks, strict=True)
+        f"{plain[key]}[{task}]"
+        if type(task) is int and key in plain
+        else name_cell(shown[key], task)
+        for key, task in zip(keys, tasks, strict=True)
     ]
 
 
-def _runtimes(rows: Sequence[Sequence[Any]]) -> dict[Any, str] | list[str]:
+def _runtimes(
+    run_s: Sequence[Any], keys: Sequence[Any], values: Mapping[Any, tuple[Any, ...]]
+) -> dict[Any, str] | list[str]:
     """RUNTIME: under a minute `%.2fs` (the same digits as runtime_of's format), made once
     per distinct run_s (returned as that dict); else cells row by row, anything but a
     plain time under a minute (a minute or more, a running job's time so far, an odd
     value) by `runtime_of` itself."""
-    run_s = list(map(_RUN_S, rows))
-    values = set(run_s)
+    distinct = set(run_s)
     # Not at zero: 0.0 == -0.0, yet they show apart ("-0.00s").
-    if all(type(s) is float and 0.0 < s < 60.0 for s in values):
-        return {seconds: "%.2fs" % seconds for seconds in values}  # noqa: UP031 (same digits)
+    if all(type(s) is float and 0.0 < s < 60.0 for s in distinct):
+        return {seconds: "%.2fs" % seconds for seconds in distinct}  # noqa: UP031 (same digits)
     return [
         "%.2fs" % seconds  # noqa: UP031
         if type(seconds) is float and 0.0 <= seconds < 60.0
-        else cell(runtime_of(seconds, state, started_at))
-        for seconds, state, started_at in zip(
-            run_s, map(_STATES, rows), map(_STARTED, rows), strict=True
-        )
+        else cell(runtime_of(seconds, values[key][1], values[key][7]))
+        for seconds, key in zip(run_s, keys, strict=True)
     ]
