@@ -17,6 +17,7 @@ import pytest
 from helpers import job_spec
 
 from sshwasm.cli import jobs as jobs_command
+from sshwasm.cli import main
 from sshwasm.cli.listing import render, render_keyed
 from sshwasm.cli.show import JOB_HEADERS
 from sshwasm.store import TABLE_COLUMNS, TABLE_KEY, TABLE_SELECT, JobSpec, JobStore
@@ -194,3 +195,33 @@ def test_jobs_lists_a_long_jobs_file_without_tabulate(tmp_path: Path) -> None:
     assert re.fullmatch(r"\d+m\d\d\.\ds", lines[1].split()[-1]), lines[1]
     expected = _row_by_row(rows).splitlines()
     assert lines[0] == expected[0] and lines[2:] == expected[2:]
+
+
+def test_jobs_loses_the_queued_tasks_of_a_gone_coordinator_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An array interrupted before most tasks were placed: `jobs` marks its queued tasks
+    lost in one transaction (a pair of transactions per task took minutes at 100,000),
+    and leaves alone the ones another process took over meanwhile."""
+    from sshwasm.recorded_jobs import UNPLACED_ERROR
+    from sshwasm.states import JobState
+
+    db = tmp_path / "jobs.sqlite"
+    gone = 2**30  # above the kernel's pid_max: no such process
+    with JobStore(db) as store:
+        spec = JobSpec(**{**job_spec(name="cut").__dict__, "array_size": 300})
+        ids = store.submit_tasks(spec)
+        store.update_many(ids, coordinator_pid=gone, heartbeat_ts=0.0)
+        store.finish(ids[0], JobState.SUCCEEDED, exit_code=0, run_s=0.5)
+        stale = store.get(ids[1])
+        store.update(ids[1], heartbeat_ts=1.0)  # taken over since `stale` was read
+        store.lose_unplaced([stale], UNPLACED_ERROR)
+        assert store.get(ids[1]).state is JobState.QUEUED
+    assert main(["--db", str(db), "jobs", "--fold"]) == 0
+    assert "299 lost, 1 succeeded" in capsys.readouterr().out
+    with JobStore(db) as store:
+        tasks = store.get_many(ids)
+    assert tasks[0].state is JobState.SUCCEEDED
+    for task in tasks[1:]:
+        assert task.state is JobState.LOST and task.error == UNPLACED_ERROR, task.id
+        assert task.finished_at is not None

@@ -44,6 +44,15 @@ def refresh(ctx: Context, jobs: Sequence[Job]) -> list[Job]:
         collected = collect_detached(ctx, [job for job in orphans if job.engine == "dask"])
         jobs = [collected.get(job.id, job) for job in jobs]
         orphans = [job for job in orphans if job.engine != "dask"]
+    # Queued ones were never placed: lost, all in one transaction, no host to ask.
+    unplaced = [job for job in orphans if job.state is JobState.QUEUED]
+    if unplaced:
+        from ..recorded_jobs import UNPLACED_ERROR
+
+        ctx.store.lose_unplaced(unplaced, UNPLACED_ERROR)
+        fresh = {job.id: job for job in ctx.store.get_many([job.id for job in unplaced])}
+        jobs = [fresh.get(job.id, job) for job in jobs]
+        orphans = [job for job in orphans if job.state is not JobState.QUEUED]
     if not orphans:
         return list(jobs)
     import asyncio
