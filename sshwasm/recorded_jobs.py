@@ -98,6 +98,10 @@ async def record_end(
     return []
 
 
+# Why a queued job whose coordinator is gone ends as lost.
+UNPLACED_ERROR = "its coordinator exited before the job was placed"
+
+
 async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
     """Bring an unfinished job whose coordinator is gone up to date from its host."""
     if not needs_refresh(job):
@@ -105,9 +109,7 @@ async def refresh_job(store: JobStore, job: Job, pool: TransportPool) -> Job:
     if not store.claim(job):
         return store.get(job.id)  # another process took it over just now
     if job.state is JobState.QUEUED:
-        store.finish(
-            job.id, JobState.LOST, error="its coordinator exited before the job was placed"
-        )
+        store.finish(job.id, JobState.LOST, error=UNPLACED_ERROR)
         return store.get(job.id)
     host = job.host_snapshot
     if host is None:
