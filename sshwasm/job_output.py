@@ -5,7 +5,6 @@ them, the one cap stdout, stderr and /output share, and fetching /output into --
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
