@@ -500,6 +500,14 @@ def _set_fuel_settings(db: sqlite3.Connection, spec: JobSpec, first: int, last: 
     )
 
 
+def _with_attempt_host(attempts: int, attempt_hosts: str | None, host: str) -> str:
+    """`attempt_hosts` with the current attempt's host set to `host` (one per attempt)."""
+    hosts = attempt_hosts.split(",") if attempt_hosts else []
+    hosts = hosts[: attempts - 1]
+    hosts += [""] * (attempts - 1 - len(hosts))
+    return ",".join([*hosts, host])
+
+
 def _runs(ids: Sequence[int]) -> Iterator[tuple[int, int]]:
     """The runs of consecutive values in ascending `ids`, as (first, last) pairs."""
     if not ids:
@@ -765,10 +773,12 @@ class JobStore:
         by_name = {host.name: host for host in hosts}
         with self._transaction() as db:
             rows = db.execute(
-                f"SELECT id, state, submitted_ts, array_id FROM jobs WHERE id IN ({marks})",
+                f"""SELECT id, state, submitted_ts, array_id, attempts, attempt_hosts
+                    FROM jobs WHERE id IN ({marks})""",
                 tuple(job_ids),
             ).fetchall()
             submitted = {row["id"]: row["submitted_ts"] for row in rows}
+            by_id = {row["id"]: row for row in rows}
             gone = {row["id"] for row in rows if row["state"] != JobState.QUEUED}
             gone |= set(job_ids) - set(submitted)
             # Only where it went stale: the coordinator's heartbeat keeps the rest fresh,
@@ -794,25 +804,36 @@ class JobStore:
             placement = plan(hosts, usage, queue, excluded)
             placed: dict[int, Host] = {}
             started_at = utc_now()
+            # A host's snapshot once per pass, not once per job placed on it.
+            snapshots: dict[str, str] = {}
+            updates = []
             for job_id in job_ids:
                 name = placement.get(job_id)
                 if name is None or job_id in gone:
                     continue
                 host = by_name[name]
-                db.execute(
-                    """UPDATE jobs SET state = ?, host = ?, host_config = ?,
-                           started_at = ?, placed_ts = ?, queue_s = ? WHERE id = ?""",
+                if name not in snapshots:
+                    snapshots[name] = json.dumps(host.to_dict())
+                row = by_id[job_id]
+                updates.append(
                     (
                         JobState.RUNNING.value,
                         host.name,
-                        json.dumps(host.to_dict()),
+                        snapshots[name],
                         started_at,
                         now,
                         round(now - submitted[job_id], 6),
+                        # The attempt goes to this host (as note_attempt_host says it).
+                        _with_attempt_host(row["attempts"], row["attempt_hosts"], host.name),
                         job_id,
-                    ),
+                    )
                 )
                 placed[job_id] = host
+            db.executemany(
+                """UPDATE jobs SET state = ?, host = ?, host_config = ?, started_at = ?,
+                       placed_ts = ?, queue_s = ?, attempt_hosts = ? WHERE id = ?""",
+                updates,
+            )
             return placed, gone
 
     @staticmethod
@@ -949,6 +970,16 @@ class JobStore:
         with self._transaction() as db:
             db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
 
+    def without_dependencies(self, job_ids: Sequence[int]) -> set[int]:
+        """Which of these jobs wait for no other (no `--after`): one query for them all."""
+        if not job_ids:
+            return set()
+        marks = ", ".join("?" for _ in job_ids)
+        rows = self._read(
+            f"SELECT id FROM jobs WHERE after_ids = '[]' AND id IN ({marks})", tuple(job_ids)
+        )
+        return {row[0] for row in rows}
+
     def cancel_requested(self, job_ids: Sequence[int]) -> list[int]:
         """Which of these unfinished jobs someone asked to cancel."""
         marks = ", ".join("?" for _ in job_ids)
@@ -1033,12 +1064,9 @@ class JobStore:
             ).fetchone()
             if row is None:
                 return
-            hosts = row["attempt_hosts"].split(",") if row["attempt_hosts"] else []
-            hosts = hosts[: row["attempts"] - 1]
-            hosts += [""] * (row["attempts"] - 1 - len(hosts))
             db.execute(
                 "UPDATE jobs SET attempt_hosts = ? WHERE id = ?",
-                (",".join([*hosts, host]), job_id),
+                (_with_attempt_host(row["attempts"], row["attempt_hosts"], host), job_id),
             )
 
     def requeue(self, job: Job, ended: Mapping[str, Any]) -> bool:
