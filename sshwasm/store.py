@@ -562,6 +562,10 @@ class JobStore:
     def __init__(self, path: Path, on_wait: Callable[[str], None] = _ignore_wait) -> None:
         self.path = path
         self._on_wait = on_wait
+        # What place_waiting reads once: each array's --halt-after-failures (fixed at
+        # submission), each host's record snapshot.
+        self._halt_thresholds: dict[int, int | None] = {}
+        self._host_snapshots: dict[str, tuple[Host, str]] = {}
         try:
             _prepare_private(path)
             self._db = sqlite3.connect(path, timeout=LOCK_ATTEMPT_S, isolation_level=None)
@@ -813,7 +817,7 @@ class JobStore:
                     continue
                 host = by_name[name]
                 if name not in snapshots:
-                    snapshots[name] = json.dumps(host.to_dict())
+                    snapshots[name] = self._host_snapshot(host)
                 row = by_id[job_id]
                 updates.append(
                     (
@@ -835,6 +839,13 @@ class JobStore:
                 updates,
             )
             return placed, gone
+
+    def _host_snapshot(self, host: Host) -> str:
+        """The host's settings as the record keeps them (host_config), made once per host."""
+        known = self._host_snapshots.get(host.name)
+        if known is None or known[0] != host:
+            known = self._host_snapshots[host.name] = (host, json.dumps(host.to_dict()))
+        return known[1]
 
     @staticmethod
     def _throttled(db: sqlite3.Connection, waiting: list[Any]) -> list[Any]:
@@ -860,22 +871,24 @@ class JobStore:
             kept.append(row)
         return kept
 
-    @staticmethod
-    def _halt_arrays(db: sqlite3.Connection, array_ids: Iterable[int]) -> set[int]:
+    def _halt_arrays(self, db: sqlite3.Connection, array_ids: Iterable[int]) -> set[int]:
         """Cancel the queued tasks of those arrays that reached their --halt-after-failures;
         returns their ids. Inside the placing transaction, so no task of a halted array
         starts after the failure that halted it is recorded. Only the arrays named are
         looked at: one query per array over the (array_id, state) index, where a query
-        over every queued row would cost a pass over 100,000 of them."""
+        over every queued row would cost a pass over 100,000 of them; an array's setting
+        is read once (it is fixed at submission), and one without it costs nothing more."""
         arrays = []
         for array_id in sorted(array_ids):
-            row = db.execute(
-                """SELECT halt_after_failures FROM jobs WHERE array_id = ? AND state = ?
-                   AND halt_after_failures IS NOT NULL LIMIT 1""",
-                (array_id, JobState.QUEUED.value),
-            ).fetchone()
-            if row is not None:
-                arrays.append((array_id, row[0]))
+            if array_id not in self._halt_thresholds:
+                row = db.execute(
+                    "SELECT halt_after_failures FROM jobs WHERE array_id = ? LIMIT 1",
+                    (array_id,),
+                ).fetchone()
+                self._halt_thresholds[array_id] = None if row is None else row[0]
+            threshold = self._halt_thresholds[array_id]
+            if threshold is not None:
+                arrays.append((array_id, threshold))
         halted: set[int] = set()
         marks = ", ".join("?" for _ in _FAILURE_WORDS)
         for array_id, threshold in arrays:
