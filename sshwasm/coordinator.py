@@ -217,9 +217,16 @@ class Coordinator:
         order = sorted(set(job_ids))
         window = self.window_size()
         running: set[asyncio.Task[Job]] = set()
+        # Tasks put themselves here when they end: waiting for one costs the same whatever
+        # the window holds (asyncio.wait would walk all of it at every end).
+        finished: asyncio.Queue[asyncio.Task[Job]] = asyncio.Queue()
 
-        def collect(done: set[asyncio.Task[Job]]) -> None:
-            for task in done:
+        async def collect() -> None:
+            ended_now = [await finished.get()]
+            while not finished.empty():
+                ended_now.append(finished.get_nowait())
+            for task in ended_now:
+                running.discard(task)
                 job = task.result()  # a failure of the coordinator itself propagates
                 if ended is not None:
                     ended[job.id] = job
@@ -227,19 +234,19 @@ class Coordinator:
         try:
             for index, job_id in enumerate(order):
                 while len(running) >= window:
-                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    collect(done)
+                    await collect()
                 if index % window == 0:
                     # The next window's tasks that wait for nothing: one read, not one each.
-                    self._no_dependencies = self.store.without_dependencies(
+                    self._no_dependencies |= self.store.without_dependencies(
                         order[index : index + window]
                     )
                 self._pending = (order, index + 1)
-                running.add(asyncio.create_task(one(job_id)))
-            self._pending, self._no_dependencies = ([], 0), set()
+                task = asyncio.create_task(one(job_id))
+                task.add_done_callback(finished.put_nowait)
+                running.add(task)
+            self._pending = ([], 0)
             while running:
-                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                collect(done)
+                await collect()
         finally:
             for task in running:
                 task.cancel()
@@ -359,9 +366,9 @@ class Coordinator:
 
     async def _drive(self, job_id: int) -> Job:
         excluded: dict[str, str] = {}
-        if job_id not in self._no_dependencies and not await wait_for_dependencies(
-            self.store, job_id, self.pool, self.handlers.notice
-        ):
+        if job_id in self._no_dependencies:
+            self._no_dependencies.discard(job_id)  # read with its window (drive_tasks)
+        elif not await wait_for_dependencies(self.store, job_id, self.pool, self.handlers.notice):
             return self.store.get(job_id)  # cancelled: a dependency failed, or by the user
         while True:
             host = await self.queue.placement(job_id, excluded)
