@@ -120,8 +120,9 @@ class PlacementQueue:
                 else:
                     waiter.set_result(outcome)
             if placed:
+                # The plan placed every waiting job that fits: another pass now would find
+                # the same. Ours that end or join wake the placer; polling starts afresh.
                 delays = PLACEMENT_POLL.delays()
-                continue  # others may fit too, now that the plan changed
             # Other processes' jobs free room too; only polling sees those.
             await self._wait_for_room(next(delays))
 
