@@ -421,7 +421,7 @@ class _Server:
                 if attempt == 2:
                     raise
         with contextlib.suppress(OSError):
-            # The executor writes it too; writing it here means it exists once S is sent.
+            # Here, not in the executor: it then exists once S is sent (cancel reads it).
             _write_pid_file(job_dir, executor.pid)
         return executor.pid
 
@@ -513,8 +513,8 @@ class _Server:
         os.close(log_fd)
         file_size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
         try:
-            with contextlib.suppress(OSError):
-                _write_pid_file(job_dir, os.getpid())
+            # No pid file of its own: serve wrote this process's pid into the job's before
+            # its S frame (_dispatch), and a pooled executor's pid is the same every task.
             run_to_a_result(
                 _Execution(job_dir), lambda execution: self._run_task(execution, runtime, request)
             )
