@@ -136,14 +136,14 @@ class PlacementQueue:
             woken.cancel()
 
     def _announce_queued(self, job: Job) -> None:
-        """Say why a job waits; for an array, once per array and reason (not once for
-        each of its thousands of tasks)."""
+        """Say why a job waits; for an array, once per array (not once for each of its
+        thousands of tasks)."""
         if job.array_id is not None and job.max_running is None:
             if job.array_id in self._queued_said:
                 return
             self._queued_said.add(job.array_id)
             self._notice(
-                f"array {job.array_id}: tasks wait their turn from job {job.id} on: "
+                f"array {job.array_id}: tasks queued from job {job.id} on: "
                 f"{self._why_waiting(job)}"
             )
             return
