@@ -143,8 +143,7 @@ class PlacementQueue:
                 return
             self._queued_said.add(job.array_id)
             self._notice(
-                f"array {job.array_id}: tasks queued from job {job.id} on: "
-                f"{self._why_waiting(job)}"
+                f"array {job.array_id}: tasks queued from job {job.id} on: {self._why_waiting(job)}"
             )
             return
         if job.max_running is not None and job.array_id is not None:

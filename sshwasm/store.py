@@ -827,7 +827,8 @@ class JobStore:
                         started_at,
                         now,
                         round(now - submitted[job_id], 6),
-                        # The attempt goes to this host (as note_attempt_host says it).
+                        # The attempt's host, one per attempt: a launch that never started
+                        # (its host was out of reach) is replaced by the next placing.
                         _with_attempt_host(row["attempts"], row["attempt_hosts"], host.name),
                         job_id,
                     )
@@ -1064,23 +1065,6 @@ class JobStore:
                 (JobState(state).value, *fields.values(), job_id, *_FINAL_WORDS),
             )
             return cursor.rowcount == 1
-
-    def note_attempt_host(self, job_id: int, host: str) -> None:
-        """Say that the job's current attempt goes to `host` (before it is launched there).
-
-        `attempt_hosts` holds one host per attempt: a launch that never started (the host
-        was unreachable) is replaced by the next host of the same attempt.
-        """
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT attempts, attempt_hosts FROM jobs WHERE id = ?", (job_id,)
-            ).fetchone()
-            if row is None:
-                return
-            db.execute(
-                "UPDATE jobs SET attempt_hosts = ? WHERE id = ?",
-                (_with_attempt_host(row["attempts"], row["attempt_hosts"], host), job_id),
-            )
 
     def requeue(self, job: Job, ended: Mapping[str, Any]) -> bool:
         """Put a job back in the queue for another attempt, under a new remote key.
