@@ -465,6 +465,8 @@ class ServeSession:
         self._flushers: set[asyncio.Future[None]] = set()
 
     async def _ensure_started(self) -> RunnerProcess:
+        if self._process is not None and not self.broken:
+            return self._process  # the usual case: no lock to pass from task to task
         async with self._start_lock:
             if self._process is not None and not self.broken:
                 return self._process
