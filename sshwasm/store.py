@@ -362,7 +362,10 @@ class Job:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         """The job in a `SELECT *` row: the one place a row's untyped values become a Job."""
-        values = {name: row[name] for name in _JOB_COLUMNS}
+        # A Row looks names up one by one (a scan of its columns each): 5x slower than this
+        # for 70 columns, and a coordinator reads a row or two per array task.
+        columns = dict(zip(row.keys(), row, strict=True))
+        values = {name: columns[name] for name in _JOB_COLUMNS}
         values["state"] = JobState(row["state"])
         values["cancel_requested"] = bool(row["cancel_requested"])
         values["output_overwrite"] = bool(row["output_overwrite"])
