@@ -12,6 +12,8 @@ printed its one line, whole.
 
 Targets (issue 13): the array >= 300 tasks/s and >= 20x the baseline. Exits 1 when one is
 missed, 2 when this checkout's `sshwasm run` has no `--array` or a baseline tool is missing.
+Also prints where sshwasm's CPU went per task (coordinator, connection process, hosts), the
+figure to read on a loaded machine.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -195,6 +198,60 @@ def run_baseline(bench: Bench, tasks: int, jobs: int, wasmtime: Path) -> float:
     return seconds
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of a live process and of its children it has waited for (0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # utime, stime, cutime, cstime (fields 14-17 of proc(5)), in clock ticks.
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def mux_cpu_s(bench: Bench) -> float:
+    """CPU seconds of the bench's connection process (sshwasm.mux) so far, 0 if none."""
+    try:
+        pid = int((bench.runtime_dir / "mux-1.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return process_cpu_s(pid)
+
+
+def hosts_cpu_s(bench: Bench) -> float:
+    """CPU seconds of every sshd (and what it waited for: sessions, serve) so far."""
+    return sum(
+        process_cpu_s(pid) for server in bench.servers.values() for pid in server.process_ids()
+    )
+
+
+class CpuPerTask:
+    """Where an array's CPU went, per task: the coordinator (the `sshwasm run` process),
+    the connection process, and the hosts' sshd and serve processes (serve's executors
+    outlive it and are not counted). Medians over the timed runs."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = collections.defaultdict(list)
+
+    def measure(self, bench: Bench, tasks: int) -> float:
+        """Run the array once (run_array), noting its CPU per task; its seconds."""
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        mux, hosts = mux_cpu_s(bench), hosts_cpu_s(bench)
+        seconds = run_array(bench, tasks)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        coordinator = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+        for name, used in (
+            ("coordinator", coordinator),
+            ("connection process", mux_cpu_s(bench) - mux),
+            ("hosts' sshd and serve", hosts_cpu_s(bench) - hosts),
+        ):
+            self.samples[name].append(max(0.0, used) * 1000 / tasks)
+        return seconds
+
+    def line(self) -> str:
+        """`name X.XX ms, ...` for the report."""
+        return ", ".join(f"{name} {median(values):.2f} ms" for name, values in self.samples.items())
+
+
 def run_array(bench: Bench, tasks: int) -> float:
     """Seconds `sshwasm run tiny.rs --array N` takes in the foreground; checks the output."""
     started = time.perf_counter()
@@ -254,8 +311,9 @@ def main() -> int:
             run_baseline(bench, jobs * 2, jobs, wasmtime)
             array_times: list[float] = []
             baseline_times: list[float] = []
+            cpu = CpuPerTask()
             for _ in range(args.repeat):  # interleaved: load changes hit both alike
-                array_times.append(run_array(bench, args.tasks))
+                array_times.append(cpu.measure(bench, args.tasks))
                 baseline_times.append(run_baseline(bench, args.tasks, jobs, wasmtime))
         finally:
             close_masters(bench)
@@ -269,6 +327,7 @@ def main() -> int:
             f"sshwasm --array {args.tasks}: {median(array_times):.2f} s, {array_rate:.1f} tasks/s "
             f"(tasks per host: {spread(bench, args.tasks)})"
         )
+        print(f"sshwasm CPU per task: {cpu.line()}")
         ratio = array_rate / baseline_rate
         rate_ok, ratio_ok = array_rate >= TARGET_RATE, ratio >= TARGET_RATIO
         print(f"rate: {array_rate:.0f} tasks/s (target >= {TARGET_RATE:g}: {verdict(rate_ok)})")

@@ -121,6 +121,8 @@ class Coordinator:
         # An array's tasks not yet followed (drive_tasks' window): the ids from the index
         # on, ascending; queued in the jobs file, kept alive there by the heartbeat.
         self._pending: tuple[list[int], int] = ([], 0)
+        # Of the tasks drive_tasks starts next, those with no --after (read once per window).
+        self._no_dependencies: set[int] = set()
         # Handlers may be swapped after this: the queue asks for the current one.
         self.queue = PlacementQueue(store, hosts, lambda text: self.handlers.notice(text))
         self._skips_said: set[str] = set()
@@ -189,7 +191,7 @@ class Coordinator:
             await self._collect_late()
             return [ended[job_id] for job_id in job_ids] if keep else []
         finally:
-            self._pending = ([], 0)
+            self._pending, self._no_dependencies = ([], 0), set()
             if ticker is not None:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -214,9 +216,16 @@ class Coordinator:
         order = sorted(set(job_ids))
         window = self.window_size()
         running: set[asyncio.Task[Job]] = set()
+        # Tasks put themselves here when they end: waiting for one costs the same whatever
+        # the window holds (asyncio.wait would walk all of it at every end).
+        finished: asyncio.Queue[asyncio.Task[Job]] = asyncio.Queue()
 
-        def collect(done: set[asyncio.Task[Job]]) -> None:
-            for task in done:
+        async def collect() -> None:
+            ended_now = [await finished.get()]
+            while not finished.empty():
+                ended_now.append(finished.get_nowait())
+            for task in ended_now:
+                running.discard(task)
                 job = task.result()  # a failure of the coordinator itself propagates
                 if ended is not None:
                     ended[job.id] = job
@@ -224,14 +233,19 @@ class Coordinator:
         try:
             for index, job_id in enumerate(order):
                 while len(running) >= window:
-                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    collect(done)
+                    await collect()
+                if index % window == 0:
+                    # The next window's tasks that wait for nothing: one read, not one each.
+                    self._no_dependencies |= self.store.without_dependencies(
+                        order[index : index + window]
+                    )
                 self._pending = (order, index + 1)
-                running.add(asyncio.create_task(one(job_id)))
+                task = asyncio.create_task(one(job_id))
+                task.add_done_callback(finished.put_nowait)
+                running.add(task)
             self._pending = ([], 0)
             while running:
-                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                collect(done)
+                await collect()
         finally:
             for task in running:
                 task.cancel()
@@ -351,7 +365,9 @@ class Coordinator:
 
     async def _drive(self, job_id: int) -> Job:
         excluded: dict[str, str] = {}
-        if not await wait_for_dependencies(self.store, job_id, self.pool, self.handlers.notice):
+        if job_id in self._no_dependencies:
+            self._no_dependencies.discard(job_id)  # read with its window (drive_tasks)
+        elif not await wait_for_dependencies(self.store, job_id, self.pool, self.handlers.notice):
             return self.store.get(job_id)  # cancelled: a dependency failed, or by the user
         while True:
             host = await self.queue.placement(job_id, excluded)
@@ -404,22 +420,28 @@ class Coordinator:
             )
         if job.dirs != "[]":  # --dir, --host-dir (directories.py)
             spec = await asyncio.to_thread(stage_dirs, spec, job)
-        if self.store.cancel_requested([job_id]):
+        # Read again only after staging took a while: the row read above is a moment old,
+        # and a cancel asked later than that reaches the host through _cancel anyway.
+        staged = bool(job.stdin_path or job.input_path or job.dirs != "[]")
+        if self.store.cancel_requested([job_id]) if staged else job.cancel_requested:
             self.store.cancel_unstarted(job_id)
             return self.store.get(job_id)
         output = JobOutput.open(self.store, job)
+        # The placing transaction recorded this attempt's host (store.place_waiting).
         self._launched[job_id] = host
-        self.store.note_attempt_host(job_id, host.name)
         try:
             try:
-                outcome = await self._attempt(job, host, client, output, stdin, spec, input_tar)
+                outcome, upload = await self._attempt(
+                    job, host, client, output, stdin, spec, input_tar
+                )
             except (RemoteError, ContactLost) as exc:
                 self._maybe_retry(job, host, Failure(True, JobState.FAILED, str(exc)), output)
                 raise
             failure = outcome_failure(host.name, outcome)
             if failure is not None:
                 self._maybe_retry(job, host, failure, output)
-            for warning in await record_end(self.store, job, host, client, outcome, output):
+            warnings = await record_end(self.store, job, host, client, outcome, output, upload)
+            for warning in warnings:
                 self.handlers.warning(warning)
             return self.store.get(job_id)
         except RemoteError as exc:
@@ -449,8 +471,9 @@ class Coordinator:
         stdin: bytes | None,
         spec: LaunchSpec,
         input_tar: bytes,
-    ) -> StreamOutcome:
-        """Launch the job on the host and follow it (re-attaching) until its final answer."""
+    ) -> tuple[StreamOutcome, dict[str, Any]]:
+        """Launch the job on the host and follow it (re-attaching) until its final answer;
+        with the upload's record fields when they are left for the job's final write."""
         job_id = job.id
         transport = client.transport
         outcome, stats = await client.launch(
@@ -466,10 +489,13 @@ class Coordinator:
                 host, transport, len(stdin or b"") + len(input_tar) + spec.dir_bytes
             ),
         )
-        self.store.update(
-            job_id, upload_bytes=stats.upload_bytes, upload_s=round(stats.upload_s, 6)
-        )
-        return await self._until_result(job, host, client, output, outcome)
+        upload = {"upload_bytes": stats.upload_bytes, "upload_s": round(stats.upload_s, 6)}
+        if outcome.result is not None:
+            # Ended already (an array task's answer comes whole): recorded with its end,
+            # in the same transaction, not one write more per task.
+            return outcome, upload
+        self.store.update(job_id, **upload)
+        return await self._until_result(job, host, client, output, outcome), {}
 
     def _serve_session(
         self, host: Host, transport: Transport, payload_bytes: int

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from .backoff import Backoff
 from .cluster import Host
 from .errors import NoHostReachable, SshwasmError
-from .schedule import candidate_hosts, explain
+from .schedule import Request, candidate_hosts, explain
 from .states import JobState
 from .store import Job, JobStore
 
@@ -41,6 +41,8 @@ class PlacementQueue:
         self._waiting: dict[int, tuple[asyncio.Future[Host | None], dict[str, str]]] = {}
         # Arrays whose --max-running throttle was announced.
         self._throttle_said: set[int] = set()
+        # Arrays whose tasks' wait for room was announced.
+        self._queued_said: set[int] = set()
 
     def signal_room(self) -> None:
         """Wake the placer now (capacity was freed, or a job joined or left the queue)."""
@@ -79,6 +81,15 @@ class PlacementQueue:
                 self.hosts,
                 {job_id: list(excluded) for job_id, (_, excluded) in waiting.items() if excluded},
             )
+            # Read once, when they first did not fit (not once per pass), all in one query.
+            unfit = [
+                job_id
+                for job_id in waiting
+                if job_id not in placed and job_id not in gone and job_id not in announced
+            ]
+            first_unfit = {job.id: job for job in self.store.get_many(unfit)} if unfit else {}
+            # An array's tasks ask alike: whether any host could ever take them, once.
+            could: dict[tuple[Request, tuple[str, ...]], bool] = {}
             for job_id, (waiter, excluded) in waiting.items():
                 outcome: Host | SshwasmError | None
                 if job_id in placed:
@@ -87,10 +98,14 @@ class PlacementQueue:
                     outcome = None
                 elif job_id in announced:
                     continue  # still waits: its hosts and exclusions are as they were
+                elif job_id not in first_unfit:
+                    outcome = None  # its row went away meanwhile
                 else:
-                    # Read once, when it first did not fit (not once per pass).
-                    job = self.store.get(job_id)
-                    if candidate_hosts(self.hosts, job.request, excluded):
+                    job = first_unfit[job_id]
+                    asked = (job.request, tuple(sorted(excluded)))
+                    if asked not in could:
+                        could[asked] = bool(candidate_hosts(self.hosts, job.request, excluded))
+                    if could[asked]:
                         announced.add(job_id)
                         self._announce_queued(job)
                         continue
@@ -105,8 +120,9 @@ class PlacementQueue:
                 else:
                     waiter.set_result(outcome)
             if placed:
+                # The plan placed every waiting job that fits: another pass now would find
+                # the same. Ours that end or join wake the placer; polling starts afresh.
                 delays = PLACEMENT_POLL.delays()
-                continue  # others may fit too, now that the plan changed
             # Other processes' jobs free room too; only polling sees those.
             await self._wait_for_room(next(delays))
 
@@ -120,8 +136,16 @@ class PlacementQueue:
             woken.cancel()
 
     def _announce_queued(self, job: Job) -> None:
-        """Say why a job waits; for an array held back by --max-running, once per array
-        (not once for each of its thousands of tasks)."""
+        """Say why a job waits; for an array, once per array (not once for each of its
+        thousands of tasks)."""
+        if job.array_id is not None and job.max_running is None:
+            if job.array_id in self._queued_said:
+                return
+            self._queued_said.add(job.array_id)
+            self._notice(
+                f"array {job.array_id}: tasks queued from job {job.id} on: {self._why_waiting(job)}"
+            )
+            return
         if job.max_running is not None and job.array_id is not None:
             if job.array_id in self._throttle_said:
                 return

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,15 @@ async def record_end(
     client: RunnerClient,
     outcome: StreamOutcome,
     output: JobOutput,
+    extra: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Record how a job ended, from its runner's final answer (fetching its /output first).
 
     Returns what is worth a warning (output not fetched, or written beside existing
-    files). Does nothing when the answer is not final (the job is still running).
+    files). Does nothing when the answer is not final (the job is still running). `extra`
+    are more record columns written with the end (one transaction).
     """
+    extra = extra or {}
     if outcome.result is not None:
         collected = OutputCollected()
         if job.output_dir:
@@ -82,19 +85,18 @@ async def record_end(
         if state is JobState.SUCCEEDED:
             # Only a success can be reused (--reuse): its key, from content alone.
             fields["reuse_key"] = recorded_reuse_key(store.path, job)
-        store.finish(job.id, state, **fields, **output.fields())
+        store.finish(job.id, state, **fields, **output.fields(), **extra)
         if job.verify:
             settle(store, job.id)  # judged once both runs ended
         return [text for text in (collected.problem, collected.warning) if text] + dir_warnings
     if outcome.error is not None:
         if outcome.error.get("kind") == "missing":
             error = f"host '{host.name}' has no trace of the job"
-            store.finish(job.id, JobState.LOST, error=error, **output.fields())
+            store.finish(job.id, JobState.LOST, error=error, **output.fields(), **extra)
         else:
             message = outcome.error.get("error", "the runner failed")
-            store.finish(
-                job.id, JobState.FAILED, error=f"host '{host.name}': {message}", **output.fields()
-            )
+            error = f"host '{host.name}': {message}"
+            store.finish(job.id, JobState.FAILED, error=error, **output.fields(), **extra)
     return []
 
 

@@ -458,8 +458,15 @@ class ServeSession:
         self._start_lock = asyncio.Lock()
         self.broken = False
         self._broken_answer: RemoteError | None = None
+        # L frames not sent yet, each with the future its task waits on: the tasks placed
+        # in one pass go out in one write (_flush), not a channel write each.
+        self._outbox: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._send_lock = asyncio.Lock()
+        self._flushers: set[asyncio.Future[None]] = set()
 
     async def _ensure_started(self) -> RunnerProcess:
+        if self._process is not None and not self.broken:
+            return self._process  # the usual case: no lock to pass from task to task
         async with self._start_lock:
             if self._process is not None and not self.broken:
                 return self._process
@@ -553,12 +560,49 @@ class ServeSession:
         process = await self._ensure_started()
         done: asyncio.Future[StreamOutcome] = asyncio.get_running_loop().create_future()
         self._tasks[key] = _ServeTask(on_stdout, on_stderr, done)
-        await process.send(encode_frame(KIND_LAUNCH, payload), close=False)
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.append((encode_frame(KIND_LAUNCH, payload), sent))
+        if len(self._outbox) == 1:
+            flusher = asyncio.ensure_future(self._flush(process))
+            self._flushers.add(flusher)  # held until done (the loop keeps weak references)
+            flusher.add_done_callback(self._flushers.discard)
+        try:
+            await sent  # raises what the write raised, as a write of its own would
+        except BaseException:
+            self._tasks.pop(key, None)
+            raise
         if self.broken and not done.done():
             self._tasks.pop(key, None)
             outcome = StreamOutcome(completed=Completed(None, b"", b""))
             return outcome
         return await done
+
+    async def _flush(self, process: RunnerProcess) -> None:
+        """Send every L frame waiting in the outbox in one write (after the tasks started
+        in this turn of the loop queued theirs), and tell each task how it went."""
+        batch: list[tuple[bytes, asyncio.Future[None]]] = []
+        try:
+            await asyncio.sleep(0)
+            async with self._send_lock:
+                batch, self._outbox = self._outbox, []
+                if batch:
+                    await process.send(b"".join(frame for frame, _ in batch), close=False)
+        except BaseException as exc:
+            if not batch:  # stopped before taking them: they are ours to answer still
+                batch, self._outbox = self._outbox, []
+            for _, sent in batch:
+                if sent.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    sent.cancel()
+                else:
+                    sent.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for _, sent in batch:
+            if not sent.done():
+                sent.set_result(None)
 
     async def close(self) -> None:
         """Let serve finish what runs and exit (EOF on its stdin)."""

@@ -538,7 +538,9 @@ def test_jobs_file_outputs_and_logs_are_private(
         assert mode(directory) == 0o700
     for path in (data / "jobs-output" / "1").iterdir():
         assert mode(path) == 0o600, path.name
-    assert {p.name for p in (data / "jobs-output" / "1").iterdir()} >= {"stdout", "stderr", "stdin"}
+    assert {p.name for p in (data / "jobs-output" / "1").iterdir()} >= {"stdout", "stdin"}
+    # A stream the job never wrote to gets no file (readers take none for empty).
+    assert not (data / "jobs-output" / "1" / "stderr").exists()
     assert mode(data / "jobs-output" / str(job_id) / "coordinator.log") == 0o600
     # What the user asked for elsewhere keeps the modes the user's umask gives.
     assert mode(tmp_path / "copy.wasm") == 0o644

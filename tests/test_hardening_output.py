@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import PROGRAMS, no_traceback, record_of, sshwasm
+from helpers import PROGRAMS, job_spec, no_traceback, record_of, sshwasm
 
 from sshwasm.job_output import OutputBudget, OutputSink
 from sshwasm.runner.safetar import ArchiveTooLarge, UnsafeArchive
@@ -374,6 +374,45 @@ def test_a_stream_sink_never_writes_past_the_budget(tmp_path: Path) -> None:
     assert again.write(b"more") == b"" and again.cut
     again.close()
     assert (tmp_path / "stdout").read_bytes() == data
+
+
+def test_a_job_output_makes_its_files_on_its_first_byte_only(tmp_path: Path) -> None:
+    from sshwasm import paths
+    from sshwasm.job_output import JobOutput
+    from sshwasm.store import JobStore
+
+    with JobStore(tmp_path / "jobs.sqlite") as store:
+        job = store.get(store.submit(job_spec()))
+        directory = paths.job_output_dir(store.path, job.id)
+        quiet = JobOutput.open(store, job)
+        assert quiet.fields()["stdout_bytes"] == 0
+        quiet.stdout.write(b"")
+        quiet.close()
+        # A task that printed nothing made nothing (an array of them: no journal waits).
+        assert not directory.exists()
+        output = JobOutput.open(store, job)
+        assert output.stdout.write(b"hello\n") == b"hello\n"
+        output.close()
+        assert (directory / "stdout").read_bytes() == b"hello\n"
+        assert not (directory / "stderr").exists()
+        assert stat_mode(directory) == 0o700 and stat_mode(directory / "stdout") == 0o600
+        # A re-attach resumes from what is on disk, and its cap counts it.
+        again = JobOutput.open(store, job)
+        assert again.stdout.size == 6 and again.stderr.size == 0
+        again.stderr.write(b"oops")
+        assert again.fields() == {
+            "stdout": "hello\n",
+            "stderr": "oops",
+            "stdout_bytes": 6,
+            "stderr_bytes": 4,
+        }
+        again.close()
+        assert (directory / "stderr").read_bytes() == b"oops"
+
+
+def stat_mode(path: Path) -> int:
+    """A path's permission bits."""
+    return path.stat().st_mode & 0o777
 
 
 def small_pieces(data: bytes) -> list[bytes]:

@@ -42,8 +42,8 @@ def test_requeue_once_per_attempt_under_a_new_remote_key(tmp_path: Path) -> None
         job_id = store.submit(dataclasses.replace(spec(), retries=2))
         placed, _ = store.place_waiting([job_id], [SOLO])
         assert placed == {job_id: SOLO}
-        store.note_attempt_host(job_id, "solo")
         job = store.get(job_id)
+        assert job.attempt_hosts == "solo"  # recorded by the placing transaction
         failure = Failure(True, JobState.LOST, "host 'solo' has no trace of the job")
         assert requeue(store, job, failure)
         assert not requeue(store, job, failure)  # the same attempt is never put back twice
@@ -54,7 +54,10 @@ def test_requeue_once_per_attempt_under_a_new_remote_key(tmp_path: Path) -> None
         assert again.history[0]["host"] == "solo" and again.history[0]["state"] == "lost"
         # The capacity is free again: the job (or another) can be placed.
         assert store.place_waiting([job_id], [SOLO])[0] == {job_id: SOLO}
-        store.note_attempt_host(job_id, "solo")
+        assert store.get(job_id).attempt_hosts == "solo,solo"
+        # A reservation given back (its host was out of reach) is replaced, not appended.
+        store.release(job_id)
+        assert store.place_waiting([job_id], [SOLO])[0] == {job_id: SOLO}
         assert store.get(job_id).attempt_hosts == "solo,solo"
 
 

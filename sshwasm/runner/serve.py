@@ -62,6 +62,7 @@ from .protocol import (
     SERVE_MAX_REQUEST_BYTES,
     FrameDecoder,
     FrameError,
+    encode_frame,
     runner_version,
 )
 from .stream import (
@@ -74,6 +75,10 @@ from .stream import (
 )
 
 # ----------------------------------------------------------------------------- serve
+
+# Ended tasks' frames are gathered into one write up to about this much (then written, so a
+# task that printed a lot is never held whole in memory).
+SETTLE_WRITE_BYTES = 4 * CHUNK_BYTES
 
 
 def _log_appender(path: str) -> Callable[[str], None]:
@@ -416,7 +421,7 @@ class _Server:
                 if attempt == 2:
                     raise
         with contextlib.suppress(OSError):
-            # The executor writes it too; writing it here means it exists once S is sent.
+            # Here, not in the executor: it then exists once S is sent (cancel reads it).
             _write_pid_file(job_dir, executor.pid)
         return executor.pid
 
@@ -508,8 +513,8 @@ class _Server:
         os.close(log_fd)
         file_size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
         try:
-            with contextlib.suppress(OSError):
-                _write_pid_file(job_dir, os.getpid())
+            # No pid file of its own: serve wrote this process's pid into the job's before
+            # its S frame (_dispatch), and a pooled executor's pid is the same every task.
             run_to_a_result(
                 _Execution(job_dir), lambda execution: self._run_task(execution, runtime, request)
             )
@@ -577,8 +582,11 @@ class _Server:
         return max(0.01, first + DEAD_GRACE_S - time.monotonic())
 
     def _settle(self) -> None:
-        """Send the outcome of every ended task whose result is on disk."""
+        """Send the outcome of every ended task whose result is on disk: the frames of all
+        of them in one write (each task's stdout, stderr and R frames, in that order), so
+        a burst of tasks ending costs the channel and the coordinator one wake-up."""
         now = time.monotonic()
+        frames: list[bytes] = []
         for task in list(self.ended):
             result_path = os.path.join(task.job_dir, "result.json")
             if not os.path.exists(result_path):
@@ -592,18 +600,25 @@ class _Server:
                     )
             self.ended.remove(task)
             if not self.coordinator_gone:
-                self._send_outcome(task, result_path)
+                self._outcome_frames(task, result_path, frames)
+                if sum(map(len, frames)) >= SETTLE_WRITE_BYTES:
+                    self.writer.send_raw(b"".join(frames))  # big outputs: not all held
+                    frames.clear()
+        if frames:
+            self.writer.send_raw(b"".join(frames))
 
-    def _send_outcome(self, task: _ServeTask, result_path: str) -> None:
+    def _outcome_frames(self, task: _ServeTask, result_path: str, frames: list[bytes]) -> None:
+        """Append a task's output and result frames (encoded) to `frames`."""
+        key = task.key.encode() + b"\n"
         for name, kind in (("stdout", KIND_STDOUT), ("stderr", KIND_STDERR)):
-            self._send_file(kind, task.key, os.path.join(task.job_dir, name))
+            self._file_frames(kind, key, os.path.join(task.job_dir, name), frames)
         try:
             result = _read_result(result_path)
         except OSError as exc:
             result = _make_result("failed", None, f"cannot read the result: {exc}")
-        self.writer.send_keyed(KIND_RESULT, task.key, result)
+        frames.append(encode_frame(KIND_RESULT, key + result))
 
-    def _send_file(self, kind: bytes, key: str, path: str) -> None:
+    def _file_frames(self, kind: bytes, key: bytes, path: str, frames: list[bytes]) -> None:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -614,8 +629,11 @@ class _Server:
                 chunk = os.pread(fd, CHUNK_BYTES, offset)
                 if not chunk:
                     return
-                self.writer.send_keyed(kind, key, chunk)
+                frames.append(encode_frame(kind, key + chunk))
                 offset += len(chunk)
+                if sum(map(len, frames)) >= SETTLE_WRITE_BYTES:
+                    self.writer.send_raw(b"".join(frames))
+                    frames.clear()
         finally:
             os.close(fd)
 

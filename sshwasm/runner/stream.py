@@ -49,8 +49,12 @@ class _FrameWriter:
         self._fd = stream.fileno()
 
     def send(self, kind: bytes, payload: bytes) -> None:
+        self.send_raw(encode_frame(kind, payload))
+
+    def send_raw(self, frames: bytes) -> None:
+        """Whole encoded frames in one write (serve answers several tasks at once)."""
         try:
-            write_all(self._fd, encode_frame(kind, payload))
+            write_all(self._fd, frames)
         except BrokenPipeError as exc:
             raise _CoordinatorGone from exc
         except OSError as exc:
