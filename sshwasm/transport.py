@@ -300,6 +300,11 @@ class Transport(ABC):
     async def close(self) -> None:  # noqa: B027 - only connections need closing
         """Close the connection."""
 
+    async def launch_warm(self, job_id: str) -> RunnerProcess | None:
+        """A channel to a warm serve that takes the job `job_id` as its launch spec, or None
+        to launch it as a command (only the connection process keeps warm serves)."""
+        return None
+
     async def install_runner_once(self, notice: Callable[[str], None] | None = None) -> None:
         """Install the runner unless a job on this connection already did."""
         async with self.setup_lock:
