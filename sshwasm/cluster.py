@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import sys
@@ -212,6 +211,8 @@ def _written_name(node: yaml.MappingNode) -> yaml.Node | None:
 
 
 def _suggest(key: str, valid: tuple[str, ...]) -> str:
+    import difflib  # only for a mistake: not on every command's path
+
     matches = difflib.get_close_matches(key.lower(), valid, n=1)
     return f" (did you mean '{matches[0]}'?)" if matches else ""
 

@@ -70,7 +70,27 @@ RUNNER_POINTER = "current"
 # that to `bin/<version>` (whole or not at all; a version already there intact is kept, a
 # damaged one replaced), and switches the pointer last, atomically: a command never runs
 # half a runner, and one already running keeps its files. Older versions are left in place.
-RUNNER_BOOTSTRAP = f"""\
+# It is made on first use (runner_bootstrap(), or the module attribute RUNNER_BOOTSTRAP):
+# reading jobdir's source costs every command's import, and a job on a warm serve
+# (mux/warm.py) starts no runner command.
+_BOOTSTRAP: list[str] = []
+
+
+def runner_bootstrap() -> str:
+    """RUNNER_BOOTSTRAP: the program every runner command is run by (see above)."""
+    if not _BOOTSTRAP:
+        _BOOTSTRAP.append(_bootstrap_source())
+    return _BOOTSTRAP[0]
+
+
+def __getattr__(name: str) -> str:
+    if name == "RUNNER_BOOTSTRAP":
+        return runner_bootstrap()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _bootstrap_source() -> str:
+    return f"""\
 from __future__ import annotations
 import os, stat, sys
 {inspect.getsource(jobdir.path_problem)}
@@ -684,7 +704,7 @@ class SshTransport(Transport):
 
     def _runner_command(self, args: Sequence[str]) -> str:
         python, workdir = shlex.quote(self.host.python), remote_path(self.host.workdir)
-        return f"{python} -c {shlex.quote(RUNNER_BOOTSTRAP)} {workdir} {shlex.join(args)}"
+        return f"{python} -c {shlex.quote(runner_bootstrap())} {workdir} {shlex.join(args)}"
 
     async def _open(self, command: str) -> RunnerProcess:
         import asyncssh
