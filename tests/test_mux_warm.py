@@ -93,11 +93,11 @@ def test_single_jobs_run_on_a_warm_serve(
 
     # Its time limit holds, and what it printed before is kept.
     spin = sshwasm(
-        "--cluster", str(cluster), "run", str(PROGRAMS / "spin.rs"), "--time-limit", "1", "--json"
+        "--cluster", str(cluster), "run", str(PROGRAMS / "spin.rs"), "--time-limit", "3", "--json"
     )  # fmt: skip
     record = record_of(spin)
     assert record["state"] == "timeout" and spin.returncode != 0, spin.stderr
-    assert "spinning" in sshwasm("logs", str(record["id"])).stdout
+    assert "spinning" in sshwasm("logs", str(record["id"])).stdout, (record, spin.stderr)
     assert first_serve[0] in warm_serves(workdir)  # the same serve all along
 
     # Another runner version (a new install): that serve is replaced, not reused. (This

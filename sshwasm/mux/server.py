@@ -36,9 +36,12 @@ LOCK_WAIT_S = 3.0
 STDIN_CHUNK = 65536
 # A launch spec larger than this is refused by serve: such a job is launched as a command.
 LAUNCH_MAX_BYTES = SERVE_MAX_REQUEST_BYTES // 2
-# A warm serve that failed to start (no wasmtime, say) is tried again after this long; one
-# that lacked the runner at once (the cold launch that follows installs it).
+# A warm serve that failed to start (no wasmtime, say) is tried again after this long.
 WARM_RETRY_AFTER_S = 60.0
+# A warm serve starts once its connection has had no command for this long.
+WARM_QUIET_S = 0.1
+# Starts that find no runner (the job's own commands may be installing it), at most.
+WARM_ATTEMPTS = 4
 
 
 def log(message: str) -> None:
@@ -68,6 +71,7 @@ class MuxServer:
         # The warm serve of each connection (see warm.py), and when one last failed to start.
         self.warm: dict[str, WarmServe] = {}
         self._warming: set[str] = set()
+        self._want_warm: dict[str, str] = {}  # the runner version a cold job asked for
         self._warm_failed: dict[str, float] = {}
         self.warm_launches = 0
         self._tasks: set[asyncio.Future[None]] = set()
@@ -185,39 +189,67 @@ class MuxServer:
 
     def warm_serve(self, transport: SshTransport, key: str, version: str) -> WarmServe | None:
         """The connection's warm serve for this runner version if it is ready; else None,
-        and one is started in the background (replacing one of another version)."""
+        and one is started once the connection is quiet (replacing one of another version)."""
         warm = self.warm.get(key)
         if warm is not None and warm.ready and warm.version == version:
             return warm
         if warm is not None and (warm.version != version or warm.broken):
             del self.warm[key]
             self._spawn(warm.close())  # its running jobs finish and reach their clients
-        if key in self._warming:
-            return None
         failed = self._warm_failed.get(key)
         if failed is not None and time.monotonic() - failed < WARM_RETRY_AFTER_S:
             return None
-        self._warming.add(key)
-
-        async def start() -> None:
-            starting = WarmServe(transport, version)
-            try:
-                await starting.start()
-            except (WarmUnavailable, SshwasmError, OSError) as exc:
-                log(f"no warm serve: {exc}")
-                if not (isinstance(exc, WarmUnavailable) and exc.need_runner):
-                    self._warm_failed[key] = time.monotonic()
-                return
-            finally:
-                self._warming.discard(key)
-            self._warm_failed.pop(key, None)
-            if self.transports.get(key) is transport and key not in self.warm:
-                self.warm[key] = starting
-            else:
-                await starting.close()  # its connection went meanwhile
-
-        self._spawn(start())
+        self._want_warm[key] = version
+        if key not in self._warming:
+            self._warming.add(key)
+            self._spawn(self._warm_up(transport, key))
         return None
+
+    async def _warm_up(self, transport: SshTransport, key: str) -> None:
+        """Start the wanted warm serve once the connection has been quiet for WARM_QUIET_S:
+        never beside the commands of the job that asked (a first job on a host installs
+        the runner and uploads its module; a serve started then would find neither). A
+        serve that finds no runner (or another version) is tried again after the
+        connection's next commands, which install it."""
+        tried_at: float | None = None
+        try:
+            for _attempt in range(WARM_ATTEMPTS):
+                while True:
+                    await asyncio.sleep(WARM_QUIET_S / 2)
+                    if self.transports.get(key) is not transport or key not in self._want_warm:
+                        return  # the connection went, or a serve is no longer wanted
+                    used = self.last_used.get(key, 0.0)
+                    if (
+                        self.in_use.get(key, 0) == 0
+                        and time.monotonic() - used >= WARM_QUIET_S
+                        and (tried_at is None or used > tried_at)
+                    ):
+                        break
+                version = self._want_warm[key]
+                starting = WarmServe(transport, version)
+                tried_at = time.monotonic()
+                try:
+                    await starting.start()
+                except WarmUnavailable as exc:
+                    log(f"no warm serve yet: {exc}")
+                    if exc.need_runner:
+                        continue
+                    self._warm_failed[key] = time.monotonic()
+                    return
+                except (SshwasmError, OSError) as exc:
+                    log(f"no warm serve: {type(exc).__name__}: {exc}")
+                    self._warm_failed[key] = time.monotonic()
+                    return
+                if self._want_warm.get(key) == version:
+                    del self._want_warm[key]
+                self._warm_failed.pop(key, None)
+                if self.transports.get(key) is transport and key not in self.warm:
+                    self.warm[key] = starting
+                else:
+                    await starting.close()  # its connection went meanwhile
+                return
+        finally:
+            self._warming.discard(key)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -394,6 +426,7 @@ class MuxServer:
         if warm is not None:
             await warm.close()
         self._warm_failed.pop(key, None)
+        self._want_warm.pop(key, None)
         self.last_used.pop(key, None)
         self.in_use.pop(key, None)
         transport = self.transports.pop(key, None)
