@@ -42,7 +42,7 @@ FINAL_KINDS = (KIND_RESULT, KIND_NEED, KIND_ERROR)
 # (every job of the host) rather than this process's memory growing with a job's output.
 ROUTE_QUEUE_FRAMES = 64
 # Held here: the reader of a serve already replaced still delivers its running jobs' frames.
-_READERS: set[asyncio.Task[None]] = set()
+_READERS: set[asyncio.Future[None]] = set()
 
 
 class WarmUnavailable(Exception):
@@ -139,9 +139,13 @@ class WarmServe:
         finally:
             self.broken = True
             for route in list(self.routes.values()):
-                with contextlib.suppress(asyncio.QueueFull):
-                    # A full queue's client is gone or stuck: its relay ends at the next get.
+                try:
                     route.frames.put_nowait(None)
+                except asyncio.QueueFull:
+                    # Its client is behind: the end follows what it has yet to take.
+                    ending = asyncio.ensure_future(route.frames.put(None))
+                    _READERS.add(ending)
+                    ending.add_done_callback(_READERS.discard)
             self.routes.clear()
             with contextlib.suppress(Exception):
                 await process.finish()
