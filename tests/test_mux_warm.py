@@ -1,12 +1,15 @@
 """Single jobs on the connection process's warm serve (sshwasm/mux/warm.py): a job after
 the first runs on a pooled executor that already imported wasmtime, with its staging, time
-limit and live output as ever; another runner version replaces the serve, and it goes with
-the connection process when that idles out."""
+limit and live output as ever, re-attached when the connection process dies under it;
+another runner version replaces the serve, and it goes with the connection process when
+that idles out."""
 
 from __future__ import annotations
 
 import collections
 import json
+import os
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +28,7 @@ from helpers import (
 )
 from test_mux import run_tiny, runtime  # noqa: F401 - the fixture, used by name
 
+from sshwasm import runner_client as client_module
 from sshwasm.cluster import load_cluster
 from sshwasm.mux import wire
 
@@ -115,11 +119,23 @@ def test_single_jobs_run_on_a_warm_serve(
     assert run_tiny(cluster) == ""
     wait_for(lambda: bool(warm_serves(workdir)), timeout=60)  # one of this version again
 
+    # The connection process killed under a running job: the job runs on, re-attached.
+    trickle = start_streaming(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "trickle.rs"), "-q", "--", "6", "300"
+    )  # fmt: skip
+    assert trickle.stdout is not None
+    assert trickle.stdout.readline() == b"line 1\n"
+    for pid in mux_processes(runtime):
+        os.kill(pid, signal.SIGKILL)
+    rest, stderr = trickle.communicate(timeout=120)
+    assert trickle.returncode == 0, stderr
+    assert rest == b"".join(b"line %d\n" % line for line in range(2, 7)), stderr
+
     # Idle for 3 s (the latest command's setting): the connection process goes, and its
     # warm serve with it.
     make_cluster({"alpha": (2, 2048)}, defaults={"connection_persist_s": 3})
     assert run_tiny(cluster) == ""
     wait_for(lambda: not mux_processes(runtime), timeout=60)
     wait_for(lambda: not warm_serves(workdir), timeout=30)
-    log = (runtime / wire.LOG_NAME).read_text()
-    assert "jobs on warm serves" in log and ", 0 jobs on warm serves" not in log, log
+    assert "jobs on warm serves" in (runtime / wire.LOG_NAME).read_text()
+    assert client_module.NOT_LAUNCHED == wire.NOT_LAUNCHED  # the relay's "never sent"
