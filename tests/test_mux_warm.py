@@ -1,8 +1,8 @@
 """Single jobs on the connection process's warm serve (sshwasm/mux/warm.py): a job after
 the first runs on a pooled executor that already imported wasmtime, with its staging, time
-limit and live output as ever, re-attached when the connection process dies under it;
-another runner version replaces the serve, and it goes with the connection process when
-that idles out."""
+limit, live output, --detach and cancel as ever, re-attached when the connection process
+dies under it; another runner version replaces the serve, and it goes with the connection
+process when that idles out."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from helpers import (
     sshwasm,
     start_streaming,
     wait_for,
+    wait_for_state,
 )
 from test_mux import run_tiny, runtime  # noqa: F401 - the fixture, used by name
 
@@ -102,6 +103,15 @@ def test_single_jobs_run_on_a_warm_serve(
     record = record_of(spin)
     assert record["state"] == "timeout" and spin.returncode != 0, spin.stderr
     assert "spinning" in sshwasm("logs", str(record["id"])).stdout, (record, spin.stderr)
+    # --detach, then cancel: the job on the warm serve is killed and recorded so.
+    detached = sshwasm(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "spin.rs"), "--detach"
+    )  # fmt: skip
+    assert detached.returncode == 0, detached.stderr
+    job = detached.stdout.strip()
+    wait_for_state(int(job), {"running"})
+    assert sshwasm("cancel", job).returncode == 0
+    assert wait_for_state(int(job), {"cancelled"})["state"] == "cancelled"
     assert first_serve[0] in warm_serves(workdir)  # the same serve all along
 
     # Another runner version (a new install): that serve is replaced, not reused. (This
