@@ -150,6 +150,16 @@ def install() -> None:
         return process
 
     mux_client.MuxTransport._open = mux_open  # type: ignore[method-assign]
+    original_launch_warm = mux_client.MuxTransport.launch_warm
+
+    async def launch_warm(self: Any, job_id: str) -> Any:
+        began = time.time()
+        process = await original_launch_warm(self, job_id)
+        if process is not None:  # else the job is launched as a command: the spans above
+            SPANS.append(("warm serve: launch request", began, time.time()))
+        return process
+
+    mux_client.MuxTransport.launch_warm = launch_warm  # type: ignore[method-assign]
 
     original_feed = protocol.FrameDecoder.feed
 

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from sshwasm.errors import ClusterError
+
+
+class _LazyYaml:
+    """PyYAML, imported on first use: a cluster file found in cluster_cache needs none."""
+
+    def __getattr__(self, name: str) -> Any:
+        import yaml as module
+
+        globals()["yaml"] = module  # later uses go straight to it
+        return getattr(module, name)
+
+
+if TYPE_CHECKING:
+    import yaml
+else:
+    yaml = _LazyYaml()
 
 DEFAULT_WORKDIR = "~/.sshwasm"
 
@@ -150,7 +163,16 @@ def load_cluster(path: Path | None) -> Cluster:
     """Read and validate the cluster file at `path`; None gives `default_cluster()`."""
     if path is None:
         return default_cluster()
-    return _Loader(Path(path)).load()
+    from . import cluster_cache
+
+    loader = _Loader(Path(path))
+    data = loader.read_bytes()
+    cached = cluster_cache.load(loader.path, data)
+    if cached is not None:
+        return cached
+    cluster = loader.load(data)
+    cluster_cache.save(loader.path, data, cluster)
+    return cluster
 
 
 def _usable_cpus() -> int:
@@ -220,6 +242,8 @@ def _written_name(node: yaml.MappingNode) -> yaml.Node | None:
 
 
 def _suggest(key: str, valid: tuple[str, ...]) -> str:
+    import difflib  # only for a mistake: not on every command's path
+
     matches = difflib.get_close_matches(key.lower(), valid, n=1)
     return f" (did you mean '{matches[0]}'?)" if matches else ""
 
@@ -250,8 +274,8 @@ class _Loader:
     def fail(self, line: int | None, message: str) -> ClusterError:
         return ClusterError(self.where, line, message)
 
-    def load(self) -> Cluster:
-        root = self.compose(self.read_text())
+    def load(self, data: bytes) -> Cluster:
+        root = self.compose(self.decode(data))
         if root is None:
             raise self.fail(None, "the cluster file is empty; it needs a 'hosts' list")
         if not isinstance(root, yaml.MappingNode):
@@ -359,11 +383,13 @@ class _Loader:
             settings = dataclasses.replace(settings, tls=tls)
         return engine, settings
 
-    def read_text(self) -> str:
+    def read_bytes(self) -> bytes:
         try:
-            data = self.path.read_bytes()
+            return self.path.read_bytes()
         except OSError as exc:
             raise self.fail(None, f"cannot read the cluster file: {exc.strerror or exc}") from exc
+
+    def decode(self, data: bytes) -> str:
         try:
             # utf-8-sig: editors on Windows prepend a BOM that is not part of the YAML.
             return data.decode("utf-8-sig")

@@ -53,6 +53,11 @@ from .transport import (
 )
 
 OutputCallback = Callable[[bytes], object]
+# A job launched on a warm serve and running this long has its output streamed (by attach).
+WARM_STREAM_AFTER_S = 0.5
+# What the connection process's relay exits with when the job never reached serve
+# (mux/wire.NOT_LAUNCHED; not imported from there, which would load the mux for every user).
+NOT_LAUNCHED = -1
 # What fetch-output may send after its archive's end (tar pads to 10 KiB records).
 TRAILING_BYTES_MAX = 1 << 20
 
@@ -232,6 +237,12 @@ class RunnerClient:
             )
             raise_if_lacking_dir(self.host.name, served[0])
             return served
+        warm = await self._launch_warm(
+            job_id, spec, stdin, module, on_stdout, on_stderr, notice, input_tar
+        )
+        if warm is not None:
+            raise_if_lacking_dir(self.host.name, warm[0])
+            return warm
         stats = UploadStats()
         payload = spec.encode(stdin, input_tar)
         for _attempt in range(4):
@@ -256,6 +267,88 @@ class RunnerClient:
                 continue
             return outcome, stats
         raise RemoteError(self.host.name, "the runner kept asking for setup; giving up")
+
+    async def _launch_warm(
+        self,
+        job_id: str,
+        spec: LaunchSpec,
+        stdin: bytes | None,
+        module: Path,
+        on_stdout: OutputCallback,
+        on_stderr: OutputCallback,
+        notice: Callable[[str], None] | None,
+        input_tar: bytes,
+    ) -> tuple[StreamOutcome, UploadStats] | None:
+        """The job launched through the host's warm serve (the connection process's, see
+        mux/warm.py); None when there is none, and it is to be launched as a command."""
+        payload = spec.encode(stdin, input_tar, key=job_id)
+        if len(payload) > SERVE_MAX_PAYLOAD_BYTES:
+            return None
+        stats = UploadStats()
+        for _attempt in range(3):
+            process = await self.transport.launch_warm(job_id)
+            if process is None:
+                return None
+            await process.send(payload)
+            outcome = await self._follow_warm(job_id, process, on_stdout, on_stderr)
+            if outcome is None:
+                return None
+            if outcome.need == "module":
+                await self._upload_once(spec.wasm_sha256, module, stats, notice)
+                continue
+            return outcome, stats
+        raise RemoteError(self.host.name, "the runner kept asking for the module; giving up")
+
+    async def _follow_warm(
+        self,
+        job_id: str,
+        process: RunnerProcess,
+        on_stdout: OutputCallback,
+        on_stderr: OutputCallback,
+    ) -> StreamOutcome | None:
+        """A warm job's frames until its end; None if it never reached serve.
+
+        serve sends a job's output when it ends. A job still running WARM_STREAM_AFTER_S
+        after it started is followed by `attach` instead, which streams its output as it
+        comes (from its start: nothing of it was shown yet), as a launched job's is.
+        """
+        outcome = StreamOutcome()
+        decoder = FrameDecoder()
+        stream_at: float | None = None
+        reading: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                reading = asyncio.ensure_future(process.read())
+                timeout = None if stream_at is None else max(0.0, stream_at - time.monotonic())
+                await asyncio.wait({reading}, timeout=timeout)
+                if not reading.done():
+                    break  # still running: follow it with attach
+                chunk = reading.result()
+                reading = None
+                if not chunk:
+                    outcome.completed = await process.finish()
+                    if outcome.frames == 0 and outcome.completed.exit_status == NOT_LAUNCHED:
+                        return None
+                    return outcome
+                try:
+                    for kind, payload in decoder.feed(chunk):
+                        apply_frame(outcome, kind, payload, on_stdout, on_stderr)
+                except ProtocolError as exc:
+                    process.abort()
+                    raise broken_answer(self.host.name, exc) from exc
+                if outcome.pid is not None and outcome.frames == 1:
+                    stream_at = time.monotonic() + WARM_STREAM_AFTER_S
+                else:
+                    stream_at = None  # its end is on its way
+        finally:
+            if reading is not None:
+                reading.cancel()
+        process.abort()  # the job runs on; serve's frames about it are dropped
+        attached = await self.stream(job_id, 0, 0, on_stdout, on_stderr, follow=True)
+        if attached.pid is None:
+            attached.pid = outcome.pid
+        attached.frames += outcome.frames
+        return attached
 
     async def _launch_served(
         self,

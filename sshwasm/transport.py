@@ -77,7 +77,27 @@ RUNNER_POINTER = "current"
 # that to `bin/<version>` (whole or not at all; a version already there intact is kept, a
 # damaged one replaced), and switches the pointer last, atomically: a command never runs
 # half a runner, and one already running keeps its files. Older versions are left in place.
-RUNNER_BOOTSTRAP = f"""\
+# It is made on first use (runner_bootstrap(), or the module attribute RUNNER_BOOTSTRAP):
+# reading jobdir's source costs every command's import, and a job on a warm serve
+# (mux/warm.py) starts no runner command.
+_BOOTSTRAP: list[str] = []
+
+
+def runner_bootstrap() -> str:
+    """RUNNER_BOOTSTRAP: the program every runner command is run by (see above)."""
+    if not _BOOTSTRAP:
+        _BOOTSTRAP.append(_bootstrap_source())
+    return _BOOTSTRAP[0]
+
+
+def __getattr__(name: str) -> str:
+    if name == "RUNNER_BOOTSTRAP":
+        return runner_bootstrap()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _bootstrap_source() -> str:
+    return f"""\
 from __future__ import annotations
 import os, stat, sys
 {inspect.getsource(jobdir.path_problem)}
@@ -306,6 +326,11 @@ class Transport(ABC):
 
     async def close(self) -> None:  # noqa: B027 - only connections need closing
         """Close the connection."""
+
+    async def launch_warm(self, job_id: str) -> RunnerProcess | None:
+        """A channel to a warm serve that takes the job `job_id` as its launch spec, or None
+        to launch it as a command (only the connection process keeps warm serves)."""
+        return None
 
     async def install_runner_once(self, notice: Callable[[str], None] | None = None) -> None:
         """Install the runner unless a job on this connection already did."""
@@ -686,7 +711,7 @@ class SshTransport(Transport):
 
     def _runner_command(self, args: Sequence[str]) -> str:
         python, workdir = shlex.quote(self.host.python), remote_path(self.host.workdir)
-        return f"{python} -c {shlex.quote(RUNNER_BOOTSTRAP)} {workdir} {shlex.join(args)}"
+        return f"{python} -c {shlex.quote(runner_bootstrap())} {workdir} {shlex.join(args)}"
 
     async def _open(self, command: str) -> RunnerProcess:
         import asyncssh

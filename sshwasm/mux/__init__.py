@@ -9,6 +9,8 @@ hosts' `connection_persist_s`. Connections are keyed by every SSH setting of the
 edited cluster file never reaches an old address through an old connection.
 
 `wire` is what both ends share (frames, where the socket is, the checks on it), `server` the
-process, `client` the transport the CLI uses (`MuxTransport`), which falls back to a direct
-connection whenever the process is missing, broken or not trustworthy.
+process, `spare` the session it opens ahead of each connection's next command, `warm` the
+runner `serve` it keeps per connection for single jobs (handed over as L frames), `client`
+the transport the CLI uses (`MuxTransport`), which falls back to a direct connection
+whenever the process is missing, broken or not trustworthy.
 """

@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import paths
 from ..cluster import Host
 from ..errors import HostUnreachable
+from ..runner.protocol import runner_version
 from ..transport import STDERR_KEEP_BYTES, Completed, RunnerProcess, SshTransport
 from . import wire
 
@@ -123,6 +124,10 @@ def open_socket(directory: Path, persist_s: float) -> socket.socket:
     return sock
 
 
+class _Cold(Exception):
+    """The connection process has no warm serve for the job: launch it as a command."""
+
+
 class _MuxProcess(RunnerProcess):
     """A remote command relayed by the connection process."""
 
@@ -202,7 +207,7 @@ class MuxTransport(SshTransport):
         _say(f"connecting to '{self.host.name}' directly: the connection process {why}")
 
     async def _request(
-        self, op: str, command: str | None = None
+        self, op: str, command: str | None = None, **fields: str
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Send a request; return the streams after an answer of ok.
 
@@ -225,6 +230,7 @@ class MuxTransport(SshTransport):
             }
             if command is not None:
                 request["command"] = command
+            request.update(fields)
             writer.write(wire.encode_message(request))
             await writer.drain()
             try:
@@ -236,6 +242,9 @@ class MuxTransport(SshTransport):
             reason = answer.get("reason")
             if answer.get("kind") == "unreachable" and isinstance(reason, str):
                 raise HostUnreachable(self.host.name, reason)
+            if op == "launch" and answer.get("kind") in ("cold", "bad"):
+                # No warm serve yet, or a process from before warm serves: not broken.
+                raise _Cold(str(reason))
             raise wire.MuxUnavailable(f"refused: {reason}")
         except BaseException:
             writer.close()
@@ -252,6 +261,21 @@ class MuxTransport(SshTransport):
                 self._fall_back(str(exc))
         if self.direct:
             await super().connect()
+
+    async def launch_warm(self, job_id: str) -> RunnerProcess | None:
+        """The job's launch channel on the host's warm serve (see mux/warm.py), or None when
+        the process has none ready (it starts one) or is not used."""
+        if self.direct:
+            return None
+        try:
+            reader, writer = await self._request("launch", job=job_id, runner=runner_version())
+        except _Cold:
+            return None
+        except (wire.MuxUnavailable, OSError) as exc:
+            self._fall_back(str(exc))
+            return None
+        self._mux_ready = True
+        return _MuxProcess(reader, writer)
 
     async def _open(self, command: str) -> RunnerProcess:
         if not self.direct:

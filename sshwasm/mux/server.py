@@ -16,19 +16,32 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from .. import paths
 from ..cluster import MAX_CONNECTION_PERSIST_S, Host
 from ..errors import HostKeyUntrusted, HostUnreachable, SshwasmError
+from ..runner.jobdir import JOB_ID_RE
+from ..runner.protocol import SERVE_MAX_REQUEST_BYTES, encode_frame
 from ..transport import RunnerProcess, SshTransport
 from . import spare, wire
+from .warm import FINAL_KINDS, Route, WarmServe, WarmUnavailable
 
 # A client has this long to send its request after connecting.
 REQUEST_TIMEOUT_S = 10.0
 # A newly started process waits this long for one that is shutting down to let go of the lock.
 LOCK_WAIT_S = 3.0
 STDIN_CHUNK = 65536
+# A launch spec larger than this is refused by serve: such a job is launched as a command.
+LAUNCH_MAX_BYTES = SERVE_MAX_REQUEST_BYTES // 2
+# A warm serve that failed to start (no wasmtime, say) is tried again after this long.
+WARM_RETRY_AFTER_S = 60.0
+# A warm serve starts once its connection has had no command for this long.
+WARM_QUIET_S = 0.1
+# Starts that find no runner (the job's own commands may be installing it), at most.
+WARM_ATTEMPTS = 4
 
 
 def log(message: str) -> None:
@@ -55,6 +68,12 @@ class MuxServer:
         # A session opened ahead of each connection's next command (see spare.py).
         self.spares: dict[str, RunnerProcess] = {}
         self._refilling: set[str] = set()
+        # The warm serve of each connection (see warm.py), and when one last failed to start.
+        self.warm: dict[str, WarmServe] = {}
+        self._warming: set[str] = set()
+        self._want_warm: dict[str, str] = {}  # the runner version a cold job asked for
+        self._warm_failed: dict[str, float] = {}
+        self.warm_launches = 0
         self._tasks: set[asyncio.Future[None]] = set()
         self.commands = 0
         self.on_spares = 0
@@ -105,11 +124,21 @@ class MuxServer:
         request = await asyncio.wait_for(wire.read_message(reader), REQUEST_TIMEOUT_S)
         op, command = request.get("op"), request.get("command")
         persist = request.get("persist_s")
+        job, runner = request.get("job"), request.get("runner")
         if (
             request.get("version") != wire.MUX_VERSION
-            or op not in ("connect", "exec")
+            or op not in ("connect", "exec", "launch")
             or not isinstance(request.get("host"), dict)
             or (op == "exec" and not isinstance(command, str))
+            or (
+                op == "launch"
+                and not (
+                    isinstance(job, str)
+                    and JOB_ID_RE.fullmatch(job)
+                    and isinstance(runner, str)
+                    and runner
+                )
+            )
             or isinstance(persist, bool)
             or not isinstance(persist, (int, float))
         ):
@@ -121,6 +150,18 @@ class MuxServer:
         process: RunnerProcess | None = None
         try:
             transport = await self.transport(host, key)
+            if op == "launch":
+                assert isinstance(job, str) and isinstance(runner, str)
+                warm = self.warm_serve(transport, key, runner)
+                if warm is not None:
+                    writer.write(wire.encode_message({"ok": True}))
+                    await self.launch_warm(warm, key, job, reader, writer)
+                    return
+                # This job launches as a command (on the spare), as before.
+                self.refill(transport, key)
+                reason = "no warm serve yet"
+                writer.write(wire.encode_message({"ok": False, "kind": "cold", "reason": reason}))
+                return
             if isinstance(command, str):
                 process = await self.start(transport, key, command)
             self.refill(transport, key)
@@ -145,6 +186,151 @@ class MuxServer:
         finally:
             self.in_use[key] -= 1
             self.last_used[key] = time.monotonic()
+
+    def warm_serve(self, transport: SshTransport, key: str, version: str) -> WarmServe | None:
+        """The connection's warm serve for this runner version if it is ready; else None,
+        and one is started once the connection is quiet (replacing one of another version)."""
+        warm = self.warm.get(key)
+        if warm is not None and warm.ready and warm.version == version:
+            return warm
+        if warm is not None and (warm.version != version or warm.broken):
+            del self.warm[key]
+            self._spawn(warm.close())  # its running jobs finish and reach their clients
+        failed = self._warm_failed.get(key)
+        if failed is not None and time.monotonic() - failed < WARM_RETRY_AFTER_S:
+            return None
+        self._want_warm[key] = version
+        if key not in self._warming:
+            self._warming.add(key)
+            self._spawn(self._warm_up(transport, key))
+        return None
+
+    async def _warm_up(self, transport: SshTransport, key: str) -> None:
+        """Start the wanted warm serve once the connection has been quiet for WARM_QUIET_S:
+        never beside the commands of the job that asked (a first job on a host installs
+        the runner and uploads its module; a serve started then would find neither). A
+        serve that finds no runner (or another version) is tried again after the
+        connection's next commands, which install it."""
+        tried_at: float | None = None
+        try:
+            for _attempt in range(WARM_ATTEMPTS):
+                while True:
+                    await asyncio.sleep(WARM_QUIET_S / 2)
+                    if self.transports.get(key) is not transport or key not in self._want_warm:
+                        return  # the connection went, or a serve is no longer wanted
+                    used = self.last_used.get(key, 0.0)
+                    if (
+                        self.in_use.get(key, 0) == 0
+                        and time.monotonic() - used >= WARM_QUIET_S
+                        and (tried_at is None or used > tried_at)
+                    ):
+                        break
+                version = self._want_warm[key]
+                starting = WarmServe(transport, version)
+                tried_at = time.monotonic()
+                try:
+                    await starting.start()
+                except WarmUnavailable as exc:
+                    log(f"no warm serve yet: {exc}")
+                    if exc.need_runner:
+                        continue
+                    self._warm_failed[key] = time.monotonic()
+                    return
+                except (SshwasmError, OSError) as exc:
+                    log(f"no warm serve: {type(exc).__name__}: {exc}")
+                    self._warm_failed[key] = time.monotonic()
+                    return
+                if self._want_warm.get(key) == version:
+                    del self._want_warm[key]
+                self._warm_failed.pop(key, None)
+                if self.transports.get(key) is transport and key not in self.warm:
+                    self.warm[key] = starting
+                else:
+                    await starting.close()  # its connection went meanwhile
+                return
+        finally:
+            self._warming.discard(key)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def launch_warm(
+        self,
+        warm: WarmServe,
+        key: str,
+        job: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Read one job's launch spec from the client, hand it to serve, relay its frames."""
+        payload = bytearray()
+        while True:
+            frame = await wire.read_frame(reader)
+            if frame is None or frame[0] not in (wire.STDIN, wire.STDIN_EOF):
+                return  # the client went away before it sent the job: nothing ran
+            payload += frame[1]
+            if len(payload) > LAUNCH_MAX_BYTES:
+                self._end_relay(writer, wire.NOT_LAUNCHED)
+                await writer.drain()
+                return
+            if frame[0] == wire.STDIN_EOF:
+                break
+        self.commands += 1
+        self.in_use[key] = self.in_use.get(key, 0) + 1
+        try:
+            route = await warm.launch(job, bytes(payload))
+            if route is None:
+                self._end_relay(writer, wire.NOT_LAUNCHED)
+                await writer.drain()
+                return
+            self.warm_launches += 1
+            await self.relay_route(warm, job, route, reader, writer)
+        finally:
+            self.in_use[key] -= 1
+            self.last_used[key] = time.monotonic()
+
+    async def relay_route(
+        self,
+        warm: WarmServe,
+        job: str,
+        route: Route,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Carry serve's frames about one job to its client, unkeyed as `launch` sends them."""
+        # The client sends nothing more: its end of the socket closing means it went away.
+        gone = asyncio.ensure_future(reader.read(1))
+        try:
+            while True:
+                getting = asyncio.ensure_future(route.frames.get())
+                await asyncio.wait({getting, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    return
+                item = getting.result()
+                if item is None:
+                    self._end_relay(writer, None)  # serve was lost: the client re-attaches
+                    await writer.drain()
+                    return
+                kind, body = item
+                wire.write_frame(writer, wire.STDOUT, encode_frame(kind, body))
+                if kind in FINAL_KINDS:
+                    self._end_relay(writer, 0)
+                    await writer.drain()
+                    return
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        finally:
+            gone.cancel()
+            warm.drop(job, route)
+
+    @staticmethod
+    def _end_relay(writer: asyncio.StreamWriter, status: int | None) -> None:
+        wire.write_frame(writer, wire.STDERR, b"")
+        wire.write_frame(writer, wire.EXIT, json.dumps({"status": status}).encode())
 
     async def start(self, transport: SshTransport, key: str, command: str) -> RunnerProcess:
         """Start `command` on the connection's spare channel if one is open, else on a new one."""
@@ -236,6 +422,11 @@ class MuxServer:
         held = self.spares.pop(key, None)
         if held is not None:
             held.abort()
+        warm = self.warm.pop(key, None)
+        if warm is not None:
+            await warm.close()
+        self._warm_failed.pop(key, None)
+        self._want_warm.pop(key, None)
         self.last_used.pop(key, None)
         self.in_use.pop(key, None)
         transport = self.transports.pop(key, None)
@@ -295,7 +486,10 @@ async def serve_forever(directory: Path, idle_s: float) -> int:
         listener.close()
         reaper.cancel()
         await server.close()
-        log(f"stopped: {server.commands} commands, {server.on_spares} on spare channels")
+        log(
+            f"stopped: {server.commands} commands, {server.on_spares} on spare channels, "
+            f"{server.warm_launches} jobs on warm serves"
+        )
     return 0
 
 

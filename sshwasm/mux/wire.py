@@ -7,6 +7,14 @@ After an `exec` answered ok, frames follow, each a kind byte, a 4-byte big-endia
 that many bytes: the client sends `I` (stdin bytes) and `C` (end of stdin); the process sends
 `O` (stdout bytes), then `E` (the end of stderr) and `X` (the exit status, JSON) last. A
 client that closes its end stops the command's channel, as closing an SSH channel does.
+
+A `launch` request (`job`: the job's id, `runner`: the client's runner version) hands one
+job to the connection's warm serve (`warm.py`). Answered ok, the client sends the launch
+spec as `I` frames and `C`; the process sends the runner's frames about the job, unkeyed as
+a `launch` command sends them (`S`, then `O`/`E` and `R`, or one `N` or `X`), inside `O`
+frames, then `E` and `X` as for `exec`: status 0 after the job's last frame, null if serve
+was lost, NOT_LAUNCHED if the job was never handed to serve. Answered `kind: cold`, there
+is no warm serve yet (one is being started): the client launches the job as a command.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ STDOUT = b"O"
 STDERR = b"E"
 EXIT = b"X"
 _FRAME = struct.Struct(">cI")
+# The exit status of a `launch` relay whose job never reached serve (no exit status of a
+# remote command is negative): the client launches it as a command instead.
+NOT_LAUNCHED = -1
 # sun_path holds 108 bytes; longer paths are reached through the directory's descriptor.
 _SUN_PATH_MAX = 100
 
