@@ -101,6 +101,28 @@ def task_key(job: Job) -> str:
     return f"sshwasm-{job.remote_key}"
 
 
+def _next_batch(pending: Any) -> list[Any]:
+    """The futures of `as_completed` that ended: at least one (waiting for it), or none when
+    every one was handed out."""
+    try:
+        return list(pending.next_batch(block=True))
+    except StopIteration:
+        return []
+
+
+def _gather_finished(client: Any, batch: Sequence[Any]) -> dict[Any, dict[str, Any]]:
+    """The answers of the batch's finished tasks, in one gather. Empty when that fails (a
+    worker holding one died meanwhile): each is then asked for alone, as it is recorded."""
+    finished = [future for future in batch if future.status == "finished"]
+    if not finished:
+        return {}
+    try:
+        answers = client.gather(finished)
+    except Exception:
+        return {}
+    return dict(zip(finished, answers, strict=True))
+
+
 class DaskRun:
     """Submits jobs to the pool and records each as its task ends."""
 
@@ -207,30 +229,47 @@ class DaskRun:
         )
         jobs = self.store.get_many(job_ids)
         modules: dict[str, Any] = {}
-        task = _task_function()
-        futures: dict[Any, int] = {}
+        groups: dict[tuple[Any, ...], list[Job]] = {}
         for job in jobs:
             if job.wasm_sha256 not in modules:
                 data = Path(job.wasm_path).read_bytes()
                 # Keyed by content, and on every worker (a worker that dies must not take the
                 # only copy with it): each gets a module once, whatever the jobs.
                 modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
-            stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
-            input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
-            payload = launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
-            future = client.submit(
+            workers = eligible_workers(self.cluster, job)
+            shape = (
+                job.wasm_sha256,
+                job.cpus,
+                job.memory_mb,
+                None if workers is None else tuple(workers),
+                job.retries,
+            )
+            groups.setdefault(shape, []).append(job)
+        task = _task_function()
+        futures: dict[Any, int] = {}
+        # One `map` (one message to the scheduler, the task function pickled once) per kind
+        # of task: an array is one. Its order is the tasks' priority, oldest first.
+        for (sha256, cpus, memory_mb, workers, retries), group in groups.items():
+            submitted = client.map(
                 task,
-                payload,
-                modules[job.wasm_sha256],
-                key=task_key(job),
-                resources={"cpus": job.cpus, "memory_mb": job.memory_mb},
-                workers=eligible_workers(self.cluster, job),
+                [self._payload(job) for job in group],
+                [modules[sha256]] * len(group),
+                key=[task_key(job) for job in group],
+                resources={"cpus": cpus, "memory_mb": memory_mb},
+                workers=None if workers is None else list(workers),
                 allow_other_workers=False,
-                retries=job.retries,
+                retries=retries,
                 pure=False,
             )
-            futures[future] = job.id
+            futures.update(zip(submitted, (job.id for job in group), strict=True))
         return futures
+
+    @staticmethod
+    def _payload(job: Job) -> bytes:
+        """The job's launch spec as the runner's serve takes it (stdin and input inside)."""
+        stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
+        input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
+        return launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
 
     async def _collect(self, client: Any, futures: dict[Any, int]) -> list[Job]:
         import distributed
@@ -242,13 +281,19 @@ class DaskRun:
         try:
             async with TransportPool() as pool:
                 while True:
-                    future = await asyncio.to_thread(next, pending, None)
-                    if future is None:
+                    # Every task that ended since the last wake-up, and their answers in one
+                    # gather (not a round trip to the scheduler and worker per task).
+                    batch = await asyncio.to_thread(_next_batch, pending)
+                    if not batch:
                         break
-                    job_id = futures[future]
-                    ended[job_id] = await self._record(pool, client, future, job_id)
-                    if self.on_done is not None:
-                        self.on_done(ended[job_id])
+                    answers = await asyncio.to_thread(_gather_finished, client, batch)
+                    for future in batch:
+                        job_id = futures[future]
+                        ended[job_id] = await self._record(
+                            pool, client, future, job_id, answers.get(future)
+                        )
+                        if self.on_done is not None:
+                            self.on_done(ended[job_id])
         finally:
             watcher.cancel()
         # Held until now so the scheduler still knows each task's reruns.
@@ -330,7 +375,16 @@ class DaskRun:
                 except Exception as exc:  # a worker gone meanwhile: its guest went with it
                     self.handlers.warning(f"job {job.id}: cancelling on the pool: {exc}")
 
-    async def _record(self, pool: TransportPool, client: Any, future: Any, job_id: int) -> Job:
+    async def _record(
+        self,
+        pool: TransportPool,
+        client: Any,
+        future: Any,
+        job_id: int,
+        answer: dict[str, Any] | None = None,
+    ) -> Job:
+        """Record how the job of an ended task ended (`answer`: its result, when gathered
+        already)."""
         job = self.store.get(job_id)
         if future.status != "finished":
             try:
@@ -339,7 +393,8 @@ class DaskRun:
                 error = exc
             self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
             return self.store.get(job_id)
-        answer: dict[str, Any] = future.result()
+        if answer is None:
+            answer = future.result()
         host = self.cluster.host(str(answer["host"]))
         if host is None:
             self.store.finish(
