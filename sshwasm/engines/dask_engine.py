@@ -38,7 +38,7 @@ from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..staging import pack_input
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
-from ..transport import TransportPool
+from ..transport import TransportPool, transport_for
 
 # Runs on the worker, sent by value (the worker has no sshwasm): hands the job to the plugin.
 _TASK_SOURCE = """
@@ -417,7 +417,11 @@ class DaskRun:
                     self.handlers.stdout(body)
                 elif kind == b"E":
                     self.handlers.stderr(body)
-            client_of_host = RunnerClient(await pool.get(host))
+            # The host is asked only for the job's /output and directories: a job without
+            # them costs no SSH connection here (the pool brought its answer).
+            needs_host = bool(job.output_dir) or job.dirs not in ("", "[]")
+            transport = await pool.get(host) if needs_host else transport_for(host)
+            client_of_host = RunnerClient(transport)
             for warning in await record_end(self.store, job, host, client_of_host, outcome, output):
                 self.handlers.warning(warning)
         except ProtocolError as exc:
