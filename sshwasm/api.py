@@ -489,7 +489,6 @@ class Client:
         options: _Options,
         mounts: tuple[Iterable[str], Iterable[str]] = ((), ()),
     ) -> list[Job]:
-        from .cli.coordinate import spawn_coordinator
         from .schedule import check_feasible
         from .staging import check_input
 
@@ -506,6 +505,8 @@ class Client:
             if out.exists() and not out.is_dir():
                 raise UsageError(f"output {out}: not a directory")
         dirs = _dirs_json(mounts, self.db_path, options)
+        if self._cluster.engine == "dask" and dirs != "[]":  # as `run --dir` there
+            raise UsageError("dirs and host_dirs are not supported with engine: dask yet")
         if array:
             # Each task's arguments go in with its row, in the one submitting transaction.
             spec = _spec(Path(os.fspath(source)), [], len(arg_lists), options)
@@ -518,14 +519,33 @@ class Client:
         try:
             if stdin_data is not None:
                 store.keep_stdin(job_ids, stdin_data)
-            spawn_coordinator(self._ctx, job_ids)
-        except (OSError, SshwasmError) as exc:
+            self._hand_over(job_ids)
+        except (OSError, TimeoutError, SshwasmError) as exc:
             # Recorded but nobody will run them: say so in their records, not only here.
-            why = f"could not start its coordinator: {exc}"
+            why = (
+                f"could not hand it to the pool: {exc}"
+                if self._cluster.engine == "dask"
+                else f"could not start its coordinator: {exc}"
+            )
             for job_id in job_ids:
                 store.finish(job_id, JobState.FAILED, error=why)
             raise SshwasmError(f"jobs {job_ids[0]}..{job_ids[-1]}: {why}") from exc
         return [self._follow(job_id) for job_id in job_ids]
+
+    def _hand_over(self, job_ids: list[int]) -> None:
+        """Start what runs the recorded jobs: a detached coordinator, or on `engine: dask`
+        the pool's scheduler, which holds their tasks as for `run --detach` (the watcher
+        collects them from it)."""
+        if self._cluster.engine == "dask":  # engine: dask (issue 12)
+            from .cli.coordinate import coordinator_handlers
+            from .engines.dask_engine import DaskRun
+
+            handlers = coordinator_handlers(show_output=False, show_notices=False)
+            DaskRun(self._ctx.store, self._cluster, handlers).detach(job_ids)
+            return
+        from .cli.coordinate import spawn_coordinator
+
+        spawn_coordinator(self._ctx, job_ids)
 
     # -- looking at jobs ----------------------------------------------------------------
 
@@ -727,6 +747,17 @@ class _Watcher(threading.Thread):
         import asyncio
 
         from .recorded_jobs import refresh_job
+
+        on_dask = [job for job in orphans if job.engine == "dask"]
+        if on_dask:  # engine: dask (issue 12): their tasks are the pool's, collected there
+            from .cli.coordinate import coordinator_handlers
+            from .engines.dask_engine import DaskRun
+
+            handlers = coordinator_handlers(show_output=False, show_notices=False)
+            DaskRun(store, self.client._cluster, handlers).collect(on_dask)
+            orphans = [job for job in orphans if job.engine != "dask"]
+        if not orphans:
+            return
 
         async def refresh_all(pool: TransportPool) -> None:
             await asyncio.gather(*(refresh_job(store, job, pool) for job in orphans))

@@ -8,6 +8,7 @@ within the suite's time budget.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -17,11 +18,12 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import detached_coordinators, sshwasm, start_sshwasm, wait_for
+from helpers import detached_coordinators, job_spec, sshwasm, start_sshwasm, wait_for
 
 from sshwasm.cluster import load_cluster
 from sshwasm.errors import ClusterError, SshwasmError
@@ -144,42 +146,138 @@ def test_import_and_ssh_engine_do_not_import_distributed(built: dict[str, Any]) 
     assert "IMPORT []" in done.stdout and "RUN []" in done.stdout, done.stdout + done.stderr
 
 
-@pytest.fixture
-def pool_cluster(make_cluster: Callable[..., Path], tmp_path: Path) -> Iterator[Path]:
-    """A two-host `engine: dask` cluster on the session hosts; the pool is taken down and
-    every process under its workdirs checked gone at the end, whatever the test did."""
-    from sshd import loopback
+# Every test of this module that uses the pool runs on the one xdist worker that started it.
+pytestmark = pytest.mark.xdist_group("dask-pool")
 
-    path = make_cluster(
-        {"alpha": {"cpus": 2, "memory_mb": 1024, "labels": ["fast"]}, "beta": (1, 512)}
+
+@dataclass
+class Pool:
+    """The module's pool: its cluster file, its root (hosts' workdirs under `workers/`, the
+    certificates under `data/pools/`) and what its `pool up` printed."""
+
+    cluster: Path
+    root: Path
+    up: subprocess.CompletedProcess[str]
+
+    @property
+    def workers(self) -> Path:
+        return self.root / "workers"
+
+    def job_dirs(self) -> set[Path]:
+        """The job directories on every host (one per run of a task)."""
+        return set(self.workers.glob("*/jobs/*"))
+
+
+# Test only: the pool's processes spend less of a machine the whole suite shares on
+# themselves (no statistical profiler sampling every 10 ms, a slower system monitor and
+# event-loop tick), and give up sooner on a peer that is gone (`pool down` stops all at once).
+DASK_TEST_CONFIG = """\
+distributed:
+  worker:
+    profile:
+      enabled: false
+  admin:
+    tick:
+      interval: 200ms
+    system-monitor:
+      interval: 2s
+  comm:
+    timeouts:
+      connect: 5s
+"""
+
+
+def _isolate(patch: pytest.MonkeyPatch, root: Path, cache: Path) -> None:
+    """What `isolated_home` does for a test, for the module's pool commands."""
+    home = root / "home"
+    (home / ".ssh").mkdir(parents=True)
+    patch.setenv("HOME", str(home))
+    for variable in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
+        patch.setenv(variable, str(home / variable.lower()))
+    patch.setenv("XDG_RUNTIME_DIR", str(home / ".run"))
+    patch.setenv("SSHWASM_DATA_DIR", str(root / "data"))
+    patch.setenv("SSHWASM_CONFIG_DIR", str(root / "config"))
+    patch.setenv("SSHWASM_CACHE_DIR", str(cache))
+    patch.setenv("SSHWASM_CONNECTION_PERSIST_S", "0")
+    patch.chdir(root)
+
+
+@pytest.fixture(scope="module")
+def dask_pool(
+    tmp_path_factory: pytest.TempPathFactory,
+    ssh_kit: Any,
+    ssh_hosts: dict[str, Any],
+    shared_cache_dir: Path,
+) -> Iterator[Pool]:
+    """A two-host `engine: dask` pool on the session hosts, started once for the module
+    (`pool up` costs seconds of imports and handshakes per process). At the end `pool down`
+    must stop it and leave no process under its workdirs, and say so per host."""
+    from sshd import loopback, write_cluster
+
+    root = tmp_path_factory.mktemp("dask-pool")
+    path = write_cluster(
+        root / "cluster.yaml",
+        ssh_hosts,
+        ssh_kit,
+        {"alpha": {"cpus": 2, "memory_mb": 1024, "labels": ["fast"]}, "beta": (1, 512)},
+        root / "workers",
     )
-    text = path.read_text()
     port = _free_port(loopback(2))
     dashboard = _free_port("127.0.0.1")
     path.write_text(
         f"engine: dask\ndask:\n  scheduler: alpha\n  port: {port}\n"
-        f"  dashboard_port: {dashboard}\n" + text
+        f"  dashboard_port: {dashboard}\n" + path.read_text()
     )
+    for name in ("alpha", "beta"):  # read by the pool's processes there (DASK_CONFIG)
+        config = root / "workers" / name / "dask" / "config"
+        config.mkdir(mode=0o700, parents=True)
+        (config / "sshwasm-test.yaml").write_text(DASK_TEST_CONFIG)
+    with pytest.MonkeyPatch.context() as patch:
+        _isolate(patch, root, shared_cache_dir)
+        up = sshwasm("--cluster", str(path), "pool", "up", timeout=180)
+    pool = Pool(path, root, up)
     try:
-        yield path
+        yield pool
     finally:
-        sshwasm("--cluster", str(path), "pool", "down", timeout=120)
-        leftovers = _pool_processes(tmp_path / "workers")
-        for pid in leftovers:
-            os.kill(pid, 9)
+        with pytest.MonkeyPatch.context() as patch:
+            _isolate(patch, root / "down", shared_cache_dir)
+            (root / "down" / "data").mkdir(parents=True)
+            (root / "down" / "data" / "pools").symlink_to(root / "data" / "pools")
+            down = sshwasm("--cluster", str(path), "pool", "down", timeout=120)
+            leftovers = _pool_processes(pool.workers)
+            for pid in leftovers:
+                os.kill(pid, 9)
+            gone = sshwasm("--cluster", str(path), "pool", "status")
+            again = sshwasm("--cluster", str(path), "pool", "down", timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert "alpha: worker stopped" in down.stdout and "alpha: scheduler stopped" in down.stdout
+        assert "beta: worker stopped" in down.stdout
         assert not leftovers, f"processes left behind after pool down: {leftovers}"
+        assert gone.returncode == 1 and gone.stderr.startswith("sshwasm: error: ")
+        assert "is the pool up" in gone.stderr and "Traceback" not in gone.stderr
+        assert again.returncode == 0 and "worker was not running" in again.stdout
 
 
-def test_pool_up_run_array_status_tls_refusal_down(
-    pool_cluster: Path, tmp_path: Path, built: dict[str, Any]
+@pytest.fixture
+def pool_cluster(dask_pool: Pool, tmp_path: Path) -> Path:
+    """The module pool's cluster file, for a test with its own jobs file: the test's data
+    directory shares the pool's certificates (the client's pair, signed by its CA)."""
+    up = dask_pool.up
+    assert up.returncode == 0, up.stderr  # else every test says why, not only the first
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "pools").symlink_to(dask_pool.root / "data" / "pools")
+    return dask_pool.cluster
+
+
+def test_pool_up_status_and_tls_refusal(
+    dask_pool: Pool, pool_cluster: Path, tmp_path: Path
 ) -> None:
-    cluster = ["--cluster", str(pool_cluster)]
-    up = sshwasm(*cluster, "pool", "up", timeout=180)
-    assert up.returncode == 0, up.stderr
+    up = dask_pool.up
     assert "alpha: scheduler started" in up.stdout
     assert "alpha: worker started" in up.stdout and "beta: worker started" in up.stdout
     assert "pool: 2 workers connected to tls://" in up.stdout
     assert "Traceback" not in up.stderr
+    cluster = ["--cluster", str(pool_cluster)]
 
     # Idempotent: a second `up` starts nothing and says so per host.
     again = sshwasm(*cluster, "pool", "up", timeout=180)
@@ -191,7 +289,7 @@ def test_pool_up_run_array_status_tls_refusal_down(
     # The hosts' keys and certificates are private to the SSH user.
     for name in ("alpha", "beta"):
         for file in ("host.key", "host.pem", "ca.pem"):
-            mode = (tmp_path / "workers" / name / "dask" / file).stat().st_mode
+            mode = (dask_pool.workers / name / "dask" / file).stat().st_mode
             assert stat.S_IMODE(mode) == 0o600, (name, file, oct(mode))
 
     status = sshwasm(*cluster, "pool", "status", "--json")
@@ -203,19 +301,52 @@ def test_pool_up_run_array_status_tls_refusal_down(
     assert workers["alpha"]["nthreads"] == 2
     assert workers["alpha"]["resources"] == {"cpus": 2, "memory_mb": 1024, "label-fast": 1}
     assert workers["beta"]["resources"] == {"cpus": 1, "memory_mb": 512}
-    assert report["tasks_processing"] == 0
     table = sshwasm(*cluster, "pool", "status")
     assert table.returncode == 0 and "dashboard: http://127.0.0.1:" in table.stdout
 
-    # A job, then an array, run as Dask tasks by the hosts' runner, recorded as usual.
+    # Mutual TLS: a client whose certificate is from another CA is refused, and so is one
+    # that speaks plain TCP to the TLS port.
+    from sshwasm.cluster import load_cluster
+    from sshwasm.pool import connect, plan_for, security_for
+    from sshwasm.tls import ensure_certificates
+
+    plan = plan_for(load_cluster(pool_cluster))
+    foreign = ensure_certificates(str(tmp_path / "someone-elses-cluster.yaml"))
+    with pytest.raises(SshwasmError, match="does not answer"):
+        connect(plan, timeout=1, security=security_for(plan, foreign)).close()
+    from distributed import Client
+
+    with pytest.raises((OSError, TimeoutError)):
+        Client(plan.scheduler_address.replace("tls://", "tcp://"), timeout=1).close()
+    connect(plan, timeout=10).close()  # while ours is accepted
+
+
+def test_run_array_rerun_resume_api_detach_on_the_pool(
+    dask_pool: Pool, pool_cluster: Path, built: dict[str, Any], tmp_path: Path
+) -> None:
+    """`run`, `--array`, `rerun`, `resume`, the Python API and `--detach` all go through the
+    pool: each run is a job directory (with result.json) on a host, recorded `engine: dask`."""
+    cluster = ["--cluster", str(pool_cluster)]
+    before = dask_pool.job_dirs()
     hello = sshwasm(*cluster, "run", "--json", str(built["hello"].path))
     assert hello.returncode == 0, hello.stderr
     record = json.loads(hello.stdout)
     assert record["state"] == "succeeded" and record["exit_code"] == 0, record
     assert record["engine"] == "dask" and record["host"] in ("alpha", "beta")
     assert record["stdout"].endswith("job done, hello!\n")
-    runs = list((tmp_path / "workers" / record["host"] / "jobs").glob("*/result.json"))
-    assert len(runs) == 1, runs  # result.json on the host's disk, as with the SSH engine
+    (ran,) = dask_pool.job_dirs() - before
+    assert (ran / "result.json").exists()  # on the host's disk, as with the SSH engine
+
+    # rerun: a new job, run by the pool on --host beta.
+    before = dask_pool.job_dirs()
+    rerun = sshwasm(*cluster, "rerun", "--json", "--host", "beta", str(record["id"]))
+    assert rerun.returncode == 0, rerun.stderr
+    again = json.loads(rerun.stdout)
+    assert (again["engine"], again["host"], again["rerun_of"]) == ("dask", "beta", record["id"])
+    assert again["state"] == "succeeded" and again["stdout"] == record["stdout"]
+    assert [d.parent.parent.name for d in dask_pool.job_dirs() - before] == ["beta"]
+
+    # An array on the label only alpha has; task 1 fails (exit 5), the run says so.
     tasks = 12
     array = sshwasm(
         *cluster,
@@ -226,59 +357,53 @@ def test_pool_up_run_array_status_tls_refusal_down(
         "fast",
         "--json",
         str(built["task"].path),
+        "--",
+        "1",
         timeout=300,
     )
-    assert array.returncode == 0, array.stderr
+    assert array.returncode == 5, array.stderr
     records = json.loads(array.stdout)
-    assert [r["state"] for r in records] == ["succeeded"] * tasks
+    assert [r["state"] for r in records] == ["succeeded"] + ["failed"] + ["succeeded"] * 10
     assert {r["host"] for r in records} == {"alpha"}  # --label fast: only alpha has it
     for index, task in enumerate(records):
         assert task["stdout"].splitlines() == [
             f"task {index} of {tasks} line {line}" for line in range(3)
         ], task
         assert task["engine"] == "dask" and task["attempts"] == 1
-    listed = sshwasm(*cluster, "jobs", "--json")
-    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == tasks + 1
 
-    # A worker killed mid-array: Dask runs its tasks again, on a worker that is alive; every
-    # task succeeds, with its output once, and the rerun is counted in `attempts`.
-    alpha_jobs = tmp_path / "workers" / "alpha" / "jobs"
-    before = set(alpha_jobs.glob("*"))
-    array_run = start_sshwasm(
-        *cluster, "run", "--array", "5", "--json", "--quiet", str(built["sleep"].path), "--", "3"
-    )
-    try:
-        wait_for(lambda: any((d / "stdout").exists() for d in set(alpha_jobs.glob("*")) - before))
-        _kill_worker_process(tmp_path / "workers" / "alpha")
-        out, err = array_run.communicate(timeout=180)
-    finally:
-        array_run.kill()
-    assert array_run.returncode == 0, err
-    records = json.loads(out)
-    assert [r["state"] for r in records] == ["succeeded"] * 5, records
-    assert all(r["stdout"] == "start\nend\n" for r in records), records
-    assert max(r["attempts"] for r in records) == 2, [r["attempts"] for r in records]
-    listed = json.loads(sshwasm(*cluster, "jobs", "--json").stdout)
-    assert len(listed) == tasks + 6  # no task recorded twice
+    # resume: the failed task, again through the pool (a second attempt, a new directory).
+    before = dask_pool.job_dirs()
+    resumed = sshwasm(*cluster, "resume", "--json", str(records[1]["id"]), timeout=120)
+    assert resumed.returncode == 5, resumed.stderr
+    (task,) = json.loads(resumed.stdout)
+    assert (task["id"], task["engine"], task["attempts"]) == (records[1]["id"], "dask", 2)
+    assert task["state"] == "failed" and task["exit_code"] == 5 and task["host"] == "alpha"
+    assert task["stdout"].startswith(f"task 1 of {tasks} line 0"), task
+    assert len(dask_pool.job_dirs() - before) == 1
 
-    # `sshwasm cancel` stops a guest the pool runs, within a second or so.
-    before = set((tmp_path / "workers").glob("*/jobs/*"))
-    sleeper = start_sshwasm(*cluster, "run", "--json", str(built["sleep"].path), "--", "60")
-    try:
-        wait_for(lambda: bool(set((tmp_path / "workers").glob("*/jobs/*")) - before), 60)
-        (job_dir,) = set((tmp_path / "workers").glob("*/jobs/*")) - before
-        wait_for(lambda: (job_dir / "stdout").exists(), 30)
-        asked = time.monotonic()
-        cancel = sshwasm(*cluster, "cancel", str(tasks + 7))
-        assert cancel.returncode == 0, cancel.stderr
-        wait_for(lambda: (job_dir / "result.json").exists(), 10)
-        assert time.monotonic() - asked < 5  # a second under no load; this machine is shared
-        out, err = sleeper.communicate(timeout=60)
-    finally:
-        sleeper.kill()
-    assert json.loads((job_dir / "result.json").read_text())["state"] == "cancelled"
-    record = json.loads(out)
-    assert record["state"] == "cancelled" and record["engine"] == "dask", (out, err)
+    # The Python API submits to the pool too; its futures complete from it.
+    import sshwasm as api
+
+    before = dask_pool.job_dirs()
+    with api.Client(cluster=pool_cluster) as client:
+        single = client.submit(built["hello"].path)
+        mapped = client.map(built["task"].path, [[], [], []], labels=["fast"])
+        done = single.result(timeout=120)
+        assert done.state == "succeeded" and done.engine == "dask", done
+        assert done.stdout is not None and done.stdout.endswith("job done, hello!\n")
+        for index, job in enumerate(mapped):
+            task_record = job.result(timeout=120)
+            assert (task_record.state, task_record.engine, task_record.host) == (
+                "succeeded",
+                "dask",
+                "alpha",
+            )
+            assert task_record.stdout == "".join(
+                f"task {index} of 3 line {line}\n" for line in range(3)
+            )
+        with pytest.raises(SshwasmError, match="not supported with engine: dask yet"):
+            client.submit(built["hello"].path, dirs=[str(pool_cluster.parent)])
+    assert len(dask_pool.job_dirs() - before) == 4
 
     # --detach: no local process follows the jobs; the scheduler holds them, and a later
     # `jobs` collects every result (once: a second `jobs` finds them recorded).
@@ -292,36 +417,79 @@ def test_pool_up_run_array_status_tls_refusal_down(
         return all(r["state"] == "succeeded" for r in json.loads(listed.stdout))
 
     wait_for(collected, 60)
+    listed = json.loads(sshwasm(*cluster, "jobs", "--json").stdout)
+    assert len(listed) == 2 + tasks + 4 + 4  # no task recorded twice
+    shown = {r["id"]: r for r in listed}
     for index, job_id in enumerate(ids):
-        shown = json.loads(sshwasm(*cluster, "status", "--json", str(job_id)).stdout)
-        assert shown["engine"] == "dask" and shown["stdout"].startswith(f"task {index} of 4")
+        assert shown[job_id]["engine"] == "dask", shown[job_id]
+        assert shown[job_id]["stdout"].startswith(f"task {index} of 4"), shown[job_id]
 
-    # Mutual TLS: a client whose certificate is from another CA is refused, and so is one
-    # that speaks plain TCP to the TLS port.
-    from sshwasm.cluster import load_cluster
-    from sshwasm.pool import connect, plan_for, security_for
-    from sshwasm.tls import ensure_certificates
 
-    plan = plan_for(load_cluster(pool_cluster))
-    foreign = ensure_certificates(str(tmp_path / "someone-elses-cluster.yaml"))
-    with pytest.raises(SshwasmError, match="does not answer"):
-        connect(plan, timeout=2, security=security_for(plan, foreign)).close()
-    from distributed import Client
+def test_worker_killed_mid_array_and_cancel_on_the_pool(
+    dask_pool: Pool, pool_cluster: Path, built: dict[str, Any]
+) -> None:
+    cluster = ["--cluster", str(pool_cluster)]
+    # A worker killed mid-array: Dask runs its tasks again, on a worker that is alive; every
+    # task succeeds, with its output once, and the rerun is counted in `attempts`.
+    alpha_jobs = dask_pool.workers / "alpha" / "jobs"
+    before = set(alpha_jobs.glob("*"))
+    array_run = start_sshwasm(
+        *cluster, "run", "--array", "5", "--json", "--quiet", str(built["sleep"].path), "--", "2"
+    )
+    try:
+        wait_for(lambda: any((d / "stdout").exists() for d in set(alpha_jobs.glob("*")) - before))
+        _kill_worker_process(dask_pool.workers / "alpha")
+        out, err = array_run.communicate(timeout=180)
+    finally:
+        array_run.kill()
+    assert array_run.returncode == 0, err
+    records = json.loads(out)
+    assert [r["state"] for r in records] == ["succeeded"] * 5, records
+    assert all(r["stdout"] == "start\nend\n" for r in records), records
+    assert max(r["attempts"] for r in records) == 2, [r["attempts"] for r in records]
+    listed = json.loads(sshwasm(*cluster, "jobs", "--json").stdout)
+    assert len(listed) == 5  # no task recorded twice
 
-    with pytest.raises((OSError, TimeoutError)):
-        Client(plan.scheduler_address.replace("tls://", "tcp://"), timeout=2).close()
-    connect(plan, timeout=10).close()  # while ours is accepted
+    # `sshwasm cancel` stops a guest the pool runs, within a second or so.
+    before = dask_pool.job_dirs()
+    sleeper = start_sshwasm(*cluster, "run", "--json", str(built["sleep"].path), "--", "60")
+    try:
+        wait_for(lambda: bool(dask_pool.job_dirs() - before), 60)
+        (job_dir,) = dask_pool.job_dirs() - before
+        wait_for(lambda: (job_dir / "stdout").exists(), 30)
+        asked = time.monotonic()
+        cancel = sshwasm(*cluster, "cancel", "6")
+        assert cancel.returncode == 0, cancel.stderr
+        wait_for(lambda: (job_dir / "result.json").exists(), 10)
+        assert time.monotonic() - asked < 5  # a second under no load; this machine is shared
+        out, err = sleeper.communicate(timeout=60)
+    finally:
+        sleeper.kill()
+    assert json.loads((job_dir / "result.json").read_text())["state"] == "cancelled"
+    record = json.loads(out)
+    assert record["state"] == "cancelled" and record["engine"] == "dask", (out, err)
 
-    down = sshwasm(*cluster, "pool", "down", timeout=120)
-    assert down.returncode == 0, down.stderr
-    assert "alpha: worker stopped" in down.stdout and "alpha: scheduler stopped" in down.stdout
-    assert "beta: worker stopped" in down.stdout
-    assert _pool_processes(tmp_path / "workers") == []
-    gone = sshwasm(*cluster, "pool", "status")
-    assert gone.returncode == 1 and gone.stderr.startswith("sshwasm: error: ")
-    assert "is the pool up" in gone.stderr and "Traceback" not in gone.stderr
-    again = sshwasm(*cluster, "pool", "down", timeout=120)
-    assert again.returncode == 0 and "worker was not running" in again.stdout
+
+def test_resume_refuses_what_the_dask_engine_cannot_do_yet(tmp_path: Path) -> None:
+    """A task recorded with directories (run on the SSH engine) is not resumed on the pool,
+    and nothing is queued again."""
+    from sshwasm.states import JobState
+    from sshwasm.store import JobStore
+
+    cluster = _write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS)
+    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+        spec = dataclasses.replace(job_spec(), array_size=2, dirs='[{"path": "/x"}]')
+        first, second = store.submit_tasks(spec)
+        store.finish(first, JobState.SUCCEEDED, exit_code=0)
+        store.finish(second, JobState.FAILED, exit_code=1)
+    result = sshwasm("--cluster", str(cluster), "resume", str(second))
+    assert result.returncode != 0
+    assert result.stderr == (
+        f"sshwasm: error: job {second} works on directories (--dir, --host-dir): "
+        "not supported with engine: dask yet\n"
+    )
+    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+        assert store.get(second).attempts == 1 and store.get(second).state is JobState.FAILED
 
 
 def test_pin_hosts_install_and_tls_off_warning(make_cluster: Callable[..., Path]) -> None:

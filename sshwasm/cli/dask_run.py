@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .. import paths
+from ..errors import UsageError
 from ..states import JobState
 from ..store import Job
 from .context import Context
@@ -23,6 +26,19 @@ def collect_detached(ctx: Context, jobs: list[Job]) -> dict[int, Job]:
         )
         return {}
     return DaskRun(ctx.store, cluster, coordinator_handlers(False, False)).collect(jobs)
+
+
+def refuse_on_dask(jobs: Sequence[Job]) -> None:
+    """A UsageError for the first job recorded with what `engine: dask` does not run yet
+    (as `run` refuses those flags there): nothing is queued again half-way."""
+    for job in jobs:
+        if job.dirs not in ("", "[]"):
+            what = "works on directories (--dir, --host-dir)"
+        elif job.verify:
+            what = "is a --verify run"
+        else:
+            continue
+        raise UsageError(f"job {job.id} {what}: not supported with engine: dask yet")
 
 
 def run_on_dask(ctx: Context, job_ids: list[int], is_array: bool, interactive: bool) -> int:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from ..errors import SshwasmError
 from .context import Context
 from .exits import ExitStatus
 from .show import error, print_json, say, table, warn
+
+# How often `pool up` knocks on the port of a scheduler it just started.
+SCHEDULER_POLL_S = 0.2
 
 
 def cmd_pool(ctx: Context) -> int:
@@ -40,12 +44,22 @@ def _failed(failures: list[SshwasmError]) -> int:
 
 
 def _up(plan: Any) -> int:
-    from ..pool import connect, pool_up, wait_for_workers
+    from ..pool import JOIN_TIMEOUT_S, connect, pool_up, wait_for_workers
 
     failures = asyncio.run(pool_up(plan, _report))
     if failures:
         return _failed(failures)
-    client = connect(plan)
+    # A scheduler just started needs seconds (more on a loaded machine) to import
+    # distributed and listen: asked again until it answers, not failed at the first try.
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while True:
+        try:
+            client = connect(plan)
+            break
+        except SshwasmError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(SCHEDULER_POLL_S)
     try:
         wait_for_workers(client, len(plan.cluster.hosts))
     finally:

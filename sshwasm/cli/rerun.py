@@ -38,7 +38,12 @@ def cmd_rerun(ctx: Context) -> int:
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
     show_output = not args.json and not args.compare
     handlers = coordinator_handlers(show_output=show_output, show_notices=interactive)
-    (job,) = coordinate_jobs(ctx, job_ids, handlers)
+    if cluster.engine == "dask":  # engine: dask (issue 12): through the pool, as `run`
+        from ..engines.dask_engine import DaskRun
+
+        (job,) = DaskRun(store, cluster, handlers).run(job_ids)
+    else:
+        (job,) = coordinate_jobs(ctx, job_ids, handlers)
     if args.json:
         print_json(job.record())
     report_end(job)

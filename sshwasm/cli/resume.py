@@ -34,11 +34,20 @@ def cmd_resume(ctx: Context) -> int:
         why = f"{still} still queued or running, the rest" if still else "every task"
         say(f"nothing to resume in array {job.array_id}: {why} succeeded")
         return ExitStatus.OK
+    on_dask = ctx.cluster().engine == "dask"
+    if on_dask:  # engine: dask (issue 12): refused before anything is queued again
+        from .dask_run import refuse_on_dask
+
+        refuse_on_dask(chosen)
     job_ids = [task.id for task in chosen if resume_task(ctx.store, task)]
     if not job_ids:
         say(f"nothing to resume in array {job.array_id}: another process resumed it first")
         return ExitStatus.OK
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
+    if on_dask:  # through the pool, as `run --array` (and --detach) there
+        from .dask_run import run_on_dask
+
+        return run_on_dask(ctx, job_ids, True, interactive)
     if args.detach:
         spawn_coordinator(ctx, job_ids)
         print("\n".join(str(job_id) for job_id in job_ids))

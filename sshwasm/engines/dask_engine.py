@@ -11,6 +11,11 @@ SSH engine does, so `jobs`, `status`, `logs` and the record read the same.
 
 The module travels once per worker as Dask data keyed by its content (`scatter`), and is
 written to the host's module cache only when the runner asks for it.
+
+Throughput (benchmarks/dask_array.py): an array goes to the scheduler as one `client.map`
+(one message, the task function pickled once, not a `submit` per task), and the answers of
+the tasks that ended since the last wake-up come back in one `gather` rather than a round
+trip to the scheduler and a worker per task.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..staging import pack_input
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
-from ..transport import TransportPool
+from ..transport import TransportPool, transport_for
 
 # Runs on the worker, sent by value (the worker has no sshwasm): hands the job to the plugin.
 _TASK_SOURCE = """
@@ -99,6 +104,28 @@ def eligible_workers(cluster: Cluster, job: Job) -> list[str] | None:
 def task_key(job: Job) -> str:
     """The job's Dask key: unique in the scheduler, and naming the job for the dashboard."""
     return f"sshwasm-{job.remote_key}"
+
+
+def _next_batch(pending: Any) -> list[Any]:
+    """The futures of `as_completed` that ended: at least one (waiting for it), or none when
+    every one was handed out."""
+    try:
+        return list(pending.next_batch(block=True))
+    except StopIteration:
+        return []
+
+
+def _gather_finished(client: Any, batch: Sequence[Any]) -> dict[Any, dict[str, Any]]:
+    """The answers of the batch's finished tasks, in one gather. Empty when that fails (a
+    worker holding one died meanwhile): each is then asked for alone, as it is recorded."""
+    finished = [future for future in batch if future.status == "finished"]
+    if not finished:
+        return {}
+    try:
+        answers = client.gather(finished)
+    except Exception:
+        return {}
+    return dict(zip(finished, answers, strict=True))
 
 
 class DaskRun:
@@ -207,30 +234,47 @@ class DaskRun:
         )
         jobs = self.store.get_many(job_ids)
         modules: dict[str, Any] = {}
-        task = _task_function()
-        futures: dict[Any, int] = {}
+        groups: dict[tuple[Any, ...], list[Job]] = {}
         for job in jobs:
             if job.wasm_sha256 not in modules:
                 data = Path(job.wasm_path).read_bytes()
                 # Keyed by content, and on every worker (a worker that dies must not take the
                 # only copy with it): each gets a module once, whatever the jobs.
                 modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
-            stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
-            input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
-            payload = launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
-            future = client.submit(
+            workers = eligible_workers(self.cluster, job)
+            shape = (
+                job.wasm_sha256,
+                job.cpus,
+                job.memory_mb,
+                None if workers is None else tuple(workers),
+                job.retries,
+            )
+            groups.setdefault(shape, []).append(job)
+        task = _task_function()
+        futures: dict[Any, int] = {}
+        # One `map` (one message to the scheduler, the task function pickled once) per kind
+        # of task: an array is one. Its order is the tasks' priority, oldest first.
+        for (sha256, cpus, memory_mb, workers, retries), group in groups.items():
+            submitted = client.map(
                 task,
-                payload,
-                modules[job.wasm_sha256],
-                key=task_key(job),
-                resources={"cpus": job.cpus, "memory_mb": job.memory_mb},
-                workers=eligible_workers(self.cluster, job),
+                [self._payload(job) for job in group],
+                [modules[sha256]] * len(group),
+                key=[task_key(job) for job in group],
+                resources={"cpus": cpus, "memory_mb": memory_mb},
+                workers=None if workers is None else list(workers),
                 allow_other_workers=False,
-                retries=job.retries,
+                retries=retries,
                 pure=False,
             )
-            futures[future] = job.id
+            futures.update(zip(submitted, (job.id for job in group), strict=True))
         return futures
+
+    @staticmethod
+    def _payload(job: Job) -> bytes:
+        """The job's launch spec as the runner's serve takes it (stdin and input inside)."""
+        stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
+        input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
+        return launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
 
     async def _collect(self, client: Any, futures: dict[Any, int]) -> list[Job]:
         import distributed
@@ -242,13 +286,19 @@ class DaskRun:
         try:
             async with TransportPool() as pool:
                 while True:
-                    future = await asyncio.to_thread(next, pending, None)
-                    if future is None:
+                    # Every task that ended since the last wake-up, and their answers in one
+                    # gather (not a round trip to the scheduler and worker per task).
+                    batch = await asyncio.to_thread(_next_batch, pending)
+                    if not batch:
                         break
-                    job_id = futures[future]
-                    ended[job_id] = await self._record(pool, client, future, job_id)
-                    if self.on_done is not None:
-                        self.on_done(ended[job_id])
+                    answers = await asyncio.to_thread(_gather_finished, client, batch)
+                    for future in batch:
+                        job_id = futures[future]
+                        ended[job_id] = await self._record(
+                            pool, client, future, job_id, answers.get(future)
+                        )
+                        if self.on_done is not None:
+                            self.on_done(ended[job_id])
         finally:
             watcher.cancel()
         # Held until now so the scheduler still knows each task's reruns.
@@ -330,7 +380,16 @@ class DaskRun:
                 except Exception as exc:  # a worker gone meanwhile: its guest went with it
                     self.handlers.warning(f"job {job.id}: cancelling on the pool: {exc}")
 
-    async def _record(self, pool: TransportPool, client: Any, future: Any, job_id: int) -> Job:
+    async def _record(
+        self,
+        pool: TransportPool,
+        client: Any,
+        future: Any,
+        job_id: int,
+        answer: dict[str, Any] | None = None,
+    ) -> Job:
+        """Record how the job of an ended task ended (`answer`: its result, when gathered
+        already)."""
         job = self.store.get(job_id)
         if future.status != "finished":
             try:
@@ -339,7 +398,8 @@ class DaskRun:
                 error = exc
             self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
             return self.store.get(job_id)
-        answer: dict[str, Any] = future.result()
+        if answer is None:
+            answer = future.result()
         host = self.cluster.host(str(answer["host"]))
         if host is None:
             self.store.finish(
@@ -357,7 +417,11 @@ class DaskRun:
                     self.handlers.stdout(body)
                 elif kind == b"E":
                     self.handlers.stderr(body)
-            client_of_host = RunnerClient(await pool.get(host))
+            # The host is asked only for the job's /output and directories: a job without
+            # them costs no SSH connection here (the pool brought its answer).
+            needs_host = bool(job.output_dir) or job.dirs not in ("", "[]")
+            transport = await pool.get(host) if needs_host else transport_for(host)
+            client_of_host = RunnerClient(transport)
             for warning in await record_end(self.store, job, host, client_of_host, outcome, output):
                 self.handlers.warning(warning)
         except ProtocolError as exc:

@@ -70,6 +70,13 @@ class RunnerPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
+        # The serve child (a Python with the runner and wasmtime imported) is started now,
+        # beside the worker's start, not by the first task, which would wait for it.
+        threading.Thread(target=self._warm, daemon=True, name="sshwasm-warm").start()
+
+    def _warm(self) -> None:
+        with contextlib.suppress(Exception), self.lock:  # the first task starts it instead
+            self.serve_process()
 
     def _runner(self) -> tuple[str, Any]:
         """The runner's home and its protocol module (imported from the host's runner)."""
