@@ -45,6 +45,10 @@ END_WITH_PARENT_VARIABLE = "SSHWASM_SERVE_END_WITH_PARENT"
 # The error of serve's result for a task it killed because this worker stops (the same text
 # as runner/parent_death.py's WORKER_STOPPED, which a test holds them to).
 WORKER_STOPPED = "killed with its Dask worker, which stopped before the task ended"
+# How long a cancel is remembered: a task already handed to this worker when its job was
+# cancelled (Dask stops it only before it runs) comes within moments; a job resumed later
+# must run.
+CANCEL_MEMORY_S = 60.0
 # How long `cancel` waits for a task just handed to serve to have its job directory.
 CANCEL_SETTLE_S = 5.0
 
@@ -90,8 +94,8 @@ class RunnerPlugin(WorkerPlugin):
         self.waiting: dict[str, _Waiting] = {}
         self.protocol: Any = None
         self.counter = 0
-        # Job keys (the part before the first '.') cancelled on this worker: never started.
-        self.cancelled: set[str] = set()
+        # Job keys (the part before the first '.') cancelled here lately: not to start.
+        self.cancelled: dict[str, float] = {}
         self.closing = False
 
     def setup(self, worker: Any) -> None:
@@ -188,7 +192,8 @@ class RunnerPlugin(WorkerPlugin):
     def _launch(self, key: str, payload: bytes) -> list[tuple[bytes, bytes]]:
         waiting = _Waiting()
         with self.lock:
-            if key.split(".", 1)[0] in self.cancelled:
+            cancelled_at = self.cancelled.get(key.split(".", 1)[0])
+            if cancelled_at is not None and time.monotonic() - cancelled_at < CANCEL_MEMORY_S:
                 raise Cancelled(f"job {key.split('.', 1)[0]} was cancelled before it started")
             serve = self.serve_process()
             self.waiting[key] = waiting
@@ -257,7 +262,11 @@ class RunnerPlugin(WorkerPlugin):
         """Cancel (through the runner's `cancel`) whatever runs here for job key `base`, and
         remember it: a task of that job that comes later never starts (`Cancelled`)."""
         with self.lock:
-            self.cancelled.add(base)
+            now = time.monotonic()
+            self.cancelled = {
+                old: at for old, at in self.cancelled.items() if now - at < CANCEL_MEMORY_S
+            }
+            self.cancelled[base] = now
             keys = [key for key in self.waiting if key.split(".", 1)[0] == base]
         if not keys:
             return []
