@@ -314,9 +314,9 @@ def cmd_cancel(ctx: Context) -> int:
 
         unfollowed = [job for job in jobs if job.engine == "dask" and needs_refresh(job)]
         problems = cancel_detached(ctx, unfollowed) if unfollowed else {}
-        for job_id, problem in problems.items():
+        for job_id, why in problems.items():
             status = ExitStatus.ERROR
-            error(f"job {job_id}: {problem}")
+            error(f"job {job_id}: {why}")
         jobs = [job for job in jobs if job.id not in problems]
     for job, problem in with_pool(lambda pool: cancel_jobs(store, jobs, pool)):
         if problem is None:
