@@ -289,6 +289,10 @@ def _environment(host: Host, plan: PoolPlan) -> dict[str, str]:
         "DASK_CONFIG": _remote_pool_path(host, "config"),
         "DASK_TEMPORARY_DIRECTORY": _remote_pool_path(host, "tmp"),
         "SSHWASM_WORKDIR": host.workdir,
+        # The Active Memory Manager would drop the copies of each module that `scatter(...,
+        # broadcast=True)` put on every worker, down to one: a worker that dies would then
+        # take the only copy with it, and its tasks could not run again elsewhere.
+        "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False",
     }
     if plan.settings.tls:
         env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
