@@ -20,6 +20,7 @@ import asyncio
 import json
 import shlex
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -411,6 +412,7 @@ async def pool_up(plan: PoolPlan, report: Report) -> list[SshwasmError]:
                 SCHEDULER, _environment(scheduler, plan), scheduler_argv(plan)
             )
             report(scheduler.name, _describe(SCHEDULER, answer, f" at {plan.scheduler_address}"))
+            await asyncio.to_thread(_wait_listening, plan, JOIN_TIMEOUT_S)
         except SshwasmError as exc:
             failures.append(exc)
             return failures
@@ -569,6 +571,24 @@ def connect(plan: PoolPlan, timeout: float = CONNECT_TIMEOUT_S, security: Any = 
             f"the pool's scheduler at {plan.scheduler_address} does not answer "
             f"({_reason(exc)}); is the pool up (`sshwasm pool up`)?"
         ) from exc
+
+
+def _wait_listening(plan: PoolPlan, timeout: float) -> None:
+    """Wait until the scheduler accepts connections (a loaded host takes seconds to start
+    it), so that what comes next does not take it for down."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _check_reachable(plan)
+            return
+        except SshwasmError:
+            if time.monotonic() > deadline:
+                raise SshwasmError(
+                    f"host '{plan.scheduler_host.name}': the scheduler does not listen at "
+                    f"{plan.scheduler_address} after {timeout:.0f} s; see "
+                    "<workdir>/dask/scheduler.log"
+                ) from None
+            time.sleep(0.1)
 
 
 def _check_reachable(plan: PoolPlan) -> None:
