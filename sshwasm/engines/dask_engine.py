@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,17 +96,24 @@ def _task_function() -> Callable[..., Any]:
 
 
 def eligible_workers(cluster: Cluster, job: Job) -> list[str] | None:
-    """The worker names (= host names) that may run `job`; None: any."""
+    """Where `job` may run, as Dask worker restrictions; None: anywhere.
+
+    Each host by its address (Dask's restriction by host), not by its worker's name: the
+    scheduler turns a name into the worker's address of the moment (host and port), so a
+    worker its nanny started anew (after a crash, on another port) would never again get a
+    task pinned to it, and a task submitted while the host's worker was away could never
+    run. A host sharing its address with another host of the cluster is named instead.
+    """
     labels = set(json.loads(job.labels or "[]"))
     if job.pinned_host is None and not labels:
         return None
-    names = [
-        host.name
+    addresses = Counter(host.address for host in cluster.hosts)
+    return [
+        host.address if addresses[host.address] == 1 else host.name
         for host in cluster.hosts
         if (job.pinned_host is None or host.name == job.pinned_host)
         and labels.issubset(host.labels)
     ]
-    return names
 
 
 def job_base(job: Job) -> str:
