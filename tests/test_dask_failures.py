@@ -133,16 +133,16 @@ def test_dask_failures_end_to_end(
         again = running(first_id, shown_key)
         assert jobs()[first_id]["host"] == "beta"
 
-        # -- `sshwasm cancel` (not the process that submitted it) stops the guest within a
-        # second (a few on this shared machine); the record says cancelled.
+        # -- `sshwasm cancel` (not the process that submitted it) stops the guest before it
+        # returns (it kills first, then cancels the task; importing distributed is what
+        # takes time, seconds on a loaded machine); the record says cancelled.
         job_dir = workers / "beta" / "jobs" / again
         wait_for(lambda: (job_dir / "stdout").exists(), 30)
         guest = int((job_dir / "pid").read_text())
-        asked = time.monotonic()
         cancel = sshwasm(*cluster, "cancel", str(first_id))
         assert cancel.returncode == 0, cancel.stderr
-        wait_for(lambda: process_gone(guest), 10)
-        assert time.monotonic() - asked < 5
+        assert cancel.stdout == f"job {first_id}: cancelled\n", cancel.stdout
+        wait_for(lambda: process_gone(guest), 1)
         assert json.loads((job_dir / "result.json").read_text())["state"] == "cancelled"
         records = jobs()
         assert records[first_id]["state"] == "cancelled", records[first_id]

@@ -193,6 +193,8 @@ class DaskRun:
         except SshwasmError as exc:
             return {job.id: str(exc) for job in jobs}
         try:
+            # The guests first (a cancel must stop them within a second), then the tasks.
+            self._cancel_on_workers(client, {job_base(job) for job in jobs})
             published = set(client.list_datasets())
             futures = [
                 client.get_dataset(task_key(job)) for job in jobs if task_key(job) in published
@@ -201,7 +203,6 @@ class DaskRun:
             client.cancel(futures, force=True)
             for future in futures:
                 client.unpublish_dataset(future.key)
-            self._cancel_on_workers(client, {job_base(job) for job in jobs})
         except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
             return {job.id: f"cancelling on the pool: {exc}" for job in jobs}
         finally:
