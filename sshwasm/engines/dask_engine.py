@@ -315,8 +315,8 @@ class DaskRun:
                 elif not self.store.claim(job):
                     continue
                 again.append(job.id)
-        if again:
-            await asyncio.to_thread(self._publish, client, again)
+        if again:  # in this thread: the jobs file's connection is this thread's
+            self._publish(client, again)
 
     async def _collect_run(self, pool: TransportPool, job: Job, run: Run) -> None:
         """Take `run` as the job's run, and bring the record up to date from its host."""
