@@ -22,7 +22,7 @@ from typing import Any
 
 from helpers import process_gone, processes_whose_argv, sshwasm, start_sshwasm, wait_for
 
-from sshwasm.engines import dask_preload
+from sshwasm.engines import dask_engine, dask_preload
 from sshwasm.runner import parent_death
 
 
@@ -54,10 +54,12 @@ def _worker_process(workdir: Path) -> int:
 
 
 def test_worker_stopped_text_is_the_runners() -> None:
-    """The plugin (which cannot import sshwasm) knows serve's result text for a guest it
-    killed because the worker stopped: the two copies must not drift apart."""
+    """The plugin (which cannot import sshwasm) shares words with the runner (serve's result
+    text for a guest killed because its worker stopped) and the engine (the event topic):
+    the copies must not drift apart."""
     assert dask_preload.WORKER_STOPPED == parent_death.WORKER_STOPPED
     assert dask_preload.END_WITH_PARENT_VARIABLE == parent_death.END_WITH_PARENT_VARIABLE
+    assert dask_preload.STARTED_TOPIC == dask_engine.STARTED_TOPIC
 
 
 def test_dask_failures_end_to_end(

@@ -38,7 +38,7 @@ PLUGIN_NAME = "sshwasm-runner"
 # Set by `pool up`'s launcher for the worker: the host's sshwasm workdir (absolute).
 WORKDIR_VARIABLE = "SSHWASM_WORKDIR"
 RUNNER_PACKAGE = "sshwasm_exec"
-# The scheduler's event topic of started tasks: {"task", "key", "host", "started"}.
+# The scheduler's event topic of tasks handed to serve: {"base", "key", "host", "at"}.
 STARTED_TOPIC = "sshwasm-started"
 # serve's environment under a worker (runner/parent_death.py, which this must not import).
 END_WITH_PARENT_VARIABLE = "SSHWASM_SERVE_END_WITH_PARENT"
