@@ -159,7 +159,14 @@ def test_dask_failures_end_to_end(
             wait_for(lambda: len(jobs()) == 5, 30)
             array = sorted(jobs())[-3:]
             # A followed job shows running too, on its host.
-            wait_for(lambda: any(jobs()[job_id]["host"] == "beta" for job_id in array), 30)
+            wait_for(
+                lambda: any(
+                    (record["state"], record["host"]) == ("running", "beta")
+                    for job_id, record in jobs().items()
+                    if job_id in array
+                ),
+                30,
+            )
         finally:
             client.kill()
             client.wait()
