@@ -203,7 +203,7 @@ class DaskRun:
             client.cancel(futures, force=True)
             for future in futures:
                 client.unpublish_dataset(future.key)
-        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # distributed raises its own kinds, and a worker's errors
             return {job.id: f"cancelling on the pool: {exc}" for job in jobs}
         finally:
             client.close()
@@ -231,6 +231,10 @@ class DaskRun:
             return {}
         try:
             return asyncio.run(self._collect_published(client, jobs))
+        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+            # The scheduler went away meanwhile: what was recorded stays; `jobs` tries again.
+            self.handlers.warning(f"collecting {len(jobs)} job(s) from the pool: {exc}")
+            return {job.id: job for job in self.store.get_many([job.id for job in jobs])}
         finally:
             client.close()
 
