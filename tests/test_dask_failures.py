@@ -15,15 +15,30 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import process_gone, processes_whose_argv, sshwasm, start_sshwasm, wait_for
+import pytest
+from helpers import (
+    RUNNER,
+    Guest,
+    held_spec,
+    process_gone,
+    processes_whose_argv,
+    run_runner,
+    runner_env,
+    sshwasm,
+    start_sshwasm,
+    wait_for,
+)
 
 from sshwasm.engines import dask_engine, dask_preload
 from sshwasm.runner import parent_death
+from sshwasm.runner.protocol import FrameDecoder, encode_frame, encode_hello
 
 
 def _free_port(address: str) -> int:
@@ -60,6 +75,57 @@ def test_worker_stopped_text_is_the_runners() -> None:
     assert dask_preload.WORKER_STOPPED == parent_death.WORKER_STOPPED
     assert dask_preload.END_WITH_PARENT_VARIABLE == parent_death.END_WITH_PARENT_VARIABLE
     assert dask_preload.STARTED_TOPIC == dask_engine.STARTED_TOPIC
+
+
+@pytest.mark.parametrize("how", ["eof", "sigterm", "sigkill"])
+def test_serve_under_a_worker_takes_its_guests_along(
+    tmp_path: Path, guest: Guest, how: str
+) -> None:
+    """serve started by a Dask worker (SSHWASM_SERVE_END_WITH_PARENT=1) kills its guests when
+    the worker goes: EOF on its stdin (the worker died), SIGTERM (`pool down` signals the
+    worker's group), or serve itself SIGKILLed (each guest asked to die with serve). With a
+    result saying so, where serve lives to write it."""
+    workdir = tmp_path / "wd"
+    done = run_runner("put-module", str(workdir), guest.sha256, stdin=guest.data)
+    assert done.returncode == 0, done.stderr
+    env = dict(runner_env(), **{parent_death.END_WITH_PARENT_VARIABLE: "1"})
+    serve = subprocess.Popen(
+        [sys.executable, str(RUNNER), "serve", str(workdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    assert serve.stdin is not None and serve.stdout is not None
+    pid = 0
+    try:
+        serve.stdin.write(encode_frame(b"H", encode_hello()))
+        serve.stdin.write(encode_frame(b"L", held_spec(guest, "job1.beta-1-1")))
+        serve.stdin.flush()
+        decoder = FrameDecoder()
+        while not pid:
+            chunk = os.read(serve.stdout.fileno(), 65536)
+            assert chunk, "serve ended before it started the task"
+            for kind, payload in decoder.feed(chunk):
+                if kind == b"S":
+                    pid = json.loads(payload.partition(b"\n")[2])["pid"]
+        job_dir = workdir / "jobs" / "job1.beta-1-1"
+        stdout = job_dir / "stdout"
+        wait_for(lambda: stdout.exists() and b"start" in stdout.read_bytes(), 30)
+        if how == "eof":
+            serve.stdin.close()
+        else:
+            serve.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        wait_for(lambda: process_gone(pid), 5)
+        assert serve.wait(10) is not None
+        if how != "sigkill":
+            result = json.loads((job_dir / "result.json").read_text())
+            assert (result["state"], result["error"]) == ("failed", parent_death.WORKER_STOPPED)
+    finally:
+        serve.kill()
+        serve.wait()
+        if pid and not process_gone(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_dask_failures_end_to_end(
