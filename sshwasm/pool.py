@@ -20,6 +20,7 @@ import asyncio
 import json
 import shlex
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -56,7 +57,9 @@ _RESOURCE_FORBIDDEN = frozenset(",= \t")
 #   start ROLE ENV ARGV  start ARGV detached unless ROLE's pid file names a live process
 #   stop ROLE            SIGTERM ROLE's process group, SIGKILL after a grace; remove pid file
 #   state ROLE           whether ROLE runs
-# Each prints one JSON line: {"state": "started"|"running"|"stopped"|"absent", "pid": N}.
+#   runs                 the runs of the job keys (a JSON list on stdin) in <workdir>/jobs
+# Each prints one JSON line: {"state": "started"|"running"|"stopped"|"absent", "pid": N}
+# (runs: {"runs": {BASE: [{"key", "state", "error", "alive", "mtime"}, ...]}}).
 HELPER = f"""\
 import json, os, signal, subprocess, sys, time
 workdir = os.path.abspath(os.path.expanduser(sys.argv[1]))
@@ -140,6 +143,33 @@ elif command == "stop":
 elif command == "state":
     pid = pid_of(args[0])
     answer("running" if pid is not None else "absent", pid)
+elif command == "runs":
+    bases = set(json.loads(sys.stdin.read()))
+    jobs = os.path.join(workdir, "jobs")
+    found = {{}}
+    try:
+        names = os.listdir(jobs)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        base = name.split(".", 1)[0]
+        if "." not in name or base not in bases:
+            continue
+        job_dir = os.path.join(jobs, name)
+        run = {{"key": name, "state": None, "error": None, "alive": False}}
+        try:
+            run["mtime"] = os.stat(job_dir).st_mtime
+            with open(os.path.join(job_dir, "result.json")) as f:
+                result = json.load(f)
+            run["state"], run["error"] = result.get("state"), result.get("error")
+        except (OSError, ValueError):
+            try:
+                with open(os.path.join(job_dir, "pid")) as f:
+                    run["alive"] = os.path.exists("/proc/%d" % int(f.read().split()[0]))
+            except (OSError, ValueError, IndexError):
+                run["alive"] = False
+        found.setdefault(base, []).append(run)
+    print(json.dumps({{"runs": found}}))
 else:
     sys.exit("unknown command " + command)
 """
@@ -235,6 +265,11 @@ class _HostControl:
     async def state(self, role: str) -> dict[str, Any]:
         return await self.call("state", role)
 
+    async def runs(self, bases: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        answer = await self.call("runs", stdin=json.dumps(list(bases)).encode())
+        runs: dict[str, list[dict[str, Any]]] = answer.get("runs") or {}
+        return runs
+
 
 def _tls_args(host: Host, plan: PoolPlan) -> list[str]:
     if not plan.settings.tls:
@@ -255,6 +290,10 @@ def _environment(host: Host, plan: PoolPlan) -> dict[str, str]:
         "DASK_CONFIG": _remote_pool_path(host, "config"),
         "DASK_TEMPORARY_DIRECTORY": _remote_pool_path(host, "tmp"),
         "SSHWASM_WORKDIR": host.workdir,
+        # The Active Memory Manager would drop the copies of each module that `scatter(...,
+        # broadcast=True)` put on every worker, down to one: a worker that dies would then
+        # take the only copy with it, and its tasks could not run again elsewhere.
+        "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False",
     }
     if plan.settings.tls:
         env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
@@ -373,6 +412,7 @@ async def pool_up(plan: PoolPlan, report: Report) -> list[SshwasmError]:
                 SCHEDULER, _environment(scheduler, plan), scheduler_argv(plan)
             )
             report(scheduler.name, _describe(SCHEDULER, answer, f" at {plan.scheduler_address}"))
+            await asyncio.to_thread(_wait_listening, plan, JOIN_TIMEOUT_S)
         except SshwasmError as exc:
             failures.append(exc)
             return failures
@@ -433,6 +473,52 @@ async def process_states(plan: PoolPlan) -> dict[str, dict[str, Any]]:
     return states
 
 
+@dataclass(frozen=True)
+class Run:
+    """A run of a job's task found in a host's job directories (`find_runs`)."""
+
+    host: str
+    key: str
+    state: str | None  # of its result.json; None: it has none
+    error: str | None
+    alive: bool  # no result yet, and its executor runs
+    mtime: float
+
+
+async def find_runs(
+    plan: PoolPlan, bases: Sequence[str]
+) -> tuple[dict[str, list[Run]], list[SshwasmError]]:
+    """Every run of the job keys `bases` on the pool's hosts (a task runs under
+    `<base>.<worker>-<pid>-<n>`), newest first; and the hosts that could not be asked."""
+    found: dict[str, list[Run]] = {}
+    failures: list[SshwasmError] = []
+    async with TransportPool() as pool:
+
+        async def look(host: Host) -> dict[str, list[dict[str, Any]]]:
+            return await _HostControl(host, await pool.get(host)).runs(bases)
+
+        hosts = list(plan.cluster.hosts)
+        for host, outcome in zip(hosts, await _each(hosts, look), strict=True):
+            if isinstance(outcome, SshwasmError):
+                failures.append(outcome)
+                continue
+            for base, runs in outcome.items():
+                for run in runs:
+                    found.setdefault(base, []).append(
+                        Run(
+                            host=host.name,
+                            key=str(run["key"]),
+                            state=run.get("state"),
+                            error=run.get("error"),
+                            alive=bool(run.get("alive")),
+                            mtime=float(run.get("mtime") or 0.0),
+                        )
+                    )
+    for runs in found.values():
+        runs.sort(key=lambda run: run.mtime, reverse=True)
+    return found, failures
+
+
 async def _each(hosts: Sequence[Host], action: Callable[[Host], Any]) -> list[Any | SshwasmError]:
     """`action` on every host at once; a host's failure is returned in its place."""
 
@@ -485,6 +571,24 @@ def connect(plan: PoolPlan, timeout: float = CONNECT_TIMEOUT_S, security: Any = 
             f"the pool's scheduler at {plan.scheduler_address} does not answer "
             f"({_reason(exc)}); is the pool up (`sshwasm pool up`)?"
         ) from exc
+
+
+def _wait_listening(plan: PoolPlan, timeout: float) -> None:
+    """Wait until the scheduler accepts connections (a loaded host takes seconds to start
+    it), so that what comes next does not take it for down."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _check_reachable(plan)
+            return
+        except SshwasmError:
+            if time.monotonic() > deadline:
+                raise SshwasmError(
+                    f"host '{plan.scheduler_host.name}': the scheduler does not listen at "
+                    f"{plan.scheduler_address} after {timeout:.0f} s; see "
+                    "<workdir>/dask/scheduler.log"
+                ) from None
+            time.sleep(0.1)
 
 
 def _check_reachable(plan: PoolPlan) -> None:

@@ -41,6 +41,18 @@ def refuse_on_dask(jobs: Sequence[Job]) -> None:
         raise UsageError(f"job {job.id} {what}: not supported with engine: dask yet")
 
 
+def cancel_detached(ctx: Context, jobs: list[Job]) -> dict[int, str]:
+    """Cancel `engine: dask` jobs no process follows, in the pool; a problem per job that
+    could not be cancelled (their records are left as they are)."""
+    from ..engines.dask_engine import DaskRun
+
+    cluster = ctx.cluster()
+    if cluster.engine != "dask":
+        problem = "it runs on a Dask pool; name its cluster file (--cluster) to cancel it"
+        return {job.id: problem for job in jobs}
+    return DaskRun(ctx.store, cluster, coordinator_handlers(False, False)).cancel(jobs)
+
+
 def run_on_dask(ctx: Context, job_ids: list[int], is_array: bool, interactive: bool) -> int:
     """Follow `job_ids` through the Dask pool; the same output and exit status as the SSH
     engine's foreground `run` (a single job streams its output as it ends)."""

@@ -361,6 +361,16 @@ def cmd_cancel(ctx: Context) -> int:
     jobs += [twin for twin in twins if twin is not None and twin.id not in ctx.args.job_ids]
 
     status = ExitStatus.OK
+    if any(job.engine == "dask" for job in jobs):  # engine: dask (issue 12): in the pool
+        from ..liveness import needs_refresh
+        from .dask_run import cancel_detached
+
+        unfollowed = [job for job in jobs if job.engine == "dask" and needs_refresh(job)]
+        problems = cancel_detached(ctx, unfollowed) if unfollowed else {}
+        for job_id, why in problems.items():
+            status = ExitStatus.ERROR
+            error(f"job {job_id}: {why}")
+        jobs = [job for job in jobs if job.id not in problems]
     for job, problem in with_pool(lambda pool: cancel_jobs(store, jobs, pool)):
         if problem is None:
             say(f"job {job.id}: {job.state}")

@@ -16,6 +16,14 @@ Throughput (benchmarks/dask_array.py): an array goes to the scheduler as one `cl
 (one message, the task function pickled once, not a `submit` per task), and the answers of
 the tasks that ended since the last wake-up come back in one `gather` rather than a round
 trip to the scheduler and a worker per task.
+
+Failures (what Dask does not settle by itself): each task started is an event on the
+scheduler (the plugin's STARTED_TOPIC), so a job shows `running` on its host while it runs,
+followed or detached. `sshwasm cancel` of a job nobody follows cancels its task in the
+scheduler and its guest on whichever worker runs it (`cancel`). A job the scheduler has no
+trace of (it restarted, or the client that submitted the job was killed) is settled once
+from the hosts' job directories (`_settle`): collected from `result.json` if it ran,
+submitted again if it never started or its worker stopped under it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +40,9 @@ from ..cluster import Cluster, Host
 from ..coordinator import launch_spec
 from ..errors import SshwasmError
 from ..job_output import Handlers, JobOutput
-from ..pool import PoolPlan, connect, plan_for
-from ..recorded_jobs import record_end
+from ..pool import PoolPlan, Run, connect, find_runs, plan_for
+from ..recorded_jobs import record_end, refresh_job
+from ..runner.parent_death import WORKER_STOPPED
 from ..runner.protocol import ProtocolError
 from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..staging import pack_input
@@ -48,10 +58,11 @@ def sshwasm_job(payload, module):
 """
 
 
-# Runs on every worker (`Client.run`): cancels what runs there for a job.
+# Runs on every worker (`Client.run`): cancels what runs there for some jobs.
 _CANCEL_SOURCE = """
-def sshwasm_cancel(base, dask_worker=None):
-    return dask_worker.plugins["sshwasm-runner"].cancel(base)
+def sshwasm_cancel(bases, dask_worker=None):
+    plugin = dask_worker.plugins["sshwasm-runner"]
+    return [key for base in bases for key in plugin.cancel(base)]
 """
 # Runs in the scheduler: how often each task was started again after its worker died.
 _RERUNS_SOURCE = """
@@ -69,6 +80,8 @@ _STATES_SOURCE = """
 def sshwasm_states(keys, dask_scheduler=None):
     return {key: dask_scheduler.tasks[key].state for key in keys if key in dask_scheduler.tasks}
 """
+# The scheduler's event topic of started tasks (dask_preload.STARTED_TOPIC).
+STARTED_TOPIC = "sshwasm-started"
 # How long `jobs` waits (x10) for the answers of detached tasks that ended.
 COLLECT_WAIT_S = 2.0
 # How often a foreground run looks for jobs cancelled by `sshwasm cancel`.
@@ -88,22 +101,47 @@ def _task_function() -> Callable[..., Any]:
 
 
 def eligible_workers(cluster: Cluster, job: Job) -> list[str] | None:
-    """The worker names (= host names) that may run `job`; None: any."""
+    """Where `job` may run, as Dask worker restrictions; None: anywhere.
+
+    Each host by its address (Dask's restriction by host), not by its worker's name: the
+    scheduler turns a name into the worker's address of the moment (host and port), so a
+    worker its nanny started anew (after a crash, on another port) would never again get a
+    task pinned to it, and a task submitted while the host's worker was away could never
+    run. A host sharing its address with another host of the cluster is named instead.
+    """
     labels = set(json.loads(job.labels or "[]"))
     if job.pinned_host is None and not labels:
         return None
-    names = [
-        host.name
+    addresses = Counter(host.address for host in cluster.hosts)
+    return [
+        host.address if addresses[host.address] == 1 else host.name
         for host in cluster.hosts
         if (job.pinned_host is None or host.name == job.pinned_host)
         and labels.issubset(host.labels)
     ]
-    return names
+
+
+def job_base(job: Job) -> str:
+    """The job's key as submitted: its runs on hosts are `<base>.<worker>-<pid>-<n>`."""
+    return job.remote_key.split(".", 1)[0]
 
 
 def task_key(job: Job) -> str:
-    """The job's Dask key: unique in the scheduler, and naming the job for the dashboard."""
-    return f"sshwasm-{job.remote_key}"
+    """The job's Dask key: unique in the scheduler, and naming the job for the dashboard.
+    The same whichever run the record shows (`remote_key` names the run once it started)."""
+    return f"sshwasm-{job_base(job)}"
+
+
+def _run_to_collect(runs: Sequence[Run]) -> Run | None:
+    """The run whose outcome is the job's: the newest that ended by itself (not killed with
+    its worker), else one still running; None: none, the job must run again."""
+    for run in runs:
+        if run.state is not None and run.error != WORKER_STOPPED:
+            return run
+    for run in runs:
+        if run.state is None and run.alive:
+            return run
+    return None
 
 
 def _next_batch(pending: Any) -> list[Any]:
@@ -164,15 +202,55 @@ class DaskRun:
         `jobs`/`status` collects them (`collect_detached`)."""
         client = connect(self.plan)
         try:
-            futures = self._submit(client, list(job_ids))
-            client.publish_dataset(**{future.key: future for future in futures})
-            self.store.update_many(list(job_ids), coordinator_pid=None)
+            self._publish(client, list(job_ids))
         finally:
             client.close()
 
+    def _publish(self, client: Any, job_ids: list[int]) -> None:
+        futures = self._submit(client, job_ids)
+        client.publish_dataset(**{future.key: future for future in futures})
+        self.store.update_many(job_ids, coordinator_pid=None)
+
+    def cancel(self, jobs: Sequence[Job]) -> dict[int, str]:
+        """Cancel jobs nobody follows (detached, or their client was killed): each task in
+        the scheduler (so a queued one never starts) and its guest on whichever worker runs
+        it; the records say cancelled. Returns a problem per job that could not be."""
+        try:
+            client = connect(self.plan)
+        except SshwasmError as exc:
+            return {job.id: str(exc) for job in jobs}
+        try:
+            # The guests first (a cancel must stop them within a second), then the tasks.
+            self._cancel_on_workers(client, {job_base(job) for job in jobs})
+            published = set(client.list_datasets())
+            futures = [
+                client.get_dataset(task_key(job)) for job in jobs if task_key(job) in published
+            ]
+            # force: the published dataset wants the key too, not only this client.
+            client.cancel(futures, force=True)
+            for future in futures:
+                client.unpublish_dataset(future.key)
+        except Exception as exc:  # distributed raises its own kinds, and a worker's errors
+            return {job.id: f"cancelling on the pool: {exc}" for job in jobs}
+        finally:
+            client.close()
+        for job in jobs:
+            self.store.finish(
+                job.id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
+            )
+        return {}
+
+    @staticmethod
+    def _cancel_on_workers(client: Any, bases: set[str]) -> None:
+        """The runner's cancel of every run of these jobs, on every worker (each worker
+        also remembers them, so a task of theirs that comes later never starts)."""
+        cancel = _by_value(_CANCEL_SOURCE, "sshwasm_cancel")
+        client.run(cancel, sorted(bases))
+
     def collect(self, jobs: Sequence[Job]) -> dict[int, Job]:
-        """Record the detached jobs whose tasks ended; those the scheduler does not know
-        (it restarted, or the pool went down) end `lost`. Returns the jobs as they are now."""
+        """Record the detached jobs whose tasks ended, and show those that run `running`;
+        those the scheduler does not know (it restarted, or the client that followed them
+        was killed) are settled from the hosts (`_settle`). Returns the jobs as they are."""
         try:
             client = connect(self.plan)
         except SshwasmError as exc:
@@ -180,6 +258,10 @@ class DaskRun:
             return {}
         try:
             return asyncio.run(self._collect_published(client, jobs))
+        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+            # The scheduler went away meanwhile: what was recorded stays; `jobs` tries again.
+            self.handlers.warning(f"collecting {len(jobs)} job(s) from the pool: {exc}")
+            return {job.id: job for job in self.store.get_many([job.id for job in jobs])}
         finally:
             client.close()
 
@@ -187,14 +269,10 @@ class DaskRun:
         names = {task_key(job): job for job in jobs}
         published = set(await asyncio.to_thread(client.list_datasets))
         found: dict[Any, int] = {}
+        unknown: list[Job] = []
         for name, job in names.items():
             if name not in published:
-                self.store.finish(
-                    job.id,
-                    JobState.LOST,
-                    error="the pool's scheduler has no trace of it (restarted, or the pool "
-                    "went down)",
-                )
+                unknown.append(job)
                 continue
             found[await asyncio.to_thread(client.get_dataset, name)] = job.id
         states: dict[str, str] = {}
@@ -218,12 +296,73 @@ class DaskRun:
         async with TransportPool() as pool:
             for future, job_id in done.items():
                 await self._record(pool, client, future, job_id)
+        running = {job_base(job): job.id for job in jobs if job.id in found.values()}
+        running = {base: job_id for base, job_id in running.items() if job_id not in done.values()}
+        if running:
+            events = await asyncio.to_thread(client.get_events, STARTED_TOPIC)
+            self._note_starts(events, running)
+        if unknown:
+            await self._settle(client, unknown)
         self._note_reruns(await asyncio.to_thread(self._reruns, client, done))
         for future in done:
             await asyncio.to_thread(client.unpublish_dataset, future.key)
         for future in found:
             future.release()
         return {job.id: job for job in self.store.get_many([job.id for job in jobs])}
+
+    async def _settle(self, client: Any, jobs: Sequence[Job]) -> None:
+        """Settle, once, jobs the scheduler has no trace of, from their runs on the hosts: a
+        run with a result is collected from its `result.json` (the runner's `poll`, as for
+        the SSH engine); a run still going is shown running and collected by a later
+        `jobs`; a job that never started, or whose worker stopped under it (the scheduler's
+        restart takes the workers with it), is submitted again, counted as an attempt if it
+        had started. A job whose hosts cannot all be asked is left for a later `jobs`."""
+        bases = {job_base(job): job for job in jobs}
+        runs, failures = await find_runs(self.plan, list(bases))
+        if failures:
+            for failure in failures:
+                self.handlers.warning(f"cannot settle {len(jobs)} dask job(s) yet: {failure}")
+            return
+        again: list[int] = []
+        async with TransportPool() as pool:
+            for base, job in bases.items():
+                job_runs = runs.get(base, [])
+                run = _run_to_collect(job_runs)
+                if run is not None:
+                    await self._collect_run(pool, job, run)
+                    continue
+                if not Path(job.wasm_path).exists():
+                    self.store.finish(
+                        job.id,
+                        JobState.LOST,
+                        error="the scheduler lost its task and its module is gone "
+                        f"({job.wasm_path}): it cannot be submitted again",
+                    )
+                    continue
+                if job_runs or job.host is not None:  # it started: another attempt
+                    ended = {"state": JobState.LOST.value, "error": WORKER_STOPPED}
+                    if not self.store.requeue(job, ended):
+                        continue  # another `jobs` settled it just now
+                elif not self.store.claim(job):
+                    continue
+                again.append(job.id)
+        if again:  # in this thread: the jobs file's connection is this thread's
+            self._publish(client, again)
+
+    async def _collect_run(self, pool: TransportPool, job: Job, run: Run) -> None:
+        """Take `run` as the job's run, and bring the record up to date from its host."""
+        host = self.cluster.host(run.host)
+        assert host is not None  # find_runs asks only the cluster's hosts
+        self.store.update(
+            job.id,
+            state=JobState.RUNNING.value,
+            host=host.name,
+            host_config=json.dumps(host.to_dict()),
+            remote_key=run.key,
+            attempt_hosts=job.attempt_hosts or host.name,
+            started_at=job.started_at or utc_now(),
+        )
+        await refresh_job(self.store, self.store.get(job.id), pool)
 
     def _submit(self, client: Any, job_ids: list[int]) -> dict[Any, int]:
         # This process follows them (`jobs` elsewhere sees their coordinator alive), and no
@@ -340,16 +479,23 @@ class DaskRun:
         self, client: Any, futures: dict[Any, int], ended: dict[int, Job]
     ) -> None:
         """Stop the tasks of jobs `sshwasm cancel` marked: unstarted ones in Dask, running
-        ones by the runner's `cancel` on whichever worker runs them."""
-        cancel = _by_value(_CANCEL_SOURCE, "sshwasm_cancel")
+        ones by the runner's `cancel` on whichever worker runs them. Also shows each job
+        `running` on its host once its task started (the workers' STARTED_TOPIC events)."""
         done: set[int] = set()
         by_id = {job_id: future for future, job_id in futures.items()}
         jobs = self.store.get_many(list(by_id))
+        # The client's event handler runs in its own thread; the jobs file is this thread's.
+        starts: list[Any] = []
+        await asyncio.to_thread(client.subscribe_topic, STARTED_TOPIC, starts.append)
+        by_base = {job_base(job): job.id for job in jobs}
         arrays = {job.array_id for job in jobs if job.array_id is not None}
         singles = [job.id for job in jobs if job.array_id is None]
         cancelled_before = -1
         while True:
             await asyncio.sleep(CANCEL_CHECK_S)
+            if starts:
+                events, starts[:] = list(starts), []
+                self._note_starts(events, by_base)
             # An array's tasks are read only when its count of cancelled tasks moved: cheap
             # with tens of thousands of tasks. (The jobs file's connection is this thread's.)
             cancelled = sum(
@@ -376,7 +522,7 @@ class DaskRun:
                     )
                 by_id[job.id].cancel()
                 try:
-                    await asyncio.to_thread(client.run, cancel, job.remote_key.split(".", 1)[0])
+                    await asyncio.to_thread(self._cancel_on_workers, client, {job_base(job)})
                 except Exception as exc:  # a worker gone meanwhile: its guest went with it
                     self.handlers.warning(f"job {job.id}: cancelling on the pool: {exc}")
 
@@ -454,3 +600,28 @@ class DaskRun:
             attempt_hosts=host.name,
             started_at=job.started_at or utc_now(),
         )
+
+    def _note_starts(self, events: Sequence[Any], by_base: dict[str, int]) -> None:
+        """Show jobs whose task started `running`, with the host and time: the workers'
+        STARTED_TOPIC events, (scheduler time, {"base", "key", "host", "at"}). An event of a
+        job already ended (its answer came first) changes nothing."""
+        latest: dict[int, dict[str, Any]] = {}
+        for _when, message in events:
+            if not isinstance(message, dict):
+                continue
+            job_id = by_base.get(str(message.get("base")))
+            if job_id is not None:
+                latest[job_id] = message  # a rerun's event comes after the first run's
+        for job in self.store.get_many(list(latest)):
+            message = latest[job.id]
+            host = self.cluster.host(str(message.get("host")))
+            if job.is_final or host is None or job.remote_key == message.get("key"):
+                continue
+            self.store.update(
+                job.id,
+                state=JobState.RUNNING.value,
+                host=host.name,
+                host_config=json.dumps(host.to_dict()),
+                remote_key=str(message["key"]),
+                started_at=str(message.get("at") or utc_now()),
+            )

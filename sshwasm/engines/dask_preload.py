@@ -8,8 +8,15 @@ It registers the `sshwasm-runner` worker plugin. The plugin does not run guests 
 worker's own process: it keeps one `serve` child of the host's unmodified runner (the runner
 that `sshwasm hosts install` and `pool up` put in `<workdir>/bin`), the same program the SSH
 engine's arrays use, so memory and time limits, cancel and `result.json` on the host's disk
-work as they do there, and a guest that crashes cannot take the worker down. When the worker
-stops (or its nanny kills it), the plugin ends that child and its process group.
+work as they do there, and a guest that crashes cannot take the worker down.
+
+Unlike under the SSH engine, a guest never outlives its worker: serve runs with
+`SSHWASM_SERVE_END_WITH_PARENT=1` (runner/parent_death.py), so when the worker stops, is
+killed, or `pool down` signals its process group, serve kills every guest. Dask then runs
+the task again elsewhere (`Reschedule` if this worker is still there to say so); the
+killed run's answer is never returned. Each task started is told to the scheduler as an
+event (`STARTED_TOPIC`), so that `jobs` shows where it runs; a job cancelled here is
+remembered, so that its task never starts after the cancel.
 """
 
 from __future__ import annotations
@@ -20,14 +27,30 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from datetime import datetime, timezone
 from typing import Any
 
+from distributed import Reschedule
 from distributed.diagnostics.plugin import WorkerPlugin
 
 PLUGIN_NAME = "sshwasm-runner"
 # Set by `pool up`'s launcher for the worker: the host's sshwasm workdir (absolute).
 WORKDIR_VARIABLE = "SSHWASM_WORKDIR"
 RUNNER_PACKAGE = "sshwasm_exec"
+# The scheduler's event topic of tasks handed to serve: {"base", "key", "host", "at"}.
+STARTED_TOPIC = "sshwasm-started"
+# serve's environment under a worker (runner/parent_death.py, which this must not import).
+END_WITH_PARENT_VARIABLE = "SSHWASM_SERVE_END_WITH_PARENT"
+# The error of serve's result for a task it killed because this worker stops (the same text
+# as runner/parent_death.py's WORKER_STOPPED, which a test holds them to).
+WORKER_STOPPED = "killed with its Dask worker, which stopped before the task ended"
+# How long a cancel is remembered: a task already handed to this worker when its job was
+# cancelled (Dask stops it only before it runs) comes within moments; a job resumed later
+# must run.
+CANCEL_MEMORY_S = 60.0
+# How long `cancel` waits for a task just handed to serve to have its job directory.
+CANCEL_SETTLE_S = 5.0
 
 
 def runner_home(workdir: str) -> str:
@@ -39,6 +62,10 @@ def runner_home(workdir: str) -> str:
 
 class ServeLost(RuntimeError):
     """The serve child ended before answering a task: the task's fate is unknown here."""
+
+
+class Cancelled(RuntimeError):
+    """The task's job was cancelled (`sshwasm cancel`) before it started here."""
 
 
 class _Waiting:
@@ -67,6 +94,9 @@ class RunnerPlugin(WorkerPlugin):
         self.waiting: dict[str, _Waiting] = {}
         self.protocol: Any = None
         self.counter = 0
+        # Job keys (the part before the first '.') cancelled here lately: not to start.
+        self.cancelled: dict[str, float] = {}
+        self.closing = False
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
@@ -99,7 +129,8 @@ class RunnerPlugin(WorkerPlugin):
     def serve_process(self) -> subprocess.Popen[bytes]:
         """The running `serve` child, started and greeted when needed (call with the lock).
 
-        It stays in the worker's process group, so stopping the worker's group stops it.
+        It stays in the worker's process group, so stopping the worker's group stops it,
+        and it kills its guests when the worker goes (END_WITH_PARENT_VARIABLE).
         """
         if self.serve is not None and self.serve.poll() is None:
             return self.serve
@@ -109,6 +140,7 @@ class RunnerPlugin(WorkerPlugin):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env=dict(os.environ, **{END_WITH_PARENT_VARIABLE: "1"}),
         )
         assert serve.stdin is not None and serve.stdout is not None
         serve.stdin.write(protocol.encode_frame(protocol.KIND_HELLO, protocol.encode_hello()))
@@ -167,6 +199,9 @@ class RunnerPlugin(WorkerPlugin):
     def _launch(self, key: str, payload: bytes) -> list[tuple[bytes, bytes]]:
         waiting = _Waiting()
         with self.lock:
+            cancelled_at = self.cancelled.get(key.split(".", 1)[0])
+            if cancelled_at is not None and time.monotonic() - cancelled_at < CANCEL_MEMORY_S:
+                raise Cancelled(f"job {key.split('.', 1)[0]} was cancelled before it started")
             serve = self.serve_process()
             self.waiting[key] = waiting
             assert serve.stdin is not None
@@ -210,34 +245,63 @@ class RunnerPlugin(WorkerPlugin):
         header["key"] = key
         payload = json.dumps(header).encode() + b"\n" + rest
         _, protocol = self._runner()
+        started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        self.worker.log_event(
+            STARTED_TOPIC, {"base": base, "key": key, "host": str(self.worker.name), "at": started}
+        )
         for _attempt in range(2):
-            frames = self._launch(key, payload)
+            try:
+                frames = self._launch(key, payload)
+            except ServeLost:
+                if self.closing:  # serve killed the guest because this worker stops
+                    raise Reschedule() from None
+                raise
             kind, body = frames[-1]
             if kind == protocol.KIND_NEED and json.loads(body).get("need") == "module":
                 self._put_module(header["wasm_sha256"], module)
                 continue
+            if kind == protocol.KIND_RESULT and json.loads(body).get("error") == WORKER_STOPPED:
+                raise Reschedule()  # not the guest's answer: Dask runs it again elsewhere
             break
         return {"host": str(self.worker.name), "key": key, "frames": frames}
 
     def cancel(self, base: str) -> list[str]:
-        """Cancel (through the runner's `cancel`) whatever runs here for job key `base`."""
+        """Cancel (through the runner's `cancel`) whatever runs here for job key `base`, and
+        remember it: a task of that job that comes later never starts (`Cancelled`)."""
         with self.lock:
+            now = time.monotonic()
+            self.cancelled = {
+                old: at for old, at in self.cancelled.items() if now - at < CANCEL_MEMORY_S
+            }
+            self.cancelled[base] = now
             keys = [key for key in self.waiting if key.split(".", 1)[0] == base]
         if not keys:
             return []
         home, _ = self._runner()
         for key in keys:
-            subprocess.run(
-                self._runner_argv(home, "cancel", self.workdir, key), capture_output=True
-            )
+            # A task handed to serve a moment ago may not have its job directory yet.
+            deadline = time.monotonic() + CANCEL_SETTLE_S
+            while True:
+                done = subprocess.run(
+                    self._runner_argv(home, "cancel", self.workdir, key), capture_output=True
+                )
+                with self.lock:
+                    waiting = self.waiting.get(key)
+                if done.returncode == 0 or waiting is None or waiting.done.is_set():
+                    break
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
         return keys
 
     def teardown(self, worker: Any) -> None:
         with self.lock:
             serve, self.serve = self.serve, None
+            self.closing = True
         if serve is None or serve.poll() is not None:
             return
-        # EOF on its stdin: serve lets what runs finish and exits.
+        # EOF on its stdin: serve kills what runs (END_WITH_PARENT_VARIABLE) and exits; the
+        # tasks it ran are rescheduled (`run`).
         with contextlib.suppress(OSError):
             assert serve.stdin is not None
             serve.stdin.close()

@@ -39,6 +39,7 @@ from .execute import (
 from .jobdir import (
     DEAD_GRACE_S,
     JOB_ID_RE,
+    _create_atomically,
     _describe_wait_status,
     _error_json,
     _make_result,
@@ -49,6 +50,7 @@ from .jobdir import (
     _write_pid_file,
 )
 from .launch import _LaunchRefused, _set_up_job
+from .parent_death import WORKER_STOPPED, die_with_parent, ends_with_parent, kill_group
 from .protocol import (
     CHUNK_BYTES,
     KIND_ERROR,
@@ -232,6 +234,10 @@ class _Server:
         self.ended: list[_ServeTask] = []
         self.decoder = FrameDecoder(SERVE_MAX_REQUEST_BYTES)
         self._wake_r, self._wake_w = os.pipe()
+        # Under a Dask worker, its guests end with it (parent_death.py).
+        self.end_with_parent = ends_with_parent()
+        self.parent_gone = False
+        self.pid = os.getpid()
 
     def serve(self) -> int:
         for fd in (self._wake_r, self._wake_w):
@@ -239,6 +245,9 @@ class _Server:
         # SIGCHLD writes a byte to the pipe, so select() wakes when a task ends.
         previous = signal.signal(signal.SIGCHLD, _ignore_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        previous_term = signal.getsignal(signal.SIGTERM)
+        if self.end_with_parent:
+            signal.signal(signal.SIGTERM, self._on_term)
         try:
             while self.accepting or self.running or self.ended:
                 readable = [self._wake_r] + ([self.stdin_fd] if self.accepting else [])
@@ -253,12 +262,15 @@ class _Server:
                     self._reap()
                     if self.stdin_fd in ready:
                         self._read_requests()
+                    if self.parent_gone:
+                        self._end_with_parent()
                     self._settle()
                 except _CoordinatorGone:
                     self._lose_coordinator()
         finally:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, previous)
+            signal.signal(signal.SIGTERM, previous_term)
             os.close(self._wake_r)
             os.close(self._wake_w)
             # Idle executors read EOF and exit; a busy one (serve lost) finishes first.
@@ -277,6 +289,7 @@ class _Server:
             data = b""
         if not data:
             self.accepting = False  # EOF: finish what runs, then exit
+            self.parent_gone = self.end_with_parent  # ... unless the worker is gone
             return
         try:
             frames = self.decoder.feed(data)
@@ -383,6 +396,19 @@ class _Server:
         answer = {"pid": pid, "job_dir": job_dir}
         self.writer.send_keyed(KIND_STARTED, key, json.dumps(answer).encode())
 
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.parent_gone = True  # the wakeup fd wakes the loop, which ends the tasks
+
+    def _end_with_parent(self) -> None:
+        """The Dask worker is gone: kill every task, each with a result saying so (a
+        guest that ended just before keeps its own), and accept nothing more."""
+        self.accepting = False
+        for pid, task in self.running.items():
+            with contextlib.suppress(OSError):
+                result = _make_result("failed", None, WORKER_STOPPED)
+                _create_atomically(os.path.join(task.job_dir, "result.json"), result)
+            kill_group(pid)
+
     # -- tasks
 
     def _dispatch(
@@ -471,7 +497,10 @@ class _Server:
         try:
             # A new session: cancel kills its group, and serve's end does not reach it.
             os.setsid()
+            if self.end_with_parent:
+                die_with_parent(self.pid)
             signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
