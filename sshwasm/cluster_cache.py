@@ -2,8 +2,9 @@
 it was last read neither imports PyYAML nor parses the file again (importing PyYAML is a
 sizeable part of a warm `run`'s start-up).
 
-There is one entry per cluster file path and HOME (relative key files are resolved against
-the file's directory, `~` is expanded), used only while the file's bytes (sha256) and this
+There is one entry per cluster file path, HOME and interpreter (relative key files are
+resolved against the file's directory, `~` is expanded, a local host runs the Python that
+runs sshwasm), used only while the file's bytes (sha256) and this
 sshwasm's cluster.py (size and mtime: an upgrade parses again) are those it was made from. Only a
 file that parsed without error is kept, so a mistake is always reported by the parser with
 its line. Entries are the user's own: 0600 in the private cache dir; one that is not, or
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +33,8 @@ CACHE_SUBDIR = "clusters"
 
 
 def _entry_path(path: Path) -> Path:
-    """One entry per cluster file (and HOME): a new parse replaces the old one."""
-    where = "\0".join((str(FORMAT), os.path.abspath(path), os.path.expanduser("~")))
+    """One entry per cluster file, HOME and interpreter: a new parse replaces the old one."""
+    where = "\0".join((str(FORMAT), os.path.abspath(path), os.path.expanduser("~"), sys.executable))
     name = hashlib.sha256(where.encode()).hexdigest()[:32]
     return paths.cache_dir() / CACHE_SUBDIR / f"{name}.json"
 
