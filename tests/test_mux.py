@@ -28,7 +28,8 @@ TINY = str(PROGRAMS / "tiny.rs")
 @pytest.fixture
 def runtime(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The test's runtime dir for sshwasm (under its HOME), the process turned on."""
-    monkeypatch.delenv("SSHWASM_CONNECTION_PERSIST_S")
+    # conftest sets it to 0 unless SSHWASM_TEST_MUX=1 left the process on everywhere.
+    monkeypatch.delenv("SSHWASM_CONNECTION_PERSIST_S", raising=False)
     monkeypatch.setenv("SSHWASM_MUX_VERBOSE", "1")
     return isolated_home / ".run" / "sshwasm"
 
