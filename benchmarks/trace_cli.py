@@ -119,37 +119,14 @@ def install() -> None:
 
     transport.SshTransport.connect = connect  # type: ignore[method-assign]
 
-    original_open = transport.SshTransport._open
-
-    async def open_channel(self: Any, command: str) -> Any:
-        began = time.time()
-        process = await original_open(self, command)
-        SPANS.append(("open channel + exec request", began, time.time()))
-        return process
-
-    transport.SshTransport._open = open_channel  # type: ignore[method-assign]
+    wrap(transport.SshTransport, "_open", "open channel + exec request")
 
     # Through the connection process (sshwasm.mux): its own connect and open, same names for
     # the open so that warm_run's remote phases are measured from it either way.
     from sshwasm.mux import client as mux_client
 
-    original_mux_connect = mux_client.MuxTransport.connect
-
-    async def mux_connect(self: Any) -> None:
-        began = time.time()
-        await original_mux_connect(self)
-        SPANS.append(("connection process: connect request", began, time.time()))
-
-    mux_client.MuxTransport.connect = mux_connect  # type: ignore[method-assign]
-    original_mux_open = mux_client.MuxTransport._open
-
-    async def mux_open(self: Any, command: str) -> Any:
-        began = time.time()
-        process = await original_mux_open(self, command)
-        SPANS.append(("open channel + exec request", began, time.time()))
-        return process
-
-    mux_client.MuxTransport._open = mux_open  # type: ignore[method-assign]
+    wrap(mux_client.MuxTransport, "connect", "connection process: connect request")
+    wrap(mux_client.MuxTransport, "_open", "open channel + exec request")
     original_launch_warm = mux_client.MuxTransport.launch_warm
 
     async def launch_warm(self: Any, job_id: str) -> Any:
