@@ -31,6 +31,9 @@ from helpers import (
 )
 from sshd import SshServer
 
+from sshwasm.cluster import Host
+from sshwasm.transport import silence_limit_s
+
 SLEEP = str(PROGRAMS / "sleep.rs")
 # More array tasks than a connection may hold channels (8), each its own orphaned job.
 TASKS = 12
@@ -42,11 +45,16 @@ ACCEPTED = "Accepted publickey for"
 def test_a_silent_host_is_declared_gone_after_keepalives_and_the_job_reattached(
     fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
 ) -> None:
-    """The real 15 s: the command runs as its own process, so nothing in it can be
-    shortened honestly. (It was 20 s: asyncssh gives up one interval after `count`.)"""
+    """Three missed keepalives and the host is gone: with the host's `keepalive_s` at 2 s,
+    after 6 s of silence (the default 5 s gives the README's 15 s; `silence_limit_s` is held
+    to it below). The command runs as its own process, so only the cluster file shortens it."""
+    assert silence_limit_s(Host(name="h", address="h", cpus=1, memory_mb=1)) == 15.0
     server = fresh_host("delta")
-    cluster = make_cluster({"delta": (2, 1024)}, servers=[server])
-    running = start_streaming("--cluster", str(cluster), "run", SLEEP, "--", "25")
+    cluster = make_cluster(
+        {"delta": {"cpus": 2, "memory_mb": 1024, "keepalive_s": 2}}, servers=[server]
+    )
+    # Long enough to outlast the 6 s of silence and the re-attach after it.
+    running = start_streaming("--cluster", str(cluster), "run", SLEEP, "--", "9")
     assert running.stdout is not None and running.stderr is not None
     try:
         assert running.stdout.readline() == b"start\n"
@@ -60,9 +68,9 @@ def test_a_silent_host_is_declared_gone_after_keepalives_and_the_job_reattached(
             silent_for = time.monotonic() - paused
         finally:
             server.resume()
-        # Three keepalive intervals of 5 s after the host's last packet (its "start"
-        # frame, just before the pause): not sooner, and well before a fourth.
-        assert 12 <= silent_for < 18.5, silent_for
+        # Three keepalive intervals of 2 s after the host's last packet (its "start"
+        # frame, just before the pause): not sooner, and before a fourth would end.
+        assert 5 <= silent_for < 8.5, silent_for
         assert warning == b"sshwasm: connection to 'delta' lost; re-attaching to job 1\n", warning
         out, err = running.communicate(timeout=120)
     finally:
