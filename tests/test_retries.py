@@ -33,8 +33,9 @@ def test_host_killed_mid_job_is_retried_elsewhere(
 ) -> None:
     doomed = fresh_host("delta", loopback(5))
     # delta is the best fit (the smallest host that fits), so the first attempt goes there.
+    # Its keepalive_s of 1 s makes the retry window 3 s, not the default 15 s.
     cluster = make_cluster(
-        {"delta": (1, 512), "alpha": (8, 8192)},
+        {"delta": {"cpus": 1, "memory_mb": 512, "keepalive_s": 1}, "alpha": (8, 8192)},
         servers={"alpha": ssh_hosts["alpha"], "delta": doomed},
     )
     process = start_streaming(
@@ -152,11 +153,10 @@ def test_late_answer_from_a_host_that_came_back_is_history_only(
     ssh_hosts: dict[str, SshServer],
 ) -> None:
     hung = fresh_host("delta", loopback(5))
-    # keepalive_s 2: a silent host is given up after 6 s, not the default 15 s.
+    # delta's keepalive_s of 1 s: it is given up after 3 s of silence, not the default 15 s.
     cluster = make_cluster(
-        {"delta": (1, 512), "alpha": (8, 8192)},
+        {"delta": {"cpus": 1, "memory_mb": 512, "keepalive_s": 1}, "alpha": (8, 8192)},
         servers={"alpha": ssh_hosts["alpha"], "delta": hung},
-        defaults={"keepalive_s": 2},
     )
     process = start_streaming(
         "--cluster", str(cluster), "run", "--retries", "1",
@@ -164,7 +164,7 @@ def test_late_answer_from_a_host_that_came_back_is_history_only(
     )  # fmt: skip
     assert process.stdout is not None and process.stderr is not None
     assert process.stdout.readline() == b"start\n"
-    hung.pause()  # silent: the keepalives notice, then re-attaching fails for 6 s
+    hung.pause()  # silent: the keepalives notice, then re-attaching fails for 3 s
     warned = b""
     while b"placing attempt 2" not in warned:
         line = process.stderr.readline()
