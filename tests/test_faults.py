@@ -29,6 +29,8 @@ from helpers import (
 )
 from sshd import SshServer, loopback
 
+# Concurrent `sshwasm run` processes sharing one jobs file: four times the cluster's 6 slots.
+RUNS = 24
 
 def session_children(server: SshServer) -> list[int]:
     """The per-connection sshd processes under a server's listener."""
@@ -157,7 +159,9 @@ def test_big_and_binary_output_arrives_whole(make_cluster: Callable[..., Path]) 
 
 
 @pytest.mark.slow
-def test_fifty_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path]) -> None:
+def test_many_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path]) -> None:
+    """RUNS processes at once for 6 slots: each wants 300 MB, so alpha holds 2 (cpus),
+    beta 1 and gamma 3 at a time, and most runs wait for room others free."""
     cluster = make_cluster({"alpha": (2, 1024), "beta": (1, 1024), "gamma": (3, 1024)})
     sleep = str(PROGRAMS / "sleep.rs")
     warm = sshwasm("--cluster", str(cluster), "run", sleep, "--", "0")
@@ -182,7 +186,7 @@ def test_fifty_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(50)
+        for _ in range(RUNS)
     ]
     records = []
     for run in runs:
@@ -190,9 +194,9 @@ def test_fifty_concurrent_runs_never_overcommit(make_cluster: Callable[..., Path
         assert run.returncode == 0, err
         assert "database is locked" not in err
         records.append(json.loads(out))
-    assert len({r["id"] for r in records}) == 50
+    assert len({r["id"] for r in records}) == RUNS
     listed = json.loads(sshwasm("jobs", "--json").stdout)
-    assert len(listed) == 51 and all(r["state"] == "succeeded" for r in listed)
+    assert len(listed) == RUNS + 1 and all(r["state"] == "succeeded" for r in listed)
     capacity = {"alpha": (2, 1024), "beta": (1, 1024), "gamma": (3, 1024)}
     events: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
     for r in records:
