@@ -125,11 +125,12 @@ def test_version_is_the_package_version() -> None:
 def test_the_installed_wheel_runs_a_job(dist: Path, tmp_path: Path) -> None:
     wheel = only(dist, "*.whl")
     venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv)
+    # No pip of its own (ensurepip costs seconds): this pip installs into it (`--python`).
+    run(sys.executable, "-m", "venv", "--without-pip", venv)
     python, command = venv / "bin" / "python", venv / "bin" / "sshwasm"
     # From the index, as a user's install would be (pip's cache makes it quick when warm).
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    run(python, "-m", "pip", "install", "--quiet", wheel, env=env)
+    run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", wheel, env=env)
 
     # Nothing of the checkout on the path: the venv's own sshwasm runs, from anywhere.
     home = tmp_path / "user"
