@@ -32,6 +32,7 @@ from sshd import SshServer, loopback
 # Concurrent `sshwasm run` processes sharing one jobs file: four times the cluster's 6 slots.
 RUNS = 24
 
+
 def session_children(server: SshServer) -> list[int]:
     """The per-connection sshd processes under a server's listener."""
     children = []
