@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PROGRAMS, moment, no_traceback, sshwasm, wait_for
+from helpers import EXAMPLES, PROGRAMS, moment, no_traceback, sshwasm, wait_for
 
 from sshwasm.store import _MIGRATIONS, JobStore
 
@@ -84,6 +84,38 @@ def test_args_from_lines_reach_the_guests_exactly(cluster: Path, tmp_path: Path)
     tasks = records()
     assert [t["array_task"] for t in tasks] == list(range(5))
     assert {t["array_id"] for t in tasks} == {tasks[0]["id"]}
+
+
+def test_args_from_and_stdin_take_dash_for_standard_input(cluster: Path) -> None:
+    """`... | sshwasm run SOURCE --args-from -` as with GNU parallel; `--stdin -` feeds this
+    process's stdin to the job; only one of them may take it."""
+    piped = sshwasm(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "environ.rs"),
+        "--args-from", "-", "--tag", stdin=b"one\n\n'two words'\n",
+    )  # fmt: skip
+    no_traceback(piped)
+    assert piped.returncode == 0, piped.stderr
+    by_task = tagged_lines(piped.stdout)
+    argv = {task: [x for x in lines if x.startswith("argv ")] for task, lines in by_task.items()}
+    assert argv == {0: ["argv environ", "argv one"], 1: ["argv environ", "argv two words"]}
+
+    fed = sshwasm(
+        "--cluster", str(cluster), "run", str(EXAMPLES / "echo.rs"), "--stdin", "-",
+        stdin=b"1\n2\n39\n",
+    )  # fmt: skip
+    assert fed.returncode == 0, fed.stderr
+    assert "stdin lines: 3\n" in fed.stdout and "sum: 42\n" in fed.stdout
+
+    both = sshwasm(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "environ.rs"),
+        "--args-from", "-", "--stdin", "-", stdin=b"one\n",
+    )  # fmt: skip
+    no_traceback(both)
+    assert both.returncode == 1, both.stderr
+    assert both.stderr == (
+        "sshwasm: error: --args-from - and --stdin - cannot both read standard input\n"
+    )
+    assert len(records()) == 3  # the refused run recorded nothing
 
 
 def test_args_from_bad_line_is_one_error_naming_file_and_line(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,13 @@ class ArrayShape:
 
 
 def read_args_file(path: Path) -> tuple[tuple[str, ...], ...]:
-    """One tuple of arguments per non-empty line of `path`, split as a shell would.
+    """One tuple of arguments per non-empty line of `path` (`-`: standard input), split as a
+    shell would.
 
     Lines of only blanks are skipped; a line that cannot be split (an unbalanced quote, a
     trailing backslash) is an error naming FILE:LINE.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"--args-from {path}: {exc.strerror or exc}") from exc
+    data = read_file_or_stdin(path, "--args-from")
     tasks: list[tuple[str, ...]] = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         where = f"--args-from {path}:{number}"
@@ -65,6 +64,17 @@ def read_args_file(path: Path) -> tuple[tuple[str, ...], ...]:
     return tuple(tasks)
 
 
+def read_file_or_stdin(path: Path, flag: str) -> bytes:
+    """The bytes of `path`, or all of standard input when it is `-` (as GNU parallel and
+    most tools take it); an unreadable file is a UsageError naming the flag."""
+    if str(path) == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from exc
+
+
 def input_paths(paths: list[str]) -> tuple[str, ...]:
     """The --input-each paths, absolute; each must be a file or a directory."""
     resolved = []
@@ -82,6 +92,8 @@ def array_shape(args: argparse.Namespace) -> ArrayShape:
     if args.array is not None:
         sizes[f"--array {args.array}"] = args.array
     task_args = None
+    if args.args_from == "-" and args.stdin == "-":
+        raise UsageError("--args-from - and --stdin - cannot both read standard input")
     if args.args_from is not None:
         task_args = read_args_file(Path(args.args_from))
         sizes[f"--args-from {args.args_from} ({len(task_args)} lines)"] = len(task_args)

@@ -141,8 +141,8 @@ def _add_array_shaping(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--args-from",
         metavar="FILE",
-        help="one task per non-empty line of FILE: the line, split as a shell would, "
-        "is added to the task's arguments (after any -- ARG...)",
+        help="one task per non-empty line of FILE (- reads standard input): the line, split "
+        "as a shell would, is added to the task's arguments (after any -- ARG...)",
     )
     run.add_argument(
         "--input-each",
@@ -291,7 +291,9 @@ def build_parser() -> ArgumentParser:
         metavar="K=V",
         help="set an environment variable for the job (repeatable); nothing else is passed",
     )
-    run.add_argument("--stdin", metavar="FILE", help="feed this file to the job's stdin")
+    run.add_argument(
+        "--stdin", metavar="FILE", help="feed this file (- for this one's stdin) to the job's stdin"
+    )
     run.add_argument(
         "--input",
         metavar="PATH",

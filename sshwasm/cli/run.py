@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .. import paths
 from ..errors import SshwasmError, UsageError
 from ..states import JobState
-from .arrays import array_shape
+from .arrays import array_shape, read_file_or_stdin
 from .context import Context
 from .exits import ExitStatus, job_exit_status
 from .show import (
@@ -52,10 +52,7 @@ def cmd_run(ctx: Context) -> int:
     check_feasible(cluster.hosts, request)
     stdin_data: bytes | None = None
     if args.stdin is not None:
-        try:
-            stdin_data = Path(args.stdin).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"--stdin {args.stdin}: {exc.strerror or exc}") from exc
+        stdin_data = read_file_or_stdin(Path(args.stdin), "--stdin")
     if args.input is not None:
         check_input(Path(args.input))
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
