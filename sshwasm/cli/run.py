@@ -57,6 +57,8 @@ def cmd_run(ctx: Context) -> int:
         check_input(Path(args.input))
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
+    if cluster.engine == "dask":
+        _refuse_held_and_limited_on_dask(ctx)
     _check_attempt_flags(ctx)
     if cluster.engine == "dask":
         _check_dask_flags(ctx)
@@ -247,6 +249,22 @@ def _check_dask_flags(ctx: Context) -> None:
     for flag, given in (
         ("--dir", args.dirs), ("--host-dir", args.host_dirs), ("--verify", args.verify),
         ("--reuse", args.reuse),
+    ):  # fmt: skip
+        if given:
+            raise UsageError(f"{flag} is not supported with engine: dask yet")
+
+
+def _refuse_held_and_limited_on_dask(ctx: Context) -> None:
+    """Dependencies, an array's own limits and retrying a guest's own failure are the SSH
+    coordinator's (it holds, counts and places again the tasks); the pool's scheduler knows
+    none of them, so on `engine: dask` they are refused rather than quietly not honoured."""
+    args = ctx.args
+    max_running = args.max_running if args.max_running is not None else args.array_max_running
+    for flag, given in (
+        ("--after", args.after is not None), ("--after-any", args.after_any is not None),
+        ("--max-running", max_running is not None),
+        ("--halt-after-failures", args.halt_after_failures is not None),
+        ("--retry-failed", args.retry_failed),
     ):  # fmt: skip
         if given:
             raise UsageError(f"{flag} is not supported with engine: dask yet")
