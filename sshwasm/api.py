@@ -35,6 +35,7 @@ from .cli.parser import (
     DEFAULT_MEMORY_MB,
     MAX_ARRAY_TASKS,
     MAX_OUTPUT_MB_LIMIT,
+    MAX_RETRIES,
 )
 from .cli.show import warn
 from .errors import SshwasmError, StoreError, UsageError
@@ -421,6 +422,10 @@ class Client:
         dirs: Iterable[str] = (),
         host_dirs: Iterable[str] = (),
         fuel: int | None = None,
+        retries: int = 0,
+        retry_failed: bool = False,
+        after: Iterable[int | Job] = (),
+        after_any: Iterable[int | Job] = (),
     ) -> Job:
         """Build `source` and submit one job running it with `args`, as `sshwasm run
         --detach` does; returns its `Job` at once (the job waits for room if need be).
@@ -429,6 +434,8 @@ class Client:
         (`overwrite`: `--overwrite`). `time_limit` in seconds; `env` a mapping or pairs.
         `dirs`/`host_dirs`: each as `--dir`/`--host-dir` takes it (`"data::/data:ro"`).
         `fuel`: a fuel budget, as `--fuel` (the record's `fuel_used` says what was used).
+        `retries`/`retry_failed`: as `--retries N`/`--retry-failed`. `after`/`after_any`:
+        jobs (a `Job` or an id) to wait for, as `--after`/`--after-any`.
         """
         (job,) = self._submit(
             source,
@@ -439,6 +446,7 @@ class Client:
                 labels, max_output_mb, overwrite, fuel,
             ),
             mounts=(dirs, host_dirs),
+            flow=_Flow(retries, retry_failed, after, after_any),
         )  # fmt: skip
         return job
 
@@ -462,11 +470,18 @@ class Client:
         dirs: Iterable[str] = (),
         host_dirs: Iterable[str] = (),
         fuel: int | None = None,
+        retries: int = 0,
+        retry_failed: bool = False,
+        after: Iterable[int | Job] = (),
+        after_any: Iterable[int | Job] = (),
+        max_running: int | None = None,
+        halt_after_failures: int | None = None,
     ) -> list[Job]:
         """Submit one array: task i runs `source` with the arguments `arg_lists[i]` (a lone
         string or number is one argument) and sees `SSHWASM_ARRAY_TASK_ID=i`, as `run
         --array` tasks do. Built once, recorded in one transaction; returns the tasks' jobs
-        in order (an empty list for no argument lists). Options as for `submit`."""
+        in order (an empty list for no argument lists). Options as for `submit`, and
+        `max_running`/`halt_after_failures` as `--max-running`/`--halt-after-failures`."""
         lists = [_one_arg_list(item) for item in arg_lists]
         if not lists:
             return []
@@ -479,6 +494,9 @@ class Client:
                 labels, max_output_mb, overwrite, fuel,
             ),
             mounts=(dirs, host_dirs),
+            flow=_Flow(
+                retries, retry_failed, after, after_any, max_running, halt_after_failures
+            ),
         )  # fmt: skip
 
     def _submit(
@@ -488,6 +506,7 @@ class Client:
         array: bool,
         options: _Options,
         mounts: tuple[Iterable[str], Iterable[str]] = ((), ()),
+        flow: _Flow | None = None,
     ) -> list[Job]:
         from .schedule import check_feasible
         from .staging import check_input
@@ -497,6 +516,7 @@ class Client:
             raise UsageError(f"at most {MAX_ARRAY_TASKS} tasks in one map, got {len(arg_lists)}")
         request = options.request()
         check_feasible(self._cluster.hosts, request)
+        flow_fields = (flow or _Flow()).spec_fields(self._ctx.store, self._cluster.engine)
         stdin_data = options.stdin_data()
         if options.input is not None:
             check_input(Path(options.input))
@@ -513,7 +533,7 @@ class Client:
             spec = dataclasses.replace(spec, task_args=tuple(tuple(args) for args in arg_lists))
         else:
             spec = _spec(Path(os.fspath(source)), arg_lists[0], False, options)
-        spec = dataclasses.replace(spec, dirs=dirs)
+        spec = dataclasses.replace(spec, dirs=dirs, **flow_fields)
         store = self._ctx.store
         job_ids = store.submit_tasks(spec)
         try:
@@ -763,6 +783,75 @@ class _Watcher(threading.Thread):
             await asyncio.gather(*(refresh_job(store, job, pool) for job in orphans))
 
         with_pool(refresh_all)
+
+
+@dataclass(frozen=True)
+class _Flow:
+    """Retries, dependencies and an array's limits, checked as `run` checks `--retries`,
+    `--retry-failed`, `--after`, `--after-any`, `--max-running` and
+    `--halt-after-failures`."""
+
+    retries: int = 0
+    retry_failed: bool = False
+    after: Iterable[int | Job] = ()
+    after_any: Iterable[int | Job] = ()
+    max_running: int | None = None
+    halt_after_failures: int | None = None
+
+    def spec_fields(self, store: JobStore, engine: str) -> dict[str, Any]:
+        """The JobSpec fields these set; a UsageError for a value `run` would refuse."""
+        from .dependencies import check_dependencies
+
+        retries = self.retries
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise UsageError(f"retries must be a whole number, got {retries!r}")
+        if not 0 <= retries <= MAX_RETRIES:
+            raise UsageError(f"retries must be from 0 to {MAX_RETRIES}, got {retries}")
+        if self.retry_failed and not retries:
+            raise UsageError("retry_failed needs retries (how many more attempts)")
+        after, after_any = _job_ids("after", self.after), _job_ids("after_any", self.after_any)
+        if after and after_any:
+            raise UsageError("after and after_any cannot be combined; give one list")
+        for what, value in (
+            ("max_running", self.max_running),
+            ("halt_after_failures", self.halt_after_failures),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise UsageError(f"{what} must be a whole number of at least 1, got {value!r}")
+        if engine == "dask":  # as `run` refuses them there: the pool would not honour them
+            for what, given in (
+                ("after", after), ("after_any", after_any), ("retry_failed", self.retry_failed),
+                ("max_running", self.max_running is not None),
+                ("halt_after_failures", self.halt_after_failures is not None),
+            ):  # fmt: skip
+                if given:
+                    raise UsageError(f"{what} is not supported with engine: dask yet")
+        check_dependencies(store, after or after_any)
+        return {
+            "retries": retries,
+            "retry_failed": bool(self.retry_failed),
+            "after": after or after_any,
+            "after_any": bool(after_any),
+            "max_running": self.max_running,
+            "halt_after_failures": self.halt_after_failures,
+        }
+
+
+def _job_ids(what: str, given: Iterable[int | Job]) -> tuple[int, ...]:
+    """Job ids from `Job`s and ids; a UsageError for anything else."""
+    if isinstance(given, (str, bytes, int, Job)):
+        raise UsageError(f"{what} must be a list of jobs or job ids, got {given!r}")
+    ids = []
+    for item in given:
+        if isinstance(item, Job):
+            ids.append(item.id)
+        elif isinstance(item, int) and not isinstance(item, bool) and item >= 1:
+            ids.append(item)
+        else:
+            raise UsageError(f"{what}: {item!r} is not a job or a job id")
+    return tuple(ids)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -110,9 +111,19 @@ def test_sshwasm_own_errors_raise_the_cli_errors(
         {"labels": "gpu"},
         {"stdin": tmp_path / "missing"},
         {"max_output_mb": 0},
+        {"retries": -1},
+        {"retries": 2.5},
+        {"retry_failed": True},
+        {"after": 1},
+        {"after": ["1"]},
+        {"after": [9999]},
+        {"after": [1], "after_any": [2]},
     ):
         with pytest.raises(UsageError):
             client.submit(ECHO, **bad)  # type: ignore[arg-type]
+    for bad in ({"max_running": 0}, {"halt_after_failures": True}):
+        with pytest.raises(UsageError):
+            client.map(ECHO, [["a"]], **bad)  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         client.submit(ECHO, object())  # type: ignore[arg-type]
     with pytest.raises(UsageError, match=r"needs at least 2 MB .* memory_mb=1 is too small"):
@@ -145,6 +156,30 @@ def test_map_submits_one_array_with_each_tasks_arguments(client: Client) -> None
     assert [r.array_task for r in records] == [0, 1, 2, 3, 4]
     assert {r.array_id for r in records} == {jobs[0].id}
     assert client.map(ECHO, []) == []
+
+
+def test_retries_dependencies_and_array_limits_as_run_takes_them(client: Client) -> None:
+    """`after`/`after_any` hold a job as `--after`/`--after-any` do; `max_running` and
+    `halt_after_failures` limit an array, `retries`/`retry_failed` are kept with the job."""
+    failing = client.submit(EXITCODE, "3", retries=2, retry_failed=True)
+    held = client.submit(ECHO, "held", after=[failing])
+    anyway = client.submit(ECHO, "anyway", after_any=[failing.id])
+    assert held.result(timeout=120).state is JobState.CANCELLED
+    assert held.result().error == f"dependency job {failing.id} ended failed"
+    assert anyway.result(timeout=120).stdout.startswith("arg[1]=anyway\n")
+    assert failing.result().attempts == 3  # retry_failed: the guest's own failure, twice more
+    with JobStore(client.db_path) as store:
+        assert (store.get(failing.id).retries, store.get(held.id).dependencies) == (2, [failing.id])
+
+    one_at_a_time = client.map(SLEEP, [["0.3"]] * 3, max_running=1, after=[anyway])
+    spans = sorted(
+        (r.started_at, r.finished_at) for r in (j.result(timeout=120) for j in one_at_a_time)
+    )
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans)), spans
+    halted = client.map(EXITCODE, ["3", "0", "0"], max_running=1, halt_after_failures=1)
+    states = [job.result(timeout=120).state for job in halted]
+    assert states == [JobState.FAILED, JobState.CANCELLED, JobState.CANCELLED]
+    assert halted[2].result().error == "halted after 1 failures"
 
 
 def test_as_completed_and_wait_follow_the_order_jobs_end_in(client: Client) -> None:
