@@ -23,6 +23,7 @@ from sshwasm.runner.protocol import FrameDecoder, encode_frame
 from sshwasm.transport import Completed, RunnerProcess, SshTransport
 
 MIB = 1 << 20
+STARTED = json.dumps({"pid": 1}).encode()
 
 
 def buffered(process: RunnerProcess) -> int:
@@ -108,7 +109,7 @@ def test_a_warm_client_that_falls_behind_is_followed_with_attach() -> None:
         route = warm.routes["7-a"] = Route()
         # serve's frames about the job, all at once (it ended): S, 6 x 256 KiB of stdout,
         # a little stderr, R. The route takes them without waiting for the client.
-        warm._dispatch(b"S", b"7-a\n" + json.dumps({"pid": 1}).encode())
+        warm._dispatch(b"S", b"7-a\n" + STARTED)
         for _ in range(6):
             warm._dispatch(b"O", b"7-a\n" + body)
         warm._dispatch(b"E", b"7-a\nlate")
@@ -137,7 +138,7 @@ def test_a_warm_client_that_falls_behind_is_followed_with_attach() -> None:
         return FrameDecoder().feed(bytes(stdout)), status, route.queued_bytes
 
     frames, status, left = asyncio.run(relay())
-    kept = ROUTE_QUEUE_BYTES // len(body)
+    kept = (ROUTE_QUEUE_BYTES - len(STARTED)) // len(body)
     # What the route held, in order, then the rest from attach at the offsets it ends at.
     assert [kind for kind, _ in frames] == [b"S", *[b"O"] * kept, b"O", b"R"]
     assert all(payload == body for _, payload in frames[1 : 1 + kept])

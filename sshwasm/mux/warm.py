@@ -27,8 +27,6 @@ from ..runner.protocol import (
     KIND_LAUNCH,
     KIND_NEED,
     KIND_RESULT,
-    KIND_STDERR,
-    KIND_STDOUT,
     FrameDecoder,
     ProtocolError,
     encode_frame,
@@ -40,7 +38,7 @@ from ..transport import RunnerProcess, SshTransport
 START_TIMEOUT_S = 60.0
 # After these serve says nothing more about a job (runner_client.FINAL_KINDS).
 FINAL_KINDS = (KIND_RESULT, KIND_NEED, KIND_ERROR)
-# Output bytes (O and E frames) queued for one job's client at most. A client that falls
+# Bytes of frames (its output, mostly) queued for one job's client at most. A client that falls
 # further behind (its reader is slow: `sshwasm run ... | less`) neither holds up serve's
 # channel, which every job of the host shares, nor grows this process's memory: its route
 # overflows, serve's later frames about the job are dropped (they are on the host's disk),
@@ -78,18 +76,17 @@ class Route:
         """Queue a frame, unless the client went away or is too far behind."""
         if self.closed or self.overflowed:
             return
-        if kind in (KIND_STDOUT, KIND_STDERR):
-            if self.queued_bytes + len(body) > ROUTE_QUEUE_BYTES:
-                self.overflowed = True
-                self.frames.put_nowait(OVERFLOW)
-                return
-            self.queued_bytes += len(body)
+        if self.queued_bytes + len(body) > ROUTE_QUEUE_BYTES:
+            self.overflowed = True
+            self.frames.put_nowait(OVERFLOW)
+            return
+        self.queued_bytes += len(body)
         self.frames.put_nowait((kind, body))
 
     async def take(self) -> tuple[bytes, bytes] | None:
         """The next frame (see the class)."""
         item = await self.frames.get()
-        if item is not None and item[0] in (KIND_STDOUT, KIND_STDERR):
+        if item is not None:
             self.queued_bytes -= len(item[1])
         return item
 
