@@ -76,18 +76,40 @@ def run_array(bench: Bench, tasks: int) -> tuple[float, float]:
 
 
 def fill_rows(bench: Bench, tasks: int) -> None:
-    """A jobs file holding one finished array of `tasks` tasks (as a run would leave it)."""
+    """A jobs file holding one finished array of `tasks` tasks, as a run over the bench's
+    hosts leaves it: each task on one of the hosts in turn, with its own run time (to the
+    microsecond, as the runner measures it: hardly two tasks share one), start and end.
+    Rows whose every value repeats would flatter the listing, which lays out each distinct
+    value once."""
     code = f"""
-import sys
+import random, sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from sshwasm.store import JobSpec, JobStore
 spec = JobSpec(name="tiny", cpus=1, memory_mb=64, time_limit_s=None, source="tiny.rs",
     language="rust", wasm_sha256="0" * 64, wasm_bytes=10, wasm_path="/x.wasm",
     compile_s=0.1, argv=("tiny",), env=(), array_size={tasks})
+hosts = {list(bench.names)!r}
+chance = random.Random(13)
+start = datetime.now(timezone.utc)
 with JobStore(Path(sys.argv[1])) as store:
     ids = store.submit_tasks(spec)
-    store.update_many(ids, host="alpha", run_s=0.004, exit_code=0, state="succeeded",
-                      coordinator_pid=None)
+    rows = []
+    for index, job_id in enumerate(ids):
+        run_s = round(chance.uniform(0.002, 0.030), 6)
+        began = start + timedelta(seconds=index / 250)
+        ended = began + timedelta(seconds=run_s + 0.003)
+        rows.append((
+            hosts[index % len(hosts)], run_s, round(run_s * 0.9, 6),
+            began.isoformat(timespec="milliseconds"), ended.isoformat(timespec="milliseconds"),
+            job_id,
+        ))
+    with store._transaction() as db:
+        db.executemany(
+            "UPDATE jobs SET state = 'succeeded', exit_code = 0, coordinator_pid = NULL, "
+            "host = ?, run_s = ?, cpu_s = ?, started_at = ?, finished_at = ? WHERE id = ?",
+            rows,
+        )
 """
     db = bench.root / "data" / "jobs.sqlite"
     db.parent.mkdir(parents=True, exist_ok=True)

@@ -444,10 +444,41 @@ class LocalTransport(Transport):
 # -- SSH -----------------------------------------------------------------------------------
 
 
+def pace_reading(process: asyncssh.SSHClientProcess[bytes]) -> bool:
+    """Hold what asyncssh keeps of a channel that is read slower than it arrives to about
+    two SSH windows (4 MiB); returns whether it could (else asyncssh reads as it does).
+
+    asyncssh stops reading a channel once a window's worth (2 MiB) waits in its buffer,
+    and reads on as soon as the reader takes a chunk. Reading on delivers one packet and
+    sends the window adjust then, which credits every byte received since the last one,
+    the ones still waiting in the channel's own buffer included: each 64 KiB read let the
+    host send another 2 MiB, and with a slow reader (`sshwasm run ... | less`) the
+    connection process held the job's whole output (32 MiB of 40 at a 4 MiB/s reader).
+    Reading on only once the buffer is empty moves a whole window to the reader per
+    adjust, so the host sends no faster than the reader takes: what a slow reader has not
+    taken waits on the host's disk, in the job's output file.
+    """
+    resume = getattr(process, "_maybe_resume_reading", None)
+    if not callable(resume) or not all(
+        hasattr(process, name) for name in ("_recv_buf_len", "_limit", "_read_paused")
+    ):
+        return False  # another asyncssh: left as it is
+
+    def resume_when_empty() -> bool:
+        # `_limit` is 0 once wait() or communicate() collects the rest: read on then.
+        if process._limit and process._recv_buf_len > 0:
+            return False
+        return bool(resume())
+
+    process._maybe_resume_reading = resume_when_empty  # type: ignore[method-assign]
+    return True
+
+
 class _SshProcess(RunnerProcess):
     def __init__(
         self, process: asyncssh.SSHClientProcess[bytes], release: Callable[[], None]
     ) -> None:
+        pace_reading(process)
         self._process = process
         self._release: Callable[[], None] | None = release
         # Read all along: asyncssh would otherwise collect the whole of it in memory.

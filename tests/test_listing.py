@@ -39,6 +39,21 @@ def _task_rows(count: int, name: str = "tiny", run_s: float = 0.004) -> list[tup
     ]  # fmt: skip
 
 
+def _real_task_rows(count: int) -> list[tuple[Any, ...]]:
+    """An array's finished tasks as a real run leaves them: on three hosts in turn, each
+    with its own run time to the microsecond (hardly two alike), a few of a second or more
+    and one that rounds up to a minute."""
+    chance = random.Random(count)
+    hosts = ("alpha", "beta", "gamma")
+    rows = [
+        (count - index, "tiny", count - index - 1, "succeeded", hosts[index % 3], 1, 64, STAMP,
+         round(chance.uniform(0.002, 0.03 if index % 50 else 12.0), 6), None, 0)
+        for index in range(count)
+    ]  # fmt: skip
+    rows[count // 2] = (*rows[count // 2][:8], 59.996, *rows[count // 2][9:])
+    return rows
+
+
 # Values each column can hold, the odd ones included: control characters, spaces around,
 # wide and non-printable Unicode, `%`, NULLs, a float or text where an int belongs, a
 # running job's time so far, a minute and more, rounding ties, -0.0, stamps that do not
@@ -69,6 +84,7 @@ def _odd_rows(seed: int, count: int) -> list[tuple[Any, ...]]:
     [
         pytest.param([], id="empty"),
         pytest.param(_task_rows(3000), id="one-array"),
+        pytest.param(_real_task_rows(3000), id="real-array"),
         pytest.param(_task_rows(40, "a%d[x]") + _task_rows(30, "b", 61.0), id="minutes"),
         pytest.param(
             [*_task_rows(50), (1, "plain", None, "succeeded", "beta", 2, 128, STAMP, 1.5, None, 0)],
@@ -113,6 +129,7 @@ def _through_sqlite(rows: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
     ("rows", "keyed"),
     [
         pytest.param(_task_rows(3000), True, id="one-array"),
+        pytest.param(_real_task_rows(3000), True, id="real-array"),
         pytest.param(
             [
                 *_task_rows(50),

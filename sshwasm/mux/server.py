@@ -24,10 +24,10 @@ from .. import paths
 from ..cluster import MAX_CONNECTION_PERSIST_S, Host
 from ..errors import HostKeyUntrusted, HostUnreachable, SshwasmError
 from ..runner.jobdir import JOB_ID_RE
-from ..runner.protocol import SERVE_MAX_REQUEST_BYTES, encode_frame
+from ..runner.protocol import KIND_STDERR, KIND_STDOUT, SERVE_MAX_REQUEST_BYTES, encode_frame
 from ..transport import RunnerProcess, SshTransport
 from . import spare, wire
-from .warm import FINAL_KINDS, Route, WarmServe, WarmUnavailable
+from .warm import FINAL_KINDS, OVERFLOW, Route, WarmServe, WarmUnavailable
 
 # A client has this long to send its request after connecting.
 REQUEST_TIMEOUT_S = 10.0
@@ -299,12 +299,14 @@ class MuxServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
-        """Carry serve's frames about one job to its client, unkeyed as `launch` sends them."""
+        """Carry serve's frames about one job to its client, unkeyed as `launch` sends them;
+        once the client fell too far behind (the route overflowed), the rest with `attach`."""
         # The client sends nothing more: its end of the socket closing means it went away.
         gone = asyncio.ensure_future(reader.read(1))
+        offsets = {KIND_STDOUT: 0, KIND_STDERR: 0}
         try:
             while True:
-                getting = asyncio.ensure_future(route.frames.get())
+                getting = asyncio.ensure_future(route.take())
                 await asyncio.wait({getting, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not getting.done():
                     getting.cancel()
@@ -314,7 +316,13 @@ class MuxServer:
                     self._end_relay(writer, None)  # serve was lost: the client re-attaches
                     await writer.drain()
                     return
+                if item is OVERFLOW:
+                    warm.drop(job, route)  # serve's channel goes on without waiting for us
+                    await self.relay_attach(warm.transport, job, offsets, gone, writer)
+                    return
                 kind, body = item
+                if kind in offsets:
+                    offsets[kind] += len(body)
                 wire.write_frame(writer, wire.STDOUT, encode_frame(kind, body))
                 if kind in FINAL_KINDS:
                     self._end_relay(writer, 0)
@@ -326,6 +334,54 @@ class MuxServer:
         finally:
             gone.cancel()
             warm.drop(job, route)
+
+    async def relay_attach(
+        self,
+        transport: SshTransport,
+        job: str,
+        offsets: dict[bytes, int],
+        gone: asyncio.Future[bytes],
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Follow a warm job with `attach` from the output bytes its client already has: its
+        frames are the ones a `launch` relay sends, at the pace the client takes them (the
+        channel's SSH window stops the host's sending while the client is behind)."""
+        try:
+            process = await transport.start_runner(
+                [
+                    "attach",
+                    transport.host.workdir,
+                    job,
+                    str(offsets[KIND_STDOUT]),
+                    str(offsets[KIND_STDERR]),
+                ]
+            )
+            await process.send(b"")
+        except (SshwasmError, OSError) as exc:
+            log(f"cannot follow job {job} with attach: {type(exc).__name__}: {exc}")
+            self._end_relay(writer, None)  # as if the connection dropped: the client re-attaches
+            await writer.drain()
+            return
+        try:
+            while True:
+                reading = asyncio.ensure_future(process.read())
+                await asyncio.wait({reading, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    reading.cancel()
+                    process.abort()  # the client went away: so does the channel
+                    return
+                chunk = reading.result()
+                if not chunk:
+                    break
+                wire.write_frame(writer, wire.STDOUT, chunk)
+                await writer.drain()
+            done = await process.finish()
+        except BaseException:
+            process.abort()
+            raise
+        # attach's status as the relay's: 0 after its result, None if its channel was lost.
+        self._end_relay(writer, done.exit_status)
+        await writer.drain()
 
     @staticmethod
     def _end_relay(writer: asyncio.StreamWriter, status: int | None) -> None:

@@ -38,9 +38,15 @@ from ..transport import RunnerProcess, SshTransport
 START_TIMEOUT_S = 60.0
 # After these serve says nothing more about a job (runner_client.FINAL_KINDS).
 FINAL_KINDS = (KIND_RESULT, KIND_NEED, KIND_ERROR)
-# Frames queued for one job's client at most: a slow client holds up serve's channel
-# (every job of the host) rather than this process's memory growing with a job's output.
-ROUTE_QUEUE_FRAMES = 64
+# Bytes of frames (its output, mostly) queued for one job's client at most. A client that falls
+# further behind (its reader is slow: `sshwasm run ... | less`) neither holds up serve's
+# channel, which every job of the host shares, nor grows this process's memory: its route
+# overflows, serve's later frames about the job are dropped (they are on the host's disk),
+# and the relay follows the job with `attach` from the bytes it relayed, on a channel of its
+# own whose SSH window paces the host's sending to the reader (server.relay_route).
+ROUTE_QUEUE_BYTES = 1 << 20
+# Put on a route in place of the frames it had no room for.
+OVERFLOW = (b"", b"")
 # Held here: the reader of a serve already replaced still delivers its running jobs' frames.
 _READERS: set[asyncio.Future[None]] = set()
 
@@ -55,18 +61,41 @@ class WarmUnavailable(Exception):
 
 @dataclass
 class Route:
-    """One job's frames on their way to its client: (kind, body), then None if serve is lost."""
+    """One job's frames on their way to its client: (kind, body), then None if serve is lost,
+    or OVERFLOW (and nothing after it) once its client fell ROUTE_QUEUE_BYTES behind.
 
-    frames: asyncio.Queue[tuple[bytes, bytes] | None] = field(
-        default_factory=lambda: asyncio.Queue(ROUTE_QUEUE_FRAMES)
-    )
+    Never waited on by serve's reader: a route takes a frame or drops it at once.
+    """
+
+    frames: asyncio.Queue[tuple[bytes, bytes] | None] = field(default_factory=asyncio.Queue)
     closed: bool = False
+    overflowed: bool = False
+    queued_bytes: int = 0
+
+    def offer(self, kind: bytes, body: bytes) -> None:
+        """Queue a frame, unless the client went away or is too far behind."""
+        if self.closed or self.overflowed:
+            return
+        if self.queued_bytes + len(body) > ROUTE_QUEUE_BYTES:
+            self.overflowed = True
+            self.frames.put_nowait(OVERFLOW)
+            return
+        self.queued_bytes += len(body)
+        self.frames.put_nowait((kind, body))
+
+    async def take(self) -> tuple[bytes, bytes] | None:
+        """The next frame (see the class)."""
+        item = await self.frames.get()
+        if item is not None:
+            self.queued_bytes -= len(item[1])
+        return item
 
     def close(self) -> None:
         """The client went away: what is queued is dropped, and so is what comes."""
         self.closed = True
         while not self.frames.empty():
-            self.frames.get_nowait()  # wakes a dispatch waiting for room
+            self.frames.get_nowait()
+        self.queued_bytes = 0
 
 
 class WarmServe:
@@ -130,27 +159,22 @@ class WarmServe:
         """Hand each frame to its job's route until serve's stdout ends."""
         try:
             for kind, payload in early:
-                await self._dispatch(kind, payload)
+                self._dispatch(kind, payload)
             while chunk := await process.read():
                 for kind, payload in decoder.feed(chunk):
-                    await self._dispatch(kind, payload)
+                    self._dispatch(kind, payload)
         except ProtocolError:
             process.abort()  # nothing more of it is believed
         finally:
             self.broken = True
             for route in list(self.routes.values()):
-                try:
-                    route.frames.put_nowait(None)
-                except asyncio.QueueFull:
-                    # Its client is behind: the end follows what it has yet to take.
-                    ending = asyncio.ensure_future(route.frames.put(None))
-                    _READERS.add(ending)
-                    ending.add_done_callback(_READERS.discard)
+                if not route.closed and not route.overflowed:
+                    route.frames.put_nowait(None)  # after what its client has yet to take
             self.routes.clear()
             with contextlib.suppress(Exception):
                 await process.finish()
 
-    async def _dispatch(self, kind: bytes, payload: bytes) -> None:
+    def _dispatch(self, kind: bytes, payload: bytes) -> None:
         key_bytes, _, body = payload.partition(b"\n")
         key = key_bytes.decode(errors="replace")
         route = self.routes.get(key)
@@ -158,8 +182,7 @@ class WarmServe:
             return  # a session note (empty key), or a job whose client went away
         if kind in FINAL_KINDS:
             del self.routes[key]
-        if not route.closed:
-            await route.frames.put((kind, body))
+        route.offer(kind, body)
 
     async def launch(self, key: str, payload: bytes) -> Route | None:
         """Send one job's L frame; its route, or None if serve is gone (nothing was sent)."""
