@@ -29,6 +29,7 @@ submitted again if it never started or its worker stopped under it.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 from collections import Counter, deque
@@ -40,7 +41,7 @@ from ..cluster import Cluster, Host
 from ..coordinator import launch_spec
 from ..errors import SshwasmError
 from ..job_output import Handlers, JobOutput
-from ..pool import PoolPlan, Run, connect, find_runs, plan_for
+from ..pool import PRELOAD_NAME, PoolPlan, Run, connect, find_runs, plan_for
 from ..recorded_jobs import end_of_answer, record_end, refresh_job
 from ..runner.parent_death import WORKER_STOPPED
 from ..runner.protocol import ProtocolError
@@ -50,12 +51,10 @@ from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
 
-# Runs on the worker, sent by value (the worker has no sshwasm): hands the job to the plugin.
-_TASK_SOURCE = """
-def sshwasm_job(payload, module):
-    from distributed import get_worker
-    return get_worker().plugins["sshwasm-runner"].run(payload, module)
-"""
+# The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
+# `pool up` put beside the scheduler and every worker (their working directory).
+TASK_MODULE = PRELOAD_NAME.removesuffix(".py")
+TASK_FUNCTION = "sshwasm_job"
 
 
 # Runs on every worker (`Client.run`): cancels what runs there for some jobs.
@@ -63,6 +62,11 @@ _CANCEL_SOURCE = """
 def sshwasm_cancel(bases, dask_worker=None):
     plugin = dask_worker.plugins["sshwasm-runner"]
     return [key for base in bases for key in plugin.cancel(base)]
+"""
+# Runs on every worker (`Client.run`): the started events of the tasks running there.
+_RUNNING_SOURCE = """
+def sshwasm_running(dask_worker=None):
+    return dask_worker.plugins["sshwasm-runner"].running()
 """
 # Runs in the scheduler: how often each task was started again after its worker died.
 _RERUNS_SOURCE = """
@@ -101,8 +105,30 @@ def _by_value(source: str, name: str) -> Callable[..., Any]:
     return function
 
 
+class _ModuleOnHosts:
+    """Unpickles as TASK_MODULE, imported where it is unpickled (the pool's hosts)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (importlib.import_module, (TASK_MODULE,))
+
+
+class _TaskOnHosts:
+    """The task function as the client submits it: it pickles as a reference to the
+    hosts' TASK_MODULE.TASK_FUNCTION, not by value. The scheduler pickles each task's
+    function again for the worker that runs it: by value that cost a code object and a
+    failed import (a search of sys.path) per task; by reference it is a name."""
+
+    __name__ = __qualname__ = TASK_FUNCTION
+
+    def __call__(self, payload: bytes, module: bytes) -> Any:
+        raise RuntimeError(f"{TASK_FUNCTION} runs on the pool's workers only")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (getattr, (_ModuleOnHosts(), TASK_FUNCTION))
+
+
 def _task_function() -> Callable[..., Any]:
-    return _by_value(_TASK_SOURCE, "sshwasm_job")
+    return _TaskOnHosts()
 
 
 def eligible_workers(cluster: Cluster, job: Job) -> list[str] | None:
@@ -294,6 +320,18 @@ class DaskRun:
         cancel = _by_value(_CANCEL_SOURCE, "sshwasm_cancel")
         client.run(cancel, sorted(bases))
 
+    @staticmethod
+    def _running(client: Any) -> list[Any]:
+        """What runs on the workers now, as STARTED_TOPIC events: asked of each worker's
+        plugin (the scheduler keeps only the last 1,000 events, which a long task's start
+        leaves behind in a big array). The events, from a worker that cannot be asked."""
+        probe = _by_value(_RUNNING_SOURCE, "sshwasm_running")
+        try:
+            answers: dict[str, Any] = client.run(probe)
+        except Exception:  # a worker of an older pool, or gone meanwhile
+            return list(client.get_events(STARTED_TOPIC))
+        return [(0.0, {"started": started}) for started in answers.values()]
+
     def collect(self, jobs: Sequence[Job]) -> dict[int, Job]:
         """Record the detached jobs whose tasks ended, and show those that run `running`;
         those the scheduler does not know (it restarted, or the client that followed them
@@ -346,8 +384,7 @@ class DaskRun:
         running = {job_base(job): job.id for job in jobs if job.id in found.values()}
         running = {base: job_id for base, job_id in running.items() if job_id not in done.values()}
         if running:
-            events = await asyncio.to_thread(client.get_events, STARTED_TOPIC)
-            self._note_starts(events, running)
+            self._note_starts(await asyncio.to_thread(self._running, client), running)
         if unknown:
             await self._settle(client, unknown)
         self._note_reruns(await asyncio.to_thread(self._reruns, client, done))
@@ -752,27 +789,36 @@ class DaskRun:
 
     def _note_starts(self, events: Sequence[Any], by_base: dict[str, int]) -> None:
         """Show jobs whose task started `running`, with the host and time, in one
-        transaction: the workers' STARTED_TOPIC events, (scheduler time, {"base", "key",
-        "host", "at"}). An event of a job already ended (its answer came first) changes
-        nothing."""
+        transaction: the workers' STARTED_TOPIC events, (scheduler time, {"started":
+        [{"base", "key", "host", "at"}, ...]}) (or one start each, from an older pool's
+        workers). An event of a job already ended (its answer came first) changes nothing."""
         latest: dict[int, dict[str, Any]] = {}
-        for _when, message in events:
-            if not isinstance(message, dict):
-                continue
-            job_id = by_base.get(str(message.get("base")))
-            if job_id is not None:
-                latest[job_id] = message  # a rerun's event comes after the first run's
+        for start in _starts_of(events):
+            job_id = by_base.get(str(start.get("base")))
+            if job_id is not None and start.get("key"):
+                latest[job_id] = start  # a rerun's event comes after the first run's
         starts: list[tuple[int, dict[str, Any]]] = []
-        for job_id, message in latest.items():
-            host = self.cluster.host(str(message.get("host")))
+        for job_id, start in latest.items():
+            host = self.cluster.host(str(start.get("host")))
             if host is None:
                 continue
             fields = {
                 "host": host.name,
                 "host_config": self._host_config(host),
-                "remote_key": str(message["key"]),
-                "started_at": str(message.get("at") or utc_now()),
+                "remote_key": str(start["key"]),
+                "started_at": str(start.get("at") or utc_now()),
             }
             starts.append((job_id, fields))
         if starts:
             self.store.mark_running_many(starts)
+
+
+def _starts_of(events: Sequence[Any]) -> list[dict[str, Any]]:
+    """The starts the STARTED_TOPIC events tell, oldest first."""
+    starts: list[dict[str, Any]] = []
+    for _when, message in events:
+        if not isinstance(message, dict):
+            continue
+        told = message.get("started", [message])
+        starts.extend(start for start in told if isinstance(start, dict))
+    return starts
