@@ -209,14 +209,20 @@ class _Flight:
         self.by_base: dict[str, int] = {}  # job key (job_base) -> id: the started events
         self.bases: dict[int, str] = {}
         self.singles: set[int] = set()  # submitted jobs that are not array tasks
+        self.taken = 0
         self.arrays: set[int] = set()
 
     def take(self) -> list[int]:
-        """The next jobs to submit: as many as the window has room for."""
-        room = min(self.window - len(self.futures), len(self.waiting))
-        return [self.waiting.popleft() for _ in range(max(0, room))]
+        """The next jobs to submit: as many as the window has room for (counting those
+        taken and not added yet)."""
+        room = min(self.window - len(self.futures) - self.taken, len(self.waiting))
+        taken = [self.waiting.popleft() for _ in range(max(0, room))]
+        self.taken += len(taken)
+        return taken
 
     def add(self, futures: dict[Any, int], jobs: Sequence[Job]) -> None:
+        """The tasks of the jobs last taken (those not cancelled meanwhile) were submitted."""
+        self.taken = 0
         self.futures.update(futures)
         self.by_id.update((job_id, future) for future, job_id in futures.items())
         for job in jobs:
@@ -516,10 +522,9 @@ class DaskRun:
                 job_id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
             )
         jobs = [job for job in jobs if job.id not in skipped]
-        if jobs:
-            submitted = await asyncio.to_thread(self._submit_jobs, client, jobs)
-            flight.add(submitted, jobs)
-            pending.update(submitted)
+        submitted = await asyncio.to_thread(self._submit_jobs, client, jobs) if jobs else {}
+        flight.add(submitted, jobs)
+        pending.update(submitted)
         return skipped
 
     @staticmethod
