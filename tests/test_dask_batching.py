@@ -188,6 +188,7 @@ def test_the_window_holds_what_runs_and_lets_go_of_what_ended() -> None:
     flight = dask_engine._Flight(list(range(1, 11)), window=4)
     taken = flight.take()
     assert taken == [1, 2, 3, 4] and flight.take() == []
+    assert dask_engine.WINDOW_TOP_UP == 4  # topped up from one free (a quarter of 4)
 
     def job(job_id: int) -> Job:
         fields = {name: None for name in dask_engine.Job.__dataclass_fields__}
@@ -199,8 +200,19 @@ def test_the_window_holds_what_runs_and_lets_go_of_what_ended() -> None:
     assert flight.by_base == {f"{job_id}-abc": job_id for job_id in taken}
     ended = list(futures)[:3]
     flight.end(ended)
-    assert all(future.released for future in ended)
+    # Out of the window, kept until the scheduler was asked about reruns, then let go.
+    assert not any(future.released for future in ended) and len(flight.ended) == 3
+    flight.release()
+    assert all(future.released for future in ended) and flight.ended == {}
     assert list(flight.futures.values()) == [4] and list(flight.by_base) == ["4-abc"]
     assert flight.take() == [5, 6, 7]  # as many as ended
     flight.add({}, [])  # all three cancelled meanwhile: not submitted
     assert flight.take() == [8, 9, 10]
+    big = dask_engine._Flight(list(range(100)), window=40)
+    assert len(big.take()) == 40
+    futures = {_FakeFuture(str(n)): n for n in range(40)}
+    big.add(futures, [job(n) for n in range(40)])
+    big.end(list(futures)[:9])
+    assert big.take() == []  # 9 free: less than a quarter, no `map` for so few
+    big.end(list(futures)[9:10])
+    assert big.take() == list(range(40, 50))

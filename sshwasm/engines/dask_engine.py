@@ -32,6 +32,7 @@ import asyncio
 import importlib
 import json
 import os
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,6 +96,12 @@ CANCEL_CHECK_S = 0.3
 # (futures, payloads) and the scheduler hold a window of a big array, not all of it.
 WINDOW_PER_CPU = 16
 WINDOW_MIN = 256
+# ... topped up only when a quarter of it is free: each top-up is a `map`, which costs the
+# scheduler the same whether it brings 5 tasks or 64.
+WINDOW_TOP_UP = 4
+# How often a foreground run asks the scheduler which of its ended tasks were run again
+# after their worker died (`attempts`): their futures are kept until it asked.
+RERUNS_EVERY_S = 1.0
 
 
 def _by_value(source: str, name: str) -> Callable[..., Any]:
@@ -210,13 +217,16 @@ class _Flight:
         self.bases: dict[int, str] = {}
         self.singles: set[int] = set()  # submitted jobs that are not array tasks
         self.taken = 0
+        self.ended: dict[Any, int] = {}  # ended, kept until the scheduler was asked for reruns
         self.arrays: set[int] = set()
 
     def take(self) -> list[int]:
         """The next jobs to submit: as many as the window has room for (counting those
         taken and not added yet)."""
         room = min(self.window - len(self.futures) - self.taken, len(self.waiting))
-        taken = [self.waiting.popleft() for _ in range(max(0, room))]
+        if room < min(max(1, self.window // WINDOW_TOP_UP), len(self.waiting)):
+            return []
+        taken = [self.waiting.popleft() for _ in range(room)]
         self.taken += len(taken)
         return taken
 
@@ -234,13 +244,18 @@ class _Flight:
                 self.arrays.add(job.array_id)
 
     def end(self, futures: Sequence[Any]) -> None:
-        """Forget ended tasks, and let the scheduler forget them (and their answers)."""
+        """Ended tasks leave the window (their futures wait in `ended` for `release`)."""
         for future in futures:
-            job_id = self.futures.pop(future)
+            job_id = self.ended[future] = self.futures.pop(future)
             self.by_id.pop(job_id, None)
             self.by_base.pop(self.bases.pop(job_id, ""), None)
             self.singles.discard(job_id)
+
+    def release(self) -> None:
+        """Let the scheduler forget the ended tasks (and their answers)."""
+        for future in self.ended:
             future.release()
+        self.ended.clear()
 
 
 class DaskRun:
@@ -545,6 +560,7 @@ class DaskRun:
         flight = _Flight(job_ids, self._window())
         pending = as_completed([], loop=client.loop)
         watcher: asyncio.Task[None] | None = None
+        asked_reruns = time.monotonic()
         try:
             self._done(await self._refill(client, flight, pending))
             watcher = asyncio.create_task(self._watch_cancels(client, flight))
@@ -554,23 +570,29 @@ class DaskRun:
                     if not batch:
                         break
                     ended = {future: flight.futures[future] for future in batch}
-                    # The reruns before the futures are released: then the scheduler forgets.
-                    answers, reruns = await asyncio.gather(
-                        asyncio.to_thread(_gather_finished, client, batch),
-                        asyncio.to_thread(self._reruns, client, ended),
-                    )
+                    answers = await asyncio.to_thread(_gather_finished, client, batch)
                     await self._record_batch(pool, client, ended, answers)
-                    self._note_reruns(reruns)
                     flight.end(batch)
                     skipped = await self._refill(client, flight, pending)
                     self._done([*ended.values(), *skipped])
+                    if time.monotonic() - asked_reruns >= RERUNS_EVERY_S:
+                        await self._ask_reruns(client, flight)
+                        asked_reruns = time.monotonic()
+            await self._ask_reruns(client, flight)
         finally:
             if watcher is not None:
                 watcher.cancel()
-            for future in list(flight.futures):
+            for future in [*flight.futures, *flight.ended]:
                 future.release()
             self._modules.clear()
         return self.store.get_many(job_ids)
+
+    async def _ask_reruns(self, client: Any, flight: _Flight) -> None:
+        """Count the reruns of the tasks that ended since the last time in their records'
+        `attempts`, then let the scheduler forget those tasks (it forgets their reruns too)."""
+        if flight.ended:
+            self._note_reruns(await asyncio.to_thread(self._reruns, client, flight.ended))
+            flight.release()
 
     def _done(self, job_ids: Sequence[int]) -> None:
         """Tell `on_done` about jobs that ended (one read of their records)."""
