@@ -127,9 +127,16 @@ def test_plugin_tells_starts_together_and_knows_what_runs(tmp_path: Path) -> Non
 
     plugin = _plugin(tmp_path, answer)
     worker = plugin.worker
-    answers = [plugin.run(_payload(f"{n}-job"), b"") for n in range(3)]
-    assert [a["key"].split(".")[0] for a in answers] == ["0-job", "1-job", "2-job"]
-    assert answers[0]["frames"][-1] == result and answers[0]["host"] == "beta"
+    answers = [dask_engine._Answer.of(plugin.run(_payload(f"{n}-job"), b"")) for n in range(3)]
+    assert [a.key.split(".")[0] for a in answers] == ["0-job", "1-job", "2-job"]
+    assert answers[0].frames == [(protocol.KIND_STDOUT, b"hi\n"), result]
+    assert answers[0].host == "beta"
+    # An older pool's answer reads the same; what is no answer says so.
+    old_answer = {"host": "beta", "key": "k", "frames": [result]}
+    assert dask_engine._Answer.of(old_answer).frames == [result]
+    for broken in (b"{}\n", b'{"host": "beta", "key": "k"}\nR\x00\x00', b"not json", 42):
+        with pytest.raises(ValueError):
+            dask_engine._Answer.of(broken)
     # While a task ran, the plugin said so; once it ended, it does not.
     assert [keys[0].split(".")[0] for keys in seen_running] == ["0-job", "1-job", "2-job"]
     assert plugin.running() == []

@@ -35,6 +35,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from ..job_output import Handlers, JobOutput
 from ..pool import PRELOAD_NAME, PoolPlan, Run, connect, find_runs, plan_for
 from ..recorded_jobs import end_of_answer, record_end, refresh_job
 from ..runner.parent_death import WORKER_STOPPED
-from ..runner.protocol import ProtocolError
+from ..runner.protocol import FrameDecoder, ProtocolError
 from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..staging import pack_input
 from ..states import JobState
@@ -202,6 +203,34 @@ def _gather_finished(client: Any, batch: Sequence[Any]) -> dict[Any, dict[str, A
     except Exception:
         return {}
     return dict(zip(finished, answers, strict=True))
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A task's answer: the worker's host, the run's key and the runner's frames."""
+
+    host: str
+    key: str
+    frames: list[tuple[bytes, bytes]]
+
+    @classmethod
+    def of(cls, answer: Any) -> _Answer:
+        """Read what the plugin returned: bytes, a JSON line {"host", "key"} and the frames
+        as the runner encodes them (one object: Dask sizes, pickles and sends it whole,
+        where a structure cost it a step per item), or the dict of an older pool's workers.
+        Raises ValueError for anything else."""
+        try:
+            if isinstance(answer, dict):
+                return cls(str(answer["host"]), str(answer["key"]), list(answer["frames"]))
+            head, _, body = bytes(answer).partition(b"\n")
+            fields = json.loads(head)
+            decoder = FrameDecoder()
+            frames = decoder.feed(body)
+            if decoder.pending:
+                raise ProtocolError("it ends inside a frame")
+            return cls(str(fields["host"]), str(fields["key"]), frames)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a task's answer: {exc!r}") from exc
 
 
 class _Flight:
@@ -624,16 +653,20 @@ class DaskRun:
             await self._record(pool, client, future, ended[future], answers.get(future))
 
     def _end_from_answer(
-        self, job: Job, future: Any, answer: dict[str, Any] | None
+        self, job: Job, future: Any, answer: Any
     ) -> tuple[int, JobState, dict[str, Any]] | None:
         """How the job ended, from its task's answer alone (its output taken in meanwhile);
         None when that is not all there is (its host must be asked, or the task failed)."""
         if future.status != "finished" or answer is None:
             return None
-        host = self.cluster.host(str(answer["host"]))
+        try:
+            answer = _Answer.of(answer)
+        except ValueError:
+            return None  # `_record` says so
+        host = self.cluster.host(answer.host)
         if host is None or job.output_dir or job.dirs not in ("", "[]") or job.verify:
             return None
-        ran = self._ran_fields(job, host, str(answer["key"]))
+        ran = self._ran_fields(job, host, answer.key)
         output = JobOutput.open(self.store, job)
         try:
             outcome = StreamOutcome()
@@ -651,12 +684,10 @@ class DaskRun:
         finally:
             output.close()
 
-    def _take_frames(
-        self, outcome: StreamOutcome, answer: dict[str, Any], output: JobOutput
-    ) -> None:
+    def _take_frames(self, outcome: StreamOutcome, answer: _Answer, output: JobOutput) -> None:
         """The runner's frames of a task into its outcome, its output files and the
         terminal."""
-        for kind, body in answer["frames"]:
+        for kind, body in answer.frames:
             apply_frame(outcome, kind, body, output.stdout.write, output.stderr.write)
             if kind == b"O":
                 self.handlers.stdout(body)
@@ -744,9 +775,9 @@ class DaskRun:
         client: Any,
         future: Any,
         job_id: int,
-        answer: dict[str, Any] | None = None,
+        gathered: Any = None,
     ) -> Job:
-        """Record how the job of an ended task ended (`answer`: its result, when gathered
+        """Record how the job of an ended task ended (`gathered`: its answer, when gathered
         already), asking its host for its /output and directories if it has them."""
         job = self.store.get(job_id)
         if future.status != "finished":
@@ -756,15 +787,18 @@ class DaskRun:
                 error = exc
             self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
             return self.store.get(job_id)
-        if answer is None:
-            answer = future.result()
-        host = self.cluster.host(str(answer["host"]))
+        try:
+            answer = _Answer.of(future.result() if gathered is None else gathered)
+        except ValueError as exc:
+            self.store.finish(job_id, JobState.FAILED, error=f"dask: an unreadable answer: {exc}")
+            return self.store.get(job_id)
+        host = self.cluster.host(answer.host)
         if host is None:
             self.store.finish(
-                job_id, JobState.FAILED, error=f"dask: a worker named {answer['host']!r} ran it"
+                job_id, JobState.FAILED, error=f"dask: a worker named {answer.host!r} ran it"
             )
             return self.store.get(job_id)
-        self.store.update(job.id, **self._ran_fields(job, host, str(answer["key"])))
+        self.store.update(job.id, **self._ran_fields(job, host, answer.key))
         job = self.store.get(job_id)
         output = JobOutput.open(self.store, job)
         outcome = StreamOutcome()
