@@ -8,7 +8,9 @@ before it is timed. Prints tasks per second of both, the ratio, and the peak RSS
 printed its one line, whole, exactly once. Also prints where each engine's CPU went per
 task (the figure to read on a loaded machine): for dask the client (`sshwasm run`), the
 scheduler, the workers (Dask's worker and nanny processes) and the runner under them
-(serve and its executors); for ssh the coordinator, the connection process and the hosts.
+(serve and its executors, where the guests run); for ssh the coordinator, the connection
+process and the hosts' sshd and serve (not the executors, which outlive serve: compare the
+dask engine's scheduler and workers with the SSH engine's connection process and sshd).
 `--profile FILE` runs the timed dask client under cProfile (its time then counts the
 profiler too) and writes the profile to FILE.
 
@@ -95,7 +97,7 @@ def pool_cpu_s(bench: Bench) -> dict[str, float]:
     loopback hosts share this filesystem): the scheduler, the workers (Dask's processes)
     and the runner under them (serve and its executors)."""
     children = _children()
-    used = {"scheduler": 0.0, "workers": 0.0, "runner (serve)": 0.0}
+    used = {"scheduler": 0.0, "workers": 0.0, "runner (serve, executors)": 0.0}
     for name in bench.names:
         for role in ("scheduler", "worker"):
             try:
@@ -106,7 +108,7 @@ def pool_cpu_s(bench: Bench) -> dict[str, float]:
                 if role == "scheduler":
                     kind = "scheduler"
                 else:
-                    kind = "runner (serve)" if _is_runner(member) else "workers"
+                    kind = "runner (serve, executors)" if _is_runner(member) else "workers"
                 used[kind] += process_cpu_s(member)
     return used
 

@@ -12,10 +12,15 @@ SSH engine does, so `jobs`, `status`, `logs` and the record read the same.
 The module travels once per worker as Dask data keyed by its content (`scatter`), and is
 written to the host's module cache only when the runner asks for it.
 
-Throughput (benchmarks/dask_array.py): an array goes to the scheduler as one `client.map`
-(one message, the task function pickled once, not a `submit` per task), and the answers of
-the tasks that ended since the last wake-up come back in one `gather` rather than a round
-trip to the scheduler and a worker per task.
+Throughput (benchmarks/dask_array.py): a foreground run keeps a window of tasks submitted
+(WINDOW_PER_CPU per cpu of the pool, at least WINDOW_MIN), topped up a quarter at a time
+with one `client.map` per kind of task, so the client and the scheduler hold a window of a
+big array, not all of it. The answers of the tasks that ended since the last wake-up come
+back in one `gather`, and their records are written in one transaction (`finish_many`), as
+are the starts the workers told (`mark_running_many`). The task function goes by reference
+to the plugin's module on the hosts (`_TaskOnHosts`), and a task's answer is one bytes
+object: the scheduler and the workers pickle a name and a string per task, not code and a
+structure. The scheduler is asked about reruns once a second, not per wake-up.
 
 Failures (what Dask does not settle by itself): each task started is an event on the
 scheduler (the plugin's STARTED_TOPIC), so a job shows `running` on its host while it runs,
