@@ -5,7 +5,14 @@ every task over SSH), then `sshwasm pool up` starts a Dask pool on the same host
 TLS, as by default) and the same array runs on it. Both are warm: each ran a small array
 before it is timed. Prints tasks per second of both, the ratio, and the peak RSS of the
 `sshwasm run` process of each (the coordinator on this machine), and checks that every task
-printed its one line, whole, exactly once.
+printed its one line, whole, exactly once. Also prints where each engine's CPU went per
+task (the figure to read on a loaded machine): for dask the client (`sshwasm run`), the
+scheduler, the workers (Dask's worker and nanny processes) and the runner under them
+(serve and its executors, where the guests run); for ssh the coordinator, the connection
+process and the hosts' sshd and serve (not the executors, which outlive serve: compare the
+dask engine's scheduler and workers with the SSH engine's connection process and sshd).
+`--profile FILE` runs the timed dask client under cProfile (its time then counts the
+profiler too) and writes the profile to FILE.
 
 Target (issue 12): the dask engine reaches at least the SSH engine's throughput. Exits 1
 when it does not. The pool is taken down at the end, whatever happened.
@@ -16,14 +23,22 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.array import check_lines
+from benchmarks.array import check_lines, hosts_cpu_s, mux_cpu_s, process_cpu_s
 from benchmarks.common import Bench, BenchError, HostShape, banner, program, run_main, verdict
 
 TARGET_RATIO = 1.0
+# `python -c PROFILED FILE ARGS...`: sshwasm's main under cProfile, the profile into FILE.
+PROFILED = (
+    "import cProfile, sys; from sshwasm.cli import main; "
+    "profile = cProfile.Profile(); status = profile.runcall(main, sys.argv[2:]); "
+    "profile.dump_stats(sys.argv[1]); sys.exit(status)"
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -35,25 +50,97 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--cpus-per-host", type=int, default=2, help="cpus each host declares (default 2)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--dask-only", action="store_true", help="time the dask engine only (no ratio, exit 0)"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="run the timed dask client under cProfile, into this file"
+    )
     return parser.parse_args(argv)
 
 
-def timed_run(bench: Bench, cluster: Path, tasks: int) -> tuple[float, int, bytes]:
-    """Seconds, peak RSS (KiB) and stdout of `sshwasm run tiny.rs --array N` on `cluster`."""
+def _children() -> dict[int, list[int]]:
+    """Every live process's children, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    return children
+
+
+def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
+    """`root` and every process below it."""
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        found.append(pid)
+        frontier.extend(children.get(pid, []))
+    return found
+
+
+def _is_runner(pid: int) -> bool:
+    """Whether `pid` is the runner (serve, or an executor it forked), not Dask's."""
+    try:
+        return b"sshwasm_exec" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def pool_cpu_s(bench: Bench) -> dict[str, float]:
+    """CPU seconds so far of the pool's processes (from the pid files `pool up` wrote: the
+    loopback hosts share this filesystem): the scheduler, the workers (Dask's processes)
+    and the runner under them (serve and its executors)."""
+    children = _children()
+    used = {"scheduler": 0.0, "workers": 0.0, "runner (serve, executors)": 0.0}
+    for name in bench.names:
+        for role in ("scheduler", "worker"):
+            try:
+                pid = int((bench.workdir(name) / "dask" / f"{role}.pid").read_text())
+            except (OSError, ValueError):
+                continue
+            for member in _tree(pid, children):
+                if role == "scheduler":
+                    kind = "scheduler"
+                else:
+                    kind = "runner (serve, executors)" if _is_runner(member) else "workers"
+                used[kind] += process_cpu_s(member)
+    return used
+
+
+def cpu_line(before: dict[str, float], after: dict[str, float], tasks: int) -> str:
+    """`name X.XX ms, ...` per task, from two samples of the same processes."""
+    return ", ".join(
+        f"{name} {max(0.0, after[name] - before.get(name, 0.0)) * 1000 / tasks:.2f} ms"
+        for name in after
+    )
+
+
+class Timed:
+    """One timed `sshwasm run --array`: seconds, peak RSS (KiB), CPU seconds of the process."""
+
+    def __init__(self, seconds: float, rss_kib: int, cpu_s: float) -> None:
+        self.seconds, self.rss_kib, self.cpu_s = seconds, rss_kib, cpu_s
+
+
+def timed_run(bench: Bench, cluster: Path, tasks: int, profile: Path | None = None) -> Timed:
+    """`sshwasm run tiny.rs --array N` on `cluster` (under cProfile into `profile`); checks
+    that every task printed its line exactly once."""
     out_path = bench.root / f"out-{cluster.stem}-{tasks}.txt"
     err_path = bench.root / f"err-{cluster.stem}-{tasks}.txt"
+    args = ("--cluster", str(cluster), "run", "--quiet", str(program("tiny.rs")))
+    argv = bench.sshwasm_argv(*args, "--array", str(tasks))
+    if profile is not None:  # main(), not `-m sshwasm`: its os._exit would drop the profile
+        argv = [sys.executable, "-c", PROFILED, str(profile), *argv[3:]]
     with out_path.open("wb") as out, err_path.open("wb") as err:
         started = time.perf_counter()
-        process = bench.sshwasm_popen(
-            "--cluster",
-            str(cluster),
-            "run",
-            "--quiet",
-            str(program("tiny.rs")),
-            "--array",
-            str(tasks),
-            stdout=out,
-            stderr=err,
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=bench.env, cwd=bench.root
         )
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
@@ -61,9 +148,8 @@ def timed_run(bench: Bench, cluster: Path, tasks: int) -> tuple[float, int, byte
     if process.returncode != 0:
         tail = err_path.read_bytes()[-2000:].decode(errors="replace")
         raise BenchError(f"{cluster.stem}: --array {tasks} exited {process.returncode}: {tail}")
-    output = out_path.read_bytes()
-    check_lines(output, tasks, f"{cluster.stem} --array {tasks}")
-    return seconds, usage.ru_maxrss, output
+    check_lines(out_path.read_bytes(), tasks, f"{cluster.stem} --array {tasks}")
+    return Timed(seconds, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
 
 
 def dask_cluster(bench: Bench) -> Path:
@@ -82,6 +168,50 @@ def dask_cluster(bench: Bench) -> Path:
     return path
 
 
+def run_ssh(bench: Bench, tasks: int, warm: int) -> float:
+    """The SSH engine's array (after a warm one): tasks/s; prints its figures."""
+    timed_run(bench, bench.cluster_path, warm)
+    mux, hosts = mux_cpu_s(bench), hosts_cpu_s(bench)
+    ssh = timed_run(bench, bench.cluster_path, tasks)
+    rate = tasks / ssh.seconds
+    print(f"engine ssh:  {ssh.seconds:.1f} s, {rate:.1f} tasks/s, peak RSS {ssh.rss_kib >> 10} MiB")
+    before = {"coordinator": 0.0, "connection process": mux, "hosts' sshd and serve": hosts}
+    after = {
+        "coordinator": ssh.cpu_s,
+        "connection process": mux_cpu_s(bench),
+        "hosts' sshd and serve": hosts_cpu_s(bench),
+    }
+    print(f"  CPU per task: {cpu_line(before, after, tasks)}")
+    return rate
+
+
+def run_dask(bench: Bench, tasks: int, warm: int, profile: Path | None) -> float:
+    """`pool up`, the dask engine's array (after a warm one), `pool down`: tasks/s; prints
+    its figures."""
+    cluster = dask_cluster(bench)
+    try:
+        up = bench.sshwasm("--cluster", str(cluster), "pool", "up", timeout=300)
+        if up.returncode != 0:
+            raise BenchError("pool up failed", up)
+        timed_run(bench, cluster, warm)
+        pool_before = pool_cpu_s(bench)
+        dask = timed_run(bench, cluster, tasks, profile)
+        pool_after = pool_cpu_s(bench)
+    finally:
+        down = bench.sshwasm("--cluster", str(cluster), "pool", "down", timeout=300)
+        if down.returncode != 0:
+            print(down.stderr.decode(errors="replace"))
+    rate = tasks / dask.seconds
+    print(
+        f"engine dask: {dask.seconds:.1f} s, {rate:.1f} tasks/s, "
+        f"peak RSS {dask.rss_kib >> 10} MiB" + (" (under cProfile)" if profile else "")
+    )
+    before = {"client": 0.0, **pool_before}
+    after = {"client": dask.cpu_s, **pool_after}
+    print(f"  CPU per task: {cpu_line(before, after, tasks)}")
+    return rate
+
+
 def main() -> int:
     """Run the benchmark and print its report."""
     args = parse_args()
@@ -92,26 +222,10 @@ def main() -> int:
     shape = HostShape(cpus=args.cpus_per_host, memory_mb=2048)
     warm = args.hosts * args.cpus_per_host * 2
     with Bench(args.hosts, shape, keep=args.keep) as bench:
-        ssh_cluster = bench.cluster_path
-        timed_run(bench, ssh_cluster, warm)
-        ssh_s, ssh_rss, _ = timed_run(bench, ssh_cluster, args.tasks)
-        ssh_rate = args.tasks / ssh_s
-        print(f"engine ssh:  {ssh_s:.1f} s, {ssh_rate:.1f} tasks/s, peak RSS {ssh_rss >> 10} MiB")
-        cluster = dask_cluster(bench)
-        try:
-            up = bench.sshwasm("--cluster", str(cluster), "pool", "up", timeout=300)
-            if up.returncode != 0:
-                raise BenchError("pool up failed", up)
-            timed_run(bench, cluster, warm)
-            dask_s, dask_rss, _ = timed_run(bench, cluster, args.tasks)
-        finally:
-            down = bench.sshwasm("--cluster", str(cluster), "pool", "down", timeout=300)
-            if down.returncode != 0:
-                print(down.stderr.decode(errors="replace"))
-        dask_rate = args.tasks / dask_s
-        print(
-            f"engine dask: {dask_s:.1f} s, {dask_rate:.1f} tasks/s, peak RSS {dask_rss >> 10} MiB"
-        )
+        ssh_rate = None if args.dask_only else run_ssh(bench, args.tasks, warm)
+        dask_rate = run_dask(bench, args.tasks, warm, args.profile)
+    if ssh_rate is None:
+        return 0
     ratio = dask_rate / ssh_rate
     ok = ratio >= TARGET_RATIO
     print(f"ratio: {ratio:.2f}x the SSH engine's throughput (target >= 1x: {verdict(ok)})")

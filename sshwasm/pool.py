@@ -294,6 +294,11 @@ def _environment(host: Host, plan: PoolPlan) -> dict[str, str]:
         # broadcast=True)` put on every worker, down to one: a worker that dies would then
         # take the only copy with it, and its tasks could not run again elsewhere.
         "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False",
+        # Per-task costs that buy nothing here (benchmarks/dask_array.py): a task is placed
+        # only where its cpus are free, so there is no queue to steal from; and a worker's
+        # statistical profile (a stack sample every 10 ms) shows threads that wait on serve.
+        "DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING": "False",
+        "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
     }
     if plan.settings.tls:
         env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"

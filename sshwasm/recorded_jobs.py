@@ -48,6 +48,43 @@ def result_fields(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def end_of_answer(
+    store: JobStore,
+    job: Job,
+    host: Host,
+    outcome: StreamOutcome,
+    output: JobOutput,
+    problem: str | None = None,
+) -> tuple[JobState, dict[str, Any]] | None:
+    """The final state and record columns (output included) of a job from its runner's
+    final answer: its result, or an error about it; None when the answer is not final.
+    `problem`: what went wrong bringing back its /output or directories, for the record's
+    error if nothing else went wrong. Writes nothing: `record_end` writes one job's, the
+    dask engine a wake-up's worth in one transaction."""
+    if outcome.result is not None:
+        state = result_state(outcome.result)
+        fields = result_fields(outcome.result)
+        if problem and not fields["error"]:
+            # The record says what went wrong, if nothing else did.
+            fields["error"] = problem
+        if output.budget.exceeded and job.max_output_mb is not None:
+            # Held here too, whatever the host said: the job ends as over its cap.
+            state, fields["exit_code"] = JobState.FAILED, None
+            fields["error"] = output_limit_error(job.max_output_mb)
+        if state is JobState.SUCCEEDED:
+            # Only a success can be reused (--reuse): its key, from content alone.
+            fields["reuse_key"] = recorded_reuse_key(store.path, job)
+        return state, {**fields, **output.fields()}
+    if outcome.error is not None:
+        if outcome.error.get("kind") == "missing":
+            error = f"host '{host.name}' has no trace of the job"
+            return JobState.LOST, {"error": error, **output.fields()}
+        message = outcome.error.get("error", "the runner failed")
+        error = f"host '{host.name}': {message}"
+        return JobState.FAILED, {"error": error, **output.fields()}
+    return None
+
+
 async def record_end(
     store: JobStore,
     job: Job,
@@ -63,41 +100,25 @@ async def record_end(
     files). Does nothing when the answer is not final (the job is still running). `extra`
     are more record columns written with the end (one transaction).
     """
-    extra = extra or {}
+    collected, dir_problem = OutputCollected(), None
+    dir_warnings: list[str] = []
     if outcome.result is not None:
-        collected = OutputCollected()
         if job.output_dir:
             collected = await collect_output(
                 store, job, Path(job.output_dir), client, output.budget
             )
-        dir_problem, dir_warnings = (
-            await collect_dirs(store, job, client) if job.dirs != "[]" else (None, [])
-        )
-        state = result_state(outcome.result)
-        fields = result_fields(outcome.result)
-        if (collected.problem or dir_problem) and not fields["error"]:
-            # The record says what went wrong, if nothing else did.
-            fields["error"] = collected.problem or dir_problem
-        if output.budget.exceeded and job.max_output_mb is not None:
-            # Held here too, whatever the host said: the job ends as over its cap.
-            state, fields["exit_code"] = JobState.FAILED, None
-            fields["error"] = output_limit_error(job.max_output_mb)
-        if state is JobState.SUCCEEDED:
-            # Only a success can be reused (--reuse): its key, from content alone.
-            fields["reuse_key"] = recorded_reuse_key(store.path, job)
-        store.finish(job.id, state, **fields, **output.fields(), **extra)
-        if job.verify:
-            settle(store, job.id)  # judged once both runs ended
-        return [text for text in (collected.problem, collected.warning) if text] + dir_warnings
-    if outcome.error is not None:
-        if outcome.error.get("kind") == "missing":
-            error = f"host '{host.name}' has no trace of the job"
-            store.finish(job.id, JobState.LOST, error=error, **output.fields(), **extra)
-        else:
-            message = outcome.error.get("error", "the runner failed")
-            error = f"host '{host.name}': {message}"
-            store.finish(job.id, JobState.FAILED, error=error, **output.fields(), **extra)
-    return []
+        if job.dirs != "[]":
+            dir_problem, dir_warnings = await collect_dirs(store, job, client)
+    end = end_of_answer(store, job, host, outcome, output, collected.problem or dir_problem)
+    if end is None:
+        return []
+    state, fields = end
+    store.finish(job.id, state, **fields, **(extra or {}))
+    if outcome.result is None:
+        return []
+    if job.verify:
+        settle(store, job.id)  # judged once both runs ended
+    return [text for text in (collected.problem, collected.warning) if text] + dir_warnings
 
 
 # Why a queued job whose coordinator is gone ends as lost.

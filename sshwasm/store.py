@@ -1289,6 +1289,43 @@ class JobStore:
         )
         return {host: Usage(int(cpus), int(memory)) for host, cpus, memory in rows}
 
+    # -- engine: dask: a wake-up's worth of records in one transaction -------------------
+
+    def finish_many(self, ends: Sequence[tuple[int, JobState, Mapping[str, Any]]]) -> set[int]:
+        """`finish` of many jobs, each with its own state and columns, in one transaction
+        (a transaction costs far more than a statement); the ids this call finished."""
+        placeholders = ", ".join("?" for _ in FINAL_STATES)
+        statements = []
+        for job_id, state, fields in ends:
+            if not JobState(state).is_final:
+                raise ValueError(f"not a final state: {state}")
+            fields = {"finished_at": utc_now(), **fields}
+            sql = (
+                f"UPDATE jobs SET state = ?, {self._assignments(fields)} WHERE id = ? "
+                f"AND state NOT IN ({placeholders})"
+            )
+            statements.append((job_id, sql, (JobState(state).value, *fields.values(), job_id)))
+        finished: set[int] = set()
+        if not statements:
+            return finished
+        with self._transaction() as db:
+            for job_id, sql, params in statements:
+                if db.execute(sql, (*params, *_FINAL_WORDS)).rowcount == 1:
+                    finished.add(job_id)
+        return finished
+
+    def mark_running_many(self, starts: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+        """Show many jobs `running` with these columns (where and under which key they
+        started), in one transaction; a job that has ended meanwhile keeps its record."""
+        placeholders = ", ".join("?" for _ in FINAL_STATES)
+        with self._transaction() as db:
+            for job_id, fields in starts:
+                db.execute(
+                    f"UPDATE jobs SET state = ?, {self._assignments(fields)} WHERE id = ? "
+                    f"AND state NOT IN ({placeholders})",
+                    (JobState.RUNNING.value, *fields.values(), job_id, *_FINAL_WORDS),
+                )
+
     def _assignments(self, fields: Mapping[str, Any]) -> str:
         """`a = ?, b = ?` for an UPDATE; names are checked, since they become SQL text."""
         unknown = set(fields) - self._column_names

@@ -12,10 +12,15 @@ SSH engine does, so `jobs`, `status`, `logs` and the record read the same.
 The module travels once per worker as Dask data keyed by its content (`scatter`), and is
 written to the host's module cache only when the runner asks for it.
 
-Throughput (benchmarks/dask_array.py): an array goes to the scheduler as one `client.map`
-(one message, the task function pickled once, not a `submit` per task), and the answers of
-the tasks that ended since the last wake-up come back in one `gather` rather than a round
-trip to the scheduler and a worker per task.
+Throughput (benchmarks/dask_array.py): a foreground run keeps a window of tasks submitted
+(WINDOW_PER_CPU per cpu of the pool, at least WINDOW_MIN), topped up a quarter at a time
+with one `client.map` per kind of task, so the client and the scheduler hold a window of a
+big array, not all of it. The answers of the tasks that ended since the last wake-up come
+back in one `gather`, and their records are written in one transaction (`finish_many`), as
+are the starts the workers told (`mark_running_many`). The task function goes by reference
+to the plugin's module on the hosts (`_TaskOnHosts`), and a task's answer is one bytes
+object: the scheduler and the workers pickle a name and a string per task, not code and a
+structure. The scheduler is asked about reruns once a second, not per wake-up.
 
 Failures (what Dask does not settle by itself): each task started is an event on the
 scheduler (the plugin's STARTED_TOPIC), so a job shows `running` on its host while it runs,
@@ -29,10 +34,13 @@ submitted again if it never started or its worker stopped under it.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +48,20 @@ from ..cluster import Cluster, Host
 from ..coordinator import launch_spec
 from ..errors import SshwasmError
 from ..job_output import Handlers, JobOutput
-from ..pool import PoolPlan, Run, connect, find_runs, plan_for
-from ..recorded_jobs import record_end, refresh_job
+from ..pool import PRELOAD_NAME, PoolPlan, Run, connect, find_runs, plan_for
+from ..recorded_jobs import end_of_answer, record_end, refresh_job
 from ..runner.parent_death import WORKER_STOPPED
-from ..runner.protocol import ProtocolError
+from ..runner.protocol import FrameDecoder, ProtocolError
 from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..staging import pack_input
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
 
-# Runs on the worker, sent by value (the worker has no sshwasm): hands the job to the plugin.
-_TASK_SOURCE = """
-def sshwasm_job(payload, module):
-    from distributed import get_worker
-    return get_worker().plugins["sshwasm-runner"].run(payload, module)
-"""
+# The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
+# `pool up` put beside the scheduler and every worker (their working directory).
+TASK_MODULE = PRELOAD_NAME.removesuffix(".py")
+TASK_FUNCTION = "sshwasm_job"
 
 
 # Runs on every worker (`Client.run`): cancels what runs there for some jobs.
@@ -63,6 +69,11 @@ _CANCEL_SOURCE = """
 def sshwasm_cancel(bases, dask_worker=None):
     plugin = dask_worker.plugins["sshwasm-runner"]
     return [key for base in bases for key in plugin.cancel(base)]
+"""
+# Runs on every worker (`Client.run`): the started events of the tasks running there.
+_RUNNING_SOURCE = """
+def sshwasm_running(dask_worker=None):
+    return dask_worker.plugins["sshwasm-runner"].running()
 """
 # Runs in the scheduler: how often each task was started again after its worker died.
 _RERUNS_SOURCE = """
@@ -86,6 +97,17 @@ STARTED_TOPIC = "sshwasm-started"
 COLLECT_WAIT_S = 2.0
 # How often a foreground run looks for jobs cancelled by `sshwasm cancel`.
 CANCEL_CHECK_S = 0.3
+# How many tasks a foreground run keeps submitted, per cpu of the pool (and at least
+# WINDOW_MIN): enough that no worker waits for the client's next wake-up, while the client
+# (futures, payloads) and the scheduler hold a window of a big array, not all of it.
+WINDOW_PER_CPU = 16
+WINDOW_MIN = 256
+# ... topped up only when a quarter of it is free: each top-up is a `map`, which costs the
+# scheduler the same whether it brings 5 tasks or 64.
+WINDOW_TOP_UP = 4
+# How often a foreground run asks the scheduler which of its ended tasks were run again
+# after their worker died (`attempts`): their futures are kept until it asked.
+RERUNS_EVERY_S = 1.0
 
 
 def _by_value(source: str, name: str) -> Callable[..., Any]:
@@ -96,8 +118,30 @@ def _by_value(source: str, name: str) -> Callable[..., Any]:
     return function
 
 
+class _ModuleOnHosts:
+    """Unpickles as TASK_MODULE, imported where it is unpickled (the pool's hosts)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (importlib.import_module, (TASK_MODULE,))
+
+
+class _TaskOnHosts:
+    """The task function as the client submits it: it pickles as a reference to the
+    hosts' TASK_MODULE.TASK_FUNCTION, not by value. The scheduler pickles each task's
+    function again for the worker that runs it: by value that cost a code object and a
+    failed import (a search of sys.path) per task; by reference it is a name."""
+
+    __name__ = __qualname__ = TASK_FUNCTION
+
+    def __call__(self, payload: bytes, module: bytes) -> Any:
+        raise RuntimeError(f"{TASK_FUNCTION} runs on the pool's workers only")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (getattr, (_ModuleOnHosts(), TASK_FUNCTION))
+
+
 def _task_function() -> Callable[..., Any]:
-    return _by_value(_TASK_SOURCE, "sshwasm_job")
+    return _TaskOnHosts()
 
 
 def eligible_workers(cluster: Cluster, job: Job) -> list[str] | None:
@@ -166,6 +210,88 @@ def _gather_finished(client: Any, batch: Sequence[Any]) -> dict[Any, dict[str, A
     return dict(zip(finished, answers, strict=True))
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A task's answer: the worker's host, the run's key and the runner's frames."""
+
+    host: str
+    key: str
+    frames: list[tuple[bytes, bytes]]
+
+    @classmethod
+    def of(cls, answer: Any) -> _Answer:
+        """Read what the plugin returned: bytes, a JSON line {"host", "key"} and the frames
+        as the runner encodes them (one object: Dask sizes, pickles and sends it whole,
+        where a structure cost it a step per item), or the dict of an older pool's workers.
+        Raises ValueError for anything else."""
+        try:
+            if isinstance(answer, dict):
+                return cls(str(answer["host"]), str(answer["key"]), list(answer["frames"]))
+            head, _, body = bytes(answer).partition(b"\n")
+            fields = json.loads(head)
+            decoder = FrameDecoder()
+            frames = decoder.feed(body)
+            if decoder.pending:
+                raise ProtocolError("it ends inside a frame")
+            return cls(str(fields["host"]), str(fields["key"]), frames)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a task's answer: {exc!r}") from exc
+
+
+class _Flight:
+    """A foreground run's jobs: those not submitted yet (oldest first), and the tasks
+    submitted and not ended, at most `window` of them."""
+
+    def __init__(self, job_ids: Sequence[int], window: int) -> None:
+        self.waiting = deque(job_ids)
+        self.window = window
+        self.futures: dict[Any, int] = {}  # job id of each task's future
+        self.by_id: dict[int, Any] = {}
+        self.by_base: dict[str, int] = {}  # job key (job_base) -> id: the started events
+        self.bases: dict[int, str] = {}
+        self.singles: set[int] = set()  # submitted jobs that are not array tasks
+        self.taken = 0
+        self.ended: dict[Any, int] = {}  # ended, kept until the scheduler was asked for reruns
+        self.arrays: set[int] = set()
+
+    def take(self) -> list[int]:
+        """The next jobs to submit: as many as the window has room for (counting those
+        taken and not added yet)."""
+        room = min(self.window - len(self.futures) - self.taken, len(self.waiting))
+        if room < min(max(1, self.window // WINDOW_TOP_UP), len(self.waiting)):
+            return []
+        taken = [self.waiting.popleft() for _ in range(room)]
+        self.taken += len(taken)
+        return taken
+
+    def add(self, futures: dict[Any, int], jobs: Sequence[Job]) -> None:
+        """The tasks of the jobs last taken (those not cancelled meanwhile) were submitted."""
+        self.taken = 0
+        self.futures.update(futures)
+        self.by_id.update((job_id, future) for future, job_id in futures.items())
+        for job in jobs:
+            base = job_base(job)
+            self.by_base[base], self.bases[job.id] = job.id, base
+            if job.array_id is None:
+                self.singles.add(job.id)
+            else:
+                self.arrays.add(job.array_id)
+
+    def end(self, futures: Sequence[Any]) -> None:
+        """Ended tasks leave the window (their futures wait in `ended` for `release`)."""
+        for future in futures:
+            job_id = self.ended[future] = self.futures.pop(future)
+            self.by_id.pop(job_id, None)
+            self.by_base.pop(self.bases.pop(job_id, ""), None)
+            self.singles.discard(job_id)
+
+    def release(self) -> None:
+        """Let the scheduler forget the ended tasks (and their answers)."""
+        for future in self.ended:
+            future.release()
+        self.ended.clear()
+
+
 class DaskRun:
     """Submits jobs to the pool and records each as its task ends."""
 
@@ -181,13 +307,15 @@ class DaskRun:
         self.plan: PoolPlan = plan_for(cluster)
         self.handlers = handlers
         self.on_done = on_done
+        # Each module's Dask data (scattered once per run), each host's record snapshot.
+        self._modules: dict[str, Any] = {}
+        self._host_configs: dict[str, str] = {}
 
     def run(self, job_ids: Sequence[int]) -> list[Job]:
         """Submit the jobs and follow them until every one has ended; returns their records."""
         client = connect(self.plan)
         try:
-            futures = self._submit(client, list(job_ids))
-            return asyncio.run(self._collect(client, futures))
+            return asyncio.run(self._collect(client, list(job_ids)))
         except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
             raise SshwasmError(
                 f"lost the pool's scheduler at {self.plan.scheduler_address}: {exc}; "
@@ -247,6 +375,18 @@ class DaskRun:
         cancel = _by_value(_CANCEL_SOURCE, "sshwasm_cancel")
         client.run(cancel, sorted(bases))
 
+    @staticmethod
+    def _running(client: Any) -> list[Any]:
+        """What runs on the workers now, as STARTED_TOPIC events: asked of each worker's
+        plugin (the scheduler keeps only the last 1,000 events, which a long task's start
+        leaves behind in a big array). The events, from a worker that cannot be asked."""
+        probe = _by_value(_RUNNING_SOURCE, "sshwasm_running")
+        try:
+            answers: dict[str, Any] = client.run(probe)
+        except Exception:  # a worker of an older pool, or gone meanwhile
+            return list(client.get_events(STARTED_TOPIC))
+        return [(0.0, {"started": started}) for started in answers.values()]
+
     def collect(self, jobs: Sequence[Job]) -> dict[int, Job]:
         """Record the detached jobs whose tasks ended, and show those that run `running`;
         those the scheduler does not know (it restarted, or the client that followed them
@@ -299,8 +439,7 @@ class DaskRun:
         running = {job_base(job): job.id for job in jobs if job.id in found.values()}
         running = {base: job_id for base, job_id in running.items() if job_id not in done.values()}
         if running:
-            events = await asyncio.to_thread(client.get_events, STARTED_TOPIC)
-            self._note_starts(events, running)
+            self._note_starts(await asyncio.to_thread(self._running, client), running)
         if unknown:
             await self._settle(client, unknown)
         self._note_reruns(await asyncio.to_thread(self._reruns, client, done))
@@ -365,21 +504,28 @@ class DaskRun:
         await refresh_job(self.store, self.store.get(job.id), pool)
 
     def _submit(self, client: Any, job_ids: list[int]) -> dict[Any, int]:
+        """Submit every one of the jobs at once (a detached run: the scheduler holds them)."""
+        self._own(job_ids)
+        return self._submit_jobs(client, self.store.get_many(job_ids))
+
+    def _own(self, job_ids: Sequence[int]) -> None:
         # This process follows them (`jobs` elsewhere sees their coordinator alive), and no
         # heartbeat: they wait in Dask's queue, not in the SSH engine's (`place_waiting`
         # takes only queued jobs with a fresh heartbeat).
         self.store.update_many(
             job_ids, engine="dask", coordinator_pid=os.getpid(), heartbeat_ts=0.0
         )
-        jobs = self.store.get_many(job_ids)
-        modules: dict[str, Any] = {}
+
+    def _submit_jobs(self, client: Any, jobs: Sequence[Job]) -> dict[Any, int]:
+        """Submit the jobs' tasks; the job id of each task's future. Touches no jobs file
+        (it may run in another thread than the jobs file's)."""
         groups: dict[tuple[Any, ...], list[Job]] = {}
         for job in jobs:
-            if job.wasm_sha256 not in modules:
+            if job.wasm_sha256 not in self._modules:
                 data = Path(job.wasm_path).read_bytes()
                 # Keyed by content, and on every worker (a worker that dies must not take the
                 # only copy with it): each gets a module once, whatever the jobs.
-                modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
+                self._modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
             workers = eligible_workers(self.cluster, job)
             shape = (
                 job.wasm_sha256,
@@ -392,12 +538,12 @@ class DaskRun:
         task = _task_function()
         futures: dict[Any, int] = {}
         # One `map` (one message to the scheduler, the task function pickled once) per kind
-        # of task: an array is one. Its order is the tasks' priority, oldest first.
+        # of task: an array's window is one. Its order is the tasks' priority, oldest first.
         for (sha256, cpus, memory_mb, workers, retries), group in groups.items():
             submitted = client.map(
                 task,
                 [self._payload(job) for job in group],
-                [modules[sha256]] * len(group),
+                [self._modules[sha256]] * len(group),
                 key=[task_key(job) for job in group],
                 resources={"cpus": cpus, "memory_mb": memory_mb},
                 workers=None if workers is None else list(workers),
@@ -408,6 +554,28 @@ class DaskRun:
             futures.update(zip(submitted, (job.id for job in group), strict=True))
         return futures
 
+    def _window(self) -> int:
+        """How many tasks a foreground run keeps submitted at once."""
+        return max(WINDOW_MIN, WINDOW_PER_CPU * sum(host.cpus for host in self.cluster.hosts))
+
+    async def _refill(self, client: Any, flight: _Flight, pending: Any) -> list[int]:
+        """Submit the next jobs the window has room for. Those cancelled before their turn
+        are not submitted (and recorded cancelled): their ids are returned."""
+        job_ids = flight.take()
+        if not job_ids:
+            return []
+        jobs = self.store.get_many(job_ids)
+        skipped = [job.id for job in jobs if job.is_final or job.cancel_requested]
+        for job_id in skipped:
+            self.store.finish(
+                job_id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
+            )
+        jobs = [job for job in jobs if job.id not in skipped]
+        submitted = await asyncio.to_thread(self._submit_jobs, client, jobs) if jobs else {}
+        flight.add(submitted, jobs)
+        pending.update(submitted)
+        return skipped
+
     @staticmethod
     def _payload(job: Job) -> bytes:
         """The job's launch spec as the runner's serve takes it (stdin and input inside)."""
@@ -415,37 +583,121 @@ class DaskRun:
         input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
         return launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
 
-    async def _collect(self, client: Any, futures: dict[Any, int]) -> list[Job]:
+    async def _collect(self, client: Any, job_ids: list[int]) -> list[Job]:
+        """Submit the jobs a window at a time and record each as its task ends: every task
+        that ended since the last wake-up, their answers in one gather and their records in
+        one transaction; then as many new tasks as ended."""
         import distributed
 
         as_completed: Any = distributed.as_completed  # untyped
-        ended: dict[int, Job] = {}
-        pending = as_completed(list(futures), loop=client.loop)
-        watcher = asyncio.create_task(self._watch_cancels(client, futures, ended))
+        self._own(job_ids)
+        flight = _Flight(job_ids, self._window())
+        pending = as_completed([], loop=client.loop)
+        watcher: asyncio.Task[None] | None = None
+        asked_reruns = time.monotonic()
         try:
+            self._done(await self._refill(client, flight, pending))
+            watcher = asyncio.create_task(self._watch_cancels(client, flight))
             async with TransportPool() as pool:
-                while True:
-                    # Every task that ended since the last wake-up, and their answers in one
-                    # gather (not a round trip to the scheduler and worker per task).
+                while flight.futures:
                     batch = await asyncio.to_thread(_next_batch, pending)
                     if not batch:
                         break
+                    ended = {future: flight.futures[future] for future in batch}
                     answers = await asyncio.to_thread(_gather_finished, client, batch)
-                    for future in batch:
-                        job_id = futures[future]
-                        ended[job_id] = await self._record(
-                            pool, client, future, job_id, answers.get(future)
-                        )
-                        if self.on_done is not None:
-                            self.on_done(ended[job_id])
+                    await self._record_batch(pool, client, ended, answers)
+                    flight.end(batch)
+                    skipped = await self._refill(client, flight, pending)
+                    self._done([*ended.values(), *skipped])
+                    if time.monotonic() - asked_reruns >= RERUNS_EVERY_S:
+                        await self._ask_reruns(client, flight)
+                        asked_reruns = time.monotonic()
+            await self._ask_reruns(client, flight)
         finally:
-            watcher.cancel()
-        # Held until now so the scheduler still knows each task's reruns.
-        reruns = await asyncio.to_thread(self._reruns, client, futures)
-        self._note_reruns(reruns)
-        for future in futures:
-            future.release()
-        return self.store.get_many(list(futures.values()))
+            if watcher is not None:
+                watcher.cancel()
+            for future in [*flight.futures, *flight.ended]:
+                future.release()
+            self._modules.clear()
+        return self.store.get_many(job_ids)
+
+    async def _ask_reruns(self, client: Any, flight: _Flight) -> None:
+        """Count the reruns of the tasks that ended since the last time in their records'
+        `attempts`, then let the scheduler forget those tasks (it forgets their reruns too)."""
+        if flight.ended:
+            self._note_reruns(await asyncio.to_thread(self._reruns, client, flight.ended))
+            flight.release()
+
+    def _done(self, job_ids: Sequence[int]) -> None:
+        """Tell `on_done` about jobs that ended (one read of their records)."""
+        if self.on_done is not None and job_ids:
+            for job in self.store.get_many(job_ids):
+                self.on_done(job)
+
+    async def _record_batch(
+        self,
+        pool: TransportPool,
+        client: Any,
+        ended: dict[Any, int],
+        answers: dict[Any, dict[str, Any]],
+    ) -> None:
+        """Record the jobs of ended tasks: those whose answer says all there is to say in
+        one transaction; those that need their host (/output, directories) or went wrong
+        one by one (`_record`)."""
+        jobs = {job.id: job for job in self.store.get_many(list(ended.values()))}
+        ends: list[tuple[int, JobState, dict[str, Any]]] = []
+        others: list[Any] = []
+        for future, job_id in ended.items():
+            end = self._end_from_answer(jobs[job_id], future, answers.get(future))
+            if end is None:
+                others.append(future)
+            else:
+                ends.append(end)
+        self.store.finish_many(ends)
+        for future in others:
+            await self._record(pool, client, future, ended[future], answers.get(future))
+
+    def _end_from_answer(
+        self, job: Job, future: Any, answer: Any
+    ) -> tuple[int, JobState, dict[str, Any]] | None:
+        """How the job ended, from its task's answer alone (its output taken in meanwhile);
+        None when that is not all there is (its host must be asked, or the task failed)."""
+        if future.status != "finished" or answer is None:
+            return None
+        try:
+            answer = _Answer.of(answer)
+        except ValueError:
+            return None  # `_record` says so
+        host = self.cluster.host(answer.host)
+        if host is None or job.output_dir or job.dirs not in ("", "[]") or job.verify:
+            return None
+        ran = self._ran_fields(job, host, answer.key)
+        output = JobOutput.open(self.store, job)
+        try:
+            outcome = StreamOutcome()
+            try:
+                self._take_frames(outcome, answer, output)
+            except ProtocolError as exc:
+                error = f"host '{host.name}': {exc}"
+                return job.id, JobState.FAILED, {**ran, "error": error, **output.fields()}
+            end = end_of_answer(self.store, job, host, outcome, output)
+            if end is None:
+                error = f"host '{host.name}': the runner gave no result"
+                return job.id, JobState.LOST, {**ran, "error": error, **output.fields()}
+            state, fields = end
+            return job.id, state, {**ran, **fields}
+        finally:
+            output.close()
+
+    def _take_frames(self, outcome: StreamOutcome, answer: _Answer, output: JobOutput) -> None:
+        """The runner's frames of a task into its outcome, its output files and the
+        terminal."""
+        for kind, body in answer.frames:
+            apply_frame(outcome, kind, body, output.stdout.write, output.stderr.write)
+            if kind == b"O":
+                self.handlers.stdout(body)
+            elif kind == b"E":
+                self.handlers.stderr(body)
 
     def _reruns(self, client: Any, futures: dict[Any, int]) -> dict[int, int]:
         """Per job, how often Dask started its task again because its worker died."""
@@ -475,43 +727,39 @@ class DaskRun:
                 attempt_hosts=",".join([""] * count + hosts),
             )
 
-    async def _watch_cancels(
-        self, client: Any, futures: dict[Any, int], ended: dict[int, Job]
-    ) -> None:
+    async def _watch_cancels(self, client: Any, flight: _Flight) -> None:
         """Stop the tasks of jobs `sshwasm cancel` marked: unstarted ones in Dask, running
-        ones by the runner's `cancel` on whichever worker runs them. Also shows each job
-        `running` on its host once its task started (the workers' STARTED_TOPIC events)."""
+        ones by the runner's `cancel` on whichever worker runs them (jobs not submitted yet
+        are left out when their turn comes: `_refill`). Also shows each job `running` on its
+        host once its task started (the workers' STARTED_TOPIC events)."""
         done: set[int] = set()
-        by_id = {job_id: future for future, job_id in futures.items()}
-        jobs = self.store.get_many(list(by_id))
         # The client's event handler runs in its own thread; the jobs file is this thread's.
         starts: list[Any] = []
         await asyncio.to_thread(client.subscribe_topic, STARTED_TOPIC, starts.append)
-        by_base = {job_base(job): job.id for job in jobs}
-        arrays = {job.array_id for job in jobs if job.array_id is not None}
-        singles = [job.id for job in jobs if job.array_id is None]
         cancelled_before = -1
         while True:
             await asyncio.sleep(CANCEL_CHECK_S)
             if starts:
                 events, starts[:] = list(starts), []
-                self._note_starts(events, by_base)
+                self._note_starts(events, flight.by_base)
             # An array's tasks are read only when its count of cancelled tasks moved: cheap
             # with tens of thousands of tasks. (The jobs file's connection is this thread's.)
             cancelled = sum(
-                self.store.array_counts(array_id).get(JobState.CANCELLED, 0) for array_id in arrays
+                self.store.array_counts(array_id).get(JobState.CANCELLED, 0)
+                for array_id in flight.arrays
             )
-            candidates = singles
+            candidates = list(flight.singles)
             if cancelled != cancelled_before:
-                candidates, cancelled_before = list(by_id), cancelled
-            waiting = [
-                job_id for job_id in candidates if job_id not in ended and job_id not in done
-            ]
+                candidates, cancelled_before = list(flight.by_id), cancelled
+            waiting = [job_id for job_id in candidates if job_id not in done]
             if not waiting:
                 continue
             jobs = self.store.get_many(waiting)
             marked = [job for job in jobs if job.cancel_requested or job.is_final]
             for job in marked:
+                future = flight.by_id.get(job.id)
+                if future is None:  # its task ended meanwhile
+                    continue
                 done.add(job.id)
                 if not job.is_final:
                     self.store.finish(
@@ -520,7 +768,7 @@ class DaskRun:
                         exit_code=CANCELLED_EXIT_CODE,
                         error="cancelled",
                     )
-                by_id[job.id].cancel()
+                future.cancel()
                 try:
                     await asyncio.to_thread(self._cancel_on_workers, client, {job_base(job)})
                 except Exception as exc:  # a worker gone meanwhile: its guest went with it
@@ -532,10 +780,10 @@ class DaskRun:
         client: Any,
         future: Any,
         job_id: int,
-        answer: dict[str, Any] | None = None,
+        gathered: Any = None,
     ) -> Job:
-        """Record how the job of an ended task ended (`answer`: its result, when gathered
-        already)."""
+        """Record how the job of an ended task ended (`gathered`: its answer, when gathered
+        already), asking its host for its /output and directories if it has them."""
         job = self.store.get(job_id)
         if future.status != "finished":
             try:
@@ -544,25 +792,23 @@ class DaskRun:
                 error = exc
             self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
             return self.store.get(job_id)
-        if answer is None:
-            answer = future.result()
-        host = self.cluster.host(str(answer["host"]))
+        try:
+            answer = _Answer.of(future.result() if gathered is None else gathered)
+        except ValueError as exc:
+            self.store.finish(job_id, JobState.FAILED, error=f"dask: an unreadable answer: {exc}")
+            return self.store.get(job_id)
+        host = self.cluster.host(answer.host)
         if host is None:
             self.store.finish(
-                job_id, JobState.FAILED, error=f"dask: a worker named {answer['host']!r} ran it"
+                job_id, JobState.FAILED, error=f"dask: a worker named {answer.host!r} ran it"
             )
             return self.store.get(job_id)
-        self._mark_ran(job, host, str(answer["key"]))
+        self.store.update(job.id, **self._ran_fields(job, host, answer.key))
         job = self.store.get(job_id)
         output = JobOutput.open(self.store, job)
         outcome = StreamOutcome()
         try:
-            for kind, body in answer["frames"]:
-                apply_frame(outcome, kind, body, output.stdout.write, output.stderr.write)
-                if kind == b"O":
-                    self.handlers.stdout(body)
-                elif kind == b"E":
-                    self.handlers.stderr(body)
+            self._take_frames(outcome, answer, output)
             # The host is asked only for the job's /output and directories: a job without
             # them costs no SSH connection here (the pool brought its answer).
             needs_host = bool(job.output_dir) or job.dirs not in ("", "[]")
@@ -589,39 +835,56 @@ class DaskRun:
             job = self.store.get(job_id)
         return job
 
-    def _mark_ran(self, job: Job, host: Host, key: str) -> None:
-        """Say where the job ran and under which key (its directory on that host)."""
-        self.store.update(
-            job.id,
-            engine="dask",
-            host=host.name,
-            host_config=json.dumps(host.to_dict()),
-            remote_key=key,
-            attempt_hosts=host.name,
-            started_at=job.started_at or utc_now(),
-        )
+    def _host_config(self, host: Host) -> str:
+        """The host's snapshot for the record (made once per host)."""
+        config = self._host_configs.get(host.name)
+        if config is None:
+            config = self._host_configs[host.name] = json.dumps(host.to_dict())
+        return config
+
+    def _ran_fields(self, job: Job, host: Host, key: str) -> dict[str, Any]:
+        """Where the job ran and under which key (its directory on that host)."""
+        return {
+            "engine": "dask",
+            "host": host.name,
+            "host_config": self._host_config(host),
+            "remote_key": key,
+            "attempt_hosts": host.name,
+            "started_at": job.started_at or utc_now(),
+        }
 
     def _note_starts(self, events: Sequence[Any], by_base: dict[str, int]) -> None:
-        """Show jobs whose task started `running`, with the host and time: the workers'
-        STARTED_TOPIC events, (scheduler time, {"base", "key", "host", "at"}). An event of a
-        job already ended (its answer came first) changes nothing."""
+        """Show jobs whose task started `running`, with the host and time, in one
+        transaction: the workers' STARTED_TOPIC events, (scheduler time, {"started":
+        [{"base", "key", "host", "at"}, ...]}) (or one start each, from an older pool's
+        workers). An event of a job already ended (its answer came first) changes nothing."""
         latest: dict[int, dict[str, Any]] = {}
-        for _when, message in events:
-            if not isinstance(message, dict):
+        for start in _starts_of(events):
+            job_id = by_base.get(str(start.get("base")))
+            if job_id is not None and start.get("key"):
+                latest[job_id] = start  # a rerun's event comes after the first run's
+        starts: list[tuple[int, dict[str, Any]]] = []
+        for job_id, start in latest.items():
+            host = self.cluster.host(str(start.get("host")))
+            if host is None:
                 continue
-            job_id = by_base.get(str(message.get("base")))
-            if job_id is not None:
-                latest[job_id] = message  # a rerun's event comes after the first run's
-        for job in self.store.get_many(list(latest)):
-            message = latest[job.id]
-            host = self.cluster.host(str(message.get("host")))
-            if job.is_final or host is None or job.remote_key == message.get("key"):
-                continue
-            self.store.update(
-                job.id,
-                state=JobState.RUNNING.value,
-                host=host.name,
-                host_config=json.dumps(host.to_dict()),
-                remote_key=str(message["key"]),
-                started_at=str(message.get("at") or utc_now()),
-            )
+            fields = {
+                "host": host.name,
+                "host_config": self._host_config(host),
+                "remote_key": str(start["key"]),
+                "started_at": str(start.get("at") or utc_now()),
+            }
+            starts.append((job_id, fields))
+        if starts:
+            self.store.mark_running_many(starts)
+
+
+def _starts_of(events: Sequence[Any]) -> list[dict[str, Any]]:
+    """The starts the STARTED_TOPIC events tell, oldest first."""
+    starts: list[dict[str, Any]] = []
+    for _when, message in events:
+        if not isinstance(message, dict):
+            continue
+        told = message.get("started", [message])
+        starts.extend(start for start in told if isinstance(start, dict))
+    return starts

@@ -38,8 +38,12 @@ PLUGIN_NAME = "sshwasm-runner"
 # Set by `pool up`'s launcher for the worker: the host's sshwasm workdir (absolute).
 WORKDIR_VARIABLE = "SSHWASM_WORKDIR"
 RUNNER_PACKAGE = "sshwasm_exec"
-# The scheduler's event topic of tasks handed to serve: {"base", "key", "host", "at"}.
+# The scheduler's event topic of tasks handed to serve: {"started": [{"base", "key", "host",
+# "at"}, ...]}, the tasks started here since the last event.
 STARTED_TOPIC = "sshwasm-started"
+# How long a start waits to be told, with those that follow it, in one event: an event per
+# task cost the worker, the scheduler and every client that follows a message per task.
+STARTED_EVERY_S = 0.1
 # serve's environment under a worker (runner/parent_death.py, which this must not import).
 END_WITH_PARENT_VARIABLE = "SSHWASM_SERVE_END_WITH_PARENT"
 # The error of serve's result for a task it killed because this worker stops (the same text
@@ -97,6 +101,9 @@ class RunnerPlugin(WorkerPlugin):
         # Job keys (the part before the first '.') cancelled here lately: not to start.
         self.cancelled: dict[str, float] = {}
         self.closing = False
+        # What runs here (by run key, its started event), and the starts not told yet.
+        self.runs: dict[str, dict[str, str]] = {}
+        self.untold: list[dict[str, str]] = []
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
@@ -229,8 +236,8 @@ class RunnerPlugin(WorkerPlugin):
             lines = done.stderr.decode(errors="replace").strip().splitlines()
             raise RuntimeError(f"cannot store the module: {lines[-1] if lines else 'failed'}")
 
-    def run(self, payload: bytes, module: bytes) -> dict[str, Any]:
-        """Run one job through serve: its frames, the host, and the key it ran under.
+    def run(self, payload: bytes, module: bytes) -> bytes:
+        """Run one job through serve: the host, the key it ran under, and its frames.
 
         Each run gets a key of its own (`<job key>.<host>-<pid>-<n>`): a task that Dask
         runs again after its worker died must not meet the first run's job directory.
@@ -244,26 +251,56 @@ class RunnerPlugin(WorkerPlugin):
         key = f"{base}.{self.worker.name}-{os.getpid()}-{count}"[:128]
         header["key"] = key
         payload = json.dumps(header).encode() + b"\n" + rest
-        _, protocol = self._runner()
+        protocol = self.protocol or self._runner()[1]
         started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        self.worker.log_event(
-            STARTED_TOPIC, {"base": base, "key": key, "host": str(self.worker.name), "at": started}
-        )
-        for _attempt in range(2):
-            try:
-                frames = self._launch(key, payload)
-            except ServeLost:
-                if self.closing:  # serve killed the guest because this worker stops
-                    raise Reschedule() from None
-                raise
-            kind, body = frames[-1]
-            if kind == protocol.KIND_NEED and json.loads(body).get("need") == "module":
-                self._put_module(header["wasm_sha256"], module)
-                continue
-            if kind == protocol.KIND_RESULT and json.loads(body).get("error") == WORKER_STOPPED:
-                raise Reschedule()  # not the guest's answer: Dask runs it again elsewhere
-            break
-        return {"host": str(self.worker.name), "key": key, "frames": frames}
+        self._started(key, {"base": base, "key": key, "host": str(self.worker.name), "at": started})
+        try:
+            for _attempt in range(2):
+                try:
+                    frames = self._launch(key, payload)
+                except ServeLost:
+                    if self.closing:  # serve killed the guest because this worker stops
+                        raise Reschedule() from None
+                    raise
+                kind, body = frames[-1]
+                if kind == protocol.KIND_NEED and json.loads(body).get("need") == "module":
+                    self._put_module(header["wasm_sha256"], module)
+                    continue
+                if kind == protocol.KIND_RESULT and json.loads(body).get("error") == WORKER_STOPPED:
+                    raise Reschedule()  # not the guest's answer: Dask runs it again elsewhere
+                break
+        finally:
+            with self.lock:
+                self.runs.pop(key, None)
+        # One bytes object (a JSON line, then the frames as the runner encodes them): Dask
+        # sizes, pickles and sends it whole; a structure cost it a step per item.
+        head = json.dumps({"host": str(self.worker.name), "key": key}).encode()
+        return b"\n".join([head, b"".join(protocol.encode_frame(*frame) for frame in frames)])
+
+    def _started(self, key: str, event: dict[str, str]) -> None:
+        """Note a task handed to serve: in `runs` until it ends, and told to the scheduler
+        (STARTED_TOPIC) with the others that start within STARTED_EVERY_S."""
+        with self.lock:
+            self.runs[key] = event
+            self.untold.append(event)
+            if len(self.untold) > 1:
+                return  # a flush is on its way
+        self.worker.loop.add_callback(self._tell_later)  # thread-safe, unlike call_later
+
+    def _tell_later(self) -> None:
+        self.worker.loop.call_later(STARTED_EVERY_S, self._tell_started)
+
+    def _tell_started(self) -> None:
+        """In the worker's event loop: one event for the starts not told yet."""
+        with self.lock:
+            untold, self.untold = self.untold, []
+        if untold:
+            self.worker.log_event(STARTED_TOPIC, {"started": untold})
+
+    def running(self) -> list[dict[str, str]]:
+        """The started events of the tasks running here now (whenever they started)."""
+        with self.lock:
+            return list(self.runs.values())
 
     def cancel(self, base: str) -> list[str]:
         """Cancel (through the runner's `cancel`) whatever runs here for job key `base`, and
@@ -310,6 +347,17 @@ class RunnerPlugin(WorkerPlugin):
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait()
+
+
+def sshwasm_job(payload: bytes, module: bytes) -> bytes:
+    """The task each job is: hands it to this worker's plugin. The client names it by
+    reference (module and name), so the scheduler and the workers, which import this file
+    from the pool's directory, pickle and unpickle a name per task, not code."""
+    from distributed import get_worker
+
+    plugin: Any = get_worker().plugins[PLUGIN_NAME]
+    answer: bytes = plugin.run(payload, module)
+    return answer
 
 
 async def dask_setup(worker: Any) -> None:
