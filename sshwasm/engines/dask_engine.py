@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from ..cluster import Cluster, Host
-from ..coordinator import launch_spec
 from ..errors import SshwasmError
 from ..job_output import Handlers, JobOutput
 from ..pool import PoolPlan, Run, connect, find_runs, plan_for
@@ -45,15 +44,18 @@ from ..recorded_jobs import record_end, refresh_job
 from ..runner.parent_death import WORKER_STOPPED
 from ..runner.protocol import ProtocolError
 from ..runner_client import RunnerClient, StreamOutcome, apply_frame
-from ..staging import pack_input
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
+from .dask_staging import DaskStaging
 
 # Runs on the worker, sent by value (the worker has no sshwasm): hands the job to the plugin.
 _TASK_SOURCE = """
 def sshwasm_job(payload, module):
     from distributed import get_worker
+    if isinstance(module, tuple):  # --dir copies: their tars end the spec (dask_staging)
+        module, *tars = module
+        payload = b"".join([payload, *tars])
     return get_worker().plugins["sshwasm-runner"].run(payload, module)
 """
 
@@ -372,6 +374,7 @@ class DaskRun:
             job_ids, engine="dask", coordinator_pid=os.getpid(), heartbeat_ts=0.0
         )
         jobs = self.store.get_many(job_ids)
+        staging = DaskStaging(self.store, self.cluster, client, self.handlers.warning)
         modules: dict[str, Any] = {}
         groups: dict[tuple[Any, ...], list[Job]] = {}
         for job in jobs:
@@ -380,7 +383,7 @@ class DaskRun:
                 # Keyed by content, and on every worker (a worker that dies must not take the
                 # only copy with it): each gets a module once, whatever the jobs.
                 modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
-            workers = eligible_workers(self.cluster, job)
+            workers = staging.workers(job, eligible_workers(self.cluster, job))
             shape = (
                 job.wasm_sha256,
                 job.cpus,
@@ -396,8 +399,8 @@ class DaskRun:
         for (sha256, cpus, memory_mb, workers, retries), group in groups.items():
             submitted = client.map(
                 task,
-                [self._payload(job) for job in group],
-                [modules[sha256]] * len(group),
+                [staging.payload(job) for job in group],  # before `data`: it packs the dirs
+                [staging.data(job, modules[sha256]) for job in group],
                 key=[task_key(job) for job in group],
                 resources={"cpus": cpus, "memory_mb": memory_mb},
                 workers=None if workers is None else list(workers),
@@ -407,13 +410,6 @@ class DaskRun:
             )
             futures.update(zip(submitted, (job.id for job in group), strict=True))
         return futures
-
-    @staticmethod
-    def _payload(job: Job) -> bytes:
-        """The job's launch spec as the runner's serve takes it (stdin and input inside)."""
-        stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
-        input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
-        return launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
 
     async def _collect(self, client: Any, futures: dict[Any, int]) -> list[Job]:
         import distributed
