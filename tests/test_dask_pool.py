@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import detached_coordinators, job_spec, sshwasm, start_sshwasm, wait_for
+from helpers import PROGRAMS, detached_coordinators, job_spec, sshwasm, start_sshwasm, wait_for
 
+from sshwasm.cli import main
 from sshwasm.cluster import load_cluster
 from sshwasm.errors import ClusterError, SshwasmError
 
@@ -401,8 +402,6 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
             assert task_record.stdout == "".join(
                 f"task {index} of 3 line {line}\n" for line in range(3)
             )
-        with pytest.raises(SshwasmError, match="not supported with engine: dask yet"):
-            client.submit(built["hello"].path, dirs=[str(pool_cluster.parent)])
     assert len(dask_pool.job_dirs() - before) == 4
 
     # --detach: no local process follows the jobs; the scheduler holds them, and a later
@@ -470,28 +469,6 @@ def test_worker_killed_mid_array_and_cancel_on_the_pool(
     assert record["state"] == "cancelled" and record["engine"] == "dask", (out, err)
 
 
-def test_resume_refuses_what_the_dask_engine_cannot_do_yet(tmp_path: Path) -> None:
-    """A task recorded with directories (run on the SSH engine) is not resumed on the pool,
-    and nothing is queued again."""
-    from sshwasm.states import JobState
-    from sshwasm.store import JobStore
-
-    cluster = _write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS)
-    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
-        spec = dataclasses.replace(job_spec(), array_size=2, dirs='[{"path": "/x"}]')
-        first, second = store.submit_tasks(spec)
-        store.finish(first, JobState.SUCCEEDED, exit_code=0)
-        store.finish(second, JobState.FAILED, exit_code=1)
-    result = sshwasm("--cluster", str(cluster), "resume", str(second))
-    assert result.returncode != 0
-    assert result.stderr == (
-        f"sshwasm: error: job {second} works on directories (--dir, --host-dir): "
-        "not supported with engine: dask yet\n"
-    )
-    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
-        assert store.get(second).attempts == 1 and store.get(second).state is JobState.FAILED
-
-
 def test_pin_hosts_install_and_tls_off_warning(make_cluster: Callable[..., Path]) -> None:
     """`hosts install` brings the pinned distributed to the hosts of a dask cluster (the pin
     is pyproject's), and `tls: false` warns on every pool command."""
@@ -519,13 +496,153 @@ def test_pin_hosts_install_and_tls_off_warning(make_cluster: Callable[..., Path]
     assert lines[1].startswith("sshwasm: error: the pool's scheduler at tcp://"), lines
 
 
-@pytest.mark.parametrize(
-    "flags", [["--dir", "DIR"], ["--host-dir", "/srv::/srv"], ["--verify"], ["--reuse"]]
-)
-def test_run_refuses_what_the_dask_engine_cannot_do_yet(tmp_path: Path, flags: list[str]) -> None:
+DIRWORK = str(PROGRAMS / "dirwork.rs")
+
+
+def _cli(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The command line in this process (`main`): no interpreter nor `distributed` import
+    to pay for, where a separate process proves nothing more."""
+    status = main(list(args))
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
+def _dir_data(root: Path) -> Path:
+    data = root / "work" / "data"
+    (data / "empty").mkdir(parents=True)
+    (data / "keep.txt").write_text("kept\n")
+    (data / "edit.txt").write_text("the user\n")
+    (data / "old.txt").write_text("old name\n")
+    (data / "gone.txt").write_text("to delete\n")
+    return data
+
+
+def test_dir_host_dir_verify_and_reuse_on_the_pool(
+    dask_pool: Pool,
+    pool_cluster: Path,
+    built: dict[str, Any],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """--dir, --host-dir, --verify and --reuse run on the pool with the SSH engine's
+    semantics: a --dir is staged to whichever worker runs the task and what the job
+    changed comes back; a --host-dir no host has fails the job naming each host; --verify
+    runs on two distinct hosts; --reuse takes a succeeded result and runs nothing."""
+    cluster = ["--cluster", str(pool_cluster)]
+    data = _dir_data(tmp_path)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "ref.txt").write_text("reference\n")
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--json", DIRWORK, "--dir", str(data),
+        "--host-dir", f"{ref}::/ref:ro",
+    )  # fmt: skip
+    assert status == 0, err
+    record = json.loads(out)
+    assert record["engine"] == "dask" and record["state"] == "succeeded", record
+    assert record["dirs"] == f"{data}::/data, {ref}::/ref:ro (host)"
+    for step in ("create", "mkdir", "create deep", "append", "rename", "delete", "delete dir"):
+        assert f"{step}: ok" in record["stdout"], record["stdout"]
+    assert "keep: kept" in record["stdout"] and "ref: reference" in record["stdout"]
+    assert "write ref: denied" in record["stdout"] and "read host: denied" in record["stdout"]
+    assert (data / "new.txt").read_text() == "made by the job\n"
+    assert (data / "sub" / "deep.txt").read_text() == "deep\n"
+    assert (data / "edit.txt").read_text() == "the user\nand the job\n"
+    assert (data / "renamed.txt").read_text() == "old name\n"
+    assert not (data / "old.txt").exists() and not (data / "gone.txt").exists()
+    assert not (data / "empty").exists() and (data / "keep.txt").read_text() == "kept\n"
+    assert (ref / "ref.txt").read_text() == "reference\n"
+    assert record["stage_out_s"] is not None
+
+    # An array sharing one --dir: each task gets its own copy, every task's file comes back
+    # (the other tasks' appends to edit.txt land beside it); a failed task's too. `resume`
+    # of that task goes through the pool with its directory again.
+    (tmp_path / "args.txt").write_text("a\nb\nfail\n")
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--json", "--args-from", str(tmp_path / "args.txt"),
+        DIRWORK, "--dir", str(data),
+    )  # fmt: skip
+    assert status == 3, err
+    tasks = json.loads(out)
+    assert [task["state"] for task in tasks] == ["succeeded", "succeeded", "failed"], tasks
+    assert {task["engine"] for task in tasks} == {"dask"}
+    for name in ("a", "b", "fail"):
+        assert (data / f"task-{name}.txt").read_text() == name
+    (data / "task-fail.txt").unlink()
+    status, out, err = _cli(capfd, *cluster, "resume", "--json", str(tasks[2]["id"]))
+    assert status == 3, err
+    (again,) = json.loads(out)
+    assert (again["attempts"], again["engine"], again["exit_code"]) == (2, "dask", 3), again
+    assert (data / "task-fail.txt").read_text() == "fail"
+
+    # A --host-dir no host has: the job fails at once, naming each host, nothing runs.
+    before = dask_pool.job_dirs()
+    nowhere = f"{tmp_path}/nowhere"
+    status, out, err = _cli(capfd, *cluster, "run", DIRWORK, "--host-dir", f"{nowhere}::/ref")
+    assert status == 1 and err.count("\n") == 1, err
+    assert err.startswith("sshwasm: error: ") and "no host could run the job (" in err, err
+    for host in ("alpha", "beta"):
+        assert f"{host}: --host-dir {nowhere}: no such directory on this host" in err, err
+    assert dask_pool.job_dirs() == before
+
+    # --verify: the job and its twin on the two hosts, judged equal.
+    status, out, err = _cli(capfd, *cluster, "run", "--json", "--verify", str(built["hello"].path))
+    assert status == 0, err
+    verified = json.loads(out)
+    assert verified["state"] == "succeeded" and verified["engine"] == "dask", verified
+    from sshwasm.store import JobStore
+
+    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+        twin = store.verify_twin(verified["id"])
+        assert twin is not None and twin.state.value == "succeeded" and twin.engine == "dask"
+        assert {verified["host"], twin.host} == {"alpha", "beta"}
+
+    # --reuse: the first run runs, the second takes its result and nothing runs.
+    reuse = [*cluster, "run", "--json", "--reuse", str(built["task"].path), "--", "x"]
+    status, out, err = _cli(capfd, *reuse)
+    assert status == 0, err
+    first = json.loads(out)
+    before = dask_pool.job_dirs()
+    status, out, err = _cli(capfd, *reuse)
+    assert status == 0, err
+    second = json.loads(out)
+    assert second["id"] != first["id"] and second["reused_from"] == first["id"], second
+    assert second["stdout"] == first["stdout"] and second["state"] == "succeeded"
+    assert dask_pool.job_dirs() == before  # nothing ran
+
+    # The Python API takes directories on the pool too.
+    import sshwasm as api
+
+    with api.Client(cluster=pool_cluster) as client:
+        job = client.submit(DIRWORK, "api", dirs=[str(data)]).result(timeout=120)
+    assert job.state == "succeeded" and job.engine == "dask", job
+    assert (data / "task-api.txt").read_text() == "api"
+
+
+def test_what_the_dask_engine_refuses(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """What a task cannot carry is refused in one line before anything is submitted, and a
+    --verify job is not resumed on the pool (nothing is queued again)."""
+    from sshwasm.engines.dask_staging import MAX_TASK_BYTES
+    from sshwasm.states import JobState
+    from sshwasm.store import JobStore
+
     cluster = _write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS)
-    (tmp_path / "data").mkdir()
-    flags = [str(tmp_path / "data") if flag == "DIR" else flag for flag in flags]
-    result = sshwasm("--cluster", str(cluster), "run", "tiny.rs", *flags)
-    assert result.returncode != 0
-    assert result.stderr == f"sshwasm: error: {flags[0]} is not supported with engine: dask yet\n"
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "blob", "wb") as blob:
+        blob.truncate(MAX_TASK_BYTES)  # sparse: nothing written
+    status, _, err = _cli(capfd, "--cluster", str(cluster), "run", DIRWORK, "--dir", f"{big}:ro")
+    assert status == 1 and err.count("\n") == 1, err
+    assert err.startswith("sshwasm: error: ") and "more than one task on engine: dask" in err
+
+    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+        spec = dataclasses.replace(job_spec(), array_size=2, verify=True)
+        first, second = store.submit_tasks(spec)
+        assert first == 1  # the refused run submitted nothing
+        store.finish(first, JobState.SUCCEEDED, exit_code=0)
+        store.finish(second, JobState.FAILED, exit_code=1)
+    status, _, err = _cli(capfd, "--cluster", str(cluster), "resume", str(second))
+    assert status == 1
+    assert err == f"sshwasm: error: job {second} is a --verify run: not resumed on engine: dask\n"
+    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+        assert store.get(second).attempts == 1 and store.get(second).state is JobState.FAILED
