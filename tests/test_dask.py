@@ -7,6 +7,7 @@ These run anywhere (not on the xdist worker that holds tests/test_dask_pool.py's
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import subprocess
 import sys
@@ -170,3 +171,94 @@ def test_what_the_dask_engine_refuses(tmp_path: Path, capfd: pytest.CaptureFixtu
     assert err == f"sshwasm: error: job {second} is a --verify run: not resumed on engine: dask\n"
     with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
         assert store.get(second).attempts == 1 and store.get(second).state is JobState.FAILED
+
+
+class _FakeClient:
+    """What DaskStaging asks of a distributed Client: scatter (counted) and run."""
+
+    def __init__(self, has_dir: dict[str, bool]) -> None:
+        self.scattered: list[bytes] = []
+        self.has_dir = has_dir
+        self.runs = 0
+
+    def scatter(self, data: bytes, hash: bool, broadcast: bool) -> str:
+        assert hash and broadcast
+        self.scattered.append(data)
+        return f"future-{len(self.scattered)}"
+
+    def run(self, function: Callable[..., Any], paths: list[str]) -> dict[str, Any]:
+        self.runs += 1
+        answers = {}
+        for name, has in self.has_dir.items():
+
+            class Worker:
+                pass
+
+            worker = Worker()
+            worker.name = name  # type: ignore[attr-defined]
+            found = function(paths, dask_worker=worker)
+            # The probe is the workers' own check; a host "without" the dir is simulated.
+            answers[f"tls://{name}:1"] = (
+                found if has else [name, {path: "no such directory on this host" for path in paths}]
+            )
+        return answers
+
+
+def test_dask_staging_scatters_each_tree_once_and_places_host_dirs(tmp_path: Path) -> None:
+    """A --dir's tar is Dask data keyed by content, scattered once however many tasks use
+    it, and appended by the worker after the spec (the payload holds the rest); --host-dir
+    narrows a job to the hosts whose worker has the directory, and fails it (nothing runs)
+    when none has it, naming each host."""
+    from sshwasm.cluster import load_cluster
+    from sshwasm.engines.dask_engine import eligible_workers
+    from sshwasm.engines.dask_staging import DaskStaging
+    from sshwasm.runner.protocol import validate_spec
+    from sshwasm.states import JobState
+    from sshwasm.store import JobStore
+
+    cluster = load_cluster(_write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("a\n")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    warnings: list[str] = []
+    with JobStore(tmp_path / "jobs.sqlite") as store:
+        dirs = json.dumps([{"guest": "/data", "read_only": False, "local": str(data)}])
+        spec = dataclasses.replace(job_spec(), array_size=3, dirs=dirs)
+        ids = store.submit_tasks(spec)
+        client = _FakeClient({"alpha": True, "beta": True})
+        staging = DaskStaging(store, cluster, client, warnings.append)
+        for job in store.get_many(ids):
+            payload = staging.payload(job)
+            module, *tars = staging.data(job, "module-future")
+            assert module == "module-future" and tars == ["future-1"]
+            header = json.loads(payload.split(b"\n", 1)[0])
+            (entry,) = validate_spec(header)["dirs"]
+            assert entry["tar_bytes"] == len(client.scattered[0]) > 0
+            assert payload.endswith(b"\n")  # the tar is not in it: the worker appends it
+        assert len(client.scattered) == 1  # one tree, one scatter, whatever the tasks
+
+        host_dirs = [
+            {"guest": "/ref", "read_only": True, "host_path": str(ref)},
+            {"guest": "/more", "read_only": True, "host_path": f"{tmp_path}/nowhere"},
+        ]
+        only_one = dataclasses.replace(job_spec(), dirs=json.dumps(host_dirs[:1]))
+        nowhere = dataclasses.replace(job_spec(), dirs=json.dumps(host_dirs))
+        first, second = store.submit(only_one), store.submit(nowhere)
+        client = _FakeClient({"alpha": False, "beta": True})
+        staging = DaskStaging(store, cluster, client, warnings.append)
+        job = store.get(first)
+        assert staging.workers(job, eligible_workers(cluster, job)) == ["127.0.0.3"]
+        assert warnings == [
+            f"job {first}: skipping alpha: --host-dir {ref}: no such directory on this host"
+        ]
+        assert staging.workers(job, ["127.0.0.2"]) == ["127.0.0.2"]  # pinned where it lacks
+        assert store.get(first).state is JobState.FAILED
+        assert client.runs == 1  # the workers are asked once per set of paths
+        job = store.get(second)
+        staging.workers(job, None)
+        failed = store.get(second)
+        assert failed.state is JobState.FAILED and failed.error is not None
+        assert failed.error.startswith("no host could run the job (alpha: --host-dir "), failed
+        assert f"beta: --host-dir {tmp_path}/nowhere: no such directory" in failed.error
