@@ -18,18 +18,18 @@ directories (`--dir`, `--host-dir`), with the SSH engine's semantics (directorie
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..cluster import Cluster
 from ..coordinator import launch_spec
-from ..directories import job_mounts, stage_dirs
+from ..directories import dirs_digest, job_mounts, stage_dirs
 from ..errors import UsageError
 from ..fingerprint import save_input_fingerprint
 from ..runner.protocol import SERVE_MAX_REQUEST_BYTES
@@ -61,8 +61,9 @@ def sshwasm_host_dirs(paths, dask_worker=None):
 def too_big(size: int) -> str:
     """The refusal of a task carrying `size` bytes."""
     return (
-        f"{size / 1e6:.1f} MB to stage (stdin, --input, --dir) is more than one task on "
-        f"engine: dask carries ({MAX_TASK_BYTES / 1e6:.0f} MB): use --host-dir for big data"
+        f"{size / (1 << 20):.1f} MiB to stage (stdin, --input, --dir) is more than one task "
+        f"on engine: dask carries ({SERVE_MAX_REQUEST_BYTES >> 20} MiB with the spec): use "
+        "--host-dir for big data"
     )
 
 
@@ -88,6 +89,16 @@ def check_size(size: int) -> None:
         raise UsageError(too_big(size))
 
 
+@dataclass(frozen=True)
+class _StagedDirs:
+    """A job's directories once staged: the spec's entries (with each tar's size), the
+    tars' futures in their order, and their total size."""
+
+    entries: tuple[dict[str, Any], ...]
+    futures: tuple[Any, ...]
+    size: int
+
+
 class DaskStaging:
     """The staged content of the jobs one `DaskRun._submit` sends: each input packed once,
     each directory tar scattered once by content, the host-dir probe asked once."""
@@ -104,8 +115,7 @@ class DaskStaging:
         self.client = client
         self.warning = warning
         self._inputs: dict[str, bytes] = {}
-        self._tars: dict[int, list[bytes]] = {}
-        self._scattered: dict[str, Any] = {}
+        self._dirs: dict[str, _StagedDirs] = {}
         self._probed: dict[tuple[str, ...], dict[str, dict[str, str]]] = {}
 
     # ------------------------------------------------------------------ the payload
@@ -115,30 +125,25 @@ class DaskStaging:
         directories described, their tars left for the worker to append (`data`)."""
         stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
         input_tar = self._input(job)
-        spec = launch_spec(job)
-        tars = self._dir_tars(job)
-        if tars is not None:
-            spec = replace(spec, dirs=tars[0], dir_tars=tars[1])
-        encoded = spec.encode(stdin, input_tar, key=job.remote_key)
-        body = encoded[: len(encoded) - sum(len(tar) for tar in spec.dir_tars)]
-        check_size(len(encoded))
+        encoded = launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
+        staged = self._staged_dirs(job)
+        if staged is None:
+            check_size(len(encoded))
+            return encoded
+        line, _, rest = encoded.partition(b"\n")
+        header = json.loads(line)
+        header["dirs"] = list(staged.entries)
+        body = json.dumps(header).encode() + b"\n" + rest
+        check_size(len(body) + staged.size)
         return body
 
     def data(self, job: Job, module: Any) -> Any:
         """The task's second argument: the module's future, or for a job with --dir copies
-        a tuple of it and their tars' futures (each scattered once by its content)."""
-        tars = self._tars.get(job.id)
-        if not tars:
+        a tuple of it and their tars' futures (`payload` first: it packs them)."""
+        staged = self._staged_dirs(job)
+        if staged is None or not staged.futures:
             return module
-        futures = []
-        for tar in tars:
-            key = _content_key(tar)
-            if key not in self._scattered:
-                # On every worker, as the module (a worker that dies must not take the
-                # only copy with it); Dask keys it by content, so each gets it once.
-                self._scattered[key] = self.client.scatter(tar, hash=True, broadcast=True)
-            futures.append(self._scattered[key])
-        return (module, *futures)
+        return (module, *staged.futures)
 
     def _input(self, job: Job) -> bytes:
         """The job's --input as a tar (packed once per path), its fingerprint kept for
@@ -155,12 +160,29 @@ class DaskStaging:
         )
         return tar
 
-    def _dir_tars(self, job: Job) -> tuple[tuple[dict[str, Any], ...], tuple[bytes, ...]] | None:
+    def _staged_dirs(self, job: Job) -> _StagedDirs | None:
+        """The job's directories as staged: packed and scattered once per content (an
+        array's tasks share them: each task gets `LOCAL` as it was when the array went to
+        the pool). None for a job without directories."""
         if job.dirs in ("", "[]"):
             return None
-        staged = stage_dirs(launch_spec(job), job)
-        self._tars[job.id] = list(staged.dir_tars)
-        return staged.dirs, staged.dir_tars
+        key = dirs_digest(job.dirs)  # by content: unchanged trees are not read again
+        staged = self._dirs.get(key)
+        if staged is None:
+            spec = stage_dirs(launch_spec(job), job)
+            futures = []
+            for tar in spec.dir_tars:
+                # On every worker, as the module (a worker that dies must not take the
+                # only copy with it); Dask keys it by content, so each gets it once.
+                futures.append(self.client.scatter(tar, hash=True, broadcast=True))
+            tars = iter(spec.dir_tars)
+            entries = tuple(
+                entry if "host_path" in entry else {**entry, "tar_bytes": len(next(tars))}
+                for entry in spec.dirs
+            )
+            size = sum(len(tar) for tar in spec.dir_tars)
+            staged = self._dirs[key] = _StagedDirs(entries, tuple(futures), size)
+        return staged
 
     # -------------------------------------------------------------- where it may run
 
@@ -213,7 +235,3 @@ class DaskStaging:
             answers: dict[str, list[Any]] = self.client.run(probe, list(paths))
             self._probed[paths] = {str(name): dict(found) for name, found in answers.values()}
         return self._probed[paths]
-
-
-def _content_key(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
