@@ -1,9 +1,11 @@
-"""engine: dask (issue 12): the cluster file's `dask:` block, and `sshwasm pool up | status |
-down` on the real loopback sshd hosts with mutual TLS.
+"""engine: dask (issue 12) on a real pool: `sshwasm pool up | status | down` on the loopback
+sshd hosts with mutual TLS, and `run` (arrays of 1,000 tasks, --dir, --host-dir, --verify,
+--reuse), `rerun`, `resume`, the API, `--detach`, a killed worker and `cancel` through it.
 
-One end-to-end test starts the pool once and checks what it can on it (idempotence, status,
-refusal of a client without the pool's CA, every process gone after `pool down`), to keep
-within the suite's time budget.
+The module starts the pool once (its xdist group keeps every test on that worker) and runs
+the command line in this process (`_run`) where a separate one proves nothing more: each
+such process would import `distributed` again, seconds under load. What needs no pool is in
+tests/test_dask.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 import socket
 import stat
 import subprocess
-import textwrap
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -86,19 +87,6 @@ def _kill_worker_process(workdir: Path) -> None:
             os.kill(int(entry.name), 9)
             return
     raise AssertionError(f"no worker process under nanny {nanny}")
-
-
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "cluster.yaml"
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-HOSTS = """\
-hosts:
-  - {name: alpha, address: 127.0.0.2, cpus: 2, memory_mb: 1024, labels: [gpu]}
-  - {name: beta, address: 127.0.0.3, cpus: 1, memory_mb: 512}
-"""
 
 
 # Every test of this module that uses the pool runs on the one xdist worker that started it.

@@ -399,7 +399,7 @@ class DaskRun:
         for (sha256, cpus, memory_mb, workers, retries), group in groups.items():
             submitted = client.map(
                 task,
-                [staging.payload(job) for job in group],  # before `data`: it packs the dirs
+                [staging.payload(job) for job in group],
                 [staging.data(job, modules[sha256]) for job in group],
                 key=[task_key(job) for job in group],
                 resources={"cpus": cpus, "memory_mb": memory_mb},

@@ -139,7 +139,7 @@ class DaskStaging:
 
     def data(self, job: Job, module: Any) -> Any:
         """The task's second argument: the module's future, or for a job with --dir copies
-        a tuple of it and their tars' futures (`payload` first: it packs them)."""
+        a tuple of it and their tars' futures (packed and scattered once per content)."""
         staged = self._staged_dirs(job)
         if staged is None or not staged.futures:
             return module
