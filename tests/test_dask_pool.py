@@ -508,6 +508,22 @@ def test_dir_host_dir_verify_and_reuse_on_the_pool(
         twin = store.verify_twin(verified["id"])
         assert twin is not None and twin.state.value == "succeeded" and twin.engine == "dask"
         assert {verified["host"], twin.host} == {"alpha", "beta"}
+    # ... and detached: a later `jobs` collects the job with its (unlisted) twin, judged.
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--detach", "--verify", str(built["hello"].path)
+    )
+    assert status == 0, err
+    detached = int(out)
+
+    def judged() -> bool:
+        _cli(capfd, *cluster, "jobs")
+        with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+            twin = store.verify_twin(detached)
+            return twin is not None and twin.is_final and store.get(detached).is_final
+
+    wait_for(judged, 60)
+    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+        assert store.get(detached).state.value == "succeeded"
 
     # --reuse: the first run runs, the second takes its result and nothing runs.
     reuse = [*cluster, "run", "--json", "--reuse", str(built["task"].path), "--", "x"]

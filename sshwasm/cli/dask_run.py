@@ -31,6 +31,13 @@ def collect_detached(ctx: Context, jobs: list[Job]) -> dict[int, Job]:
             "to collect them"
         )
         return {}
+    # A --verify job's twin is hidden from listings: collected with it, so that the pair
+    # is judged once both ended (as the detached coordinator of the SSH engine does).
+    ids = {job.id for job in jobs}
+    for job in list(jobs):
+        twin = ctx.store.verify_twin(job.id) if job.verify and not job.is_verify_twin else None
+        if twin is not None and twin.id not in ids and twin.engine == "dask":
+            jobs.append(twin)
     return DaskRun(ctx.store, cluster, coordinator_handlers(False, False)).collect(jobs)
 
 
