@@ -525,8 +525,6 @@ class Client:
             if out.exists() and not out.is_dir():
                 raise UsageError(f"output {out}: not a directory")
         dirs = _dirs_json(mounts, self.db_path, options)
-        if self._cluster.engine == "dask" and dirs != "[]":  # as `run --dir` there
-            raise UsageError("dirs and host_dirs are not supported with engine: dask yet")
         if array:
             # Each task's arguments go in with its row, in the one submitting transaction.
             spec = _spec(Path(os.fspath(source)), [], len(arg_lists), options)

@@ -27,7 +27,7 @@ from sshd import (
 )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Start the longest tests first, so no worker is left running one alone at the end.
 
     pytest-xdist hands tests out in collection order: the wheel's group (one worker builds
@@ -41,6 +41,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 1 if item.get_closest_marker("slow") is not None else 2
 
     items.sort(key=weight)
+    _keep_xdist_groups(config, items)
+
+
+def _keep_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """What `--dist loadgroup` needs: each xdist_group's name at the end of its tests' ids,
+    so the group goes to one worker (and its module fixtures start once: the dask pool).
+    pytest-xdist 3.8 sets the old `item._nodeid`, which pytest 9 no longer reads (the id
+    is `item._id`), so the groups were spread over the workers."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted(
+            {
+                str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                for mark in item.iter_markers("xdist_group")
+            }
+        )
+        suffix = "@" + "_".join(names)
+        if not names or item.nodeid.endswith(suffix):
+            continue
+        if hasattr(item, "_id"):  # pytest 9: a structured id, parsed from its text
+            from _pytest.nodeid import coerce_node_id
+
+            item._id = coerce_node_id(item.nodeid + suffix)
+        else:
+            item._nodeid = item.nodeid + suffix
 
 
 # The session fixtures of `helpers` are registered by being names of this module.

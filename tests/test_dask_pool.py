@@ -1,32 +1,52 @@
-"""engine: dask (issue 12): the cluster file's `dask:` block, and `sshwasm pool up | status |
-down` on the real loopback sshd hosts with mutual TLS.
+"""engine: dask (issue 12) on a real pool: `sshwasm pool up | status | down` on the loopback
+sshd hosts with mutual TLS, and `run` (arrays of 1,000 tasks, --dir, --host-dir, --verify,
+--reuse), `rerun`, `resume`, the API, `--detach`, a killed worker and `cancel` through it.
 
-One end-to-end test starts the pool once and checks what it can on it (idempotence, status,
-refusal of a client without the pool's CA, every process gone after `pool down`), to keep
-within the suite's time budget.
+The module starts the pool once (its xdist group keeps every test on that worker) and runs
+the command line in this process (`_run`) where a separate one proves nothing more: each
+such process would import `distributed` again, seconds under load. What needs no pool is in
+tests/test_dask.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import io
 import json
 import os
 import socket
 import stat
 import subprocess
-import sys
-import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import detached_coordinators, job_spec, sshwasm, start_sshwasm, wait_for
+from helpers import PROGRAMS, detached_coordinators, start_sshwasm, wait_for
 
+from sshwasm.cli import main
 from sshwasm.cluster import load_cluster
-from sshwasm.errors import ClusterError, SshwasmError
+from sshwasm.errors import SshwasmError
+
+
+def _run(*args: str, timeout: float = 0) -> subprocess.CompletedProcess[str]:
+    """The command line in this process (`main`), as `helpers.sshwasm` gives it: a separate
+    process would pay its interpreter's start and the import of `distributed` (seconds under
+    load) and prove nothing more here. `timeout` is the subprocess's: unused."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(args))
+    return subprocess.CompletedProcess(list(args), int(status), _text(out), _text(err))
+
+
+def _text(stream: io.TextIOWrapper) -> str:
+    buffer = stream.buffer
+    assert isinstance(buffer, io.BytesIO)
+    return buffer.getvalue().decode()
 
 
 def _free_port(address: str) -> int:
@@ -67,83 +87,6 @@ def _kill_worker_process(workdir: Path) -> None:
             os.kill(int(entry.name), 9)
             return
     raise AssertionError(f"no worker process under nanny {nanny}")
-
-
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "cluster.yaml"
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-HOSTS = """\
-hosts:
-  - {name: alpha, address: 127.0.0.2, cpus: 2, memory_mb: 1024, labels: [gpu]}
-  - {name: beta, address: 127.0.0.3, cpus: 1, memory_mb: 512}
-"""
-
-
-def test_dask_block_is_read_and_checked(tmp_path: Path) -> None:
-    plain = load_cluster(_write(tmp_path, HOSTS))
-    assert (plain.engine, plain.dask) == ("ssh", None)
-
-    cluster = load_cluster(_write(tmp_path, "engine: dask\ndask: {scheduler: beta}\n" + HOSTS))
-    assert cluster.engine == "dask" and cluster.dask is not None
-    assert (cluster.dask.scheduler, cluster.dask.port, cluster.dask.dashboard_port) == (
-        "beta",
-        8786,
-        8787,
-    )
-    assert cluster.dask.tls is True
-    cluster = load_cluster(
-        _write(
-            tmp_path,
-            "engine: dask\ndask: {scheduler: alpha, port: 9100, dashboard_port: 9101, "
-            "tls: false}\n" + HOSTS,
-        )
-    )
-    assert cluster.dask is not None
-    assert (cluster.dask.port, cluster.dask.dashboard_port, cluster.dask.tls) == (9100, 9101, False)
-
-    bad = {
-        "engine: ray\n": "'engine' must be one of ssh, dask, got 'ray'",
-        "engine: dask\n": "'engine: dask' needs a 'dask:' block",
-        "dask: {scheduler: alpha}\n": "a 'dask:' block needs 'engine: dask'",
-        "engine: dask\ndask: {port: 1}\n": "dask: no 'scheduler'",
-        "engine: dask\ndask: {scheduler: alpah}\n": "did you mean 'alpha'?",
-        "engine: dask\ndask: {scheduler: alpha, port: 0}\n": "'port' must be a port",
-        "engine: dask\ndask: {scheduler: alpha, tls: maybe}\n": "'tls' must be true or false",
-        "engine: dask\ndask: {scheduler: alpha, workers: 3}\n": "dask: unknown key 'workers'",
-        "engine: dask\ndask: {scheduler: alpha, port: 9000, dashboard_port: 9000}\n": "both 9000",
-        "engine: dask\ndask: [alpha]\n": "'dask' must be a mapping",
-    }
-    for top, message in bad.items():
-        with pytest.raises(ClusterError) as caught:
-            load_cluster(_write(tmp_path, top + HOSTS))
-        assert message in str(caught.value), (top, str(caught.value))
-        assert "\n" not in str(caught.value)
-
-
-def test_import_and_ssh_engine_do_not_import_distributed(built: dict[str, Any]) -> None:
-    """The SSH engine's users pay nothing for the dask engine: neither `import sshwasm` nor
-    a warm `sshwasm run` (engine: ssh, on the default local host) imports `distributed`."""
-    check = textwrap.dedent(
-        """
-        import sys
-        import sshwasm
-        from sshwasm.cli import main
-        def heavy():
-            return sorted(m for m in sys.modules if m.split(".")[0] in ("distributed", "dask"))
-        print("IMPORT", heavy())
-        for _ in range(2):  # the second run is warm: runner installed, module uploaded
-            status = main(["run", "--quiet", sys.argv[1]])
-            assert status == 0, status
-        print("RUN", heavy())
-        """
-    )
-    hello = str(built["hello"].path)
-    done = subprocess.run([sys.executable, "-c", check, hello], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "IMPORT []" in done.stdout and "RUN []" in done.stdout, done.stdout + done.stderr
 
 
 # Every test of this module that uses the pool runs on the one xdist worker that started it.
@@ -234,7 +177,7 @@ def dask_pool(
         (config / "sshwasm-test.yaml").write_text(DASK_TEST_CONFIG)
     with pytest.MonkeyPatch.context() as patch:
         _isolate(patch, root, shared_cache_dir)
-        up = sshwasm("--cluster", str(path), "pool", "up", timeout=180)
+        up = _run("--cluster", str(path), "pool", "up", timeout=180)
     pool = Pool(path, root, up)
     try:
         yield pool
@@ -243,12 +186,12 @@ def dask_pool(
             _isolate(patch, root / "down", shared_cache_dir)
             (root / "down" / "data").mkdir(parents=True)
             (root / "down" / "data" / "pools").symlink_to(root / "data" / "pools")
-            down = sshwasm("--cluster", str(path), "pool", "down", timeout=120)
+            down = _run("--cluster", str(path), "pool", "down", timeout=120)
             leftovers = _pool_processes(pool.workers)
             for pid in leftovers:
                 os.kill(pid, 9)
-            gone = sshwasm("--cluster", str(path), "pool", "status")
-            again = sshwasm("--cluster", str(path), "pool", "down", timeout=120)
+            gone = _run("--cluster", str(path), "pool", "status")
+            again = _run("--cluster", str(path), "pool", "down", timeout=120)
         assert down.returncode == 0, down.stderr
         assert "alpha: worker stopped" in down.stdout and "alpha: scheduler stopped" in down.stdout
         assert "beta: worker stopped" in down.stdout
@@ -280,7 +223,7 @@ def test_pool_up_status_and_tls_refusal(
     cluster = ["--cluster", str(pool_cluster)]
 
     # Idempotent: a second `up` starts nothing and says so per host.
-    again = sshwasm(*cluster, "pool", "up", timeout=180)
+    again = _run(*cluster, "pool", "up", timeout=180)
     assert again.returncode == 0, again.stderr
     assert "alpha: scheduler already running" in again.stdout
     assert "beta: worker already running" in again.stdout
@@ -292,7 +235,7 @@ def test_pool_up_status_and_tls_refusal(
             mode = (dask_pool.workers / name / "dask" / file).stat().st_mode
             assert stat.S_IMODE(mode) == 0o600, (name, file, oct(mode))
 
-    status = sshwasm(*cluster, "pool", "status", "--json")
+    status = _run(*cluster, "pool", "status", "--json")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["scheduler"].startswith("tls://") and report["tls"] is True
@@ -301,12 +244,11 @@ def test_pool_up_status_and_tls_refusal(
     assert workers["alpha"]["nthreads"] == 2
     assert workers["alpha"]["resources"] == {"cpus": 2, "memory_mb": 1024, "label-fast": 1}
     assert workers["beta"]["resources"] == {"cpus": 1, "memory_mb": 512}
-    table = sshwasm(*cluster, "pool", "status")
+    table = _run(*cluster, "pool", "status")
     assert table.returncode == 0 and "dashboard: http://127.0.0.1:" in table.stdout
 
     # Mutual TLS: a client whose certificate is from another CA is refused, and so is one
     # that speaks plain TCP to the TLS port.
-    from sshwasm.cluster import load_cluster
     from sshwasm.pool import connect, plan_for, security_for
     from sshwasm.tls import ensure_certificates
 
@@ -328,7 +270,7 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
     pool: each run is a job directory (with result.json) on a host, recorded `engine: dask`."""
     cluster = ["--cluster", str(pool_cluster)]
     before = dask_pool.job_dirs()
-    hello = sshwasm(*cluster, "run", "--json", str(built["hello"].path))
+    hello = _run(*cluster, "run", "--json", str(built["hello"].path))
     assert hello.returncode == 0, hello.stderr
     record = json.loads(hello.stdout)
     assert record["state"] == "succeeded" and record["exit_code"] == 0, record
@@ -339,7 +281,7 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
 
     # rerun: a new job, run by the pool on --host beta.
     before = dask_pool.job_dirs()
-    rerun = sshwasm(*cluster, "rerun", "--json", "--host", "beta", str(record["id"]))
+    rerun = _run(*cluster, "rerun", "--json", "--host", "beta", str(record["id"]))
     assert rerun.returncode == 0, rerun.stderr
     again = json.loads(rerun.stdout)
     assert (again["engine"], again["host"], again["rerun_of"]) == ("dask", "beta", record["id"])
@@ -348,7 +290,7 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
 
     # An array on the label only alpha has; task 1 fails (exit 5), the run says so.
     tasks = 12
-    array = sshwasm(
+    array = _run(
         *cluster,
         "run",
         "--array",
@@ -373,7 +315,7 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
 
     # resume: the failed task, again through the pool (a second attempt, a new directory).
     before = dask_pool.job_dirs()
-    resumed = sshwasm(*cluster, "resume", "--json", str(records[1]["id"]), timeout=120)
+    resumed = _run(*cluster, "resume", "--json", str(records[1]["id"]), timeout=120)
     assert resumed.returncode == 5, resumed.stderr
     (task,) = json.loads(resumed.stdout)
     assert (task["id"], task["engine"], task["attempts"]) == (records[1]["id"], "dask", 2)
@@ -401,23 +343,21 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
             assert task_record.stdout == "".join(
                 f"task {index} of 3 line {line}\n" for line in range(3)
             )
-        with pytest.raises(SshwasmError, match="not supported with engine: dask yet"):
-            client.submit(built["hello"].path, dirs=[str(pool_cluster.parent)])
     assert len(dask_pool.job_dirs() - before) == 4
 
     # --detach: no local process follows the jobs; the scheduler holds them, and a later
     # `jobs` collects every result (once: a second `jobs` finds them recorded).
-    detached = sshwasm(*cluster, "run", "--detach", "--array", "4", str(built["task"].path))
+    detached = _run(*cluster, "run", "--detach", "--array", "4", str(built["task"].path))
     assert detached.returncode == 0, detached.stderr
     ids = [int(line) for line in detached.stdout.split()]
     assert len(ids) == 4 and not detached_coordinators(tmp_path / "data" / "jobs.sqlite")
 
     def collected() -> bool:
-        listed = sshwasm(*cluster, "jobs", "--json", "--limit", "4")
+        listed = _run(*cluster, "jobs", "--json", "--limit", "4")
         return all(r["state"] == "succeeded" for r in json.loads(listed.stdout))
 
     wait_for(collected, 60)
-    listed = json.loads(sshwasm(*cluster, "jobs", "--json").stdout)
+    listed = json.loads(_run(*cluster, "jobs", "--json").stdout)
     assert len(listed) == 2 + tasks + 4 + 4  # no task recorded twice
     shown = {r["id"]: r for r in listed}
     for index, job_id in enumerate(ids):
@@ -433,21 +373,21 @@ def test_worker_killed_mid_array_and_cancel_on_the_pool(
     # task succeeds, with its output once, and the rerun is counted in `attempts`.
     alpha_jobs = dask_pool.workers / "alpha" / "jobs"
     before = set(alpha_jobs.glob("*"))
-    array_run = start_sshwasm(
-        *cluster, "run", "--array", "5", "--json", "--quiet", str(built["sleep"].path), "--", "2"
-    )
-    try:
+    sleep = str(built["sleep"].path)
+    # The run in a thread of this process (the test only kills a worker meanwhile).
+    with ThreadPoolExecutor(1) as thread:
+        array_run = thread.submit(
+            _run, *cluster, "run", "--array", "5", "--json", "--quiet", sleep, "--", "2"
+        )
         wait_for(lambda: any((d / "stdout").exists() for d in set(alpha_jobs.glob("*")) - before))
         _kill_worker_process(dask_pool.workers / "alpha")
-        out, err = array_run.communicate(timeout=180)
-    finally:
-        array_run.kill()
-    assert array_run.returncode == 0, err
-    records = json.loads(out)
+        done = array_run.result(timeout=180)
+    assert done.returncode == 0, done.stderr
+    records = json.loads(done.stdout)
     assert [r["state"] for r in records] == ["succeeded"] * 5, records
     assert all(r["stdout"] == "start\nend\n" for r in records), records
     assert max(r["attempts"] for r in records) == 2, [r["attempts"] for r in records]
-    listed = json.loads(sshwasm(*cluster, "jobs", "--json").stdout)
+    listed = json.loads(_run(*cluster, "jobs", "--json").stdout)
     assert len(listed) == 5  # no task recorded twice
 
     # `sshwasm cancel` stops a guest the pool runs, within a second or so.
@@ -458,7 +398,7 @@ def test_worker_killed_mid_array_and_cancel_on_the_pool(
         (job_dir,) = dask_pool.job_dirs() - before
         wait_for(lambda: (job_dir / "stdout").exists(), 30)
         asked = time.monotonic()
-        cancel = sshwasm(*cluster, "cancel", "6")
+        cancel = _run(*cluster, "cancel", "6")
         assert cancel.returncode == 0, cancel.stderr
         wait_for(lambda: (job_dir / "result.json").exists(), 10)
         assert time.monotonic() - asked < 5  # a second under no load; this machine is shared
@@ -470,62 +410,182 @@ def test_worker_killed_mid_array_and_cancel_on_the_pool(
     assert record["state"] == "cancelled" and record["engine"] == "dask", (out, err)
 
 
-def test_resume_refuses_what_the_dask_engine_cannot_do_yet(tmp_path: Path) -> None:
-    """A task recorded with directories (run on the SSH engine) is not resumed on the pool,
-    and nothing is queued again."""
-    from sshwasm.states import JobState
+DIRWORK = str(PROGRAMS / "dirwork.rs")
+
+
+def _cli(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`_run` as a tuple: status, stdout, stderr."""
+    done = _run(*args)
+    return done.returncode, done.stdout, done.stderr
+
+
+def _dir_data(root: Path) -> Path:
+    data = root / "work" / "data"
+    (data / "empty").mkdir(parents=True)
+    (data / "keep.txt").write_text("kept\n")
+    (data / "edit.txt").write_text("the user\n")
+    (data / "old.txt").write_text("old name\n")
+    (data / "gone.txt").write_text("to delete\n")
+    return data
+
+
+def test_dir_host_dir_verify_and_reuse_on_the_pool(
+    dask_pool: Pool,
+    pool_cluster: Path,
+    built: dict[str, Any],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """--dir, --host-dir, --verify and --reuse run on the pool with the SSH engine's
+    semantics: a --dir is staged to whichever worker runs the task and what the job
+    changed comes back; a --host-dir no host has fails the job naming each host; --verify
+    runs on two distinct hosts; --reuse takes a succeeded result and runs nothing."""
+    cluster = ["--cluster", str(pool_cluster)]
+    data = _dir_data(tmp_path)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "ref.txt").write_text("reference\n")
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--json", DIRWORK, "--dir", str(data),
+        "--host-dir", f"{ref}::/ref:ro",
+    )  # fmt: skip
+    assert status == 0, err
+    record = json.loads(out)
+    assert record["engine"] == "dask" and record["state"] == "succeeded", record
+    assert record["dirs"] == f"{data}::/data, {ref}::/ref:ro (host)"
+    for step in ("create", "mkdir", "create deep", "append", "rename", "delete", "delete dir"):
+        assert f"{step}: ok" in record["stdout"], record["stdout"]
+    assert "keep: kept" in record["stdout"] and "ref: reference" in record["stdout"]
+    assert "write ref: denied" in record["stdout"] and "read host: denied" in record["stdout"]
+    assert (data / "new.txt").read_text() == "made by the job\n"
+    assert (data / "sub" / "deep.txt").read_text() == "deep\n"
+    assert (data / "edit.txt").read_text() == "the user\nand the job\n"
+    assert (data / "renamed.txt").read_text() == "old name\n"
+    assert not (data / "old.txt").exists() and not (data / "gone.txt").exists()
+    assert not (data / "empty").exists() and (data / "keep.txt").read_text() == "kept\n"
+    assert (ref / "ref.txt").read_text() == "reference\n"
+    assert record["stage_out_s"] is not None
+
+    # An array sharing one --dir: each task gets its own copy, every task's file comes back
+    # (the other tasks' appends to edit.txt land beside it); a failed task's too. `resume`
+    # of that task goes through the pool with its directory again.
+    (tmp_path / "args.txt").write_text("a\nb\nfail\n")
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--json", "--args-from", str(tmp_path / "args.txt"),
+        DIRWORK, "--dir", str(data),
+    )  # fmt: skip
+    assert status == 3, err
+    tasks = json.loads(out)
+    assert [task["state"] for task in tasks] == ["succeeded", "succeeded", "failed"], tasks
+    assert {task["engine"] for task in tasks} == {"dask"}
+    for name in ("a", "b", "fail"):
+        assert (data / f"task-{name}.txt").read_text() == name
+    (data / "task-fail.txt").unlink()
+    status, out, err = _cli(capfd, *cluster, "resume", "--json", str(tasks[2]["id"]))
+    assert status == 3, err
+    (again,) = json.loads(out)
+    assert (again["attempts"], again["engine"], again["exit_code"]) == (2, "dask", 3), again
+    assert (data / "task-fail.txt").read_text() == "fail"
+
+    # A --host-dir no host has: the job fails at once, naming each host, nothing runs.
+    before = dask_pool.job_dirs()
+    nowhere = f"{tmp_path}/nowhere"
+    status, out, err = _cli(capfd, *cluster, "run", DIRWORK, "--host-dir", f"{nowhere}::/ref")
+    assert status == 1 and err.count("\n") == 1, err
+    assert err.startswith("sshwasm: error: ") and "no host could run the job (" in err, err
+    for host in ("alpha", "beta"):
+        assert f"{host}: --host-dir {nowhere}: no such directory on this host" in err, err
+    assert dask_pool.job_dirs() == before
+
+    # --verify: the job and its twin on the two hosts, judged equal.
+    status, out, err = _cli(capfd, *cluster, "run", "--json", "--verify", str(built["hello"].path))
+    assert status == 0, err
+    verified = json.loads(out)
+    assert verified["state"] == "succeeded" and verified["engine"] == "dask", verified
     from sshwasm.store import JobStore
 
-    cluster = _write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS)
     with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
-        spec = dataclasses.replace(job_spec(), array_size=2, dirs='[{"path": "/x"}]')
-        first, second = store.submit_tasks(spec)
-        store.finish(first, JobState.SUCCEEDED, exit_code=0)
-        store.finish(second, JobState.FAILED, exit_code=1)
-    result = sshwasm("--cluster", str(cluster), "resume", str(second))
-    assert result.returncode != 0
-    assert result.stderr == (
-        f"sshwasm: error: job {second} works on directories (--dir, --host-dir): "
-        "not supported with engine: dask yet\n"
+        twin = store.verify_twin(verified["id"])
+        assert twin is not None and twin.state.value == "succeeded" and twin.engine == "dask"
+        assert {verified["host"], twin.host} == {"alpha", "beta"}
+    # ... and detached: a later `jobs` collects the job with its (unlisted) twin, judged.
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--detach", "--verify", str(built["hello"].path)
     )
+    assert status == 0, err
+    detached = int(out)
+
+    def judged() -> bool:
+        _cli(capfd, *cluster, "jobs")
+        with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+            twin = store.verify_twin(detached)
+            return twin is not None and twin.is_final and store.get(detached).is_final
+
+    wait_for(judged, 60)
     with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
-        assert store.get(second).attempts == 1 and store.get(second).state is JobState.FAILED
+        assert store.get(detached).state.value == "succeeded"
+
+    # --reuse: the first run runs, the second takes its result and nothing runs.
+    reuse = [*cluster, "run", "--json", "--reuse", str(built["task"].path), "--", "x"]
+    status, out, err = _cli(capfd, *reuse)
+    assert status == 0, err
+    first = json.loads(out)
+    before = dask_pool.job_dirs()
+    status, out, err = _cli(capfd, *reuse)
+    assert status == 0, err
+    second = json.loads(out)
+    assert second["id"] != first["id"] and second["reused_from"] == first["id"], second
+    assert second["stdout"] == first["stdout"] and second["state"] == "succeeded"
+    assert dask_pool.job_dirs() == before  # nothing ran
+
+    # The Python API takes directories on the pool too.
+    import sshwasm as api
+
+    with api.Client(cluster=pool_cluster) as client:
+        job = client.submit(DIRWORK, "api", dirs=[str(data)]).result(timeout=120)
+    assert job.state == "succeeded" and job.engine == "dask", job
+    assert (data / "task-api.txt").read_text() == "api"
 
 
-def test_pin_hosts_install_and_tls_off_warning(make_cluster: Callable[..., Path]) -> None:
-    """`hosts install` brings the pinned distributed to the hosts of a dask cluster (the pin
-    is pyproject's), and `tls: false` warns on every pool command."""
-    import tomllib
-
-    from sshwasm.engines import DISTRIBUTED_VERSION
-
-    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
-    extras = pyproject["project"]["optional-dependencies"]
-    pin = f"distributed=={DISTRIBUTED_VERSION}"
-    assert extras["dask"] == [pin] and pin in extras["all"] and pin in extras["test"]
-
-    path = make_cluster({"alpha": (1, 512)})
-    path.write_text(
-        f"engine: dask\ndask: {{scheduler: alpha, port: {_free_port('127.0.0.1')}, "
-        "tls: false}\n" + path.read_text()
-    )
-    install = sshwasm("--cluster", str(path), "hosts", "install", timeout=300)
-    assert install.returncode == 0, install.stderr
-    assert f"alpha: distributed {DISTRIBUTED_VERSION} is importable" in install.stdout
-    status = sshwasm("--cluster", str(path), "pool", "status")
-    assert status.returncode == 1 and "Traceback" not in status.stderr
-    lines = status.stderr.splitlines()
-    assert lines[0].startswith("sshwasm: warning: this pool runs without TLS"), lines
-    assert lines[1].startswith("sshwasm: error: the pool's scheduler at tcp://"), lines
+# Fields of a record that say where and when a job ran, or how it got there: they differ
+# between two runs of the same job; every other field must be the same on both engines.
+_RUN_FIELDS = {
+    "id", "host", "submitted_at", "started_at", "finished_at", "queue_s", "upload_s",
+    "upload_bytes", "run_s", "cpu_s", "peak_memory_bytes", "array_id", "engine",
+    "attempt_hosts", "stage_in_s", "stage_out_s", "fuel_used",
+}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "flags", [["--dir", "DIR"], ["--host-dir", "/srv::/srv"], ["--verify"], ["--reuse"]]
-)
-def test_run_refuses_what_the_dask_engine_cannot_do_yet(tmp_path: Path, flags: list[str]) -> None:
-    cluster = _write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS)
-    (tmp_path / "data").mkdir()
-    flags = [str(tmp_path / "data") if flag == "DIR" else flag for flag in flags]
-    result = sshwasm("--cluster", str(cluster), "run", "tiny.rs", *flags)
-    assert result.returncode != 0
-    assert result.stderr == f"sshwasm: error: {flags[0]} is not supported with engine: dask yet\n"
+def test_a_thousand_task_array_on_the_pool(
+    dask_pool: Pool, pool_cluster: Path, built: dict[str, Any]
+) -> None:
+    """The issue's evidence: a 1,000-task `--array` through the pool, each task run once
+    on a host (its job directory with result.json there), recorded as the SSH engine
+    records the same array: every field but where and when it ran is the same."""
+    tiny = str(built["tiny"].path)
+    before = dask_pool.job_dirs()
+    done = _run("--cluster", str(pool_cluster), "run", "--array", "1000", "--json", tiny)
+    assert done.returncode == 0, done.stderr
+    records = json.loads(done.stdout)
+    assert [record["array_task"] for record in records] == list(range(1000))
+    ran = dask_pool.job_dirs() - before
+    assert len(ran) == 1000 and all((path / "result.json").exists() for path in ran)
+
+    # The same module as an array on the SSH engine, on the same hosts and workdirs.
+    ssh_cluster = pool_cluster.parent / "ssh-cluster.yaml"
+    import yaml
+
+    settings = yaml.safe_load(pool_cluster.read_text())
+    del settings["engine"], settings["dask"]
+    ssh_cluster.write_text(yaml.safe_dump(settings))
+    on_ssh = _run("--cluster", str(ssh_cluster), "run", "--array", "20", "--json", tiny)
+    assert on_ssh.returncode == 0, on_ssh.stderr
+    expected = json.loads(on_ssh.stdout)
+    for task, ours in enumerate(records):
+        theirs = expected[task % len(expected)]
+        assert (ours["engine"], theirs["engine"]) == ("dask", "ssh")
+        assert ours["host"] in ("alpha", "beta") and ours["stdout"] == f"tiny {task}\n", ours
+        if task >= len(expected):  # the same but for the task's own index
+            theirs = {**theirs, "array_task": task, "stdout": ours["stdout"]}
+        same = {key: value for key, value in theirs.items() if key not in _RUN_FIELDS}
+        assert {key: ours[key] for key in same} == same, task

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
 
 from .. import paths
+from ..cluster import Host
 from ..errors import UsageError
+from ..job_output import Handlers
 from ..states import JobState
 from ..store import Job
 from .context import Context
 from .coordinate import coordinator_handlers
 from .exits import ExitStatus, job_exit_status
 from .show import copy_output, print_json, report_end, warn, write_err, write_out
+
+_T = TypeVar("_T")
 
 
 def collect_detached(ctx: Context, jobs: list[Job]) -> dict[int, Job]:
@@ -25,20 +31,40 @@ def collect_detached(ctx: Context, jobs: list[Job]) -> dict[int, Job]:
             "to collect them"
         )
         return {}
+    # A --verify job's twin is hidden from listings: collected with it, so that the pair
+    # is judged once both ended (as the detached coordinator of the SSH engine does).
+    ids = {job.id for job in jobs}
+    for job in list(jobs):
+        twin = ctx.store.verify_twin(job.id) if job.verify and not job.is_verify_twin else None
+        if twin is not None and twin.id not in ids and twin.engine == "dask":
+            jobs.append(twin)
     return DaskRun(ctx.store, cluster, coordinator_handlers(False, False)).collect(jobs)
 
 
 def refuse_on_dask(jobs: Sequence[Job]) -> None:
     """A UsageError for the first job recorded with what `engine: dask` does not run yet
-    (as `run` refuses those flags there): nothing is queued again half-way."""
+    (a --verify run: its twin is not an array task to queue again): nothing is queued
+    again half-way."""
     for job in jobs:
-        if job.dirs not in ("", "[]"):
-            what = "works on directories (--dir, --host-dir)"
-        elif job.verify:
-            what = "is a --verify run"
+        if job.verify:
+            raise UsageError(f"job {job.id} is a --verify run: not resumed on engine: dask")
+
+
+def check_staging(ctx: Context, stdin: bytes | None, dirs: str) -> None:
+    """`run` on a dask cluster: refuse, before anything is submitted, a job whose staged
+    content (stdin, --input, --dir copies) is more than one task carries to serve."""
+    from ..directories import job_mounts
+    from ..engines.dask_staging import check_size, staged_size_estimate
+
+    trees = [mount.local for mount in job_mounts(dirs) if mount.local is not None]
+    others = [len(stdin or b"")]
+    if ctx.args.input is not None:
+        path = Path(ctx.args.input)
+        if path.is_dir():
+            trees.append(str(path))
         else:
-            continue
-        raise UsageError(f"job {job.id} {what}: not supported with engine: dask yet")
+            others.append(path.stat().st_size)
+    check_size(staged_size_estimate(trees, *others))
 
 
 def cancel_detached(ctx: Context, jobs: list[Job]) -> dict[int, str]:
@@ -53,15 +79,24 @@ def cancel_detached(ctx: Context, jobs: list[Job]) -> dict[int, str]:
     return DaskRun(ctx.store, cluster, coordinator_handlers(False, False)).cancel(jobs)
 
 
-def run_on_dask(ctx: Context, job_ids: list[int], is_array: bool, interactive: bool) -> int:
+def run_on_dask(
+    ctx: Context,
+    job_ids: list[int],
+    is_array: bool,
+    interactive: bool,
+    reused: Sequence[int] = (),
+) -> int:
     """Follow `job_ids` through the Dask pool; the same output and exit status as the SSH
-    engine's foreground `run` (a single job streams its output as it ends)."""
+    engine's foreground `run` (a single job streams its output as it ends). `reused` jobs
+    (`--reuse`) ended already without running: shown first, as the SSH engine shows them."""
     from ..engines.dask_engine import DaskRun
 
     args = ctx.args
+    done = ctx.store.get_many(list(reused))
     if args.detach:  # the scheduler holds the tasks: no local process follows them
-        DaskRun(ctx.store, ctx.cluster(), coordinator_handlers(False, False)).detach(job_ids)
-        print("\n".join(str(job_id) for job_id in job_ids))
+        if job_ids:
+            detach_on_dask(ctx, job_ids)
+        print("\n".join(str(job_id) for job_id in sorted([*reused, *job_ids])))
         return ExitStatus.OK
 
     def show(job: Job) -> None:
@@ -72,13 +107,77 @@ def run_on_dask(ctx: Context, job_ids: list[int], is_array: bool, interactive: b
                 copy_output(directory / stream, write, prefix)
         report_end(job)
 
+    if not is_array and done:  # nothing ran: the reused job's output, as a run shows it
+        return _show_ended(ctx, done[0])
+    for job in done:
+        show(job)
     handlers = coordinator_handlers(
         show_output=not args.json and not is_array, show_notices=interactive
     )
-    jobs = DaskRun(ctx.store, ctx.cluster(), handlers, on_done=show).run(job_ids)
+    jobs = done
+    if job_ids:
+        run = DaskRun(ctx.store, ctx.cluster(), handlers, on_done=show).run
+        jobs = jobs + _handing_over(ctx, job_ids, run)
+    jobs.sort(key=lambda job: job.id)
     if args.json:
         print_json([job.record() for job in jobs] if is_array else jobs[0].record())
     failed = [job for job in jobs if job.state != JobState.SUCCEEDED]
     if not failed:
         return ExitStatus.OK
     return job_exit_status(failed[0]) or ExitStatus.ERROR
+
+
+def _handing_over(ctx: Context, job_ids: list[int], hand: Callable[[list[int]], _T]) -> _T:
+    """`hand(job_ids)`; if it cannot give them to the pool (a --dir that can no longer be
+    read, or outgrew what a task carries), the jobs not yet placed say why in their
+    records, not only on stderr, and nothing is left queued. (A lost scheduler is not
+    this: `jobs` settles those later.)"""
+    try:
+        return hand(job_ids)
+    except UsageError as exc:
+        for job in ctx.store.get_many(job_ids):
+            if not job.is_final and job.host is None:
+                ctx.store.finish(job.id, JobState.FAILED, error=f"not submitted: {exc}")
+        raise
+
+
+def detach_on_dask(ctx: Context, job_ids: list[int]) -> None:
+    """Leave `job_ids` to the pool's scheduler (`run --detach`)."""
+    from ..engines.dask_engine import DaskRun
+
+    handlers = coordinator_handlers(False, False)
+    _handing_over(ctx, job_ids, DaskRun(ctx.store, ctx.cluster(), handlers).detach)
+
+
+def follow_on_dask(ctx: Context, job_ids: list[int], handlers: Handlers) -> list[Job]:
+    """Run `job_ids` through the pool and follow them to their end, as `coordinate_jobs`
+    does for the SSH engine (a --verify job and its twin)."""
+    from ..engines.dask_engine import DaskRun
+
+    return _handing_over(ctx, job_ids, DaskRun(ctx.store, ctx.cluster(), handlers).run)
+
+
+def pool_hosts(ctx: Context) -> list[Host]:
+    """The cluster's hosts whose worker is connected to the pool's scheduler now (where a
+    task pinned to a host can run): `run --verify` picks its two among them."""
+    from ..pool import connect, plan_for
+
+    cluster = ctx.cluster()
+    client = connect(plan_for(cluster))
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        names = {str(worker.get("name")) for worker in workers.values()}
+    finally:
+        client.close()
+    return [host for host in cluster.hosts if host.name in names]
+
+
+def _show_ended(ctx: Context, job: Job) -> int:
+    """A single job that ended without streaming: its record with --json, else its output."""
+    if ctx.args.json:
+        print_json(job.record())
+    else:
+        directory = paths.job_output_dir(ctx.store.path, job.id)
+        copy_output(directory / "stdout", write_out, None)
+        copy_output(directory / "stderr", write_err, None)
+    return job_exit_status(job)

@@ -60,9 +60,11 @@ def cmd_run(ctx: Context) -> int:
     if cluster.engine == "dask":
         _refuse_held_and_limited_on_dask(ctx)
     _check_attempt_flags(ctx)
-    if cluster.engine == "dask":
-        _check_dask_flags(ctx)
     dirs = _dirs_json(ctx)
+    if cluster.engine == "dask":  # what one task carries to the pool (issue 12)
+        from .dask_run import check_staging
+
+        check_staging(ctx, stdin_data, dirs)
     _check_dirs_with_reruns(ctx, dirs)
     pair = _verify_pair(ctx, cluster, request) if args.verify else None
     interactive = sys.stderr.isatty() and not args.json and not args.quiet
@@ -72,13 +74,13 @@ def cmd_run(ctx: Context) -> int:
     job_ids = ctx.store.submit_tasks(spec)
     if stdin_data is not None:
         ctx.store.keep_stdin(job_ids, stdin_data)
-    if cluster.engine == "dask":  # engine: dask (issue 12)
-        from .dask_run import run_on_dask
-
-        return run_on_dask(ctx, job_ids, shape.size is not None, interactive)
     reused = _reuse(ctx, job_ids, stdin_data, interactive) if args.reuse else []
     taken = set(reused)
     to_run = [job_id for job_id in job_ids if job_id not in taken]
+    if cluster.engine == "dask":  # engine: dask (issue 12)
+        from .dask_run import run_on_dask
+
+        return run_on_dask(ctx, to_run, shape.size is not None, interactive, reused)
     if args.detach:
         if to_run:
             spawn_coordinator(ctx, to_run)
@@ -159,7 +161,12 @@ def _verify_pair(ctx: Context, cluster: Cluster, request: Request) -> tuple[Host
     """--verify's two hosts, chosen before anything is built or submitted."""
     from ..verify import choose_pair
 
-    return choose_pair(cluster.hosts, ctx.store.usage(), request)
+    hosts: Sequence[Host] = cluster.hosts
+    if cluster.engine == "dask":  # two hosts whose workers are in the pool (issue 12)
+        from .dask_run import pool_hosts
+
+        hosts = pool_hosts(ctx)
+    return choose_pair(hosts, ctx.store.usage(), request)
 
 
 def _run_verified(
@@ -183,15 +190,26 @@ def _run_verified(
         # A verified result: the twin has nothing left to check.
         store.cancel_unstarted(twin_id)
         return _show_single(ctx, store.get(main_id))
+    on_dask = ctx.cluster().engine == "dask"
     if args.detach:
-        spawn_coordinator(ctx, [main_id, twin_id])
+        if on_dask:  # the scheduler holds both tasks (issue 12)
+            from .dask_run import detach_on_dask
+
+            detach_on_dask(ctx, [main_id, twin_id])
+        else:
+            spawn_coordinator(ctx, [main_id, twin_id])
         print(main_id)
         return ExitStatus.OK
     if interactive:
         notice(f"job {main_id} runs on {pair[0].name} and {pair[1].name} (--verify)")
     handlers = coordinator_handlers(show_output=False, show_notices=interactive)
     # Side by side: each run's failure is its own, and the judgment says what differs.
-    coordinate_jobs(ctx, [main_id, twin_id], handlers, on_done=_ignore_job)
+    if on_dask:  # both through the pool, each pinned to its host (issue 12)
+        from .dask_run import follow_on_dask
+
+        follow_on_dask(ctx, [main_id, twin_id], handlers)
+    else:
+        coordinate_jobs(ctx, [main_id, twin_id], handlers, on_done=_ignore_job)
     settle(store, main_id)
     job = store.get(main_id)
     status = _show_single(ctx, job)
@@ -241,17 +259,6 @@ def _check_dirs_with_reruns(ctx: Context, dirs: str) -> None:
         raise UsageError("--reuse works with read-only --dir copies only (LOCAL::GUEST:ro)")
     if ctx.args.verify and any(not mount.read_only for mount in job_mounts(dirs)):
         raise UsageError("--verify runs the job twice: its directories must be read-only (:ro)")
-
-
-def _check_dask_flags(ctx: Context) -> None:
-    """What `engine: dask` does not run yet is refused, not run without it."""
-    args = ctx.args
-    for flag, given in (
-        ("--dir", args.dirs), ("--host-dir", args.host_dirs), ("--verify", args.verify),
-        ("--reuse", args.reuse),
-    ):  # fmt: skip
-        if given:
-            raise UsageError(f"{flag} is not supported with engine: dask yet")
 
 
 def _refuse_held_and_limited_on_dask(ctx: Context) -> None:

@@ -39,13 +39,12 @@ import json
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..cluster import Cluster, Host
-from ..coordinator import launch_spec
 from ..errors import SshwasmError
 from ..job_output import Handlers, JobOutput
 from ..pool import PRELOAD_NAME, PoolPlan, Run, connect, find_runs, plan_for
@@ -53,10 +52,10 @@ from ..recorded_jobs import end_of_answer, record_end, refresh_job
 from ..runner.parent_death import WORKER_STOPPED
 from ..runner.protocol import FrameDecoder, ProtocolError
 from ..runner_client import RunnerClient, StreamOutcome, apply_frame
-from ..staging import pack_input
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
+from .dask_staging import DaskStaging
 
 # The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
 # `pool up` put beside the scheduler and every worker (their working directory).
@@ -238,6 +237,14 @@ class _Answer:
             raise ValueError(f"not a task's answer: {exc!r}") from exc
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What one job's task is submitted with (DaskRun._prepare)."""
+
+    payload: bytes  # the launch spec, stdin and input (its --dir tars go as Dask data)
+    workers: list[str] | None  # the workers it may run on; None: any
+
+
 class _Flight:
     """A foreground run's jobs: those not submitted yet (oldest first), and the tasks
     submitted and not ended, at most `window` of them."""
@@ -310,6 +317,8 @@ class DaskRun:
         # Each module's Dask data (scattered once per run), each host's record snapshot.
         self._modules: dict[str, Any] = {}
         self._host_configs: dict[str, str] = {}
+        # Stdin, inputs and directories, each packed (and scattered) once per run.
+        self._staging: DaskStaging | None = None
 
     def run(self, job_ids: Sequence[int]) -> list[Job]:
         """Submit the jobs and follow them until every one has ended; returns their records."""
@@ -506,7 +515,21 @@ class DaskRun:
     def _submit(self, client: Any, job_ids: list[int]) -> dict[Any, int]:
         """Submit every one of the jobs at once (a detached run: the scheduler holds them)."""
         self._own(job_ids)
-        return self._submit_jobs(client, self.store.get_many(job_ids))
+        jobs = self.store.get_many(job_ids)
+        return self._submit_jobs(client, jobs, self._prepare(client, jobs))
+
+    def _prepare(self, client: Any, jobs: Sequence[Job]) -> dict[int, _Prepared]:
+        """Each job's payload and the workers it may run on (dask_staging), made in the
+        jobs file's thread: staging records the input's size and fingerprint, and fails a
+        --host-dir job that no host can run."""
+        if self._staging is None:
+            self._staging = DaskStaging(self.store, self.cluster, client, self.handlers.warning)
+        staging = self._staging
+        prepared: dict[int, _Prepared] = {}
+        for job in jobs:
+            workers = staging.workers(job, eligible_workers(self.cluster, job))
+            prepared[job.id] = _Prepared(staging.payload(job), workers)
+        return prepared
 
     def _own(self, job_ids: Sequence[int]) -> None:
         # This process follows them (`jobs` elsewhere sees their coordinator alive), and no
@@ -516,9 +539,13 @@ class DaskRun:
             job_ids, engine="dask", coordinator_pid=os.getpid(), heartbeat_ts=0.0
         )
 
-    def _submit_jobs(self, client: Any, jobs: Sequence[Job]) -> dict[Any, int]:
-        """Submit the jobs' tasks; the job id of each task's future. Touches no jobs file
-        (it may run in another thread than the jobs file's)."""
+    def _submit_jobs(
+        self, client: Any, jobs: Sequence[Job], prepared: Mapping[int, _Prepared]
+    ) -> dict[Any, int]:
+        """Submit the jobs' tasks, `prepared` by `_prepare`; the job id of each task's
+        future. Touches no jobs file (it may run in another thread than the jobs file's)."""
+        assert self._staging is not None  # set by _prepare
+        staging = self._staging
         groups: dict[tuple[Any, ...], list[Job]] = {}
         for job in jobs:
             if job.wasm_sha256 not in self._modules:
@@ -526,7 +553,7 @@ class DaskRun:
                 # Keyed by content, and on every worker (a worker that dies must not take the
                 # only copy with it): each gets a module once, whatever the jobs.
                 self._modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
-            workers = eligible_workers(self.cluster, job)
+            workers = prepared[job.id].workers
             shape = (
                 job.wasm_sha256,
                 job.cpus,
@@ -542,8 +569,9 @@ class DaskRun:
         for (sha256, cpus, memory_mb, workers, retries), group in groups.items():
             submitted = client.map(
                 task,
-                [self._payload(job) for job in group],
-                [self._modules[sha256]] * len(group),
+                [prepared[job.id].payload for job in group],
+                # The module, or with --dir copies a tuple of it and their tars' data.
+                [staging.data(job, self._modules[sha256]) for job in group],
                 key=[task_key(job) for job in group],
                 resources={"cpus": cpus, "memory_mb": memory_mb},
                 workers=None if workers is None else list(workers),
@@ -571,17 +599,13 @@ class DaskRun:
                 job_id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
             )
         jobs = [job for job in jobs if job.id not in skipped]
-        submitted = await asyncio.to_thread(self._submit_jobs, client, jobs) if jobs else {}
+        submitted: dict[Any, int] = {}
+        if jobs:
+            prepared = self._prepare(client, jobs)
+            submitted = await asyncio.to_thread(self._submit_jobs, client, jobs, prepared)
         flight.add(submitted, jobs)
         pending.update(submitted)
         return skipped
-
-    @staticmethod
-    def _payload(job: Job) -> bytes:
-        """The job's launch spec as the runner's serve takes it (stdin and input inside)."""
-        stdin = Path(job.stdin_path).read_bytes() if job.stdin_path else None
-        input_tar = pack_input(Path(job.input_path)) if job.input_path else b""
-        return launch_spec(job).encode(stdin, input_tar, key=job.remote_key)
 
     async def _collect(self, client: Any, job_ids: list[int]) -> list[Job]:
         """Submit the jobs a window at a time and record each as its task ends: every task
@@ -619,6 +643,7 @@ class DaskRun:
             for future in [*flight.futures, *flight.ended]:
                 future.release()
             self._modules.clear()
+            self._staging = None
         return self.store.get_many(job_ids)
 
     async def _ask_reruns(self, client: Any, flight: _Flight) -> None:

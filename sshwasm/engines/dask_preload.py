@@ -349,12 +349,18 @@ class RunnerPlugin(WorkerPlugin):
             serve.wait()
 
 
-def sshwasm_job(payload: bytes, module: bytes) -> bytes:
+def sshwasm_job(payload: bytes, module: bytes | tuple[bytes, ...]) -> bytes:
     """The task each job is: hands it to this worker's plugin. The client names it by
     reference (module and name), so the scheduler and the workers, which import this file
-    from the pool's directory, pickle and unpickle a name per task, not code."""
+    from the pool's directory, pickle and unpickle a name per task, not code.
+
+    `module` is the module, or for a job with --dir copies a tuple of it and their tars,
+    which end the launch spec as the runner reads it (dask_staging)."""
     from distributed import get_worker
 
+    if isinstance(module, tuple):
+        module, *tars = module
+        payload = b"".join([payload, *tars])
     plugin: Any = get_worker().plugins[PLUGIN_NAME]
     answer: bytes = plugin.run(payload, module)
     return answer
