@@ -197,8 +197,8 @@ class Coordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
             sessions, self._serve = self._serve or {}, None
-            for session in sessions.values():
-                await session.close()
+            # All at once: one after another, each host's close added to the run's end.
+            await asyncio.gather(*(session.close() for session in sessions.values()))
 
     def window_size(self) -> int:
         """How many tasks of an array are followed at once: twice what every host together

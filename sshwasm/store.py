@@ -240,6 +240,17 @@ def request_of(row: Mapping[str, Any]) -> Request:
     return Request(row["cpus"], row["memory_mb"], row["pinned_host"], labels)
 
 
+@dataclass(frozen=True)
+class QueuedRequest:
+    """What the placer needs of a job that waits (not its whole row): its placement
+    request and the array settings that decide how its wait is announced."""
+
+    id: int
+    request: Request
+    array_id: int | None
+    max_running: int | None
+
+
 def utc_now() -> str:
     """Now as ISO 8601 UTC, millisecond precision."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -1190,6 +1201,23 @@ class JobStore:
             sql = f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id"
             jobs.extend(Job.from_row(row) for row in self._read(sql, chunk))
         return jobs
+
+    def queued_requests(self, job_ids: Sequence[int]) -> list[QueuedRequest]:
+        """The placement requests of the jobs with these ids that exist, in id order: six
+        columns a row, where get_many reads all seventy (the placer reads each task of an
+        array once, when it first does not fit)."""
+        found: list[QueuedRequest] = []
+        ids = sorted(set(job_ids))
+        for start in range(0, len(ids), 500):
+            chunk = tuple(ids[start : start + 500])
+            marks = ", ".join("?" for _ in chunk)
+            sql = f"""SELECT id, cpus, memory_mb, pinned_host, labels, array_id, max_running
+                      FROM jobs WHERE id IN ({marks}) ORDER BY id"""
+            found.extend(
+                QueuedRequest(row["id"], request_of(row), row["array_id"], row["max_running"])
+                for row in self._read(sql, chunk)
+            )
+        return found
 
     def list_jobs(
         self, limit: int | None = None, state: JobState | None = None, twins: bool = False
