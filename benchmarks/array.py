@@ -219,9 +219,21 @@ def mux_cpu_s(bench: Bench) -> float:
 
 def hosts_cpu_s(bench: Bench) -> float:
     """CPU seconds of every sshd (and what it waited for: sessions, serve) so far."""
-    return sum(
-        process_cpu_s(pid) for server in bench.servers.values() for pid in server.process_ids()
-    )
+    return sum(process_cpu_s(pid) for pid in hosts_pids(bench))
+
+
+def hosts_pids(bench: Bench) -> set[int]:
+    """Every sshd of the bench and the processes under them (serve while it runs)."""
+    return {pid for server in bench.servers.values() for pid in server.process_ids()}
+
+
+def wait_for_hosts(bench: Bench, before: set[int], timeout_s: float = 5.0) -> None:
+    """Wait until the processes a run started on the hosts (its serves) have exited, so
+    that their CPU is counted (an sshd adds a child's CPU to its own when it reaps it):
+    `sshwasm run` does not wait for its serves' exit once every task is answered."""
+    deadline = time.monotonic() + timeout_s
+    while hosts_pids(bench) - before and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 class CpuPerTask:
@@ -236,7 +248,9 @@ class CpuPerTask:
         """Run the array once (run_array), noting its CPU per task; its seconds."""
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         mux, hosts = mux_cpu_s(bench), hosts_cpu_s(bench)
+        before = hosts_pids(bench)
         seconds = run_array(bench, tasks)
+        wait_for_hosts(bench, before)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         coordinator = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
         for name, used in (

@@ -232,6 +232,10 @@ class _Server:
         self.executors: dict[int, _Executor] = {}
         self.idle: list[_Executor] = []
         self.ended: list[_ServeTask] = []
+        # S frames of the tasks started in this turn of the loop: sent with the turn's O/E/R
+        # frames (_settle) in one write, not a write each (and a wake-up of the relay and
+        # the coordinator each).
+        self.started_frames: list[bytes] = []
         self.decoder = FrameDecoder(SERVE_MAX_REQUEST_BYTES)
         self._wake_r, self._wake_w = os.pipe()
         # Under a Dask worker, its guests end with it (parent_death.py).
@@ -394,7 +398,10 @@ class _Server:
             return
         self.running[pid] = _ServeTask(key, job_dir)
         answer = {"pid": pid, "job_dir": job_dir}
-        self.writer.send_keyed(KIND_STARTED, key, json.dumps(answer).encode())
+        # Sent at the end of this turn (_settle), before any other frame about the task.
+        self.started_frames.append(
+            encode_frame(KIND_STARTED, key.encode() + b"\n" + json.dumps(answer).encode())
+        )
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.parent_gone = True  # the wakeup fd wakes the loop, which ends the tasks
@@ -613,9 +620,11 @@ class _Server:
     def _settle(self) -> None:
         """Send the outcome of every ended task whose result is on disk: the frames of all
         of them in one write (each task's stdout, stderr and R frames, in that order), so
-        a burst of tasks ending costs the channel and the coordinator one wake-up."""
+        a burst of tasks ending costs the channel and the coordinator one wake-up; the S
+        frames of the tasks started in this turn go first in the same write."""
         now = time.monotonic()
-        frames: list[bytes] = []
+        frames = [] if self.coordinator_gone else self.started_frames
+        self.started_frames = []
         for task in list(self.ended):
             result_path = os.path.join(task.job_dir, "result.json")
             if not os.path.exists(result_path):
