@@ -234,7 +234,7 @@ _FAILURE_WORDS = sorted(
 HALT_ERROR = "halted after {} failures"
 
 
-def request_of(row: Mapping[str, Any]) -> Request:
+def request_of(row: Mapping[str, Any] | sqlite3.Row) -> Request:
     """The placement request stored in a job row."""
     labels = tuple(json.loads(row["labels"])) if row["labels"] else ()
     return Request(row["cpus"], row["memory_mb"], row["pinned_host"], labels)
