@@ -443,7 +443,8 @@ class Coordinator:
             warnings = await record_end(self.store, job, host, client, outcome, output, upload)
             for warning in warnings:
                 self.handlers.warning(warning)
-            return self.store.get(job_id)
+            # The row its end wrote, unless something was written since: not read back.
+            return self.store.finished_job(job_id) or self.store.get(job_id)
         except RemoteError as exc:
             self.store.finish(job_id, JobState.FAILED, error=str(exc), **output.fields())
             raise
