@@ -197,8 +197,8 @@ class Coordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
             sessions, self._serve = self._serve or {}, None
-            for session in sessions.values():
-                await session.close()
+            # All at once: one after another, each host's close added to the run's end.
+            await asyncio.gather(*(session.close() for session in sessions.values()))
 
     def window_size(self) -> int:
         """How many tasks of an array are followed at once: twice what every host together
@@ -443,7 +443,8 @@ class Coordinator:
             warnings = await record_end(self.store, job, host, client, outcome, output, upload)
             for warning in warnings:
                 self.handlers.warning(warning)
-            return self.store.get(job_id)
+            # The row its end wrote, unless something was written since: not read back.
+            return self.store.finished_job(job_id) or self.store.get(job_id)
         except RemoteError as exc:
             self.store.finish(job_id, JobState.FAILED, error=str(exc), **output.fields())
             raise

@@ -12,7 +12,7 @@ from .cluster import Host
 from .errors import NoHostReachable, SshwasmError
 from .schedule import Request, candidate_hosts, explain
 from .states import JobState
-from .store import Job, JobStore
+from .store import JobStore, QueuedRequest
 
 POLL_INITIAL_S = 0.05
 POLL_MAX_S = 1.0
@@ -87,7 +87,9 @@ class PlacementQueue:
                 for job_id in waiting
                 if job_id not in placed and job_id not in gone and job_id not in announced
             ]
-            first_unfit = {job.id: job for job in self.store.get_many(unfit)} if unfit else {}
+            first_unfit = (
+                {job.id: job for job in self.store.queued_requests(unfit)} if unfit else {}
+            )
             # An array's tasks ask alike: whether any host could ever take them, once.
             could: dict[tuple[Request, tuple[str, ...]], bool] = {}
             for job_id, (waiter, excluded) in waiting.items():
@@ -135,7 +137,7 @@ class PlacementQueue:
         finally:
             woken.cancel()
 
-    def _announce_queued(self, job: Job) -> None:
+    def _announce_queued(self, job: QueuedRequest) -> None:
         """Say why a job waits; for an array, once per array (not once for each of its
         thousands of tasks)."""
         if job.array_id is not None and job.max_running is None:
@@ -159,7 +161,7 @@ class PlacementQueue:
                 return
         self._notice(f"job {job.id} queued: {self._why_waiting(job)}")
 
-    def _why_waiting(self, job: Job) -> str:
+    def _why_waiting(self, job: QueuedRequest) -> str:
         _, reasons = explain(self.hosts, self.store.usage(), job.request, {})
         busy = [f"{name} {why}" for name, why in reasons.items() if why.startswith("no room")]
         return "; ".join(busy) if busy else "waiting for a host with room"

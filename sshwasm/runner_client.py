@@ -622,18 +622,25 @@ class ServeSession:
             self._broken_answer = broken_answer(self.host.name, exc)
         finally:
             self.broken = True
-            completed = await process.finish()
-            lost = Completed(None, b"", completed.stderr)
-            for key, task in list(self._tasks.items()):
-                # Unanswered tasks are treated as a dropped connection: the caller re-attaches,
-                # unless serve broke the protocol: then nothing more of it is believed.
-                task.outcome.completed = lost
-                if not task.done.done():
-                    if self._broken_answer is not None:
-                        task.done.set_exception(self._broken_answer)
-                    else:
-                        task.done.set_result(task.outcome)
-                self._tasks.pop(key, None)
+            if self._process is None and not self._tasks:
+                process.abort()  # closed with nothing left to hear (close)
+            else:
+                await self._lose_tasks(process)
+
+    async def _lose_tasks(self, process: RunnerProcess) -> None:
+        """serve is gone: answer every task still waiting on it."""
+        completed = await process.finish()
+        lost = Completed(None, b"", completed.stderr)
+        for key, task in list(self._tasks.items()):
+            # Unanswered tasks are treated as a dropped connection: the caller re-attaches,
+            # unless serve broke the protocol: then nothing more of it is believed.
+            task.outcome.completed = lost
+            if not task.done.done():
+                if self._broken_answer is not None:
+                    task.done.set_exception(self._broken_answer)
+                else:
+                    task.done.set_result(task.outcome)
+            self._tasks.pop(key, None)
 
     def _dispatch(self, kind: bytes, payload: bytes) -> None:
         key_bytes, _, body = payload.partition(b"\n")
@@ -698,13 +705,24 @@ class ServeSession:
                 sent.set_result(None)
 
     async def close(self) -> None:
-        """Let serve finish what runs and exit (EOF on its stdin)."""
+        """Let serve finish what runs and exit (EOF on its stdin).
+
+        With no task of ours left on it, serve is not waited for: every result is on the
+        host's disk and was answered, and its exit (its interpreter's teardown, the
+        channel's close: 60-100 ms a host) is no part of the run; EOF ends it and its idle
+        executors on their own."""
         process, self._process = self._process, None
         if process is None:
             return
         with contextlib.suppress(Exception):
             await process.send(b"", close=True)
-        if self._reader is not None:
+        if self._reader is None:
+            return
+        if self._tasks:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
             self._reader.cancel()
+            return
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader  # it only closes the channel now: no wait on serve

@@ -234,10 +234,24 @@ _FAILURE_WORDS = sorted(
 HALT_ERROR = "halted after {} failures"
 
 
-def request_of(row: Mapping[str, Any]) -> Request:
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+
+
+def request_of(row: Mapping[str, Any] | sqlite3.Row) -> Request:
     """The placement request stored in a job row."""
     labels = tuple(json.loads(row["labels"])) if row["labels"] else ()
     return Request(row["cpus"], row["memory_mb"], row["pinned_host"], labels)
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    """What the placer needs of a job that waits (not its whole row): its placement
+    request and the array settings that decide how its wait is announced."""
+
+    id: int
+    request: Request
+    array_id: int | None
+    max_running: int | None
 
 
 def utc_now() -> str:
@@ -581,6 +595,8 @@ class JobStore:
         # submission), each host's record snapshot.
         self._halt_thresholds: dict[int, int | None] = {}
         self._host_snapshots: dict[str, tuple[Host, str]] = {}
+        # The row the last finish() wrote, as it wrote it (see finished_job).
+        self._last_finished: sqlite3.Row | None = None
         try:
             _prepare_private(path)
             self._db = sqlite3.connect(path, timeout=LOCK_ATTEMPT_S, isolation_level=None)
@@ -634,6 +650,7 @@ class JobStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front, so a read-then-write sequence inside
         # cannot be interleaved with another process's.
+        self._last_finished = None  # any write may change the row finish() kept
         self._retrying(lambda: self._db.execute("BEGIN IMMEDIATE"))
         try:
             yield self._db
@@ -1091,13 +1108,26 @@ class JobStore:
         fields.setdefault("finished_at", utc_now())
         assignments = self._assignments(fields)
         placeholders = ", ".join("?" for _ in FINAL_STATES)
+        # RETURNING (SQLite 3.35) hands back the row written; older ones are read again.
+        returning = " RETURNING *" if _HAS_RETURNING else ""
         with self._transaction() as db:
             cursor = db.execute(
                 f"UPDATE jobs SET state = ?, {assignments} WHERE id = ? "
-                f"AND state NOT IN ({placeholders})",
+                f"AND state NOT IN ({placeholders}){returning}",
                 (JobState(state).value, *fields.values(), job_id, *_FINAL_WORDS),
             )
-            return cursor.rowcount == 1
+            if not returning:
+                return cursor.rowcount == 1
+            rows = cursor.fetchall()
+        self._last_finished = rows[0] if rows else None
+        return bool(rows)
+
+    def finished_job(self, job_id: int) -> Job | None:
+        """The job as the last finish() of this store wrote it, if that was job `job_id`'s
+        and nothing of this store wrote to the jobs file since; None otherwise (read it).
+        Saves an array task's coordinator reading back the row it just wrote."""
+        row = self._last_finished
+        return Job.from_row(row) if row is not None and row["id"] == job_id else None
 
     def requeue(self, job: Job, ended: Mapping[str, Any]) -> bool:
         """Put a job back in the queue for another attempt, under a new remote key.
@@ -1190,6 +1220,23 @@ class JobStore:
             sql = f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id"
             jobs.extend(Job.from_row(row) for row in self._read(sql, chunk))
         return jobs
+
+    def queued_requests(self, job_ids: Sequence[int]) -> list[QueuedRequest]:
+        """The placement requests of the jobs with these ids that exist, in id order: six
+        columns a row, where get_many reads all seventy (the placer reads each task of an
+        array once, when it first does not fit)."""
+        found: list[QueuedRequest] = []
+        ids = sorted(set(job_ids))
+        for start in range(0, len(ids), 500):
+            chunk = tuple(ids[start : start + 500])
+            marks = ", ".join("?" for _ in chunk)
+            sql = f"""SELECT id, cpus, memory_mb, pinned_host, labels, array_id, max_running
+                      FROM jobs WHERE id IN ({marks}) ORDER BY id"""
+            found.extend(
+                QueuedRequest(row["id"], request_of(row), row["array_id"], row["max_running"])
+                for row in self._read(sql, chunk)
+            )
+        return found
 
     def list_jobs(
         self, limit: int | None = None, state: JobState | None = None, twins: bool = False

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -621,8 +622,12 @@ def test_pooled_executors_run_tasks_in_turn_fresh_and_are_replaced_when_killed(
     first, alloc = run("p1", task_spec(guest, "p1", ["probe", "alloc"], memory_mb=16,
                                        env=[["SECRET", "one"]]))  # fmt: skip
     assert alloc["state"] == "out_of_memory"
+    # The pid files of an executor's later tasks are links to its first task's; with that
+    # directory gone, they are written again (and WORKDIR/jobs, gone too, is made again).
+    shutil.rmtree(workdir / "jobs")
     again, echo = run("p2", task_spec(guest, "p2", ["probe", "echo", "two"], stdin=b"in-2"))
     assert again == first, "the idle executor was not reused"
+    assert (workdir / "jobs" / "p2" / "pid").read_text() == f"{first}\n"
     assert echo["state"] == "succeeded"
     peak = echo["peak_memory_bytes"]
     assert isinstance(peak, int) and peak < 8 << 20  # not the 16 MiB the last task filled
@@ -643,6 +648,10 @@ def test_pooled_executors_run_tasks_in_turn_fresh_and_are_replaced_when_killed(
     session.launch(task_spec(guest, "p6", ["probe", "sleep", "30"]))
     session.read_until(lambda: b"S" in session.task("p6").kinds())
     assert session.task("p6").json_of(b"S")["pid"] == fresh
+    for name in ("pid-start", "pid"):
+        linked, source = workdir / "jobs" / "p6" / name, workdir / "jobs" / "p5" / name
+        assert linked.stat().st_ino == source.stat().st_ino
+        assert linked.read_text().split()[0] == str(fresh)
     wait_for(lambda: holds(workdir / "jobs" / "p6" / "stdout", b"start\n"))
     assert json.loads(run_runner("cancel", str(workdir), "p6").stdout) == {"state": "cancelled"}
     session.wait_done("p6")

@@ -131,3 +131,40 @@ def test_later_launches_still_go_out_after_a_batch(count: int) -> None:
     answers = asyncio.run(twice())
     assert len(serve.writes) == 2
     assert all(outcome.result["state"] == "succeeded" for outcome, _ in answers)
+
+
+class SlowToExit(ScriptedServe):
+    """A serve whose exit (its interpreter's teardown, the channel's close) is slow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed_stdin = False
+        self.aborted = False
+
+    async def send(self, data: bytes, *, close: bool = True) -> None:
+        self.closed_stdin = self.closed_stdin or close
+        await super().send(data, close=close)
+
+    async def finish(self) -> Completed:
+        await asyncio.sleep(3)
+        return Completed(0, b"", b"")
+
+    def abort(self) -> None:
+        self.aborted = True
+        super().abort()
+
+
+def test_close_with_no_task_left_sends_eof_and_does_not_wait_for_serve_to_exit() -> None:
+    """Every task was answered: the run's end does not wait for serve's exit (EOF ends it
+    on the host); the channel is let go."""
+    serve = SlowToExit()
+    session = ServeSession(ScriptedTransport(serve))  # type: ignore[arg-type]
+
+    async def run_then_close() -> list[Any]:
+        answers = await run_tasks(session, ["1-a", "2-b"])
+        await asyncio.wait_for(session.close(), 2.0)
+        return answers
+
+    answers = asyncio.run(run_then_close())
+    assert all(outcome.result["state"] == "succeeded" for outcome, _ in answers)
+    assert serve.closed_stdin and serve.aborted

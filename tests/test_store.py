@@ -140,3 +140,20 @@ def test_concurrent_processes_never_overcommit_a_one_slot_host(tmp_path: Path) -
     with JobStore(Path(db_path)) as store:
         jobs = store.list_jobs()
         assert len(jobs) == 60 and all(job.state == "succeeded" for job in jobs)
+
+
+def test_finished_job_is_the_row_finish_wrote_until_the_next_write(tmp_path: Path) -> None:
+    """What lets an array task's coordinator skip reading back the row it just finished:
+    the row as written, only for that job, and never after another write."""
+    with JobStore(tmp_path / "jobs.sqlite") as store:
+        first, second = store.submit(spec()), store.submit(spec())
+        assert place_one(store, first, [SOLO]) == SOLO
+        assert store.finish(first, JobState.SUCCEEDED, exit_code=0, stdout="out")
+        if sqlite3.sqlite_version_info >= (3, 35, 0):
+            assert store.finished_job(first) == store.get(first)
+        assert store.finished_job(second) is None
+        store.update(first, upload_bytes=7)
+        assert store.finished_job(first) is None
+        assert not store.finish(first, JobState.FAILED)  # already final: nothing written
+        assert store.finished_job(first) is None
+        assert store.get(first).state is JobState.SUCCEEDED

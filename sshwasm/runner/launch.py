@@ -122,12 +122,19 @@ def host_dir_problem(dirs: list[dict[str, Any]]) -> str | None:
 
 
 def _set_up_job(
-    workdir: str, job_dir: str, raw: dict[str, Any], source: BinaryIO, *, check_wasmtime: bool
+    workdir: str,
+    job_dir: str,
+    raw: dict[str, Any],
+    source: BinaryIO,
+    *,
+    check_wasmtime: bool,
+    jobs_dir_made: bool = False,
 ) -> dict[str, Any]:
     """Check a launch spec and make the job directory; raises _LaunchRefused if it cannot.
 
     The directory gets spec.json, then stdin, input/ and output/ as the spec asks, read
     from `source` (what follows the spec line). Nothing is left behind on refusal.
+    `jobs_dir_made`: WORKDIR/jobs exists already (serve made it for an earlier task).
     """
     if raw.get("runner_version") != runner_version():
         raise _LaunchRefused.need("runner")
@@ -145,11 +152,19 @@ def _set_up_job(
     if missing_dir is not None:
         raise _LaunchRefused.error("host_dir", missing_dir)
     try:
-        os.makedirs(os.path.join(workdir, "jobs"), mode=0o700, exist_ok=True)
+        if not jobs_dir_made:
+            os.makedirs(os.path.join(workdir, "jobs"), mode=0o700, exist_ok=True)
     except OSError as exc:
         raise _LaunchRefused.error("io", exc) from exc
     try:
-        os.mkdir(job_dir, 0o700)
+        try:
+            os.mkdir(job_dir, 0o700)
+        except FileNotFoundError:
+            if not jobs_dir_made:
+                raise
+            # WORKDIR/jobs was removed since serve made it: made again.
+            os.makedirs(os.path.join(workdir, "jobs"), mode=0o700, exist_ok=True)
+            os.mkdir(job_dir, 0o700)
     except FileExistsError as exc:
         raise _LaunchRefused.error("exists", f"job directory {job_dir} already exists") from exc
     except OSError as exc:

@@ -78,6 +78,8 @@ from .stream import (
 
 # ----------------------------------------------------------------------------- serve
 
+# A job directory's pid files, in the order _write_pid_file writes them.
+PID_FILE_NAMES = ("pid-start", "pid")
 # Ended tasks' frames are gathered into one write up to about this much (then written, so a
 # task that printed a lot is never held whole in memory).
 SETTLE_WRITE_BYTES = 4 * CHUNK_BYTES
@@ -216,6 +218,9 @@ class _Executor:
         self.requests = requests  # serve writes one JSON line per task
         self.done = done  # the executor writes a byte per task ended: b"d" idle, b"x" exiting
         self.reusable = True
+        # The job directory whose pid files name this executor (its first task's): later
+        # tasks get them as hard links (_pid_files), not two new files written each.
+        self.pid_files_in: str | None = None
 
 
 class _Server:
@@ -232,6 +237,11 @@ class _Server:
         self.executors: dict[int, _Executor] = {}
         self.idle: list[_Executor] = []
         self.ended: list[_ServeTask] = []
+        # S frames of the tasks started in this turn of the loop: sent with the turn's O/E/R
+        # frames (_settle) in one write, not a write each (and a wake-up of the relay and
+        # the coordinator each).
+        self.started_frames: list[bytes] = []
+        self.jobs_dir_made = False  # WORKDIR/jobs, made (if missing) by the first task
         self.decoder = FrameDecoder(SERVE_MAX_REQUEST_BYTES)
         self._wake_r, self._wake_w = os.pipe()
         # Under a Dask worker, its guests end with it (parent_death.py).
@@ -361,7 +371,15 @@ class _Server:
             return
         job_dir = os.path.join(self.workdir, "jobs", key)
         try:
-            spec = _set_up_job(self.workdir, job_dir, raw, io.BytesIO(rest), check_wasmtime=False)
+            spec = _set_up_job(
+                self.workdir,
+                job_dir,
+                raw,
+                io.BytesIO(rest),
+                check_wasmtime=False,
+                jobs_dir_made=self.jobs_dir_made,
+            )
+            self.jobs_dir_made = True
         except _LaunchRefused as refused:
             self.writer.send_keyed(refused.frame_kind, key, json.dumps(refused.answer).encode())
             return
@@ -394,7 +412,10 @@ class _Server:
             return
         self.running[pid] = _ServeTask(key, job_dir)
         answer = {"pid": pid, "job_dir": job_dir}
-        self.writer.send_keyed(KIND_STARTED, key, json.dumps(answer).encode())
+        # Sent at the end of this turn (_settle), before any other frame about the task.
+        self.started_frames.append(
+            encode_frame(KIND_STARTED, key.encode() + b"\n" + json.dumps(answer).encode())
+        )
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.parent_gone = True  # the wakeup fd wakes the loop, which ends the tasks
@@ -448,8 +469,24 @@ class _Server:
                     raise
         with contextlib.suppress(OSError):
             # Here, not in the executor: it then exists once S is sent (cancel reads it).
-            _write_pid_file(job_dir, executor.pid)
+            self._pid_files(job_dir, executor)
         return executor.pid
+
+    @staticmethod
+    def _pid_files(job_dir: str, executor: _Executor) -> None:
+        """The job's pid files, naming its executor: hard links to those of the executor's
+        first job (a link appears whole, as a rename does; their content is the same for
+        the executor's life, and nothing rewrites a pid file in place), else written."""
+        source = executor.pid_files_in
+        if source is not None:
+            try:
+                for name in PID_FILE_NAMES:  # pid-start first, as _write_pid_file
+                    os.link(os.path.join(source, name), os.path.join(job_dir, name))
+                return
+            except OSError:
+                pass  # the first job's directory was removed (or no pid-start): written
+        _write_pid_file(job_dir, executor.pid)
+        executor.pid_files_in = job_dir
 
     def _start_executor(self) -> _Executor:
         requests_r, requests_w = os.pipe()
@@ -613,9 +650,11 @@ class _Server:
     def _settle(self) -> None:
         """Send the outcome of every ended task whose result is on disk: the frames of all
         of them in one write (each task's stdout, stderr and R frames, in that order), so
-        a burst of tasks ending costs the channel and the coordinator one wake-up."""
+        a burst of tasks ending costs the channel and the coordinator one wake-up; the S
+        frames of the tasks started in this turn go first in the same write."""
         now = time.monotonic()
-        frames: list[bytes] = []
+        frames = [] if self.coordinator_gone else self.started_frames
+        self.started_frames = []
         for task in list(self.ended):
             result_path = os.path.join(task.job_dir, "result.json")
             if not os.path.exists(result_path):
