@@ -15,14 +15,17 @@ def test_ctrl_c_during_run_prints_a_notice_exits_130_and_the_job_goes_on(
     make_cluster: Callable[..., Path],
 ) -> None:
     cluster = make_cluster({"alpha": (2, 1024)})
+    # Long enough to be running still when its first line is here: a job on a host's warm
+    # serve streams once it is followed with attach (after 0.5 s), later under load.
     running = start_streaming(
-        "--cluster", str(cluster), "run", str(PROGRAMS / "sleep.rs"), "--", "2"
+        "--cluster", str(cluster), "run", str(PROGRAMS / "sleep.rs"), "--", "6"
     )
     assert running.stdout is not None
     # The guest runs: its first line came back over SSH.
     assert running.stdout.readline() == b"start\n"
     running.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
-    _, err = running.communicate(timeout=60)
+    rest, err = running.communicate(timeout=60)
+    assert rest == b"", rest  # interrupted while the job ran, not after it ended
     assert running.returncode == 130, err
     assert (
         "sshwasm: interrupted; job 1 goes on where it was placed: "
