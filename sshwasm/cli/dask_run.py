@@ -108,7 +108,9 @@ def run_on_dask(
         report_end(job)
 
     if not is_array and done:  # nothing ran: the reused job's output, as a run shows it
-        return _show_ended(ctx, done[0])
+        from .run import show_single
+
+        return show_single(ctx, done[0])
     for job in done:
         show(job)
     handlers = coordinator_handlers(
@@ -170,14 +172,3 @@ def pool_hosts(ctx: Context) -> list[Host]:
     finally:
         client.close()
     return [host for host in cluster.hosts if host.name in names]
-
-
-def _show_ended(ctx: Context, job: Job) -> int:
-    """A single job that ended without streaming: its record with --json, else its output."""
-    if ctx.args.json:
-        print_json(job.record())
-    else:
-        directory = paths.job_output_dir(ctx.store.path, job.id)
-        copy_output(directory / "stdout", write_out, None)
-        copy_output(directory / "stderr", write_err, None)
-    return job_exit_status(job)

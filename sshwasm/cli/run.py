@@ -90,7 +90,7 @@ def cmd_run(ctx: Context) -> int:
         return run_array(ctx, to_run, interactive, reused)
     if reused:
         # Nothing ran: the output is the reused job's, as a run would have shown it.
-        return _show_single(ctx, ctx.store.get(reused[0]))
+        return show_single(ctx, ctx.store.get(reused[0]))
     handlers = coordinator_handlers(show_output=not args.json, show_notices=interactive)
     (job,) = coordinate_jobs(ctx, job_ids, handlers)
     if args.json:
@@ -189,7 +189,7 @@ def _run_verified(
     if args.reuse and _reuse(ctx, [main_id], stdin_data, interactive):
         # A verified result: the twin has nothing left to check.
         store.cancel_unstarted(twin_id)
-        return _show_single(ctx, store.get(main_id))
+        return show_single(ctx, store.get(main_id))
     on_dask = ctx.cluster().engine == "dask"
     if args.detach:
         if on_dask:  # the scheduler holds both tasks (issue 12)
@@ -212,7 +212,7 @@ def _run_verified(
         coordinate_jobs(ctx, [main_id, twin_id], handlers, on_done=_ignore_job)
     settle(store, main_id)
     job = store.get(main_id)
-    status = _show_single(ctx, job)
+    status = show_single(ctx, job)
     report_end(job)
     return status
 
@@ -221,7 +221,7 @@ def _ignore_job(_: Job) -> None:
     return None
 
 
-def _show_single(ctx: Context, job: Job) -> int:
+def show_single(ctx: Context, job: Job) -> int:
     """Print a job that ended without streaming: its record with --json, else its output."""
     if ctx.args.json:
         print_json(job.record())
