@@ -197,6 +197,11 @@ async def cancel_jobs(
     A job with a live coordinator is cancelled by that coordinator (it owns the job's
     connection and output); this only asks and waits. Otherwise it is done here.
     """
+    # The queued ones first: a running one cancelled frees room on which a queued one
+    # named in the same command could otherwise be placed before its turn came here.
+    for job in jobs:
+        if store.get(job.id).state is JobState.QUEUED:
+            store.cancel_unstarted(job.id)
     results: list[tuple[Job, str | None]] = []
     for job in jobs:
         job = store.get(job.id)
