@@ -424,7 +424,7 @@ class Coordinator:
         # and a cancel asked later than that reaches the host through _cancel anyway.
         staged = bool(job.stdin_path or job.input_path or job.dirs != "[]")
         if self.store.cancel_requested([job_id]) if staged else job.cancel_requested:
-            self.store.cancel_unstarted(job_id)
+            self.store.cancel_unstarted(job_id, placed=True)
             return self.store.get(job_id)
         output = JobOutput.open(self.store, job)
         # The placing transaction recorded this attempt's host (store.place_waiting).

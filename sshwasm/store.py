@@ -1020,11 +1020,16 @@ class JobStore:
                 (job_id, os.getpid()),
             )
 
-    def cancel_unstarted(self, job_id: int) -> bool:
-        """Cancel a job that never started (exit 143, as for SIGTERM); True if this call did."""
+    def cancel_unstarted(self, job_id: int, placed: bool = False) -> bool:
+        """Cancel a job that never started (exit 143, as for SIGTERM); True if this call did.
+
+        Only a `queued` job: one that started meanwhile is stopped on its host instead and
+        must not be recorded cancelled while its guest runs. `placed`: the caller placed the
+        job (recorded `running`) and knows nothing was launched."""
         return self.finish(
             job_id,
             JobState.CANCELLED,
+            only_if=JobState.RUNNING if placed else JobState.QUEUED,
             exit_code=CANCELLED_EXIT_CODE,
             error="cancelled before it started",
         )
@@ -1101,20 +1106,27 @@ class JobStore:
                 ((*values, job_id) for job_id in job_ids),
             )
 
-    def finish(self, job_id: int, state: JobState, **fields: Any) -> bool:
-        """Move a job to a final state unless it already has one; True if this call did."""
+    def finish(
+        self, job_id: int, state: JobState, only_if: JobState | None = None, **fields: Any
+    ) -> bool:
+        """Move a job to a final state unless it already has one (or, with `only_if`, unless
+        it is in another state than that); True if this call did."""
         if not JobState(state).is_final:
             raise ValueError(f"not a final state: {state}")
         fields.setdefault("finished_at", utc_now())
         assignments = self._assignments(fields)
-        placeholders = ", ".join("?" for _ in FINAL_STATES)
+        if only_if is None:
+            condition = f"state NOT IN ({', '.join('?' for _ in FINAL_STATES)})"
+            condition_values: tuple[str, ...] = tuple(_FINAL_WORDS)
+        else:
+            condition, condition_values = "state = ?", (JobState(only_if).value,)
         # RETURNING (SQLite 3.35) hands back the row written; older ones are read again.
         returning = " RETURNING *" if _HAS_RETURNING else ""
         with self._transaction() as db:
             cursor = db.execute(
                 f"UPDATE jobs SET state = ?, {assignments} WHERE id = ? "
-                f"AND state NOT IN ({placeholders}){returning}",
-                (JobState(state).value, *fields.values(), job_id, *_FINAL_WORDS),
+                f"AND {condition}{returning}",
+                (JobState(state).value, *fields.values(), job_id, *condition_values),
             )
             if not returning:
                 return cursor.rowcount == 1

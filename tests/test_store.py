@@ -157,3 +157,17 @@ def test_finished_job_is_the_row_finish_wrote_until_the_next_write(tmp_path: Pat
         assert not store.finish(first, JobState.FAILED)  # already final: nothing written
         assert store.finished_job(first) is None
         assert store.get(first).state is JobState.SUCCEEDED
+
+
+def test_cancel_unstarted_leaves_a_job_that_started_alone(tmp_path: Path) -> None:
+    """A cancel that lost the race with placing must not record a running guest cancelled."""
+    with JobStore(tmp_path / "jobs.sqlite") as store:
+        started, waiting = store.submit(spec()), store.submit(spec())
+        assert place_one(store, started, [SOLO]) == SOLO
+        assert not store.cancel_unstarted(started)
+        assert store.get(started).state is JobState.RUNNING
+        assert store.cancel_unstarted(waiting)
+        assert store.get(waiting).state is JobState.CANCELLED
+        # Its own placer knows nothing was launched yet.
+        assert store.cancel_unstarted(started, placed=True)
+        assert store.get(started).error == "cancelled before it started"
