@@ -1026,12 +1026,11 @@ class JobStore:
         Only a `queued` job: one that started meanwhile is stopped on its host instead and
         must not be recorded cancelled while its guest runs. `placed`: the caller placed the
         job (recorded `running`) and knows nothing was launched."""
-        return self.finish(
+        return self._finish(
             job_id,
             JobState.CANCELLED,
-            only_if=JobState.RUNNING if placed else JobState.QUEUED,
-            exit_code=CANCELLED_EXIT_CODE,
-            error="cancelled before it started",
+            JobState.RUNNING if placed else JobState.QUEUED,
+            {"exit_code": CANCELLED_EXIT_CODE, "error": "cancelled before it started"},
         )
 
     def request_cancel(self, job_id: int) -> None:
@@ -1106,11 +1105,14 @@ class JobStore:
                 ((*values, job_id) for job_id in job_ids),
             )
 
-    def finish(
-        self, job_id: int, state: JobState, only_if: JobState | None = None, **fields: Any
+    def finish(self, job_id: int, state: JobState, **fields: Any) -> bool:
+        """Move a job to a final state unless it already has one; True if this call did."""
+        return self._finish(job_id, state, None, fields)
+
+    def _finish(
+        self, job_id: int, state: JobState, only_if: JobState | None, fields: dict[str, Any]
     ) -> bool:
-        """Move a job to a final state unless it already has one (or, with `only_if`, unless
-        it is in another state than that); True if this call did."""
+        """finish(); with `only_if`, only a job in that state is moved."""
         if not JobState(state).is_final:
             raise ValueError(f"not a final state: {state}")
         fields.setdefault("finished_at", utc_now())
@@ -1124,8 +1126,7 @@ class JobStore:
         returning = " RETURNING *" if _HAS_RETURNING else ""
         with self._transaction() as db:
             cursor = db.execute(
-                f"UPDATE jobs SET state = ?, {assignments} WHERE id = ? "
-                f"AND {condition}{returning}",
+                f"UPDATE jobs SET state = ?, {assignments} WHERE id = ? AND {condition}{returning}",
                 (JobState(state).value, *fields.values(), job_id, *condition_values),
             )
             if not returning:
