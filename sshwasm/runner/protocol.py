@@ -44,8 +44,8 @@ importing it, and refuses with a stderr line and the same exit status.
 Launch spec (launch's first stdin line, one JSON object): runner_version, wasm_sha256,
 argv, env ([name, value] pairs), memory_mb (caps the guest's one memory, its one table
 takes at most an eighth more: see guest_limits), time_limit_s (number or null: enforced by
-epoch interruption plus a watchdog), and optionally wall_limit_s (a cap enforced by the
-watchdog alone, at no cost to the running guest; used when time_limit_s is null), and
+the runner's watchdog, at no cost to the running guest), and optionally wall_limit_s (a
+cap enforced the same way, used when time_limit_s is null), and
 optionally the fields below. Both limits are at most MAX_TIME_LIMIT_S and count from when
 the runner got the launch, so loading and compiling the module count too.
 
