@@ -439,9 +439,8 @@ def uses_fuel(spec: dict[str, Any]) -> bool:
 
 
 def _fuel_used(store: Any, budget: int | None) -> int | None:
-    """The fuel the guest used of `budget` (None without one). Exact when the guest
-    returned, exited or ran out of fuel; after an epoch interrupt wasmtime may not have
-    written back the running function's count, so it can be lower."""
+    """The fuel the guest used of `budget` (None without one): exact, since the guest
+    returned, exited, trapped or ran out of fuel (a timeout never gets here)."""
     if budget is None:
         return None
     try:
