@@ -255,6 +255,8 @@ _TEXT_COMMANDS: dict[str, tuple[str, Callable[[], Callable[..., int]]]] = {
     "cancel": ("WORKDIR JOB_ID", lambda: _cmd_cancel),
     "info": ("", lambda: _cmd_info),
     "execute": ("JOB_DIR", _handler("execute", "_cmd_execute")),
+    # Run by the bootstrap right after `install` (transport.RUNNER_BOOTSTRAP).
+    "prune-runners": ("WORKDIR [PREVIOUS]", _handler("prune", "_cmd_prune_runners")),
 }
 
 
