@@ -312,13 +312,17 @@ async def collect_dirs(
         if budget is not None:
             budget.take(done.size)
         if done.left_out:
+            # The job ends failed as over its cap, with this in its error (one line).
             if budget is not None:
                 budget.exceeded = True
-            warnings.append(
+            message = (
                 f"job {job.id}: {len(done.left_out)} files it changed in {local} were not "
                 f"brought back, past its --max-output-mb: {_named(done.left_out)}"
             )
-            problem = problem or warnings[-1]
+            if problem is None:
+                problem = message
+            else:
+                warnings.append(message)
         conflicts += len(done.beside or [])
         if done.beside:
             warnings.append(
