@@ -604,6 +604,21 @@ def test_serve_starts_on_older_pythons(
 # ------------------------------------------------------------ the pool of executors
 
 
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) child processes of `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == pid and state not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
 def test_pooled_executors_run_tasks_in_turn_fresh_and_are_replaced_when_killed(
     workdir: Path, guest: Guest, sessions: Callable[..., Session]
 ) -> None:
@@ -640,10 +655,13 @@ def test_pooled_executors_run_tasks_in_turn_fresh_and_are_replaced_when_killed(
     spun, spin = run("p3", task_spec(guest, "p3", ["probe", "spin"], time_limit_s=1))
     assert (spin["state"], spin["exit_code"]) == ("timeout", 124) and spun == first
     assert process_gone(first)
+    # Its replacement is started at once, idle, before a task comes for it.
+    wait_for(lambda: bool(_children(session.process.pid)), timeout=10)
+    (spare,) = _children(session.process.pid)
     # Blocked in a host call past its limit: the same.
     slept, sleep = run("p4", task_spec(guest, "p4", ["probe", "sleep", "30"], time_limit_s=1))
     assert (sleep["state"], sleep["exit_code"]) == ("timeout", 124)
-    assert slept not in (first, spun) and process_gone(slept)
+    assert slept == spare and process_gone(slept)
     fresh, hello = run("p5", task_spec(guest, "p5", ["probe", "hello"]))
     assert fresh not in (first, slept) and hello["state"] == "succeeded"
     assert session.task("p5").stdout() == b"hello from wasm\n"
