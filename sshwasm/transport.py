@@ -195,9 +195,12 @@ def bootstrap():
         problem = path_problem(path)
         if problem is not None:
             return refuse(problem)
-    import fcntl
-    held = os.open(home, os.O_RDONLY)
-    fcntl.flock(held, fcntl.LOCK_SH)  # held for life, forked children too: prune-runners
+    try:
+        import fcntl
+        held = os.open(home, os.O_RDONLY)
+        fcntl.flock(held, fcntl.LOCK_SH)  # held for life, forked children too: prune-runners
+    except (ImportError, OSError):
+        pass  # no locks on this file system: prune-runners keeps what it cannot lock
     if sys.path and sys.path[0] == "":
         sys.path[0] = home  # not the login's working directory (-c puts it first)
     else:
