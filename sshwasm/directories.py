@@ -30,6 +30,7 @@ from .runner.protocol import (
     DIR_CHANGES_KEYS,
     DIR_CHANGES_MEMBER,
     DIR_FILES_PREFIX,
+    DIR_LEFT_OUT_KEY,
     MAX_DIRS,
     SHA256_RE,
     guest_path_problem,
@@ -38,6 +39,7 @@ from .runner.safetar import tree_manifest, write_tree_as_tar
 from .staging import merge_output
 
 if TYPE_CHECKING:
+    from .job_output import OutputBudget
     from .runner_client import LaunchSpec, RunnerClient
     from .store import Job, JobStore
 
@@ -269,15 +271,21 @@ class DirChanges:
     beside: list[str] | None = None  # changed both there and by the job: NAME.sshwasm-ID
     deleted: int = 0
     kept: list[str] | None = None  # deleted by the job but changed there since staging
+    size: int = 0  # bytes of the job's files brought back
+    left_out: list[str] | None = None  # changed by the job, past the output cap: not sent
 
 
 async def collect_dirs(
-    store: JobStore, job: Job, client: RunnerClient
+    store: JobStore, job: Job, client: RunnerClient, budget: OutputBudget | None = None
 ) -> tuple[str | None, list[str]]:
     """Bring what the ended job changed in each read-write --dir back into LOCAL; returns
     the first problem (for the record, if it has no error) and what is worth a warning
     (problems, files beside or kept). Never deletes a file that differs from what was
-    staged, never overwrites one that changed since (unless the job has --overwrite)."""
+    staged, never overwrites one that changed since (unless the job has --overwrite).
+
+    What comes back counts against `budget` (the job's --max-output-mb, shared with its
+    stdout, stderr and /output): the host sends the changed files whole while they fit
+    and names the rest, which are left out (the budget is then exceeded)."""
     import asyncio
 
     problem: str | None = None
@@ -291,7 +299,9 @@ async def collect_dirs(
         try:
             scratch_root = paths.make_job_output_dir(store.path, job.id)
             with tempfile.TemporaryDirectory(dir=scratch_root, prefix=".dir-") as scratch:
-                await client.fetch_dir(job.remote_key, index, Path(scratch))
+                left = None if budget is None else budget.left
+                if await client.fetch_dir(job.remote_key, index, Path(scratch), left):
+                    raise ValueError(f"the host sent more than the {left} bytes asked for")
                 done = await asyncio.to_thread(
                     apply_dir_changes, Path(scratch), local, job.id, bool(job.output_overwrite)
                 )
@@ -299,6 +309,20 @@ async def collect_dirs(
             warnings.append(f"job {job.id}: changes to --dir {local} not brought back: {exc}")
             problem = problem or warnings[-1]
             continue
+        if budget is not None:
+            budget.take(done.size)
+        if done.left_out:
+            # The job ends failed as over its cap, with this in its error (one line).
+            if budget is not None:
+                budget.exceeded = True
+            message = (
+                f"job {job.id}: {len(done.left_out)} files it changed in {local} were not "
+                f"brought back, past its --max-output-mb: {_named(done.left_out)}"
+            )
+            if problem is None:
+                problem = message
+            else:
+                warnings.append(message)
         conflicts += len(done.beside or [])
         if done.beside:
             warnings.append(
@@ -346,6 +370,7 @@ def read_changes(scratch: Path) -> dict[str, Any]:
         return isinstance(value, str) and SHA256_RE.fullmatch(value) is not None
 
     changed, deleted, deleted_dirs = raw["changed"], raw["deleted"], raw["deleted_dirs"]
+    left_out = raw.setdefault(DIR_LEFT_OUT_KEY, [])
     if not (
         isinstance(changed, dict)
         and all(safe(path) and (base is None or sha(base)) for path, base in changed.items())
@@ -353,6 +378,8 @@ def read_changes(scratch: Path) -> dict[str, Any]:
         and all(safe(path) and sha(base) for path, base in deleted.items())
         and isinstance(deleted_dirs, list)
         and all(safe(path) for path in deleted_dirs)
+        and isinstance(left_out, list)
+        and all(safe(path) and path not in changed for path in left_out)
     ):
         raise ValueError("the host's list of changes holds a bad path or hash")
     return raw
@@ -365,7 +392,13 @@ def apply_dir_changes(scratch: Path, local: Path, job_id: int, overwrite: bool) 
     files.mkdir(exist_ok=True)
     bases: dict[str, str | None] = changes["changed"]
     merged = merge_output(files, local, job_id, overwrite, bases=bases)
-    done = DirChanges(written=len(bases) - len(merged.beside), beside=merged.beside, kept=[])
+    done = DirChanges(
+        written=len(bases) - len(merged.beside),
+        beside=merged.beside,
+        kept=[],
+        size=merged.size,
+        left_out=sorted(changes[DIR_LEFT_OUT_KEY]),
+    )
     root_fd = os.open(local, _DIRECTORY_FLAGS)
     try:
         for path, base in sorted(changes["deleted"].items()):

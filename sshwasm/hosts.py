@@ -129,6 +129,18 @@ async def check_host(host: Host, pool: TransportPool) -> dict[str, Any]:
     return report
 
 
+def _pruned_lines(host: Host, pruned: dict[str, list[str]]) -> list[str]:
+    """What the install said of older runner versions: removed, or kept while in use."""
+    lines = []
+    if pruned.get("removed"):
+        removed = ", ".join(pruned["removed"])
+        lines.append(f"removed old runner versions from {host.workdir}/bin: {removed}")
+    if pruned.get("in_use"):
+        kept = ", ".join(pruned["in_use"])
+        lines.append(f"kept old runner versions still in use by running jobs: {kept}")
+    return lines
+
+
 async def install_host(host: Host, pool: TransportPool) -> list[str]:
     """Install this runner on a host and make sure its python can import wasmtime.
 
@@ -137,8 +149,9 @@ async def install_host(host: Host, pool: TransportPool) -> list[str]:
     done: list[str] = []
     transport = await pool.get(host)
     if not host.is_local:
-        await transport.install_runner()
+        pruned = await transport.install_runner()
         done.append(f"installed the runner {runner_version()} in {host.workdir}/bin")
+        done.extend(_pruned_lines(host, pruned))
     info = await _current_runner_info(transport)
     if info.get("wasmtime_error"):
         command = [host.python, "-m", "pip", "install", "--user", "--quiet", "wasmtime"]

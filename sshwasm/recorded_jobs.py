@@ -71,6 +71,8 @@ def end_of_answer(
             # Held here too, whatever the host said: the job ends as over its cap.
             state, fields["exit_code"] = JobState.FAILED, None
             fields["error"] = output_limit_error(job.max_output_mb)
+            if problem:  # e.g. the --dir files past the cap, not brought back
+                fields["error"] += f"; {problem}"
         if state is JobState.SUCCEEDED:
             # Only a success can be reused (--reuse): its key, from content alone.
             fields["reuse_key"] = recorded_reuse_key(store.path, job)
@@ -108,7 +110,7 @@ async def record_end(
                 store, job, Path(job.output_dir), client, output.budget
             )
         if job.dirs != "[]":
-            dir_problem, dir_warnings = await collect_dirs(store, job, client)
+            dir_problem, dir_warnings = await collect_dirs(store, job, client, output.budget)
     end = end_of_answer(store, job, host, outcome, output, collected.problem or dir_problem)
     if end is None:
         return []

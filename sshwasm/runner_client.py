@@ -207,6 +207,10 @@ def raise_if_lacking_dir(host: str, outcome: StreamOutcome) -> None:
         raise HostUnreachable(host, str(outcome.error.get("error")))
 
 
+# What a fetch-dir archive may hold beyond the files asked for: its list of changes.
+DIR_CHANGES_ALLOWANCE = 64 << 20
+
+
 class RunnerClient:
     """Runner commands on one host."""
 
@@ -456,12 +460,17 @@ class RunnerClient:
             args.append(str(max_bytes))
         return await self._fetch_tar(args, scratch, max_bytes, "output")
 
-    async def fetch_dir(self, job_id: str, index: int, scratch: Path) -> None:
+    async def fetch_dir(
+        self, job_id: str, index: int, scratch: Path, max_bytes: int | None = None
+    ) -> bool:
         """Extract what the job changed in its staged directory `index` (fetch-dir's tar:
-        the changed files under files/, then changes.json) into the empty `scratch`."""
-        await self._fetch_tar(
-            ["fetch-dir", self.host.workdir, job_id, str(index)], scratch, None, "directory"
-        )
+        the changed files under files/, then changes.json) into the empty `scratch`, its
+        files held to `max_bytes`; whether the host sent more (the tar was cut). Here the
+        cap is that plus DIR_CHANGES_ALLOWANCE, for changes.json, itself a member."""
+        args = ["fetch-dir", self.host.workdir, job_id, str(index)]
+        args += [] if max_bytes is None else [str(max_bytes)]
+        cap = None if max_bytes is None else max_bytes + DIR_CHANGES_ALLOWANCE
+        return await self._fetch_tar(args, scratch, cap, "directory")
 
     async def _fetch_tar(
         self, args: list[str], scratch: Path, max_bytes: int | None, what: str

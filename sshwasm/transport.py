@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import shlex
 import shutil
@@ -76,7 +77,10 @@ RUNNER_POINTER = "current"
 # workdir, bin/ and the pointer. It writes the files into a temporary directory, renames
 # that to `bin/<version>` (whole or not at all; a version already there intact is kept, a
 # damaged one replaced), and switches the pointer last, atomically: a command never runs
-# half a runner, and one already running keeps its files. Older versions are left in place.
+# half a runner, and one already running keeps its files. Then the new runner's
+# `prune-runners` removes the versions older than the one it replaced that no process uses
+# (runner/prune.py), and prints what it removed: every command holds a shared flock on its
+# version's directory for its life (and its forked children with it), which prune tests.
 # It is made on first use (runner_bootstrap(), or the module attribute RUNNER_BOOTSTRAP):
 # reading jobdir's source costs every command's import, and a job on a warm serve
 # (mux/warm.py) starts no runner command.
@@ -155,6 +159,12 @@ def install(bin_dir, pointer):
         out.write(version + "\\n")
     os.replace(temp, pointer)
     return 0
+def read_pointer(pointer):
+    try:
+        with open(pointer) as current:
+            return current.read().strip()
+    except FileNotFoundError:
+        return ""
 def bootstrap():
     workdir = os.path.abspath(sys.argv[1])
     command = sys.argv[2]
@@ -165,12 +175,12 @@ def bootstrap():
         if problem is not None:
             return refuse(problem)
     if command == "install":
-        return install(bin_dir, pointer)
-    try:
-        with open(pointer) as current:
-            version = current.read().strip()
-    except FileNotFoundError:
-        version = ""
+        previous = read_pointer(pointer)
+        status = install(bin_dir, pointer)
+        if status:
+            return status
+        sys.argv[2:] = ["prune-runners", workdir] + ([previous] if previous else [])
+    version = read_pointer(pointer)
     home = os.path.join(bin_dir, version)
     package = os.path.join(home, "{RUNNER_PACKAGE}")
     if len(version) != 16 or version.strip("0123456789abcdef") or not os.path.isdir(package):
@@ -185,6 +195,12 @@ def bootstrap():
         problem = path_problem(path)
         if problem is not None:
             return refuse(problem)
+    try:
+        import fcntl
+        held = os.open(home, os.O_RDONLY)
+        fcntl.flock(held, fcntl.LOCK_SH)  # held for life, forked children too: prune-runners
+    except (ImportError, OSError):
+        pass  # no locks on this file system: prune-runners keeps what it cannot lock
     if sys.path and sys.path[0] == "":
         sys.path[0] = home  # not the login's working directory (-c puts it first)
     else:
@@ -222,6 +238,21 @@ class Completed:
     exit_status: int | None
     stdout: bytes
     stderr: bytes
+
+
+def pruned_versions(out: bytes) -> dict[str, list[str]]:
+    """What `install`'s prune-runners printed (its last line, JSON), checked; else empty."""
+    try:
+        value = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {
+        key: [str(version) for version in value[key] if protocol.VERSION_RE.fullmatch(str(version))]
+        for key in ("removed", "in_use")
+        if isinstance(value.get(key), list)
+    }
 
 
 def last_line(data: bytes) -> str:
@@ -315,9 +346,10 @@ class Transport(ABC):
         """Run a plain command (argv, quoted for the shell) on the host."""
 
     @abstractmethod
-    async def install_runner(self) -> None:
+    async def install_runner(self) -> dict[str, list[str]]:
         """Install this coordinator's runner package as `<workdir>/bin/<version>/` and make
-        it the current one."""
+        it the current one; the older versions it removed ("removed") and those it had to
+        keep because a process runs them ("in_use")."""
 
     @property
     @abstractmethod
@@ -437,8 +469,8 @@ class LocalTransport(Transport):
         out, err = await process.communicate(stdin)
         return Completed(process.returncode, out, err)
 
-    async def install_runner(self) -> None:
-        return None  # the local host runs the installed sshwasm's runner package in place
+    async def install_runner(self) -> dict[str, list[str]]:
+        return {}  # the local host runs the installed sshwasm's runner package in place
 
 
 # -- SSH -----------------------------------------------------------------------------------
@@ -793,13 +825,12 @@ class SshTransport(Transport):
         done = await process.finish()
         return Completed(done.exit_status, bytes(out), done.stderr)
 
-    async def install_runner(self) -> None:
+    async def install_runner(self) -> dict[str, list[str]]:
         workdir = self.host.workdir
         # The bootstrap refuses an unsafe existing workdir rather than write into it.
         process = await self._open(self._runner_command(["install"]))
         await process.send(protocol.encode_install(protocol.runner_files()))
-        while await process.read():
-            pass
+        out = await keep_tail(process.read, 64 * 1024)
         done = await process.finish()
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost while installing the runner")
@@ -813,6 +844,7 @@ class SshTransport(Transport):
                 self.host.name,
                 f"cannot install the runner in {workdir}: {reason[-1] if reason else 'failed'}",
             )
+        return pruned_versions(out)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

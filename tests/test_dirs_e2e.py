@@ -119,3 +119,34 @@ def test_dir_flags_are_checked_before_anything_runs(
     assert result.stderr.splitlines()[-1].startswith("sshwasm: error: no host could run")
     record = record_of(sshwasm("status", "1", "--json"))
     assert record["state"] == "failed" and missing in record["error"]
+
+
+def test_the_dir_bring_back_is_held_to_the_output_cap(
+    make_cluster: Callable[..., Path], tmp_path: Path
+) -> None:
+    """What a job changed in its --dir counts against --max-output-mb with its stdout: the
+    files that fit come back whole, the rest stay on the host, named in one warning line
+    and in the record's error, and the job ends failed as over its cap."""
+    cluster = make_cluster({"alpha": (2, 1024)})
+    data = tmp_path / "work" / "out"
+    data.mkdir(parents=True)
+    (data / "b.bin").write_text("staged\n")
+    result = sshwasm(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "writeout.rs"), "--dir",
+        f"{data}::/output", "--max-output-mb", "1", "--json", "--", "print:100",
+        "fill:a.bin:600000", "fill:b.bin:600000", "write:c.txt:small",
+    )  # fmt: skip
+    no_traceback(result)
+    assert result.returncode != 0
+    record = record_of(result)
+    assert (record["state"], record["exit_code"]) == ("failed", None), record
+    error = str(record["error"])
+    assert error.startswith("output limit of 1 MB exceeded"), error
+    assert f"1 files it changed in {data} were not brought back" in error and "b.bin" in error
+    warnings = [line for line in result.stderr.splitlines() if "not brought back" in line]
+    assert len(warnings) == 1 and "b.bin" in warnings[0], result.stderr
+    # In path order while they fit: a.bin and c.txt; b.bin is as it was staged.
+    assert (data / "a.bin").read_bytes() == b"o" * 600000
+    assert (data / "c.txt").read_text() == "small"
+    assert (data / "b.bin").read_text() == "staged\n"
+    assert sorted(path.name for path in data.iterdir()) == ["a.bin", "b.bin", "c.txt"]

@@ -13,6 +13,7 @@ on the coordinator's machine and as the installed package on a host):
     execute    running a module in wasmtime under its limits; writes the job's result
     serve      many launches over one channel, each task a fork of a process with wasmtime
     commands   fetch-output, put-module, cancel, info, and `main`, which runs one command
+    prune      prune-runners: after an install, the old versions no process uses removed
     __main__   `python -m sshwasm.runner COMMAND ...`, or `python path/to/runner COMMAND ...`
 
 Importing this package, or its protocol module, imports nothing else: the coordinator reads
@@ -23,8 +24,9 @@ On a host the package is installed by the coordinator (transport.RUNNER_BOOTSTRA
 over the package's sorted files: written into a temporary directory, renamed into place
 whole, and only then named in `<workdir>/bin/current`, the pointer the bootstrap follows. A
 command never sees a half-installed runner, and a runner already running keeps its own
-files. Older versions are left in place (a few hundred KB each; remove them by hand if
-needed). Python caches the bytecode in the package's __pycache__, which is why this is a
+files. Then the new runner removes the versions older than the one it replaced that no
+process uses (prune.py: every runner process holds a shared flock on its version's
+directory). Python caches the bytecode in the package's __pycache__, which is why this is a
 folder and not a zipapp (zip imports write no bytecode).
 
 Hosts may have an older Python than the coordinator: every module keeps to Python 3.9, the

@@ -36,6 +36,7 @@ from .protocol import (
     DIR_CHANGES_KEYS,
     DIR_CHANGES_MEMBER,
     DIR_FILES_PREFIX,
+    DIR_LEFT_OUT_KEY,
     FETCH_STOPPED_AT_LIMIT,
     KIND_ERROR,
     SHA256_RE,
@@ -84,8 +85,25 @@ def _cmd_fetch_output(workdir: str, job_id: str, max_bytes: str | None = None) -
     return status
 
 
-def _cmd_fetch_dir(workdir: str, job_id: str, index: str) -> int:
+def _left_out_past(root: str, changed: dict[str, str | None], limit: int) -> list[str]:
+    """The changed files (paths under `root`) that do not fit in `limit` bytes, taken whole
+    in path order (a file that does not fit is left out, a smaller one after it may fit)."""
+    left_out: list[str] = []
+    for path in sorted(changed):
+        try:
+            size = os.lstat(os.path.join(root, path)).st_size
+        except OSError:
+            continue  # gone: the tar leaves it out anyway
+        if size > limit:
+            left_out.append(path)
+        else:
+            limit -= size
+    return left_out
+
+
+def _cmd_fetch_dir(workdir: str, job_id: str, index: str, max_bytes: str | None = None) -> int:
     job_dir = _job_dir(workdir, job_id)
+    limit = None if max_bytes is None else _offset(max_bytes)
     if not index.isdigit():
         raise _UsageError(f"invalid directory index {index!r}")
     root = os.path.join(job_dir, "dirs", str(int(index)))
@@ -106,7 +124,12 @@ def _cmd_fetch_dir(workdir: str, job_id: str, index: str) -> int:
         print(f"sshwasm-exec: error: job {job_id} lost its directory {index}", file=sys.stderr)
         return 1
     changes = tree_changes(before, tree_manifest(root))
-    trailer = json.dumps({key: changes[key] for key in DIR_CHANGES_KEYS}).encode()
+    # What is left of the job's output cap bounds what comes back; the rest is named.
+    left_out = [] if limit is None else _left_out_past(root, changes["changed"], limit)
+    for path in left_out:
+        del changes["changed"][path]
+    answer = {key: changes[key] for key in DIR_CHANGES_KEYS}
+    trailer = json.dumps({**answer, DIR_LEFT_OUT_KEY: left_out}).encode()
     write_changes_as_tar(
         root, changes, sys.stdout.buffer, DIR_FILES_PREFIX, (DIR_CHANGES_MEMBER, trailer)
     )
@@ -250,11 +273,13 @@ _FRAME_COMMANDS: dict[str, tuple[str, Callable[[], Callable[..., int]]]] = {
 }
 _TEXT_COMMANDS: dict[str, tuple[str, Callable[[], Callable[..., int]]]] = {
     "fetch-output": ("WORKDIR JOB_ID [MAX_BYTES]", lambda: _cmd_fetch_output),
-    "fetch-dir": ("WORKDIR JOB_ID INDEX", lambda: _cmd_fetch_dir),
+    "fetch-dir": ("WORKDIR JOB_ID INDEX [MAX_BYTES]", lambda: _cmd_fetch_dir),
     "put-module": ("WORKDIR SHA256", lambda: _cmd_put_module),
     "cancel": ("WORKDIR JOB_ID", lambda: _cmd_cancel),
     "info": ("", lambda: _cmd_info),
     "execute": ("JOB_DIR", _handler("execute", "_cmd_execute")),
+    # Run by the bootstrap right after `install` (transport.RUNNER_BOOTSTRAP).
+    "prune-runners": ("WORKDIR [PREVIOUS]", _handler("prune", "_cmd_prune_runners")),
 }
 
 

@@ -27,12 +27,12 @@ from .jobdir import (
     _write_pid_file,
 )
 
-GRACE_S = 1.0
-# A time limit this long or longer is held by the watchdog alone: the guest runs without
-# epoch checks (they cost a compute-bound guest 10-20%, benchmarks/compute.py), and at the
-# deadline the watchdog records the timeout and ends the process, as it does a guest blocked
-# in a host call. Shorter limits keep the epoch interrupt, whose trap ends the run in place.
-SIGNAL_ONLY_LIMIT_S = 10.0
+# Every time limit is held by the watchdog alone: the guest runs without epoch checks (they
+# cost a compute-bound guest 7-11% on every run, benchmarks/compute.py), and at the deadline
+# the watchdog records the timeout and ends the process, whether the guest computes or is
+# blocked in a host call. A pooled executor whose task timed out is replaced (a fork of
+# serve, under a millisecond: benchmarks/timeouts.py); timeouts are rare, the cost of epoch
+# checks was paid by every task.
 
 # A watchdog waits in slices no longer than this, so no wait can overflow a platform timeout.
 _WATCHDOG_SLICE_S = 3600.0
@@ -111,54 +111,36 @@ class _Execution:
                 return False
 
 
-def epoch_checks(spec: dict[str, Any]) -> bool:
-    """Whether a job's guest runs with epoch interruption: a time limit below
-    SIGNAL_ONLY_LIMIT_S (longer ones are left to the watchdog alone)."""
-    limit = spec.get("time_limit_s")
-    return limit is not None and limit < SIGNAL_ONLY_LIMIT_S
+def job_limit(spec: dict[str, Any]) -> float | None:
+    """The seconds a job may run, loading its module included: its time_limit_s, else its
+    wall_limit_s (the default wall-clock cap), else none."""
+    limit: float | None = spec["time_limit_s"]
+    return spec.get("wall_limit_s") if limit is None else limit
 
 
 class _Watchdog:
     """Ends a job at its limit, counted from `started` (time.monotonic), so that loading and
-    compiling the module count too.
-
-    With a time limit (grace > 0) it first interrupts the guest by incrementing the epoch of
-    the engine given to `interrupt_with`; epoch interruption cannot reach a guest blocked in
-    a host call (sleep, read), so after the grace period it records the timeout and ends the
-    whole process. Alone (grace 0) it is the default wall-clock cap, which costs the guest
-    nothing while it runs. It never dies silently: a job whose watchdog failed is ended.
+    compiling the module count too: at the deadline it records the timeout and ends the
+    whole process, a guest that computes as one blocked in a host call (sleep, read). The
+    guest pays nothing for it while it runs. It never dies silently: a job whose watchdog
+    failed is ended.
     """
 
-    def __init__(self, execution: _Execution, limit: float, grace: float, started: float) -> None:
+    def __init__(self, execution: _Execution, limit: float, started: float) -> None:
         self.execution = execution
         self.limit = limit
-        self.grace = grace
         self.started = started
-        self._lock = threading.Lock()
-        self._engine: Any = None
-        self._expired = False
 
     @classmethod
     def for_spec(
         cls, execution: _Execution, spec: dict[str, Any], started: float
     ) -> _Watchdog | None:
         """The watchdog a spec asks for (time_limit_s, else wall_limit_s), not yet started."""
-        if spec["time_limit_s"] is not None:
-            grace = GRACE_S if epoch_checks(spec) else 0.0
-            return cls(execution, spec["time_limit_s"], grace, started)
-        if spec.get("wall_limit_s") is not None:
-            return cls(execution, spec["wall_limit_s"], 0.0, started)
-        return None
+        limit = job_limit(spec)
+        return None if limit is None else cls(execution, limit, started)
 
     def start(self) -> None:
         threading.Thread(target=self._guard, daemon=True).start()
-
-    def interrupt_with(self, engine: Any) -> None:
-        """Interrupt guests of `engine` at the deadline (at once if it has passed)."""
-        with self._lock:
-            self._engine = engine
-            if self._expired:
-                engine.increment_epoch()
 
     def _wait_until(self, deadline: float) -> bool:
         """Wait until `deadline`; True if the job ended first."""
@@ -172,18 +154,9 @@ class _Watchdog:
     def _guard(self) -> None:
         execution = self.execution
         try:
-            deadline = self.started + self.limit
-            if self._wait_until(deadline):
+            if self._wait_until(self.started + self.limit):
                 return
-            if self.grace:
-                with self._lock:
-                    self._expired = True
-                    if self._engine is not None:
-                        self._engine.increment_epoch()
-                if self._wait_until(deadline + self.grace):
-                    return
-            how = "ended while blocked in a host call" if self.grace else "ended by the watchdog"
-            message = f"time limit of {self.limit:g} s exceeded ({how})"
+            message = f"time limit of {self.limit:g} s exceeded (ended by the watchdog)"
             if execution.finish("timeout", 124, message, **execution.measures()):
                 sys.stderr.flush()
                 os._exit(124)
@@ -366,65 +339,56 @@ def _load_module(
 class _LoadedModule:
     """A compiled module, the engine it belongs to, and what loading it cost this job."""
 
-    def __init__(
-        self, engine: Any, module: Any, compile_s: float, cached: bool, epoch: bool | None = None
-    ) -> None:
+    def __init__(self, engine: Any, module: Any, compile_s: float, cached: bool) -> None:
         self.engine = engine
         self.module = module
         self.compile_s = compile_s
         self.cached = cached
-        # Whether the engine checks epochs: its stores then need a deadline to run at all.
-        # None (not said): it does when the job has a time limit, as before epoch_checks.
-        self.epoch = epoch
 
 
 class _Runtime:
-    """wasmtime, imported: one Engine per epoch and fuel setting, and the host's module
-    caches (a module compiled for one setting cannot run under another)."""
+    """wasmtime, imported: one Engine per fuel setting, and the host's module caches (a
+    module compiled for one setting cannot run under the other)."""
 
     def __init__(self, wasmtime: Any, workdir: str) -> None:
         self.wasmtime = wasmtime
         self.workdir = workdir
         self.version = _wasmtime_version() or "unknown"
-        self._engines: dict[tuple[bool, bool], Any] = {}
+        self._engines: dict[bool, Any] = {}
 
-    def config(self, epoch: bool, fuel: bool = False) -> Any:
+    def config(self, fuel: bool = False) -> Any:
         config = self.wasmtime.Config()
-        # Epoch checks cost up to 17% on loops, so only pay for them with a time limit.
-        config.epoch_interruption = epoch
-        # Fuel costs more (up to 57%): counted only for a job with a fuel budget.
+        # No epoch interruption: time limits are the watchdog's (_Watchdog).
+        config.epoch_interruption = False
+        # Fuel costs compute speed (up to 57%): counted only for a job with a fuel budget.
         config.consume_fuel = fuel
         return config
 
-    def engine(self, epoch: bool, fuel: bool = False) -> Any:
-        engine = self._engines.get((epoch, fuel))
+    def engine(self, fuel: bool = False) -> Any:
+        engine = self._engines.get(fuel)
         if engine is None:
-            engine = self.wasmtime.Engine(self.config(epoch, fuel))
-            self._engines[(epoch, fuel)] = engine
+            engine = self._engines[fuel] = self.wasmtime.Engine(self.config(fuel))
         return engine
 
-    def module_paths(self, sha: str, epoch: bool, fuel: bool = False) -> tuple[str, str]:
-        """(uploaded .wasm, precompiled .cwasm keyed by wasmtime version and engine flags)."""
-        flags = ("epoch" if epoch else "noepoch") + ("-fuel" if fuel else "")
+    def module_paths(self, sha: str, fuel: bool = False) -> tuple[str, str]:
+        """(uploaded .wasm, precompiled .cwasm keyed by wasmtime version and engine flags).
+        `noepoch` is in the name because earlier runners also made `epoch` ones: a host's
+        modules precompiled by them are used as they are."""
+        flags = "noepoch" + ("-fuel" if fuel else "")
         safe_version = re.sub(r"[^A-Za-z0-9.+_-]", "_", self.version)
         cache = os.path.join(self.workdir, "cache", f"{sha}-{safe_version}-{flags}.cwasm")
         return os.path.join(self.workdir, "wasm", f"{sha}.wasm"), cache
 
     def load(
-        self,
-        sha: str,
-        epoch: bool,
-        log: Callable[[str], None] = _log_to_stderr,
-        fuel: bool = False,
+        self, sha: str, log: Callable[[str], None] = _log_to_stderr, fuel: bool = False
     ) -> _LoadedModule:
-        """The module of hash `sha` for an engine with or without epoch interruption and
-        fuel counting."""
-        module_path, cache_path = self.module_paths(sha, epoch, fuel)
-        engine = self.engine(epoch, fuel)
+        """The module of hash `sha` for an engine with or without fuel counting."""
+        module_path, cache_path = self.module_paths(sha, fuel)
+        engine = self.engine(fuel)
         module, compile_s, cached = _load_module(
             self.wasmtime, engine, module_path, cache_path, log
         )
-        return _LoadedModule(engine, module, compile_s, cached, epoch)
+        return _LoadedModule(engine, module, compile_s, cached)
 
 
 def _linear_memory_bytes(wasmtime: Any, instance: Any, store: Any) -> int | None:
@@ -475,9 +439,8 @@ def uses_fuel(spec: dict[str, Any]) -> bool:
 
 
 def _fuel_used(store: Any, budget: int | None) -> int | None:
-    """The fuel the guest used of `budget` (None without one). Exact when the guest
-    returned, exited or ran out of fuel; after an epoch interrupt wasmtime may not have
-    written back the running function's count, so it can be lower."""
+    """The fuel the guest used of `budget` (None without one): exact, since the guest
+    returned, exited, trapped or ran out of fuel (a timeout never gets here)."""
     if budget is None:
         return None
     try:
@@ -492,14 +455,13 @@ def _run_module(
     runtime: _Runtime,
     loaded: _LoadedModule,
     spec: dict[str, Any],
-    watchdog: _Watchdog | None,
 ) -> None:
     """Run the job's module once in this process and write its result: the part of a job
-    that execute and serve share. `watchdog` (already started) enforces its time limit."""
+    that execute and serve share. Its time limit is its watchdog's, started by the caller
+    (it ends this process at the deadline and needs nothing from the run)."""
     job_dir = execution.job_dir
     wasmtime = runtime.wasmtime
     engine = loaded.engine
-    limit: float | None = spec["time_limit_s"]
     memory_mb: int = spec["memory_mb"]
     execution.facts.update(module_compile_s=round(loaded.compile_s, 6), module_cached=loaded.cached)
 
@@ -532,11 +494,6 @@ def _run_module(
     if fuel is not None:
         store.set_fuel(fuel)
 
-    if loaded.epoch if loaded.epoch is not None else limit is not None:
-        store.set_epoch_deadline(1)
-        if watchdog is not None:
-            # At the time left of the limit, which loading the module has used up in part.
-            watchdog.interrupt_with(engine)
     output_limit: _OutputLimit | None = None
     if spec.get("max_output_bytes"):
         output_dir = os.path.join(job_dir, "output") if spec.get("output") else None
@@ -558,9 +515,7 @@ def _run_module(
         if exc.code != 0:
             state, exit_code = "failed", exc.code
     except wasmtime.Trap as exc:
-        if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
-            state, exit_code, error = "timeout", 124, f"time limit of {limit:g} s exceeded"
-        elif exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+        if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
             state, exit_code, error = "timeout", 124, f"fuel ran out (budget {fuel} units)"
         else:
             name = exc.trap_code.name if exc.trap_code is not None else "TRAP"
@@ -629,11 +584,11 @@ def _run_job(execution: _Execution) -> None:
     runtime = _Runtime(wasmtime, os.path.dirname(os.path.dirname(job_dir)))
     execution.facts["wasmtime_version"] = runtime.version
     try:
-        loaded = runtime.load(spec["wasm_sha256"], epoch_checks(spec), fuel=uses_fuel(spec))
+        loaded = runtime.load(spec["wasm_sha256"], fuel=uses_fuel(spec))
     except (wasmtime.WasmtimeError, OSError) as exc:
         execution.finish("failed", 1, f"cannot load the module: {_one_line(str(exc))}")
         return
-    _run_module(execution, runtime, loaded, spec, watchdog)
+    _run_module(execution, runtime, loaded, spec)
 
 
 def _execute(job_dir: str, run: Callable[[_Execution], None]) -> NoReturn:

@@ -17,10 +17,13 @@ Commands (argv never carries user-controlled words; those come as JSON on stdin)
                                      stdout: the job's /output directory as a tar stream;
                                      with MAX_BYTES, stops before a file that would take the
                                      files' total past it, and exits 3
-    fetch-dir WORKDIR JOB_ID INDEX   stdout: what the job changed in its staged read-write
+    fetch-dir WORKDIR JOB_ID INDEX [MAX_BYTES]
+                                     stdout: what the job changed in its staged read-write
                                      directory INDEX, as a tar stream: files/PATH for each
                                      file it made or changed, then DIR_CHANGES_MEMBER (JSON:
-                                     see DIR_CHANGES_KEYS)
+                                     see DIR_CHANGES_KEYS); with MAX_BYTES, the files whole
+                                     in path order while they fit, the rest named in
+                                     DIR_LEFT_OUT_KEY
     put-module WORKDIR SHA256        stdin: module bytes, kept as WORKDIR/wasm/SHA256.wasm
     cancel WORKDIR JOB_ID            kill a running job and record it as cancelled
     info                             one JSON line describing this host
@@ -44,8 +47,8 @@ importing it, and refuses with a stderr line and the same exit status.
 Launch spec (launch's first stdin line, one JSON object): runner_version, wasm_sha256,
 argv, env ([name, value] pairs), memory_mb (caps the guest's one memory, its one table
 takes at most an eighth more: see guest_limits), time_limit_s (number or null: enforced by
-epoch interruption plus a watchdog), and optionally wall_limit_s (a cap enforced by the
-watchdog alone, at no cost to the running guest; used when time_limit_s is null), and
+the runner's watchdog, at no cost to the running guest), and optionally wall_limit_s (a
+cap enforced the same way, used when time_limit_s is null), and
 optionally the fields below. Both limits are at most MAX_TIME_LIMIT_S and count from when
 the runner got the launch, so loading and compiling the module count too.
 
@@ -147,10 +150,12 @@ KIND_LAUNCH = b"L"  # a launch's stdin, keyed by its job id
 CHUNK_BYTES = 64 * 1024
 # fetch-dir's archive: changed files under DIR_FILES_PREFIX, then this member, a JSON object
 # with "changed" ({path: sha256 at staging, or null for a new file}), "deleted" ({path:
-# sha256 at staging}) and "deleted_dirs" (paths, deepest first).
+# sha256 at staging}), "deleted_dirs" (paths, deepest first) and DIR_LEFT_OUT_KEY.
 DIR_FILES_PREFIX = "files/"
 DIR_CHANGES_MEMBER = "changes.json"
 DIR_CHANGES_KEYS = ("changed", "deleted", "deleted_dirs")
+# fetch-dir's changes.json also names the changed files it left out, past MAX_BYTES.
+DIR_LEFT_OUT_KEY = "left_out"
 # At most this many directories per job (each is a preopen and, if staged, a tar).
 MAX_DIRS = 64
 

@@ -3,7 +3,7 @@ executor processes forked from serve (wasmtime and the module already loaded), a
 Store per task; results answered in frames keyed by job id.
 
 An executor runs tasks in turn: a fork per task cost the host about 7.5 ms, more than a tiny
-task itself. It is replaced only when a task must be killed (its time limit's last resort,
+task itself. It is replaced only when a task must be killed (its time limit,
 a cancel, a kill from outside) or leaves process state behind (an output cap's rlimit);
 serve starts one when a task comes and none is idle, so there are as many as tasks run at
 once (the host's reserved cpus)."""
@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .execute import (
-    GRACE_S,
     _Execution,
     _ignore_signal,
     _load_module,
@@ -32,7 +31,7 @@ from .execute import (
     _run_module,
     _Runtime,
     _Watchdog,
-    epoch_checks,
+    job_limit,
     run_to_a_result,
     uses_fuel,
 )
@@ -107,40 +106,37 @@ class _ServeRuntime(_Runtime):
 
     def __init__(self, wasmtime: Any, workdir: str) -> None:
         super().__init__(wasmtime, workdir)
-        self._modules: dict[tuple[str, bool, bool], _LoadedModule] = {}
+        self._modules: dict[tuple[str, bool], _LoadedModule] = {}
 
-    def config(self, epoch: bool, fuel: bool = False) -> Any:
-        config = super().config(epoch, fuel)
+    def config(self, fuel: bool = False) -> Any:
+        config = super().config(fuel)
         # Compiling here happens only if the helper could not fill the cache: then serially,
         # so that no thread pool is left behind.
         config.parallel_compilation = False
         return config
 
     def load_for_task(
-        self, sha: str, epoch: bool, log_path: str, deadline: float | None, fuel: bool = False
+        self, sha: str, log_path: str, deadline: float | None, fuel: bool = False
     ) -> _LoadedModule:
         """The module for a task, loaded once per serve; what loading cost goes to the first.
 
         A compile that runs past `deadline` (time.monotonic) is killed: _CompileTimeout.
         """
-        known = self._modules.get((sha, epoch, fuel))
+        known = self._modules.get((sha, fuel))
         if known is not None:
-            return _LoadedModule(known.engine, known.module, 0.0, True, epoch)
-        module_path, cache_path = self.module_paths(sha, epoch, fuel)
+            return _LoadedModule(known.engine, known.module, 0.0, True)
+        module_path, cache_path = self.module_paths(sha, fuel)
         helper_s = 0.0
         if not os.path.isfile(cache_path):
-            helper_s = self._compile_in_helper(
-                epoch, module_path, cache_path, log_path, deadline, fuel
-            )
-        loaded = self.load(sha, epoch, _log_appender(log_path), fuel)
+            helper_s = self._compile_in_helper(module_path, cache_path, log_path, deadline, fuel)
+        loaded = self.load(sha, _log_appender(log_path), fuel)
         if helper_s and loaded.cached:
-            loaded = _LoadedModule(loaded.engine, loaded.module, helper_s, False, epoch)
-        self._modules[(sha, epoch, fuel)] = loaded
+            loaded = _LoadedModule(loaded.engine, loaded.module, helper_s, False)
+        self._modules[(sha, fuel)] = loaded
         return loaded
 
     def _compile_in_helper(
         self,
-        epoch: bool,
         module_path: str,
         cache_path: str,
         log_path: str,
@@ -155,7 +151,7 @@ class _ServeRuntime(_Runtime):
             if pid == 0:
                 try:
                     os.dup2(log_fd, 2)
-                    engine = self.wasmtime.Engine(_Runtime.config(self, epoch, fuel))
+                    engine = self.wasmtime.Engine(_Runtime.config(self, fuel))
                     _load_module(self.wasmtime, engine, module_path, cache_path)
                 except BaseException:
                     traceback.print_exc()
@@ -237,6 +233,7 @@ class _Server:
         self.executors: dict[int, _Executor] = {}
         self.idle: list[_Executor] = []
         self.ended: list[_ServeTask] = []
+        self.killed = 0  # executors that died with their task, to replace (_replace_killed)
         # S frames of the tasks started in this turn of the loop: sent with the turn's O/E/R
         # frames (_settle) in one write, not a write each (and a wake-up of the relay and
         # the coordinator each).
@@ -275,6 +272,7 @@ class _Server:
                     if self.parent_gone:
                         self._end_with_parent()
                     self._settle()
+                    self._replace_killed()
                 except _CoordinatorGone:
                     self._lose_coordinator()
         finally:
@@ -385,15 +383,12 @@ class _Server:
             return
         log_path = os.path.join(job_dir, "runner.log")
         # As under execute, loading the module counts against the task's time limit.
-        limit, grace = spec["time_limit_s"], GRACE_S
-        if limit is None:
-            limit, grace = spec["wall_limit_s"], 0.0
-        deadline = None if limit is None else started + limit + grace
+        limit = job_limit(spec)
+        deadline = None if limit is None else started + limit
         loaded: _LoadedModule | _NotLoaded
         try:
             loaded = runtime.load_for_task(
                 spec["wasm_sha256"],
-                epoch_checks(spec),
                 log_path,
                 deadline,
                 uses_fuel(spec),
@@ -450,11 +445,7 @@ class _Server:
         if isinstance(loaded, _NotLoaded):
             request["not_loaded"] = [loaded.state, loaded.exit_code, loaded.error]
         else:
-            request["module"] = [
-                spec["wasm_sha256"],
-                epoch_checks(spec),
-                uses_fuel(spec),
-            ]
+            request["module"] = [spec["wasm_sha256"], uses_fuel(spec)]
             request["compile_s"], request["cached"] = loaded.compile_s, loaded.cached
         line = json.dumps(request).encode() + b"\n"
         for attempt in range(3):
@@ -600,24 +591,22 @@ class _Server:
         if not_loaded is not None:
             execution.finish(*not_loaded)
             return
-        sha, epoch, fuel = request["module"]
+        sha, fuel = request["module"]
         # Loaded once per executor: by serve before the fork, or here from the cache that
         # serve's compile helper filled (deserializing starts no thread pool). A module
         # counting fuel is compiled by its own engine: a key of its own.
-        known = runtime._modules.get((sha, epoch, fuel))
+        known = runtime._modules.get((sha, fuel))
         if known is None:
-            known = runtime._modules[(sha, epoch, fuel)] = runtime.load(
-                sha, epoch, _log_appender(request["log_path"]), fuel
+            known = runtime._modules[(sha, fuel)] = runtime.load(
+                sha, _log_appender(request["log_path"]), fuel
             )
-        loaded = _LoadedModule(
-            known.engine, known.module, request["compile_s"], request["cached"], epoch
-        )
+        loaded = _LoadedModule(known.engine, known.module, request["compile_s"], request["cached"])
         # Counted from when serve got the task, so the time its module took to load is
         # not given again.
         watchdog = _Watchdog.for_spec(execution, spec, request["started"])
         if watchdog is not None:
             watchdog.start()
-        _run_module(execution, runtime, loaded, spec, watchdog)
+        _run_module(execution, runtime, loaded, spec)
 
     def _reap(self) -> None:
         while self.executors:
@@ -635,11 +624,23 @@ class _Server:
             for fd in (executor.requests, executor.done):
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            # Killed (a cancel, its time limit's last resort, from outside) mid-task.
+            # Killed (a cancel, its time limit's watchdog, from outside) mid-task.
             task = self.running.pop(pid, None)
             if task is not None:
                 task.status, task.ended_at = status, time.monotonic()
                 self.ended.append(task)
+                self.killed += 1
+
+    def _replace_killed(self) -> None:
+        """Start an idle executor for each one that died with its task (its time limit, a
+        cancel), once that task's frames are out: the fork is made while the coordinator
+        answers, and the next task finds the pool as it was (benchmarks/timeouts.py)."""
+        killed, self.killed = self.killed, 0
+        for _ in range(killed if self.accepting else 0):
+            try:
+                self.idle.append(self._start_executor())
+            except OSError:
+                return  # the next task starts one when it comes (_dispatch)
 
     def _settle_timeout(self) -> float | None:
         if not self.ended:
