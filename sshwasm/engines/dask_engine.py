@@ -528,7 +528,8 @@ class DaskRun:
         prepared: dict[int, _Prepared] = {}
         for job in jobs:
             workers = staging.workers(job, eligible_workers(self.cluster, job))
-            prepared[job.id] = _Prepared(staging.payload(job), workers)
+            if job.id not in staging.refused:  # no host can run it: it failed already
+                prepared[job.id] = _Prepared(staging.payload(job), workers)
         return prepared
 
     def _own(self, job_ids: Sequence[int]) -> None:
@@ -547,7 +548,7 @@ class DaskRun:
         assert self._staging is not None  # set by _prepare
         staging = self._staging
         groups: dict[tuple[Any, ...], list[Job]] = {}
-        for job in jobs:
+        for job in [job for job in jobs if job.id in prepared]:  # not those staging failed
             if job.wasm_sha256 not in self._modules:
                 data = Path(job.wasm_path).read_bytes()
                 # Keyed by content, and on every worker (a worker that dies must not take the
@@ -602,6 +603,8 @@ class DaskRun:
         submitted: dict[Any, int] = {}
         if jobs:
             prepared = self._prepare(client, jobs)
+            skipped += [job.id for job in jobs if job.id not in prepared]  # ended in staging
+            jobs = [job for job in jobs if job.id in prepared]
             submitted = await asyncio.to_thread(self._submit_jobs, client, jobs, prepared)
         flight.add(submitted, jobs)
         pending.update(submitted)
