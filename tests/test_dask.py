@@ -269,16 +269,13 @@ def test_dask_staging_scatters_each_tree_once_and_places_host_dirs(tmp_path: Pat
     [
         (["--after", "1"], "--after"),
         (["--after-any", "1"], "--after-any"),
-        (["--array", "3", "--max-running", "1"], "--max-running"),
-        (["--array", "3%1"], "--max-running"),
-        (["--array", "3", "--halt-after-failures", "1"], "--halt-after-failures"),
         (["--retries", "1", "--retry-failed"], "--retry-failed"),
     ],
 )
 def test_what_the_pool_would_not_honour_is_refused(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], flags: list[str], named: str
 ) -> None:
-    """The scheduler knows no dependencies, array limits or guest-failure retries: each is
+    """The scheduler knows no dependencies or guest-failure retries: each is
     refused in one line before anything is built or recorded, not run without it; the API
     refuses them alike."""
     import sshwasm
@@ -289,8 +286,8 @@ def test_what_the_pool_would_not_honour_is_refused(
     assert err == f"sshwasm: error: {named} is not supported with engine: dask yet\n"
     status, out, _ = _cli(capfd, "--cluster", str(cluster), "jobs", "--json")
     assert (status, json.loads(out)) == (0, [])  # nothing was recorded
-    with sshwasm.Client(cluster=cluster) as client:
-        with pytest.raises(sshwasm.UsageError, match="not supported with engine: dask yet"):
-            client.map(DIRWORK, [[]], max_running=1)
-        with pytest.raises(sshwasm.UsageError, match="not supported with engine: dask yet"):
-            client.submit(DIRWORK, retries=1, retry_failed=True)
+    with (
+        sshwasm.Client(cluster=cluster) as client,
+        pytest.raises(sshwasm.UsageError, match="not supported with engine: dask yet"),
+    ):
+        client.submit(DIRWORK, retries=1, retry_failed=True)

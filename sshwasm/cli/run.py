@@ -266,11 +266,9 @@ def _refuse_held_and_limited_on_dask(ctx: Context) -> None:
     coordinator's (it holds, counts and places again the tasks); the pool's scheduler knows
     none of them, so on `engine: dask` they are refused rather than quietly not honoured."""
     args = ctx.args
-    max_running = args.max_running if args.max_running is not None else args.array_max_running
+    # (--max-running and --halt-after-failures: the scheduler holds them, dask_limits.)
     for flag, given in (
         ("--after", args.after is not None), ("--after-any", args.after_any is not None),
-        ("--max-running", max_running is not None),
-        ("--halt-after-failures", args.halt_after_failures is not None),
         ("--retry-failed", args.retry_failed),
     ):  # fmt: skip
         if given:

@@ -55,6 +55,7 @@ from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
+from .dask_limits import ArrayLimits, annotated, halted_end
 from .dask_staging import DaskStaging
 
 # The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
@@ -216,6 +217,7 @@ class _Answer:
     host: str
     key: str
     frames: list[tuple[bytes, bytes]]
+    halted: int | None = None  # not run: its array halted after this many failures
 
     @classmethod
     def of(cls, answer: Any) -> _Answer:
@@ -232,7 +234,8 @@ class _Answer:
             frames = decoder.feed(body)
             if decoder.pending:
                 raise ProtocolError("it ends inside a frame")
-            return cls(str(fields["host"]), str(fields["key"]), frames)
+            halted = fields.get("halted")
+            return cls(str(fields["host"]), str(fields["key"]), frames, halted)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a task's answer: {exc!r}") from exc
 
@@ -243,6 +246,7 @@ class _Prepared:
 
     payload: bytes  # the launch spec, stdin and input (its --dir tars go as Dask data)
     workers: list[str] | None  # the workers it may run on; None: any
+    limits: dict[str, Any] | None = None  # its array's --max-running etc. (dask_limits)
 
 
 class _Flight:
@@ -319,6 +323,7 @@ class DaskRun:
         self._host_configs: dict[str, str] = {}
         # Stdin, inputs and directories, each packed (and scattered) once per run.
         self._staging: DaskStaging | None = None
+        self._limits = ArrayLimits(store)
 
     def run(self, job_ids: Sequence[int]) -> list[Job]:
         """Submit the jobs and follow them until every one has ended; returns their records."""
@@ -529,7 +534,7 @@ class DaskRun:
         for job in jobs:
             workers = staging.workers(job, eligible_workers(self.cluster, job))
             if job.id not in staging.refused:  # no host can run it: it failed already
-                prepared[job.id] = _Prepared(staging.payload(job), workers)
+                prepared[job.id] = _Prepared(staging.payload(job), workers, self._limits.of(job))
         return prepared
 
     def _own(self, job_ids: Sequence[int]) -> None:
@@ -561,25 +566,27 @@ class DaskRun:
                 job.memory_mb,
                 None if workers is None else tuple(workers),
                 job.retries,
+                (prepared[job.id].limits or {}).get("array"),  # its limits (dask_limits)
             )
             groups.setdefault(shape, []).append(job)
         task = _task_function()
         futures: dict[Any, int] = {}
         # One `map` (one message to the scheduler, the task function pickled once) per kind
         # of task: an array's window is one. Its order is the tasks' priority, oldest first.
-        for (sha256, cpus, memory_mb, workers, retries), group in groups.items():
-            submitted = client.map(
-                task,
-                [prepared[job.id].payload for job in group],
-                # The module, or with --dir copies a tuple of it and their tars' data.
-                [staging.data(job, self._modules[sha256]) for job in group],
-                key=[task_key(job) for job in group],
-                resources={"cpus": cpus, "memory_mb": memory_mb},
-                workers=None if workers is None else list(workers),
-                allow_other_workers=False,
-                retries=retries,
-                pure=False,
-            )
+        for (sha256, cpus, memory_mb, workers, retries, _limits), group in groups.items():
+            with annotated(prepared[group[0].id].limits):
+                submitted = client.map(
+                    task,
+                    [prepared[job.id].payload for job in group],
+                    # The module, or with --dir copies a tuple of it and their tars' data.
+                    [staging.data(job, self._modules[sha256]) for job in group],
+                    key=[task_key(job) for job in group],
+                    resources={"cpus": cpus, "memory_mb": memory_mb},
+                    workers=None if workers is None else list(workers),
+                    allow_other_workers=False,
+                    retries=retries,
+                    pure=False,
+                )
             futures.update(zip(submitted, (job.id for job in group), strict=True))
         return futures
 
@@ -696,6 +703,8 @@ class DaskRun:
             answer = _Answer.of(answer)
         except ValueError:
             return None  # `_record` says so
+        if answer.halted is not None:  # it did not run: its array halted (dask_limits)
+            return halted_end(job, answer.halted)
         host = self.cluster.host(answer.host)
         if host is None or job.output_dir or job.dirs not in ("", "[]") or job.verify:
             return None
@@ -824,6 +833,10 @@ class DaskRun:
             answer = _Answer.of(future.result() if gathered is None else gathered)
         except ValueError as exc:
             self.store.finish(job_id, JobState.FAILED, error=f"dask: an unreadable answer: {exc}")
+            return self.store.get(job_id)
+        if answer.halted is not None:  # it did not run: its array halted (dask_limits)
+            _, state, fields = halted_end(job, answer.halted)
+            self.store.finish(job_id, state, **fields)
             return self.store.get(job_id)
         host = self.cluster.host(answer.host)
         if host is None:
