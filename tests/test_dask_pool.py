@@ -514,30 +514,37 @@ def test_dir_host_dir_verify_and_reuse_on_the_pool(
     )
     assert status == 0, err
     detached = int(out)
-    # The job recorded alone first (as a `jobs` does when its twin ends later): a later
-    # `jobs` must still collect the unlisted twin and judge the pair.
+
+    def judged(job_id: int, *listing: str) -> bool:
+        _cli(capfd, *cluster, "jobs", *listing)
+        with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+            twin = store.verify_twin(job_id)
+            return twin is not None and twin.is_final and store.get(job_id).is_final
+
+    # Generous: each `jobs` collects what ended (a pair together: recorded alone, the
+    # job left the listing before its unlisted twin ended, which no `jobs` collected
+    # then), so this waits only for the two runs (seconds; more on a loaded machine).
+    wait_for(lambda: judged(detached), 120)
+    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+        assert store.get(detached).state.value == "succeeded"
+    # A job recorded before its twin ended (here by collecting it alone): `jobs` still
+    # collects the twin and judges the pair.
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--detach", "--verify", str(built["hello"].path)
+    )
+    assert status == 0, err
+    alone = int(out)
     from sshwasm.cli.coordinate import coordinator_handlers
     from sshwasm.engines.dask_engine import DaskRun
 
-    def main_recorded() -> bool:
+    def recorded_alone() -> bool:
         handlers = coordinator_handlers(False, False)
         with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
-            DaskRun(store, load_cluster(pool_cluster), handlers).collect([store.get(detached)])
-            return store.get(detached).is_final
+            DaskRun(store, load_cluster(pool_cluster), handlers).collect([store.get(alone)])
+            return store.get(alone).is_final
 
-    wait_for(main_recorded, 120)
-
-    def judged() -> bool:
-        _cli(capfd, *cluster, "jobs")
-        with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
-            twin = store.verify_twin(detached)
-            return twin is not None and twin.is_final and store.get(detached).is_final
-
-    # Generous: each `jobs` collects what ended, so this waits only for the twin's run
-    # (seconds; more when the machine is loaded), never for a pair left uncollected.
-    wait_for(judged, 120)
-    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
-        assert store.get(detached).state.value == "succeeded"
+    wait_for(recorded_alone, 120)
+    wait_for(lambda: judged(alone, "--json"), 120)
 
     # --reuse: the first run runs, the second takes its result and nothing runs.
     reuse = [*cluster, "run", "--json", "--reuse", str(built["task"].path), "--", "x"]

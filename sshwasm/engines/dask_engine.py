@@ -188,6 +188,24 @@ def _run_to_collect(runs: Sequence[Run]) -> Run | None:
     return None
 
 
+def _pairs_together(done: dict[Any, int], jobs: Sequence[Job]) -> dict[Any, int]:
+    """`done` without the half of a --verify pair (both among `jobs`) whose other half is
+    neither ended nor recorded: the pair is recorded together. (Recorded alone, the job
+    would leave the listings' unfinished jobs, and its twin, which listings hide, would
+    wait for a `jobs` that never again collected it.)"""
+    by_id = {job.id: job for job in jobs}
+    other: dict[int, int] = {}
+    for job in jobs:
+        if job.is_verify_twin and job.rerun_of in by_id:
+            other[job.id], other[job.rerun_of] = job.rerun_of, job.id
+    ended = set(done.values()) | {job.id for job in jobs if job.is_final}
+    return {
+        future: job_id
+        for future, job_id in done.items()
+        if job_id not in other or other[job_id] in ended
+    }
+
+
 def _next_batch(pending: Any) -> list[Any]:
     """The futures of `as_completed` that ended: at least one (waiting for it), or none when
     every one was handed out."""
@@ -436,11 +454,14 @@ class DaskRun:
                 client.run_on_scheduler, probe, [future.key for future in found]
             )
         # Ended: in memory (an answer) or erred; a future new to this client may not know yet.
-        done = {
-            future: job_id
-            for future, job_id in found.items()
-            if states.get(future.key) in ("memory", "erred")
-        }
+        done = _pairs_together(
+            {
+                future: job_id
+                for future, job_id in found.items()
+                if states.get(future.key) in ("memory", "erred")
+            },
+            jobs,
+        )
         if done:
             import distributed
 
