@@ -407,10 +407,9 @@ def _describe(role: str, answer: dict[str, Any], where: str = "") -> str:
     if state == "running":
         return f"{role} already running (pid {pid}){where}"
     if state == "restarted":
-        return (
-            f"{role} restarted (pid {pid}){where}: it ran sshwasm {answer.get('was')}, "
-            f"this is {pool_version()}"
-        )
+        was = answer.get("was")
+        ran = "an older sshwasm" if was in (None, "unknown") else f"sshwasm {was}"
+        return f"{role} restarted (pid {pid}){where}: it ran {ran}, this is {pool_version()}"
     if state == "stopped":
         return f"{role} stopped (pid {pid})"
     return f"{role} was not running"
