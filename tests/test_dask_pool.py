@@ -662,6 +662,8 @@ def test_array_limits_stale_pool_and_missing_host_dir_on_the_pool(
     for record in records[3:]:
         assert record["error"] == "halted after 2 failures" and record["exit_code"] == 143
         assert record["engine"] == "dask" and record["stdout"] in ("", None), record
+        assert record["host"] is None and record["started_at"] is None, record
+    assert "halted after 2 failures" in halted.stderr and "Traceback" not in halted.stderr
 
     # Detached: no process of ours follows; the scheduler holds and halts the array.
     detached = _run(
@@ -681,6 +683,7 @@ def test_array_limits_stale_pool_and_missing_host_dir_on_the_pool(
     states = [shown[job_id]["state"] for job_id in ids]
     assert states == ["succeeded", "failed"] + ["cancelled"] * 3, [shown[i] for i in ids]
     assert {shown[i]["error"] for i in ids[2:]} == {"halted after 1 failures"}
+    assert {shown[i]["host"] for i in ids[2:]} == {None}
 
     # The API's map takes both limits too.
     import sshwasm as api

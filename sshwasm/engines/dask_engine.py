@@ -725,7 +725,7 @@ class DaskRun:
         except ValueError:
             return None  # `_record` says so
         if answer.halted is not None:  # it did not run: its array halted (dask_limits)
-            return halted_end(job, answer.halted)
+            return self._limits.halted(job, answer.halted, self.handlers.warning)
         host = self.cluster.host(answer.host)
         if host is None or job.output_dir or job.dirs not in ("", "[]") or job.verify:
             return None

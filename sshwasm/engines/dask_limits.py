@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..states import FINAL_STATES, JobState
@@ -31,6 +31,7 @@ class ArrayLimits:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self._arrays: dict[int, dict[str, Any]] = {}
+        self._told: set[int] = set()  # arrays whose halt a followed run said
 
     def of(self, job: Job) -> dict[str, Any] | None:
         """The job's limits annotation; None when it is not a task of a limited array."""
@@ -47,6 +48,18 @@ class ArrayLimits:
                 "failed": sum(counts.get(state, 0) for state in _FAILURES),
             }
         return found
+
+    def halted(
+        self, job: Job, halt: int, warning: Callable[[str], None]
+    ) -> tuple[int, JobState, dict[str, Any]]:
+        """`halted_end`, and (once per array) the SSH engine's warning that it halted."""
+        if job.array_id is not None and job.array_id not in self._told:
+            self._told.add(job.array_id)
+            warning(
+                f"array {job.array_id}: halted after {halt} failures; "
+                "its tasks not started are cancelled"
+            )
+        return halted_end(job, halt)
 
 
 @contextlib.contextmanager
