@@ -116,8 +116,9 @@ class LimitsPlugin(SchedulerPlugin):
                 array = self.arrays[token] = _Array(limits)
             array.keys.add(key)
             self.array_of[key] = token
-            if array.max_running is not None:
-                task = scheduler.tasks[key]
+            task = scheduler.tasks[key]
+            # Held only when new (a key submitted again while it runs or ended stays as it is).
+            if array.max_running is not None and task.state == "released":
                 # A new dict: Dask may share one between the tasks of a `map`.
                 held = {**(task.resource_restrictions or {}), HOLD_RESOURCE: 1}
                 task.resource_restrictions = held
@@ -171,6 +172,8 @@ class LimitsPlugin(SchedulerPlugin):
             restrictions = dict(task.resource_restrictions or {})
             restrictions.pop(HOLD_RESOURCE, None)
             task.resource_restrictions = restrictions or None
+            if task.state in ("memory", "erred"):
+                continue  # ended already: it takes no place
             array.active.add(key)
             if task.state == "no-worker":
                 ready.append(key)
