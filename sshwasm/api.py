@@ -821,8 +821,6 @@ class _Flow:
         if engine == "dask":  # as `run` refuses them there: the pool would not honour them
             for what, given in (
                 ("after", after), ("after_any", after_any), ("retry_failed", self.retry_failed),
-                ("max_running", self.max_running is not None),
-                ("halt_after_failures", self.halt_after_failures is not None),
             ):  # fmt: skip
                 if given:
                     raise UsageError(f"{what} is not supported with engine: dask yet")

@@ -17,6 +17,7 @@ and retries. Nothing here re-implements them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shlex
 import socket
@@ -42,6 +43,12 @@ STOP_GRACE_S = 10.0
 # The host's files, under `<workdir>/dask/`.
 POOL_SUBDIR = "dask"
 PRELOAD_NAME = "sshwasm_preload.py"
+# Arrays' --max-running/--halt-after-failures (engines/dask_limits_plugin.py), preloaded by
+# the scheduler and the workers.
+LIMITS_NAME = "sshwasm_limits.py"
+# The pool's processes' environment variable of the sshwasm that started them (the
+# scheduler's plugin tells it; `pool up` keeps it in `<role>.version` beside the pid file).
+VERSION_VARIABLE = "SSHWASM_POOL_VERSION"
 CA_FILE = "ca.pem"
 CERT_FILE = "host.pem"
 KEY_FILE = "host.key"
@@ -55,10 +62,13 @@ _RESOURCE_FORBIDDEN = frozenset(",= \t")
 # Runs on the host as `python -c HELPER WORKDIR COMMAND ARGS...`; stdlib only (Python 3.9).
 #   put                  files from a JSON object on stdin into <workdir>/dask (mode 0600)
 #   start ROLE ENV ARGV  start ARGV detached unless ROLE's pid file names a live process
+#                        of the same version (ENV's SSHWASM_POOL_VERSION; <role>.version):
+#                        one of another version is stopped first ("restarted", "was")
 #   stop ROLE            SIGTERM ROLE's process group, SIGKILL after a grace; remove pid file
 #   state ROLE           whether ROLE runs
 #   runs                 the runs of the job keys (a JSON list on stdin) in <workdir>/jobs
-# Each prints one JSON line: {"state": "started"|"running"|"stopped"|"absent", "pid": N}
+# Each prints one JSON line: {"state": "started"|"restarted"|"running"|"stopped"|"absent",
+# "pid": N, "was": the version a restarted process ran}
 # (runs: {"runs": {BASE: [{"key", "state", "error", "alive", "mtime"}, ...]}}).
 HELPER = f"""\
 import json, os, signal, subprocess, sys, time
@@ -87,8 +97,23 @@ def group_alive(pid):
         return False
     except PermissionError:
         return True
-def answer(state, pid=None):
-    print(json.dumps({{"state": state, "pid": pid}}))
+def answer(state, pid=None, was=None):
+    print(json.dumps({{"state": state, "pid": pid, "was": was}}))
+def stop_group(pid):
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + {STOP_GRACE_S}
+    while group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if group_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+        while group_alive(pid):
+            time.sleep(0.05)
+def recorded_version(role):
+    try:
+        with open(os.path.join(pool, role + ".version")) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 if command == "put":
     for name, text in json.loads(sys.stdin.read()).items():
         if "/" in name or name.startswith("."):
@@ -104,22 +129,29 @@ if command == "put":
 elif command == "start":
     role, env, argv = args[0], json.loads(args[1]), args[2:]
     env = {{k: os.path.expanduser(v) if v.startswith("~/") else v for k, v in env.items()}}
+    version = env.get({VERSION_VARIABLE!r}, "")
     pid = pid_of(role)
+    was = None
     if pid is not None:
-        answer("running", pid)
-        sys.exit(0)
+        if recorded_version(role) == version:
+            answer("running", pid)
+            sys.exit(0)
+        was = recorded_version(role) or "unknown"
+        stop_group(pid)
     log_path = os.path.join(pool, role + ".log")
     log = open(log_path, "ab")
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                cwd=pool, env=dict(os.environ, **env), start_new_session=True)
     with open(os.path.join(pool, role + ".pid"), "w") as f:
         f.write(str(process.pid) + "\\n")
+    with open(os.path.join(pool, role + ".version"), "w") as f:
+        f.write(version + "\\n")
     time.sleep({START_CHECK_S})
     if process.poll() is not None:
         with open(log_path, "rb") as f:
             lines = [l for l in f.read()[-4096:].decode(errors="replace").splitlines() if l.strip()]
         sys.exit(role + " exited at once: " + (lines[-1] if lines else "no output"))
-    answer("started", process.pid)
+    answer("started" if was is None else "restarted", process.pid, was)
 elif command == "stop":
     role = args[0]
     pid = pid_of(role)
@@ -130,14 +162,7 @@ elif command == "stop":
             pass
         answer("absent")
         sys.exit(0)
-    os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + {STOP_GRACE_S}
-    while group_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if group_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-        while group_alive(pid):
-            time.sleep(0.05)
+    stop_group(pid)
     os.unlink(os.path.join(pool, role + ".pid"))
     answer("stopped", pid)
 elif command == "state":
@@ -226,6 +251,20 @@ def _preload_text() -> str:
     return (resources.files("sshwasm.engines") / "dask_preload.py").read_text(encoding="utf-8")
 
 
+def _limits_text() -> str:
+    engines = resources.files("sshwasm.engines")
+    return (engines / "dask_limits_plugin.py").read_text(encoding="utf-8")
+
+
+def pool_version() -> str:
+    """This sshwasm's version as a pool records it: the release, and a hash of what the
+    pool's processes load from it (a pool of another build may lack what this one sends)."""
+    from . import __version__
+
+    digest = hashlib.sha256((_preload_text() + "\0" + _limits_text()).encode()).hexdigest()
+    return f"{__version__}+{digest[:10]}"
+
+
 def _remote_pool_path(host: Host, name: str) -> str:
     """`<workdir>/dask/<name>` as the host's processes see it (`~` is theirs to expand)."""
     return f"{host.workdir.rstrip('/')}/{POOL_SUBDIR}/{name}"
@@ -290,6 +329,7 @@ def _environment(host: Host, plan: PoolPlan) -> dict[str, str]:
         "DASK_CONFIG": _remote_pool_path(host, "config"),
         "DASK_TEMPORARY_DIRECTORY": _remote_pool_path(host, "tmp"),
         "SSHWASM_WORKDIR": host.workdir,
+        VERSION_VARIABLE: pool_version(),
         # The Active Memory Manager would drop the copies of each module that `scatter(...,
         # broadcast=True)` put on every worker, down to one: a worker that dies would then
         # take the only copy with it, and its tasks could not run again elsewhere.
@@ -319,6 +359,8 @@ def scheduler_argv(plan: PoolPlan) -> list[str]:
         plan.protocol,
         "--dashboard-address",
         f"127.0.0.1:{plan.settings.dashboard_port}",
+        "--preload",
+        _remote_pool_path(host, LIMITS_NAME),
         *_tls_args(host, plan),
     ]
 
@@ -351,6 +393,8 @@ def worker_argv(plan: PoolPlan, host: Host) -> list[str]:
         _remote_pool_path(host, "worker-space"),
         "--preload",
         _remote_pool_path(host, PRELOAD_NAME),
+        "--preload",
+        _remote_pool_path(host, LIMITS_NAME),
         *_tls_args(host, plan),
     ]
 
@@ -362,6 +406,10 @@ def _describe(role: str, answer: dict[str, Any], where: str = "") -> str:
         return f"{role} started (pid {pid}){where}"
     if state == "running":
         return f"{role} already running (pid {pid}){where}"
+    if state == "restarted":
+        was = answer.get("was")
+        ran = "an older sshwasm" if was in (None, "unknown") else f"sshwasm {was}"
+        return f"{role} restarted (pid {pid}){where}: it ran {ran}, this is {pool_version()}"
     if state == "stopped":
         return f"{role} stopped (pid {pid})"
     return f"{role} was not running"
@@ -375,7 +423,7 @@ async def _prepare_host(
 ) -> None:
     """Runner, preload plugin and (with TLS) the CA and the host's own pair, on the host."""
     await control.transport.install_runner()
-    files = {PRELOAD_NAME: _preload_text()}
+    files = {PRELOAD_NAME: _preload_text(), LIMITS_NAME: _limits_text()}
     if certs is not None:
         pair = ensure_host_pair(certs, host.name, host.address)
         files[CA_FILE] = certs.ca_cert.read_text()
@@ -558,14 +606,20 @@ def security_for(plan: PoolPlan, certs: PoolCertificates | None = None) -> Any:
     )
 
 
-def connect(plan: PoolPlan, timeout: float = CONNECT_TIMEOUT_S, security: Any = None) -> Any:
-    """A `distributed.Client` of the pool's scheduler; a one-line error when unreachable."""
+def connect(
+    plan: PoolPlan,
+    timeout: float = CONNECT_TIMEOUT_S,
+    security: Any = None,
+    check_version: bool = True,
+) -> Any:
+    """A `distributed.Client` of the pool's scheduler; a one-line error when unreachable,
+    or (`check_version`) when the pool runs another sshwasm than this one."""
     _check_reachable(plan)
     import distributed
 
     Client: Any = distributed.Client
     try:
-        return Client(
+        client = Client(
             plan.scheduler_address,
             security=security if security is not None else security_for(plan),
             timeout=timeout,
@@ -576,6 +630,42 @@ def connect(plan: PoolPlan, timeout: float = CONNECT_TIMEOUT_S, security: Any = 
             f"the pool's scheduler at {plan.scheduler_address} does not answer "
             f"({_reason(exc)}); is the pool up (`sshwasm pool up`)?"
         ) from exc
+    if check_version:
+        try:
+            _check_version(client)
+        except BaseException:
+            client.close()
+            raise
+    return client
+
+
+# Runs inside the scheduler: the sshwasm version its limits plugin was started with (None:
+# no such plugin, a pool of an sshwasm older than the version check).
+_VERSION_SOURCE = """
+def sshwasm_pool_version(dask_scheduler=None):
+    plugin = dask_scheduler.plugins.get("sshwasm-limits")
+    return None if plugin is None else str(plugin.version)
+"""
+
+
+def running_version(client: Any) -> str | None:
+    """The sshwasm version the pool's scheduler runs (None: older than this question)."""
+    namespace: dict[str, Any] = {"__name__": "sshwasm_pool_probe"}
+    exec(compile(_VERSION_SOURCE, "<sshwasm pool version>", "exec"), namespace)
+    found: str | None = client.run_on_scheduler(namespace["sshwasm_pool_version"])
+    return found
+
+
+def _check_version(client: Any) -> None:
+    """A one-line error when the pool's processes were started by another sshwasm: what
+    they load (the worker plugin, the limits) may lack what this one sends, and a run
+    would fail obscurely or hang."""
+    found, mine = running_version(client), pool_version()
+    if found != mine:
+        raise SshwasmError(
+            f"the pool runs sshwasm {found or 'older than ' + mine.split('+')[0]}, this is "
+            f"{mine}: run 'sshwasm pool down' then 'sshwasm pool up'"
+        )
 
 
 def _wait_listening(plan: PoolPlan, timeout: float) -> None:
@@ -645,10 +735,11 @@ def _used_resources_function() -> Callable[..., Any]:
 
 def pool_status(plan: PoolPlan) -> dict[str, Any]:
     """The scheduler's address, its workers with their resources and use, the dashboard."""
-    client = connect(plan)
+    client = connect(plan, check_version=False)  # status shows the version instead
     try:
         info = client.scheduler_info(n_workers=-1)
         used = client.run_on_scheduler(_used_resources_function())
+        version = running_version(client)
     finally:
         client.close()
     workers = []
@@ -670,6 +761,8 @@ def pool_status(plan: PoolPlan) -> dict[str, Any]:
         "scheduler": plan.scheduler_address,
         "scheduler_host": plan.scheduler_host.name,
         "tls": plan.settings.tls,
+        "version": version,
+        "client_version": pool_version(),
         "dashboard": plan.dashboard_url,
         "workers": workers,
         "workers_missing": missing,

@@ -269,16 +269,13 @@ def test_dask_staging_scatters_each_tree_once_and_places_host_dirs(tmp_path: Pat
     [
         (["--after", "1"], "--after"),
         (["--after-any", "1"], "--after-any"),
-        (["--array", "3", "--max-running", "1"], "--max-running"),
-        (["--array", "3%1"], "--max-running"),
-        (["--array", "3", "--halt-after-failures", "1"], "--halt-after-failures"),
         (["--retries", "1", "--retry-failed"], "--retry-failed"),
     ],
 )
 def test_what_the_pool_would_not_honour_is_refused(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], flags: list[str], named: str
 ) -> None:
-    """The scheduler knows no dependencies, array limits or guest-failure retries: each is
+    """The scheduler knows no dependencies or guest-failure retries: each is
     refused in one line before anything is built or recorded, not run without it; the API
     refuses them alike."""
     import sshwasm
@@ -289,8 +286,38 @@ def test_what_the_pool_would_not_honour_is_refused(
     assert err == f"sshwasm: error: {named} is not supported with engine: dask yet\n"
     status, out, _ = _cli(capfd, "--cluster", str(cluster), "jobs", "--json")
     assert (status, json.loads(out)) == (0, [])  # nothing was recorded
-    with sshwasm.Client(cluster=cluster) as client:
-        with pytest.raises(sshwasm.UsageError, match="not supported with engine: dask yet"):
-            client.map(DIRWORK, [[]], max_running=1)
-        with pytest.raises(sshwasm.UsageError, match="not supported with engine: dask yet"):
-            client.submit(DIRWORK, retries=1, retry_failed=True)
+    with (
+        sshwasm.Client(cluster=cluster) as client,
+        pytest.raises(sshwasm.UsageError, match="not supported with engine: dask yet"),
+    ):
+        client.submit(DIRWORK, retries=1, retry_failed=True)
+
+
+def test_the_limits_plugin_goes_to_hosts_as_it_is_named(tmp_path: Path) -> None:
+    """The limits plugin is copied to the hosts and preloaded there beside the runner
+    plugin: it imports only the standard library and distributed, and the names both
+    sides use agree (the module name, the version variable, the failures counted)."""
+    import ast
+
+    from sshwasm import pool
+    from sshwasm.engines import dask_limits, dask_limits_plugin, dask_preload
+    from sshwasm.states import JobState
+
+    source = Path(dask_limits_plugin.__file__).read_text()
+    imported = {
+        (node.module or "") if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert {name.split(".")[0] for name in imported} <= {
+        "__future__", "heapq", "json", "os", "time", "typing", "distributed",
+    }, imported  # fmt: skip
+    assert dask_preload.LIMITS_MODULE + ".py" == pool.LIMITS_NAME
+    assert dask_limits_plugin.VERSION_VARIABLE == pool.VERSION_VARIABLE
+    assert f'plugins.get("{dask_limits_plugin.PLUGIN_NAME}")' in pool._VERSION_SOURCE
+    assert {state.value for state in dask_limits._FAILURES} == dask_limits_plugin.FAILURE_STATES
+    assert JobState.SUCCEEDED.value not in dask_limits_plugin.FAILURE_STATES
+    cluster = load_cluster(_write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS))
+    argv = pool.scheduler_argv(pool.plan_for(cluster))
+    assert argv[argv.index("--preload") + 1].endswith("/dask/" + pool.LIMITS_NAME)

@@ -515,15 +515,36 @@ def test_dir_host_dir_verify_and_reuse_on_the_pool(
     assert status == 0, err
     detached = int(out)
 
-    def judged() -> bool:
-        _cli(capfd, *cluster, "jobs")
+    def judged(job_id: int, *listing: str) -> bool:
+        _cli(capfd, *cluster, "jobs", *listing)
         with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
-            twin = store.verify_twin(detached)
-            return twin is not None and twin.is_final and store.get(detached).is_final
+            twin = store.verify_twin(job_id)
+            return twin is not None and twin.is_final and store.get(job_id).is_final
 
-    wait_for(judged, 60)
+    # Generous: each `jobs` collects what ended (a pair together: recorded alone, the
+    # job left the listing before its unlisted twin ended, which no `jobs` collected
+    # then), so this waits only for the two runs (seconds; more on a loaded machine).
+    wait_for(lambda: judged(detached), 120)
     with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
         assert store.get(detached).state.value == "succeeded"
+    # A job recorded before its twin ended (here by collecting it alone): `jobs` still
+    # collects the twin and judges the pair.
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--detach", "--verify", str(built["hello"].path)
+    )
+    assert status == 0, err
+    alone = int(out)
+    from sshwasm.cli.coordinate import coordinator_handlers
+    from sshwasm.engines.dask_engine import DaskRun
+
+    def recorded_alone() -> bool:
+        handlers = coordinator_handlers(False, False)
+        with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+            DaskRun(store, load_cluster(pool_cluster), handlers).collect([store.get(alone)])
+            return store.get(alone).is_final
+
+    wait_for(recorded_alone, 120)
+    wait_for(lambda: judged(alone, "--json"), 120)
 
     # --reuse: the first run runs, the second takes its result and nothing runs.
     reuse = [*cluster, "run", "--json", "--reuse", str(built["task"].path), "--", "x"]
@@ -589,3 +610,139 @@ def test_a_thousand_task_array_on_the_pool(
             theirs = {**theirs, "array_task": task, "stdout": ours["stdout"]}
         same = {key: value for key, value in theirs.items() if key not in _RUN_FIELDS}
         assert {key: ours[key] for key in same} == same, task
+
+
+def _most_at_once(job_dirs: set[Path]) -> int:
+    """The most runs whose guests ran at the same time (their result.json's clocks)."""
+    from datetime import datetime
+
+    edges = []
+    for job_dir in job_dirs:
+        result = json.loads((job_dir / "result.json").read_text())
+        edges.append((datetime.fromisoformat(result["started_at"]), 1))
+        edges.append((datetime.fromisoformat(result["finished_at"]), -1))
+    most = running = 0
+    for _when, step in sorted(edges):  # an end before a start at the same instant
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_array_limits_stale_pool_and_missing_host_dir_on_the_pool(
+    dask_pool: Pool, pool_cluster: Path, built: dict[str, Any], tmp_path: Path
+) -> None:
+    """--array N%K and --halt-after-failures on the pool, followed, detached (the scheduler
+    holds them) and through the API, with the SSH engine's records; a --host-dir no worker
+    has never reaches the pool; a pool started by another sshwasm is named in one line,
+    shown by `pool status` and restarted by `pool up`. (Last: it restarts the pool.)"""
+    from sshwasm.engines.dask_engine import _STATES_SOURCE, _by_value
+    from sshwasm.pool import connect, plan_for, pool_version
+
+    cluster = ["--cluster", str(pool_cluster)]
+    # At most 2 at once of 6 one-second tasks, on 3 cpus (alpha 2, beta 1).
+    before = dask_pool.job_dirs()
+    sleep = str(built["sleep"].path)
+    done = _run(*cluster, "run", "--array", "6%2", "--json", "--quiet", sleep, "--", "1")
+    assert done.returncode == 0, done.stderr
+    assert [r["state"] for r in json.loads(done.stdout)] == ["succeeded"] * 6
+    ran = dask_pool.job_dirs() - before
+    assert len(ran) == 6 and _most_at_once(ran) <= 2, _most_at_once(ran)
+
+    # Followed: one at a time; tasks 1 and 2 fail, so the 3 not started end cancelled.
+    tiny_fail = str(built["task"].path)
+    (tmp_path / "fails.txt").write_text("-\n1\n2\n-\n-\n-\n")
+    halted = _run(
+        *cluster, "run", "--json", "--args-from", str(tmp_path / "fails.txt"),
+        "--max-running", "1", "--halt-after-failures", "2", tiny_fail,
+    )  # fmt: skip
+    assert halted.returncode == 5, halted.stderr
+    records = json.loads(halted.stdout)
+    states = [r["state"] for r in records]
+    assert states == ["succeeded", "failed", "failed"] + ["cancelled"] * 3, records
+    for record in records[3:]:
+        assert record["error"] == "halted after 2 failures" and record["exit_code"] == 143
+        assert record["engine"] == "dask" and record["stdout"] in ("", None), record
+        assert record["host"] is None and record["started_at"] is None, record
+    assert "halted after 2 failures" in halted.stderr and "Traceback" not in halted.stderr
+
+    # Detached: no process of ours follows; the scheduler holds and halts the array.
+    detached = _run(
+        *cluster, "run", "--detach", "--array", "5%1", "--halt-after-failures", "1",
+        tiny_fail, "--", "1",
+    )  # fmt: skip
+    assert detached.returncode == 0, detached.stderr
+    ids = [int(line) for line in detached.stdout.split()]
+    assert not detached_coordinators(tmp_path / "data" / "jobs.sqlite")
+
+    def collected() -> bool:
+        listed = json.loads(_run(*cluster, "jobs", "--json", "--limit", "5").stdout)
+        return all(r["state"] not in ("queued", "running") for r in listed)
+
+    wait_for(collected, 120)
+    shown = {r["id"]: r for r in json.loads(_run(*cluster, "jobs", "--json").stdout)}
+    states = [shown[job_id]["state"] for job_id in ids]
+    assert states == ["succeeded", "failed"] + ["cancelled"] * 3, [shown[i] for i in ids]
+    assert {shown[i]["error"] for i in ids[2:]} == {"halted after 1 failures"}
+    assert {shown[i]["host"] for i in ids[2:]} == {None}
+
+    # The API's map takes both limits too.
+    import sshwasm as api
+
+    with api.Client(cluster=pool_cluster) as client:
+        mapped = client.map(tiny_fail, [["1"], ["1"], ["1"]], max_running=1, halt_after_failures=1)
+        ends = [job.result(timeout=120) for job in mapped]
+    assert [end.state for end in ends] == ["succeeded", "failed", "cancelled"], ends
+    assert ends[2].error == "halted after 1 failures"
+
+    # A --host-dir no worker has: failed at once, even detached, and no task of it is in
+    # the pool (neither published nor known to the scheduler).
+    nowhere = f"{tmp_path}/nowhere::/ref"
+    refused = _run(*cluster, "run", "--detach", DIRWORK, "--host-dir", nowhere)
+    assert refused.returncode == 0, refused.stderr
+    (refused_id,) = [int(line) for line in refused.stdout.split()]
+    record = json.loads(_run(*cluster, "status", "--json", str(refused_id)).stdout)
+    assert record["state"] == "failed" and "no host could run the job (" in record["error"]
+    from sshwasm.store import JobStore
+
+    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+        key = f"sshwasm-{store.get(refused_id).remote_key.split('.', 1)[0]}"
+    plan = plan_for(load_cluster(pool_cluster))
+    client = connect(plan)
+    try:
+        assert key not in client.list_datasets()
+        states_probe = _by_value(_STATES_SOURCE, "sshwasm_states")
+        assert client.run_on_scheduler(states_probe, [key]) == {}
+
+        # A pool of another sshwasm (as after an upgrade): its recorded version altered.
+        older = "0.0.1+0123456789"
+        alter = (
+            "def sshwasm_alter(version, dask_scheduler=None):\n"
+            "    dask_scheduler.plugins['sshwasm-limits'].version = version\n"
+        )
+        client.run_on_scheduler(_by_value(alter, "sshwasm_alter"), older)
+    finally:
+        client.close()
+    for name, roles in (("alpha", ("scheduler", "worker")), ("beta", ("worker",))):
+        for role in roles:
+            (dask_pool.workers / name / "dask" / f"{role}.version").write_text(older + "\n")
+    mine = pool_version()
+    stale = _run(*cluster, "run", str(built["hello"].path))
+    assert stale.returncode == 1 and stale.stdout == ""
+    assert stale.stderr == (
+        f"sshwasm: error: the pool runs sshwasm {older}, this is {mine}: "
+        "run 'sshwasm pool down' then 'sshwasm pool up'\n"
+    )
+    status = _run(*cluster, "pool", "status")
+    assert status.returncode == 0 and f"sshwasm: {older}" in status.stdout, status
+    assert f"the pool runs sshwasm {older}, this is {mine}" in status.stderr
+    up = _run(*cluster, "pool", "up", timeout=180)
+    assert up.returncode == 0, up.stderr
+    assert "alpha: scheduler restarted" in up.stdout, up.stdout
+    for name in ("alpha", "beta"):  # a worker may have left with the old scheduler first
+        assert f"{name}: worker restarted" in up.stdout or f"{name}: worker started" in up.stdout
+    assert f"it ran sshwasm {older}, this is {mine}" in up.stdout
+    assert "pool: 2 workers connected" in up.stdout
+    report = json.loads(_run(*cluster, "pool", "status", "--json").stdout)
+    assert report["version"] == mine
+    hello = _run(*cluster, "run", str(built["hello"].path))
+    assert hello.returncode == 0 and hello.stdout.endswith("job done, hello!\n"), hello

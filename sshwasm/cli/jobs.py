@@ -38,10 +38,20 @@ def refresh(ctx: Context, jobs: Sequence[Job]) -> list[Job]:
     from ..liveness import needs_refresh
 
     orphans = [job for job in jobs if needs_refresh(job)]
-    if any(job.engine == "dask" for job in orphans):  # engine: dask (issue 12)
+    # A detached --verify job on the pool recorded before its (unlisted) twin ended: the
+    # twin is collected on its own, so that the pair is judged once it ends too.
+    twins = [
+        twin
+        for job in jobs
+        if job.verify and job.engine == "dask" and job.is_final and not job.is_verify_twin
+        for twin in [ctx.store.verify_twin(job.id)]
+        if twin is not None and twin.engine == "dask" and needs_refresh(twin)
+    ]
+    if twins or any(job.engine == "dask" for job in orphans):  # engine: dask (issue 12)
         from .dask_run import collect_detached
 
-        collected = collect_detached(ctx, [job for job in orphans if job.engine == "dask"])
+        dask_jobs = [job for job in orphans if job.engine == "dask"] + twins
+        collected = collect_detached(ctx, dask_jobs)
         jobs = [collected.get(job.id, job) for job in jobs]
         orphans = [job for job in orphans if job.engine != "dask"]
     # Queued ones were never placed: lost, all in one transaction, no host to ask.

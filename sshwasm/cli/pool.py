@@ -82,6 +82,12 @@ def _status(plan: Any, as_json: bool) -> int:
         print_json(status)
         return ExitStatus.OK
     say(f"scheduler: {status['scheduler']} on {status['scheduler_host']}")
+    say(f"sshwasm: {status['version'] or 'unknown (older)'}")
+    if status["version"] != status["client_version"]:
+        warn(
+            f"the pool runs sshwasm {status['version'] or 'unknown (older)'}, this is "
+            f"{status['client_version']}: `sshwasm pool up` restarts it"
+        )
     say(f"dashboard: {dashboard_hint(plan)}")
     say(
         f"workers: {len(status['workers'])} connected, tasks processing: "

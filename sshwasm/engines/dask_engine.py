@@ -55,6 +55,7 @@ from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
+from .dask_limits import ArrayLimits, annotated, halted_end
 from .dask_staging import DaskStaging
 
 # The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
@@ -187,6 +188,24 @@ def _run_to_collect(runs: Sequence[Run]) -> Run | None:
     return None
 
 
+def _pairs_together(done: dict[Any, int], jobs: Sequence[Job]) -> dict[Any, int]:
+    """`done` without the half of a --verify pair (both among `jobs`) whose other half is
+    neither ended nor recorded: the pair is recorded together. (Recorded alone, the job
+    would leave the listings' unfinished jobs, and its twin, which listings hide, would
+    wait for a `jobs` that never again collected it.)"""
+    by_id = {job.id: job for job in jobs}
+    other: dict[int, int] = {}
+    for job in jobs:
+        if job.is_verify_twin and job.rerun_of in by_id:
+            other[job.id], other[job.rerun_of] = job.rerun_of, job.id
+    ended = set(done.values()) | {job.id for job in jobs if job.is_final}
+    return {
+        future: job_id
+        for future, job_id in done.items()
+        if job_id not in other or other[job_id] in ended
+    }
+
+
 def _next_batch(pending: Any) -> list[Any]:
     """The futures of `as_completed` that ended: at least one (waiting for it), or none when
     every one was handed out."""
@@ -216,6 +235,7 @@ class _Answer:
     host: str
     key: str
     frames: list[tuple[bytes, bytes]]
+    halted: int | None = None  # not run: its array halted after this many failures
 
     @classmethod
     def of(cls, answer: Any) -> _Answer:
@@ -232,7 +252,8 @@ class _Answer:
             frames = decoder.feed(body)
             if decoder.pending:
                 raise ProtocolError("it ends inside a frame")
-            return cls(str(fields["host"]), str(fields["key"]), frames)
+            halted = fields.get("halted")
+            return cls(str(fields["host"]), str(fields["key"]), frames, halted)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a task's answer: {exc!r}") from exc
 
@@ -243,6 +264,7 @@ class _Prepared:
 
     payload: bytes  # the launch spec, stdin and input (its --dir tars go as Dask data)
     workers: list[str] | None  # the workers it may run on; None: any
+    limits: dict[str, Any] | None = None  # its array's --max-running etc. (dask_limits)
 
 
 class _Flight:
@@ -319,6 +341,7 @@ class DaskRun:
         self._host_configs: dict[str, str] = {}
         # Stdin, inputs and directories, each packed (and scattered) once per run.
         self._staging: DaskStaging | None = None
+        self._limits = ArrayLimits(store)
 
     def run(self, job_ids: Sequence[int]) -> list[Job]:
         """Submit the jobs and follow them until every one has ended; returns their records."""
@@ -431,11 +454,14 @@ class DaskRun:
                 client.run_on_scheduler, probe, [future.key for future in found]
             )
         # Ended: in memory (an answer) or erred; a future new to this client may not know yet.
-        done = {
-            future: job_id
-            for future, job_id in found.items()
-            if states.get(future.key) in ("memory", "erred")
-        }
+        done = _pairs_together(
+            {
+                future: job_id
+                for future, job_id in found.items()
+                if states.get(future.key) in ("memory", "erred")
+            },
+            jobs,
+        )
         if done:
             import distributed
 
@@ -528,7 +554,8 @@ class DaskRun:
         prepared: dict[int, _Prepared] = {}
         for job in jobs:
             workers = staging.workers(job, eligible_workers(self.cluster, job))
-            prepared[job.id] = _Prepared(staging.payload(job), workers)
+            if job.id not in staging.refused:  # no host can run it: it failed already
+                prepared[job.id] = _Prepared(staging.payload(job), workers, self._limits.of(job))
         return prepared
 
     def _own(self, job_ids: Sequence[int]) -> None:
@@ -547,7 +574,7 @@ class DaskRun:
         assert self._staging is not None  # set by _prepare
         staging = self._staging
         groups: dict[tuple[Any, ...], list[Job]] = {}
-        for job in jobs:
+        for job in [job for job in jobs if job.id in prepared]:  # not those staging failed
             if job.wasm_sha256 not in self._modules:
                 data = Path(job.wasm_path).read_bytes()
                 # Keyed by content, and on every worker (a worker that dies must not take the
@@ -560,25 +587,27 @@ class DaskRun:
                 job.memory_mb,
                 None if workers is None else tuple(workers),
                 job.retries,
+                (prepared[job.id].limits or {}).get("array"),  # its limits (dask_limits)
             )
             groups.setdefault(shape, []).append(job)
         task = _task_function()
         futures: dict[Any, int] = {}
         # One `map` (one message to the scheduler, the task function pickled once) per kind
         # of task: an array's window is one. Its order is the tasks' priority, oldest first.
-        for (sha256, cpus, memory_mb, workers, retries), group in groups.items():
-            submitted = client.map(
-                task,
-                [prepared[job.id].payload for job in group],
-                # The module, or with --dir copies a tuple of it and their tars' data.
-                [staging.data(job, self._modules[sha256]) for job in group],
-                key=[task_key(job) for job in group],
-                resources={"cpus": cpus, "memory_mb": memory_mb},
-                workers=None if workers is None else list(workers),
-                allow_other_workers=False,
-                retries=retries,
-                pure=False,
-            )
+        for (sha256, cpus, memory_mb, workers, retries, _limits), group in groups.items():
+            with annotated(prepared[group[0].id].limits):
+                submitted = client.map(
+                    task,
+                    [prepared[job.id].payload for job in group],
+                    # The module, or with --dir copies a tuple of it and their tars' data.
+                    [staging.data(job, self._modules[sha256]) for job in group],
+                    key=[task_key(job) for job in group],
+                    resources={"cpus": cpus, "memory_mb": memory_mb},
+                    workers=None if workers is None else list(workers),
+                    allow_other_workers=False,
+                    retries=retries,
+                    pure=False,
+                )
             futures.update(zip(submitted, (job.id for job in group), strict=True))
         return futures
 
@@ -602,6 +631,8 @@ class DaskRun:
         submitted: dict[Any, int] = {}
         if jobs:
             prepared = self._prepare(client, jobs)
+            skipped += [job.id for job in jobs if job.id not in prepared]  # ended in staging
+            jobs = [job for job in jobs if job.id in prepared]
             submitted = await asyncio.to_thread(self._submit_jobs, client, jobs, prepared)
         flight.add(submitted, jobs)
         pending.update(submitted)
@@ -693,6 +724,8 @@ class DaskRun:
             answer = _Answer.of(answer)
         except ValueError:
             return None  # `_record` says so
+        if answer.halted is not None:  # it did not run: its array halted (dask_limits)
+            return self._limits.halted(job, answer.halted, self.handlers.warning)
         host = self.cluster.host(answer.host)
         if host is None or job.output_dir or job.dirs not in ("", "[]") or job.verify:
             return None
@@ -821,6 +854,10 @@ class DaskRun:
             answer = _Answer.of(future.result() if gathered is None else gathered)
         except ValueError as exc:
             self.store.finish(job_id, JobState.FAILED, error=f"dask: an unreadable answer: {exc}")
+            return self.store.get(job_id)
+        if answer.halted is not None:  # it did not run: its array halted (dask_limits)
+            _, state, fields = halted_end(job, answer.halted)
+            self.store.finish(job_id, state, **fields)
             return self.store.get(job_id)
         host = self.cluster.host(answer.host)
         if host is None:

@@ -38,6 +38,8 @@ PLUGIN_NAME = "sshwasm-runner"
 # Set by `pool up`'s launcher for the worker: the host's sshwasm workdir (absolute).
 WORKDIR_VARIABLE = "SSHWASM_WORKDIR"
 RUNNER_PACKAGE = "sshwasm_exec"
+# The limits of arrays (engines/dask_limits_plugin.py), preloaded beside this file.
+LIMITS_MODULE = "sshwasm_limits"
 # The scheduler's event topic of tasks handed to serve: {"started": [{"base", "key", "host",
 # "at"}, ...]}, the tasks started here since the last event.
 STARTED_TOPIC = "sshwasm-started"
@@ -356,13 +358,24 @@ def sshwasm_job(payload: bytes, module: bytes | tuple[bytes, ...]) -> bytes:
 
     `module` is the module, or for a job with --dir copies a tuple of it and their tars,
     which end the launch spec as the runner reads it (dask_staging)."""
+    import distributed.worker
     from distributed import get_worker
 
     if isinstance(module, tuple):
         module, *tars = module
         payload = b"".join([payload, *tars])
-    plugin: Any = get_worker().plugins[PLUGIN_NAME]
+    worker = get_worker()
+    plugin: Any = worker.plugins[PLUGIN_NAME]
+    # --max-running/--halt-after-failures (sshwasm_limits, preloaded beside this file).
+    limiter: Any = sys.modules.get(LIMITS_MODULE)
+    running: Any = getattr(distributed.worker, "thread_state")  # noqa: B009 (untyped)
+    limits = limiter.limits_of(worker, running.key) if limiter is not None else None
+    halted = limiter.halted_here(worker, limits) if limits is not None else None
+    if halted is not None:  # its array halted: the guest never runs
+        return bytes(limiter.halted_answer(str(worker.name), halted))
     answer: bytes = plugin.run(payload, module)
+    if limits is not None:
+        limiter.tell_failure(worker, limits, plugin.protocol, answer)
     return answer
 
 

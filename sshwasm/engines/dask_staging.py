@@ -117,6 +117,8 @@ class DaskStaging:
         self._inputs: dict[str, bytes] = {}
         self._dirs: dict[str, _StagedDirs] = {}
         self._probed: dict[tuple[str, ...], dict[str, dict[str, str]]] = {}
+        # Jobs `workers` failed (no host can run them): not to be submitted at all.
+        self.refused: set[int] = set()
 
     # ------------------------------------------------------------------ the payload
 
@@ -189,9 +191,8 @@ class DaskStaging:
     def workers(self, job: Job, allowed: list[str] | None) -> list[str] | None:
         """`allowed` (dask_engine.eligible_workers) narrowed, for a job with --host-dir
         directories, to the hosts whose worker has them all. A job no host can run is
-        recorded `failed` at once, as the SSH engine fails it (its task, still submitted
-        with `allowed`, then finds the job ended and never runs it: the runner refuses it
-        where the directory is missing, and a cancelled job is not started)."""
+        recorded `failed` at once, as the SSH engine fails it, and noted in `refused`: its
+        task is never submitted (nothing of it reaches the pool)."""
         paths = tuple(sorted({m.host_path for m in job_mounts(job.dirs) if m.host_path}))
         if not paths:
             return allowed
@@ -219,6 +220,7 @@ class DaskStaging:
                 JobState.FAILED,
                 error=f"no host could run the job ({'; '.join(reasons)})",
             )
+            self.refused.add(job.id)
             return allowed
         for reason in reasons:
             self.warning(f"job {job.id}: skipping {reason}")
