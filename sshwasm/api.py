@@ -819,8 +819,10 @@ class _Flow:
             ):
                 raise UsageError(f"{what} must be a whole number of at least 1, got {value!r}")
         if engine == "dask":  # as `run` refuses them there: the pool would not honour them
+            from .engines.dask_dependencies import refuse_unheld
+
+            refuse_unheld(store, after or after_any)
             for what, given in (
-                ("after", after), ("after_any", after_any), ("retry_failed", self.retry_failed),
                 ("max_running", self.max_running is not None),
                 ("halt_after_failures", self.halt_after_failures is not None),
             ):  # fmt: skip

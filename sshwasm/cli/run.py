@@ -262,19 +262,21 @@ def _check_dirs_with_reruns(ctx: Context, dirs: str) -> None:
 
 
 def _refuse_held_and_limited_on_dask(ctx: Context) -> None:
-    """Dependencies, an array's own limits and retrying a guest's own failure are the SSH
-    coordinator's (it holds, counts and places again the tasks); the pool's scheduler knows
-    none of them, so on `engine: dask` they are refused rather than quietly not honoured."""
+    """An array's own limits are the SSH coordinator's (it counts and places the tasks);
+    the pool's scheduler knows none of them, so on `engine: dask` they are refused rather
+    than quietly not honoured. --after/--after-any/--retry-failed are the pool's
+    (engines/dask_dependencies), but not behind an unfinished job of the SSH engine."""
+    from ..engines.dask_dependencies import refuse_unheld
+
     args = ctx.args
     max_running = args.max_running if args.max_running is not None else args.array_max_running
     for flag, given in (
-        ("--after", args.after is not None), ("--after-any", args.after_any is not None),
         ("--max-running", max_running is not None),
         ("--halt-after-failures", args.halt_after_failures is not None),
-        ("--retry-failed", args.retry_failed),
     ):  # fmt: skip
         if given:
             raise UsageError(f"{flag} is not supported with engine: dask yet")
+    refuse_unheld(ctx.store, args.after or args.after_any or [])
 
 
 def _check_attempt_flags(ctx: Context) -> None:

@@ -55,6 +55,7 @@ from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
+from .dask_dependencies import Flows, decide_at_submit, erred_dependant, take_flow, wants_flow
 from .dask_staging import DaskStaging
 
 # The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
@@ -319,9 +320,12 @@ class DaskRun:
         self._host_configs: dict[str, str] = {}
         # Stdin, inputs and directories, each packed (and scattered) once per run.
         self._staging: DaskStaging | None = None
+        # --after/--after-any/--retry-failed: each such job's task (dask_dependencies).
+        self._flows = Flows(store)
 
     def run(self, job_ids: Sequence[int]) -> list[Job]:
         """Submit the jobs and follow them until every one has ended; returns their records."""
+        decide_at_submit(self.store, job_ids, self.handlers.notice)  # not submitted: _refill
         client = connect(self.plan)
         try:
             return asyncio.run(self._collect(client, list(job_ids)))
@@ -337,6 +341,10 @@ class DaskRun:
         """Submit the jobs and leave them to the scheduler: each task's future is published
         under its key, so the tasks and their answers outlive this process, and a later
         `jobs`/`status` collects them (`collect_detached`)."""
+        ended = set(decide_at_submit(self.store, job_ids, self.handlers.notice))
+        job_ids = [job_id for job_id in job_ids if job_id not in ended]
+        if not job_ids:
+            return
         client = connect(self.plan)
         try:
             self._publish(client, list(job_ids))
@@ -529,6 +537,7 @@ class DaskRun:
         for job in jobs:
             workers = staging.workers(job, eligible_workers(self.cluster, job))
             prepared[job.id] = _Prepared(staging.payload(job), workers)
+        self._flows.prepare(client, jobs)
         return prepared
 
     def _own(self, job_ids: Sequence[int]) -> None:
@@ -547,12 +556,16 @@ class DaskRun:
         assert self._staging is not None  # set by _prepare
         staging = self._staging
         groups: dict[tuple[Any, ...], list[Job]] = {}
+        flows: list[Job] = []  # each its own task (dask_dependencies)
         for job in jobs:
             if job.wasm_sha256 not in self._modules:
                 data = Path(job.wasm_path).read_bytes()
                 # Keyed by content, and on every worker (a worker that dies must not take the
                 # only copy with it): each gets a module once, whatever the jobs.
                 self._modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
+            if self._flows.wants(job):
+                flows.append(job)
+                continue
             workers = prepared[job.id].workers
             shape = (
                 job.wasm_sha256,
@@ -580,6 +593,11 @@ class DaskRun:
                 pure=False,
             )
             futures.update(zip(submitted, (job.id for job in group), strict=True))
+        for job in flows:
+            data = staging.data(job, self._modules[job.wasm_sha256])
+            ready, key = prepared[job.id], task_key(job)
+            flow = self._flows.submit(client, job, ready.payload, data, key, ready.workers)
+            futures[flow] = job.id
         return futures
 
     def _window(self) -> int:
@@ -687,8 +705,8 @@ class DaskRun:
     ) -> tuple[int, JobState, dict[str, Any]] | None:
         """How the job ended, from its task's answer alone (its output taken in meanwhile);
         None when that is not all there is (its host must be asked, or the task failed)."""
-        if future.status != "finished" or answer is None:
-            return None
+        if future.status != "finished" or answer is None or wants_flow(job):
+            return None  # a flow task's answer is read by `_record` (take_flow)
         try:
             answer = _Answer.of(answer)
         except ValueError:
@@ -810,6 +828,8 @@ class DaskRun:
         """Record how the job of an ended task ended (`gathered`: its answer, when gathered
         already), asking its host for its /output and directories if it has them."""
         job = self.store.get(job_id)
+        if future.status != "finished" and erred_dependant(self.store, job):
+            return self.store.get(job_id)
         if future.status != "finished":
             try:
                 error = future.exception()
@@ -818,7 +838,11 @@ class DaskRun:
             self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
             return self.store.get(job_id)
         try:
-            answer = _Answer.of(future.result() if gathered is None else gathered)
+            raw = future.result() if gathered is None else gathered
+            job, raw = take_flow(self.store, job, raw, self.handlers.warning)
+            if raw is None:  # --after not satisfied: the guest never ran
+                return job
+            answer = _Answer.of(raw)
         except ValueError as exc:
             self.store.finish(job_id, JobState.FAILED, error=f"dask: an unreadable answer: {exc}")
             return self.store.get(job_id)
@@ -874,7 +898,7 @@ class DaskRun:
             "host": host.name,
             "host_config": self._host_config(host),
             "remote_key": key,
-            "attempt_hosts": host.name,
+            "attempt_hosts": _with_attempt_host(job, host.name),
             "started_at": job.started_at or utc_now(),
         }
 
@@ -902,6 +926,13 @@ class DaskRun:
             starts.append((job_id, fields))
         if starts:
             self.store.mark_running_many(starts)
+
+
+def _with_attempt_host(job: Job, host: str) -> str:
+    """`attempt_hosts` with the current attempt's host: one name per attempt."""
+    hosts = job.attempt_hosts.split(",") if job.attempt_hosts else []
+    hosts = (hosts + [""] * job.attempts)[: job.attempts - 1]
+    return ",".join([*hosts, host])
 
 
 def _starts_of(events: Sequence[Any]) -> list[dict[str, Any]]:

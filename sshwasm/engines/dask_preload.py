@@ -273,8 +273,10 @@ class RunnerPlugin(WorkerPlugin):
             with self.lock:
                 self.runs.pop(key, None)
         # One bytes object (a JSON line, then the frames as the runner encodes them): Dask
-        # sizes, pickles and sends it whole; a structure cost it a step per item.
-        head = json.dumps({"host": str(self.worker.name), "key": key}).encode()
+        # sizes, pickles and sends it whole; a structure cost it a step per item. The head
+        # says how the run ended, read by the tasks that depend on it (sshwasm_state).
+        state = _final_state(protocol, *frames[-1]) if frames else "lost"
+        head = json.dumps({"host": str(self.worker.name), "key": key, "state": state}).encode()
         return b"\n".join([head, b"".join(protocol.encode_frame(*frame) for frame in frames)])
 
     def _started(self, key: str, event: dict[str, str]) -> None:
@@ -364,6 +366,76 @@ def sshwasm_job(payload: bytes, module: bytes | tuple[bytes, ...]) -> bytes:
     plugin: Any = get_worker().plugins[PLUGIN_NAME]
     answer: bytes = plugin.run(payload, module)
     return answer
+
+
+# --after, --after-any and --retry-failed (engines/dask_dependencies.py submits these).
+# A guest's own failures, retried on the worker with --retry-failed (attempts.GUEST_FAILURES).
+GUEST_FAILURES = ("failed", "timeout", "out_of_memory")
+
+
+def _final_state(protocol: Any, kind: bytes, body: bytes) -> str:
+    """How a run ended, from its last frame: the result's state; `failed` for the
+    runner's error; `lost` for anything else (the client records it so)."""
+    if kind == protocol.KIND_RESULT:
+        with contextlib.suppress(ValueError, AttributeError):
+            return str(json.loads(body).get("state") or "failed")
+        return "failed"
+    return "failed" if kind == protocol.KIND_ERROR else "lost"
+
+
+def _head(answer: bytes) -> dict[str, Any]:
+    head: dict[str, Any] = json.loads(bytes(answer).partition(b"\n")[0])
+    return head
+
+
+def sshwasm_state(answer: bytes) -> str:
+    """The tiny task a dependant waits for: a dependency's answer reduced to its state,
+    run where the answer is, so the answer itself never travels to the dependant."""
+    return str(_head(answer).get("state") or "lost")
+
+
+def sshwasm_flow_job(
+    payload: bytes,
+    module: bytes | tuple[bytes, ...],
+    flow: dict[str, Any],
+    states: list[str],
+) -> bytes:
+    """A job with --after/--after-any (`flow["after"]`: the dependencies' ids, `states`:
+    how each ended, the sshwasm_state tasks Dask held this task behind) or --retry-failed
+    (`flow["retries"]`: more attempts for the guest's own failure).
+
+    --after with a dependency that did not succeed: the guest never runs; the answer says
+    why (`skipped`). Each attempt runs under a key of its own (a job directory of its own);
+    the answer is the last attempt's, with each earlier one's head in `earlier` (its
+    `length` bytes of frames come first in the body, oldest first)."""
+    from distributed import get_worker
+
+    name = str(get_worker().name)
+    if not flow.get("after_any"):
+        after = list(flow.get("after", []))
+        for index, state in enumerate(states):  # (no zip(strict=): hosts' Pythons are 3.9)
+            job_id = after[index] if index < len(after) else "?"
+            if state != "succeeded":
+                reason = f"dependency job {job_id} ended {state}"
+                head = {"host": name, "key": "", "state": "cancelled", "skipped": reason}
+                return json.dumps(head).encode() + b"\n"
+    answers = [sshwasm_job(payload, module)]
+    for _retry in range(int(flow.get("retries", 0))):
+        if _head(answers[-1]).get("state") not in GUEST_FAILURES:
+            break
+        answers.append(sshwasm_job(payload, module))
+    *earlier, last = answers
+    if not earlier:
+        return last
+    heads: list[dict[str, Any]] = []
+    bodies: list[bytes] = []
+    for answer in earlier:
+        head_line, _, body = bytes(answer).partition(b"\n")
+        heads.append({**json.loads(head_line), "length": len(body)})
+        bodies.append(body)
+    head_line, _, body = bytes(last).partition(b"\n")
+    head: dict[str, Any] = {**json.loads(head_line), "earlier": heads}
+    return b"\n".join([json.dumps(head).encode(), b"".join([*bodies, body])])
 
 
 async def dask_setup(worker: Any) -> None:
