@@ -417,7 +417,12 @@ def sshwasm_flow_job(
             job_id = after[index] if index < len(after) else "?"
             if state != "succeeded":
                 reason = f"dependency job {job_id} ended {state}"
-                head = {"host": name, "key": "", "state": "cancelled", "skipped": reason}
+                head: dict[str, Any] = {
+                    "host": name,
+                    "key": "",
+                    "state": "cancelled",
+                    "skipped": reason,
+                }
                 return json.dumps(head).encode() + b"\n"
     answers = [sshwasm_job(payload, module)]
     for _retry in range(int(flow.get("retries", 0))):
@@ -434,7 +439,7 @@ def sshwasm_flow_job(
         heads.append({**json.loads(head_line), "length": len(body)})
         bodies.append(body)
     head_line, _, body = bytes(last).partition(b"\n")
-    head: dict[str, Any] = {**json.loads(head_line), "earlier": heads}
+    head = {**json.loads(head_line), "earlier": heads}
     return b"\n".join([json.dumps(head).encode(), b"".join([*bodies, body])])
 
 
