@@ -618,8 +618,10 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     held = {r["id"]: r for r in json.loads(_run(*cluster, "jobs", "--json").stdout)}
     assert held[b]["state"] == "queued" and held[b]["host"] is None, held[b]
     assert not detached_coordinators(tmp_path / "data" / "jobs.sqlite")
-    # A held job can be cancelled; the others wait on.
+    # A held job can be cancelled; its dependants follow the SSH engine's rule (--after:
+    # cancelled; --after-any: runs), the others wait on.
     f = submit("--after", str(a), hello)
+    f_after, f_any = submit("--after", str(f), hello), submit("--after-any", str(f), hello)
     cancel = _run(*cluster, "cancel", str(f))
     assert cancel.returncode == 0, cancel.stderr
 
@@ -627,7 +629,8 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
         listed = json.loads(_run(*cluster, "jobs", "--json").stdout)
         return {r["id"]: r for r in listed}
 
-    wait_for(lambda: all(records()[i]["state"] not in ("queued", "running") for i in (b, d, e)), 60)
+    ids = (b, d, e, f_after, f_any)
+    wait_for(lambda: all(records()[i]["state"] not in ("queued", "running") for i in ids), 60)
     shown = records()
     assert shown[a]["state"] == "timeout", shown[a]
     assert (shown[b]["state"], shown[b]["exit_code"]) == ("cancelled", 143), shown[b]
@@ -640,6 +643,8 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
         assert shown[ran]["stdout"].endswith("job done, hello!\n")
     assert shown[c]["started_at"] >= shown[a]["finished_at"]
     assert (shown[f]["state"], shown[f]["error"]) == ("cancelled", "cancelled"), shown[f]
+    assert shown[f_after]["error"] == f"dependency job {f} ended cancelled", shown[f_after]
+    assert shown[f_any]["state"] == "succeeded", shown[f_any]
 
     # Decided at submit: a dependency that ended otherwise than succeeded cancels at once.
     late = _run(*cluster, "run", "--json", "--after", str(a), hello)

@@ -129,11 +129,15 @@ class Flows:
     submitted with the others (`submit`, in any thread)."""
 
     store: JobStore
-    plans: dict[int, tuple[dict[str, Any], list[Any]]] = field(default_factory=dict)
+    # Each flow job's flow, and the ids of its dependencies still going.
+    plans: dict[int, tuple[dict[str, Any], list[int]]] = field(default_factory=dict)
+    # Each such dependency's future (with its job key), and its state task once submitted.
+    sources: dict[int, tuple[Any, str]] = field(default_factory=dict)
+    states: dict[int, Any] = field(default_factory=dict)
 
     def prepare(self, client: Any, jobs: Sequence[Job]) -> None:
         """For each job that needs it: its flow (dependencies' ids, --after-any, how many
-        retries of a guest's failure) and the state task of each dependency not ended.
+        retries of a guest's failure) and each dependency not ended as a Dask future.
 
         A dependency still going is found as the scheduler's task of its key: published
         (detached, API), of this same batch, or held by the client that follows it. One the
@@ -144,9 +148,9 @@ class Flows:
         if not flows:
             return
         batch = {job.id for job in jobs}
-        wanted = {dep for job in flows for dep in job.dependencies}
-        dependencies = {dep.id: dep for dep in self.store.get_many(sorted(wanted))}
-        going = [dep for dep in dependencies.values() if not dep.is_final]
+        wanted = {dep for job in flows for dep in job.dependencies} - set(self.sources)
+        dependencies = self.store.get_many(sorted(wanted))
+        going = [dep for dep in dependencies if not dep.is_final]
         published: set[str] = set()
         known: set[str] = set()
         if going:
@@ -155,37 +159,46 @@ class Flows:
             published = set(client.list_datasets())
             probe = _by_value(_KNOWN_SOURCE, "sshwasm_known")
             known = set(client.run_on_scheduler(probe, [task_key(dep) for dep in going]))
-        states: dict[int, Any] = {}
         for dep in going:
             key = task_key(dep)
             if key in published:
                 future = client.get_dataset(key)
-            elif key in known or dep.id in batch:
+            elif key in known or dep.id in batch:  # submitted before it (`submit`)
                 future = distributed.Future(key, client)
             else:
                 raise UsageError(
                     f"--after: job {dep.id} has not ended and the pool's scheduler does not "
                     "know it (run `sshwasm jobs` to settle it, then submit again)"
                 )
-            state = client.submit(
-                _OnHosts(STATE_FUNCTION), future, key=f"sshwasm-after-{job_base(dep)}", pure=False
-            )
-            # Wanted by the scheduler itself until it ran: no client's cancel or exit takes
-            # it from the dependants waiting for it.
-            forget: Any = distributed.fire_and_forget  # untyped
-            forget(state)
-            states[dep.id] = state
+            self.sources[dep.id] = (future, job_base(dep))
         for job in flows:
-            going_ids = [dep for dep in job.dependencies if dep in states]
+            going_ids = [dep for dep in job.dependencies if dep in self.sources]
             flow = {
                 "after": going_ids,
                 "after_any": job.after_any,
                 "retries": job.retries if job.retry_failed else 0,
             }
-            self.plans[job.id] = (flow, [states[dep] for dep in going_ids])
+            self.plans[job.id] = (flow, going_ids)
 
     def wants(self, job: Job) -> bool:
         return job.id in self.plans
+
+    def _state(self, client: Any, dep_id: int) -> Any:
+        """The state task of a dependency (one per dependency, whatever its dependants)."""
+        state = self.states.get(dep_id)
+        if state is None:
+            import distributed
+
+            future, base = self.sources[dep_id]
+            state = client.submit(
+                _OnHosts(STATE_FUNCTION), future, key=f"sshwasm-after-{base}", pure=False
+            )
+            # Wanted by the scheduler itself until it ran: no client's cancel or exit takes
+            # it from the dependants waiting for it.
+            forget: Any = distributed.fire_and_forget  # untyped
+            forget(state)
+            self.states[dep_id] = state
+        return state
 
     def submit(
         self,
@@ -196,8 +209,10 @@ class Flows:
         key: str,
         workers: Sequence[str] | None,
     ) -> Any:
-        """Submit the job's flow task (held by Dask behind its dependencies' state tasks)."""
-        flow, states = self.plans.pop(job.id)
+        """Submit the job's flow task (held by Dask behind its dependencies' state tasks,
+        each submitted now: a dependency of the same batch was submitted before it)."""
+        flow, going = self.plans.pop(job.id)
+        states = [self._state(client, dep_id) for dep_id in going]
         return client.submit(
             _OnHosts(FLOW_FUNCTION),
             payload,
@@ -211,6 +226,34 @@ class Flows:
             retries=job.retries,
             pure=False,
         )
+
+
+def detached_dependants(store: JobStore, job_ids: Sequence[int]) -> list[Job]:
+    """The detached dask jobs held (directly or through others) behind these jobs, oldest
+    first: a forced cancel in the scheduler takes their tasks with it (`settle_dependants`)."""
+    ids = set(job_ids)
+    queued = [job_id for job_id, pid in store.unfinished(JobState.QUEUED) if pid is None]
+    found: list[Job] = []
+    for job in store.get_many(queued):  # in id order: a dependency before its dependants
+        if job.engine == "dask" and ids.intersection(job.dependencies):
+            found.append(job)
+            ids.add(job.id)
+    return found
+
+
+def settle_dependants(store: JobStore, dependants: Sequence[Job]) -> list[int]:
+    """Apply the SSH engine's rule to dependants whose tasks went with a cancelled job's:
+    an --after one ends `cancelled` (`dependency job N ended cancelled`); the others (an
+    --after-any one, or one whose dependency of those is still going) are returned, to be
+    submitted again behind what they still wait for."""
+    again: list[int] = []
+    for job in dependants:  # oldest first: a dependency is settled before its dependants
+        problem = dependency_problem(job, store.get_many(job.dependencies))
+        if problem is None:
+            again.append(job.id)
+        else:
+            store.finish(job.id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error=problem)
+    return again
 
 
 def _by_value(source: str, name: str) -> Callable[..., Any]:

@@ -55,7 +55,15 @@ from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
-from .dask_dependencies import Flows, decide_at_submit, erred_dependant, take_flow, wants_flow
+from .dask_dependencies import (
+    Flows,
+    decide_at_submit,
+    detached_dependants,
+    erred_dependant,
+    settle_dependants,
+    take_flow,
+    wants_flow,
+)
 from .dask_staging import DaskStaging
 
 # The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
@@ -383,7 +391,29 @@ class DaskRun:
             self.store.finish(
                 job.id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
             )
+        # The forced cancel took the tasks of the detached jobs held behind these with it.
+        dependants = detached_dependants(self.store, [job.id for job in jobs])
+        if dependants:
+            again = settle_dependants(self.store, dependants)
+            try:
+                self._submit_again(again, dependants)
+            except Exception as exc:  # the scheduler went away: `jobs` settles them later
+                self.handlers.warning(f"submitting the jobs held behind them again: {exc}")
         return {}
+
+    def _submit_again(self, job_ids: list[int], dependants: Sequence[Job]) -> None:
+        """Forget the published futures of `dependants`, whose tasks a cancel took, and
+        publish the tasks of `job_ids` (those of them that still run) anew."""
+        client = connect(self.plan)
+        try:
+            published = set(client.list_datasets())
+            for job in dependants:
+                if task_key(job) in published:
+                    client.unpublish_dataset(task_key(job))
+            if job_ids:
+                self._publish(client, job_ids)
+        finally:
+            client.close()
 
     @staticmethod
     def _cancel_on_workers(client: Any, bases: set[str]) -> None:
