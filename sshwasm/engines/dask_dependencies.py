@@ -94,7 +94,8 @@ def decide_at_submit(
     held = sorted(set(job_ids) - store.without_dependencies(job_ids))
     if not held:
         return []
-    ended: list[int] = []
+    ends: list[tuple[int, JobState, dict[str, Any]]] = []
+    free: list[int] = []
     decided: dict[tuple[int, ...], tuple[str | None, list[int]]] = {}
     for job in store.get_many(held):
         key = (*job.dependencies, int(job.after_any))
@@ -108,19 +109,16 @@ def decide_at_submit(
             decided[key] = (problem, waiting)
         problem, waiting = decided[key]
         if problem is not None:
-            store.finish(
-                job.id,
-                JobState.CANCELLED,
-                exit_code=CANCELLED_EXIT_CODE,
-                error=problem,
-                engine="dask",
-            )
-            ended.append(job.id)
+            fields = {"exit_code": CANCELLED_EXIT_CODE, "error": problem, "engine": "dask"}
+            ends.append((job.id, JobState.CANCELLED, fields))
         elif not waiting:
-            store.update(job.id, held=0)
+            free.append(job.id)
         elif job.array_id is None or job.array_task == 0:
             notice(f"job {job.id} waits for job(s) {', '.join(map(str, waiting))}")
-    return ended
+    store.finish_many(ends)  # one transaction each, whatever the size of an array
+    if free:
+        store.update_many(free, held=0)
+    return [job_id for job_id, _, _ in ends]
 
 
 @dataclass
