@@ -30,6 +30,7 @@ from helpers import PROGRAMS, detached_coordinators, start_sshwasm, wait_for
 from sshwasm.cli import main
 from sshwasm.cluster import load_cluster
 from sshwasm.errors import SshwasmError
+from sshwasm.store import Job, JobStore
 
 
 def _run(*args: str, timeout: float = 0) -> subprocess.CompletedProcess[str]:
@@ -594,6 +595,13 @@ def test_a_thousand_task_array_on_the_pool(
 # -- --after, --after-any and --retry-failed on the pool (engines/dask_dependencies) -------
 
 
+def _host_result(pool: Pool, job: Job) -> dict[str, Any]:
+    """The result.json of a job's run on its host (its own times, whenever `jobs` took it)."""
+    run = pool.workers / str(job.host) / "jobs" / job.remote_key
+    result: dict[str, Any] = json.loads((run / "result.json").read_text())
+    return result
+
+
 def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     dask_pool: Pool, pool_cluster: Path, built: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -602,6 +610,7 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     records (states, errors, `attempts`)."""
     cluster = ["--cluster", str(pool_cluster)]
     sleep, hello = str(built["sleep"].path), str(built["hello"].path)
+    store = JobStore(tmp_path / "data" / "jobs.sqlite")
 
     def submit(*args: str) -> int:
         done = _run(*cluster, "run", "--detach", *args)
@@ -641,7 +650,7 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     for ran in (c, e):
         assert shown[ran]["state"] == "succeeded", shown[ran]
         assert shown[ran]["stdout"].endswith("job done, hello!\n")
-    assert shown[c]["started_at"] >= shown[a]["finished_at"]
+    assert _host_result(dask_pool, store.get(c))["started_at"] >= shown[a]["finished_at"]
     assert (shown[f]["state"], shown[f]["error"]) == ("cancelled", "cancelled"), shown[f]
     assert shown[f_after]["error"] == f"dependency job {f} ended cancelled", shown[f_after]
     assert shown[f_any]["state"] == "succeeded", shown[f_any]
@@ -658,6 +667,20 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     record = json.loads(followed.stdout)
     assert record["state"] == "succeeded" and record["engine"] == "dask", record
     assert record["started_at"] >= records()[first]["finished_at"]
+    # ... and for a job another `run` follows (its task is that client's, not published).
+    # Read from the jobs file, not `jobs`: the other `run` is this test's process, no
+    # sshwasm command, so `jobs` would take it for dead and settle its job.
+    with ThreadPoolExecutor(1) as thread:
+        other = thread.submit(_run, *cluster, "run", "--json", sleep, "--", "2")
+        wait_for(lambda: store.get_many([record["id"] + 1])[-1:] != [], 30)
+        running = record["id"] + 1
+        wait_for(lambda: store.get(running).state.value == "running", 30)
+        # (Its output is not read: both runs share this process's stdout.)
+        assert _run(*cluster, "run", "--after", str(running), hello).returncode == 0
+        assert other.result(timeout=60).returncode == 0
+    held_job = store.get(running + 1)
+    assert held_job.state.value == "succeeded" and held_job.dependencies == [running]
+    assert _host_result(dask_pool, held_job)["started_at"] >= str(store.get(running).finished_at)
 
     # --retry-failed --retries 2: the guest's own failure runs twice more on the workers,
     # each attempt counted and kept (its output as stderr.N), as the SSH engine does.

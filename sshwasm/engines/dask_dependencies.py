@@ -300,8 +300,10 @@ def take_flow(
             engine="dask",
         )
         return store.get(job.id), None
+    if job.held:  # it ran: no longer waiting (as the SSH engine clears it when placed)
+        store.update(job.id, held=0)
     if not earlier:
-        return job, answer
+        return store.get(job.id), answer
     history = job.history
     hosts = (job.attempt_hosts or "").split(",") if job.attempt_hosts else []
     hosts = (hosts + [""] * job.attempts)[: job.attempts - 1]
