@@ -9,7 +9,9 @@ dependant's task is submitted with, as arguments, one tiny task per dependency t
 its answer to its state where the answer is (`sshwasm_state` of the worker plugin), so the
 scheduler holds the dependant without a slot until they ended, and the answers never move
 between workers. The dependant's task (`sshwasm_flow_job`) then runs the guest, or answers
-`skipped` without running it when `--after` is not satisfied.
+`skipped` without running it when `--after` is not satisfied. A dependency that ended is
+told to that task as recorded, so a job submitted again by another path (`jobs` settling
+after a lost scheduler, a cancel's dependants) keeps the rule too.
 
 A dependency on an unfinished job of the SSH engine cannot be held by the pool: it is
 refused before anything is submitted (`refuse_unheld`).
@@ -127,8 +129,10 @@ class Flows:
     submitted with the others (`submit`, in any thread)."""
 
     store: JobStore
-    # Each flow job's flow, and the ids of its dependencies still going.
-    plans: dict[int, tuple[dict[str, Any], list[int]]] = field(default_factory=dict)
+    # Each flow job's flow, and per dependency its final state, or None: still going.
+    plans: dict[int, tuple[dict[str, Any], list[tuple[int, str | None]]]] = field(
+        default_factory=dict
+    )
     # Each such dependency's future (with its job key), and its state task once submitted.
     sources: dict[int, tuple[Any, str]] = field(default_factory=dict)
     states: dict[int, Any] = field(default_factory=dict)
@@ -149,6 +153,9 @@ class Flows:
         wanted = {dep for job in flows for dep in job.dependencies} - set(self.sources)
         dependencies = self.store.get_many(sorted(wanted))
         going = [dep for dep in dependencies if not dep.is_final]
+        # Those that ended are told to the task as they are recorded (`decide_at_submit`
+        # settled most before; not a job settled again after a lost scheduler).
+        ended = {dep.id: dep.state.value for dep in dependencies if dep.is_final}
         published: set[str] = set()
         known: set[str] = set()
         if going:
@@ -170,13 +177,14 @@ class Flows:
                 )
             self.sources[dep.id] = (future, job_base(dep))
         for job in flows:
-            going_ids = [dep for dep in job.dependencies if dep in self.sources]
             flow = {
-                "after": going_ids,
+                "after": job.dependencies,
                 "after_any": job.after_any,
                 "retries": job.retries if job.retry_failed else 0,
             }
-            self.plans[job.id] = (flow, going_ids)
+            known_states = [(dep, ended.get(dep, "lost")) for dep in job.dependencies]
+            states = [(dep, None if dep in self.sources else state) for dep, state in known_states]
+            self.plans[job.id] = (flow, states)
 
     def wants(self, job: Job) -> bool:
         return job.id in self.plans
@@ -209,8 +217,8 @@ class Flows:
     ) -> Any:
         """Submit the job's flow task (held by Dask behind its dependencies' state tasks,
         each submitted now: a dependency of the same batch was submitted before it)."""
-        flow, going = self.plans.pop(job.id)
-        states = [self._state(client, dep_id) for dep_id in going]
+        flow, known = self.plans.pop(job.id)
+        states = [self._state(client, dep) if state is None else state for dep, state in known]
         return client.submit(
             _OnHosts(FLOW_FUNCTION),
             payload,
