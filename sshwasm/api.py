@@ -818,12 +818,10 @@ class _Flow:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise UsageError(f"{what} must be a whole number of at least 1, got {value!r}")
-        if engine == "dask":  # as `run` refuses them there: the pool would not honour them
-            for what, given in (
-                ("after", after), ("after_any", after_any), ("retry_failed", self.retry_failed),
-            ):  # fmt: skip
-                if given:
-                    raise UsageError(f"{what} is not supported with engine: dask yet")
+        if engine == "dask":  # as `run` refuses it: the pool holds jobs behind its own only
+            from .engines.dask_dependencies import refuse_unheld
+
+            refuse_unheld(store, after or after_any)
         check_dependencies(store, after or after_any)
         return {
             "retries": retries,

@@ -264,35 +264,6 @@ def test_dask_staging_scatters_each_tree_once_and_places_host_dirs(tmp_path: Pat
         assert f"beta: --host-dir {tmp_path}/nowhere: no such directory" in failed.error
 
 
-@pytest.mark.parametrize(
-    ("flags", "named"),
-    [
-        (["--after", "1"], "--after"),
-        (["--after-any", "1"], "--after-any"),
-        (["--retries", "1", "--retry-failed"], "--retry-failed"),
-    ],
-)
-def test_what_the_pool_would_not_honour_is_refused(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], flags: list[str], named: str
-) -> None:
-    """The scheduler knows no dependencies or guest-failure retries: each is
-    refused in one line before anything is built or recorded, not run without it; the API
-    refuses them alike."""
-    import sshwasm
-
-    cluster = _write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS)
-    status, out, err = _cli(capfd, "--cluster", str(cluster), "run", DIRWORK, *flags)
-    assert (status, out) == (1, "")
-    assert err == f"sshwasm: error: {named} is not supported with engine: dask yet\n"
-    status, out, _ = _cli(capfd, "--cluster", str(cluster), "jobs", "--json")
-    assert (status, json.loads(out)) == (0, [])  # nothing was recorded
-    with (
-        sshwasm.Client(cluster=cluster) as client,
-        pytest.raises(sshwasm.UsageError, match="not supported with engine: dask yet"),
-    ):
-        client.submit(DIRWORK, retries=1, retry_failed=True)
-
-
 def test_the_limits_plugin_goes_to_hosts_as_it_is_named(tmp_path: Path) -> None:
     """The limits plugin is copied to the hosts and preloaded there beside the runner
     plugin: it imports only the standard library and distributed, and the names both
@@ -321,3 +292,29 @@ def test_the_limits_plugin_goes_to_hosts_as_it_is_named(tmp_path: Path) -> None:
     cluster = load_cluster(_write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS))
     argv = pool.scheduler_argv(pool.plan_for(cluster))
     assert argv[argv.index("--preload") + 1].endswith("/dask/" + pool.LIMITS_NAME)
+
+
+def test_an_unfinished_ssh_engine_dependency_is_refused_on_dask(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The pool holds a job only behind its own tasks: --after an unfinished job of the SSH
+    engine is refused in one line before anything is recorded (CLI and API alike)."""
+    import sshwasm
+    from sshwasm.store import JobStore
+
+    cluster = _write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS)
+    with sshwasm.Client(cluster=cluster) as client:
+        (ssh_job,) = JobStore(client.db_path).submit_tasks(job_spec())
+        with pytest.raises(sshwasm.UsageError, match=f"job {ssh_job} runs on the SSH engine"):
+            client.submit(DIRWORK, after=[ssh_job])
+    for flag in ("--after", "--after-any"):
+        status, out, err = _cli(
+            capfd, "--cluster", str(cluster), "run", flag, str(ssh_job), DIRWORK
+        )
+        assert (status, out) == (1, ""), err
+        assert err == (
+            f"sshwasm: error: --after: job {ssh_job} runs on the SSH engine and has not ended; "
+            "the Dask pool cannot wait for it (submit this job once it ended)\n"
+        )
+    status, out, _ = _cli(capfd, "--cluster", str(cluster), "jobs", "--json")
+    assert [job["id"] for job in json.loads(out)] == [ssh_job]  # nothing else was recorded

@@ -30,6 +30,7 @@ from helpers import PROGRAMS, detached_coordinators, start_sshwasm, wait_for
 from sshwasm.cli import main
 from sshwasm.cluster import load_cluster
 from sshwasm.errors import SshwasmError
+from sshwasm.store import Job, JobStore
 
 
 def _run(*args: str, timeout: float = 0) -> subprocess.CompletedProcess[str]:
@@ -610,6 +611,128 @@ def test_a_thousand_task_array_on_the_pool(
             theirs = {**theirs, "array_task": task, "stdout": ours["stdout"]}
         same = {key: value for key, value in theirs.items() if key not in _RUN_FIELDS}
         assert {key: ours[key] for key in same} == same, task
+
+
+# -- --after, --after-any and --retry-failed on the pool (engines/dask_dependencies) -------
+
+
+def _host_result(pool: Pool, job: Job) -> dict[str, Any]:
+    """The result.json of a job's run on its host (its own times, whenever `jobs` took it)."""
+    run = pool.workers / str(job.host) / "jobs" / job.remote_key
+    result: dict[str, Any] = json.loads((run / "result.json").read_text())
+    return result
+
+
+def test_after_after_any_retry_failed_and_api_after_on_the_pool(
+    dask_pool: Pool, pool_cluster: Path, built: dict[str, Any], tmp_path: Path
+) -> None:
+    """Dependencies held by the scheduler (detached: no local process), followed, through
+    the API, and a guest's own failure retried on the worker, all with the SSH engine's
+    records (states, errors, `attempts`)."""
+    cluster = ["--cluster", str(pool_cluster)]
+    sleep, hello = str(built["sleep"].path), str(built["hello"].path)
+    store = JobStore(tmp_path / "data" / "jobs.sqlite")
+
+    def submit(*args: str) -> int:
+        done = _run(*cluster, "run", "--detach", *args)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    # A detached chain: A ends `timeout`; B --after A never runs; C --after-any A runs; D
+    # --after B follows B's end on the workers (cancelled in turn), E --after C runs.
+    a = submit("--time-limit", "1", sleep, "--", "30")
+    b = submit("--after", str(a), hello)
+    c = submit("--after-any", str(a), hello)
+    d = submit("--after", str(b), hello)
+    e = submit("--after", str(c), hello)
+    held = {r["id"]: r for r in json.loads(_run(*cluster, "jobs", "--json").stdout)}
+    assert held[b]["state"] == "queued" and held[b]["host"] is None, held[b]
+    assert not detached_coordinators(tmp_path / "data" / "jobs.sqlite")
+    # A held job can be cancelled; its dependants follow the SSH engine's rule (--after:
+    # cancelled; --after-any: runs), the others wait on.
+    f = submit("--after", str(a), hello)
+    f_after, f_any = submit("--after", str(f), hello), submit("--after-any", str(f), hello)
+    cancel = _run(*cluster, "cancel", str(f))
+    assert cancel.returncode == 0, cancel.stderr
+
+    def records() -> dict[int, dict[str, Any]]:
+        listed = json.loads(_run(*cluster, "jobs", "--json").stdout)
+        return {r["id"]: r for r in listed}
+
+    ids = (b, d, e, f_after, f_any)
+    wait_for(lambda: all(records()[i]["state"] not in ("queued", "running") for i in ids), 60)
+    shown = records()
+    assert shown[a]["state"] == "timeout", shown[a]
+    assert (shown[b]["state"], shown[b]["exit_code"]) == ("cancelled", 143), shown[b]
+    assert shown[b]["error"] == f"dependency job {a} ended timeout", shown[b]
+    assert shown[b]["host"] is None and shown[b]["engine"] == "dask"
+    assert shown[d]["state"] == "cancelled", shown[d]
+    assert shown[d]["error"] == f"dependency job {b} ended cancelled", shown[d]
+    for ran in (c, e):
+        assert shown[ran]["state"] == "succeeded", shown[ran]
+        assert shown[ran]["stdout"].endswith("job done, hello!\n")
+    assert _host_result(dask_pool, store.get(c))["started_at"] >= shown[a]["finished_at"]
+    assert (shown[f]["state"], shown[f]["error"]) == ("cancelled", "cancelled"), shown[f]
+    assert shown[f_after]["error"] == f"dependency job {f} ended cancelled", shown[f_after]
+    assert shown[f_any]["state"] == "succeeded", shown[f_any]
+
+    # Decided at submit: a dependency that ended otherwise than succeeded cancels at once.
+    late = _run(*cluster, "run", "--json", "--after", str(a), hello)
+    assert late.returncode == 130, late.stderr
+    assert json.loads(late.stdout)["error"] == f"dependency job {a} ended timeout"
+
+    # Followed: the run waits in the scheduler for a detached job, then runs.
+    first = submit(sleep, "--", "1")
+    followed = _run(*cluster, "run", "--json", "--after", str(first), hello)
+    assert followed.returncode == 0, followed.stderr
+    record = json.loads(followed.stdout)
+    assert record["state"] == "succeeded" and record["engine"] == "dask", record
+    assert record["started_at"] >= records()[first]["finished_at"]
+    # ... and for a job another `run` follows (its task is that client's, not published).
+    # Read from the jobs file, not `jobs`: the other `run` is this test's process, no
+    # sshwasm command, so `jobs` would take it for dead and settle its job.
+    with ThreadPoolExecutor(1) as thread:
+        other = thread.submit(_run, *cluster, "run", "--json", sleep, "--", "2")
+        wait_for(lambda: store.get_many([record["id"] + 1])[-1:] != [], 30)
+        running = record["id"] + 1
+        wait_for(lambda: store.get(running).state.value == "running", 30)
+        # (Its output is not read: both runs share this process's stdout.)
+        assert _run(*cluster, "run", "--after", str(running), hello).returncode == 0
+        assert other.result(timeout=60).returncode == 0
+    held_job = store.get(running + 1)
+    assert held_job.state.value == "succeeded" and held_job.dependencies == [running]
+    assert _host_result(dask_pool, held_job)["started_at"] >= str(store.get(running).finished_at)
+
+    # --retry-failed --retries 2: the guest's own failure runs twice more on the workers,
+    # each attempt counted and kept (its output as stderr.N), as the SSH engine does.
+    retried = _run(
+        *cluster, "run", "--json", "--retries", "2", "--retry-failed",
+        str(built["exitcode"].path), "--", "3",
+    )  # fmt: skip
+    assert retried.returncode == 3, retried.stderr
+    record = json.loads(retried.stdout)
+    assert (record["state"], record["exit_code"], record["attempts"]) == ("failed", 3, 3)
+    hosts = record["attempt_hosts"].split(",")
+    assert len(hosts) == 3 and all(hosts) and set(hosts) <= {"alpha", "beta"}, record
+    assert retried.stderr.count("ended: exit code 3") == 2, retried.stderr
+    output = tmp_path / "data" / "jobs-output" / str(record["id"])
+    assert (output / "stderr.1").exists() and (output / "stderr.2").exists()
+    status = _run(*cluster, "status", str(record["id"]))
+    assert "attempt 2:" in status.stdout, status.stdout
+
+    # The API's after=: held by the scheduler behind a job of the same client.
+    import sshwasm as api
+
+    with api.Client(cluster=pool_cluster) as client:
+        slow = client.submit(sleep, "1")
+        then = client.submit(hello, after=[slow])
+        doomed = client.submit(hello, after=[client.submit(str(built["exitcode"].path), "4")])
+        done = then.result(timeout=120)
+        assert done.state == "succeeded" and done.engine == "dask", done
+        assert done.started_at is not None and done.started_at >= str(slow.result().finished_at)
+        failed = doomed.result(timeout=120)
+        assert failed.state == "cancelled" and failed.error is not None, failed
+        assert failed.error.startswith("dependency job ") and failed.error.endswith("ended failed")
 
 
 def _most_at_once(job_dirs: set[Path]) -> int:

@@ -58,7 +58,7 @@ def cmd_run(ctx: Context) -> int:
     if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a directory")
     if cluster.engine == "dask":
-        _refuse_held_and_limited_on_dask(ctx)
+        _refuse_unheld_dependencies_on_dask(ctx)
     _check_attempt_flags(ctx)
     dirs = _dirs_json(ctx)
     if cluster.engine == "dask":  # what one task carries to the pool (issue 12)
@@ -261,18 +261,14 @@ def _check_dirs_with_reruns(ctx: Context, dirs: str) -> None:
         raise UsageError("--verify runs the job twice: its directories must be read-only (:ro)")
 
 
-def _refuse_held_and_limited_on_dask(ctx: Context) -> None:
-    """Dependencies and retrying a guest's own failure are the SSH coordinator's (it holds
-    and places again the tasks); the pool's scheduler knows neither, so on `engine: dask`
-    they are refused rather than quietly not honoured. (An array's --max-running and
-    --halt-after-failures are held by the scheduler's plugin: engines/dask_limits.)"""
+def _refuse_unheld_dependencies_on_dask(ctx: Context) -> None:
+    """On `engine: dask` the scheduler holds --after/--after-any (engines/dask_dependencies)
+    and an array's limits (engines/dask_limits), but only behind the pool's own tasks: a
+    dependency on an unfinished job of the SSH engine is refused in one line."""
+    from ..engines.dask_dependencies import refuse_unheld
+
     args = ctx.args
-    for flag, given in (
-        ("--after", args.after is not None), ("--after-any", args.after_any is not None),
-        ("--retry-failed", args.retry_failed),
-    ):  # fmt: skip
-        if given:
-            raise UsageError(f"{flag} is not supported with engine: dask yet")
+    refuse_unheld(ctx.store, args.after or args.after_any or [])
 
 
 def _check_attempt_flags(ctx: Context) -> None:

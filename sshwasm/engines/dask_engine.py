@@ -55,6 +55,15 @@ from ..runner_client import RunnerClient, StreamOutcome, apply_frame
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
+from .dask_dependencies import (
+    Flows,
+    decide_at_submit,
+    detached_dependants,
+    erred_dependant,
+    settle_dependants,
+    take_flow,
+    wants_flow,
+)
 from .dask_limits import ArrayLimits, annotated, halted_end
 from .dask_staging import DaskStaging
 
@@ -342,9 +351,12 @@ class DaskRun:
         # Stdin, inputs and directories, each packed (and scattered) once per run.
         self._staging: DaskStaging | None = None
         self._limits = ArrayLimits(store)
+        # --after/--after-any/--retry-failed: each such job's task (dask_dependencies).
+        self._flows = Flows(store)
 
     def run(self, job_ids: Sequence[int]) -> list[Job]:
         """Submit the jobs and follow them until every one has ended; returns their records."""
+        decide_at_submit(self.store, job_ids, self.handlers.notice)  # not submitted: _refill
         client = connect(self.plan)
         try:
             return asyncio.run(self._collect(client, list(job_ids)))
@@ -360,6 +372,10 @@ class DaskRun:
         """Submit the jobs and leave them to the scheduler: each task's future is published
         under its key, so the tasks and their answers outlive this process, and a later
         `jobs`/`status` collects them (`collect_detached`)."""
+        ended = set(decide_at_submit(self.store, job_ids, self.handlers.notice))
+        job_ids = [job_id for job_id in job_ids if job_id not in ended]
+        if not job_ids:
+            return
         client = connect(self.plan)
         try:
             self._publish(client, list(job_ids))
@@ -398,7 +414,29 @@ class DaskRun:
             self.store.finish(
                 job.id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
             )
+        # The forced cancel took the tasks of the detached jobs held behind these with it.
+        dependants = detached_dependants(self.store, [job.id for job in jobs])
+        if dependants:
+            again = settle_dependants(self.store, dependants)
+            try:
+                self._submit_again(again, dependants)
+            except Exception as exc:  # the scheduler went away: `jobs` settles them later
+                self.handlers.warning(f"submitting the jobs held behind them again: {exc}")
         return {}
+
+    def _submit_again(self, job_ids: list[int], dependants: Sequence[Job]) -> None:
+        """Forget the published futures of `dependants`, whose tasks a cancel took, and
+        publish the tasks of `job_ids` (those of them that still run) anew."""
+        client = connect(self.plan)
+        try:
+            published = set(client.list_datasets())
+            for job in dependants:
+                if task_key(job) in published:
+                    client.unpublish_dataset(task_key(job))
+            if job_ids:
+                self._publish(client, job_ids)
+        finally:
+            client.close()
 
     @staticmethod
     def _cancel_on_workers(client: Any, bases: set[str]) -> None:
@@ -556,6 +594,7 @@ class DaskRun:
             workers = staging.workers(job, eligible_workers(self.cluster, job))
             if job.id not in staging.refused:  # no host can run it: it failed already
                 prepared[job.id] = _Prepared(staging.payload(job), workers, self._limits.of(job))
+        self._flows.prepare(client, [job for job in jobs if job.id in prepared])
         return prepared
 
     def _own(self, job_ids: Sequence[int]) -> None:
@@ -574,12 +613,16 @@ class DaskRun:
         assert self._staging is not None  # set by _prepare
         staging = self._staging
         groups: dict[tuple[Any, ...], list[Job]] = {}
+        flows: list[Job] = []  # each its own task (dask_dependencies)
         for job in [job for job in jobs if job.id in prepared]:  # not those staging failed
             if job.wasm_sha256 not in self._modules:
                 data = Path(job.wasm_path).read_bytes()
                 # Keyed by content, and on every worker (a worker that dies must not take the
                 # only copy with it): each gets a module once, whatever the jobs.
                 self._modules[job.wasm_sha256] = client.scatter(data, hash=True, broadcast=True)
+            if self._flows.wants(job):
+                flows.append(job)
+                continue
             workers = prepared[job.id].workers
             shape = (
                 job.wasm_sha256,
@@ -609,6 +652,13 @@ class DaskRun:
                     pure=False,
                 )
             futures.update(zip(submitted, (job.id for job in group), strict=True))
+        for job in flows:
+            data = staging.data(job, self._modules[job.wasm_sha256])
+            ready, key = prepared[job.id], task_key(job)
+            flow = self._flows.submit(
+                client, job, ready.payload, data, key, ready.workers, ready.limits
+            )
+            futures[flow] = job.id
         return futures
 
     def _window(self) -> int:
@@ -718,8 +768,8 @@ class DaskRun:
     ) -> tuple[int, JobState, dict[str, Any]] | None:
         """How the job ended, from its task's answer alone (its output taken in meanwhile);
         None when that is not all there is (its host must be asked, or the task failed)."""
-        if future.status != "finished" or answer is None:
-            return None
+        if future.status != "finished" or answer is None or wants_flow(job):
+            return None  # a flow task's answer is read by `_record` (take_flow)
         try:
             answer = _Answer.of(answer)
         except ValueError:
@@ -843,6 +893,8 @@ class DaskRun:
         """Record how the job of an ended task ended (`gathered`: its answer, when gathered
         already), asking its host for its /output and directories if it has them."""
         job = self.store.get(job_id)
+        if future.status != "finished" and erred_dependant(self.store, job):
+            return self.store.get(job_id)
         if future.status != "finished":
             try:
                 error = future.exception()
@@ -851,7 +903,11 @@ class DaskRun:
             self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
             return self.store.get(job_id)
         try:
-            answer = _Answer.of(future.result() if gathered is None else gathered)
+            raw = future.result() if gathered is None else gathered
+            job, raw = take_flow(self.store, job, raw, self.handlers.warning)
+            if raw is None:  # --after not satisfied: the guest never ran
+                return job
+            answer = _Answer.of(raw)
         except ValueError as exc:
             self.store.finish(job_id, JobState.FAILED, error=f"dask: an unreadable answer: {exc}")
             return self.store.get(job_id)
@@ -911,7 +967,7 @@ class DaskRun:
             "host": host.name,
             "host_config": self._host_config(host),
             "remote_key": key,
-            "attempt_hosts": host.name,
+            "attempt_hosts": _with_attempt_host(job, host.name),
             "started_at": job.started_at or utc_now(),
         }
 
@@ -939,6 +995,13 @@ class DaskRun:
             starts.append((job_id, fields))
         if starts:
             self.store.mark_running_many(starts)
+
+
+def _with_attempt_host(job: Job, host: str) -> str:
+    """`attempt_hosts` with the current attempt's host: one name per attempt."""
+    hosts = job.attempt_hosts.split(",") if job.attempt_hosts else []
+    hosts = (hosts + [""] * job.attempts)[: job.attempts - 1]
+    return ",".join([*hosts, host])
 
 
 def _starts_of(events: Sequence[Any]) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -275,8 +276,10 @@ class RunnerPlugin(WorkerPlugin):
             with self.lock:
                 self.runs.pop(key, None)
         # One bytes object (a JSON line, then the frames as the runner encodes them): Dask
-        # sizes, pickles and sends it whole; a structure cost it a step per item.
-        head = json.dumps({"host": str(self.worker.name), "key": key}).encode()
+        # sizes, pickles and sends it whole; a structure cost it a step per item. The head
+        # says how the run ended, read by the tasks that depend on it (sshwasm_state).
+        state = _final_state(protocol, *frames[-1]) if frames else "lost"
+        head = json.dumps({"host": str(self.worker.name), "key": key, "state": state}).encode()
         return b"\n".join([head, b"".join(protocol.encode_frame(*frame) for frame in frames)])
 
     def _started(self, key: str, event: dict[str, str]) -> None:
@@ -358,6 +361,21 @@ def sshwasm_job(payload: bytes, module: bytes | tuple[bytes, ...]) -> bytes:
 
     `module` is the module, or for a job with --dir copies a tuple of it and their tars,
     which end the launch spec as the runner reads it (dask_staging)."""
+    answer, tell_end = _run_limited(payload, module)
+    tell_end(answer)
+    return answer
+
+
+def _told_nothing(answer: bytes) -> None:
+    """A job of no array with --halt-after-failures has nothing to tell its scheduler."""
+
+
+def _run_limited(
+    payload: bytes, module: bytes | tuple[bytes, ...]
+) -> tuple[bytes, Callable[[bytes], None]]:
+    """One run of the job's guest under its array's limits, and what tells the scheduler
+    how the job ended: called with the job's last answer only, as a retried failure is no
+    failure of the array until its last attempt (the SSH engine counts final states)."""
     import distributed.worker
     from distributed import get_worker
 
@@ -372,11 +390,93 @@ def sshwasm_job(payload: bytes, module: bytes | tuple[bytes, ...]) -> bytes:
     limits = limiter.limits_of(worker, running.key) if limiter is not None else None
     halted = limiter.halted_here(worker, limits) if limits is not None else None
     if halted is not None:  # its array halted: the guest never runs
-        return bytes(limiter.halted_answer(str(worker.name), halted))
+        return bytes(limiter.halted_answer(str(worker.name), halted)), _told_nothing
     answer: bytes = plugin.run(payload, module)
-    if limits is not None:
-        limiter.tell_failure(worker, limits, plugin.protocol, answer)
-    return answer
+    if limits is None:
+        return answer, _told_nothing
+
+    def tell_end(last: bytes) -> None:
+        limiter.tell_failure(worker, limits, plugin.protocol, last)
+
+    return answer, tell_end
+
+
+# --after, --after-any and --retry-failed (engines/dask_dependencies.py submits these).
+# A guest's own failures, retried on the worker with --retry-failed (attempts.GUEST_FAILURES).
+GUEST_FAILURES = ("failed", "timeout", "out_of_memory")
+
+
+def _final_state(protocol: Any, kind: bytes, body: bytes) -> str:
+    """How a run ended, from its last frame: the result's state; `failed` for the
+    runner's error; `lost` for anything else (the client records it so)."""
+    if kind == protocol.KIND_RESULT:
+        with contextlib.suppress(ValueError, AttributeError):
+            return str(json.loads(body).get("state") or "failed")
+        return "failed"
+    return "failed" if kind == protocol.KIND_ERROR else "lost"
+
+
+def _head(answer: bytes) -> dict[str, Any]:
+    head: dict[str, Any] = json.loads(bytes(answer).partition(b"\n")[0])
+    return head
+
+
+def sshwasm_state(answer: bytes) -> str:
+    """The tiny task a dependant waits for: a dependency's answer reduced to its state,
+    run where the answer is, so the answer itself never travels to the dependant."""
+    return str(_head(answer).get("state") or "lost")
+
+
+def sshwasm_flow_job(
+    payload: bytes,
+    module: bytes | tuple[bytes, ...],
+    flow: dict[str, Any],
+    states: list[str],
+) -> bytes:
+    """A job with --after/--after-any (`flow["after"]`: the dependencies' ids, `states`:
+    how each ended, the sshwasm_state tasks Dask held this task behind) or --retry-failed
+    (`flow["retries"]`: more attempts for the guest's own failure).
+
+    --after with a dependency that did not succeed: the guest never runs; the answer says
+    why (`skipped`). Each attempt runs under a key of its own (a job directory of its own);
+    the answer is the last attempt's, with each earlier one's head in `earlier` (its
+    `length` bytes of frames come first in the body, oldest first)."""
+    from distributed import get_worker
+
+    name = str(get_worker().name)
+    if not flow.get("after_any"):
+        after = list(flow.get("after", []))
+        for index, state in enumerate(states):  # (no zip(strict=): hosts' Pythons are 3.9)
+            job_id = after[index] if index < len(after) else "?"
+            if state != "succeeded":
+                reason = f"dependency job {job_id} ended {state}"
+                head: dict[str, Any] = {
+                    "host": name,
+                    "key": "",
+                    "state": "cancelled",
+                    "skipped": reason,
+                }
+                return json.dumps(head).encode() + b"\n"
+    answer, tell_end = _run_limited(payload, module)
+    answers = [answer]
+    for _retry in range(int(flow.get("retries", 0))):
+        if _head(answers[-1]).get("state") not in GUEST_FAILURES:
+            break
+        answer, tell_end = _run_limited(payload, module)
+        answers.append(answer)
+    tell_end(answers[-1])  # an array's failure counts once, at the job's last attempt
+    *earlier, last = answers
+    if not earlier:
+        return last
+    heads: list[dict[str, Any]] = []
+    bodies: list[bytes] = []
+    for answer in earlier:
+        head_line, _, body = bytes(answer).partition(b"\n")
+        heads.append({**json.loads(head_line), "length": len(body)})
+        bodies.append(body)
+    head_line, _, body = bytes(last).partition(b"\n")
+    head = {**json.loads(head_line), "earlier": heads}
+    return b"\n".join([json.dumps(head).encode(), b"".join([*bodies, body])])
 
 
 async def dask_setup(worker: Any) -> None:
