@@ -11,12 +11,15 @@ tests/test_dask.py.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import io
 import json
 import os
 import socket
 import stat
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,16 +35,35 @@ from sshwasm.cluster import load_cluster
 from sshwasm.errors import SshwasmError
 from sshwasm.store import Job, JobStore
 
+# A command run in this process that has not returned by then fails its test with every
+# thread's stack, rather than stall the suite (a separate process would have a timeout).
+RUN_LIMIT_S = 300.0
+
 
 def _run(*args: str, timeout: float = 0) -> subprocess.CompletedProcess[str]:
     """The command line in this process (`main`), as `helpers.sshwasm` gives it: a separate
     process would pay its interpreter's start and the import of `distributed` (seconds under
-    load) and prove nothing more here. `timeout` is the subprocess's: unused."""
+    load) and prove nothing more here. `timeout` is the subprocess's: unused (RUN_LIMIT_S)."""
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
     err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(list(args))
-    return subprocess.CompletedProcess(list(args), int(status), _text(out), _text(err))
+    ended: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                ended["status"] = main(list(args))
+        except BaseException as exc:  # raised again in the test's thread
+            ended["error"] = exc
+
+    thread = threading.Thread(target=call, name=f"sshwasm {args[-1]}", daemon=True)
+    thread.start()
+    thread.join(RUN_LIMIT_S)
+    if thread.is_alive():
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        raise AssertionError(f"sshwasm {' '.join(args)} has not returned in {RUN_LIMIT_S:.0f} s")
+    if "error" in ended:
+        raise ended["error"]
+    return subprocess.CompletedProcess(list(args), int(ended["status"]), _text(out), _text(err))
 
 
 def _text(stream: io.TextIOWrapper) -> str:
