@@ -279,9 +279,12 @@ def run_array(bench: Bench, tasks: int) -> float:
     and notes when its first task's line came (FIRST_TASK_S)."""
     with tempfile.TemporaryFile() as errors:
         started = time.perf_counter()
+        # Unbuffered: communicate() with a timeout reads the pipe's descriptor, so what a
+        # buffered readline() read ahead of the first line would be lost (a task's line
+        # then seemed missing now and then).
         process = bench.sshwasm_popen(
             "run", str(program("tiny.rs")), "--array", str(tasks), stdout=subprocess.PIPE,
-            stderr=errors,
+            stderr=errors, bufsize=0,
         )  # fmt: skip
         assert process.stdout is not None
         first = process.stdout.readline()
