@@ -240,8 +240,10 @@ def wait_for_hosts(bench: Bench, before: set[int], timeout_s: float = 5.0) -> No
 
 class CpuPerTask:
     """Where an array's CPU went, per task: the coordinator (the `sshwasm run` process),
-    the connection process, and the hosts' sshd and serve processes (serve's executors
-    outlive it and are not counted). Medians over the timed runs."""
+    the connection process, and the hosts' sshd and serve processes. The executors (the
+    tasks' own CPU) count only while they are under a live serve: the connection process's
+    warm serve outlives the run and keeps them (an array's own serve exits first, and its
+    executors outlive it uncounted). Medians over the timed runs."""
 
     def __init__(self) -> None:
         self.samples: dict[str, list[float]] = collections.defaultdict(list)
@@ -258,7 +260,7 @@ class CpuPerTask:
         for name, used in (
             ("coordinator", coordinator),
             ("connection process", mux_cpu_s(bench) - mux),
-            ("hosts' sshd and serve", hosts_cpu_s(bench) - hosts),
+            ("hosts' sshd, serve (and executors under it)", hosts_cpu_s(bench) - hosts),
         ):
             self.samples[name].append(max(0.0, used) * 1000 / tasks)
         return seconds
