@@ -76,6 +76,11 @@ class Session:
         if kind in FINAL_KINDS:
             self.routes.pop(key, None)
             self._changed.set()
+        self._queue(key, kind, body)
+
+    def _queue(self, key: str, kind: bytes, body: bytes) -> None:
+        if self.ended:
+            return
         frame = encode_frame(kind, key.encode() + b"\n" + body)
         self._out_bytes += len(frame)
         if self._out_bytes > SESSION_QUEUE_BYTES:
@@ -165,7 +170,7 @@ class Session:
                     # As serve answers a launch it cannot take (nothing was started).
                     reason = "invalid key" if key is None else "a task of this key runs"
                     answer = {"error": f"serve session: {reason}", "kind": "spec"}
-                    self.offer(key or "", KIND_ERROR, json.dumps(answer).encode())
+                    self._queue(key or "", KIND_ERROR, json.dumps(answer).encode())
                     continue
                 route = SessionRoute(session=self, key=key)
                 self.warm.routes[key] = self.routes[key] = route
