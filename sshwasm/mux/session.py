@@ -105,21 +105,25 @@ class Session:
         """Relay until the client said EOF and every task of its was answered, or until the
         session ends (serve lost, client behind) or the client goes away."""
         pumping = asyncio.ensure_future(self._pump())
+        feeding = asyncio.ensure_future(self._feed(reader))
+        gone: asyncio.Future[bytes] | None = None
         try:
-            if not await self._feed(reader):
-                return  # the client went away
-            # EOF: the tasks sent still answer; the client's end closing means it left.
-            gone = asyncio.ensure_future(reader.read(1))
-            try:
-                while self.routes and not self.ended:
-                    self._changed.clear()
-                    waiting = asyncio.ensure_future(self._changed.wait())
-                    await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    waiting.cancel()
-                    if gone.done():
+            while not self.ended:
+                self._changed.clear()
+                if feeding.done():
+                    if not feeding.result():
+                        return  # the client went away
+                    if not self.routes:
+                        break  # EOF, and every task sent was answered
+                    if gone is None:
+                        # After EOF, the client's end closing means it left.
+                        gone = asyncio.ensure_future(reader.read(1))
+                    elif gone.done():
                         return
-            finally:
-                gone.cancel()
+                waiting = asyncio.ensure_future(self._changed.wait())
+                await asyncio.wait({waiting, gone or feeding}, return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+            # Ended (serve lost, client behind) or done: the exit frame says which.
             while self._out and not pumping.done():
                 await asyncio.sleep(0)  # the pump writes what is left
             pumping.cancel()
@@ -131,7 +135,9 @@ class Session:
             with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.drain()
         finally:
-            pumping.cancel()
+            for task in (feeding, gone, pumping):
+                if task is not None:
+                    task.cancel()
             self.end()  # a client gone: serve's frames about its tasks are dropped
 
     async def _pump(self) -> None:
