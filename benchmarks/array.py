@@ -240,8 +240,10 @@ def wait_for_hosts(bench: Bench, before: set[int], timeout_s: float = 5.0) -> No
 
 class CpuPerTask:
     """Where an array's CPU went, per task: the coordinator (the `sshwasm run` process),
-    the connection process, and the hosts' sshd and serve processes (serve's executors
-    outlive it and are not counted). Medians over the timed runs."""
+    the connection process, and the hosts' sshd and serve processes. The executors (the
+    tasks' own CPU) count only while they are under a live serve: the connection process's
+    warm serve outlives the run and keeps them (an array's own serve exits first, and its
+    executors outlive it uncounted). Medians over the timed runs."""
 
     def __init__(self) -> None:
         self.samples: dict[str, list[float]] = collections.defaultdict(list)
@@ -258,7 +260,7 @@ class CpuPerTask:
         for name, used in (
             ("coordinator", coordinator),
             ("connection process", mux_cpu_s(bench) - mux),
-            ("hosts' sshd and serve", hosts_cpu_s(bench) - hosts),
+            ("hosts' sshd, serve (and executors under it)", hosts_cpu_s(bench) - hosts),
         ):
             self.samples[name].append(max(0.0, used) * 1000 / tasks)
         return seconds
@@ -279,9 +281,12 @@ def run_array(bench: Bench, tasks: int) -> float:
     and notes when its first task's line came (FIRST_TASK_S)."""
     with tempfile.TemporaryFile() as errors:
         started = time.perf_counter()
+        # Unbuffered: communicate() with a timeout reads the pipe's descriptor, so what a
+        # buffered readline() read ahead of the first line would be lost (a task's line
+        # then seemed missing now and then).
         process = bench.sshwasm_popen(
             "run", str(program("tiny.rs")), "--array", str(tasks), stdout=subprocess.PIPE,
-            stderr=errors,
+            stderr=errors, bufsize=0,
         )  # fmt: skip
         assert process.stdout is not None
         first = process.stdout.readline()

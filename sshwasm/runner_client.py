@@ -572,6 +572,13 @@ class ServeSession:
         async with self._start_lock:
             if self._process is not None and not self.broken:
                 return self._process
+            # The connection process's warm serve first: it outlives this run, so a later
+            # array finds wasmtime imported, the module loaded and the executors forked.
+            warm = await self.transport.serve_session()
+            if warm is not None:
+                self._process, self.broken = warm, False
+                self._reader = asyncio.create_task(self._read(warm, FrameDecoder(), []))
+                return warm
             for _attempt in range(2):
                 process = await self.transport.start_runner(["serve", self.host.workdir])
                 await process.send(encode_frame(KIND_HELLO, encode_hello()), close=False)

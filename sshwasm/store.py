@@ -834,10 +834,15 @@ class JobStore:
                    FROM jobs WHERE state = ? AND heartbeat_ts >= ? AND held = 0 AND id <= ?
                    ORDER BY id""",
                 (JobState.QUEUED.value, now - QUEUE_STALE_S, max(job_ids)),
-            ).fetchall()
-            # Read as planned: plan stops at the first job that finds every host full.
-            queue = ((row["id"], request_of(row)) for row in self._throttled(db, waiting))
-            placement = plan(hosts, usage, queue, excluded)
+            )
+            try:
+                # Read as planned, row by row: plan stops once every host is full, so a
+                # pass reads the few rows it places and one more, not the window's queued
+                # rows each time (they were most of a pass's cost).
+                queue = ((row["id"], request_of(row)) for row in self._throttled(db, waiting))
+                placement = plan(hosts, usage, queue, excluded)
+            finally:
+                waiting.close()
             placed: dict[int, Host] = {}
             started_at = utc_now()
             # A host's snapshot once per pass, not once per job placed on it.
@@ -881,28 +886,27 @@ class JobStore:
         return known[1]
 
     @staticmethod
-    def _throttled(db: sqlite3.Connection, waiting: list[Any]) -> list[Any]:
-        """The waiting rows that may be placed now: an array with --max-running K keeps its
-        oldest waiting tasks up to K minus its running ones, and the rest wait unplanned (so
-        they hold no place that would keep other jobs from backfilling)."""
-        if all(row["max_running"] is None for row in waiting):
-            return waiting
-        running = dict(
-            db.execute(
-                """SELECT array_id, COUNT(*) FROM jobs
-                   WHERE state = ? AND max_running IS NOT NULL GROUP BY array_id""",
-                (JobState.RUNNING.value,),
-            ).fetchall()
-        )
-        kept = []
+    def _throttled(db: sqlite3.Connection, waiting: Iterable[Any]) -> Iterator[Any]:
+        """The waiting rows that may be placed now, as they are read: an array with
+        --max-running K keeps its oldest waiting tasks up to K minus its running ones, and
+        the rest wait unplanned (so they hold no place that would keep other jobs from
+        backfilling). The running counts are read at the first such row, once."""
+        running: dict[int, int] | None = None
         for row in waiting:
             if row["max_running"] is not None:
+                if running is None:
+                    running = dict(
+                        db.execute(
+                            """SELECT array_id, COUNT(*) FROM jobs
+                               WHERE state = ? AND max_running IS NOT NULL GROUP BY array_id""",
+                            (JobState.RUNNING.value,),
+                        ).fetchall()
+                    )
                 started = running.get(row["array_id"], 0)
                 if started >= row["max_running"]:
                     continue
                 running[row["array_id"]] = started + 1
-            kept.append(row)
-        return kept
+            yield row
 
     def _halt_arrays(self, db: sqlite3.Connection, array_ids: Iterable[int]) -> set[int]:
         """Cancel the queued tasks of those arrays that reached their --halt-after-failures;

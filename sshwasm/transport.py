@@ -364,6 +364,11 @@ class Transport(ABC):
         to launch it as a command (only the connection process keeps warm serves)."""
         return None
 
+    async def serve_session(self) -> RunnerProcess | None:
+        """A channel to a warm serve for an array's tasks, its hello done, or None to start
+        a serve of the array's own (only the connection process keeps warm serves)."""
+        return None
+
     async def install_runner_once(self, notice: Callable[[str], None] | None = None) -> None:
         """Install the runner unless a job on this connection already did."""
         async with self.setup_lock:

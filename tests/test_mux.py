@@ -74,7 +74,7 @@ def test_used_reused_private_edited_and_idle(
     (stopped,) = [
         line for line in (runtime / wire.LOG_NAME).read_text().splitlines() if "stopped:" in line
     ]
-    commands, on_spares, _warm = (
+    commands, on_spares, *_warm_and_sessions = (
         int(word) for word in re.findall(r"\d+", stopped.split("stopped:")[1])
     )
     assert commands >= 3 and on_spares >= 1, stopped

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,67 @@ def test_single_jobs_run_on_a_warm_serve(
     wait_for(lambda: not warm_serves(workdir), timeout=30)
     assert "jobs on warm serves" in (runtime / wire.LOG_NAME).read_text()
     assert client_module.NOT_LAUNCHED == wire.NOT_LAUNCHED  # the relay's "never sent"
+
+
+def test_array_tasks_run_on_a_warm_serve_that_outlives_the_run(
+    runtime: Path,  # noqa: F811 - the fixture
+    make_cluster: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    cluster = make_cluster({"alpha": (2, 2048)}, defaults={"connection_persist_s": 60})
+    workdir = tmp_path / "workers" / "alpha"
+    jobs = workdir / "jobs"
+
+    def array(program: str, count: int, *more: str) -> subprocess.CompletedProcess[str]:
+        result = sshwasm(
+            "--cluster", str(cluster), "run", str(PROGRAMS / program), "--array", str(count),
+            "-q", *more,
+        )  # fmt: skip
+        no_traceback(result)
+        return result
+
+    def task_lines(count: int) -> list[str]:
+        return sorted(
+            f"task {task} of {count} line {line}" for task in range(count) for line in range(3)
+        )
+
+    def executors_since(before: set[str]) -> set[int]:
+        return {
+            int((path / "pid").read_text()) for path in jobs.iterdir() if path.name not in before
+        }
+
+    # The first array installs the runner with a serve of its own (the connection process's
+    # found none); the second starts the connection's warm serve, which stays after it.
+    for _run in range(2):
+        first = array("task.rs", 6)
+        assert first.returncode == 0, first.stderr
+        assert sorted(first.stdout.splitlines()) == task_lines(6)
+    kept = set(warm_serves(workdir))
+    assert kept, "no warm serve outlived the array"
+    # The next array runs on that serve's executors, each task whole, a failure its own.
+    before = {path.name for path in jobs.iterdir()}
+    third = array("task.rs", 6, "--", "3")
+    assert third.returncode == 5, third.stderr
+    assert sorted(third.stdout.splitlines()) == task_lines(6)
+    assert "task 3 fails" in third.stderr
+    assert executors_since(before) <= kept, (executors_since(before), kept)
+
+    # The connection process killed under the array: its tasks run on and are re-attached.
+    before = {path.name for path in jobs.iterdir()}
+    trickle = start_streaming(
+        "--cluster", str(cluster), "run", str(PROGRAMS / "trickle.rs"), "--array", "2", "-q",
+        "--", "5", "300",
+    )  # fmt: skip
+    wait_for(lambda: len({path.name for path in jobs.iterdir()} - before) >= 2, timeout=60)
+    for pid in mux_processes(runtime):
+        os.kill(pid, signal.SIGKILL)
+    out, stderr = trickle.communicate(timeout=120)
+    assert trickle.returncode == 0, stderr
+    assert out == b"".join(b"line %d\n" % line for line in range(1, 6)) * 2, stderr
+    assert executors_since(before) <= kept  # they had started on the warm serve
+    # Idle: the connection process goes, and the warm serve with it.
+    make_cluster({"alpha": (2, 2048)}, defaults={"connection_persist_s": 1})
+    assert run_tiny(cluster) == ""
+    wait_for(lambda: not mux_processes(runtime), timeout=60)
+    wait_for(lambda: not warm_serves(workdir), timeout=30)
+    assert "array sessions" in (runtime / wire.LOG_NAME).read_text()

@@ -76,6 +76,9 @@ class ScriptedTransport:
         assert argv == ["serve", HOST.workdir]
         return self.process
 
+    async def serve_session(self) -> RunnerProcess | None:
+        return None  # no connection process: the session starts its own serve
+
 
 def launch_payload(key: str) -> bytes:
     return json.dumps({"key": key}).encode() + b"\n"

@@ -242,8 +242,9 @@ class MuxTransport(SshTransport):
             reason = answer.get("reason")
             if answer.get("kind") == "unreachable" and isinstance(reason, str):
                 raise HostUnreachable(self.host.name, reason)
-            if op == "launch" and answer.get("kind") in ("cold", "bad"):
-                # No warm serve yet, or a process from before warm serves: not broken.
+            if op in ("launch", "session") and answer.get("kind") in ("cold", "bad"):
+                # No warm serve (yet), or a process from before warm serves (or before
+                # array sessions): not broken.
                 raise _Cold(str(reason))
             raise wire.MuxUnavailable(f"refused: {reason}")
         except BaseException:
@@ -269,6 +270,22 @@ class MuxTransport(SshTransport):
             return None
         try:
             reader, writer = await self._request("launch", job=job_id, runner=runner_version())
+        except _Cold:
+            return None
+        except (wire.MuxUnavailable, OSError) as exc:
+            self._fall_back(str(exc))
+            return None
+        self._mux_ready = True
+        return _MuxProcess(reader, writer)
+
+    async def serve_session(self) -> RunnerProcess | None:
+        """An array session on the host's warm serve (see mux/session.py): a channel that
+        takes L frames and answers serve's keyed frames, serve's hello already exchanged;
+        None when the process cannot give one (the array starts its own serve)."""
+        if self.direct:
+            return None
+        try:
+            reader, writer = await self._request("session", runner=runner_version())
         except _Cold:
             return None
         except (wire.MuxUnavailable, OSError) as exc:

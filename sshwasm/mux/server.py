@@ -27,6 +27,7 @@ from ..runner.jobdir import JOB_ID_RE
 from ..runner.protocol import KIND_STDERR, KIND_STDOUT, SERVE_MAX_REQUEST_BYTES, encode_frame
 from ..transport import RunnerProcess, SshTransport
 from . import spare, wire
+from .session import Session
 from .warm import FINAL_KINDS, OVERFLOW, Route, WarmServe, WarmUnavailable
 
 # A client has this long to send its request after connecting.
@@ -74,6 +75,8 @@ class MuxServer:
         self._want_warm: dict[str, str] = {}  # the runner version a cold job asked for
         self._warm_failed: dict[str, float] = {}
         self.warm_launches = 0
+        self._session_locks: dict[str, asyncio.Lock] = {}
+        self.sessions = 0  # array sessions relayed to warm serves
         self._tasks: set[asyncio.Future[None]] = set()
         self.commands = 0
         self.on_spares = 0
@@ -127,7 +130,7 @@ class MuxServer:
         job, runner = request.get("job"), request.get("runner")
         if (
             request.get("version") != wire.MUX_VERSION
-            or op not in ("connect", "exec", "launch")
+            or op not in ("connect", "exec", "launch", "session")
             or not isinstance(request.get("host"), dict)
             or (op == "exec" and not isinstance(command, str))
             or (
@@ -139,6 +142,7 @@ class MuxServer:
                     and runner
                 )
             )
+            or (op == "session" and not (isinstance(runner, str) and runner))
             or isinstance(persist, bool)
             or not isinstance(persist, (int, float))
         ):
@@ -161,6 +165,17 @@ class MuxServer:
                 self.refill(transport, key)
                 reason = "no warm serve yet"
                 writer.write(wire.encode_message({"ok": False, "kind": "cold", "reason": reason}))
+                return
+            if op == "session":
+                assert isinstance(runner, str)
+                warm = await self.session_serve(transport, key, runner)
+                if warm is None:
+                    reason = "no warm serve for an array session"
+                    answer = {"ok": False, "kind": "cold", "reason": reason}
+                    writer.write(wire.encode_message(answer))
+                    return
+                writer.write(wire.encode_message({"ok": True}))
+                await self.relay_session(warm, key, reader, writer)
                 return
             if isinstance(command, str):
                 process = await self.start(transport, key, command)
@@ -204,6 +219,60 @@ class MuxServer:
             self._warming.add(key)
             self._spawn(self._warm_up(transport, key))
         return None
+
+    async def session_serve(
+        self, transport: SshTransport, key: str, version: str
+    ) -> WarmServe | None:
+        """The connection's warm serve for an array session, started now if there is none
+        ready of this runner version (the array waits for it, as it would for its own serve);
+        None if it cannot start (no runner installed yet, say): the array starts its own."""
+        warm = self.warm.get(key)
+        if warm is not None and warm.ready and warm.version == version:
+            return warm
+        failed = self._warm_failed.get(key)
+        if failed is not None and time.monotonic() - failed < WARM_RETRY_AFTER_S:
+            return None
+        async with self._session_locks.setdefault(key, asyncio.Lock()):
+            warm = self.warm.get(key)
+            if warm is not None and warm.ready and warm.version == version:
+                return warm  # another session started it meanwhile
+            starting = WarmServe(transport, version)
+            try:
+                await starting.start()
+            except WarmUnavailable as exc:
+                log(f"no warm serve for an array session: {exc}")
+                if not exc.need_runner:
+                    self._warm_failed[key] = time.monotonic()
+                return None
+            except (SshwasmError, OSError) as exc:
+                log(f"no warm serve for an array session: {type(exc).__name__}: {exc}")
+                return None
+            if self.transports.get(key) is not transport:
+                await starting.close()  # its connection went meanwhile
+                return None
+            old = self.warm.get(key)
+            if old is not None:
+                self._spawn(old.close())  # its running jobs finish and reach their clients
+            self.warm[key] = starting
+            self._want_warm.pop(key, None)
+            self._warm_failed.pop(key, None)
+            return starting
+
+    async def relay_session(
+        self,
+        warm: WarmServe,
+        key: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Relay an array's tasks to the warm serve and their frames back (session.py)."""
+        self.in_use[key] = self.in_use.get(key, 0) + 1
+        self.sessions += 1
+        try:
+            await Session(warm, writer).run(reader)
+        finally:
+            self.in_use[key] -= 1
+            self.last_used[key] = time.monotonic()
 
     async def _warm_up(self, transport: SshTransport, key: str) -> None:
         """Start the wanted warm serve once the connection has been quiet for WARM_QUIET_S:
@@ -544,7 +613,7 @@ async def serve_forever(directory: Path, idle_s: float) -> int:
         await server.close()
         log(
             f"stopped: {server.commands} commands, {server.on_spares} on spare channels, "
-            f"{server.warm_launches} jobs on warm serves"
+            f"{server.warm_launches} jobs on warm serves, {server.sessions} array sessions"
         )
     return 0
 

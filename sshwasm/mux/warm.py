@@ -90,6 +90,11 @@ class Route:
             self.queued_bytes -= len(item[1])
         return item
 
+    def lost(self) -> None:
+        """serve is gone: None after what the client has yet to take."""
+        if not self.closed and not self.overflowed:
+            self.frames.put_nowait(None)
+
     def close(self) -> None:
         """The client went away: what is queued is dropped, and so is what comes."""
         self.closed = True
@@ -168,8 +173,7 @@ class WarmServe:
         finally:
             self.broken = True
             for route in list(self.routes.values()):
-                if not route.closed and not route.overflowed:
-                    route.frames.put_nowait(None)  # after what its client has yet to take
+                route.lost()
             self.routes.clear()
             with contextlib.suppress(Exception):
                 await process.finish()
@@ -199,6 +203,18 @@ class WarmServe:
             self.drop(key, route)
             return None
         return route
+
+    async def send(self, frames: bytes) -> bool:
+        """Send L frames whose routes are in place (an array session's); False if serve is
+        gone (its reader then tells their routes)."""
+        process = self._process
+        if process is None or self.broken:
+            return False
+        try:
+            await process.send(frames, close=False)
+        except (ConnectionError, OSError):
+            self.broken = True
+        return not self.broken
 
     def drop(self, key: str, route: Route) -> None:
         """Forget a job's route (its client went away): serve's frames about it are dropped;

@@ -15,6 +15,15 @@ a `launch` command sends them (`S`, then `O`/`E` and `R`, or one `N` or `X`), in
 frames, then `E` and `X` as for `exec`: status 0 after the job's last frame, null if serve
 was lost, NOT_LAUNCHED if the job was never handed to serve. Answered `kind: cold`, there
 is no warm serve yet (one is being started): the client launches the job as a command.
+
+A `session` request (`runner`: the client's runner version) hands an array's tasks to the
+connection's warm serve, started for it if there is none (`session.py`). Answered ok,
+serve's hello is done: the client sends runner L frames (each spec keyed by its task) as
+`I` frames, and `C` once it sends no more; the process sends serve's keyed frames about
+those tasks (`S`, `O`, `E`, `R`, `N`, `X`) inside `O` frames, then `E` and `X`: status 0
+once every task was answered after `C`, null when the session ended first (serve lost, or
+the client fell too far behind), and the client follows its unanswered tasks with
+`attach`. Answered `kind: cold`, no warm serve could start: the client starts its own.
 """
 
 from __future__ import annotations
