@@ -318,3 +318,22 @@ def test_an_unfinished_ssh_engine_dependency_is_refused_on_dask(
         )
     status, out, _ = _cli(capfd, "--cluster", str(cluster), "jobs", "--json")
     assert [job["id"] for job in json.loads(out)] == [ssh_job]  # nothing else was recorded
+
+
+def test_a_job_collected_later_keeps_its_hosts_start(tmp_path: Path) -> None:
+    """A detached job whose start event is gone (the scheduler keeps 1,000) is recorded as
+    started when its host started it, not when `jobs` collected it; a start the record has
+    already (from the event) is kept."""
+    from sshwasm.engines.dask_engine import _host_start
+    from sshwasm.runner_client import StreamOutcome
+    from sshwasm.store import JobStore
+
+    on_host = "2026-11-30T10:00:00.000+00:00"
+    outcome = StreamOutcome(result={"state": "succeeded", "started_at": on_host})
+    with JobStore(tmp_path / "jobs.sqlite") as store:
+        job = store.get(store.submit(job_spec()))
+        assert job.started_at is None
+        assert _host_start(job, outcome) == {"started_at": on_host}
+        assert _host_start(job, StreamOutcome(result={"state": "lost"})) == {}
+        seen = dataclasses.replace(job, started_at="2026-11-30T09:59:59.990+00:00")
+        assert _host_start(seen, outcome) == {}

@@ -693,6 +693,8 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     for ran in (c, e):
         assert shown[ran]["state"] == "succeeded", shown[ran]
         assert shown[ran]["stdout"].endswith("job done, hello!\n")
+        # Its start as the host saw it, not when `jobs` collected it.
+        assert shown[ran]["started_at"] <= shown[ran]["finished_at"], shown[ran]
     assert _host_result(dask_pool, store.get(c))["started_at"] >= shown[a]["finished_at"]
     assert (shown[f]["state"], shown[f]["error"]) == ("cancelled", "cancelled"), shown[f]
     assert shown[f_after]["error"] == f"dependency job {f} ended cancelled", shown[f_after]

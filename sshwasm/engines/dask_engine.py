@@ -793,7 +793,7 @@ class DaskRun:
                 error = f"host '{host.name}': the runner gave no result"
                 return job.id, JobState.LOST, {**ran, "error": error, **output.fields()}
             state, fields = end
-            return job.id, state, {**ran, **fields}
+            return job.id, state, {**ran, **_host_start(job, outcome), **fields}
         finally:
             output.close()
 
@@ -921,12 +921,14 @@ class DaskRun:
                 job_id, JobState.FAILED, error=f"dask: a worker named {answer.host!r} ran it"
             )
             return self.store.get(job_id)
+        started_before = job
         self.store.update(job.id, **self._ran_fields(job, host, answer.key))
         job = self.store.get(job_id)
         output = JobOutput.open(self.store, job)
         outcome = StreamOutcome()
         try:
             self._take_frames(outcome, answer, output)
+            self.store.update(job_id, **_host_start(started_before, outcome))
             # The host is asked only for the job's /output and directories: a job without
             # them costs no SSH connection here (the pool brought its answer).
             needs_host = bool(job.output_dir) or job.dirs not in ("", "[]")
@@ -995,6 +997,16 @@ class DaskRun:
             starts.append((job_id, fields))
         if starts:
             self.store.mark_running_many(starts)
+
+
+def _host_start(job: Job, outcome: StreamOutcome) -> dict[str, Any]:
+    """The job's `started_at` from its host's result when no start event told it: a
+    detached job collected later by `jobs` (the scheduler keeps 1,000 events) would
+    otherwise show when it was collected. Nothing when the record has one already."""
+    result = outcome.result or {}
+    if job.started_at is None and isinstance(result.get("started_at"), str):
+        return {"started_at": result["started_at"]}
+    return {}
 
 
 def _with_attempt_host(job: Job, host: str) -> str:
