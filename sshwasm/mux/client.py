@@ -266,26 +266,22 @@ class MuxTransport(SshTransport):
     async def launch_warm(self, job_id: str) -> RunnerProcess | None:
         """The job's launch channel on the host's warm serve (see mux/warm.py), or None when
         the process has none ready (it starts one) or is not used."""
-        if self.direct:
-            return None
-        try:
-            reader, writer = await self._request("launch", job=job_id, runner=runner_version())
-        except _Cold:
-            return None
-        except (wire.MuxUnavailable, OSError) as exc:
-            self._fall_back(str(exc))
-            return None
-        self._mux_ready = True
-        return _MuxProcess(reader, writer)
+        return await self._warm_channel("launch", job=job_id)
 
     async def serve_session(self) -> RunnerProcess | None:
         """An array session on the host's warm serve (see mux/session.py): a channel that
         takes L frames and answers serve's keyed frames, serve's hello already exchanged;
         None when the process cannot give one (the array starts its own serve)."""
+        return await self._warm_channel("session")
+
+    async def _warm_channel(self, op: str, **fields: str) -> RunnerProcess | None:
+        """A channel to the host's warm serve for request `op` (this runner's version
+        added), or None: not used, not ready (cold), or the process unreachable (then
+        this transport falls back to connecting directly)."""
         if self.direct:
             return None
         try:
-            reader, writer = await self._request("session", runner=runner_version())
+            reader, writer = await self._request(op, **fields, runner=runner_version())
         except _Cold:
             return None
         except (wire.MuxUnavailable, OSError) as exc:
