@@ -161,7 +161,8 @@ def trace_once(bench: Bench, tiny: Path) -> dict[str, float]:
         ),
         "remote: spawn executor -> S frame here": marks["first frame S"] - remote["spec.json"],
         "remote: executor interpreter start -> pid written": remote["pid"] - remote["spec.json"],
-        "remote: import wasmtime, load module -> stdout opened": remote["stdout"] - remote["pid"],
+        "remote: import wasmtime, load module -> stdout opened": remote["stdout"]
+        - (remote["spec.json"] if math.isnan(remote["pid"]) else remote["pid"]),
         "remote: instantiate + run + result -> result.json": (
             remote["result.json"] - remote["stdout"]
         ),
@@ -188,6 +189,10 @@ def remote_stamps(bench: Bench) -> dict[str, float]:
     for name in ("spec.json", "pid", "stdout", "result.json"):
         with contextlib.suppress(OSError):
             stamps[name] = (job_dir / name).stat().st_mtime_ns / 1e9
+    if stamps.get("pid", 0.0) < stamps.get("spec.json", 0.0):
+        # A pooled executor (warm serve): its pid file is a hard link to the one its first
+        # task wrote, so it tells nothing of this run (the executor was up already).
+        del stamps["pid"]
     return stamps
 
 
