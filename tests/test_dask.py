@@ -337,3 +337,30 @@ def test_a_job_collected_later_keeps_its_hosts_start(tmp_path: Path) -> None:
         assert _host_start(job, StreamOutcome(result={"state": "lost"})) == {}
         seen = dataclasses.replace(job, started_at="2026-11-30T09:59:59.990+00:00")
         assert _host_start(seen, outcome) == {}
+
+
+def test_a_pool_that_does_not_answer_fails_the_jobs_it_was_given(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`run` with no pool up says so in one line, and the jobs it recorded end `failed` with
+    that line (not left queued, for `jobs` to call lost later), followed or detached."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    cluster = _write(
+        tmp_path, f"engine: dask\ndask: {{scheduler: alpha, port: {port}, tls: false}}\n" + HOSTS
+    )
+    for flags in (["--array", "2"], ["--detach"]):
+        status, out, err = _cli(capfd, "--cluster", str(cluster), "run", *flags, DIRWORK)
+        assert (status, out) == (1, ""), err
+        last = err.splitlines()[-1]
+        assert (
+            last.startswith("sshwasm: error: the pool's scheduler at ")
+            and "does not answer" in last
+        )
+    status, out, _ = _cli(capfd, "--cluster", str(cluster), "jobs", "--json")
+    records = json.loads(out)
+    assert len(records) == 3, records
+    for record in records:
+        assert record["state"] == "failed", record
+        assert "does not answer" in record["error"], record

@@ -357,7 +357,7 @@ class DaskRun:
     def run(self, job_ids: Sequence[int]) -> list[Job]:
         """Submit the jobs and follow them until every one has ended; returns their records."""
         decide_at_submit(self.store, job_ids, self.handlers.notice)  # not submitted: _refill
-        client = connect(self.plan)
+        client = self._connect_for(job_ids)
         try:
             return asyncio.run(self._collect(client, list(job_ids)))
         except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
@@ -376,11 +376,23 @@ class DaskRun:
         job_ids = [job_id for job_id in job_ids if job_id not in ended]
         if not job_ids:
             return
-        client = connect(self.plan)
+        client = self._connect_for(job_ids)
         try:
             self._publish(client, list(job_ids))
         finally:
             client.close()
+
+    def _connect_for(self, job_ids: Sequence[int]) -> Any:
+        """The pool's client for submitting these jobs. A pool that cannot be reached ends
+        them `failed` with why (nothing was submitted) before the error is raised: left
+        queued, `jobs` would later call them lost, "its coordinator exited"."""
+        try:
+            return connect(self.plan)
+        except SshwasmError as exc:
+            self.store.finish_many(
+                [(job_id, JobState.FAILED, {"error": str(exc)}) for job_id in job_ids]
+            )
+            raise
 
     def _publish(self, client: Any, job_ids: list[int]) -> None:
         futures = self._submit(client, job_ids)
