@@ -10,9 +10,15 @@ overhead. Every run's output (the energies) must equal the native one.
 
 Targets: `run_s` <= 1.15x the native time (issue 5); with either `--time-limit` <= 1.10x
 (issue 13: a short limit had epoch checks, 1.12-1.22x).
-Exits 1 when one is missed. CPU seconds are shown beside them (the record's `cpu_s`, the
-native process's user and system time): on a loaded machine, where wall times wait for a
-core, their ratios say more.
+Exits 1 when one is missed.
+
+The verdict is on each side's best run (the fastest of `--repeat`), the median shown beside
+it. On a shared or virtual machine the same binary's time drifts by 10-30% between runs
+(another tenant's load, frequency): that noise only ever adds time, so the fastest run is
+the closest to what the code costs, as the timeit documentation advises; runs are
+interleaved so that drift meets both sides alike. CPU seconds (the record's `cpu_s`, the
+native process's user and system time) are shown too: on a loaded machine, where wall
+times wait for a core, they say more.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=int, default=20_000_000, help="n-body steps (default 20,000,000)"
     )
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each (median)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each (best and median)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser.parse_args(argv)
 
@@ -153,31 +159,35 @@ def main() -> int:
                 raise BenchError(f"in-process output {output!r} != {expected!r}")
             local.append(seconds)
 
-        base = median(native)
-        base_cpu = median(native_cpu)
         print(f"energies (all runs agree): {' '.join((expected or '').split())}")
+        print(f"best of {args.repeat} runs each, interleaved (median in brackets)")
         print(
-            f"native (rustc -O), wall:                       {base:.3f} s  (CPU {base_cpu:.3f} s)"
+            f"native (rustc -O), wall:                       {min(native):.3f} s  "
+            f"({median(native):.3f} s); CPU {min(native_cpu):.3f} s"
         )
-        print(
-            f"wasmtime in this process, default Config:      {median(local):.3f} s  "
-            f"{median(local) / base:.2f}x"
-        )
+        print(f"wasmtime in this process, default Config:      {_ratios(local, native)}")
         met = True
         for label, times, target in (
             ("sshwasm run_s", plain, TARGET_RATIO),
             (f"sshwasm run_s, --time-limit {TIME_LIMIT_S}", limited, TIME_LIMIT_TARGET_RATIO),
             (f"sshwasm run_s, --time-limit {SHORT_LIMIT_S}", short, TIME_LIMIT_TARGET_RATIO),
         ):
-            ratio = median(times) / base
-            goal = f"target <= {target}x: {verdict(ratio <= target)}"
+            ratio = min(times) / min(native)
             met = met and ratio <= target
-            cpu_ratio = median(cpu[id(times)]) / base_cpu
             print(
-                f"{(label + ':').ljust(46)} {median(times):.3f} s  {ratio:.2f}x  ({goal}); "
-                f"CPU {median(cpu[id(times)]):.3f} s  {cpu_ratio:.2f}x"
+                f"{(label + ':').ljust(46)} {_ratios(times, native)}  "
+                f"(target <= {target}x: {verdict(ratio <= target)}); "
+                f"CPU {_ratios(cpu[id(times)], native_cpu)}"
             )
     return 0 if met else 1
+
+
+def _ratios(times: Sequence[float], native: Sequence[float]) -> str:
+    """`best s  ratio  (median s  ratio)` of `times` against the native runs."""
+    return (
+        f"{min(times):.3f} s  {min(times) / min(native):.2f}x  "
+        f"({median(times):.3f} s  {median(times) / median(native):.2f}x)"
+    )
 
 
 if __name__ == "__main__":
