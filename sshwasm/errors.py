@@ -10,6 +10,11 @@ class SshwasmError(Exception):
     """Root of every error sshwasm reports to the user as one line."""
 
 
+class SshwasmWarning(UserWarning):
+    """Something worked around that the user should know of; the CLI says it in one line
+    (`sshwasm: warning: ...`), the Python API leaves it to the `warnings` module."""
+
+
 class UsageError(SshwasmError):
     """A command-line value is malformed (e.g. `--env` without '=')."""
 

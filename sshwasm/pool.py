@@ -19,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import shlex
 import socket
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from .cluster import Cluster, DaskSettings, Host
-from .errors import HostUnreachable, SshwasmError
+from .errors import HostUnreachable, SshwasmError, SshwasmWarning
 from .tls import PoolCertificates, ensure_certificates, ensure_host_pair
 from .transport import Completed, Transport, TransportPool, last_line
 
@@ -619,17 +621,22 @@ def connect(
 
     Client: Any = distributed.Client
     try:
-        client = Client(
-            plan.scheduler_address,
-            security=security if security is not None else security_for(plan),
-            timeout=timeout,
-            set_as_default=False,
-        )
+        # Dask warns of any package whose version differs across the pool, numpy included,
+        # as a table on stderr: only those that matter to sshwasm are said, in one line.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", distributed.versions.VersionMismatchWarning)
+            client = Client(
+                plan.scheduler_address,
+                security=security if security is not None else security_for(plan),
+                timeout=timeout,
+                set_as_default=False,
+            )
     except (OSError, TimeoutError) as exc:
         raise SshwasmError(
             f"the pool's scheduler at {plan.scheduler_address} does not answer "
             f"({_reason(exc)}); is the pool up (`sshwasm pool up`)?"
         ) from exc
+    _say_version_mismatch(caught, distributed.versions.VersionMismatchWarning)
     if check_version:
         try:
             _check_version(client)
@@ -637,6 +644,67 @@ def connect(
             client.close()
             raise
     return client
+
+
+class PoolVersionWarning(SshwasmWarning):
+    """The pool runs other versions of the packages a task's messages depend on."""
+
+
+# Packages whose versions must agree for the client's messages to be read in the pool
+# (Dask's own "required" list); Python only by its minor version, as pickled code is.
+_MUST_AGREE = ("dask", "distributed", "msgpack", "cloudpickle", "tornado", "toolz")
+
+
+def version_mismatch_line(table: str) -> str | None:
+    """One line naming the packages of Dask's version-mismatch table that matter here
+    (None when only others differ, such as numpy, which no task of sshwasm uses)."""
+    differences: list[str] = []
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) != 4 or cells[0] == "Package":
+            continue
+        package, here, scheduler, workers = cells
+        if package == "python":
+            minors = {_minor(version) for version in re.findall(r"\d+\.\d+[.\w]*", line)}
+            if len(minors) <= 1:
+                continue
+        elif package not in _MUST_AGREE:
+            continue
+        differences.append(
+            f"{package} {here} here, {scheduler} on the scheduler, {workers} on the workers"
+        )
+    if not differences:
+        return None
+    hints = []
+    if any(not difference.startswith("python ") for difference in differences):
+        hints.append("`sshwasm hosts install` installs this machine's on the hosts")
+    if any(difference.startswith("python ") for difference in differences):
+        hints.append("a host's `python:` in the cluster file picks its interpreter")
+    return (
+        f"the pool runs other versions than this machine: {'; '.join(differences)} "
+        f"({'; '.join(hints)})"
+    )
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def _say_version_mismatch(caught: Sequence[warnings.WarningMessage], category: type) -> None:
+    """Warnings caught while connecting, passed on; Dask's version table as one line, if
+    it names a package that matters."""
+    for caught_warning in caught:
+        if isinstance(caught_warning.message, category):
+            line = version_mismatch_line(str(caught_warning.message))
+            if line is not None:
+                warnings.warn(line, PoolVersionWarning, stacklevel=3)
+        else:
+            warnings.warn_explicit(
+                caught_warning.message,
+                caught_warning.category,
+                caught_warning.filename,
+                caught_warning.lineno,
+            )
 
 
 # Runs inside the scheduler: the sshwasm version its limits plugin was started with (None:

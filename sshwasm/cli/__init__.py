@@ -22,7 +22,7 @@ from ..errors import CompileError, SshwasmError, StoreError
 from .context import Context
 from .exits import ExitStatus, job_exit_status
 from .parser import COMPLETE_COMMAND, COORDINATE_COMMAND, MAX_ARRAY_TASKS, build_parser
-from .show import PROG, error, printable
+from .show import PROG, error, printable, show_sshwasm_warnings
 
 __all__ = [
     "MAX_ARRAY_TASKS",
@@ -82,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ExitStatus.USAGE
         args.args = [*args.args, *job_args]
     ctx = Context(args)
+    show_sshwasm_warnings()
     try:
         return _command(args.command)(ctx)
     except CompileError as exc:

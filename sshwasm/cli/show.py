@@ -87,6 +87,28 @@ def warn(message: str) -> None:
     notice(f"warning: {message}")
 
 
+def show_sshwasm_warnings() -> None:
+    """Have `warnings.warn(..., SshwasmWarning)` from the library print as `warn` does,
+    not as Python's two lines with a file name; every other warning as before. Once per
+    process, however many commands run in it."""
+    import warnings
+
+    from ..errors import SshwasmWarning
+
+    shown_before = warnings.showwarning
+    if getattr(shown_before, "sshwasm", False):
+        return
+
+    def show(message: Any, category: type[Warning], *where: Any, **more: Any) -> None:
+        if issubclass(category, SshwasmWarning):
+            warn(str(message))
+        else:
+            shown_before(message, category, *where, **more)
+
+    show.sshwasm = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 # -- how a job ended ---------------------------------------------------------------------
 
 
