@@ -285,7 +285,10 @@ class _HostControl:
         if done.exit_status is None:
             raise HostUnreachable(self.host.name, "connection lost")
         if done.exit_status != 0:
-            raise SshwasmError(f"host '{self.host.name}': pool {command}: {last_line(done.stderr)}")
+            reason = last_line(done.stderr)
+            if "No module named 'distributed'" in reason:
+                reason += f" (`sshwasm hosts install` installs it for {self.host.python})"
+            raise SshwasmError(f"host '{self.host.name}': pool {command}: {reason}")
         try:
             answer: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
         except (ValueError, IndexError) as exc:
