@@ -22,6 +22,7 @@ import json
 import re
 import shlex
 import socket
+import ssl
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from typing import Any
 
 from .cluster import Cluster, DaskSettings, Host
 from .errors import HostUnreachable, SshwasmError, SshwasmWarning
-from .tls import PoolCertificates, ensure_certificates, ensure_host_pair
+from .tls import PoolCertificates, ensure_certificates, ensure_host_pair, pool_dir
 from .transport import Completed, Transport, TransportPool, last_line
 
 # A process that does not come up in this time is reported as failed (with its log's end).
@@ -67,13 +68,14 @@ _RESOURCE_FORBIDDEN = frozenset(",= \t")
 #                        of the same version (ENV's SSHWASM_POOL_VERSION; <role>.version):
 #                        one of another version is stopped first ("restarted", "was")
 #   stop ROLE            SIGTERM ROLE's process group, SIGKILL after a grace; remove pid file
-#   state ROLE           whether ROLE runs
+#   state ROLE           whether ROLE runs, and the sha256 of the CA certificate it started
+#                        with ("ca"; <role>.ca, None before that was recorded)
 #   runs                 the runs of the job keys (a JSON list on stdin) in <workdir>/jobs
 # Each prints one JSON line: {"state": "started"|"restarted"|"running"|"stopped"|"absent",
 # "pid": N, "was": the version a restarted process ran}
 # (runs: {"runs": {BASE: [{"key", "state", "error", "alive", "mtime"}, ...]}}).
 HELPER = f"""\
-import json, os, signal, subprocess, sys, time
+import hashlib, json, os, signal, subprocess, sys, time
 workdir = os.path.abspath(os.path.expanduser(sys.argv[1]))
 pool = os.path.join(workdir, {POOL_SUBDIR!r})
 command = sys.argv[2]
@@ -99,8 +101,8 @@ def group_alive(pid):
         return False
     except PermissionError:
         return True
-def answer(state, pid=None, was=None):
-    print(json.dumps({{"state": state, "pid": pid, "was": was}}))
+def answer(state, pid=None, was=None, **more):
+    print(json.dumps(dict({{"state": state, "pid": pid, "was": was}}, **more)))
 def stop_group(pid):
     os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + {STOP_GRACE_S}
@@ -148,6 +150,14 @@ elif command == "start":
         f.write(str(process.pid) + "\\n")
     with open(os.path.join(pool, role + ".version"), "w") as f:
         f.write(version + "\\n")
+    # The CA it trusts from now on: another machine's (or file's) `pool up` is told apart.
+    try:
+        with open(os.path.join(pool, {CA_FILE!r}), "rb") as f:
+            ca = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        ca = ""
+    with open(os.path.join(pool, role + ".ca"), "w") as f:
+        f.write(ca + "\\n")
     time.sleep({START_CHECK_S})
     if process.poll() is not None:
         with open(log_path, "rb") as f:
@@ -169,7 +179,12 @@ elif command == "stop":
     answer("stopped", pid)
 elif command == "state":
     pid = pid_of(args[0])
-    answer("running" if pid is not None else "absent", pid)
+    try:
+        with open(os.path.join(pool, args[0] + ".ca")) as f:
+            ca = f.read().strip() or None
+    except OSError:
+        ca = None
+    answer("running" if pid is not None else "absent", pid, ca=ca)
 elif command == "runs":
     bases = set(json.loads(sys.stdin.read()))
     jobs = os.path.join(workdir, "jobs")
@@ -437,6 +452,31 @@ async def _prepare_host(
     await control.put(files)
 
 
+async def _refuse_another_authority(
+    control: _HostControl, certs: PoolCertificates, plan: PoolPlan
+) -> None:
+    """A one-line error, before any host is touched, when the scheduler running there was
+    started with another CA than this machine's for this cluster file (from a copy of the
+    file, or before this machine's certificates were made anew): its processes would refuse
+    this machine, and putting this CA there would strand the workers it restarts."""
+    answer = await control.state(SCHEDULER)
+    theirs = answer.get("ca")
+    if answer.get("state") != "running" or theirs is None:
+        return
+    if theirs != hashlib.sha256(certs.ca_cert.read_bytes()).hexdigest():
+        raise SshwasmError(another_authority(plan, f"host '{control.host.name}': the scheduler"))
+
+
+def another_authority(plan: PoolPlan, who: str) -> str:
+    """What to say when the pool's processes trust another CA than this machine's."""
+    return (
+        f"{who} runs with another certificate authority than this machine's for "
+        f"{plan.cluster.source} (kept in {pool_dir(plan.cluster.source)}): the pool was started "
+        f"from another cluster file, or before those certificates were made anew; use that "
+        f"file, or run 'sshwasm pool down' then 'sshwasm pool up' (tasks the pool holds are lost)"
+    )
+
+
 async def pool_up(plan: PoolPlan, report: Report) -> list[SshwasmError]:
     """Start what is not running: the scheduler, then a worker per host. Idempotent.
 
@@ -453,6 +493,12 @@ async def pool_up(plan: PoolPlan, report: Report) -> list[SshwasmError]:
         async def prepare(host: Host) -> None:
             await _prepare_host(host, await control(host), plan, certs)
 
+        scheduler = plan.scheduler_host
+        if certs is not None:
+            try:
+                await _refuse_another_authority(await control(scheduler), certs, plan)
+            except SshwasmError as exc:
+                return [exc]
         hosts = list(plan.cluster.hosts)
         prepared = await _each(hosts, prepare)
         ready = []
@@ -461,7 +507,6 @@ async def pool_up(plan: PoolPlan, report: Report) -> list[SshwasmError]:
                 failures.append(outcome)
             else:
                 ready.append(host)
-        scheduler = plan.scheduler_host
         if scheduler not in ready:
             return failures
         try:
@@ -635,6 +680,9 @@ def connect(
                 set_as_default=False,
             )
     except (OSError, TimeoutError) as exc:
+        if _refused_certificate(exc):
+            who = f"the pool's scheduler at {plan.scheduler_address}"
+            raise SshwasmError(another_authority(plan, who)) from exc
         raise SshwasmError(
             f"the pool's scheduler at {plan.scheduler_address} does not answer "
             f"({_reason(exc)}); is the pool up (`sshwasm pool up`)?"
@@ -768,6 +816,18 @@ def _check_reachable(plan: PoolPlan) -> None:
             f"the pool's scheduler at {plan.scheduler_address} does not answer "
             f"({_reason(exc)}); is the pool up (`sshwasm pool up`)?"
         ) from exc
+
+
+def _refused_certificate(exc: BaseException) -> bool:
+    """Whether connecting failed on a certificate the other side does not trust."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "certificate does not match" in str(
+            seen
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _reason(exc: BaseException) -> str:

@@ -236,7 +236,7 @@ def pool_cluster(dask_pool: Pool, tmp_path: Path) -> Path:
 
 
 def test_pool_up_status_and_tls_refusal(
-    dask_pool: Pool, pool_cluster: Path, tmp_path: Path
+    dask_pool: Pool, pool_cluster: Path, built: dict[str, Any], tmp_path: Path
 ) -> None:
     up = dask_pool.up
     assert "alpha: scheduler started" in up.stdout
@@ -277,8 +277,28 @@ def test_pool_up_status_and_tls_refusal(
 
     plan = plan_for(load_cluster(pool_cluster))
     foreign = ensure_certificates(str(tmp_path / "someone-elses-cluster.yaml"))
-    with pytest.raises(SshwasmError, match="does not answer"):
+    with pytest.raises(SshwasmError, match="runs with another certificate authority"):
         connect(plan, timeout=1, security=security_for(plan, foreign)).close()
+    # A copy of the cluster file has its own CA on this machine: its `pool up` stops at
+    # once, before it puts that CA on any host (the running pool's workers would not
+    # rejoin with it), and its `run` says the same in one line.
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(pool_cluster.read_text())
+    ca_files = {p: p.read_bytes() for p in dask_pool.workers.glob("*/dask/ca.pem")}
+    refused = _run("--cluster", str(copy), "pool", "up", timeout=60)
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    assert refused.stderr.startswith(
+        "sshwasm: error: host 'alpha': the scheduler runs with another certificate authority "
+        f"than this machine's for {copy} (kept in "
+    ), refused.stderr
+    assert "'sshwasm pool down' then 'sshwasm pool up'" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1
+    assert {p: p.read_bytes() for p in ca_files} == ca_files
+    ran = _run("--cluster", str(copy), "run", str(built["hello"].path), timeout=60)
+    assert ran.returncode != 0 and ran.stderr.startswith(
+        f"sshwasm: error: the pool's scheduler at {plan.scheduler_address} runs with another "
+        "certificate authority"
+    ), ran.stderr
     from distributed import Client
 
     with pytest.raises((OSError, TimeoutError)):
