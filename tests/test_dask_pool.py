@@ -759,6 +759,74 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
         assert failed.error.startswith("dependency job ") and failed.error.endswith("ended failed")
 
 
+def test_a_dependency_whose_task_erred_on_the_pool(
+    dask_pool: Pool, pool_cluster: Path, built: dict[str, Any], tmp_path: Path
+) -> None:
+    """A dependency whose Dask task erred (an exception in the task, here the plugin's
+    refusal of a job cancelled on the workers before it started; no guest ran) ends
+    `failed`; Dask takes its dependants' tasks with it, but they end as the SSH engine
+    ends them: an --after-any one runs, an --after one is `cancelled` (`dependency job N
+    ended failed`), followed or detached (collected by a later `jobs`)."""
+    from sshwasm.cli.coordinate import coordinator_handlers
+    from sshwasm.engines.dask_engine import DaskRun, job_base
+    from sshwasm.pool import connect
+
+    cluster = ["--cluster", str(pool_cluster)]
+    sleep, hello = str(built["sleep"].path), str(built["hello"].path)
+    store = JobStore(tmp_path / "data" / "jobs.sqlite")
+
+    def submit(*args: str) -> int:
+        done = _run(*cluster, "run", "--detach", *args)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    first = submit(sleep, "--", "3")
+    doomed = submit("--after", str(first), hello)
+    run = DaskRun(store, load_cluster(pool_cluster), coordinator_handlers(False, False))
+    client = connect(run.plan)
+    try:  # its task raises when it starts (the plugin's `Cancelled`): no guest runs
+        run._cancel_on_workers(client, {job_base(store.get(doomed))})
+    finally:
+        client.close()
+    any_detached = submit("--after-any", str(doomed), hello)
+    after_detached = submit("--after", str(doomed), hello)
+    # Followed: two runs in this process at once (their output is not read: they share
+    # this process's stdout, put back after them).
+    streams = sys.stdout, sys.stderr
+    try:
+        with ThreadPoolExecutor(1) as thread:
+            any_run = thread.submit(_run, *cluster, "run", "--after-any", str(doomed), hello)
+            after_run = _run(*cluster, "run", "--after", str(doomed), hello)
+            assert any_run.result(timeout=120).returncode == 0
+    finally:
+        sys.stdout, sys.stderr = streams
+    assert after_run.returncode == 130, after_run.stderr
+    followed = [job for job in store.get_many(range(after_detached + 1, after_detached + 3))]
+    assert {job.dependencies[0] for job in followed} == {doomed}, followed
+
+    def records() -> dict[int, dict[str, Any]]:
+        return {r["id"]: r for r in json.loads(_run(*cluster, "jobs", "--json").stdout)}
+
+    ids = (doomed, any_detached, after_detached)
+    wait_for(lambda: all(records()[i]["state"] not in ("queued", "running") for i in ids), 60)
+    shown = records()
+    assert shown[first]["state"] == "succeeded", shown[first]
+    assert shown[doomed]["state"] == "failed", shown[doomed]
+    assert "dask: task error" in shown[doomed]["error"], shown[doomed]
+    assert "cancelled before it started" in shown[doomed]["error"], shown[doomed]
+    for job in followed:
+        ran = shown[job.id] if job.after_any else shown[after_detached]
+        assert ran["state"] != "failed", ran
+    for job_id in (any_detached, *(job.id for job in followed if job.after_any)):
+        assert shown[job_id]["state"] == "succeeded", shown[job_id]
+        assert shown[job_id]["stdout"].endswith("job done, hello!\n"), shown[job_id]
+        assert shown[job_id]["host"] is not None and shown[job_id]["engine"] == "dask"
+    for job_id in (after_detached, *(job.id for job in followed if not job.after_any)):
+        assert (shown[job_id]["state"], shown[job_id]["exit_code"]) == ("cancelled", 143)
+        assert shown[job_id]["error"] == f"dependency job {doomed} ended failed", shown[job_id]
+        assert shown[job_id]["host"] is None, shown[job_id]
+
+
 def _most_at_once(job_dirs: set[Path]) -> int:
     """The most runs whose guests ran at the same time (their result.json's clocks)."""
     from datetime import datetime

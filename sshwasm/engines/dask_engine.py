@@ -57,9 +57,9 @@ from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
 from .dask_dependencies import (
     Flows,
+    dataset_name,
     decide_at_submit,
     detached_dependants,
-    erred_dependant,
     settle_dependants,
     take_flow,
     wants_flow,
@@ -117,6 +117,9 @@ WINDOW_TOP_UP = 4
 # How often a foreground run asks the scheduler which of its ended tasks were run again
 # after their worker died (`attempts`): their futures are kept until it asked.
 RERUNS_EVERY_S = 1.0
+# How often a foreground run looks again at jobs set aside because a dependency's task erred
+# or was cancelled (dask_dependencies: `Flows.unheld`), waiting for their records.
+UNHELD_POLL_S = 0.5
 
 
 def _by_value(source: str, name: str) -> Callable[..., Any]:
@@ -222,6 +225,14 @@ def _next_batch(pending: Any) -> list[Any]:
         return list(pending.next_batch(block=True))
     except StopIteration:
         return []
+
+
+def _ready_batch(pending: Any, timeout: float) -> list[Any]:
+    """The futures of `as_completed` that ended, waiting at most `timeout` for one."""
+    deadline = time.monotonic() + timeout
+    while not pending.has_ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return list(pending.next_batch(block=False)) if pending.has_ready() else []
 
 
 def _gather_finished(client: Any, batch: Sequence[Any]) -> dict[Any, dict[str, Any]]:
@@ -396,7 +407,7 @@ class DaskRun:
 
     def _publish(self, client: Any, job_ids: list[int]) -> None:
         futures = self._submit(client, job_ids)
-        client.publish_dataset(**{future.key: future for future in futures})
+        client.publish_dataset(override=True, **{dataset_name(f.key): f for f in futures})
         self.store.update_many(job_ids, coordinator_pid=None)
 
     def cancel(self, jobs: Sequence[Job]) -> dict[int, str]:
@@ -417,7 +428,7 @@ class DaskRun:
             # force: the published dataset wants the key too, not only this client.
             client.cancel(futures, force=True)
             for future in futures:
-                client.unpublish_dataset(future.key)
+                client.unpublish_dataset(dataset_name(future.key))
         except Exception as exc:  # distributed raises its own kinds, and a worker's errors
             return {job.id: f"cancelling on the pool: {exc}" for job in jobs}
         finally:
@@ -521,6 +532,7 @@ class DaskRun:
         async with TransportPool() as pool:
             for future, job_id in done.items():
                 await self._record(pool, client, future, job_id)
+        kept = await self._settle_published(client, list(done.values()))
         running = {job_base(job): job.id for job in jobs if job.id in found.values()}
         running = {base: job_id for base, job_id in running.items() if job_id not in done.values()}
         if running:
@@ -528,8 +540,9 @@ class DaskRun:
         if unknown:
             await self._settle(client, unknown)
         self._note_reruns(await asyncio.to_thread(self._reruns, client, done))
-        for future in done:
-            await asyncio.to_thread(client.unpublish_dataset, future.key)
+        for future, job_id in done.items():
+            if job_id not in kept:
+                await asyncio.to_thread(client.unpublish_dataset, dataset_name(future.key))
         for future in found:
             future.release()
         return {job.id: job for job in self.store.get_many([job.id for job in jobs])}
@@ -716,10 +729,7 @@ class DaskRun:
             self._done(await self._refill(client, flight, pending))
             watcher = asyncio.create_task(self._watch_cancels(client, flight))
             async with TransportPool() as pool:
-                while flight.futures:
-                    batch = await asyncio.to_thread(_next_batch, pending)
-                    if not batch:
-                        break
+                while (batch := await self._next_ended(client, flight, pending)) is not None:
                     ended = {future: flight.futures[future] for future in batch}
                     answers = await asyncio.to_thread(_gather_finished, client, batch)
                     await self._record_batch(pool, client, ended, answers)
@@ -750,7 +760,57 @@ class DaskRun:
         """Tell `on_done` about jobs that ended (one read of their records)."""
         if self.on_done is not None and job_ids:
             for job in self.store.get_many(job_ids):
-                self.on_done(job)
+                if job.is_final:  # not one set aside for its dependencies (Flows.unheld)
+                    self.on_done(job)
+
+    async def _next_ended(self, client: Any, flight: _Flight, pending: Any) -> list[Any] | None:
+        """The next tasks that ended (waiting for one); None when nothing is left to follow.
+        Meanwhile the jobs set aside because a dependency's task erred or was cancelled
+        (`Flows.unheld`) are settled as their dependencies' records end."""
+        while True:
+            if self._flows.unheld:
+                self._done(await self._settle_unheld(client, flight, pending))
+            if not self._flows.unheld:
+                if not flight.futures:
+                    return None
+                return await asyncio.to_thread(_next_batch, pending) or None
+            if not flight.futures:
+                await asyncio.sleep(UNHELD_POLL_S)
+                continue
+            batch = await asyncio.to_thread(_ready_batch, pending, UNHELD_POLL_S)
+            if batch:
+                return batch
+
+    async def _settle_unheld(self, client: Any, flight: _Flight, pending: Any) -> list[int]:
+        """Settle the followed jobs set aside (`Flows.settle`): those cancelled by the rule,
+        and those submitted again into the window; the dependencies no process follows
+        (detached) are collected meanwhile. Returns the ids that ended here."""
+        ended, again, collect = self._flows.settle(sorted(self._flows.unheld))
+        if collect:
+            await self._collect_published(client, collect)
+        if again:
+            jobs = self.store.get_many(again)
+            prepared = self._prepare(client, jobs)
+            ended += [job.id for job in jobs if job.id not in prepared]  # ended in staging
+            jobs = [job for job in jobs if job.id in prepared]
+            submitted = await asyncio.to_thread(self._submit_jobs, client, jobs, prepared)
+            flight.add(submitted, jobs)
+            pending.update(submitted)
+        return ended
+
+    async def _settle_published(self, client: Any, job_ids: Sequence[int]) -> set[int]:
+        """Settle the detached jobs among `job_ids` set aside (`Flows.unheld`): cancelled by
+        the rule, or published again under their names; one whose dependencies have not all
+        ended is left as it is for a later `jobs`. Returns the ids whose dataset stays."""
+        ids = self._flows.unheld.intersection(job_ids)
+        if not ids:
+            return set()
+        _ended, again, _collect = self._flows.settle(sorted(ids))
+        waiting = self._flows.unheld.intersection(ids)
+        self._flows.unheld -= ids
+        if again:
+            self._publish(client, again)  # in this thread: the jobs file's is this one
+        return waiting | set(again)
 
     async def _record_batch(
         self,
@@ -905,8 +965,10 @@ class DaskRun:
         """Record how the job of an ended task ended (`gathered`: its answer, when gathered
         already), asking its host for its /output and directories if it has them."""
         job = self.store.get(job_id)
-        if future.status != "finished" and erred_dependant(self.store, job):
-            return self.store.get(job_id)
+        held = future.status != "finished" and job.dependencies and not job.is_final
+        if held and await asyncio.to_thread(self._flows.by_dependency, client, future):
+            self._flows.unheld.add(job_id)  # settled once its dependencies' records end
+            return job
         if future.status != "finished":
             try:
                 error = future.exception()
