@@ -507,7 +507,10 @@ class DaskRun:
             if name not in published:
                 unknown.append(job)
                 continue
-            found[await asyncio.to_thread(client.get_dataset, name)] = job.id
+            try:
+                found[await asyncio.to_thread(client.get_dataset, name)] = job.id
+            except KeyError:  # another `jobs` (or follower) collected it just now
+                continue
         states: dict[str, str] = {}
         if found:
             probe = _by_value(_STATES_SOURCE, "sshwasm_states")
