@@ -10,6 +10,8 @@ every unfinished job once; `pool down` with guests running leaves no process beh
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,8 +19,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +310,87 @@ def _worker_pids(workers: Path) -> list[int]:
             for word in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         )
     ]
+
+
+def test_a_scheduler_that_stops_answering_is_noticed_and_a_slow_one_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's waits are bounded (engines/dask_waits.py): a run waits for a task as
+    long as it takes while the scheduler answers (here one no worker can run), and a
+    scheduler that stops answering (its event loop held: connected, silent) ends the wait
+    and each question with one line naming it, in about ANSWER_TIMEOUT_S, not never."""
+    import distributed
+
+    from sshwasm.engines import dask_waits
+
+    monkeypatch.setattr(dask_waits, "ANSWER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(dask_waits, "ALIVE_EVERY_S", 0.5)
+    with _scheduler_in_a_thread() as address:
+        client = distributed.Client(address, timeout=30, set_as_default=False)
+        try:
+            # No worker: the task waits, and so does the run while the scheduler answers.
+            pending = distributed.as_completed(
+                [client.submit(sum, [1, 2], pure=False)], loop=client.loop
+            )
+            results: list[Any] = []
+            waiter = threading.Thread(
+                target=lambda: results.append(_waited(dask_waits.next_ended, client, pending)),
+                daemon=True,
+            )
+            waiter.start()
+            waiter.join(1.5)
+            assert waiter.is_alive() and not results, results  # slow, alive: not failed
+            # A function run in the scheduler's event loop holds it: not a word for 4.5 s.
+            hold = threading.Thread(
+                target=client.run_on_scheduler, args=(time.sleep, 4.5), daemon=True
+            )
+            hold.start()
+            started = time.monotonic()
+            waiter.join(30)
+            assert not waiter.is_alive(), "the wait went on after the scheduler went silent"
+            assert time.monotonic() - started < 5
+            (silent,) = results
+            assert isinstance(silent, dask_waits.PoolSilent), silent
+            assert str(silent) == (
+                f"the pool's scheduler at {address} did not answer whether it is still there in 1 s"
+            )
+            with pytest.raises(dask_waits.PoolSilent, match=r"did not answer its data in 1 s$"):
+                dask_waits.asked(client, client.list_datasets, what="its data")
+            hold.join(30)
+            assert dask_waits.asked(client, client.list_datasets, what="its data") == ()
+        finally:
+            client.close(timeout=5)
+
+
+@contextlib.contextmanager
+def _scheduler_in_a_thread() -> Iterator[str]:
+    """A Dask scheduler in this process (its own thread and event loop): its address."""
+    import distributed
+
+    ready = threading.Event()
+    held: dict[str, Any] = {}
+
+    async def serve() -> None:
+        scheduler: Any = distributed.Scheduler(host="127.0.0.1", port=0, dashboard=False)
+        async with scheduler:
+            held["address"], held["loop"] = scheduler.address, asyncio.get_running_loop()
+            held["stop"] = asyncio.Event()
+            ready.set()
+            await held["stop"].wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(60), "the scheduler did not start"
+    try:
+        yield str(held["address"])
+    finally:
+        held["loop"].call_soon_threadsafe(held["stop"].set)
+        thread.join(30)
+
+
+def _waited(wait: Callable[..., Any], *args: Any) -> Any:
+    """`wait(*args)`, or the exception it raised."""
+    try:
+        return wait(*args)
+    except Exception as exc:
+        return exc

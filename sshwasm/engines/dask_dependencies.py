@@ -45,6 +45,7 @@ from ..pool import PRELOAD_NAME
 from ..runner.protocol import KIND_RESULT, KIND_STDERR, KIND_STDOUT, FrameDecoder, ProtocolError
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore
+from .dask_waits import asked
 
 # The worker plugin's functions (dask_preload.py), by reference to its module on the hosts.
 TASK_MODULE = PRELOAD_NAME.removesuffix(".py")
@@ -193,14 +194,14 @@ class Flows:
         if going:
             import distributed
 
-            published = set(client.list_datasets())
+            published = set(asked(client, client.list_datasets, what="its datasets"))
             probe = _by_value(_KNOWN_SOURCE, "sshwasm_known")
             keys = [task_key(dep) + suffix for dep in going for suffix in ("", AGAIN_SUFFIX)]
-            known = set(client.run_on_scheduler(probe, keys))
+            known = set(asked(client, client.run_on_scheduler, probe, keys, what="its tasks"))
         for dep in going:
             key = task_key(dep)
             if key in published:
-                future = client.get_dataset(key)
+                future = asked(client, client.get_dataset, key, what=key)
             elif key + AGAIN_SUFFIX in known:  # submitted again (`settle`), followed
                 future = distributed.Future(key + AGAIN_SUFFIX, client)
             elif key in known or dep.id in batch:  # submitted before it (`submit`)
@@ -278,13 +279,14 @@ class Flows:
     def by_dependency(self, client: Any, future: Any) -> bool:
         """Whether a dependant's task that did not finish was ended by a dependency's (its
         error, or a cancel in the scheduler), not by its own error. Touches no jobs file."""
-        if future.key.endswith(AGAIN_SUFFIX):
-            return False  # held behind nothing: its end is its own
+        if future.key.endswith(AGAIN_SUFFIX) or client.status != "running":
+            return False  # held behind nothing, or the client lost the scheduler: its own
         if future.status != "error":
             return True  # cancelled: a cancel of the job itself ended its record first
         try:
             probe = _by_value(_BLAME_SOURCE, "sshwasm_blame")
-            blamed = client.run_on_scheduler(probe, [future.key]).get(future.key)
+            keys = [future.key]
+            blamed = asked(client, client.run_on_scheduler, probe, keys, what="why").get(future.key)
         except Exception:  # the scheduler is gone: it cannot be told; its record says why
             return False
         return blamed is not None and blamed != future.key

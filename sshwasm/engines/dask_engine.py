@@ -66,6 +66,7 @@ from .dask_dependencies import (
 )
 from .dask_limits import ArrayLimits, annotated, halted_end
 from .dask_staging import DaskStaging
+from .dask_waits import PoolSilent, answer_of, asked, next_ended, ready_within
 
 # The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
 # `pool up` put beside the scheduler and every worker (their working directory).
@@ -218,31 +219,15 @@ def _pairs_together(done: dict[Any, int], jobs: Sequence[Job]) -> dict[Any, int]
     }
 
 
-def _next_batch(pending: Any) -> list[Any]:
-    """The futures of `as_completed` that ended: at least one (waiting for it), or none when
-    every one was handed out."""
-    try:
-        return list(pending.next_batch(block=True))
-    except StopIteration:
-        return []
-
-
-def _ready_batch(pending: Any, timeout: float) -> list[Any]:
-    """The futures of `as_completed` that ended, waiting at most `timeout` for one."""
-    deadline = time.monotonic() + timeout
-    while not pending.has_ready() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return list(pending.next_batch(block=False)) if pending.has_ready() else []
-
-
 def _gather_finished(client: Any, batch: Sequence[Any]) -> dict[Any, dict[str, Any]]:
     """The answers of the batch's finished tasks, in one gather. Empty when that fails (a
-    worker holding one died meanwhile): each is then asked for alone, as it is recorded."""
+    worker holding one died meanwhile, or no answer in time): each is then asked for alone,
+    as it is recorded (`answer_of`)."""
     finished = [future for future in batch if future.status == "finished"]
     if not finished:
         return {}
     try:
-        answers = client.gather(finished)
+        answers = asked(client, client.gather, finished, what="for the answers of ended tasks")
     except Exception:
         return {}
     return dict(zip(finished, answers, strict=True))
@@ -372,10 +357,10 @@ class DaskRun:
         try:
             return asyncio.run(self._collect(client, list(job_ids)))
         except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
-            raise SshwasmError(
-                f"lost the pool's scheduler at {self.plan.scheduler_address}: {exc}; "
-                "unfinished jobs are settled by `sshwasm jobs`"
-            ) from exc
+            lost = f"lost the pool's scheduler at {self.plan.scheduler_address}: {exc}"
+            if isinstance(exc, PoolSilent):  # it says which scheduler, and for how long
+                lost = str(exc)
+            raise SshwasmError(f"{lost}; unfinished jobs are settled by `sshwasm jobs`") from exc
         finally:
             client.close()
 
@@ -390,6 +375,8 @@ class DaskRun:
         client = self._connect_for(job_ids)
         try:
             self._publish(client, list(job_ids))
+        except TimeoutError as exc:  # PoolSilent: `jobs` settles them (nobody follows them)
+            raise SshwasmError(f"{exc}; the jobs are settled by `sshwasm jobs`") from None
         finally:
             client.close()
 
@@ -407,7 +394,8 @@ class DaskRun:
 
     def _publish(self, client: Any, job_ids: list[int]) -> None:
         futures = self._submit(client, job_ids)
-        client.publish_dataset(override=True, **{dataset_name(f.key): f for f in futures})
+        datasets = {dataset_name(future.key): future for future in futures}
+        asked(client, client.publish_dataset, datasets, override=True, what="to keep the tasks")
         self.store.update_many(job_ids, coordinator_pid=None)
 
     def cancel(self, jobs: Sequence[Job]) -> dict[int, str]:
@@ -421,14 +409,14 @@ class DaskRun:
         try:
             # The guests first (a cancel must stop them within a second), then the tasks.
             self._cancel_on_workers(client, {job_base(job) for job in jobs})
-            published = set(client.list_datasets())
-            futures = [
-                client.get_dataset(task_key(job)) for job in jobs if task_key(job) in published
-            ]
+            published = set(asked(client, client.list_datasets, what="its datasets"))
+            names = [task_key(job) for job in jobs if task_key(job) in published]
+            futures = [asked(client, client.get_dataset, name, what=name) for name in names]
             # force: the published dataset wants the key too, not only this client.
-            client.cancel(futures, force=True)
+            asked(client, client.cancel, futures, force=True, what="the cancel")
             for future in futures:
-                client.unpublish_dataset(dataset_name(future.key))
+                name = dataset_name(future.key)
+                asked(client, client.unpublish_dataset, name, what=f"to forget {name}")
         except Exception as exc:  # distributed raises its own kinds, and a worker's errors
             return {job.id: f"cancelling on the pool: {exc}" for job in jobs}
         finally:
@@ -452,10 +440,11 @@ class DaskRun:
         publish the tasks of `job_ids` (those of them that still run) anew."""
         client = connect(self.plan)
         try:
-            published = set(client.list_datasets())
+            published = set(asked(client, client.list_datasets, what="its datasets"))
             for job in dependants:
                 if task_key(job) in published:
-                    client.unpublish_dataset(task_key(job))
+                    name = task_key(job)
+                    asked(client, client.unpublish_dataset, name, what=f"to forget {name}")
             if job_ids:
                 self._publish(client, job_ids)
         finally:
@@ -466,7 +455,7 @@ class DaskRun:
         """The runner's cancel of every run of these jobs, on every worker (each worker
         also remembers them, so a task of theirs that comes later never starts)."""
         cancel = _by_value(_CANCEL_SOURCE, "sshwasm_cancel")
-        client.run(cancel, sorted(bases))
+        asked(client, client.run, cancel, sorted(bases), what="the cancel on its workers")
 
     @staticmethod
     def _running(client: Any) -> list[Any]:
@@ -475,7 +464,9 @@ class DaskRun:
         leaves behind in a big array). The events, from a worker that cannot be asked."""
         probe = _by_value(_RUNNING_SOURCE, "sshwasm_running")
         try:
-            answers: dict[str, Any] = client.run(probe)
+            answers: dict[str, Any] = asked(client, client.run, probe, what="what runs")
+        except PoolSilent:
+            raise
         except Exception:  # a worker of an older pool, or gone meanwhile
             return list(client.get_events(STARTED_TOPIC))
         return [(0.0, {"started": started}) for started in answers.values()]
@@ -500,7 +491,9 @@ class DaskRun:
 
     async def _collect_published(self, client: Any, jobs: Sequence[Job]) -> dict[int, Job]:
         names = {task_key(job): job for job in jobs}
-        published = set(await asyncio.to_thread(client.list_datasets))
+        published = set(
+            await asyncio.to_thread(asked, client, client.list_datasets, what="its datasets")
+        )
         found: dict[Any, int] = {}
         unknown: list[Job] = []
         for name, job in names.items():
@@ -508,14 +501,17 @@ class DaskRun:
                 unknown.append(job)
                 continue
             try:
-                found[await asyncio.to_thread(client.get_dataset, name)] = job.id
+                found[
+                    await asyncio.to_thread(asked, client, client.get_dataset, name, what=name)
+                ] = job.id
             except KeyError:  # another `jobs` (or follower) collected it just now
                 continue
         states: dict[str, str] = {}
         if found:
             probe = _by_value(_STATES_SOURCE, "sshwasm_states")
+            keys = [future.key for future in found]
             states = await asyncio.to_thread(
-                client.run_on_scheduler, probe, [future.key for future in found]
+                asked, client, client.run_on_scheduler, probe, keys, what="its tasks' states"
             )
         # Ended: in memory (an answer) or erred; a future new to this client may not know yet.
         done = _pairs_together(
@@ -545,7 +541,10 @@ class DaskRun:
         self._note_reruns(await asyncio.to_thread(self._reruns, client, done))
         for future, job_id in done.items():
             if job_id not in kept:
-                await asyncio.to_thread(client.unpublish_dataset, dataset_name(future.key))
+                name = dataset_name(future.key)
+                await asyncio.to_thread(
+                    asked, client, client.unpublish_dataset, name, what=f"to forget {name}"
+                )
         for future in found:
             future.release()
         return {job.id: job for job in self.store.get_many([job.id for job in jobs])}
@@ -776,11 +775,11 @@ class DaskRun:
             if not self._flows.unheld:
                 if not flight.futures:
                     return None
-                return await asyncio.to_thread(_next_batch, pending) or None
+                return await asyncio.to_thread(next_ended, client, pending) or None
             if not flight.futures:
                 await asyncio.sleep(UNHELD_POLL_S)
                 continue
-            batch = await asyncio.to_thread(_ready_batch, pending, UNHELD_POLL_S)
+            batch = await asyncio.to_thread(ready_within, pending, UNHELD_POLL_S)
             if batch:
                 return batch
 
@@ -890,8 +889,12 @@ class DaskRun:
         found: dict[int, int] = {}
         for start in range(0, len(names), RERUNS_BATCH):
             try:
-                reruns: dict[str, int] = client.run_on_scheduler(
-                    probe, names[start : start + RERUNS_BATCH]
+                reruns: dict[str, int] = asked(
+                    client,
+                    client.run_on_scheduler,
+                    probe,
+                    names[start : start + RERUNS_BATCH],
+                    what="about reruns",
                 )
             except Exception as exc:  # the scheduler is gone: the records say one attempt
                 self.handlers.warning(f"cannot ask the scheduler about reruns: {exc}")
@@ -968,6 +971,10 @@ class DaskRun:
         """Record how the job of an ended task ended (`gathered`: its answer, when gathered
         already), asking its host for its /output and directories if it has them."""
         job = self.store.get(job_id)
+        if future.status == "cancelled" and client.status != "running":
+            # distributed cancels every future of a client that lost its scheduler: not the
+            # job's end (its task may run on); left for `sshwasm jobs` to settle.
+            raise OSError("the connection to it was lost")
         held = future.status != "finished" and job.dependencies and not job.is_final
         if held and await asyncio.to_thread(self._flows.by_dependency, client, future):
             self._flows.unheld.add(job_id)  # settled once its dependencies' records end
@@ -980,7 +987,9 @@ class DaskRun:
             self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
             return self.store.get(job_id)
         try:
-            raw = future.result() if gathered is None else gathered
+            raw = gathered
+            if raw is None:
+                raw = answer_of(client, future, f"for job {job_id}'s answer")
             job, raw = take_flow(self.store, job, raw, self.handlers.warning)
             if raw is None:  # --after not satisfied: the guest never ran
                 return job
