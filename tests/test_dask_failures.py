@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dask_cli import DASK_TEST_CONFIG, run_in_process
 from helpers import (
     RUNNER,
     Guest,
@@ -34,7 +35,6 @@ from helpers import (
     processes_whose_argv,
     run_runner,
     runner_env,
-    sshwasm,
     start_sshwasm,
     wait_for,
 )
@@ -42,6 +42,10 @@ from helpers import (
 from sshwasm.engines import dask_engine, dask_preload
 from sshwasm.runner import parent_death
 from sshwasm.runner.protocol import FrameDecoder, encode_frame, encode_hello
+
+# The command line in this process (`jobs` is polled: a process each time imported
+# `distributed` again, most of this module's time), but for the client killed mid-array.
+_run = run_in_process
 
 
 def _free_port(address: str) -> int:
@@ -142,16 +146,20 @@ def test_dask_failures_end_to_end(
         f"  dashboard_port: {_free_port('127.0.0.1')}\n" + path.read_text()
     )
     workers = tmp_path / "workers"
+    for name in ("alpha", "beta"):  # read by the pool's processes there (DASK_CONFIG)
+        config = workers / name / "dask" / "config"
+        config.mkdir(mode=0o700, parents=True)
+        (config / "sshwasm-test.yaml").write_text(DASK_TEST_CONFIG)
     cluster = ["--cluster", str(path)]
     sleep = str(built["sleep"].path)
 
     def jobs() -> dict[int, dict[str, Any]]:
-        listed = sshwasm(*cluster, "jobs", "--json")
+        listed = _run(*cluster, "jobs", "--json")
         assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
         return {record["id"]: record for record in json.loads(listed.stdout)}
 
     def detach(*args: str) -> list[int]:
-        done = sshwasm(*cluster, "run", "--detach", *args)
+        done = _run(*cluster, "run", "--detach", *args)
         assert done.returncode == 0, done.stderr
         return [int(line) for line in done.stdout.split()]
 
@@ -171,7 +179,7 @@ def test_dask_failures_end_to_end(
         return list(workers.glob(f"*/jobs/{remote_key(job_id).split('.', 1)[0]}.*"))
 
     try:
-        up = sshwasm(*cluster, "pool", "up", timeout=180)
+        up = _run(*cluster, "pool", "up", timeout=180)
         assert up.returncode == 0, up.stderr
 
         # -- A detached job shows `running` with its host and start; one queued behind it
@@ -186,9 +194,9 @@ def test_dask_failures_end_to_end(
         shown = records[first_id]
         assert shown["host"] == "beta" and shown["started_at"], shown
         assert records[queued_id]["state"] == "queued" and records[queued_id]["host"] is None
-        status = json.loads(sshwasm(*cluster, "status", "--json", str(first_id)).stdout)
+        status = json.loads(_run(*cluster, "status", "--json", str(first_id)).stdout)
         assert status["state"] == "running" and status["host"] == "beta", status
-        cancel = sshwasm(*cluster, "cancel", str(queued_id))
+        cancel = _run(*cluster, "cancel", str(queued_id))
         assert cancel.returncode == 0 and "cancelled" in cancel.stdout, cancel.stderr
 
         # -- The worker SIGKILLed mid-task: its guest dies with it (not recorded), and Dask
@@ -210,7 +218,7 @@ def test_dask_failures_end_to_end(
         job_dir = workers / "beta" / "jobs" / again
         wait_for(lambda: (job_dir / "stdout").exists(), 30)
         guest = int((job_dir / "pid").read_text())
-        cancel = sshwasm(*cluster, "cancel", str(first_id))
+        cancel = _run(*cluster, "cancel", str(first_id))
         assert cancel.returncode == 0, cancel.stderr
         assert cancel.stdout == f"job {first_id}: cancelled\n", cancel.stdout
         wait_for(lambda: process_gone(guest), 1)
@@ -266,7 +274,7 @@ def test_dask_failures_end_to_end(
         wait_for(lambda: any((d / "stdout").exists() for d in new_dirs("beta")), 30)
         os.kill(int((workers / "alpha" / "dask" / "scheduler.pid").read_text()), signal.SIGKILL)
         wait_for(lambda: not _worker_pids(workers), 60)
-        up = sshwasm(*cluster, "pool", "up", timeout=180)
+        up = _run(*cluster, "pool", "up", timeout=180)
         assert up.returncode == 0 and "scheduler started" in up.stdout, up.stderr
         first_look = jobs()
         second_look = jobs()
@@ -289,11 +297,11 @@ def test_dask_failures_end_to_end(
         # -- `pool down` with a guest running leaves no process behind.
         (last,) = detach(sleep, "--", "60")
         running(last)
-        down = sshwasm(*cluster, "pool", "down", timeout=120)
+        down = _run(*cluster, "pool", "down", timeout=120)
         assert down.returncode == 0, down.stderr
         assert _processes_under(workers) == []
     finally:
-        sshwasm(*cluster, "pool", "down", timeout=120)
+        _run(*cluster, "pool", "down", timeout=120)
         leftovers = _processes_under(workers)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)

@@ -66,7 +66,7 @@ from .dask_dependencies import (
 )
 from .dask_limits import ArrayLimits, annotated, halted_end
 from .dask_staging import DaskStaging
-from .dask_waits import PoolSilent, answer_of, asked, next_ended, ready_within
+from .dask_waits import FORGET_TIMEOUT_S, PoolSilent, answer_of, asked, next_ended, ready_within
 
 # The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
 # `pool up` put beside the scheduler and every worker (their working directory).
@@ -414,11 +414,11 @@ class DaskRun:
             futures = [asked(client, client.get_dataset, name, what=name) for name in names]
             # force: the published dataset wants the key too, not only this client.
             asked(client, client.cancel, futures, force=True, what="the cancel")
-            for future in futures:
-                name = dataset_name(future.key)
-                asked(client, client.unpublish_dataset, name, what=f"to forget {name}")
         except Exception as exc:  # distributed raises its own kinds, and a worker's errors
+            client.close()
             return {job.id: f"cancelling on the pool: {exc}" for job in jobs}
+        try:  # cancelled: its dataset only names forgotten tasks now
+            self._forget(client, [dataset_name(future.key) for future in futures])
         finally:
             client.close()
         for job in jobs:
@@ -435,16 +435,31 @@ class DaskRun:
                 self.handlers.warning(f"submitting the jobs held behind them again: {exc}")
         return {}
 
+    def _forget(self, client: Any, names: list[str]) -> None:
+        """Unpublish these datasets, bounded (FORGET_TIMEOUT_S): one the scheduler keeps
+        names only tasks that ended (a warning says so; nothing reads it again)."""
+        if not names:
+            return
+        try:
+            asked(
+                client,
+                client.unpublish_dataset,
+                names,
+                what=f"to forget {len(names)} published task(s)",
+                timeout=FORGET_TIMEOUT_S,
+            )
+        except Exception as exc:
+            self.handlers.warning(f"{exc}; the pool keeps their names")
+
     def _submit_again(self, job_ids: list[int], dependants: Sequence[Job]) -> None:
         """Forget the published futures of `dependants`, whose tasks a cancel took, and
         publish the tasks of `job_ids` (those of them that still run) anew."""
         client = connect(self.plan)
         try:
             published = set(asked(client, client.list_datasets, what="its datasets"))
-            for job in dependants:
-                if task_key(job) in published:
-                    name = task_key(job)
-                    asked(client, client.unpublish_dataset, name, what=f"to forget {name}")
+            self._forget(
+                client, [task_key(job) for job in dependants if task_key(job) in published]
+            )
             if job_ids:
                 self._publish(client, job_ids)
         finally:
@@ -539,12 +554,8 @@ class DaskRun:
         if unknown:
             await self._settle(client, unknown)
         self._note_reruns(await asyncio.to_thread(self._reruns, client, done))
-        for future, job_id in done.items():
-            if job_id not in kept:
-                name = dataset_name(future.key)
-                await asyncio.to_thread(
-                    asked, client, client.unpublish_dataset, name, what=f"to forget {name}"
-                )
+        collected = [dataset_name(f.key) for f, job_id in done.items() if job_id not in kept]
+        await asyncio.to_thread(self._forget, client, collected)
         for future in found:
             future.release()
         return {job.id: job for job in self.store.get_many([job.id for job in jobs])}

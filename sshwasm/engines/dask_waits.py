@@ -26,23 +26,36 @@ from typing import Any
 ANSWER_TIMEOUT_S = float(os.environ.get("SSHWASM_DASK_ANSWER_S", "120"))
 # How often a run that waits for its tasks asks whether the scheduler is still there.
 ALIVE_EVERY_S = 30.0
+# How long forgetting a published dataset may take (`unpublish_dataset`): the scheduler
+# answers once this client's earlier messages reached it, which a scheduler that dropped
+# the client's stream meanwhile never sees (it waited forever, once, in a test of cancel).
+# It is the last step of a cancel or a collection, done already: not worth more.
+FORGET_TIMEOUT_S = 30.0
 
 
 class PoolSilent(TimeoutError):
     """The pool did not answer a question in time (one line: what, and for how long)."""
 
 
-def asked(client: Any, method: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> Any:
+def asked(
+    client: Any,
+    method: Callable[..., Any],
+    *args: Any,
+    what: str,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Any:
     """`method(*args, **kwargs)`, a public method of `client` that takes `asynchronous`,
-    run in the client's loop and given up after ANSWER_TIMEOUT_S (the call is cancelled
-    there, so no thread of this process is left waiting for it)."""
+    run in the client's loop and given up after `timeout` (ANSWER_TIMEOUT_S by default; the
+    call is cancelled there, so no thread of this process is left waiting for it)."""
+    limit = ANSWER_TIMEOUT_S if timeout is None else timeout
     call = functools.partial(method, *args, asynchronous=True, **kwargs)
     try:
-        return client.sync(call, callback_timeout=ANSWER_TIMEOUT_S)
+        return client.sync(call, callback_timeout=limit)
     except TimeoutError:  # asyncio's is the builtin's on 3.11
         address = getattr(client.scheduler, "address", "?")
         raise PoolSilent(
-            f"the pool's scheduler at {address} did not answer {what} in {ANSWER_TIMEOUT_S:g} s"
+            f"the pool's scheduler at {address} did not answer {what} in {limit:g} s"
         ) from None
 
 
