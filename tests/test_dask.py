@@ -104,7 +104,7 @@ def test_import_and_ssh_engine_do_not_import_distributed(built: dict[str, Any]) 
             return sorted(m for m in sys.modules if m.split(".")[0] in ("distributed", "dask"))
         print("IMPORT", heavy())
         for _ in range(2):  # the second run is warm: runner installed, module uploaded
-            status = main(["run", "--quiet", sys.argv[1]])
+            status = main(["run", "--quiet", "--env", "HELLO_SLEEP_S=0", sys.argv[1]])
             assert status == 0, status
         print("RUN", heavy())
         """

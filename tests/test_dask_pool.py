@@ -33,6 +33,9 @@ from sshwasm.store import Job, JobStore
 
 # The command line in this process (a separate one would import `distributed` again).
 _run = run_in_process
+# examples/hello.rs waits 5 s unless told otherwise: nothing here needs its wait.
+QUICK_ENV = {"HELLO_SLEEP_S": "0"}
+QUICK = ("--env", "HELLO_SLEEP_S=0")
 
 
 def _free_port(address: str) -> int:
@@ -168,6 +171,15 @@ def dask_pool(
         assert again.returncode == 0 and "worker was not running" in again.stdout
 
 
+@pytest.fixture(autouse=True)
+def _api_collects_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API collects its detached pool jobs every REFRESH_EVERY_S (2 s, a connection to
+    the scheduler each): more often here, where each test waits for a few of them."""
+    import sshwasm.api
+
+    monkeypatch.setattr(sshwasm.api, "REFRESH_EVERY_S", 0.5)
+
+
 @pytest.fixture
 def pool_cluster(dask_pool: Pool, tmp_path: Path) -> Path:
     """The module pool's cluster file, for a test with its own jobs file: the test's data
@@ -237,7 +249,7 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
     pool: each run is a job directory (with result.json) on a host, recorded `engine: dask`."""
     cluster = ["--cluster", str(pool_cluster)]
     before = dask_pool.job_dirs()
-    hello = _run(*cluster, "run", "--json", str(built["hello"].path))
+    hello = _run(*cluster, "run", "--json", *QUICK, str(built["hello"].path))
     assert hello.returncode == 0, hello.stderr
     record = json.loads(hello.stdout)
     assert record["state"] == "succeeded" and record["exit_code"] == 0, record
@@ -295,7 +307,7 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
 
     before = dask_pool.job_dirs()
     with api.Client(cluster=pool_cluster) as client:
-        single = client.submit(built["hello"].path)
+        single = client.submit(built["hello"].path, env=QUICK_ENV)
         mapped = client.map(built["task"].path, [[], [], []], labels=["fast"])
         done = single.result(timeout=120)
         assert done.state == "succeeded" and done.engine == "dask", done
@@ -465,7 +477,9 @@ def test_dir_host_dir_verify_and_reuse_on_the_pool(
     assert dask_pool.job_dirs() == before
 
     # --verify: the job and its twin on the two hosts, judged equal.
-    status, out, err = _cli(capfd, *cluster, "run", "--json", "--verify", str(built["hello"].path))
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--json", "--verify", *QUICK, str(built["hello"].path)
+    )
     assert status == 0, err
     verified = json.loads(out)
     assert verified["state"] == "succeeded" and verified["engine"] == "dask", verified
@@ -477,7 +491,7 @@ def test_dir_host_dir_verify_and_reuse_on_the_pool(
         assert {verified["host"], twin.host} == {"alpha", "beta"}
     # ... and detached: a later `jobs` collects the job with its (unlisted) twin, judged.
     status, out, err = _cli(
-        capfd, *cluster, "run", "--detach", "--verify", str(built["hello"].path)
+        capfd, *cluster, "run", "--detach", "--verify", *QUICK, str(built["hello"].path)
     )
     assert status == 0, err
     detached = int(out)
@@ -497,7 +511,7 @@ def test_dir_host_dir_verify_and_reuse_on_the_pool(
     # A job recorded before its twin ended (here by collecting it alone): `jobs` still
     # collects the twin and judges the pair.
     status, out, err = _cli(
-        capfd, *cluster, "run", "--detach", "--verify", str(built["hello"].path)
+        capfd, *cluster, "run", "--detach", "--verify", *QUICK, str(built["hello"].path)
     )
     assert status == 0, err
     alone = int(out)
@@ -600,13 +614,14 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     store = JobStore(tmp_path / "data" / "jobs.sqlite")
 
     def submit(*args: str) -> int:
-        done = _run(*cluster, "run", "--detach", *args)
+        done = _run(*cluster, "run", "--detach", *QUICK, *args)
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
 
     # A detached chain: A ends `timeout`; B --after A never runs; C --after-any A runs; D
     # --after B follows B's end on the workers (cancelled in turn), E --after C runs.
-    a = submit("--time-limit", "1", sleep, "--", "30")
+    # (2 s: its dependants are submitted and listed held before it ends, also under load.)
+    a = submit("--time-limit", "2", sleep, "--", "30")
     b = submit("--after", str(a), hello)
     c = submit("--after-any", str(a), hello)
     d = submit("--after", str(b), hello)
@@ -645,13 +660,13 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     assert shown[f_any]["state"] == "succeeded", shown[f_any]
 
     # Decided at submit: a dependency that ended otherwise than succeeded cancels at once.
-    late = _run(*cluster, "run", "--json", "--after", str(a), hello)
+    late = _run(*cluster, "run", "--json", *QUICK, "--after", str(a), hello)
     assert late.returncode == 130, late.stderr
     assert json.loads(late.stdout)["error"] == f"dependency job {a} ended timeout"
 
     # Followed: the run waits in the scheduler for a detached job, then runs.
     first = submit(sleep, "--", "1")
-    followed = _run(*cluster, "run", "--json", "--after", str(first), hello)
+    followed = _run(*cluster, "run", "--json", *QUICK, "--after", str(first), hello)
     assert followed.returncode == 0, followed.stderr
     record = json.loads(followed.stdout)
     assert record["state"] == "succeeded" and record["engine"] == "dask", record
@@ -665,7 +680,7 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
         running = record["id"] + 1
         wait_for(lambda: store.get(running).state.value == "running", 30)
         # (Its output is not read: both runs share this process's stdout.)
-        assert _run(*cluster, "run", "--after", str(running), hello).returncode == 0
+        assert _run(*cluster, "run", *QUICK, "--after", str(running), hello).returncode == 0
         assert other.result(timeout=60).returncode == 0
     held_job = store.get(running + 1)
     assert held_job.state.value == "succeeded" and held_job.dependencies == [running]
@@ -693,8 +708,9 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
 
     with api.Client(cluster=pool_cluster) as client:
         slow = client.submit(sleep, "1")
-        then = client.submit(hello, after=[slow])
-        doomed = client.submit(hello, after=[client.submit(str(built["exitcode"].path), "4")])
+        then = client.submit(hello, after=[slow], env=QUICK_ENV)
+        failing = client.submit(str(built["exitcode"].path), "4")
+        doomed = client.submit(hello, after=[failing], env=QUICK_ENV)
         done = then.result(timeout=120)
         assert done.state == "succeeded" and done.engine == "dask", done
         assert done.started_at is not None and done.started_at >= str(slow.result().finished_at)
@@ -720,7 +736,7 @@ def test_a_dependency_whose_task_erred_on_the_pool(
     store = JobStore(tmp_path / "data" / "jobs.sqlite")
 
     def submit(*args: str) -> int:
-        done = _run(*cluster, "run", "--detach", *args)
+        done = _run(*cluster, "run", "--detach", *QUICK, *args)
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
 
@@ -739,8 +755,10 @@ def test_a_dependency_whose_task_erred_on_the_pool(
     streams = sys.stdout, sys.stderr
     try:
         with ThreadPoolExecutor(1) as thread:
-            any_run = thread.submit(_run, *cluster, "run", "--after-any", str(doomed), hello)
-            after_run = _run(*cluster, "run", "--after", str(doomed), hello)
+            any_run = thread.submit(
+                _run, *cluster, "run", *QUICK, "--after-any", str(doomed), hello
+            )
+            after_run = _run(*cluster, "run", *QUICK, "--after", str(doomed), hello)
             assert any_run.result(timeout=120).returncode == 0
     finally:
         sys.stdout, sys.stderr = streams
@@ -885,7 +903,7 @@ def test_array_limits_stale_pool_and_missing_host_dir_on_the_pool(
         for role in roles:
             (dask_pool.workers / name / "dask" / f"{role}.version").write_text(older + "\n")
     mine = pool_version()
-    stale = _run(*cluster, "run", str(built["hello"].path))
+    stale = _run(*cluster, "run", *QUICK, str(built["hello"].path))
     assert stale.returncode == 1 and stale.stdout == ""
     assert stale.stderr == (
         f"sshwasm: error: the pool runs sshwasm {older}, this is {mine}: "
@@ -903,5 +921,5 @@ def test_array_limits_stale_pool_and_missing_host_dir_on_the_pool(
     assert "pool: 2 workers connected" in up.stdout
     report = json.loads(_run(*cluster, "pool", "status", "--json").stdout)
     assert report["version"] == mine
-    hello = _run(*cluster, "run", str(built["hello"].path))
+    hello = _run(*cluster, "run", *QUICK, str(built["hello"].path))
     assert hello.returncode == 0 and hello.stdout.endswith("job done, hello!\n"), hello
