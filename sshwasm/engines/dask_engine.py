@@ -417,14 +417,14 @@ class DaskRun:
         except Exception as exc:  # distributed raises its own kinds, and a worker's errors
             client.close()
             return {job.id: f"cancelling on the pool: {exc}" for job in jobs}
-        try:  # cancelled: its dataset only names forgotten tasks now
-            self._forget(client, [dataset_name(future.key) for future in futures])
-        finally:
-            client.close()
         for job in jobs:
             self.store.finish(
                 job.id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
             )
+        try:  # cancelled: its dataset only names forgotten tasks now
+            self._forget(client, [dataset_name(future.key) for future in futures])
+        finally:
+            client.close()
         # The forced cancel took the tasks of the detached jobs held behind these with it.
         dependants = detached_dependants(self.store, [job.id for job in jobs])
         if dependants:
