@@ -10,6 +10,7 @@ tests/test_dask.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -726,9 +727,11 @@ def test_a_dependency_whose_task_erred_on_the_pool(
     refusal of a job cancelled on the workers before it started; no guest ran) ends
     `failed`; Dask takes its dependants' tasks with it, but they end as the SSH engine
     ends them: an --after-any one runs, an --after one is `cancelled` (`dependency job N
-    ended failed`), followed or detached (collected by a later `jobs`)."""
+    ended failed`), followed or detached (collected by a later `jobs`); so does a followed
+    one whose dependency `cancel` took out of the scheduler."""
     from sshwasm.cli.coordinate import coordinator_handlers
-    from sshwasm.engines.dask_engine import DaskRun, job_base
+    from sshwasm.engines.dask_dependencies import _KNOWN_SOURCE, _by_value
+    from sshwasm.engines.dask_engine import DaskRun, job_base, task_key
     from sshwasm.pool import connect
 
     cluster = ["--cluster", str(pool_cluster)]
@@ -765,6 +768,34 @@ def test_a_dependency_whose_task_erred_on_the_pool(
     assert after_run.returncode == 130, after_run.stderr
     followed = [job for job in store.get_many(range(after_detached + 1, after_detached + 3))]
     assert {job.dependencies[0] for job in followed} == {doomed}, followed
+
+    # Cancelled through the scheduler (`sshwasm cancel` of a detached job: a forced cancel,
+    # which takes the tasks held behind it along): a followed --after-any dependant runs.
+    blocker = submit(sleep, "--", "30")
+    behind_id = blocker + 1
+
+    def held_in_scheduler() -> bool:
+        jobs = store.get_many([behind_id])
+        if not jobs or jobs[0].engine != "dask":
+            return False
+        probe = _by_value(_KNOWN_SOURCE, "sshwasm_known")
+        with contextlib.closing(connect(run.plan)) as client:
+            return bool(client.run_on_scheduler(probe, [task_key(jobs[0])]))
+
+    try:
+        with ThreadPoolExecutor(1) as thread:
+            behind = thread.submit(
+                _run, *cluster, "run", *QUICK, "--after-any", str(blocker), hello
+            )
+            wait_for(held_in_scheduler, 60)
+            assert _run(*cluster, "cancel", str(blocker)).returncode == 0
+            assert behind.result(timeout=120).returncode == 0
+    finally:
+        sys.stdout, sys.stderr = streams
+    assert store.get(blocker).state.value == "cancelled"
+    ran_behind = store.get(behind_id)
+    assert ran_behind.dependencies == [blocker] and ran_behind.after_any, ran_behind
+    assert (ran_behind.state.value, ran_behind.host is not None) == ("succeeded", True)
 
     def records() -> dict[int, dict[str, Any]]:
         return {r["id"]: r for r in json.loads(_run(*cluster, "jobs", "--json").stdout)}
