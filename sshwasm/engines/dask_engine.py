@@ -66,7 +66,15 @@ from .dask_dependencies import (
 )
 from .dask_limits import ArrayLimits, annotated, halted_end
 from .dask_staging import DaskStaging
-from .dask_waits import FORGET_TIMEOUT_S, PoolSilent, answer_of, asked, next_ended, ready_within
+from .dask_waits import (
+    ANSWER_TIMEOUT_S,
+    FORGET_TIMEOUT_S,
+    PoolSilent,
+    answer_of,
+    asked,
+    next_ended,
+    ready_within,
+)
 
 # The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
 # `pool up` put beside the scheduler and every worker (their working directory).
@@ -992,7 +1000,7 @@ class DaskRun:
             return job
         if future.status != "finished":
             try:
-                error = future.exception()
+                error = future.exception(timeout=ANSWER_TIMEOUT_S)
             except Exception as exc:  # a cancelled future raises instead of returning it
                 error = exc
             self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
