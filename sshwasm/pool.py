@@ -691,6 +691,9 @@ def connect(
     if check_version:
         try:
             _check_version(client)
+        except TimeoutError as exc:  # connected, and then not a word (dask_waits)
+            client.close()
+            raise SshwasmError(f"{exc}; is the pool up (`sshwasm pool status`)?") from None
         except BaseException:
             client.close()
             raise
@@ -771,7 +774,10 @@ def running_version(client: Any) -> str | None:
     """The sshwasm version the pool's scheduler runs (None: older than this question)."""
     namespace: dict[str, Any] = {"__name__": "sshwasm_pool_probe"}
     exec(compile(_VERSION_SOURCE, "<sshwasm pool version>", "exec"), namespace)
-    found: str | None = client.run_on_scheduler(namespace["sshwasm_pool_version"])
+    from .engines.dask_waits import asked  # bounded: a scheduler that never answers
+
+    probe = namespace["sshwasm_pool_version"]
+    found: str | None = asked(client, client.run_on_scheduler, probe, what="its version")
     return found
 
 
@@ -868,9 +874,11 @@ def pool_status(plan: PoolPlan) -> dict[str, Any]:
     """The scheduler's address, its workers with their resources and use, the dashboard."""
     client = connect(plan, check_version=False)  # status shows the version instead
     try:
+        version = running_version(client)  # first: bounded (it answers, or an error)
         info = client.scheduler_info(n_workers=-1)
         used = client.run_on_scheduler(_used_resources_function())
-        version = running_version(client)
+    except TimeoutError as exc:
+        raise SshwasmError(str(exc)) from None
     finally:
         client.close()
     workers = []

@@ -1275,6 +1275,12 @@ class JobStore:
             f"SELECT id, coordinator_pid FROM jobs WHERE state IN ({marks}) ORDER BY id", words
         )
 
+    def unfinished_twins(self) -> list[Job]:
+        """The --verify twins not ended (listings hide them), by the state index."""
+        words = (JobState.QUEUED.value, JobState.RUNNING.value)
+        sql = f"SELECT * FROM jobs WHERE state IN (?, ?) AND {VERIFY_TWIN_SQL} ORDER BY id"
+        return [Job.from_row(row) for row in self._read(sql, words)]
+
     def table_rows(self, limit: int | None = None, state: JobState | None = None) -> list[Any]:
         """What the `jobs` table shows of each job (TABLE_COLUMNS), newest first: plain
         tuples, not Jobs (100,000 rows in a fraction of a second). Not --verify twins."""

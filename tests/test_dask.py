@@ -104,7 +104,7 @@ def test_import_and_ssh_engine_do_not_import_distributed(built: dict[str, Any]) 
             return sorted(m for m in sys.modules if m.split(".")[0] in ("distributed", "dask"))
         print("IMPORT", heavy())
         for _ in range(2):  # the second run is warm: runner installed, module uploaded
-            status = main(["run", "--quiet", sys.argv[1]])
+            status = main(["run", "--quiet", "--env", "HELLO_SLEEP_S=0", sys.argv[1]])
             assert status == 0, status
         print("RUN", heavy())
         """
@@ -364,3 +364,39 @@ def test_a_pool_that_does_not_answer_fails_the_jobs_it_was_given(
     for record in records:
         assert record["state"] == "failed", record
         assert "does not answer" in record["error"], record
+
+
+def test_every_listing_collects_the_twin_of_a_job_recorded_alone(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A detached --verify job on the pool recorded before its (unlisted) twin ended, as an
+    older version did: the plain `jobs` table, `--fold`, `--json` and `status` each collect
+    the twin from the pool (one shared rule, `pool_twins`); nothing is collected for a job
+    without one."""
+    from sshwasm.cli import dask_run
+    from sshwasm.store import JobState, JobStore
+
+    cluster = _write(tmp_path, "engine: dask\ndask: {scheduler: alpha}\n" + HOSTS)
+    asked: list[list[int]] = []
+
+    def collect(ctx: Any, jobs: list[Any]) -> dict[int, Any]:
+        asked.append(sorted(job.id for job in jobs))
+        return {}
+
+    monkeypatch.setattr(dask_run, "collect_detached", collect)
+    monkeypatch.setenv("SSHWASM_DATA_DIR", str(tmp_path / "data"))
+    with JobStore(tmp_path / "data" / "jobs.sqlite") as store:
+        main_id, twin_id, other_id = (store.submit(job_spec()) for _ in range(3))
+        store.update_many([main_id, twin_id, other_id], engine="dask", coordinator_pid=None)
+        store.update_many([main_id, twin_id], verify=1)
+        store.update(twin_id, rerun_of=main_id)
+        store.finish(main_id, JobState.SUCCEEDED, exit_code=0)
+        store.finish(other_id, JobState.SUCCEEDED, exit_code=0)
+    for listing in (["jobs"], ["jobs", "--fold"], ["jobs", "--json"], ["status", str(main_id)]):
+        asked.clear()
+        status, _, err = _cli(capfd, "--cluster", str(cluster), *listing)
+        assert status == 0, err
+        assert asked and all(ids == [twin_id] for ids in asked), (listing, asked)
+    asked.clear()
+    status, out, err = _cli(capfd, "--cluster", str(cluster), "status", str(other_id))
+    assert status == 0 and asked == [], (out, err, asked)

@@ -10,6 +10,8 @@ every unfinished job once; `pool down` with guests running leaves no process beh
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,12 +19,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dask_cli import DASK_TEST_CONFIG, run_in_process
 from helpers import (
     RUNNER,
     Guest,
@@ -31,7 +35,6 @@ from helpers import (
     processes_whose_argv,
     run_runner,
     runner_env,
-    sshwasm,
     start_sshwasm,
     wait_for,
 )
@@ -39,6 +42,10 @@ from helpers import (
 from sshwasm.engines import dask_engine, dask_preload
 from sshwasm.runner import parent_death
 from sshwasm.runner.protocol import FrameDecoder, encode_frame, encode_hello
+
+# The command line in this process (`jobs` is polled: a process each time imported
+# `distributed` again, most of this module's time), but for the client killed mid-array.
+_run = run_in_process
 
 
 def _free_port(address: str) -> int:
@@ -139,16 +146,20 @@ def test_dask_failures_end_to_end(
         f"  dashboard_port: {_free_port('127.0.0.1')}\n" + path.read_text()
     )
     workers = tmp_path / "workers"
+    for name in ("alpha", "beta"):  # read by the pool's processes there (DASK_CONFIG)
+        config = workers / name / "dask" / "config"
+        config.mkdir(mode=0o700, parents=True)
+        (config / "sshwasm-test.yaml").write_text(DASK_TEST_CONFIG)
     cluster = ["--cluster", str(path)]
     sleep = str(built["sleep"].path)
 
     def jobs() -> dict[int, dict[str, Any]]:
-        listed = sshwasm(*cluster, "jobs", "--json")
+        listed = _run(*cluster, "jobs", "--json")
         assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
         return {record["id"]: record for record in json.loads(listed.stdout)}
 
     def detach(*args: str) -> list[int]:
-        done = sshwasm(*cluster, "run", "--detach", *args)
+        done = _run(*cluster, "run", "--detach", *args)
         assert done.returncode == 0, done.stderr
         return [int(line) for line in done.stdout.split()]
 
@@ -168,7 +179,7 @@ def test_dask_failures_end_to_end(
         return list(workers.glob(f"*/jobs/{remote_key(job_id).split('.', 1)[0]}.*"))
 
     try:
-        up = sshwasm(*cluster, "pool", "up", timeout=180)
+        up = _run(*cluster, "pool", "up", timeout=180)
         assert up.returncode == 0, up.stderr
 
         # -- A detached job shows `running` with its host and start; one queued behind it
@@ -183,9 +194,9 @@ def test_dask_failures_end_to_end(
         shown = records[first_id]
         assert shown["host"] == "beta" and shown["started_at"], shown
         assert records[queued_id]["state"] == "queued" and records[queued_id]["host"] is None
-        status = json.loads(sshwasm(*cluster, "status", "--json", str(first_id)).stdout)
+        status = json.loads(_run(*cluster, "status", "--json", str(first_id)).stdout)
         assert status["state"] == "running" and status["host"] == "beta", status
-        cancel = sshwasm(*cluster, "cancel", str(queued_id))
+        cancel = _run(*cluster, "cancel", str(queued_id))
         assert cancel.returncode == 0 and "cancelled" in cancel.stdout, cancel.stderr
 
         # -- The worker SIGKILLed mid-task: its guest dies with it (not recorded), and Dask
@@ -207,7 +218,7 @@ def test_dask_failures_end_to_end(
         job_dir = workers / "beta" / "jobs" / again
         wait_for(lambda: (job_dir / "stdout").exists(), 30)
         guest = int((job_dir / "pid").read_text())
-        cancel = sshwasm(*cluster, "cancel", str(first_id))
+        cancel = _run(*cluster, "cancel", str(first_id))
         assert cancel.returncode == 0, cancel.stderr
         assert cancel.stdout == f"job {first_id}: cancelled\n", cancel.stdout
         wait_for(lambda: process_gone(guest), 1)
@@ -263,7 +274,7 @@ def test_dask_failures_end_to_end(
         wait_for(lambda: any((d / "stdout").exists() for d in new_dirs("beta")), 30)
         os.kill(int((workers / "alpha" / "dask" / "scheduler.pid").read_text()), signal.SIGKILL)
         wait_for(lambda: not _worker_pids(workers), 60)
-        up = sshwasm(*cluster, "pool", "up", timeout=180)
+        up = _run(*cluster, "pool", "up", timeout=180)
         assert up.returncode == 0 and "scheduler started" in up.stdout, up.stderr
         first_look = jobs()
         second_look = jobs()
@@ -286,11 +297,11 @@ def test_dask_failures_end_to_end(
         # -- `pool down` with a guest running leaves no process behind.
         (last,) = detach(sleep, "--", "60")
         running(last)
-        down = sshwasm(*cluster, "pool", "down", timeout=120)
+        down = _run(*cluster, "pool", "down", timeout=120)
         assert down.returncode == 0, down.stderr
         assert _processes_under(workers) == []
     finally:
-        sshwasm(*cluster, "pool", "down", timeout=120)
+        _run(*cluster, "pool", "down", timeout=120)
         leftovers = _processes_under(workers)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
@@ -307,3 +318,87 @@ def _worker_pids(workers: Path) -> list[int]:
             for word in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         )
     ]
+
+
+def test_a_scheduler_that_stops_answering_is_noticed_and_a_slow_one_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's waits are bounded (engines/dask_waits.py): a run waits for a task as
+    long as it takes while the scheduler answers (here one no worker can run), and a
+    scheduler that stops answering (its event loop held: connected, silent) ends the wait
+    and each question with one line naming it, in about ANSWER_TIMEOUT_S, not never."""
+    import distributed
+
+    from sshwasm.engines import dask_waits
+
+    monkeypatch.setattr(dask_waits, "ANSWER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(dask_waits, "ALIVE_EVERY_S", 0.5)
+    with _scheduler_in_a_thread() as address:
+        client = distributed.Client(address, timeout=30, set_as_default=False)
+        try:
+            # No worker: the task waits, and so does the run while the scheduler answers.
+            pending = distributed.as_completed(
+                [client.submit(sum, [1, 2], pure=False)], loop=client.loop
+            )
+            results: list[Any] = []
+            waiter = threading.Thread(
+                target=lambda: results.append(_waited(dask_waits.next_ended, client, pending)),
+                daemon=True,
+            )
+            waiter.start()
+            waiter.join(1.5)
+            assert waiter.is_alive() and not results, results  # slow, alive: not failed
+            # A function run in the scheduler's event loop holds it: not a word for 4.5 s.
+            hold = threading.Thread(
+                target=client.run_on_scheduler, args=(time.sleep, 4.5), daemon=True
+            )
+            hold.start()
+            started = time.monotonic()
+            waiter.join(30)
+            assert not waiter.is_alive(), "the wait went on after the scheduler went silent"
+            assert time.monotonic() - started < 5
+            (silent,) = results
+            assert isinstance(silent, dask_waits.PoolSilent), silent
+            assert str(silent) == (
+                f"the pool's scheduler at {address} did not answer whether it is still there in 1 s"
+            )
+            with pytest.raises(dask_waits.PoolSilent, match=r"did not answer its data in 1 s$"):
+                dask_waits.asked(client, client.list_datasets, what="its data")
+            hold.join(30)
+            assert dask_waits.asked(client, client.list_datasets, what="its data") == ()
+        finally:
+            client.close(timeout=5)
+
+
+@contextlib.contextmanager
+def _scheduler_in_a_thread() -> Iterator[str]:
+    """A Dask scheduler in this process (its own thread and event loop): its address."""
+    import distributed
+
+    ready = threading.Event()
+    held: dict[str, Any] = {}
+
+    async def serve() -> None:
+        scheduler: Any = distributed.Scheduler(host="127.0.0.1", port=0, dashboard=False)
+        async with scheduler:
+            held["address"], held["loop"] = scheduler.address, asyncio.get_running_loop()
+            held["stop"] = asyncio.Event()
+            ready.set()
+            await held["stop"].wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(60), "the scheduler did not start"
+    try:
+        yield str(held["address"])
+    finally:
+        held["loop"].call_soon_threadsafe(held["stop"].set)
+        thread.join(30)
+
+
+def _waited(wait: Callable[..., Any], *args: Any) -> Any:
+    """`wait(*args)`, or the exception it raised."""
+    try:
+        return wait(*args)
+    except Exception as exc:
+        return exc

@@ -11,15 +11,12 @@ tests/test_dask.py.
 from __future__ import annotations
 
 import contextlib
-import faulthandler
-import io
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,48 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dask_cli import DASK_TEST_CONFIG, run_in_process
 from helpers import PROGRAMS, detached_coordinators, start_sshwasm, wait_for
 
-from sshwasm.cli import main
 from sshwasm.cluster import load_cluster
 from sshwasm.errors import SshwasmError
 from sshwasm.store import Job, JobStore
 
-# A command run in this process that has not returned by then fails its test with every
-# thread's stack, rather than stall the suite (a separate process would have a timeout).
-RUN_LIMIT_S = 300.0
-
-
-def _run(*args: str, timeout: float = 0) -> subprocess.CompletedProcess[str]:
-    """The command line in this process (`main`), as `helpers.sshwasm` gives it: a separate
-    process would pay its interpreter's start and the import of `distributed` (seconds under
-    load) and prove nothing more here. `timeout` is the subprocess's: unused (RUN_LIMIT_S)."""
-    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
-    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
-    ended: dict[str, Any] = {}
-
-    def call() -> None:
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                ended["status"] = main(list(args))
-        except BaseException as exc:  # raised again in the test's thread
-            ended["error"] = exc
-
-    thread = threading.Thread(target=call, name=f"sshwasm {args[-1]}", daemon=True)
-    thread.start()
-    thread.join(RUN_LIMIT_S)
-    if thread.is_alive():
-        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
-        raise AssertionError(f"sshwasm {' '.join(args)} has not returned in {RUN_LIMIT_S:.0f} s")
-    if "error" in ended:
-        raise ended["error"]
-    return subprocess.CompletedProcess(list(args), int(ended["status"]), _text(out), _text(err))
-
-
-def _text(stream: io.TextIOWrapper) -> str:
-    buffer = stream.buffer
-    assert isinstance(buffer, io.BytesIO)
-    return buffer.getvalue().decode()
+# The command line in this process (a separate one would import `distributed` again).
+_run = run_in_process
+# examples/hello.rs waits 5 s unless told otherwise: nothing here needs its wait.
+QUICK_ENV = {"HELLO_SLEEP_S": "0"}
+QUICK = ("--env", "HELLO_SLEEP_S=0")
 
 
 def _free_port(address: str) -> int:
@@ -132,25 +99,6 @@ class Pool:
     def job_dirs(self) -> set[Path]:
         """The job directories on every host (one per run of a task)."""
         return set(self.workers.glob("*/jobs/*"))
-
-
-# Test only: the pool's processes spend less of a machine the whole suite shares on
-# themselves (no statistical profiler sampling every 10 ms, a slower system monitor and
-# event-loop tick), and give up sooner on a peer that is gone (`pool down` stops all at once).
-DASK_TEST_CONFIG = """\
-distributed:
-  worker:
-    profile:
-      enabled: false
-  admin:
-    tick:
-      interval: 200ms
-    system-monitor:
-      interval: 2s
-  comm:
-    timeouts:
-      connect: 5s
-"""
 
 
 def _isolate(patch: pytest.MonkeyPatch, root: Path, cache: Path) -> None:
@@ -222,6 +170,15 @@ def dask_pool(
         assert gone.returncode == 1 and gone.stderr.startswith("sshwasm: error: ")
         assert "is the pool up" in gone.stderr and "Traceback" not in gone.stderr
         assert again.returncode == 0 and "worker was not running" in again.stdout
+
+
+@pytest.fixture(autouse=True)
+def _api_collects_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API collects its detached pool jobs every REFRESH_EVERY_S (2 s, a connection to
+    the scheduler each): more often here, where each test waits for a few of them."""
+    import sshwasm.api
+
+    monkeypatch.setattr(sshwasm.api, "REFRESH_EVERY_S", 0.5)
 
 
 @pytest.fixture
@@ -313,7 +270,7 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
     pool: each run is a job directory (with result.json) on a host, recorded `engine: dask`."""
     cluster = ["--cluster", str(pool_cluster)]
     before = dask_pool.job_dirs()
-    hello = _run(*cluster, "run", "--json", str(built["hello"].path))
+    hello = _run(*cluster, "run", "--json", *QUICK, str(built["hello"].path))
     assert hello.returncode == 0, hello.stderr
     record = json.loads(hello.stdout)
     assert record["state"] == "succeeded" and record["exit_code"] == 0, record
@@ -371,7 +328,7 @@ def test_run_array_rerun_resume_api_detach_on_the_pool(
 
     before = dask_pool.job_dirs()
     with api.Client(cluster=pool_cluster) as client:
-        single = client.submit(built["hello"].path)
+        single = client.submit(built["hello"].path, env=QUICK_ENV)
         mapped = client.map(built["task"].path, [[], [], []], labels=["fast"])
         done = single.result(timeout=120)
         assert done.state == "succeeded" and done.engine == "dask", done
@@ -541,7 +498,9 @@ def test_dir_host_dir_verify_and_reuse_on_the_pool(
     assert dask_pool.job_dirs() == before
 
     # --verify: the job and its twin on the two hosts, judged equal.
-    status, out, err = _cli(capfd, *cluster, "run", "--json", "--verify", str(built["hello"].path))
+    status, out, err = _cli(
+        capfd, *cluster, "run", "--json", "--verify", *QUICK, str(built["hello"].path)
+    )
     assert status == 0, err
     verified = json.loads(out)
     assert verified["state"] == "succeeded" and verified["engine"] == "dask", verified
@@ -553,7 +512,7 @@ def test_dir_host_dir_verify_and_reuse_on_the_pool(
         assert {verified["host"], twin.host} == {"alpha", "beta"}
     # ... and detached: a later `jobs` collects the job with its (unlisted) twin, judged.
     status, out, err = _cli(
-        capfd, *cluster, "run", "--detach", "--verify", str(built["hello"].path)
+        capfd, *cluster, "run", "--detach", "--verify", *QUICK, str(built["hello"].path)
     )
     assert status == 0, err
     detached = int(out)
@@ -573,7 +532,7 @@ def test_dir_host_dir_verify_and_reuse_on_the_pool(
     # A job recorded before its twin ended (here by collecting it alone): `jobs` still
     # collects the twin and judges the pair.
     status, out, err = _cli(
-        capfd, *cluster, "run", "--detach", "--verify", str(built["hello"].path)
+        capfd, *cluster, "run", "--detach", "--verify", *QUICK, str(built["hello"].path)
     )
     assert status == 0, err
     alone = int(out)
@@ -676,13 +635,14 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     store = JobStore(tmp_path / "data" / "jobs.sqlite")
 
     def submit(*args: str) -> int:
-        done = _run(*cluster, "run", "--detach", *args)
+        done = _run(*cluster, "run", "--detach", *QUICK, *args)
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
 
     # A detached chain: A ends `timeout`; B --after A never runs; C --after-any A runs; D
     # --after B follows B's end on the workers (cancelled in turn), E --after C runs.
-    a = submit("--time-limit", "1", sleep, "--", "30")
+    # (2 s: its dependants are submitted and listed held before it ends, also under load.)
+    a = submit("--time-limit", "2", sleep, "--", "30")
     b = submit("--after", str(a), hello)
     c = submit("--after-any", str(a), hello)
     d = submit("--after", str(b), hello)
@@ -721,13 +681,13 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     assert shown[f_any]["state"] == "succeeded", shown[f_any]
 
     # Decided at submit: a dependency that ended otherwise than succeeded cancels at once.
-    late = _run(*cluster, "run", "--json", "--after", str(a), hello)
+    late = _run(*cluster, "run", "--json", *QUICK, "--after", str(a), hello)
     assert late.returncode == 130, late.stderr
     assert json.loads(late.stdout)["error"] == f"dependency job {a} ended timeout"
 
     # Followed: the run waits in the scheduler for a detached job, then runs.
     first = submit(sleep, "--", "1")
-    followed = _run(*cluster, "run", "--json", "--after", str(first), hello)
+    followed = _run(*cluster, "run", "--json", *QUICK, "--after", str(first), hello)
     assert followed.returncode == 0, followed.stderr
     record = json.loads(followed.stdout)
     assert record["state"] == "succeeded" and record["engine"] == "dask", record
@@ -741,7 +701,7 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
         running = record["id"] + 1
         wait_for(lambda: store.get(running).state.value == "running", 30)
         # (Its output is not read: both runs share this process's stdout.)
-        assert _run(*cluster, "run", "--after", str(running), hello).returncode == 0
+        assert _run(*cluster, "run", *QUICK, "--after", str(running), hello).returncode == 0
         assert other.result(timeout=60).returncode == 0
     held_job = store.get(running + 1)
     assert held_job.state.value == "succeeded" and held_job.dependencies == [running]
@@ -769,14 +729,115 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
 
     with api.Client(cluster=pool_cluster) as client:
         slow = client.submit(sleep, "1")
-        then = client.submit(hello, after=[slow])
-        doomed = client.submit(hello, after=[client.submit(str(built["exitcode"].path), "4")])
+        then = client.submit(hello, after=[slow], env=QUICK_ENV)
+        failing = client.submit(str(built["exitcode"].path), "4")
+        doomed = client.submit(hello, after=[failing], env=QUICK_ENV)
         done = then.result(timeout=120)
         assert done.state == "succeeded" and done.engine == "dask", done
         assert done.started_at is not None and done.started_at >= str(slow.result().finished_at)
         failed = doomed.result(timeout=120)
         assert failed.state == "cancelled" and failed.error is not None, failed
         assert failed.error.startswith("dependency job ") and failed.error.endswith("ended failed")
+
+
+def test_a_dependency_whose_task_erred_on_the_pool(
+    dask_pool: Pool, pool_cluster: Path, built: dict[str, Any], tmp_path: Path
+) -> None:
+    """A dependency whose Dask task erred (an exception in the task, here the plugin's
+    refusal of a job cancelled on the workers before it started; no guest ran) ends
+    `failed`; Dask takes its dependants' tasks with it, but they end as the SSH engine
+    ends them: an --after-any one runs, an --after one is `cancelled` (`dependency job N
+    ended failed`), followed or detached (collected by a later `jobs`); so does a followed
+    one whose dependency `cancel` took out of the scheduler."""
+    from sshwasm.cli.coordinate import coordinator_handlers
+    from sshwasm.engines.dask_dependencies import _KNOWN_SOURCE, _by_value
+    from sshwasm.engines.dask_engine import DaskRun, job_base, task_key
+    from sshwasm.pool import connect
+
+    cluster = ["--cluster", str(pool_cluster)]
+    sleep, hello = str(built["sleep"].path), str(built["hello"].path)
+    store = JobStore(tmp_path / "data" / "jobs.sqlite")
+
+    def submit(*args: str) -> int:
+        done = _run(*cluster, "run", "--detach", *QUICK, *args)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    first = submit(sleep, "--", "3")
+    doomed = submit("--after", str(first), hello)
+    run = DaskRun(store, load_cluster(pool_cluster), coordinator_handlers(False, False))
+    client = connect(run.plan)
+    try:  # its task raises when it starts (the plugin's `Cancelled`): no guest runs
+        run._cancel_on_workers(client, {job_base(store.get(doomed))})
+    finally:
+        client.close()
+    any_detached = submit("--after-any", str(doomed), hello)
+    after_detached = submit("--after", str(doomed), hello)
+    # Followed: two runs in this process at once (their output is not read: they share
+    # this process's stdout, put back after them).
+    streams = sys.stdout, sys.stderr
+    try:
+        with ThreadPoolExecutor(1) as thread:
+            any_run = thread.submit(
+                _run, *cluster, "run", *QUICK, "--after-any", str(doomed), hello
+            )
+            after_run = _run(*cluster, "run", *QUICK, "--after", str(doomed), hello)
+            assert any_run.result(timeout=120).returncode == 0
+    finally:
+        sys.stdout, sys.stderr = streams
+    assert after_run.returncode == 130, after_run.stderr
+    followed = [job for job in store.get_many(range(after_detached + 1, after_detached + 3))]
+    assert {job.dependencies[0] for job in followed} == {doomed}, followed
+
+    # Cancelled through the scheduler (`sshwasm cancel` of a detached job: a forced cancel,
+    # which takes the tasks held behind it along): a followed --after-any dependant runs.
+    blocker = submit(sleep, "--", "30")
+    behind_id = blocker + 1
+
+    def held_in_scheduler() -> bool:
+        jobs = store.get_many([behind_id])
+        if not jobs or jobs[0].engine != "dask":
+            return False
+        probe = _by_value(_KNOWN_SOURCE, "sshwasm_known")
+        with contextlib.closing(connect(run.plan)) as client:
+            return bool(client.run_on_scheduler(probe, [task_key(jobs[0])]))
+
+    try:
+        with ThreadPoolExecutor(1) as thread:
+            behind = thread.submit(
+                _run, *cluster, "run", *QUICK, "--after-any", str(blocker), hello
+            )
+            wait_for(held_in_scheduler, 60)
+            assert _run(*cluster, "cancel", str(blocker)).returncode == 0
+            assert behind.result(timeout=120).returncode == 0
+    finally:
+        sys.stdout, sys.stderr = streams
+    assert store.get(blocker).state.value == "cancelled"
+    ran_behind = store.get(behind_id)
+    assert ran_behind.dependencies == [blocker] and ran_behind.after_any, ran_behind
+    assert (ran_behind.state.value, ran_behind.host is not None) == ("succeeded", True)
+
+    def records() -> dict[int, dict[str, Any]]:
+        return {r["id"]: r for r in json.loads(_run(*cluster, "jobs", "--json").stdout)}
+
+    ids = (doomed, any_detached, after_detached)
+    wait_for(lambda: all(records()[i]["state"] not in ("queued", "running") for i in ids), 60)
+    shown = records()
+    assert shown[first]["state"] == "succeeded", shown[first]
+    assert shown[doomed]["state"] == "failed", shown[doomed]
+    assert "dask: task error" in shown[doomed]["error"], shown[doomed]
+    assert "cancelled before it started" in shown[doomed]["error"], shown[doomed]
+    for job in followed:
+        ran = shown[job.id] if job.after_any else shown[after_detached]
+        assert ran["state"] != "failed", ran
+    for job_id in (any_detached, *(job.id for job in followed if job.after_any)):
+        assert shown[job_id]["state"] == "succeeded", shown[job_id]
+        assert shown[job_id]["stdout"].endswith("job done, hello!\n"), shown[job_id]
+        assert shown[job_id]["host"] is not None and shown[job_id]["engine"] == "dask"
+    for job_id in (after_detached, *(job.id for job in followed if not job.after_any)):
+        assert (shown[job_id]["state"], shown[job_id]["exit_code"]) == ("cancelled", 143)
+        assert shown[job_id]["error"] == f"dependency job {doomed} ended failed", shown[job_id]
+        assert shown[job_id]["host"] is None, shown[job_id]
 
 
 def _most_at_once(job_dirs: set[Path]) -> int:
@@ -893,7 +954,7 @@ def test_array_limits_stale_pool_and_missing_host_dir_on_the_pool(
         for role in roles:
             (dask_pool.workers / name / "dask" / f"{role}.version").write_text(older + "\n")
     mine = pool_version()
-    stale = _run(*cluster, "run", str(built["hello"].path))
+    stale = _run(*cluster, "run", *QUICK, str(built["hello"].path))
     assert stale.returncode == 1 and stale.stdout == ""
     assert stale.stderr == (
         f"sshwasm: error: the pool runs sshwasm {older}, this is {mine}: "
@@ -911,5 +972,5 @@ def test_array_limits_stale_pool_and_missing_host_dir_on_the_pool(
     assert "pool: 2 workers connected" in up.stdout
     report = json.loads(_run(*cluster, "pool", "status", "--json").stdout)
     assert report["version"] == mine
-    hello = _run(*cluster, "run", str(built["hello"].path))
+    hello = _run(*cluster, "run", *QUICK, str(built["hello"].path))
     assert hello.returncode == 0 and hello.stdout.endswith("job done, hello!\n"), hello

@@ -38,15 +38,8 @@ def refresh(ctx: Context, jobs: Sequence[Job]) -> list[Job]:
     from ..liveness import needs_refresh
 
     orphans = [job for job in jobs if needs_refresh(job)]
-    # A detached --verify job on the pool recorded before its (unlisted) twin ended: the
-    # twin is collected on its own, so that the pair is judged once it ends too.
-    twins = [
-        twin
-        for job in jobs
-        if job.verify and job.engine == "dask" and job.is_final and not job.is_verify_twin
-        for twin in [ctx.store.verify_twin(job.id)]
-        if twin is not None and twin.engine == "dask" and needs_refresh(twin)
-    ]
+    listed = {job.id for job in jobs}
+    twins = [twin for twin in pool_twins(ctx, listed) if twin.id not in listed]
     if twins or any(job.engine == "dask" for job in orphans):  # engine: dask (issue 12)
         from .dask_run import collect_detached
 
@@ -75,6 +68,23 @@ def refresh(ctx: Context, jobs: Sequence[Job]) -> list[Job]:
 
     updated = with_pool(refresh_orphans)
     return [updated.get(job.id, job) for job in jobs]
+
+
+def pool_twins(ctx: Context, listed: set[int] | None) -> list[Job]:
+    """The unlisted --verify twins on the pool, not ended and followed by no process, of
+    the `listed` jobs (None: of any): every listing collects them with their jobs. (A
+    detached --verify job recorded before its twin ended, e.g. by an older version, leaves
+    the listings' unfinished jobs; its twin, which they hide, would wait for a `jobs` that
+    never again collected it, and the pair would never be judged.)"""
+    from ..liveness import needs_refresh
+
+    return [
+        twin
+        for twin in ctx.store.unfinished_twins()
+        if twin.engine == "dask"
+        and (listed is None or twin.rerun_of in listed)
+        and needs_refresh(twin)
+    ]
 
 
 def cmd_jobs(ctx: Context) -> int:
@@ -121,6 +131,8 @@ def _jobs_table(ctx: Context) -> None:
     if not fold and unfinished:  # only the jobs shown, as with whole Jobs
         shown = {row[0] for row in rows}
         unfinished = [entry for entry in unfinished if entry[0] in shown]
+    shown_ids = None if fold else {row[0] for row in rows}
+    unfinished += [(twin.id, twin.coordinator_pid) for twin in pool_twins(ctx, shown_ids)]
     if _refresh_unfinished(ctx, unfinished):
         rows = _light_rows(ctx, fold, limit, state)
     if fold:

@@ -13,6 +13,14 @@ between workers. The dependant's task (`sshwasm_flow_job`) then runs the guest, 
 told to that task as recorded, so a job submitted again by another path (`jobs` settling
 after a lost scheduler, a cancel's dependants) keeps the rule too.
 
+A dependency whose task erred (an exception in the task, not a guest's failure) or was
+cancelled in the scheduler takes its dependants' tasks with it: Dask ends them too, without
+running them. Such a dependant is not recorded from its task (`Flows.by_dependency`): it is
+set aside (`Flows.unheld`) until its dependencies' records ended, then settled by the SSH
+engine's rule (`Flows.settle`): an --after one ends `cancelled` (`dependency job N ended
+STATE`), an --after-any one (or one whose dependencies all succeeded) is submitted again,
+held by nothing, under its key with AGAIN_SUFFIX (the erred key is still the scheduler's).
+
 A dependency on an unfinished job of the SSH engine cannot be held by the pool: it is
 refused before anything is submitted (`refuse_unheld`).
 
@@ -37,6 +45,7 @@ from ..pool import PRELOAD_NAME
 from ..runner.protocol import KIND_RESULT, KIND_STDERR, KIND_STDOUT, FrameDecoder, ProtocolError
 from ..states import JobState
 from ..store import CANCELLED_EXIT_CODE, Job, JobStore
+from .dask_waits import asked
 
 # The worker plugin's functions (dask_preload.py), by reference to its module on the hosts.
 TASK_MODULE = PRELOAD_NAME.removesuffix(".py")
@@ -47,6 +56,26 @@ _KNOWN_SOURCE = """
 def sshwasm_known(keys, dask_scheduler=None):
     return [key for key in keys if key in dask_scheduler.tasks]
 """
+# Runs in the scheduler: the key of the task each erred task's error came from (its own
+# key: it raised itself; another: a task it was held behind erred or could not run).
+_BLAME_SOURCE = """
+def sshwasm_blame(keys, dask_scheduler=None):
+    found = {}
+    for key in keys:
+        task = dask_scheduler.tasks.get(key)
+        blame = None if task is None else task.exception_blame
+        found[key] = None if blame is None else blame.key
+    return found
+"""
+# The key of a dependant's task submitted again once its dependencies ended (`Flows.settle`):
+# its first key may still be the scheduler's (erred, wanted by a published dataset or the
+# follower's future until it lets go).
+AGAIN_SUFFIX = ".again"
+
+
+def dataset_name(key: str) -> str:
+    """The name a detached task's future is published under: its job's `task_key`."""
+    return key.removesuffix(AGAIN_SUFFIX)
 
 
 class _ModuleOnHosts:
@@ -136,6 +165,10 @@ class Flows:
     # Each such dependency's future (with its job key), and its state task once submitted.
     sources: dict[int, tuple[Any, str]] = field(default_factory=dict)
     states: dict[int, Any] = field(default_factory=dict)
+    # Dependants whose task a dependency's error or cancel took (`by_dependency`), waiting
+    # here for their dependencies' records; those submitted again (their key: AGAIN_SUFFIX).
+    unheld: set[int] = field(default_factory=set)
+    again: set[int] = field(default_factory=set)
 
     def prepare(self, client: Any, jobs: Sequence[Job]) -> None:
         """For each job that needs it: its flow (dependencies' ids, --after-any, how many
@@ -161,13 +194,16 @@ class Flows:
         if going:
             import distributed
 
-            published = set(client.list_datasets())
+            published = set(asked(client, client.list_datasets, what="its datasets"))
             probe = _by_value(_KNOWN_SOURCE, "sshwasm_known")
-            known = set(client.run_on_scheduler(probe, [task_key(dep) for dep in going]))
+            keys = [task_key(dep) + suffix for dep in going for suffix in ("", AGAIN_SUFFIX)]
+            known = set(asked(client, client.run_on_scheduler, probe, keys, what="its tasks"))
         for dep in going:
             key = task_key(dep)
             if key in published:
-                future = client.get_dataset(key)
+                future = asked(client, client.get_dataset, key, what=key)
+            elif key + AGAIN_SUFFIX in known:  # submitted again (`settle`), followed
+                future = distributed.Future(key + AGAIN_SUFFIX, client)
             elif key in known or dep.id in batch:  # submitted before it (`submit`)
                 future = distributed.Future(key, client)
             else:
@@ -222,6 +258,8 @@ class Flows:
         from .dask_limits import annotated
 
         flow, known = self.plans.pop(job.id)
+        if job.id in self.again:
+            key += AGAIN_SUFFIX
         states = [self._state(client, dep) if state is None else state for dep, state in known]
         with annotated(limits):
             return client.submit(
@@ -237,6 +275,62 @@ class Flows:
                 retries=job.retries,
                 pure=False,
             )
+
+    def by_dependency(self, client: Any, future: Any) -> bool:
+        """Whether a dependant's task that did not finish was ended by a dependency's (its
+        error, or a cancel in the scheduler), not by its own error. Touches no jobs file."""
+        if future.key.endswith(AGAIN_SUFFIX) or client.status != "running":
+            return False  # held behind nothing, or the client lost the scheduler: its own
+        if future.status != "error":
+            return True  # cancelled: a cancel of the job itself ended its record first
+        try:
+            probe = _by_value(_BLAME_SOURCE, "sshwasm_blame")
+            keys = [future.key]
+            blamed = asked(client, client.run_on_scheduler, probe, keys, what="why").get(future.key)
+        except Exception:  # the scheduler is gone: it cannot be told; its record says why
+            return False
+        return blamed is not None and blamed != future.key
+
+    def settle(self, job_ids: Sequence[int]) -> tuple[list[int], list[int], list[Job]]:
+        """Settle the `unheld` jobs among `job_ids` whose dependencies' records ended, by
+        the SSH engine's rule: (ended here: `cancelled`, with the dependency's end or by a
+        cancel of the job itself; free to be submitted again, with the dependencies'
+        states as recorded; the dependencies not ended that no process follows, for the
+        caller to collect). The others wait on."""
+        from ..liveness import needs_refresh
+
+        ended: list[int] = []
+        again: list[int] = []
+        collect: dict[int, Job] = {}
+        for job in self.store.get_many(sorted(self.unheld.intersection(job_ids))):
+            if job.is_final or job.cancel_requested:
+                self.unheld.discard(job.id)
+                if self.store.finish(
+                    job.id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
+                ):
+                    ended.append(job.id)
+                continue
+            dependencies = self.store.get_many(job.dependencies)
+            problem = dependency_problem(job, dependencies)
+            if len(dependencies) < len(job.dependencies):
+                gone = sorted(set(job.dependencies) - {dep.id for dep in dependencies})
+                problem = f"dependency job {gone[0]} is no longer recorded"
+            going = [dep for dep in dependencies if not dep.is_final]
+            if going and problem is None:
+                collect.update((dep.id, dep) for dep in going if needs_refresh(dep))
+                continue
+            self.unheld.discard(job.id)
+            if problem is not None:
+                fields = {"exit_code": CANCELLED_EXIT_CODE, "error": problem, "engine": "dask"}
+                self.store.finish(job.id, JobState.CANCELLED, **fields)
+                ended.append(job.id)
+                continue
+            for dep_id in job.dependencies:  # told as recorded, not through their tasks
+                self.sources.pop(dep_id, None)
+                self.states.pop(dep_id, None)
+            self.again.add(job.id)
+            again.append(job.id)
+        return ended, again, list(collect.values())
 
 
 def detached_dependants(store: JobStore, job_ids: Sequence[int]) -> list[Job]:
@@ -273,18 +367,6 @@ def _by_value(source: str, name: str) -> Callable[..., Any]:
     exec(compile(source, f"<sshwasm {name}>", "exec"), namespace)
     function: Callable[..., Any] = namespace[name]
     return function
-
-
-def erred_dependant(store: JobStore, job: Job) -> bool:
-    """A dependant whose task did not finish because a dependency's task erred or was
-    cancelled (Dask ends the dependants too): settled by the SSH engine's rule from the
-    dependencies' records. True if the job ended here."""
-    if not job.dependencies:
-        return False
-    problem = dependency_problem(job, store.get_many(job.dependencies))
-    if problem is None:
-        return False
-    return store.finish(job.id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error=problem)
 
 
 def take_flow(

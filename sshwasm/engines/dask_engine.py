@@ -57,15 +57,24 @@ from ..store import CANCELLED_EXIT_CODE, Job, JobStore, utc_now
 from ..transport import TransportPool, transport_for
 from .dask_dependencies import (
     Flows,
+    dataset_name,
     decide_at_submit,
     detached_dependants,
-    erred_dependant,
     settle_dependants,
     take_flow,
     wants_flow,
 )
 from .dask_limits import ArrayLimits, annotated, halted_end
 from .dask_staging import DaskStaging
+from .dask_waits import (
+    ANSWER_TIMEOUT_S,
+    FORGET_TIMEOUT_S,
+    PoolSilent,
+    answer_of,
+    asked,
+    next_ended,
+    ready_within,
+)
 
 # The task each job is: `sshwasm_job` of the worker plugin's module (dask_preload.py), which
 # `pool up` put beside the scheduler and every worker (their working directory).
@@ -117,6 +126,9 @@ WINDOW_TOP_UP = 4
 # How often a foreground run asks the scheduler which of its ended tasks were run again
 # after their worker died (`attempts`): their futures are kept until it asked.
 RERUNS_EVERY_S = 1.0
+# How often a foreground run looks again at jobs set aside because a dependency's task erred
+# or was cancelled (dask_dependencies: `Flows.unheld`), waiting for their records.
+UNHELD_POLL_S = 0.5
 
 
 def _by_value(source: str, name: str) -> Callable[..., Any]:
@@ -215,23 +227,15 @@ def _pairs_together(done: dict[Any, int], jobs: Sequence[Job]) -> dict[Any, int]
     }
 
 
-def _next_batch(pending: Any) -> list[Any]:
-    """The futures of `as_completed` that ended: at least one (waiting for it), or none when
-    every one was handed out."""
-    try:
-        return list(pending.next_batch(block=True))
-    except StopIteration:
-        return []
-
-
 def _gather_finished(client: Any, batch: Sequence[Any]) -> dict[Any, dict[str, Any]]:
     """The answers of the batch's finished tasks, in one gather. Empty when that fails (a
-    worker holding one died meanwhile): each is then asked for alone, as it is recorded."""
+    worker holding one died meanwhile, or no answer in time): each is then asked for alone,
+    as it is recorded (`answer_of`)."""
     finished = [future for future in batch if future.status == "finished"]
     if not finished:
         return {}
     try:
-        answers = client.gather(finished)
+        answers = asked(client, client.gather, finished, what="for the answers of ended tasks")
     except Exception:
         return {}
     return dict(zip(finished, answers, strict=True))
@@ -361,10 +365,10 @@ class DaskRun:
         try:
             return asyncio.run(self._collect(client, list(job_ids)))
         except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
-            raise SshwasmError(
-                f"lost the pool's scheduler at {self.plan.scheduler_address}: {exc}; "
-                "unfinished jobs are settled by `sshwasm jobs`"
-            ) from exc
+            lost = f"lost the pool's scheduler at {self.plan.scheduler_address}: {exc}"
+            if isinstance(exc, PoolSilent):  # it says which scheduler, and for how long
+                lost = str(exc)
+            raise SshwasmError(f"{lost}; unfinished jobs are settled by `sshwasm jobs`") from exc
         finally:
             client.close()
 
@@ -379,6 +383,8 @@ class DaskRun:
         client = self._connect_for(job_ids)
         try:
             self._publish(client, list(job_ids))
+        except TimeoutError as exc:  # PoolSilent: `jobs` settles them (nobody follows them)
+            raise SshwasmError(f"{exc}; the jobs are settled by `sshwasm jobs`") from None
         finally:
             client.close()
 
@@ -396,7 +402,8 @@ class DaskRun:
 
     def _publish(self, client: Any, job_ids: list[int]) -> None:
         futures = self._submit(client, job_ids)
-        client.publish_dataset(**{future.key: future for future in futures})
+        datasets = {dataset_name(future.key): future for future in futures}
+        asked(client, client.publish_dataset, datasets, override=True, what="to keep the tasks")
         self.store.update_many(job_ids, coordinator_pid=None)
 
     def cancel(self, jobs: Sequence[Job]) -> dict[int, str]:
@@ -410,22 +417,22 @@ class DaskRun:
         try:
             # The guests first (a cancel must stop them within a second), then the tasks.
             self._cancel_on_workers(client, {job_base(job) for job in jobs})
-            published = set(client.list_datasets())
-            futures = [
-                client.get_dataset(task_key(job)) for job in jobs if task_key(job) in published
-            ]
+            published = set(asked(client, client.list_datasets, what="its datasets"))
+            names = [task_key(job) for job in jobs if task_key(job) in published]
+            futures = [asked(client, client.get_dataset, name, what=name) for name in names]
             # force: the published dataset wants the key too, not only this client.
-            client.cancel(futures, force=True)
-            for future in futures:
-                client.unpublish_dataset(future.key)
+            asked(client, client.cancel, futures, force=True, what="the cancel")
         except Exception as exc:  # distributed raises its own kinds, and a worker's errors
-            return {job.id: f"cancelling on the pool: {exc}" for job in jobs}
-        finally:
             client.close()
+            return {job.id: f"cancelling on the pool: {exc}" for job in jobs}
         for job in jobs:
             self.store.finish(
                 job.id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
             )
+        try:  # cancelled: its dataset only names forgotten tasks now
+            self._forget(client, [dataset_name(future.key) for future in futures])
+        finally:
+            client.close()
         # The forced cancel took the tasks of the detached jobs held behind these with it.
         dependants = detached_dependants(self.store, [job.id for job in jobs])
         if dependants:
@@ -436,15 +443,31 @@ class DaskRun:
                 self.handlers.warning(f"submitting the jobs held behind them again: {exc}")
         return {}
 
+    def _forget(self, client: Any, names: list[str]) -> None:
+        """Unpublish these datasets, bounded (FORGET_TIMEOUT_S): one the scheduler keeps
+        names only tasks that ended (a warning says so; nothing reads it again)."""
+        if not names:
+            return
+        try:
+            asked(
+                client,
+                client.unpublish_dataset,
+                names,
+                what=f"to forget {len(names)} published task(s)",
+                timeout=FORGET_TIMEOUT_S,
+            )
+        except Exception as exc:
+            self.handlers.warning(f"{exc}; the pool keeps their names")
+
     def _submit_again(self, job_ids: list[int], dependants: Sequence[Job]) -> None:
         """Forget the published futures of `dependants`, whose tasks a cancel took, and
         publish the tasks of `job_ids` (those of them that still run) anew."""
         client = connect(self.plan)
         try:
-            published = set(client.list_datasets())
-            for job in dependants:
-                if task_key(job) in published:
-                    client.unpublish_dataset(task_key(job))
+            published = set(asked(client, client.list_datasets, what="its datasets"))
+            self._forget(
+                client, [task_key(job) for job in dependants if task_key(job) in published]
+            )
             if job_ids:
                 self._publish(client, job_ids)
         finally:
@@ -455,7 +478,7 @@ class DaskRun:
         """The runner's cancel of every run of these jobs, on every worker (each worker
         also remembers them, so a task of theirs that comes later never starts)."""
         cancel = _by_value(_CANCEL_SOURCE, "sshwasm_cancel")
-        client.run(cancel, sorted(bases))
+        asked(client, client.run, cancel, sorted(bases), what="the cancel on its workers")
 
     @staticmethod
     def _running(client: Any) -> list[Any]:
@@ -464,7 +487,9 @@ class DaskRun:
         leaves behind in a big array). The events, from a worker that cannot be asked."""
         probe = _by_value(_RUNNING_SOURCE, "sshwasm_running")
         try:
-            answers: dict[str, Any] = client.run(probe)
+            answers: dict[str, Any] = asked(client, client.run, probe, what="what runs")
+        except PoolSilent:
+            raise
         except Exception:  # a worker of an older pool, or gone meanwhile
             return list(client.get_events(STARTED_TOPIC))
         return [(0.0, {"started": started}) for started in answers.values()]
@@ -489,19 +514,27 @@ class DaskRun:
 
     async def _collect_published(self, client: Any, jobs: Sequence[Job]) -> dict[int, Job]:
         names = {task_key(job): job for job in jobs}
-        published = set(await asyncio.to_thread(client.list_datasets))
+        published = set(
+            await asyncio.to_thread(asked, client, client.list_datasets, what="its datasets")
+        )
         found: dict[Any, int] = {}
         unknown: list[Job] = []
         for name, job in names.items():
             if name not in published:
                 unknown.append(job)
                 continue
-            found[await asyncio.to_thread(client.get_dataset, name)] = job.id
+            try:
+                found[
+                    await asyncio.to_thread(asked, client, client.get_dataset, name, what=name)
+                ] = job.id
+            except KeyError:  # another `jobs` (or follower) collected it just now
+                continue
         states: dict[str, str] = {}
         if found:
             probe = _by_value(_STATES_SOURCE, "sshwasm_states")
+            keys = [future.key for future in found]
             states = await asyncio.to_thread(
-                client.run_on_scheduler, probe, [future.key for future in found]
+                asked, client, client.run_on_scheduler, probe, keys, what="its tasks' states"
             )
         # Ended: in memory (an answer) or erred; a future new to this client may not know yet.
         done = _pairs_together(
@@ -521,6 +554,7 @@ class DaskRun:
         async with TransportPool() as pool:
             for future, job_id in done.items():
                 await self._record(pool, client, future, job_id)
+        kept = await self._settle_published(client, list(done.values()))
         running = {job_base(job): job.id for job in jobs if job.id in found.values()}
         running = {base: job_id for base, job_id in running.items() if job_id not in done.values()}
         if running:
@@ -528,8 +562,8 @@ class DaskRun:
         if unknown:
             await self._settle(client, unknown)
         self._note_reruns(await asyncio.to_thread(self._reruns, client, done))
-        for future in done:
-            await asyncio.to_thread(client.unpublish_dataset, future.key)
+        collected = [dataset_name(f.key) for f, job_id in done.items() if job_id not in kept]
+        await asyncio.to_thread(self._forget, client, collected)
         for future in found:
             future.release()
         return {job.id: job for job in self.store.get_many([job.id for job in jobs])}
@@ -716,10 +750,7 @@ class DaskRun:
             self._done(await self._refill(client, flight, pending))
             watcher = asyncio.create_task(self._watch_cancels(client, flight))
             async with TransportPool() as pool:
-                while flight.futures:
-                    batch = await asyncio.to_thread(_next_batch, pending)
-                    if not batch:
-                        break
+                while (batch := await self._next_ended(client, flight, pending)) is not None:
                     ended = {future: flight.futures[future] for future in batch}
                     answers = await asyncio.to_thread(_gather_finished, client, batch)
                     await self._record_batch(pool, client, ended, answers)
@@ -750,7 +781,57 @@ class DaskRun:
         """Tell `on_done` about jobs that ended (one read of their records)."""
         if self.on_done is not None and job_ids:
             for job in self.store.get_many(job_ids):
-                self.on_done(job)
+                if job.is_final:  # not one set aside for its dependencies (Flows.unheld)
+                    self.on_done(job)
+
+    async def _next_ended(self, client: Any, flight: _Flight, pending: Any) -> list[Any] | None:
+        """The next tasks that ended (waiting for one); None when nothing is left to follow.
+        Meanwhile the jobs set aside because a dependency's task erred or was cancelled
+        (`Flows.unheld`) are settled as their dependencies' records end."""
+        while True:
+            if self._flows.unheld:
+                self._done(await self._settle_unheld(client, flight, pending))
+            if not self._flows.unheld:
+                if not flight.futures:
+                    return None
+                return await asyncio.to_thread(next_ended, client, pending) or None
+            if not flight.futures:
+                await asyncio.sleep(UNHELD_POLL_S)
+                continue
+            batch = await asyncio.to_thread(ready_within, pending, UNHELD_POLL_S)
+            if batch:
+                return batch
+
+    async def _settle_unheld(self, client: Any, flight: _Flight, pending: Any) -> list[int]:
+        """Settle the followed jobs set aside (`Flows.settle`): those cancelled by the rule,
+        and those submitted again into the window; the dependencies no process follows
+        (detached) are collected meanwhile. Returns the ids that ended here."""
+        ended, again, collect = self._flows.settle(sorted(self._flows.unheld))
+        if collect:
+            await self._collect_published(client, collect)
+        if again:
+            jobs = self.store.get_many(again)
+            prepared = self._prepare(client, jobs)
+            ended += [job.id for job in jobs if job.id not in prepared]  # ended in staging
+            jobs = [job for job in jobs if job.id in prepared]
+            submitted = await asyncio.to_thread(self._submit_jobs, client, jobs, prepared)
+            flight.add(submitted, jobs)
+            pending.update(submitted)
+        return ended
+
+    async def _settle_published(self, client: Any, job_ids: Sequence[int]) -> set[int]:
+        """Settle the detached jobs among `job_ids` set aside (`Flows.unheld`): cancelled by
+        the rule, or published again under their names; one whose dependencies have not all
+        ended is left as it is for a later `jobs`. Returns the ids whose dataset stays."""
+        ids = self._flows.unheld.intersection(job_ids)
+        if not ids:
+            return set()
+        _ended, again, _collect = self._flows.settle(sorted(ids))
+        waiting = self._flows.unheld.intersection(ids)
+        self._flows.unheld -= ids
+        if again:
+            self._publish(client, again)  # in this thread: the jobs file's is this one
+        return waiting | set(again)
 
     async def _record_batch(
         self,
@@ -827,8 +908,12 @@ class DaskRun:
         found: dict[int, int] = {}
         for start in range(0, len(names), RERUNS_BATCH):
             try:
-                reruns: dict[str, int] = client.run_on_scheduler(
-                    probe, names[start : start + RERUNS_BATCH]
+                reruns: dict[str, int] = asked(
+                    client,
+                    client.run_on_scheduler,
+                    probe,
+                    names[start : start + RERUNS_BATCH],
+                    what="about reruns",
                 )
             except Exception as exc:  # the scheduler is gone: the records say one attempt
                 self.handlers.warning(f"cannot ask the scheduler about reruns: {exc}")
@@ -905,17 +990,25 @@ class DaskRun:
         """Record how the job of an ended task ended (`gathered`: its answer, when gathered
         already), asking its host for its /output and directories if it has them."""
         job = self.store.get(job_id)
-        if future.status != "finished" and erred_dependant(self.store, job):
-            return self.store.get(job_id)
+        if future.status == "cancelled" and client.status != "running":
+            # distributed cancels every future of a client that lost its scheduler: not the
+            # job's end (its task may run on); left for `sshwasm jobs` to settle.
+            raise OSError("the connection to it was lost")
+        held = future.status != "finished" and job.dependencies and not job.is_final
+        if held and await asyncio.to_thread(self._flows.by_dependency, client, future):
+            self._flows.unheld.add(job_id)  # settled once its dependencies' records end
+            return job
         if future.status != "finished":
             try:
-                error = future.exception()
+                error = future.exception(timeout=ANSWER_TIMEOUT_S)
             except Exception as exc:  # a cancelled future raises instead of returning it
                 error = exc
             self.store.finish(job_id, JobState.FAILED, error=f"dask: task {future.status}: {error}")
             return self.store.get(job_id)
         try:
-            raw = future.result() if gathered is None else gathered
+            raw = gathered
+            if raw is None:
+                raw = answer_of(client, future, f"for job {job_id}'s answer")
             job, raw = take_flow(self.store, job, raw, self.handlers.warning)
             if raw is None:  # --after not satisfied: the guest never ran
                 return job
