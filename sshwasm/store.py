@@ -1280,6 +1280,12 @@ class JobStore:
         tuples, not Jobs (100,000 rows in a fraction of a second). Not --verify twins."""
         return self._tuples(*_listing(TABLE_SELECT, limit=limit, state=state))
 
+    def count_listed(self, state: JobState | None = None) -> int:
+        """How many jobs `table_rows` would list (all, or those in `state`): what a table
+        cut to the newest few says it left out."""
+        sql, params = _listing("COUNT(*)", state=state)
+        return int(self._tuples(sql, params)[0][0])
+
     def keyed_table_rows(
         self, limit: int | None = None, state: JobState | None = None
     ) -> list[Any] | None:
