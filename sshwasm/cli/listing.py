@@ -133,22 +133,28 @@ def _render(
         middle: "".join([pad[value] for pad, value in zip(padded, middle, strict=True)])
         for middle in distinct
     }
-    combined = {key: joined[middle] for key, middle in middles.items()}
     runtime_cells = runtimes if isinstance(runtimes, list) else map(runtimes.__getitem__, run_s)
-    # One `%` per line, mapped in C: the id, NAME and RUNTIME padded by the format itself
-    # (`%-Nd` and `%-Ns` pad as str.ljust does), the middle and EXIT made once per key.
-    line = "%%-%dd%%-%ds%%s%%-%ds%%s" % (widths[0] + 2, widths[1] + 2, widths[7] + 2)  # noqa: UP031
+    # One `%` per line, mapped in C, with one format per key: the id, NAME and RUNTIME
+    # padded by the format itself (`%-Nd` and `%-Ns` pad as str.ljust does), the key's
+    # STATE..SUBMITTED and EXIT cells already in it (their `%` doubled).
+    id_name = "%%-%dd%%-%ds" % (widths[0] + 2, widths[1] + 2)  # noqa: UP031
+    runtime = "%%-%ds" % (widths[7] + 2)  # noqa: UP031
+    formats = {
+        key: id_name
+        + joined[middle].replace("%", "%%")
+        + runtime
+        + exit_shown[key].replace("%", "%%")
+        for key, middle in middles.items()
+    }
     lines = map(
-        line.__mod__,
-        zip(
-            ids,
-            name_cells,
-            map(combined.__getitem__, keys),
-            runtime_cells,
-            map(exit_shown.__getitem__, keys),
-            strict=True,
-        ),
+        operator.mod,
+        map(formats.__getitem__, keys),
+        zip(ids, name_cells, runtime_cells, strict=True),
     )
+    # Only a line whose EXIT is empty can end in spaces (a cell is stripped, and every
+    # other one is followed by a cell): cut them only if there is such a line.
+    if all(exit_shown.values()):
+        return "\n".join([_head(headers, widths), *lines, ""])
     return "\n".join([_head(headers, widths), *map(str.rstrip, lines), ""])
 
 
