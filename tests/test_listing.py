@@ -54,6 +54,22 @@ def _real_task_rows(count: int) -> list[tuple[Any, ...]]:
     return rows
 
 
+def _tiny_task_rows(count: int, slowest: float = 9.989999) -> list[tuple[Any, ...]]:
+    """Tiny tasks as a real 100,000-task run leaves them: a fraction of a millisecond
+    each, all apart, no name; a few near the edges of five-character run times (ties,
+    just under 10 s, and `slowest`)."""
+    chance = random.Random(count)
+    hosts = ("alpha", "beta", "gamma")
+    rows = [
+        (count - index, None, count - index - 1, "succeeded", hosts[index % 3], 1, 256, STAMP,
+         round(chance.uniform(0.0002, 0.0009), 6), None, 0)
+        for index in range(count)
+    ]  # fmt: skip
+    for index, seconds in enumerate((0.125, 0.005, 0.015, 9.985, slowest, 0.000001)):
+        rows[index * 7] = (*rows[index * 7][:8], seconds, *rows[index * 7][9:])
+    return rows
+
+
 # Values each column can hold, the odd ones included: control characters, spaces around,
 # wide and non-printable Unicode, `%`, NULLs, a float or text where an int belongs, a
 # running job's time so far, a minute and more, rounding ties, -0.0, stamps that do not
@@ -85,6 +101,8 @@ def _odd_rows(seed: int, count: int) -> list[tuple[Any, ...]]:
         pytest.param([], id="empty"),
         pytest.param(_task_rows(3000), id="one-array"),
         pytest.param(_real_task_rows(3000), id="real-array"),
+        pytest.param(_tiny_task_rows(3000), id="tiny-array"),
+        pytest.param(_tiny_task_rows(3000, 10.015), id="tiny-array-10s"),
         pytest.param(_task_rows(40, "a%d[x]") + _task_rows(30, "b", 61.0), id="minutes"),
         pytest.param(
             [*_task_rows(50), (1, "plain", None, "succeeded", "beta", 2, 128, STAMP, 1.5, None, 0)],
@@ -130,6 +148,8 @@ def _through_sqlite(rows: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
     [
         pytest.param(_task_rows(3000), True, id="one-array"),
         pytest.param(_real_task_rows(3000), True, id="real-array"),
+        pytest.param(_tiny_task_rows(3000), True, id="tiny-array"),
+        pytest.param(_tiny_task_rows(3000, 9.995), True, id="tiny-array-10s"),
         pytest.param(
             [
                 *_task_rows(50),
