@@ -262,3 +262,20 @@ def test_jobs_loses_the_queued_tasks_of_a_gone_coordinator_at_once(
     for task in tasks[1:]:
         assert task.state is JobState.LOST and task.error == UNPLACED_ERROR, task.id
         assert task.finished_at is not None
+
+
+def test_records_json_is_print_jsons_indented_json() -> None:
+    """`jobs --json` made by the C encoder: the bytes of json.dumps(indent=2), for records
+    whose strings hold what the indenting encoder's output holds (`},\n    {`, newlines,
+    braces, quotes, non-ASCII), odd floats, and for no records or a nested value."""
+    import json
+
+    chance = random.Random(7)
+    texts = ["},\n    {", '"}, {"', "a\nb", "日本", "\\", "}", "{", ",\n  ", "", "\x1b", "\u2028"]
+    scalars: list[Any] = [*texts, None, True, False, 0, -5, 2**70, 0.1, 1e300, -0.0]
+    scalars += [float("nan"), float("inf")]
+    records = [
+        {f"k{field}": chance.choice(scalars) for field in range(12)} for _ in range(300)
+    ]
+    for case in ([], records[:1], records, [{"a": [1, {"b": 2}]}, {"a": 1}], [{}]):
+        assert jobs_command.records_json(case) == json.dumps(case, indent=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ from .show import (
 )
 
 if TYPE_CHECKING:
-    from ..store import Job
+    from ..store import Job, RecordValue
     from ..transport import TransportPool
 
 
@@ -89,7 +89,8 @@ def cmd_jobs(ctx: Context) -> int:
         if args.state is not None:
             jobs = [job for job in jobs if job.state == args.state]
         if args.json:
-            print_json([job.record() for job in jobs])
+            sys.stdout.write(records_json([job.record() for job in jobs]))
+            sys.stdout.write("\n")
         else:
             table(folded_rows(jobs), headers=JOB_HEADERS)
         return ExitStatus.OK
@@ -151,6 +152,29 @@ def _write_rows(ctx: Context, rows: list[Any], limit: int | None, state: Any) ->
     if text is None:
         text = render(ctx.store.table_rows(limit=limit, state=state), JOB_HEADERS)
     sys.stdout.write(text)
+
+
+def records_json(records: Sequence[Mapping[str, RecordValue]]) -> str:
+    """What `json.dumps(records, indent=2)` gives (print_json), made by json's C encoder
+    in one call: the indenting encoder is pure Python, most of `jobs --json` over
+    100,000 records (tens of seconds).
+
+    A record is flat (JSON scalars only): the C encoder's item separator carries the
+    newline and indent of a record's fields, and the only `},\n    {` in its output is
+    between two records (an encoded string holds no raw newline), where the indent of
+    the array's items goes instead.
+    """
+    import json
+
+    first = records[0] if records else None
+    if not first or not all(type(value) in _SCALARS for value in first.values()):
+        return json.dumps(records, indent=2)
+    text = json.dumps(records, separators=(",\n    ", ": "))
+    body = text[2:-2].replace("},\n    {", "\n  },\n  {\n    ")
+    return "[\n  {\n    " + body + "\n  }\n]"
+
+
+_SCALARS = (str, int, float, bool, type(None))
 
 
 def _terminal_window(ctx: Context) -> int | None:
