@@ -274,8 +274,6 @@ def test_records_json_is_print_jsons_indented_json() -> None:
     texts = ["},\n    {", '"}, {"', "a\nb", "日本", "\\", "}", "{", ",\n  ", "", "\x1b", "\u2028"]
     scalars: list[Any] = [*texts, None, True, False, 0, -5, 2**70, 0.1, 1e300, -0.0]
     scalars += [float("nan"), float("inf")]
-    records = [
-        {f"k{field}": chance.choice(scalars) for field in range(12)} for _ in range(300)
-    ]
+    records = [{f"k{field}": chance.choice(scalars) for field in range(12)} for _ in range(300)]
     for case in ([], records[:1], records, [{"a": [1, {"b": 2}]}, {"a": 1}], [{}]):
         assert jobs_command.records_json(case) == json.dumps(case, indent=2)
