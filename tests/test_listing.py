@@ -54,6 +54,22 @@ def _real_task_rows(count: int) -> list[tuple[Any, ...]]:
     return rows
 
 
+def _tiny_task_rows(count: int, slowest: float = 9.989999) -> list[tuple[Any, ...]]:
+    """Tiny tasks as a real 100,000-task run leaves them: a fraction of a millisecond
+    each, all apart, no name; a few near the edges of five-character run times (ties,
+    just under 10 s, and `slowest`)."""
+    chance = random.Random(count)
+    hosts = ("alpha", "beta", "gamma")
+    rows = [
+        (count - index, None, count - index - 1, "succeeded", hosts[index % 3], 1, 256, STAMP,
+         round(chance.uniform(0.0002, 0.0009), 6), None, 0)
+        for index in range(count)
+    ]  # fmt: skip
+    for index, seconds in enumerate((0.125, 0.005, 0.015, 9.985, slowest, 0.000001)):
+        rows[index * 7] = (*rows[index * 7][:8], seconds, *rows[index * 7][9:])
+    return rows
+
+
 # Values each column can hold, the odd ones included: control characters, spaces around,
 # wide and non-printable Unicode, `%`, NULLs, a float or text where an int belongs, a
 # running job's time so far, a minute and more, rounding ties, -0.0, stamps that do not
@@ -85,6 +101,8 @@ def _odd_rows(seed: int, count: int) -> list[tuple[Any, ...]]:
         pytest.param([], id="empty"),
         pytest.param(_task_rows(3000), id="one-array"),
         pytest.param(_real_task_rows(3000), id="real-array"),
+        pytest.param(_tiny_task_rows(3000), id="tiny-array"),
+        pytest.param(_tiny_task_rows(3000, 10.015), id="tiny-array-10s"),
         pytest.param(_task_rows(40, "a%d[x]") + _task_rows(30, "b", 61.0), id="minutes"),
         pytest.param(
             [*_task_rows(50), (1, "plain", None, "succeeded", "beta", 2, 128, STAMP, 1.5, None, 0)],
@@ -130,6 +148,8 @@ def _through_sqlite(rows: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
     [
         pytest.param(_task_rows(3000), True, id="one-array"),
         pytest.param(_real_task_rows(3000), True, id="real-array"),
+        pytest.param(_tiny_task_rows(3000), True, id="tiny-array"),
+        pytest.param(_tiny_task_rows(3000, 9.995), True, id="tiny-array-10s"),
         pytest.param(
             [
                 *_task_rows(50),
@@ -242,3 +262,18 @@ def test_jobs_loses_the_queued_tasks_of_a_gone_coordinator_at_once(
     for task in tasks[1:]:
         assert task.state is JobState.LOST and task.error == UNPLACED_ERROR, task.id
         assert task.finished_at is not None
+
+
+def test_records_json_is_print_jsons_indented_json() -> None:
+    """`jobs --json` made by the C encoder: the bytes of json.dumps(indent=2), for records
+    whose strings hold what the indenting encoder's output holds (`},\n    {`, newlines,
+    braces, quotes, non-ASCII), odd floats, and for no records or a nested value."""
+    import json
+
+    chance = random.Random(7)
+    texts = ["},\n    {", '"}, {"', "a\nb", "日本", "\\", "}", "{", ",\n  ", "", "\x1b", "\u2028"]
+    scalars: list[Any] = [*texts, None, True, False, 0, -5, 2**70, 0.1, 1e300, -0.0]
+    scalars += [float("nan"), float("inf")]
+    records = [{f"k{field}": chance.choice(scalars) for field in range(12)} for _ in range(300)]
+    for case in ([], records[:1], records, [{"a": [1, {"b": 2}]}, {"a": 1}], [{}]):
+        assert jobs_command.records_json(case) == json.dumps(case, indent=2)

@@ -164,3 +164,93 @@ def test_coordinator_follows_an_array_through_a_window_oldest_first(tmp_path: Pa
     assert sorted(ended) == ids
     assert not problems
     assert coordinator._pending[1] >= len(coordinator._pending[0])  # none left behind
+
+
+def _window_file(path: Path, tasks: int) -> list[int]:
+    """A jobs file of one plain job and an array of `tasks` finished tasks (newest last)."""
+    with JobStore(path) as store:
+        first = store.submit(job_spec(name="plain"))
+        ids = store.submit_tasks(_array(tasks, "win"))
+        store.finish_many([(job_id, JobState.SUCCEEDED, {"exit_code": 0}) for job_id in ids])
+        store.finish(first, JobState.FAILED, exit_code=1)
+        return [first, *ids]
+
+
+def test_jobs_at_a_terminal_shows_the_newest_and_says_how_many_are_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A terminal gets the newest TERMINAL_WINDOW rows and one line on stderr naming the
+    rest and --all; a pipe, --all, --limit, --fold and --json get what they always got."""
+    from sshwasm.cli.parser import TERMINAL_WINDOW
+
+    db = tmp_path / "jobs.sqlite"
+    ids = _window_file(db, TERMINAL_WINDOW + 49)
+    total = len(ids)
+
+    def listed(*words: str, terminal: bool) -> tuple[list[str], str]:
+        monkeypatch.setattr(jobs_command, "_stdout_is_terminal", lambda: terminal)
+        assert main(["--db", str(db), "jobs", *words]) == 0
+        captured = capsys.readouterr()
+        return captured.out.splitlines(), captured.err
+
+    lines, err = listed(terminal=True)
+    assert len(lines) == 1 + TERMINAL_WINDOW
+    assert [int(line.split()[0]) for line in lines[1:]] == ids[::-1][:TERMINAL_WINDOW]
+    hidden = total - TERMINAL_WINDOW
+    assert err == (
+        f"sshwasm: {hidden} older jobs not shown (the newest {TERMINAL_WINDOW} of {total}): "
+        "`jobs --all` lists every one, `--limit N` the newest N, `--fold` one row per array\n"
+    )
+    # The same rows, laid out alike, as the first lines of the whole listing.
+    everything, quiet = listed(terminal=False)
+    assert everything[: 1 + TERMINAL_WINDOW] == lines and len(everything) == 1 + total
+    assert quiet == ""
+    assert listed("--all", terminal=True) == (everything, "")
+    assert listed("--limit", "3", terminal=True) == (everything[:4], "")
+    # Filtered by state: counted within the state; nothing said when all fit.
+    lines, err = listed("--state", "succeeded", terminal=True)
+    assert len(lines) == 1 + TERMINAL_WINDOW and f"of {total - 1}):" in err
+    assert "older succeeded jobs" in err
+    assert listed("--state", "failed", terminal=True)[1] == ""
+    folded, err = listed("--fold", terminal=True)
+    assert err == "" and len(folded) == 3 and f"win[{total - 1} tasks]" in folded[1]
+    records, err = listed("--json", terminal=True)
+    assert err == "" and sum(line.startswith("  {") for line in records) == total
+    # The flags exclude each other: one line, the usage exit code.
+    assert main(["--db", str(db), "jobs", "--all", "--limit", "5"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_jobs_on_a_real_terminal_is_cut_to_the_newest(tmp_path: Path) -> None:
+    """`sshwasm jobs` whose stdout is a pseudo-terminal tells it is one (no stand-in)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from sshwasm.cli.parser import TERMINAL_WINDOW
+
+    db = tmp_path / "jobs.sqlite"
+    ids = _window_file(db, TERMINAL_WINDOW + 1)
+    leader, follower = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, "-m", "sshwasm", "--db", str(db), "jobs"],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+    ) as process:
+        os.close(follower)
+        shown = b""
+        while True:  # read as it comes: a terminal holds only a few KiB
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the last writer closed it
+                break
+            if not chunk:
+                break
+            shown += chunk
+        err = process.stderr.read() if process.stderr else b""
+    os.close(leader)
+    assert process.returncode == 0
+    lines = shown.decode().splitlines()
+    assert len(lines) == 1 + TERMINAL_WINDOW and lines[1].split()[0] == str(ids[-1])
+    assert err.decode().startswith(f"sshwasm: {len(ids) - TERMINAL_WINDOW} older jobs not shown")

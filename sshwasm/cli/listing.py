@@ -107,7 +107,10 @@ def _render(
     if not ids:
         return _head(headers, [len(header) + 2 for header in headers]) + "\n"
     name_cells = _name_cells(keys, tasks, values)
-    runtimes = _runtimes(run_s, keys, values)
+    # Run times all under 10 s (a real array's tiny tasks: 100,000 apart) are formatted
+    # by each line's own `%` ("%.2fs": five characters each), not as 100,000 cells.
+    inline = _all_short(run_s)
+    runtimes: dict[Any, str] | list[str] = ["0.00s"] if inline else _runtimes(run_s, keys, values)
     exit_shown = {key: cell(_exit(value[6])) for key, value in values.items()}
     # STATE to SUBMITTED: each value shown once, and each distinct combination of them (an
     # array's tasks share one or a few) padded and joined once.
@@ -133,22 +136,34 @@ def _render(
         middle: "".join([pad[value] for pad, value in zip(padded, middle, strict=True)])
         for middle in distinct
     }
-    combined = {key: joined[middle] for key, middle in middles.items()}
-    runtime_cells = runtimes if isinstance(runtimes, list) else map(runtimes.__getitem__, run_s)
-    # One `%` per line, mapped in C: the id, NAME and RUNTIME padded by the format itself
-    # (`%-Nd` and `%-Ns` pad as str.ljust does), the middle and EXIT made once per key.
-    line = "%%-%dd%%-%ds%%s%%-%ds%%s" % (widths[0] + 2, widths[1] + 2, widths[7] + 2)  # noqa: UP031
-    lines = map(
-        line.__mod__,
-        zip(
-            ids,
-            name_cells,
-            map(combined.__getitem__, keys),
-            runtime_cells,
-            map(exit_shown.__getitem__, keys),
-            strict=True,
-        ),
+    runtime_cells: Iterable[Any] = (
+        run_s
+        if inline
+        else runtimes
+        if isinstance(runtimes, list)
+        else map(runtimes.__getitem__, run_s)
     )
+    # One `%` per line, mapped in C, with one format per key: the id, NAME and RUNTIME
+    # padded by the format itself (`%-Nd` and `%-Ns` pad as str.ljust does), the key's
+    # STATE..SUBMITTED and EXIT cells already in it (their `%` doubled).
+    id_name = "%%-%dd%%-%ds" % (widths[0] + 2, widths[1] + 2)  # noqa: UP031
+    runtime = "%.2fs" + " " * (widths[7] - 3) if inline else "%%-%ds" % (widths[7] + 2)  # noqa: UP031
+    formats = {
+        key: id_name
+        + joined[middle].replace("%", "%%")
+        + runtime
+        + exit_shown[key].replace("%", "%%")
+        for key, middle in middles.items()
+    }
+    lines = map(
+        operator.mod,
+        map(formats.__getitem__, keys),
+        zip(ids, name_cells, runtime_cells, strict=True),
+    )
+    # Only a line whose EXIT is empty can end in spaces (a cell is stripped, and every
+    # other one is followed by a cell): cut them only if there is such a line.
+    if all(exit_shown.values()):
+        return "\n".join([_head(headers, widths), *lines, ""])
     return "\n".join([_head(headers, widths), *map(str.rstrip, lines), ""])
 
 
@@ -195,6 +210,19 @@ def _name_cells(
         else name_cell(shown[key], task)
         for key, task in zip(keys, tasks, strict=True)
     ]
+
+
+def _all_short(run_s: Sequence[Any]) -> bool:
+    """Whether every run time is a float above zero and below 9.99 s, so that `%.2fs`
+    shows each in five characters, as `_runtimes` does (never "-0.00s" nor "10.00s")."""
+    distinct = set(run_s)
+    return (
+        bool(distinct)
+        and set(map(type, distinct)) == {float}
+        and min(distinct) > 0.0
+        and max(distinct) < 9.99
+        and not any(map(math.isnan, distinct))
+    )
 
 
 def _runtimes(

@@ -27,6 +27,8 @@ COORDINATE_COMMAND = "_coordinate"
 COMPLETE_COMMAND = "_complete"
 COMPLETION_SHELLS = ("bash", "zsh")
 COMPLETE_KINDS = ("jobs", "hosts", "labels")
+# The newest jobs `jobs` shows at a terminal without --all or --limit (issue 13).
+TERMINAL_WINDOW = 100
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -396,11 +398,19 @@ def build_parser() -> ArgumentParser:
 
     jobs = commands.add_parser("jobs", help="list jobs, newest first")
     jobs.add_argument("--json", action="store_true", help="print a JSON array of job records")
-    jobs.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N jobs")
+    jobs_window = jobs.add_mutually_exclusive_group()
+    jobs_window.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N jobs")
     jobs.add_argument(
         "--state", choices=tuple(state.value for state in JobState), help="only jobs in this state"
     )
     jobs.add_argument("--fold", action="store_true", help="one row per array instead of per task")
+    # At a terminal the table shows the newest jobs only (issue 13: a jobs file of 100,000).
+    jobs_window.add_argument(
+        "--all",
+        action="store_true",
+        help="at a terminal too, list every job (without it a terminal gets the newest "
+        f"{TERMINAL_WINDOW} and a line saying how many more there are)",
+    )
 
     status = commands.add_parser("status", help="show one job (refreshed from its host)")
     status.add_argument("job_id", type=_positive_int, metavar="ID")
