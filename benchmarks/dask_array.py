@@ -1,21 +1,23 @@
 """`sshwasm run tiny.rs --array 10000` on `engine: dask` vs the SSH engine, same hosts, same run.
 
-Three loopback sshd hosts. The SSH engine's `--array` runs first (its coordinator drives
-every task over SSH), then `sshwasm pool up` starts a Dask pool on the same hosts (mutual
-TLS, as by default) and the same array runs on it. Both are warm: each ran a small array
-before it is timed. Prints tasks per second of both, the ratio, and the peak RSS of the
-`sshwasm run` process of each (the coordinator on this machine), and checks that every task
-printed its one line, whole, exactly once. Also prints where each engine's CPU went per
-task (the figure to read on a loaded machine): for dask the client (`sshwasm run`), the
-scheduler, the workers (Dask's worker and nanny processes) and the runner under them
-(serve and its executors, where the guests run); for ssh the coordinator, the connection
-process and the hosts' sshd and serve (not the executors, which outlive serve: compare the
-dask engine's scheduler and workers with the SSH engine's connection process and sshd).
-`--profile FILE` runs the timed dask client under cProfile (its time then counts the
-profiler too) and writes the profile to FILE.
+Three loopback sshd hosts. `sshwasm pool up` starts a Dask pool on them (mutual TLS, as by
+default); each engine runs a small array to be warm, then the timed arrays run interleaved,
+`--repeat` (3) of each, each round in the other order, so that a change of the machine's
+load hits both alike; each engine's figure is the median of its runs. Prints tasks per
+second of both, the ratio, and the peak RSS of the `sshwasm run` process of each (the
+coordinator on this machine), and checks that every task printed its one line, whole,
+exactly once. Also prints where each engine's CPU went per task (medians; the figure to
+read on a loaded machine): for dask the client (`sshwasm run`), the scheduler, the workers
+(Dask's worker and nanny processes) and the runner under them (serve and its executors,
+where the guests run); for ssh the coordinator, the connection process and the hosts' sshd
+and serve (not the executors, which outlive serve: compare the dask engine's scheduler and
+workers with the SSH engine's connection process and sshd). `--profile FILE` runs the
+first timed dask client under cProfile (its time then counts the profiler too) and writes
+the profile to FILE.
 
-Target (issue 12): the dask engine reaches at least the SSH engine's throughput. Exits 1
-when it does not. The pool is taken down at the end, whatever happened.
+Target (issue 12): the dask engine reaches at least the SSH engine's throughput (median
+against median). Exits 1 when it does not. The pool is taken down at the end, whatever
+happened.
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.array import check_lines, hosts_cpu_s, mux_cpu_s, process_cpu_s
-from benchmarks.common import Bench, BenchError, HostShape, banner, program, run_main, verdict
+from benchmarks.common import (
+    Bench,
+    BenchError,
+    HostShape,
+    banner,
+    median,
+    program,
+    run_main,
+    verdict,
+)
 
 TARGET_RATIO = 1.0
 # `python -c PROFILED FILE ARGS...`: sshwasm's main under cProfile, the profile into FILE.
@@ -48,6 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hosts", type=int, default=3, help="loopback hosts (default 3)")
     parser.add_argument(
         "--cpus-per-host", type=int, default=2, help="cpus each host declares (default 2)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed runs of each engine, interleaved (median)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
@@ -113,14 +127,6 @@ def pool_cpu_s(bench: Bench) -> dict[str, float]:
     return used
 
 
-def cpu_line(before: dict[str, float], after: dict[str, float], tasks: int) -> str:
-    """`name X.XX ms, ...` per task, from two samples of the same processes."""
-    return ", ".join(
-        f"{name} {max(0.0, after[name] - before.get(name, 0.0)) * 1000 / tasks:.2f} ms"
-        for name in after
-    )
-
-
 class Timed:
     """One timed `sshwasm run --array`: seconds, peak RSS (KiB), CPU seconds of the process."""
 
@@ -168,48 +174,58 @@ def dask_cluster(bench: Bench) -> Path:
     return path
 
 
-def run_ssh(bench: Bench, tasks: int, warm: int) -> float:
-    """The SSH engine's array (after a warm one): tasks/s; prints its figures."""
-    timed_run(bench, bench.cluster_path, warm)
-    mux, hosts = mux_cpu_s(bench), hosts_cpu_s(bench)
+class Engine:
+    """One engine's timed runs: seconds, the client's peak RSS and CPU per task per process."""
+
+    def __init__(self, name: str, client: str) -> None:
+        self.name, self.client = name, client
+        self.seconds: list[float] = []
+        self.rss_kib: list[int] = []
+        self.cpu_ms: dict[str, list[float]] = {}
+
+    def add(
+        self, timed: Timed, tasks: int, before: dict[str, float], after: dict[str, float]
+    ) -> None:
+        """One timed run, with the CPU seconds of the engine's other processes around it."""
+        self.seconds.append(timed.seconds)
+        self.rss_kib.append(timed.rss_kib)
+        used = {self.client: timed.cpu_s * 1000 / tasks}
+        for name, value in after.items():
+            used[name] = max(0.0, value - before.get(name, 0.0)) * 1000 / tasks
+        for name, value in used.items():
+            self.cpu_ms.setdefault(name, []).append(value)
+
+    def rate(self, tasks: int) -> float:
+        """Tasks per second of the median run."""
+        return tasks / median(self.seconds)
+
+    def report(self, tasks: int, note: str = "") -> None:
+        runs = ", ".join(f"{tasks / seconds:.0f}" for seconds in self.seconds)
+        print(
+            f"engine {self.name}: median {median(self.seconds):.1f} s, "
+            f"{self.rate(tasks):.1f} tasks/s (runs: {runs} tasks/s), "
+            f"{self.client}'s peak RSS {max(self.rss_kib) >> 10} MiB{note}"
+        )
+        cpu = ", ".join(f"{name} {median(values):.2f} ms" for name, values in self.cpu_ms.items())
+        total = sum(median(values) for values in self.cpu_ms.values())
+        print(f"  CPU per task (median): {cpu}; total {total:.2f} ms")
+
+
+def run_ssh(bench: Bench, tasks: int, engine: Engine) -> None:
+    """One timed array of the SSH engine."""
+    before = {"connection process": mux_cpu_s(bench), "hosts' sshd and serve": hosts_cpu_s(bench)}
     ssh = timed_run(bench, bench.cluster_path, tasks)
-    rate = tasks / ssh.seconds
-    print(f"engine ssh:  {ssh.seconds:.1f} s, {rate:.1f} tasks/s, peak RSS {ssh.rss_kib >> 10} MiB")
-    before = {"coordinator": 0.0, "connection process": mux, "hosts' sshd and serve": hosts}
-    after = {
-        "coordinator": ssh.cpu_s,
-        "connection process": mux_cpu_s(bench),
-        "hosts' sshd and serve": hosts_cpu_s(bench),
-    }
-    print(f"  CPU per task: {cpu_line(before, after, tasks)}")
-    return rate
+    after = {"connection process": mux_cpu_s(bench), "hosts' sshd and serve": hosts_cpu_s(bench)}
+    engine.add(ssh, tasks, before, after)
+    print(f"  ssh:  {ssh.seconds:.1f} s, {tasks / ssh.seconds:.1f} tasks/s", flush=True)
 
 
-def run_dask(bench: Bench, tasks: int, warm: int, profile: Path | None) -> float:
-    """`pool up`, the dask engine's array (after a warm one), `pool down`: tasks/s; prints
-    its figures."""
-    cluster = dask_cluster(bench)
-    try:
-        up = bench.sshwasm("--cluster", str(cluster), "pool", "up", timeout=300)
-        if up.returncode != 0:
-            raise BenchError("pool up failed", up)
-        timed_run(bench, cluster, warm)
-        pool_before = pool_cpu_s(bench)
-        dask = timed_run(bench, cluster, tasks, profile)
-        pool_after = pool_cpu_s(bench)
-    finally:
-        down = bench.sshwasm("--cluster", str(cluster), "pool", "down", timeout=300)
-        if down.returncode != 0:
-            print(down.stderr.decode(errors="replace"))
-    rate = tasks / dask.seconds
-    print(
-        f"engine dask: {dask.seconds:.1f} s, {rate:.1f} tasks/s, "
-        f"peak RSS {dask.rss_kib >> 10} MiB" + (" (under cProfile)" if profile else "")
-    )
-    before = {"client": 0.0, **pool_before}
-    after = {"client": dask.cpu_s, **pool_after}
-    print(f"  CPU per task: {cpu_line(before, after, tasks)}")
-    return rate
+def run_dask(bench: Bench, cluster: Path, tasks: int, engine: Engine, profile: Path | None) -> None:
+    """One timed array of the dask engine (on the pool already up)."""
+    before = pool_cpu_s(bench)
+    dask = timed_run(bench, cluster, tasks, profile)
+    engine.add(dask, tasks, before, pool_cpu_s(bench))
+    print(f"  dask: {dask.seconds:.1f} s, {tasks / dask.seconds:.1f} tasks/s", flush=True)
 
 
 def main() -> int:
@@ -217,18 +233,46 @@ def main() -> int:
     args = parse_args()
     banner(
         f"`sshwasm run tiny.rs --array {args.tasks}`: engine dask vs ssh, "
-        f"{args.hosts} loopback hosts x {args.cpus_per_host} cpus"
+        f"{args.hosts} loopback hosts x {args.cpus_per_host} cpus, median of {args.repeat}"
     )
     shape = HostShape(cpus=args.cpus_per_host, memory_mb=2048)
     warm = args.hosts * args.cpus_per_host * 2
+    ssh = Engine("ssh", "coordinator")
+    dask = Engine("dask", "client")
     with Bench(args.hosts, shape, keep=args.keep) as bench:
-        ssh_rate = None if args.dask_only else run_ssh(bench, args.tasks, warm)
-        dask_rate = run_dask(bench, args.tasks, warm, args.profile)
-    if ssh_rate is None:
+        cluster = dask_cluster(bench)
+        up = bench.sshwasm("--cluster", str(cluster), "pool", "up", timeout=300)
+        try:
+            if up.returncode != 0:
+                raise BenchError("pool up failed", up)
+            # Both warm (a small array each), then the timed runs interleaved, each round in
+            # the other order: a change of the machine's load hits both engines alike.
+            timed_run(bench, cluster, warm)
+            if not args.dask_only:
+                timed_run(bench, bench.cluster_path, warm)
+            for index in range(args.repeat):
+                profile = args.profile if index == 0 else None
+                order = [False, True] if index % 2 == 0 else [True, False]
+                for is_dask in order:
+                    if is_dask:
+                        run_dask(bench, cluster, args.tasks, dask, profile)
+                    elif not args.dask_only:
+                        run_ssh(bench, args.tasks, ssh)
+        finally:
+            down = bench.sshwasm("--cluster", str(cluster), "pool", "down", timeout=300)
+            if down.returncode != 0:
+                print(down.stderr.decode(errors="replace"))
+    if not args.dask_only:
+        ssh.report(args.tasks)
+    dask.report(args.tasks, " (first run under cProfile)" if args.profile else "")
+    if args.dask_only:
         return 0
-    ratio = dask_rate / ssh_rate
+    ratio = dask.rate(args.tasks) / ssh.rate(args.tasks)
     ok = ratio >= TARGET_RATIO
-    print(f"ratio: {ratio:.2f}x the SSH engine's throughput (target >= 1x: {verdict(ok)})")
+    print(
+        f"ratio: {ratio:.2f}x the SSH engine's throughput, medians of {args.repeat} "
+        f"(target >= {TARGET_RATIO:g}x: {verdict(ok)})"
+    )
     return 0 if ok else 1
 
 

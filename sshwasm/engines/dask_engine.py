@@ -80,6 +80,9 @@ from .dask_waits import (
 # `pool up` put beside the scheduler and every worker (their working directory).
 TASK_MODULE = PRELOAD_NAME.removesuffix(".py")
 TASK_FUNCTION = "sshwasm_job"
+# ... or, for a job of no limited array, `sshwasm_run`: the same, run in the worker's event
+# loop (a coroutine function), not in a thread of its pool.
+ASYNC_TASK_FUNCTION = "sshwasm_run"
 
 
 # Runs on every worker (`Client.run`): cancels what runs there for some jobs.
@@ -158,11 +161,24 @@ class _TaskOnHosts:
         raise RuntimeError(f"{TASK_FUNCTION} runs on the pool's workers only")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (getattr, (_ModuleOnHosts(), TASK_FUNCTION))
+        return (getattr, (_ModuleOnHosts(), self.__name__))
+
+
+class _AsyncTaskOnHosts(_TaskOnHosts):
+    """ASYNC_TASK_FUNCTION by reference. Said to be a coroutine function (tornado's mark,
+    which distributed reads), so that Dask awaits it in the worker's event loop whether it
+    asks here or on the worker."""
+
+    __name__ = __qualname__ = ASYNC_TASK_FUNCTION
+    __tornado_coroutine__ = True
 
 
 def _task_function() -> Callable[..., Any]:
     return _TaskOnHosts()
+
+
+def _async_task_function() -> Callable[..., Any]:
+    return _AsyncTaskOnHosts()
 
 
 def eligible_workers(cluster: Cluster, job: Job) -> list[str] | None:
@@ -679,12 +695,13 @@ class DaskRun:
                 (prepared[job.id].limits or {}).get("array"),  # its limits (dask_limits)
             )
             groups.setdefault(shape, []).append(job)
-        task = _task_function()
         futures: dict[Any, int] = {}
         # One `map` (one message to the scheduler, the task function pickled once) per kind
         # of task: an array's window is one. Its order is the tasks' priority, oldest first.
         for (sha256, cpus, memory_mb, workers, retries, _limits), group in groups.items():
-            with annotated(prepared[group[0].id].limits):
+            limits = prepared[group[0].id].limits
+            task = _task_function() if limits else _async_task_function()
+            with annotated(limits):
                 submitted = client.map(
                     task,
                     [prepared[job.id].payload for job in group],

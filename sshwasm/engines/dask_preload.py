@@ -21,6 +21,7 @@ remembered, so that its task never starts after the cancel.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -76,19 +77,57 @@ class Cancelled(RuntimeError):
 
 
 class _Waiting:
-    """One task's frames, collected by the reader thread until a final one arrives."""
+    """One task's frames, collected by the reader (in the worker's event loop) until a
+    final one arrives; a task of the event loop (`run_async`) awaits `future`, one of a
+    thread (`run`) waits on `done`."""
 
-    def __init__(self) -> None:
+    def __init__(self, future: asyncio.Future[None] | None = None) -> None:
         self.frames: list[tuple[bytes, bytes]] = []
         self.done = threading.Event()
         self.lost = False
+        self.future = future
+
+    def finish(self, lost: bool = False) -> None:
+        """The task's answer is complete (or, `lost`, will never come). Called in the event
+        loop, or from another thread only when serve is stopped (`_serve_ended`)."""
+        if self.done.is_set():
+            return
+        self.lost = lost
+        self.done.set()
+        future = self.future
+        if future is not None:
+            loop = future.get_loop()
+            if _in_loop(loop):
+                _resolve(future)
+            else:
+                loop.call_soon_threadsafe(_resolve, future)
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# A launch frame larger than this is written to serve from a thread, not from the worker's
+# event loop, which must not wait while serve reads a task's stdin and input.
+LOOP_WRITE_MAX = 1 << 16
 
 
 class RunnerPlugin(WorkerPlugin):
     """The worker's link to the host's runner: a `serve` child started on first use.
 
-    Tasks of the worker's threads share the child: each sends an L frame with a key of its
-    own, and a reader thread hands each answer frame to the task it names.
+    Tasks share the child: each sends an L frame with a key of its own, and the reader,
+    a callback of the worker's event loop on serve's stdout, hands each answer frame to
+    the task it names. A plain job's task runs in the event loop itself (`run_async`:
+    no thread of the worker's pool is woken for it, and no reader thread hands it its
+    answer); a task of a limited array or with dependencies runs in the pool (`run`).
     """
 
     name = PLUGIN_NAME
@@ -97,6 +136,10 @@ class RunnerPlugin(WorkerPlugin):
         self.workdir = workdir
         self.worker: Any = None
         self.lock = threading.Lock()
+        # Held while a frame is written to serve's stdin (never with `lock`: the reader
+        # takes `lock`, and serve reads its stdin only while its stdout is read).
+        self.write_lock = threading.Lock()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.serve: subprocess.Popen[bytes] | None = None
         self.waiting: dict[str, _Waiting] = {}
         self.protocol: Any = None
@@ -110,6 +153,7 @@ class RunnerPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
+        self.loop = worker.loop.asyncio_loop
         # The serve child (a Python with the runner and wasmtime imported) is started now,
         # beside the worker's start, not by the first task, which would wait for it.
         threading.Thread(target=self._warm, daemon=True, name="sshwasm-warm").start()
@@ -167,63 +211,127 @@ class RunnerPlugin(WorkerPlugin):
             serve.kill()
             raise ServeLost(f"the runner's serve answered {kind!r}: {payload[:200]!r}")
         self.serve = serve
-        threading.Thread(
-            target=self._read, args=(serve, decoder, frames), daemon=True, name="sshwasm-serve"
-        ).start()
+        loop = self.loop
+        assert loop is not None  # set by setup(), before any task
+        loop.call_soon_threadsafe(self._watch, serve, decoder, frames)
         return serve
 
-    def _read(
+    def _watch(
         self, serve: subprocess.Popen[bytes], decoder: Any, early: list[tuple[bytes, bytes]]
     ) -> None:
-        protocol = self.protocol
-        final = (protocol.KIND_RESULT, protocol.KIND_NEED, protocol.KIND_ERROR)
+        """In the event loop: read serve's stdout whenever it has bytes (`_readable`)."""
+        assert serve.stdout is not None and self.loop is not None
+        self._dispatch(early)
+        try:
+            self.loop.add_reader(serve.stdout.fileno(), self._readable, serve, decoder)
+        except (OSError, ValueError):  # it ended (and its pipe was closed) meanwhile
+            self._serve_ended(serve)
+
+    def _readable(self, serve: subprocess.Popen[bytes], decoder: Any) -> None:
         assert serve.stdout is not None
         try:
-            pending = list(early)
-            while True:
-                for kind, payload in pending:
-                    key, _, body = payload.partition(b"\n")
-                    with self.lock:
-                        waiting = self.waiting.get(key.decode(errors="replace"))
-                    if waiting is None:
-                        continue
-                    waiting.frames.append((kind, body))
-                    if kind in final:
-                        waiting.done.set()
-                chunk = os.read(serve.stdout.fileno(), 1 << 20)
-                if not chunk:
-                    break
-                pending = decoder.feed(chunk)
-        except Exception:
+            chunk = os.read(serve.stdout.fileno(), 1 << 20)
+            if chunk:
+                self._dispatch(decoder.feed(chunk))
+                return
+        except Exception:  # a broken pipe, or frames the runner never sends: it is lost
             pass
-        finally:
+        self._serve_ended(serve)
+
+    def _dispatch(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """Each frame to the task its key names; a final frame completes the task."""
+        final = (self.protocol.KIND_RESULT, self.protocol.KIND_NEED, self.protocol.KIND_ERROR)
+        for kind, payload in frames:
+            key, _, body = payload.partition(b"\n")
             with self.lock:
-                if self.serve is serve:
-                    self.serve = None
-                lost = list(self.waiting.values())
-            for waiting in lost:
-                if not waiting.done.is_set():
-                    waiting.lost = True
-                    waiting.done.set()
+                waiting = self.waiting.get(key.decode(errors="replace"))
+            if waiting is None:
+                continue
+            waiting.frames.append((kind, body))
+            if kind in final:
+                waiting.finish()
+
+    def _serve_ended(self, serve: subprocess.Popen[bytes]) -> None:
+        """Serve's stdout ended: the tasks waiting for it never get their answers."""
+        assert serve.stdout is not None
+        with contextlib.suppress(OSError, ValueError):
+            if self.loop is not None:
+                self.loop.remove_reader(serve.stdout.fileno())
+        with self.lock:
+            if self.serve is serve:
+                self.serve = None
+            lost = list(self.waiting.values())
+        for waiting in lost:
+            waiting.finish(lost=True)
+
+    def _write(self, serve: subprocess.Popen[bytes], frame: bytes) -> None:
+        """One frame to serve's stdin, whole (frames of concurrent tasks never interleave)."""
+        assert serve.stdin is not None
+        with self.write_lock:
+            serve.stdin.write(frame)
+            serve.stdin.flush()
+
+    def _check_cancelled(self, key: str) -> None:
+        """Raise Cancelled if the job was cancelled here lately (call with the lock)."""
+        cancelled_at = self.cancelled.get(key.split(".", 1)[0])
+        if cancelled_at is not None and time.monotonic() - cancelled_at < CANCEL_MEMORY_S:
+            raise Cancelled(f"job {key.split('.', 1)[0]} was cancelled before it started")
 
     def _launch(self, key: str, payload: bytes) -> list[tuple[bytes, bytes]]:
+        """From a thread of the worker's pool: the task's frames, once it ended."""
         waiting = _Waiting()
         with self.lock:
-            cancelled_at = self.cancelled.get(key.split(".", 1)[0])
-            if cancelled_at is not None and time.monotonic() - cancelled_at < CANCEL_MEMORY_S:
-                raise Cancelled(f"job {key.split('.', 1)[0]} was cancelled before it started")
+            self._check_cancelled(key)
             serve = self.serve_process()
             self.waiting[key] = waiting
-            assert serve.stdin is not None
-            try:
-                serve.stdin.write(self.protocol.encode_frame(self.protocol.KIND_LAUNCH, payload))
-                serve.stdin.flush()
-            except OSError as exc:
+        try:
+            self._write(serve, self.protocol.encode_frame(self.protocol.KIND_LAUNCH, payload))
+            waiting.done.wait()
+        except OSError as exc:
+            raise ServeLost(f"cannot reach the runner's serve: {exc}") from exc
+        finally:
+            with self.lock:
                 self.waiting.pop(key, None)
-                raise ServeLost(f"cannot reach the runner's serve: {exc}") from exc
-        waiting.done.wait()
+        if waiting.lost:
+            raise ServeLost("the runner's serve ended while the task ran")
+        return waiting.frames
+
+    def _serve_ready(self) -> subprocess.Popen[bytes] | None:
         with self.lock:
-            self.waiting.pop(key, None)
+            return self.serve_process()
+
+    async def _launch_async(self, key: str, payload: bytes) -> list[tuple[bytes, bytes]]:
+        """In the worker's event loop: the task's frames, once it ended."""
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(loop.create_future())
+        with self.lock:
+            self._check_cancelled(key)
+            serve = self.serve
+            running = serve is not None and serve.poll() is None
+        if not running:  # (re)started from a thread: the loop must not wait for its hello
+            serve = await asyncio.to_thread(self._serve_ready)
+        assert serve is not None
+        with self.lock:
+            self._check_cancelled(key)
+            self.waiting[key] = waiting
+        frame = self.protocol.encode_frame(self.protocol.KIND_LAUNCH, payload)
+        try:
+            if len(frame) <= LOOP_WRITE_MAX and self.write_lock.acquire(blocking=False):
+                try:  # a pipe's buffer takes it at once
+                    assert serve.stdin is not None
+                    serve.stdin.write(frame)
+                    serve.stdin.flush()
+                finally:
+                    self.write_lock.release()
+            else:
+                await asyncio.to_thread(self._write, serve, frame)
+            assert waiting.future is not None
+            await waiting.future
+        except OSError as exc:
+            raise ServeLost(f"cannot reach the runner's serve: {exc}") from exc
+        finally:
+            with self.lock:
+                self.waiting.pop(key, None)
         if waiting.lost:
             raise ServeLost("the runner's serve ended while the task ran")
         return waiting.frames
@@ -239,12 +347,10 @@ class RunnerPlugin(WorkerPlugin):
             lines = done.stderr.decode(errors="replace").strip().splitlines()
             raise RuntimeError(f"cannot store the module: {lines[-1] if lines else 'failed'}")
 
-    def run(self, payload: bytes, module: bytes) -> bytes:
-        """Run one job through serve: the host, the key it ran under, and its frames.
-
-        Each run gets a key of its own (`<job key>.<host>-<pid>-<n>`): a task that Dask
-        runs again after its worker died must not meet the first run's job directory.
-        """
+    def _begin(self, payload: bytes) -> tuple[str, dict[str, Any], bytes]:
+        """A run's own key (`<job key>.<host>-<pid>-<n>`: a task that Dask runs again after
+        its worker died must not meet the first run's job directory), its spec's header and
+        the payload under that key; told to the scheduler as started (`_started`)."""
         line, _, rest = payload.partition(b"\n")
         header = json.loads(line)
         with self.lock:
@@ -254,9 +360,36 @@ class RunnerPlugin(WorkerPlugin):
         key = f"{base}.{self.worker.name}-{os.getpid()}-{count}"[:128]
         header["key"] = key
         payload = json.dumps(header).encode() + b"\n" + rest
-        protocol = self.protocol or self._runner()[1]
+        if self.protocol is None:
+            self._runner()
         started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         self._started(key, {"base": base, "key": key, "host": str(self.worker.name), "at": started})
+        return key, header, payload
+
+    def _next_step(self, frames: list[tuple[bytes, bytes]]) -> bool:
+        """Whether serve asked for the module (put it, then launch again); raises
+        Reschedule for a run killed with this worker (not the guest's answer: Dask runs
+        it again elsewhere)."""
+        kind, body = frames[-1]
+        if kind == self.protocol.KIND_NEED and json.loads(body).get("need") == "module":
+            return True
+        if kind == self.protocol.KIND_RESULT and json.loads(body).get("error") == WORKER_STOPPED:
+            raise Reschedule()
+        return False
+
+    def _answer(self, key: str, frames: list[tuple[bytes, bytes]]) -> bytes:
+        """One bytes object (a JSON line, then the frames as the runner encodes them): Dask
+        sizes, pickles and sends it whole; a structure cost it a step per item. The head
+        says how the run ended, read by the tasks that depend on it (sshwasm_state)."""
+        protocol = self.protocol
+        state = _final_state(protocol, *frames[-1]) if frames else "lost"
+        head = json.dumps({"host": str(self.worker.name), "key": key, "state": state}).encode()
+        return b"\n".join([head, b"".join(protocol.encode_frame(*frame) for frame in frames)])
+
+    def run(self, payload: bytes, module: bytes) -> bytes:
+        """Run one job through serve, from a thread of the worker's pool: the host, the key
+        it ran under, and its frames (`_answer`)."""
+        key, header, payload = self._begin(payload)
         try:
             for _attempt in range(2):
                 try:
@@ -265,22 +398,32 @@ class RunnerPlugin(WorkerPlugin):
                     if self.closing:  # serve killed the guest because this worker stops
                         raise Reschedule() from None
                     raise
-                kind, body = frames[-1]
-                if kind == protocol.KIND_NEED and json.loads(body).get("need") == "module":
-                    self._put_module(header["wasm_sha256"], module)
-                    continue
-                if kind == protocol.KIND_RESULT and json.loads(body).get("error") == WORKER_STOPPED:
-                    raise Reschedule()  # not the guest's answer: Dask runs it again elsewhere
-                break
+                if not self._next_step(frames):
+                    break
+                self._put_module(header["wasm_sha256"], module)
         finally:
             with self.lock:
                 self.runs.pop(key, None)
-        # One bytes object (a JSON line, then the frames as the runner encodes them): Dask
-        # sizes, pickles and sends it whole; a structure cost it a step per item. The head
-        # says how the run ended, read by the tasks that depend on it (sshwasm_state).
-        state = _final_state(protocol, *frames[-1]) if frames else "lost"
-        head = json.dumps({"host": str(self.worker.name), "key": key, "state": state}).encode()
-        return b"\n".join([head, b"".join(protocol.encode_frame(*frame) for frame in frames)])
+        return self._answer(key, frames)
+
+    async def run_async(self, payload: bytes, module: bytes) -> bytes:
+        """`run` in the worker's event loop (a task that is a coroutine function)."""
+        key, header, payload = self._begin(payload)
+        try:
+            for _attempt in range(2):
+                try:
+                    frames = await self._launch_async(key, payload)
+                except ServeLost:
+                    if self.closing:
+                        raise Reschedule() from None
+                    raise
+                if not self._next_step(frames):
+                    break
+                await asyncio.to_thread(self._put_module, header["wasm_sha256"], module)
+        finally:
+            with self.lock:
+                self.runs.pop(key, None)
+        return self._answer(key, frames)
 
     def _started(self, key: str, event: dict[str, str]) -> None:
         """Note a task handed to serve: in `runs` until it ends, and told to the scheduler
@@ -363,6 +506,22 @@ def sshwasm_job(payload: bytes, module: bytes | tuple[bytes, ...]) -> bytes:
     which end the launch spec as the runner reads it (dask_staging)."""
     answer, tell_end = _run_limited(payload, module)
     tell_end(answer)
+    return answer
+
+
+async def sshwasm_run(payload: bytes, module: bytes | tuple[bytes, ...]) -> bytes:
+    """The task of a job of no limited array and without dependencies: `sshwasm_job` run
+    in the worker's event loop (Dask awaits a task that is a coroutine function there),
+    not in a thread of its pool: per task, no thread woken to run it and none to hand it
+    serve's answer (benchmarks/dask_array.py). Its cpus and memory_mb resources still
+    bound how many run at once."""
+    from distributed import get_worker
+
+    if isinstance(module, tuple):
+        module, *tars = module
+        payload = b"".join([payload, *tars])
+    plugin: Any = get_worker().plugins[PLUGIN_NAME]
+    answer: bytes = await plugin.run_async(payload, module)
     return answer
 
 
