@@ -18,7 +18,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -617,6 +617,17 @@ def test_a_thousand_task_array_on_the_pool(
 # -- --after, --after-any and --retry-failed on the pool (engines/dask_dependencies) -------
 
 
+def _detached_submitter(cluster: Path) -> Callable[..., int]:
+    """`submit(*run_args)`: the id `run --detach` gives a job on the pool (hello's sleep off)."""
+
+    def submit(*args: str) -> int:
+        done = _run("--cluster", str(cluster), "run", "--detach", *QUICK, *args)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    return submit
+
+
 def _host_result(pool: Pool, job: Job) -> dict[str, Any]:
     """The result.json of a job's run on its host (its own times, whenever `jobs` took it)."""
     run = pool.workers / str(job.host) / "jobs" / job.remote_key
@@ -634,10 +645,7 @@ def test_after_after_any_retry_failed_and_api_after_on_the_pool(
     sleep, hello = str(built["sleep"].path), str(built["hello"].path)
     store = JobStore(tmp_path / "data" / "jobs.sqlite")
 
-    def submit(*args: str) -> int:
-        done = _run(*cluster, "run", "--detach", *QUICK, *args)
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout.split()[-1])
+    submit = _detached_submitter(pool_cluster)
 
     # A detached chain: A ends `timeout`; B --after A never runs; C --after-any A runs; D
     # --after B follows B's end on the workers (cancelled in turn), E --after C runs.
@@ -758,10 +766,7 @@ def test_a_dependency_whose_task_erred_on_the_pool(
     sleep, hello = str(built["sleep"].path), str(built["hello"].path)
     store = JobStore(tmp_path / "data" / "jobs.sqlite")
 
-    def submit(*args: str) -> int:
-        done = _run(*cluster, "run", "--detach", *QUICK, *args)
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout.split()[-1])
+    submit = _detached_submitter(pool_cluster)
 
     first = submit(sleep, "--", "3")
     doomed = submit("--after", str(first), hello)

@@ -741,15 +741,22 @@ class DaskRun:
                 job_id, JobState.CANCELLED, exit_code=CANCELLED_EXIT_CODE, error="cancelled"
             )
         jobs = [job for job in jobs if job.id not in skipped]
+        return skipped + await self._submit_into(client, jobs, flight, pending)
+
+    async def _submit_into(
+        self, client: Any, jobs: list[Job], flight: _Flight, pending: Any
+    ) -> list[int]:
+        """Stage and submit `jobs` into the window; the ids of those that ended in staging."""
         submitted: dict[Any, int] = {}
+        ended: list[int] = []
         if jobs:
             prepared = self._prepare(client, jobs)
-            skipped += [job.id for job in jobs if job.id not in prepared]  # ended in staging
+            ended = [job.id for job in jobs if job.id not in prepared]
             jobs = [job for job in jobs if job.id in prepared]
             submitted = await asyncio.to_thread(self._submit_jobs, client, jobs, prepared)
         flight.add(submitted, jobs)
         pending.update(submitted)
-        return skipped
+        return ended
 
     async def _collect(self, client: Any, job_ids: list[int]) -> list[Job]:
         """Submit the jobs a window at a time and record each as its task ends: every task
@@ -827,13 +834,7 @@ class DaskRun:
         if collect:
             await self._collect_published(client, collect)
         if again:
-            jobs = self.store.get_many(again)
-            prepared = self._prepare(client, jobs)
-            ended += [job.id for job in jobs if job.id not in prepared]  # ended in staging
-            jobs = [job for job in jobs if job.id in prepared]
-            submitted = await asyncio.to_thread(self._submit_jobs, client, jobs, prepared)
-            flight.add(submitted, jobs)
-            pending.update(submitted)
+            ended += await self._submit_into(client, self.store.get_many(again), flight, pending)
         return ended
 
     async def _settle_published(self, client: Any, job_ids: Sequence[int]) -> set[int]:
