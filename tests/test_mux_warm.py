@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import (
     PROGRAMS,
     mux_processes,
@@ -60,6 +61,7 @@ def wire_request(directory: Path, request: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
+@pytest.mark.slow
 def test_single_jobs_run_on_a_warm_serve(
     runtime: Path,  # noqa: F811 - the fixture
     make_cluster: Callable[..., Path],

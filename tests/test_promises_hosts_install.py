@@ -46,7 +46,9 @@ def _wheel_of_installed(distribution: str, directory: Path) -> Path:
     wheel = directory / f"{dist.metadata['Name']}-{dist.version}-{tags[0]}.whl"
     record = io.StringIO()
     writer = csv.writer(record, lineterminator="\n")
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
+    # Stored, not deflated: a wheel may hold either, and deflating wasmtime's 40 MB cost
+    # seconds of a core for a file read once, from this disk.
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as archive:
         for file in dist.files or ():
             parts = file.parts
             if ".." in parts or "__pycache__" in parts:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import PROGRAMS, no_traceback, record_of, sshwasm, wait_for_state
 
 FINAL = {"succeeded", "failed", "timeout", "out_of_memory", "cancelled", "lost"}
@@ -18,6 +19,7 @@ def records() -> dict[int, dict[str, Any]]:
     return {record["id"]: record for record in record_of(listed)}  # type: ignore[index, union-attr]
 
 
+@pytest.mark.slow
 def test_resume_reruns_exactly_the_two_cancelled_tasks(make_cluster: Callable[..., Path]) -> None:
     # Two cpus: tasks run two at a time, so tasks 4 and 8 are still queued when cancelled.
     cluster = make_cluster({"alpha": (2, 1024)})

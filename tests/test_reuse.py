@@ -21,6 +21,7 @@ from sshwasm.store import JobStore
 STAGE = str(PROGRAMS / "stage.rs")
 
 
+@pytest.mark.slow
 def test_reuse_takes_a_succeeded_result_without_running_and_only_for_the_same_content(
     make_cluster: Callable[..., Path], ssh_hosts: dict[str, SshServer], tmp_path: Path
 ) -> None:

@@ -54,11 +54,17 @@ def run(*command: str | Path, cwd: Path | None = None, env: dict[str, str] | Non
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The sdist and wheel `python -m build` makes from a copy of this checkout."""
+    """The sdist and wheel `python -m build` makes from a copy of this checkout.
+
+    Without build isolation: an isolated build makes a venv and installs setuptools into
+    it from the index twice (sdist, then the wheel from it), most of this fixture's time.
+    The test extra installs the backend instead, and `build` still checks that this venv
+    meets the [build-system] requirements (it fails on a missing one).
+    """
     source = tmp_path_factory.mktemp("source") / "sshwasm"
     shutil.copytree(REPO, source, ignore=scratch)
     out = tmp_path_factory.mktemp("dist")
-    run(sys.executable, "-m", "build", "--outdir", out, source)
+    run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, source)
     return out
 
 
