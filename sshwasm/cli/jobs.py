@@ -134,10 +134,9 @@ def _jobs_table(ctx: Context) -> None:
         limit = window
     rows = _light_rows(ctx, fold, limit, state)
     unfinished = ctx.store.unfinished(state)
-    if not fold and unfinished:  # only the jobs shown, as with whole Jobs
-        shown = {row[0] for row in rows}
-        unfinished = [entry for entry in unfinished if entry[0] in shown]
     shown_ids = None if fold else {row[0] for row in rows}
+    if shown_ids is not None and unfinished:  # only the jobs shown, as with whole Jobs
+        unfinished = [entry for entry in unfinished if entry[0] in shown_ids]
     unfinished += [(twin.id, twin.coordinator_pid) for twin in pool_twins(ctx, shown_ids)]
     if _refresh_unfinished(ctx, unfinished):
         rows = _light_rows(ctx, fold, limit, state)
