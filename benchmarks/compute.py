@@ -16,9 +16,10 @@ The verdict is on each side's best run (the fastest of `--repeat`), the median s
 it. On a shared or virtual machine the same binary's time drifts by 10-30% between runs
 (another tenant's load, frequency): that noise only ever adds time, so the fastest run is
 the closest to what the code costs, as the timeit documentation advises; runs are
-interleaved so that drift meets both sides alike. CPU seconds (the record's `cpu_s`, the
-native process's user and system time) are shown too: on a loaded machine, where wall
-times wait for a core, they say more.
+interleaved so that drift meets both sides alike, and each round's own ratio (the two runs
+seconds apart) is shown too, as the median over rounds: slow drift cancels in it. CPU
+seconds (the record's `cpu_s`, the native process's user and system time) are shown too: on
+a loaded machine, where wall times wait for a core, they say more.
 """
 
 from __future__ import annotations
@@ -183,10 +184,12 @@ def main() -> int:
 
 
 def _ratios(times: Sequence[float], native: Sequence[float]) -> str:
-    """`best s  ratio  (median s  ratio)` of `times` against the native runs."""
+    """`best s  ratio  (median s  ratio; paired median ratio)` of `times` against the native
+    runs: the last is the median of each round's ratio to the native run just before it."""
+    paired = median([t / n for t, n in zip(times, native, strict=True)])
     return (
         f"{min(times):.3f} s  {min(times) / min(native):.2f}x  "
-        f"({median(times):.3f} s  {median(times) / median(native):.2f}x)"
+        f"({median(times):.3f} s  {median(times) / median(native):.2f}x; paired {paired:.2f}x)"
     )
 
 
