@@ -538,14 +538,19 @@ class Coordinator:
                 stderr = done.stderr.decode(errors="replace").strip() if done else ""
                 raise RemoteError(host.name, f"the runner ended without a result: {stderr}")
             self.handlers.warning(f"connection to '{host.name}' lost; re-attaching to job {job.id}")
+            await self.pool.drop(host)
             while True:
-                await self.pool.drop(host)
-                if time.monotonic() > deadline:
+                # Each try waits only for what is left of the window: a host that accepts
+                # TCP and never answers would otherwise hold one for the connect timeout.
+                left = deadline - time.monotonic()
+                if left > 0:
+                    await asyncio.sleep(min(next(delays), left))
+                    left = deadline - time.monotonic()
+                if left <= 0:
                     # Not HostUnreachable: that would put the job back in the queue.
                     raise ContactLost(host.name, job.id, window)
-                await asyncio.sleep(next(delays))
                 try:
-                    client = RunnerClient(await self.pool.get(host))
+                    client = RunnerClient(await self.pool.get(host, within=left))
                     outcome = await client.stream(
                         job.remote_key,
                         output.stdout.size,
@@ -556,7 +561,10 @@ class Coordinator:
                     )
                     break
                 except HostUnreachable:
-                    continue
+                    # A try that failed leaves a broken connection; one cut short by the
+                    # window may still be connecting for the host's other jobs: kept.
+                    if time.monotonic() < deadline:
+                        await self.pool.drop(host)
             confirmed = confirmed or outcome.frames > 0
         if not confirmed and outcome.error is not None and outcome.error.get("kind") == "missing":
             # The connection dropped before the host confirmed the launch, and the host has no

@@ -890,9 +890,36 @@ class TransportPool:
     def __init__(self) -> None:
         self._transports: dict[str, Transport] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Connection attempts a caller stopped waiting for (get's `within`), left to end.
+        self._abandoned: set[asyncio.Task[Transport]] = set()
 
-    async def get(self, host: Host) -> Transport:
-        """The connected transport for `host`; raises HostUnreachable."""
+    async def get(self, host: Host, within: float | None = None) -> Transport:
+        """The connected transport for `host`; raises HostUnreachable.
+
+        With `within`, this caller waits that many seconds at most (then HostUnreachable),
+        but the attempt itself is not cut short: other jobs of the host may be waiting for
+        it behind the host's lock. It goes on alone (its connection kept for the next
+        get, its failure dropped); `close` cancels it.
+        """
+        if within is None:
+            return await self._get(host)
+        attempt = asyncio.ensure_future(self._get(host))
+        try:
+            return await asyncio.wait_for(asyncio.shield(attempt), max(within, 0.0))
+        except (asyncio.TimeoutError, TimeoutError):
+            waited = round(within, 2)
+            raise HostUnreachable(host.name, f"no connection within {waited:g}s") from None
+        finally:
+            if not attempt.done():
+                self._abandoned.add(attempt)
+                attempt.add_done_callback(self._forget)
+
+    def _forget(self, attempt: asyncio.Task[Transport]) -> None:
+        self._abandoned.discard(attempt)
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved: nobody waits for it any more
+
+    async def _get(self, host: Host) -> Transport:
         lock = self._locks.setdefault(host.name, asyncio.Lock())
         async with lock:  # one handshake per host even when many jobs ask at once
             transport = self._transports.get(host.name)
@@ -911,7 +938,11 @@ class TransportPool:
                 await transport.close()
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection (and stop the attempts nobody waits for)."""
+        abandoned = list(self._abandoned)
+        for attempt in abandoned:
+            attempt.cancel()
+        await asyncio.gather(*abandoned, return_exceptions=True)
         for transport in list(self._transports.values()):
             await transport.close()
         self._transports.clear()

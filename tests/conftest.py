@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from ci_skips import pytest_runtest_makereport
 from helpers import REPO, built, guest, live_launchers, stager, stop_mux_processes
+from home_guard import pytest_sessionfinish, pytest_terminal_summary
 from sshd import (
     HostSpec,
     SshHarnessError,
@@ -70,7 +71,9 @@ def _keep_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
 
 
 # The session fixtures of `helpers` are registered by being names of this module.
-# The CI skip rule (ci_skips) is a hook, registered the same way.
+# The CI skip rule (ci_skips) is a hook, registered the same way, and so is the guard of the
+# real HOME (home_guard: it notes that HOME's sshwasm dirs as conftest imports it, before
+# any fixture changes the environment).
 __all__ = [
     "SshKit",
     "SshServer",
@@ -78,6 +81,8 @@ __all__ = [
     "guest",
     "live_launchers",
     "pytest_runtest_makereport",
+    "pytest_sessionfinish",
+    "pytest_terminal_summary",
     "stager",
     "write_cluster",
 ]

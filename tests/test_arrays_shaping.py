@@ -234,6 +234,33 @@ def test_max_running_holds_with_a_detached_coordinator(cluster: Path) -> None:
     assert most_overlapping(tasks) <= 2
 
 
+def test_a_detached_array_is_one_line_at_a_terminal(cluster: Path) -> None:
+    """`run --array N --detach` prints one line at a terminal, however large N is (a pipe
+    still gets one id per line: the tests above read them)."""
+    master, slave = pty.openpty()
+    try:
+        started = subprocess.run(
+            [sys.executable, "-m", "sshwasm", "--cluster", str(cluster), "run",
+             str(PROGRAMS / "sleep.rs"), "--array", "3", "--detach", "--", "0"],
+            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, timeout=120,
+        )  # fmt: skip
+        os.close(slave)
+        shown = b""
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: nothing holds the terminal any more
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    assert started.returncode == 0, started.stderr
+    assert shown == b"submitted array 1 of 3 jobs: ids 1-3\r\n", shown
+    wait_for(lambda: all(t["state"] == "succeeded" for t in records()), timeout=90)
+
+
 # -- --halt-after-failures -----------------------------------------------------------------
 
 

@@ -196,3 +196,42 @@ def test_channels_refused_by_max_sessions_are_retried(
     # sshd did refuse channels, and every job was still collected, over one connection.
     assert REFUSED in log, log
     assert log.count(ACCEPTED) == 1, log
+
+
+def test_the_reattach_window_bounds_each_try_on_a_frozen_host(
+    fresh_host: Callable[..., SshServer], make_cluster: Callable[..., Path]
+) -> None:
+    """A job with a retry left gives its host the keepalive bound to come back (3 x
+    `keepalive_s`: 3 s here), and no more: a try to re-attach to a host that accepts TCP
+    but never answers (a frozen sshd) is cut short at the window's end, not after the
+    connection's own 10 s timeout. Then the job's next attempt runs once the host is back."""
+    server = fresh_host("delta")
+    cluster = make_cluster(
+        {"delta": {"cpus": 2, "memory_mb": 1024, "keepalive_s": 1}}, servers=[server]
+    )
+    window = silence_limit_s(Host(name="d", address="d", cpus=1, memory_mb=1, keepalive_s=1))
+    assert window == 3.0
+    running = start_streaming("--cluster", str(cluster), "run", SLEEP, "--retries", "1", "--", "1")
+    assert running.stdout is not None and running.stderr is not None
+    try:
+        assert running.stdout.readline() == b"start\n"
+        server.pause()
+        try:
+            lost = _line_within(running.stderr, 60)
+            lost_at = time.monotonic()
+            ended = _line_within(running.stderr, 60)
+            took = time.monotonic() - lost_at
+        finally:
+            server.resume()
+        assert lost == b"sshwasm: connection to 'delta' lost; re-attaching to job 1\n", lost
+        assert ended.startswith(b"sshwasm: job 1: attempt 1 on 'delta' ended: "), ended
+        # The window and a margin for a loaded machine; a try left to the connect timeout
+        # alone took 10.5 s.
+        assert window / 2 <= took < window + 4, took
+        out, err = running.communicate(timeout=120)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.communicate()
+    assert running.returncode == 0, err
+    assert out == b"start\nend\n"  # the second attempt's output, from its beginning

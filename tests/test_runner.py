@@ -41,7 +41,7 @@ from helpers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sshwasm.runner.execute import looks_out_of_memory
+from sshwasm.runner.execute import looks_out_of_memory, mapped_memory_bytes
 from sshwasm.runner.protocol import (
     CHUNK_BYTES,
     RESULT_KEYS,
@@ -325,6 +325,52 @@ def test_a_busy_loop_is_stopped_at_the_time_limit(workdir: Path, guest: Guest) -
     assert (result["state"], result["exit_code"]) == ("timeout", 124)
     # The limit counts from the launch: run_s is what loading the module left of it.
     assert isinstance(result["run_s"], float) and result["run_s"] > 0
+    # Its memory when it was ended, from the kernel's map (whole wasm pages); its fuel is
+    # not known (it lives in the store the guest's thread owns).
+    peak = result["peak_memory_bytes"]
+    assert isinstance(peak, int) and 0 < peak <= 64 << 20 and peak % 65536 == 0, peak
+    assert result["fuel_used"] is None
+
+
+GROWN_PAGES = 40
+# Grows its memory from 1 to GROWN_PAGES pages, then loops until its watchdog ends it.
+GROW_THEN_SPIN = f"""(module (memory (export "memory") 1)
+  (func (export "_start")
+    (drop (memory.grow (i32.const {GROWN_PAGES - 1})))
+    (loop $forever (br $forever))))"""
+
+
+def test_a_timed_out_guest_records_its_peak_memory(tmp_path: Path) -> None:
+    """The watchdog records the memory the guest had grown to: exactly its pages."""
+    import wasmtime
+
+    data = bytes(wasmtime.wat2wasm(GROW_THEN_SPIN))
+    module = Guest(data, hashlib.sha256(data).hexdigest())
+    workdir = tmp_path / "wd"
+    done = run_runner("put-module", str(workdir), module.sha256, stdin=module.data)
+    assert done.returncode == 0, done.stderr
+    result = launch(workdir, "1", module, ["grow"], time_limit_s=3).result()
+    assert (result["state"], result["exit_code"]) == ("timeout", 124), result
+    assert result["peak_memory_bytes"] == GROWN_PAGES * 65536, result
+
+
+def test_the_mapped_memory_is_the_rw_run_from_its_base(tmp_path: Path) -> None:
+    """The read-write mappings that follow each other from the base (an image of the
+    module's data, then anonymous pages), up to the reservation's inaccessible rest."""
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "10000-20000 rw-p 00000000 00:00 0\n"
+        "7f0000000000-7f0000010000 rw-p 00000000 00:01 5 /memfd:wasm-memory-image (deleted)\n"
+        "7f0000010000-7f0000050000 rw-p 00000000 00:00 0\n"
+        "7f0000050000-7f0100000000 ---p 00000000 00:00 0\n"
+        "7f0100000000-7f0100010000 rw-p 00000000 00:00 0\n"
+    )
+    base = 0x7F0000000000
+    assert mapped_memory_bytes(base, 64 << 20, str(maps)) == 5 * 65536
+    assert mapped_memory_bytes(base, 4 * 65536, str(maps)) is None  # over its limit
+    assert mapped_memory_bytes(base + 0x1000, 64 << 20, str(maps)) is None  # not whole pages
+    assert mapped_memory_bytes(0x7F0000050000, 64 << 20, str(maps)) is None  # not rw
+    assert mapped_memory_bytes(base, 64 << 20, str(tmp_path / "no-proc")) is None
 
 
 def test_a_sleeping_guest_is_ended_by_the_watchdog(workdir: Path, guest: Guest) -> None:

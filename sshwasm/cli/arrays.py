@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from .context import Context
 from .parser import MAX_ARRAY_TASKS
 
 
@@ -124,3 +126,30 @@ def array_shape(args: argparse.Namespace) -> ArrayShape:
             if value is not None:
                 raise UsageError(f"{flag} needs an array (--array, --args-from or --input-each)")
     return ArrayShape(size, task_args, task_inputs, max_running, args.halt_after_failures)
+
+
+def id_ranges(ids: Sequence[int]) -> str:
+    """Ids as runs of consecutive ones: `12-10011`, or `3-5, 9` when there are gaps."""
+    runs: list[list[int]] = []
+    for job_id in sorted(ids):
+        if runs and job_id == runs[-1][1] + 1:
+            runs[-1][1] = job_id
+        else:
+            runs.append([job_id, job_id])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
+def submitted_text(job_ids: Sequence[int], array_id: int | None, one_line: bool) -> str:
+    """What `run --detach` prints: each job id on its own line (what scripts read), or with
+    `one_line` (a terminal), an array's in one line, however many tasks it has."""
+    if not one_line or array_id is None:
+        return "\n".join(map(str, job_ids))
+    return f"submitted array {array_id} of {len(job_ids)} jobs: ids {id_ranges(job_ids)}"
+
+
+def print_submitted(ctx: Context, job_ids: Sequence[int], is_array: bool) -> None:
+    """Print what `run --detach` submitted (`submitted_text`): one line for an array when
+    stdout is a terminal (not with --json); one id per line otherwise."""
+    one_line = is_array and len(job_ids) > 1 and not ctx.args.json and sys.stdout.isatty()
+    array_id = ctx.store.get(job_ids[0]).array_id if one_line else None
+    print(submitted_text(job_ids, array_id, one_line))

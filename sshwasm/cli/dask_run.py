@@ -12,6 +12,7 @@ from ..errors import UsageError
 from ..job_output import Handlers
 from ..states import JobState
 from ..store import Job
+from .arrays import print_submitted
 from .context import Context
 from .coordinate import coordinator_handlers
 from .exits import ExitStatus, job_exit_status
@@ -96,7 +97,7 @@ def run_on_dask(
     if args.detach:  # the scheduler holds the tasks: no local process follows them
         if job_ids:
             detach_on_dask(ctx, job_ids)
-        print("\n".join(str(job_id) for job_id in sorted([*reused, *job_ids])))
+        print_submitted(ctx, sorted([*reused, *job_ids]), is_array)
         return ExitStatus.OK
 
     def show(job: Job) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .. import paths
 from ..errors import SshwasmError, UsageError
 from ..states import JobState
-from .arrays import array_shape, read_file_or_stdin
+from .arrays import array_shape, print_submitted, read_file_or_stdin
 from .context import Context
 from .exits import ExitStatus, job_exit_status
 from .show import (
@@ -84,7 +84,7 @@ def cmd_run(ctx: Context) -> int:
     if args.detach:
         if to_run:
             spawn_coordinator(ctx, to_run)
-        print("\n".join(str(job_id) for job_id in job_ids))
+        print_submitted(ctx, job_ids, shape.size is not None)
         return ExitStatus.OK
     if shape.size is not None:
         return run_array(ctx, to_run, interactive, reused)

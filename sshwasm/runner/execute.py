@@ -4,6 +4,7 @@ output limits, and the job's result, written exactly once."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -81,6 +82,8 @@ class _Execution:
         self._written = False
         self._wall_start: float | None = None
         self._cpu_start: float | None = None
+        # Where the guest's linear memory starts, and its limit: what `at_kill` needs.
+        self._memory: tuple[int, int] | None = None
 
     def begin_run(self) -> None:
         """Start the clocks: run_s and cpu_s cover instantiation and _start."""
@@ -96,6 +99,20 @@ class _Execution:
             "run_s": round(time.monotonic() - self._wall_start, 6),
             "cpu_s": round(_cpu_seconds() - self._cpu_start, 6),
         }
+
+    def watch_memory(self, base: int | None, limit_bytes: int) -> None:
+        """Note where the guest's linear memory starts (before the guest runs)."""
+        self._memory = None if base is None else (base, limit_bytes)
+
+    def at_kill(self) -> dict[str, Any]:
+        """`measures` and what else is known when the process is ended from outside the
+        guest (its watchdog, its output cap): the linear memory's size, which is its peak
+        (wasm memory never shrinks), read from the kernel's map of this process, never from
+        the store. The guest's thread owns the store while it runs (wasmtime's Store is not
+        thread-safe), so `fuel_used` stays unknown: the fuel counter lives in the store,
+        and in a register of the running code between calls."""
+        peak = None if self._memory is None else mapped_memory_bytes(*self._memory)
+        return {**self.measures(), "peak_memory_bytes": peak}
 
     def finish(self, state: str, exit_code: int | None, error: str | None, **more: Any) -> bool:
         """Write result.json unless this process or anyone else (a cancel) already did."""
@@ -157,7 +174,7 @@ class _Watchdog:
             if self._wait_until(self.started + self.limit):
                 return
             message = f"time limit of {self.limit:g} s exceeded (ended by the watchdog)"
-            if execution.finish("timeout", 124, message, **execution.measures()):
+            if execution.finish("timeout", 124, message, **execution.at_kill()):
                 sys.stderr.flush()
                 os._exit(124)
         except BaseException as exc:
@@ -275,7 +292,7 @@ class _OutputLimit:
             pause = max(OUTPUT_CHECK_S, 4 * (time.monotonic() - started))
             if over:
                 self.hit = True
-                if self.execution.finish("failed", None, self.message, **self.execution.measures()):
+                if self.execution.finish("failed", None, self.message, **self.execution.at_kill()):
                     sys.stderr.flush()
                     os._exit(1)
                 return
@@ -403,6 +420,52 @@ def _linear_memory_bytes(wasmtime: Any, instance: Any, store: Any) -> int | None
     return None
 
 
+def _linear_memory_base(wasmtime: Any, instance: Any, store: Any) -> int | None:
+    """The address of the guest's exported linear memory (None: none, or not known)."""
+    try:
+        memory = instance.exports(store).get("memory")
+        if isinstance(memory, wasmtime.Memory):
+            address = ctypes.cast(memory.data_ptr(store), ctypes.c_void_p).value
+            return int(address) if address else None
+    except Exception:
+        traceback.print_exc()
+    return None
+
+
+def mapped_memory_bytes(base: int, limit_bytes: int, maps: str = "/proc/self/maps") -> int | None:
+    """The size of the linear memory at `base`, from the kernel's map of this process: the
+    read-write mappings that follow each other from `base` (wasmtime makes a memory's pages
+    accessible as it grows, within a reservation it never moves). None where the map cannot
+    be read (no /proc) or does not look like a linear memory: not whole wasm pages, or
+    larger than the guest may have."""
+    try:
+        with open(maps) as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return None
+    spans = []
+    for line in lines:
+        fields = line.split(maxsplit=2)
+        if len(fields) < 2:
+            continue
+        first, _, past = fields[0].partition("-")
+        try:
+            spans.append((int(first, 16), int(past, 16), fields[1]))
+        except ValueError:
+            return None
+    end, total = base, 0
+    for low, high, permissions in sorted(spans):
+        if high <= end:
+            continue
+        if low != end or not permissions.startswith("rw"):
+            break
+        total += high - low
+        end = high
+    if total == 0 or total % _WASM_PAGE_BYTES or total > limit_bytes:
+        return None
+    return total
+
+
 def _stderr_tail(job_dir: str) -> bytes:
     try:
         with open(os.path.join(job_dir, "stderr"), "rb") as stderr:
@@ -440,7 +503,8 @@ def uses_fuel(spec: dict[str, Any]) -> bool:
 
 def _fuel_used(store: Any, budget: int | None) -> int | None:
     """The fuel the guest used of `budget` (None without one): exact, since the guest
-    returned, exited, trapped or ran out of fuel (a timeout never gets here)."""
+    returned, exited, trapped or ran out of fuel (a timeout never gets here: see
+    `_Execution.at_kill`)."""
     if budget is None:
         return None
     try:
@@ -506,6 +570,8 @@ def _run_module(
     state, exit_code, error = "succeeded", 0, None
     try:
         instance = linker.instantiate(store, loaded.module)
+        # Before the guest runs: what its watchdog may read of its memory if it ends it.
+        execution.watch_memory(_linear_memory_base(wasmtime, instance, store), limit_bytes)
         start = instance.exports(store).get("_start")
         if not isinstance(start, wasmtime.Func):
             state, exit_code, error = "failed", 1, "the module has no _start: not a WASI command"
