@@ -27,7 +27,7 @@ from .errors import JobNotFound, StoreError
 from .schedule import Request, Usage, plan
 from .states import FINAL_STATES, JobState
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 STATES = tuple(state.value for state in JobState)
 _FINAL_WORDS = sorted(state.value for state in FINAL_STATES)
@@ -223,6 +223,14 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN reused_from INTEGER;
     ALTER TABLE jobs ADD COLUMN engine TEXT NOT NULL DEFAULT 'ssh';
     CREATE INDEX jobs_reuse_key ON jobs(reuse_key, state);
+    """,
+    # The `jobs` table's columns in one covering index, in id order (issue 13): a listing
+    # reads this index, newest first, instead of every row's pages (a real task's row is
+    # about 1.5 KB: its record, host snapshot, inline output; an index entry about 110
+    # bytes). 100,000 rows: SQLite's part of `jobs` 0.25 -> 0.15 s, the file 11 MB bigger.
+    6: """
+    CREATE INDEX jobs_listing ON jobs(id, name, array_task, state, host, cpus, memory_mb,
+        submitted_at, run_s, exit_code, started_at, verify, rerun_of);
     """,
 }
 
