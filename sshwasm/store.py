@@ -1277,6 +1277,30 @@ class JobStore:
         sql, params = _listing("*", limit=limit, state=state, twins=twins)
         return [Job.from_row(row) for row in self._read(sql, params)]
 
+    def records(
+        self, limit: int | None = None, state: JobState | None = None
+    ) -> list[dict[str, RecordValue]]:
+        """`job.record()` of each job `list_jobs` lists, newest first, read as the record's
+        columns alone (not a Job per row: the row's seventy columns, a Job and a record
+        each, were most of `jobs --json` over 100,000 jobs)."""
+        sql, params = _listing(", ".join(RECORD_FIELDS), limit=limit, state=state)
+        rows = self._tuples(sql, params)
+        # As from_row and record() make them: a state word that is no JobState fails here
+        # as it does there; `verify` a bool; `dirs` described (once per distinct value).
+        state_at, verify_at, dirs_at = (RECORD_FIELDS.index(n) for n in ("state", "verify", "dirs"))
+        for word in {row[state_at] for row in rows}:
+            JobState(word)
+        described = {dirs: _describe_dirs(dirs) for dirs in {row[dirs_at] for row in rows}}
+        records = [dict(zip(RECORD_FIELDS, row, strict=True)) for row in rows]
+        for record, row in zip(records, rows, strict=True):
+            record["verify"] = bool(row[verify_at])
+            record["dirs"] = described[row[dirs_at]]
+        return records
+
+    def listed_ids(self, limit: int | None = None, state: JobState | None = None) -> list[int]:
+        """The ids of the jobs `table_rows` lists, newest first."""
+        return [row[0] for row in self._tuples(*_listing("id", limit=limit, state=state))]
+
     def unfinished(self, state: JobState | None = None) -> list[tuple[int, int | None]]:
         """(id, coordinator_pid) of every queued or running job (only those in `state` if
         given), by the state index: not a pass over the finished ones."""

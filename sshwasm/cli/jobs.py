@@ -93,16 +93,20 @@ def cmd_jobs(ctx: Context) -> int:
     """`sshwasm jobs`: a table (or JSON array) of jobs, newest first."""
 
     args = ctx.args
-    if args.json or (args.fold and args.limit is not None):
-        # Whole records, or the newest N tasks folded: read as Jobs.
+    if args.json:
+        # The unfinished jobs listed refreshed first, then the records read as columns.
+        with _no_cyclic_gc():
+            _refresh_unfinished(ctx, _unfinished_listed(ctx, args.limit, args.state, False))
+            records = ctx.store.records(limit=args.limit, state=args.state)
+        sys.stdout.write(records_json(records))
+        sys.stdout.write("\n")
+        return ExitStatus.OK
+    if args.fold and args.limit is not None:
+        # The newest N tasks folded: read as Jobs.
         jobs = refresh(ctx, ctx.store.list_jobs(limit=args.limit, state=args.state))
         if args.state is not None:
             jobs = [job for job in jobs if job.state == args.state]
-        if args.json:
-            sys.stdout.write(records_json([job.record() for job in jobs]))
-            sys.stdout.write("\n")
-        else:
-            table(folded_rows(jobs), headers=JOB_HEADERS)
+        table(folded_rows(jobs), headers=JOB_HEADERS)
         return ExitStatus.OK
     # The table reads only its columns, and --fold counts by aggregate queries: a jobs
     # file of 100,000 rows is listed in a fraction of a second, not read as 100,000 Jobs.
@@ -133,12 +137,7 @@ def _jobs_table(ctx: Context) -> None:
     if window is not None:
         limit = window
     rows = _light_rows(ctx, fold, limit, state)
-    unfinished = ctx.store.unfinished(state)
-    shown_ids = None if fold else {row[0] for row in rows}
-    if shown_ids is not None and unfinished:  # only the jobs shown, as with whole Jobs
-        unfinished = [entry for entry in unfinished if entry[0] in shown_ids]
-    unfinished += [(twin.id, twin.coordinator_pid) for twin in pool_twins(ctx, shown_ids)]
-    if _refresh_unfinished(ctx, unfinished):
+    if _refresh_unfinished(ctx, _unfinished_listed(ctx, limit, state, fold)):
         rows = _light_rows(ctx, fold, limit, state)
     if fold:
         write_table(_folded_cells(ctx, rows, state), JOB_HEADERS)
@@ -146,6 +145,23 @@ def _jobs_table(ctx: Context) -> None:
     _write_rows(ctx, rows, limit, state)
     if window is not None and len(rows) == window:
         _say_hidden(ctx, window, state)
+
+
+def _unfinished_listed(
+    ctx: Context, limit: int | None, state: Any, fold: bool
+) -> list[tuple[int, int | None]]:
+    """(id, coordinator pid) of the unfinished jobs a listing shows (all of them with
+    `fold`), and of the unfollowed --verify twins of those: what is refreshed before it
+    is made. The ids listed are read only when there is any such job (a listing of
+    finished jobs reads none)."""
+    unfinished = ctx.store.unfinished(state)
+    twins = pool_twins(ctx, None)
+    if fold or not (unfinished or twins):
+        return unfinished + [(twin.id, twin.coordinator_pid) for twin in twins]
+    listed = set(ctx.store.listed_ids(limit, state))  # only the jobs shown, as with Jobs
+    return [entry for entry in unfinished if entry[0] in listed] + [
+        (twin.id, twin.coordinator_pid) for twin in twins if twin.rerun_of in listed
+    ]
 
 
 def _write_rows(ctx: Context, rows: list[Any], limit: int | None, state: Any) -> None:
