@@ -17,8 +17,8 @@ from sshwasm.cli import jobs as jobs_command
 from sshwasm.cli import main
 from sshwasm.cli.listing import render_keyed
 from sshwasm.cli.show import JOB_HEADERS
-from sshwasm.store import SCHEMA_VERSION, JobSpec, JobStore
 from sshwasm.states import JobState
+from sshwasm.store import SCHEMA_VERSION, JobSpec, JobStore
 
 # Mounts as directories.mounts_json writes them: `dirs` is described in the record.
 DIRS = json.dumps(
@@ -47,9 +47,7 @@ def _varied_jobs_file(path: Path) -> dict[str, int]:
         ids["control"] = submit("esc\x1b[31mred\ttab\n", pinned_host="alpha")
         store.finish(ids["control"], JobState.FAILED, exit_code=3, run_s=0.125, host="alpha")
         ids["spaced"] = submit("  spaced  ", dirs=DIRS, fuel=10_000)
-        store.finish(
-            ids["spaced"], JobState.TIMEOUT, exit_code=124, run_s=75.5, fuel_used=9_999
-        )
+        store.finish(ids["spaced"], JobState.TIMEOUT, exit_code=124, run_s=75.5, fuel_used=9_999)
         ids["percent"] = submit("100% [x]")
         store.finish(ids["percent"], JobState.OUT_OF_MEMORY, exit_code=None, run_s=None)
         ids["cancelled"] = submit("gone")
@@ -143,9 +141,7 @@ def test_jobs_json_and_table_are_the_row_by_row_ones(
             "EXPLAIN QUERY PLAN SELECT id, array_task, run_s, name FROM jobs "
             "WHERE NOT (verify = 1 AND rerun_of IS NOT NULL) ORDER BY id DESC"
         )
-    expected = jobs_command.plain_table(
-        [jobs_command._row_cells(row) for row in rows], JOB_HEADERS
-    )
+    expected = jobs_command.plain_table([jobs_command._row_cells(row) for row in rows], JOB_HEADERS)
     assert main(["--db", str(path), "jobs"]) == 0
     assert capsys.readouterr().out == expected + "\n"
     assert keyed is not None and render_keyed(keyed, JOB_HEADERS) == expected + "\n"
