@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -708,6 +707,8 @@ class JobStore:
         With `task_args` task i's arguments are argv plus its entry; with `task_inputs` its
         /input is its entry.
         """
+        import secrets  # not at the module's top: `jobs` and `status` never submit
+
         now = time.time()
         submitted_at = utc_now()
         tasks: Sequence[int | None] = range(spec.array_size) if spec.array_size else [None]
