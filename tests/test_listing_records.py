@@ -62,6 +62,7 @@ def _varied_jobs_file(path: Path) -> dict[str, int]:
             store.finish(task, state, exit_code=0 if index % 4 else 1, run_s=run_s, host=host)
         cut = store.submit_tasks(JobSpec(**{**base.__dict__, "name": None, "array_size": 4}))
         store.finish(cut[0], JobState.SUCCEEDED, exit_code=0, run_s=0.5, host="beta")
+        ids["cut_queued"], ids["cut_last"] = cut[1], cut[-1]
         ids["verify"] = submit("checked", verify=True)
         store.finish(ids["verify"], JobState.SUCCEEDED, exit_code=0, run_s=0.2, host="alpha")
         ids["twin"] = submit("checked", verify=True, rerun_of=ids["verify"])
@@ -124,10 +125,20 @@ def test_jobs_json_and_table_are_the_row_by_row_ones(
     jobs lost: the bytes of print_json over each Job's record, and of the row-by-row table
     (and, laid out a column at a time from the covering index's keyed rows, the same)."""
     path, ids = varied
+    # The newest three: only the unfinished jobs shown are refreshed (the gone
+    # coordinator's queued task among them is lost), the others are left alone.
+    assert main(["--db", str(path), "jobs", "--limit", "3"]) == 0
+    shown = [line.split()[:3] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[0] for row in shown] == [str(ids[key]) for key in ("rerun", "verify", "cut_last")]
+    assert shown[2][2] == "lost"
+    with JobStore(path) as store:
+        assert store.get(ids["cut_queued"]).state is JobState.QUEUED
+        assert store.get(ids["none"]).state is JobState.QUEUED
     assert main(["--db", str(path), "jobs", "--json"]) == 0
     out = capsys.readouterr().out
     with JobStore(path) as store:
-        assert store.get(ids["none"]).state is JobState.LOST  # refreshed before listing
+        for key in ("none", "cut_queued"):  # refreshed before listing
+            assert store.get(ids[key]).state is JobState.LOST
         jobs = store.list_jobs()
         assert out == json.dumps([job.record() for job in jobs], indent=2) + "\n"
         for state in ("lost", "succeeded"):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +97,8 @@ def cmd_jobs(ctx: Context) -> int:
     if args.json:
         # The unfinished jobs listed refreshed first, then the records read as columns.
         with _no_cyclic_gc():
-            _refresh_unfinished(ctx, _unfinished_listed(ctx, args.limit, args.state, False))
+            listed = functools.partial(ctx.store.listed_ids, args.limit, args.state)
+            _refresh_unfinished(ctx, _unfinished_listed(ctx, args.state, listed))
             records = ctx.store.records(limit=args.limit, state=args.state)
         sys.stdout.write(records_json(records))
         sys.stdout.write("\n")
@@ -137,7 +139,8 @@ def _jobs_table(ctx: Context) -> None:
     if window is not None:
         limit = window
     rows = _light_rows(ctx, fold, limit, state)
-    if _refresh_unfinished(ctx, _unfinished_listed(ctx, limit, state, fold)):
+    listed = None if fold else lambda: (row[0] for row in rows)  # the ids shown
+    if _refresh_unfinished(ctx, _unfinished_listed(ctx, state, listed)):
         rows = _light_rows(ctx, fold, limit, state)
     if fold:
         write_table(_folded_cells(ctx, rows, state), JOB_HEADERS)
@@ -148,19 +151,19 @@ def _jobs_table(ctx: Context) -> None:
 
 
 def _unfinished_listed(
-    ctx: Context, limit: int | None, state: Any, fold: bool
+    ctx: Context, state: Any, listed: Callable[[], Iterable[int]] | None
 ) -> list[tuple[int, int | None]]:
-    """(id, coordinator pid) of the unfinished jobs a listing shows (all of them with
-    `fold`), and of the unfollowed --verify twins of those: what is refreshed before it
-    is made. The ids listed are read only when there is any such job (a listing of
-    finished jobs reads none)."""
+    """(id, coordinator pid) of the unfinished jobs in `state` a listing shows, and of the
+    unfollowed --verify twins of those: what is refreshed before it is made. `listed`
+    gives the ids it shows (None: every job, as --fold), asked only when there is any
+    such job (a listing of finished jobs needs none)."""
     unfinished = ctx.store.unfinished(state)
     twins = pool_twins(ctx, None)
-    if fold or not (unfinished or twins):
+    if listed is None or not (unfinished or twins):
         return unfinished + [(twin.id, twin.coordinator_pid) for twin in twins]
-    listed = set(ctx.store.listed_ids(limit, state))  # only the jobs shown, as with Jobs
-    return [entry for entry in unfinished if entry[0] in listed] + [
-        (twin.id, twin.coordinator_pid) for twin in twins if twin.rerun_of in listed
+    shown = set(listed())  # only the jobs shown, as with whole Jobs
+    return [entry for entry in unfinished if entry[0] in shown] + [
+        (twin.id, twin.coordinator_pid) for twin in twins if twin.rerun_of in shown
     ]
 
 
