@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ from .errors import JobNotFound, StoreError
 from .schedule import Request, Usage, plan
 from .states import FINAL_STATES, JobState
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 STATES = tuple(state.value for state in JobState)
 _FINAL_WORDS = sorted(state.value for state in FINAL_STATES)
@@ -223,6 +222,14 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN reused_from INTEGER;
     ALTER TABLE jobs ADD COLUMN engine TEXT NOT NULL DEFAULT 'ssh';
     CREATE INDEX jobs_reuse_key ON jobs(reuse_key, state);
+    """,
+    # The `jobs` table's columns in one covering index, in id order (issue 13): a listing
+    # reads this index, newest first, instead of every row's pages (a real task's row is
+    # about 1.5 KB: its record, host snapshot, inline output; an index entry about 110
+    # bytes). 100,000 rows: SQLite's part of `jobs` 0.25 -> 0.15 s, the file 11 MB bigger.
+    6: """
+    CREATE INDEX jobs_listing ON jobs(id, name, array_task, state, host, cpus, memory_mb,
+        submitted_at, run_s, exit_code, started_at, verify, rerun_of);
     """,
 }
 
@@ -700,6 +707,8 @@ class JobStore:
         With `task_args` task i's arguments are argv plus its entry; with `task_inputs` its
         /input is its entry.
         """
+        import secrets  # not at the module's top: `jobs` and `status` never submit
+
         now = time.time()
         submitted_at = utc_now()
         tasks: Sequence[int | None] = range(spec.array_size) if spec.array_size else [None]
@@ -1268,6 +1277,30 @@ class JobStore:
         """Jobs, newest first; without `twins`, not the second runs of --verify jobs."""
         sql, params = _listing("*", limit=limit, state=state, twins=twins)
         return [Job.from_row(row) for row in self._read(sql, params)]
+
+    def records(
+        self, limit: int | None = None, state: JobState | None = None
+    ) -> list[dict[str, RecordValue]]:
+        """`job.record()` of each job `list_jobs` lists, newest first, read as the record's
+        columns alone (not a Job per row: the row's seventy columns, a Job and a record
+        each, were most of `jobs --json` over 100,000 jobs)."""
+        sql, params = _listing(", ".join(RECORD_FIELDS), limit=limit, state=state)
+        rows = self._tuples(sql, params)
+        # As from_row and record() make them: a state word that is no JobState fails here
+        # as it does there; `verify` a bool; `dirs` described (once per distinct value).
+        state_at, verify_at, dirs_at = (RECORD_FIELDS.index(n) for n in ("state", "verify", "dirs"))
+        for word in {row[state_at] for row in rows}:
+            JobState(word)
+        described = {dirs: _describe_dirs(dirs) for dirs in {row[dirs_at] for row in rows}}
+        records = [dict(zip(RECORD_FIELDS, row, strict=True)) for row in rows]
+        for record, row in zip(records, rows, strict=True):
+            record["verify"] = bool(row[verify_at])
+            record["dirs"] = described[row[dirs_at]]
+        return records
+
+    def listed_ids(self, limit: int | None = None, state: JobState | None = None) -> list[int]:
+        """The ids of the jobs `table_rows` lists, newest first."""
+        return [row[0] for row in self._tuples(*_listing("id", limit=limit, state=state))]
 
     def unfinished(self, state: JobState | None = None) -> list[tuple[int, int | None]]:
         """(id, coordinator_pid) of every queued or running job (only those in `state` if

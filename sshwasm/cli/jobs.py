@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -93,16 +94,21 @@ def cmd_jobs(ctx: Context) -> int:
     """`sshwasm jobs`: a table (or JSON array) of jobs, newest first."""
 
     args = ctx.args
-    if args.json or (args.fold and args.limit is not None):
-        # Whole records, or the newest N tasks folded: read as Jobs.
+    if args.json:
+        # The unfinished jobs listed refreshed first, then the records read as columns.
+        with _no_cyclic_gc():
+            listed = functools.partial(ctx.store.listed_ids, args.limit, args.state)
+            _refresh_unfinished(ctx, _unfinished_listed(ctx, args.state, listed))
+            records = ctx.store.records(limit=args.limit, state=args.state)
+        sys.stdout.write(records_json(records))
+        sys.stdout.write("\n")
+        return ExitStatus.OK
+    if args.fold and args.limit is not None:
+        # The newest N tasks folded: read as Jobs.
         jobs = refresh(ctx, ctx.store.list_jobs(limit=args.limit, state=args.state))
         if args.state is not None:
             jobs = [job for job in jobs if job.state == args.state]
-        if args.json:
-            sys.stdout.write(records_json([job.record() for job in jobs]))
-            sys.stdout.write("\n")
-        else:
-            table(folded_rows(jobs), headers=JOB_HEADERS)
+        table(folded_rows(jobs), headers=JOB_HEADERS)
         return ExitStatus.OK
     # The table reads only its columns, and --fold counts by aggregate queries: a jobs
     # file of 100,000 rows is listed in a fraction of a second, not read as 100,000 Jobs.
@@ -133,12 +139,8 @@ def _jobs_table(ctx: Context) -> None:
     if window is not None:
         limit = window
     rows = _light_rows(ctx, fold, limit, state)
-    unfinished = ctx.store.unfinished(state)
-    shown_ids = None if fold else {row[0] for row in rows}
-    if shown_ids is not None and unfinished:  # only the jobs shown, as with whole Jobs
-        unfinished = [entry for entry in unfinished if entry[0] in shown_ids]
-    unfinished += [(twin.id, twin.coordinator_pid) for twin in pool_twins(ctx, shown_ids)]
-    if _refresh_unfinished(ctx, unfinished):
+    listed = None if fold else lambda: (row[0] for row in rows)  # the ids shown
+    if _refresh_unfinished(ctx, _unfinished_listed(ctx, state, listed)):
         rows = _light_rows(ctx, fold, limit, state)
     if fold:
         write_table(_folded_cells(ctx, rows, state), JOB_HEADERS)
@@ -146,6 +148,23 @@ def _jobs_table(ctx: Context) -> None:
     _write_rows(ctx, rows, limit, state)
     if window is not None and len(rows) == window:
         _say_hidden(ctx, window, state)
+
+
+def _unfinished_listed(
+    ctx: Context, state: Any, listed: Callable[[], Iterable[int]] | None
+) -> list[tuple[int, int | None]]:
+    """(id, coordinator pid) of the unfinished jobs in `state` a listing shows, and of the
+    unfollowed --verify twins of those: what is refreshed before it is made. `listed`
+    gives the ids it shows (None: every job, as --fold), asked only when there is any
+    such job (a listing of finished jobs needs none)."""
+    unfinished = ctx.store.unfinished(state)
+    twins = pool_twins(ctx, None)
+    if listed is None or not (unfinished or twins):
+        return unfinished + [(twin.id, twin.coordinator_pid) for twin in twins]
+    shown = set(listed())  # only the jobs shown, as with whole Jobs
+    return [entry for entry in unfinished if entry[0] in shown] + [
+        (twin.id, twin.coordinator_pid) for twin in twins if twin.rerun_of in shown
+    ]
 
 
 def _write_rows(ctx: Context, rows: list[Any], limit: int | None, state: Any) -> None:

@@ -13,6 +13,12 @@ a task number that is no int, a job still running) takes the row-by-row function
 Values are told apart by equality, which is exact here because of the jobs file's column
 types: an INTEGER column gives back a whole REAL as an int and a TEXT column gives back
 numbers as text, so no column holds both 1 and 1.0 (equal, yet shown apart).
+
+Measured and left (100,000 rows of a real array): SQLite laying out each line itself
+(`printf` over the columns, what it would show otherwise looked for in an aggregate pass
+that also gave the widths, a tie such as 0.125 rounded by Python) took longer than
+reading the rows and laying them out here, 0.3 s against 0.15 s and 0.11 s of CPU: SQLite's
+functions cost about as much per row as Python's `%`, and the checks come on top.
 """
 
 from __future__ import annotations
