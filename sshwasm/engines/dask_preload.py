@@ -59,6 +59,11 @@ WORKER_STOPPED = "killed with its Dask worker, which stopped before the task end
 CANCEL_MEMORY_S = 60.0
 # How long `cancel` waits for a task just handed to serve to have its job directory.
 CANCEL_SETTLE_S = 5.0
+# How often at most the worker writes to the scheduler's stream (Dask's own: 2 ms): under a
+# stream of tiny tasks each write carried one task's end, a TLS write here and a read in the
+# scheduler per task (benchmarks/dask_array.py). A message after a quiet spell still goes
+# at once (Dask's batching waits only between writes), so a lone job is not slowed.
+SCHEDULER_SEND_EVERY_S = 0.02
 
 
 def runner_home(workdir: str) -> str:
@@ -154,6 +159,9 @@ class RunnerPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         self.worker = worker
         self.loop = worker.loop.asyncio_loop
+        stream = getattr(worker, "batched_stream", None)
+        if stream is not None and hasattr(stream, "interval"):
+            stream.interval = max(stream.interval, SCHEDULER_SEND_EVERY_S)
         # The serve child (a Python with the runner and wasmtime imported) is started now,
         # beside the worker's start, not by the first task, which would wait for it.
         threading.Thread(target=self._warm, daemon=True, name="sshwasm-warm").start()
