@@ -120,6 +120,9 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+# How much of serve's stdout one read takes (more is read on the next turn of the loop): a
+# pipe's buffer, not a 1 MiB buffer made (and shrunk) per wake-up for a tiny task's frames.
+READ_BYTES = 1 << 16
 # A launch frame larger than this is written to serve from a thread, not from the worker's
 # event loop, which must not wait while serve reads a task's stdin and input.
 LOOP_WRITE_MAX = 1 << 16
@@ -238,7 +241,7 @@ class RunnerPlugin(WorkerPlugin):
     def _readable(self, serve: subprocess.Popen[bytes], decoder: Any) -> None:
         assert serve.stdout is not None
         try:
-            chunk = os.read(serve.stdout.fileno(), 1 << 20)
+            chunk = os.read(serve.stdout.fileno(), READ_BYTES)
             if chunk:
                 self._dispatch(decoder.feed(chunk))
                 return
