@@ -235,7 +235,7 @@ def tell_failure(worker: Any, limits: dict[str, Any] | None, protocol: Any, answ
 # stream of tiny tasks each write carried one task's end: a TLS write here and a wake-up of
 # the client per task (benchmarks/dask_array.py). A message after a quiet spell still goes
 # at once (Dask's batching waits only between writes), so a lone job is not slowed.
-CLIENT_SEND_EVERY_S = 0.02
+CLIENT_SEND_EVERY_S = 0.05
 BATCHING_PLUGIN_NAME = "sshwasm-batching"
 
 

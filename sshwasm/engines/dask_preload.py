@@ -63,7 +63,7 @@ CANCEL_SETTLE_S = 5.0
 # stream of tiny tasks each write carried one task's end, a TLS write here and a read in the
 # scheduler per task (benchmarks/dask_array.py). A message after a quiet spell still goes
 # at once (Dask's batching waits only between writes), so a lone job is not slowed.
-SCHEDULER_SEND_EVERY_S = 0.02
+SCHEDULER_SEND_EVERY_S = 0.05
 
 
 def runner_home(workdir: str) -> str:
