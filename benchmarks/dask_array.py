@@ -74,7 +74,7 @@ def submit(count):
     )
 first = submit(min(window, tasks))
 left, running, ended = tasks - len(first), len(first), 0
-pending = as_completed(first)
+pending = as_completed(first, loop=client.loop)
 for batch in pending.batches():
     client.gather(batch)
     for future in batch:
@@ -328,7 +328,10 @@ def main() -> int:
             floor_tasks = args.tasks if args.floor is None else args.floor
             if floor_tasks > 0:
                 window = max(256, 16 * args.hosts * args.cpus_per_host)  # (dask_engine's)
-                floor = run_floor(bench, cluster, floor_tasks, window)
+                try:
+                    floor = run_floor(bench, cluster, floor_tasks, window)
+                except BenchError as exc:  # the engines' figures are still reported
+                    print(f"  floor: {exc}", flush=True)
         finally:
             down = bench.sshwasm("--cluster", str(cluster), "pool", "down", timeout=300)
             if down.returncode != 0:
