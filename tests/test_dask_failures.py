@@ -82,7 +82,6 @@ def test_worker_stopped_text_is_the_runners() -> None:
     assert dask_preload.WORKER_STOPPED == parent_death.WORKER_STOPPED
     assert dask_preload.END_WITH_PARENT_VARIABLE == parent_death.END_WITH_PARENT_VARIABLE
     assert dask_preload.STARTED_TOPIC == dask_engine.STARTED_TOPIC
-    assert dask_preload.MODULE_KEY_PREFIX == dask_engine.MODULE_KEY_PREFIX
 
 
 @pytest.mark.parametrize("how", ["eof", "sigterm", "sigkill"])

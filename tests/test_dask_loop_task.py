@@ -171,38 +171,3 @@ def test_loop_and_thread_tasks_share_serve(tmp_path: Path) -> None:
             os.kill(serve.pid, signal.SIGKILL)
 
     asyncio.run(scenario())
-
-
-def test_a_task_naming_its_module_by_key_reads_it_from_its_worker_or_fetches_it() -> None:
-    """A foreground run's plain task names its module by key, not as a Dask dependency (a
-    dependency per task cost about 0.7 ms of each): the plugin reads the copy the client's
-    scatter put on this worker, or, on a worker started since, has Dask fetch it from one
-    that has it; one nowhere in the pool is a one-line error, not a hang."""
-    module = b"\0asm module bytes"
-    asked: list[Any] = []
-
-    class Scheduler:
-        async def who_has(self, keys: list[str]) -> dict[str, list[str]]:
-            asked.append(keys)
-            return {key: ["tls://127.0.0.3:4000"] for key in keys}
-
-    class Worker:
-        def __init__(self, data: dict[str, bytes], fetched: dict[str, bytes]) -> None:
-            self.data, self.fetched, self.scheduler = data, fetched, Scheduler()
-
-        async def gather(self, who_has: dict[str, list[str]]) -> dict[str, str]:
-            self.data.update((key, self.fetched[key]) for key in who_has if key in self.fetched)
-            return {"status": "OK"}
-
-    plugin = dask_preload.RunnerPlugin("/nonexistent")
-    named = dask_preload.MODULE_KEY_PREFIX + "bytes-0123"
-    plugin.worker = Worker({"bytes-0123": module}, {})
-    assert asyncio.run(plugin._module_data(named)) == module
-    assert asked == []  # this worker had it: nothing asked
-    assert asyncio.run(plugin._module_data(module)) == module  # given as data
-    plugin.worker = Worker({}, {"bytes-0123": module})
-    assert asyncio.run(plugin._module_data(named)) == module
-    assert asked == [["bytes-0123"]]
-    plugin.worker = Worker({}, {})
-    with pytest.raises(dask_preload.ServeLost, match="on no worker of the pool"):
-        asyncio.run(plugin._module_data(named))

@@ -114,8 +114,6 @@ def sshwasm_states(keys, dask_scheduler=None):
 """
 # The scheduler's event topic of started tasks (dask_preload.STARTED_TOPIC).
 STARTED_TOPIC = "sshwasm-started"
-# How a foreground run's plain task names its module (dask_preload.MODULE_KEY_PREFIX).
-MODULE_KEY_PREFIX = "sshwasm-module-key:"
 # How long `jobs` waits (x10) for the answers of detached tasks that ended.
 COLLECT_WAIT_S = 2.0
 # How often a foreground run looks for jobs cancelled by `sshwasm cancel`.
@@ -675,16 +673,10 @@ class DaskRun:
         )
 
     def _submit_jobs(
-        self,
-        client: Any,
-        jobs: Sequence[Job],
-        prepared: Mapping[int, _Prepared],
-        by_key: bool = False,
+        self, client: Any, jobs: Sequence[Job], prepared: Mapping[int, _Prepared]
     ) -> dict[Any, int]:
         """Submit the jobs' tasks, `prepared` by `_prepare`; the job id of each task's
-        future. Touches no jobs file (it may run in another thread than the jobs file's).
-        `by_key` (a foreground run, which holds the modules until its tasks ended): a plain
-        task names its module by key (MODULE_KEY_PREFIX), not as a Dask dependency."""
+        future. Touches no jobs file (it may run in another thread than the jobs file's)."""
         assert self._staging is not None  # set by _prepare
         staging = self._staging
         groups: dict[tuple[Any, ...], list[Job]] = {}
@@ -714,17 +706,12 @@ class DaskRun:
         for (sha256, cpus, memory_mb, workers, retries, _limits), group in groups.items():
             limits = prepared[group[0].id].limits
             task = _task_function() if limits else _async_task_function()
-            # The module, or with --dir copies a tuple of it and their tars' data.
-            module = self._modules[sha256]
-            arguments: list[Any] = [staging.data(job, module) for job in group]
-            if by_key and not limits:
-                named = MODULE_KEY_PREFIX + str(module.key)
-                arguments = [named if item is module else item for item in arguments]
             with annotated(limits):
                 submitted = client.map(
                     task,
                     [prepared[job.id].payload for job in group],
-                    arguments,
+                    # The module, or with --dir copies a tuple of it and their tars' data.
+                    [staging.data(job, self._modules[sha256]) for job in group],
                     key=[task_key(job) for job in group],
                     resources={"cpus": cpus, "memory_mb": memory_mb},
                     workers=None if workers is None else list(workers),
@@ -771,7 +758,7 @@ class DaskRun:
             prepared = self._prepare(client, jobs)
             ended = [job.id for job in jobs if job.id not in prepared]
             jobs = [job for job in jobs if job.id in prepared]
-            submitted = await asyncio.to_thread(self._submit_jobs, client, jobs, prepared, True)
+            submitted = await asyncio.to_thread(self._submit_jobs, client, jobs, prepared)
         flight.add(submitted, jobs)
         pending.update(submitted)
         return ended

@@ -59,11 +59,6 @@ WORKER_STOPPED = "killed with its Dask worker, which stopped before the task end
 CANCEL_MEMORY_S = 60.0
 # How long `cancel` waits for a task just handed to serve to have its job directory.
 CANCEL_SETTLE_S = 5.0
-# A plain task of a foreground run names its module by this and the module's Dask key, not
-# as a Dask dependency: a dependency per task cost the client, the scheduler and the
-# worker about 0.7 ms of each task (benchmarks/dask_array.py), for data that serve asks for
-# once per host. The client holds the module (scattered to every worker) while it runs.
-MODULE_KEY_PREFIX = "sshwasm-module-key:"
 # How often at most the worker writes to the scheduler's stream (Dask's own: 2 ms): under a
 # stream of tiny tasks each write carried one task's end, a TLS write here and a read in the
 # scheduler per task (benchmarks/dask_array.py). A message after a quiet spell still goes
@@ -422,25 +417,8 @@ class RunnerPlugin(WorkerPlugin):
                 self.runs.pop(key, None)
         return self._answer(key, frames)
 
-    async def _module_data(self, module: bytes | str) -> bytes:
-        """The module's bytes: given, or (named by MODULE_KEY_PREFIX and its key) the copy
-        the client's scatter put on this worker, fetched through Dask from a worker that
-        has it when this one has none (it started since)."""
-        if not isinstance(module, str):
-            return module
-        key = module[len(MODULE_KEY_PREFIX) :]
-        worker = self.worker
-        if key not in worker.data:
-            who_has = await worker.scheduler.who_has(keys=[key])
-            await worker.gather(who_has)
-        try:
-            return bytes(worker.data[key])
-        except KeyError:
-            raise ServeLost(f"the job's module ({key}) is on no worker of the pool") from None
-
-    async def run_async(self, payload: bytes, module: bytes | str) -> bytes:
-        """`run` in the worker's event loop (a task that is a coroutine function). `module`
-        is the module, or its key (MODULE_KEY_PREFIX), read only if serve asks for it."""
+    async def run_async(self, payload: bytes, module: bytes) -> bytes:
+        """`run` in the worker's event loop (a task that is a coroutine function)."""
         key, header, payload = self._begin(payload)
         try:
             for _attempt in range(2):
@@ -452,8 +430,7 @@ class RunnerPlugin(WorkerPlugin):
                     raise
                 if not self._next_step(frames):
                     break
-                data = await self._module_data(module)
-                await asyncio.to_thread(self._put_module, header["wasm_sha256"], data)
+                await asyncio.to_thread(self._put_module, header["wasm_sha256"], module)
         finally:
             with self.lock:
                 self.runs.pop(key, None)
@@ -543,7 +520,7 @@ def sshwasm_job(payload: bytes, module: bytes | tuple[bytes, ...]) -> bytes:
     return answer
 
 
-async def sshwasm_run(payload: bytes, module: bytes | str | tuple[bytes, ...]) -> bytes:
+async def sshwasm_run(payload: bytes, module: bytes | tuple[bytes, ...]) -> bytes:
     """The task of a job of no limited array and without dependencies: `sshwasm_job` run
     in the worker's event loop (Dask awaits a task that is a coroutine function there),
     not in a thread of its pool: per task, no thread woken to run it and none to hand it
