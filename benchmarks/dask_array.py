@@ -15,6 +15,12 @@ workers with the SSH engine's connection process and sshd). `--profile FILE` run
 first timed dask client under cProfile (its time then counts the profiler too) and writes
 the profile to FILE.
 
+Then, on the same pool, Dask's own floor (`--floor`, the array's size by default; 0: none):
+as many no-op tasks (`asyncio.sleep(0)`, awaited in the worker's event loop as sshwasm's
+tasks are, with the same resources, a window at a time, their results gathered in batches)
+from a bare `distributed.Client`, with the CPU per task of that client, the scheduler and
+the workers: what no change of sshwasm's own code takes away.
+
 Target (issue 12): the dask engine reaches at least the SSH engine's throughput (median
 against median). Exits 1 when it does not. The pool is taken down at the end, whatever
 happened.
@@ -50,6 +56,38 @@ PROFILED = (
     "profile = cProfile.Profile(); status = profile.runcall(main, sys.argv[2:]); "
     "profile.dump_stats(sys.argv[1]); sys.exit(status)"
 )
+# `python -c FLOOR CLUSTER TASKS WINDOW`: no-op tasks through the pool from a bare client,
+# submitted a window at a time (topped up when a quarter is free) and gathered in batches
+# as they end, as `sshwasm run` does with its tasks.
+FLOOR = """
+import asyncio, sys
+from pathlib import Path
+from distributed import as_completed
+from sshwasm.cluster import load_cluster
+from sshwasm.pool import connect, plan_for
+
+tasks, window = int(sys.argv[2]), int(sys.argv[3])
+client = connect(plan_for(load_cluster(Path(sys.argv[1]))))
+def submit(count):
+    return client.map(
+        asyncio.sleep, [0] * count, resources={"cpus": 1, "memory_mb": 256}, pure=False
+    )
+first = submit(min(window, tasks))
+left, running, ended = tasks - len(first), len(first), 0
+pending = as_completed(first, loop=client.loop)
+for batch in pending.batches():
+    client.gather(batch)
+    for future in batch:
+        future.release()
+    ended += len(batch)
+    running -= len(batch)
+    if left and window - running >= window // 4:
+        more = submit(min(window - running, left))
+        left, running = left - len(more), running + len(more)
+        pending.update(more)
+client.close()
+assert ended == tasks, (ended, tasks)
+"""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -69,6 +107,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile", type=Path, help="run the timed dask client under cProfile, into this file"
+    )
+    parser.add_argument(
+        "--floor",
+        type=int,
+        help="no-op tasks of Dask's own floor, after the timed runs (default: --tasks; 0: none)",
     )
     return parser.parse_args(argv)
 
@@ -228,6 +271,28 @@ def run_dask(bench: Bench, cluster: Path, tasks: int, engine: Engine, profile: P
     print(f"  dask: {dask.seconds:.1f} s, {tasks / dask.seconds:.1f} tasks/s", flush=True)
 
 
+def run_floor(bench: Bench, cluster: Path, tasks: int, window: int) -> Engine:
+    """Dask's own cost per task on this pool: no-op tasks from a bare client (FLOOR)."""
+    floor = Engine("dask's own floor (no-op tasks)", "bare client")
+    before = pool_cpu_s(bench)
+    argv = [sys.executable, "-c", FLOOR, str(cluster), str(tasks), str(window)]
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=bench.env, cwd=bench.root
+    )
+    assert process.stderr is not None
+    error = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise BenchError(
+            f"the floor's no-op tasks failed: {error[-2000:].decode(errors='replace')}"
+        )
+    timed = Timed(seconds, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+    floor.add(timed, tasks, before, pool_cpu_s(bench))
+    return floor
+
+
 def main() -> int:
     """Run the benchmark and print its report."""
     args = parse_args()
@@ -239,6 +304,8 @@ def main() -> int:
     warm = args.hosts * args.cpus_per_host * 2
     ssh = Engine("ssh", "coordinator")
     dask = Engine("dask", "client")
+    floor: Engine | None = None
+    floor_tasks = 0
     with Bench(args.hosts, shape, keep=args.keep) as bench:
         cluster = dask_cluster(bench)
         up = bench.sshwasm("--cluster", str(cluster), "pool", "up", timeout=300)
@@ -258,6 +325,13 @@ def main() -> int:
                         run_dask(bench, cluster, args.tasks, dask, profile)
                     elif not args.dask_only:
                         run_ssh(bench, args.tasks, ssh)
+            floor_tasks = args.tasks if args.floor is None else args.floor
+            if floor_tasks > 0:
+                window = max(256, 16 * args.hosts * args.cpus_per_host)  # (dask_engine's)
+                try:
+                    floor = run_floor(bench, cluster, floor_tasks, window)
+                except BenchError as exc:  # the engines' figures are still reported
+                    print(f"  floor: {exc}", flush=True)
         finally:
             down = bench.sshwasm("--cluster", str(cluster), "pool", "down", timeout=300)
             if down.returncode != 0:
@@ -265,6 +339,8 @@ def main() -> int:
     if not args.dask_only:
         ssh.report(args.tasks)
     dask.report(args.tasks, " (first run under cProfile)" if args.profile else "")
+    if floor is not None:
+        floor.report(floor_tasks)
     if args.dask_only:
         return 0
     ratio = dask.rate(args.tasks) / ssh.rate(args.tasks)

@@ -223,3 +223,67 @@ def test_the_window_holds_what_runs_and_lets_go_of_what_ended() -> None:
     assert big.take() == []  # 9 free: less than a quarter, no `map` for so few
     big.end(list(futures)[9:10])
     assert big.take() == list(range(40, 50))
+
+
+def test_an_array_tasks_output_is_shown_from_its_record_when_that_is_all_of_it() -> None:
+    """A foreground array shows each task's output from its record, just written, without
+    opening its files again; from the file only when the record is not all of it, byte for
+    byte (cut to head and tail, or bytes that are not UTF-8)."""
+    from sshwasm.cli.dask_run import _recorded_output
+
+    class Record:
+        def __init__(self, text: str | None, size: int) -> None:
+            self.stdout, self.stdout_bytes = text, size
+
+    recorded: Any = Record("héllo\nwörld\n", len("héllo\nwörld\n".encode()))
+    assert _recorded_output(recorded, "stdout") == "héllo\nwörld\n".encode()
+    assert _recorded_output(Record("", 0), "stdout") == b""  # type: ignore[arg-type]
+    assert _recorded_output(Record(None, 0), "stdout") == b""  # type: ignore[arg-type]
+    cut: Any = Record("head\n[sshwasm: 9 bytes omitted here; ...]\ntail\n", 200_000)
+    assert _recorded_output(cut, "stdout") is None
+    # b"\xf0\x9f\x98" decodes to one U+FFFD, which encodes to 3 bytes again (not these).
+    replaced: Any = Record(b"a\xf0\x9f\x98b".decode(errors="replace"), 5)
+    assert _recorded_output(replaced, "stdout") is None
+    assert _recorded_output(Record(None, 7), "stdout") is None  # type: ignore[arg-type]
+
+
+def test_the_pool_batches_its_streams_to_the_scheduler_and_to_clients() -> None:
+    """Under a stream of tiny tasks each message of a worker to the scheduler, and of the
+    scheduler to a client, went in a write of its own (Dask's 2 ms): the worker plugin and
+    the scheduler's plugin widen both."""
+    from distributed.batched import BatchedSend
+
+    from sshwasm.engines import dask_limits_plugin
+
+    class Worker:
+        name = "alpha"
+        batched_stream = BatchedSend(interval="2ms")
+
+        class loop:  # the shape of a worker's loop
+            asyncio_loop = None
+
+    plugin = dask_preload.RunnerPlugin("/nonexistent")
+    plugin._warm = lambda: None  # type: ignore[method-assign]
+    plugin.setup(Worker())
+    assert Worker.batched_stream.interval == dask_preload.SCHEDULER_SEND_EVERY_S
+
+    callbacks: list[Callable[[], None]] = []
+    stream = BatchedSend(interval="2ms")
+
+    comms: dict[str, Any] = {}
+
+    class Scheduler:
+        client_comms = comms
+
+        class loop:
+            @staticmethod
+            def add_callback(function: Callable[..., None], *args: Any) -> None:
+                callbacks.append(lambda: function(*args))
+
+    batching = dask_limits_plugin.BatchingPlugin()
+    batching.scheduler = Scheduler()
+    batching.add_client(Scheduler(), "client-1")  # before Dask makes the client's stream
+    comms["client-1"] = stream
+    for callback in callbacks:
+        callback()
+    assert stream.interval == dask_limits_plugin.CLIENT_SEND_EVERY_S

@@ -135,6 +135,47 @@ def test_serve_under_a_worker_takes_its_guests_along(
             os.kill(pid, signal.SIGKILL)
 
 
+def test_serve_under_a_worker_sends_a_quick_tasks_start_with_its_end(
+    tmp_path: Path, guest: Guest
+) -> None:
+    """Under a Dask worker serve holds a task's S frame (up to HELD_STARTED_S) to send it
+    in the write of the task's outcome: the worker wakes once per task, not twice. Tasks
+    one at a time on a warm executor, as a worker hands them over; S still before R."""
+    workdir = tmp_path / "wd"
+    done = run_runner("put-module", str(workdir), guest.sha256, stdin=guest.data)
+    assert done.returncode == 0, done.stderr
+    env = dict(runner_env(), **{parent_death.END_WITH_PARENT_VARIABLE: "1"})
+    serve = subprocess.Popen(
+        [sys.executable, str(RUNNER), "serve", str(workdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    assert serve.stdin is not None and serve.stdout is not None
+    decoder = FrameDecoder()
+    together = 0
+    try:
+        serve.stdin.write(encode_frame(b"H", encode_hello()))
+        for index in range(4):  # the first forks the executor and loads the module
+            spec = json.loads(held_spec(guest, f"quick.{index}").partition(b"\n")[0])
+            spec.update(argv=["probe", "hello"], input_tar_bytes=0)
+            serve.stdin.write(encode_frame(b"L", json.dumps(spec).encode() + b"\n"))
+            serve.stdin.flush()
+            kinds: list[list[bytes]] = []
+            while not kinds or b"R" not in kinds[-1]:
+                chunk = os.read(serve.stdout.fileno(), 65536)  # what one write sent
+                assert chunk, "serve ended before the task's result"
+                kinds.append([kind for kind, _ in decoder.feed(chunk) if kind != b"H"])
+            sent = [kind for chunk_kinds in kinds for kind in chunk_kinds]
+            assert sent.count(b"S") == 1 and sent.index(b"S") < sent.index(b"R"), sent
+            together += index > 0 and b"S" in kinds[-1]
+        assert together >= 2, "S frames went in writes of their own"
+    finally:
+        serve.kill()
+        serve.wait()
+
+
 def test_dask_failures_end_to_end(
     make_cluster: Callable[..., Path], tmp_path: Path, built: dict[str, Any]
 ) -> None:

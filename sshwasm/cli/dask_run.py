@@ -16,7 +16,7 @@ from .arrays import print_submitted
 from .context import Context
 from .coordinate import coordinator_handlers
 from .exits import ExitStatus, job_exit_status
-from .show import copy_output, print_json, report_end, warn, write_err, write_out
+from .show import copy_output, print_json, report_end, tag_lines, warn, write_err, write_out
 
 _T = TypeVar("_T")
 
@@ -105,7 +105,11 @@ def run_on_dask(
             directory = paths.job_output_dir(ctx.store.path, job.id)
             prefix = f"{job.array_task}\t".encode() if args.tag else None
             for stream, write in (("stdout", write_out), ("stderr", write_err)):
-                copy_output(directory / stream, write, prefix)
+                recorded = _recorded_output(job, stream)
+                if recorded is None:
+                    copy_output(directory / stream, write, prefix)
+                elif recorded:
+                    write(tag_lines(recorded, prefix, True)[0] if prefix else recorded)
         report_end(job)
 
     if not is_array and done:  # nothing ran: the reused job's output, as a run shows it
@@ -128,6 +132,20 @@ def run_on_dask(
     if not failed:
         return ExitStatus.OK
     return job_exit_status(failed[0]) or ExitStatus.ERROR
+
+
+def _recorded_output(job: Job, stream: str) -> bytes | None:
+    """A task's whole output of `stream` from its record, as its file holds it; None when
+    only the file has it (cut to head and tail, or not valid UTF-8): a task of a big array
+    is shown without opening its files again, just written."""
+    text: str | None = getattr(job, stream)
+    size: int = getattr(job, f"{stream}_bytes")
+    if not size:
+        return b""
+    if text is None or "\ufffd" in text:  # (a decoding that replaced bytes is not them)
+        return None
+    data = text.encode()
+    return data if len(data) == size else None
 
 
 def _handing_over(ctx: Context, job_ids: list[int], hand: Callable[[list[int]], _T]) -> _T:

@@ -132,6 +132,11 @@ RERUNS_EVERY_S = 1.0
 # How often a foreground run looks again at jobs set aside because a dependency's task erred
 # or was cancelled (dask_dependencies: `Flows.unheld`), waiting for their records.
 UNHELD_POLL_S = 0.5
+# A foreground run takes the tasks that ended at most this often while others still run:
+# each wake-up gathers the answers (a question to every worker holding one, through the
+# scheduler) and writes the jobs file once, whether 2 tasks ended or 30. The window keeps
+# the workers busy meanwhile; a task's record comes at most this much later.
+BATCH_EVERY_S = 0.1
 
 
 def _by_value(source: str, name: str) -> Callable[..., Any]:
@@ -774,7 +779,12 @@ class DaskRun:
             self._done(await self._refill(client, flight, pending))
             watcher = asyncio.create_task(self._watch_cancels(client, flight))
             async with TransportPool() as pool:
+                woke = time.monotonic()
                 while (batch := await self._next_ended(client, flight, pending)) is not None:
+                    if len(batch) < len(flight.futures):  # others run: let more end
+                        await asyncio.sleep(woke + BATCH_EVERY_S - time.monotonic())
+                        batch += ready_within(pending, 0) or []  # (it does not wait)
+                    woke = time.monotonic()
                     ended = {future: flight.futures[future] for future in batch}
                     answers = await asyncio.to_thread(_gather_finished, client, batch)
                     await self._record_batch(pool, client, ended, answers)

@@ -231,8 +231,38 @@ def tell_failure(worker: Any, limits: dict[str, Any] | None, protocol: Any, answ
         worker.log_event(FAILED_TOPIC, {"array": str(limits.get("array"))})
 
 
+# How often at most the scheduler writes to a client's stream (Dask's own: 2 ms). Under a
+# stream of tiny tasks each write carried one task's end: a TLS write here and a wake-up of
+# the client per task (benchmarks/dask_array.py). A message after a quiet spell still goes
+# at once (Dask's batching waits only between writes), so a lone job is not slowed.
+CLIENT_SEND_EVERY_S = 0.05
+BATCHING_PLUGIN_NAME = "sshwasm-batching"
+
+
+class BatchingPlugin(SchedulerPlugin):
+    """Batches the scheduler's messages to each client every CLIENT_SEND_EVERY_S."""
+
+    name = BATCHING_PLUGIN_NAME
+
+    def __init__(self) -> None:
+        self.scheduler: Any = None
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def add_client(self, scheduler: Any, client: str) -> None:
+        # Called before Dask makes the client's stream, in the same step of the loop.
+        scheduler.loop.add_callback(self._batch, client)
+
+    def _batch(self, client: str) -> None:
+        stream = self.scheduler.client_comms.get(client)
+        if stream is not None and hasattr(stream, "interval"):
+            stream.interval = max(stream.interval, CLIENT_SEND_EVERY_S)
+
+
 async def dask_setup(server: Any) -> None:
-    """Preloaded by the scheduler (the plugin) and by each worker (nothing to set up: its
+    """Preloaded by the scheduler (the plugins) and by each worker (nothing to set up: its
     tasks import this module's functions)."""
     if hasattr(server, "add_plugin") and hasattr(server, "unrunnable"):  # the scheduler
         server.add_plugin(LimitsPlugin(os.environ.get(VERSION_VARIABLE, "")), name=PLUGIN_NAME)
+        server.add_plugin(BatchingPlugin(), name=BATCHING_PLUGIN_NAME)

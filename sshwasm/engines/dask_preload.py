@@ -59,6 +59,11 @@ WORKER_STOPPED = "killed with its Dask worker, which stopped before the task end
 CANCEL_MEMORY_S = 60.0
 # How long `cancel` waits for a task just handed to serve to have its job directory.
 CANCEL_SETTLE_S = 5.0
+# How often at most the worker writes to the scheduler's stream (Dask's own: 2 ms): under a
+# stream of tiny tasks each write carried one task's end, a TLS write here and a read in the
+# scheduler per task (benchmarks/dask_array.py). A message after a quiet spell still goes
+# at once (Dask's batching waits only between writes), so a lone job is not slowed.
+SCHEDULER_SEND_EVERY_S = 0.05
 
 
 def runner_home(workdir: str) -> str:
@@ -115,6 +120,9 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+# How much of serve's stdout one read takes (more is read on the next turn of the loop): a
+# pipe's buffer, not a 1 MiB buffer made (and shrunk) per wake-up for a tiny task's frames.
+READ_BYTES = 1 << 16
 # A launch frame larger than this is written to serve from a thread, not from the worker's
 # event loop, which must not wait while serve reads a task's stdin and input.
 LOOP_WRITE_MAX = 1 << 16
@@ -154,6 +162,9 @@ class RunnerPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         self.worker = worker
         self.loop = worker.loop.asyncio_loop
+        stream = getattr(worker, "batched_stream", None)
+        if stream is not None and hasattr(stream, "interval"):
+            stream.interval = max(stream.interval, SCHEDULER_SEND_EVERY_S)
         # The serve child (a Python with the runner and wasmtime imported) is started now,
         # beside the worker's start, not by the first task, which would wait for it.
         threading.Thread(target=self._warm, daemon=True, name="sshwasm-warm").start()
@@ -230,7 +241,7 @@ class RunnerPlugin(WorkerPlugin):
     def _readable(self, serve: subprocess.Popen[bytes], decoder: Any) -> None:
         assert serve.stdout is not None
         try:
-            chunk = os.read(serve.stdout.fileno(), 1 << 20)
+            chunk = os.read(serve.stdout.fileno(), READ_BYTES)
             if chunk:
                 self._dispatch(decoder.feed(chunk))
                 return

@@ -82,6 +82,11 @@ PID_FILE_NAMES = ("pid-start", "pid")
 # Ended tasks' frames are gathered into one write up to about this much (then written, so a
 # task that printed a lot is never held whole in memory).
 SETTLE_WRITE_BYTES = 4 * CHUNK_BYTES
+# Under a Dask worker (parent_death.py), how long a task's S frame waits for the task's
+# outcome, to go out in the same write: the worker's plugin reads a task's frames only with
+# its answer, and an S frame of its own cost serve a write and the worker a wake-up per
+# task. A task that runs longer has its S frame sent then (a test follows its pid by it).
+HELD_STARTED_S = 0.05
 
 
 def _log_appender(path: str) -> Callable[[str], None]:
@@ -238,6 +243,9 @@ class _Server:
         # frames (_settle) in one write, not a write each (and a wake-up of the relay and
         # the coordinator each).
         self.started_frames: list[bytes] = []
+        # Under a Dask worker: each running task's S frame, by key, with when it is sent
+        # anyway (HELD_STARTED_S); sent with the task's outcome if that comes first.
+        self.held_started: dict[str, tuple[float, bytes]] = {}
         self.jobs_dir_made = False  # WORKDIR/jobs, made (if missing) by the first task
         self.decoder = FrameDecoder(SERVE_MAX_REQUEST_BYTES)
         self._wake_r, self._wake_w = os.pipe()
@@ -407,10 +415,11 @@ class _Server:
             return
         self.running[pid] = _ServeTask(key, job_dir)
         answer = {"pid": pid, "job_dir": job_dir}
-        # Sent at the end of this turn (_settle), before any other frame about the task.
-        self.started_frames.append(
-            encode_frame(KIND_STARTED, key.encode() + b"\n" + json.dumps(answer).encode())
-        )
+        frame = encode_frame(KIND_STARTED, key.encode() + b"\n" + json.dumps(answer).encode())
+        if self.end_with_parent:  # sent with its outcome, or once HELD_STARTED_S passed
+            self.held_started[key] = (time.monotonic() + HELD_STARTED_S, frame)
+        else:  # sent at the end of this turn (_settle), before any other frame about it
+            self.started_frames.append(frame)
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.parent_gone = True  # the wakeup fd wakes the loop, which ends the tasks
@@ -643,10 +652,14 @@ class _Server:
                 return  # the next task starts one when it comes (_dispatch)
 
     def _settle_timeout(self) -> float | None:
-        if not self.ended:
-            return None
-        first = min(task.ended_at for task in self.ended)
-        return max(0.01, first + DEAD_GRACE_S - time.monotonic())
+        timeout = None
+        if self.ended:
+            first = min(task.ended_at for task in self.ended)
+            timeout = max(0.01, first + DEAD_GRACE_S - time.monotonic())
+        if self.held_started:
+            held = min(due for due, _ in self.held_started.values()) - time.monotonic()
+            timeout = max(0.0, held if timeout is None else min(timeout, held))
+        return timeout
 
     def _settle(self) -> None:
         """Send the outcome of every ended task whose result is on disk: the frames of all
@@ -656,6 +669,11 @@ class _Server:
         now = time.monotonic()
         frames = [] if self.coordinator_gone else self.started_frames
         self.started_frames = []
+        for key, (due, frame) in list(self.held_started.items()):
+            if due <= now or self.coordinator_gone:
+                del self.held_started[key]
+                if not self.coordinator_gone:
+                    frames.append(frame)
         for task in list(self.ended):
             result_path = os.path.join(task.job_dir, "result.json")
             if not os.path.exists(result_path):
@@ -668,7 +686,10 @@ class _Server:
                         task.job_dir, f"{reason} ({_describe_wait_status(task.status)})"
                     )
             self.ended.remove(task)
+            held = self.held_started.pop(task.key, None)
             if not self.coordinator_gone:
+                if held is not None:
+                    frames.append(held[1])
                 self._outcome_frames(task, result_path, frames)
                 if sum(map(len, frames)) >= SETTLE_WRITE_BYTES:
                     self.writer.send_raw(b"".join(frames))  # big outputs: not all held
