@@ -84,6 +84,21 @@ def test_worker_stopped_text_is_the_runners() -> None:
     assert dask_preload.STARTED_TOPIC == dask_engine.STARTED_TOPIC
 
 
+def _serve_as_a_worker_starts_it(workdir: Path, guest: Guest) -> subprocess.Popen[bytes]:
+    """The runner's `serve` in `workdir` (holding `guest`'s module) as a Dask worker starts
+    it: to end with its parent (SSHWASM_SERVE_END_WITH_PARENT=1); pipes on stdin, stdout."""
+    done = run_runner("put-module", str(workdir), guest.sha256, stdin=guest.data)
+    assert done.returncode == 0, done.stderr
+    env = dict(runner_env(), **{parent_death.END_WITH_PARENT_VARIABLE: "1"})
+    return subprocess.Popen(
+        [sys.executable, str(RUNNER), "serve", str(workdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+
+
 @pytest.mark.parametrize("how", ["eof", "sigterm", "sigkill"])
 def test_serve_under_a_worker_takes_its_guests_along(
     tmp_path: Path, guest: Guest, how: str
@@ -93,16 +108,7 @@ def test_serve_under_a_worker_takes_its_guests_along(
     worker's group), or serve itself SIGKILLed (each guest asked to die with serve). With a
     result saying so, where serve lives to write it."""
     workdir = tmp_path / "wd"
-    done = run_runner("put-module", str(workdir), guest.sha256, stdin=guest.data)
-    assert done.returncode == 0, done.stderr
-    env = dict(runner_env(), **{parent_death.END_WITH_PARENT_VARIABLE: "1"})
-    serve = subprocess.Popen(
-        [sys.executable, str(RUNNER), "serve", str(workdir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    serve = _serve_as_a_worker_starts_it(workdir, guest)
     assert serve.stdin is not None and serve.stdout is not None
     pid = 0
     try:
@@ -142,16 +148,7 @@ def test_serve_under_a_worker_sends_a_quick_tasks_start_with_its_end(
     in the write of the task's outcome: the worker wakes once per task, not twice. Tasks
     one at a time on a warm executor, as a worker hands them over; S still before R."""
     workdir = tmp_path / "wd"
-    done = run_runner("put-module", str(workdir), guest.sha256, stdin=guest.data)
-    assert done.returncode == 0, done.stderr
-    env = dict(runner_env(), **{parent_death.END_WITH_PARENT_VARIABLE: "1"})
-    serve = subprocess.Popen(
-        [sys.executable, str(RUNNER), "serve", str(workdir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    serve = _serve_as_a_worker_starts_it(workdir, guest)
     assert serve.stdin is not None and serve.stdout is not None
     decoder = FrameDecoder()
     together = 0
